@@ -1,0 +1,187 @@
+"""Shared pieces of the server-side benchmarks: model shapes, seeded federations, output helpers.
+
+Shapes only: the benchmarks never load a model; they build random tensors at the shapes of the
+attention projections (q, k, v, o) a real model would adapt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The rank menu of the benchmarks (issue 6): every client draws one of these.
+RANK_CHOICES: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+METHOD_ORDER: tuple[str, ...] = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
+# lora_alpha of the benchmark federation (any positive value: it sets s = alpha / R, not the cost).
+ALPHA = 16.0
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A llama-style decoder's attention shapes.
+
+    q_proj: (heads * head_dim) x hidden,  k_proj / v_proj: (kv_heads * head_dim) x hidden,
+    o_proj: hidden x (heads * head_dim)   (nn.Linear weights are d_out x d_in).
+    """
+
+    key: str
+    label: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def module_shapes(self, layers: int | None = None) -> dict[str, tuple[int, int]]:
+        """{full module name: (d_out, d_in)} for the first ``layers`` layers (default: all)."""
+        n = self.layers if layers is None else min(layers, self.layers)
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        per_layer = {
+            "q_proj": (q_out, self.hidden),
+            "k_proj": (kv_out, self.hidden),
+            "v_proj": (kv_out, self.hidden),
+            "o_proj": (self.hidden, q_out),
+        }
+        return {
+            f"model.layers.{i}.self_attn.{proj}": per_layer[proj] for i in range(n) for proj in PROJECTIONS
+        }
+
+    def lora_floats_per_rank(self) -> int:
+        """Floats of one rank dimension over all modules: sum_m (d_in + d_out)."""
+        return sum(d_out + d_in for d_out, d_in in self.module_shapes().values())
+
+    def dense_floats(self) -> int:
+        """Floats of one dense delta per module: sum_m d_out * d_in."""
+        return sum(d_out * d_in for d_out, d_in in self.module_shapes().values())
+
+    def describe(self) -> str:
+        shapes = sorted(set(self.module_shapes(1).values()), reverse=True)
+        dims = ", ".join(f"{o}x{i}" for o, i in shapes)
+        return f"{self.label}: {self.layers} layers x 4 attention projections ({dims})"
+
+
+MODELS: dict[str, ModelShape] = {
+    # HuggingFaceTB/SmolLM2-135M: llama, hidden 576, 30 layers, 9 heads, 3 kv heads, head_dim 64.
+    "smollm2": ModelShape("smollm2", "SmolLM2-135M", hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64),
+    # meta-llama/Llama-3.2-1B: hidden 2048, 16 layers, 32 heads, 8 kv heads, head_dim 64.
+    "1b": ModelShape("1b", "Llama-3.2-1B", hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64),
+    # Small shapes for --quick and the smoke tests (not a real model).
+    "tiny": ModelShape("tiny", "tiny (test shapes)", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64),
+}
+
+
+def parse_models(text: str) -> list[ModelShape]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise SystemExit("--models: give at least one of " + ", ".join(MODELS))
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    return [MODELS[n] for n in names]
+
+
+def parse_ints(text: str, flag: str, *, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise SystemExit(f"{flag}: expected integers >= {minimum}, got {text!r}")
+    return values
+
+
+def parse_methods(text: str) -> list[str]:
+    from prelort.methods import available
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    known = available()
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise SystemExit(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}")
+    return names
+
+
+def draw_ranks(n_clients: int, seed: int, choices: Sequence[int] = RANK_CHOICES) -> list[int]:
+    """Client ranks drawn uniformly (seeded) from ``choices``; client k gets ranks[k]."""
+    rng = random.Random(seed)
+    return [rng.choice(list(choices)) for _ in range(n_clients)]
+
+
+def draw_examples(n_clients: int, seed: int) -> list[int]:
+    """Clients' numbers of examples (the data-size weights p_k), seeded, 50..500."""
+    rng = random.Random(seed + 1)
+    return [rng.randint(50, 500) for _ in range(n_clients)]
+
+
+def environment() -> dict:
+    """Where the numbers were taken: they mean little without the machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable size in binary units (KiB, MiB, GiB)."""
+    n = float(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table, columns right-aligned except the first."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, row in enumerate(cells):
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(parts))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,638 @@
+"""Server aggregation benchmark: time and peak memory of each method's ``aggregate`` (issue 6, item 2).
+
+For N clients with ranks drawn (seeded) from {2, 4, 8, 16, 32, 64}, at a real model's attention
+shapes (random tensors, shapes only), this measures per method:
+
+* aggregate time: wall time of ``method.aggregate(state, updates)`` minus the time the update
+  generator itself spent creating the updates (updates are created lazily, one at a time, by
+  cloning a per-rank template, so only what the aggregator keeps stays alive);
+* broadcast preparation: one ``method.broadcast(new_state, r)`` per distinct rank of the round
+  (FlexLoRA's SVDs happen here), timed on the first ``--bcast-layers`` layers and scaled by the
+  number of layers (every layer has the same shapes), said so in the output;
+* the memcpy reference: copying exactly the same update tensors (same sizes, same order, freshly
+  generated the same way) into preallocated buffers; PreLort's bandwidth = bytes of the updates
+  read / aggregate time, compared with memcpy bytes / memcpy time;
+* peak server memory: the rise of the process's resident set (Linux VmHWM, reset through
+  /proc/self/clear_refs just before the call) over the resident set at the start of the call,
+  in a fresh process per case. It counts everything the call holds at its peak: the output state,
+  the aggregator's sums and temporaries, whatever updates it retains, and the generator's current
+  update (at most two updates are alive at once when the aggregator streams).
+
+Slow methods (FlexLoRA: one dense product per client and module; FLoRA: keeps every update and
+stacks them) are measured on the first ``--max-clients-slow`` clients of the same draw when N is
+larger; the JSON says how many clients were measured, and any figure at N derived from them is
+marked as extrapolated.
+
+Run:  python bench/aggregation.py [--quick] [--json results/aggregation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import (  # noqa: E402
+    ALPHA,
+    METHOD_ORDER,
+    MODELS,
+    RANK_CHOICES,
+    draw_examples,
+    draw_ranks,
+    environment,
+    fmt_bytes,
+    fmt_seconds,
+    parse_ints,
+    parse_methods,
+    parse_models,
+    table,
+    write_json,
+)
+
+from prelort.methods import ClientUpdate, FederationSpec, build, key  # noqa: E402
+
+RESULT_MARKER = "@@AGGREGATION-RESULT@@ "
+SLOW_METHODS_DEFAULT = "flexlora,flora"
+# Goals of issue 6.
+SPEEDUP_GOAL = 100.0
+BANDWIDTH_GOAL = 0.30
+
+MEMORY_NOTE = (
+    "peak_rss_rise_bytes = peak resident set during aggregate() minus the resident set when it starts, "
+    "in a fresh process per case (Linux VmHWM reset via /proc/self/clear_refs right before the call; "
+    "fallback: RSS sampled every 1 ms in a thread). It includes the output state, the aggregator's sums and "
+    "temporaries, every update it retains, and the generator's current update (updates are created one at "
+    "a time and dropped by the generator, so a streaming aggregator holds at most two)."
+)
+TIME_NOTE = (
+    "CPU time = time.thread_time() of the one compute thread (torch runs with --threads, default 1), so time "
+    "the process spends descheduled on a shared machine is not counted; the goals use CPU time, wall time is "
+    "reported beside it (*_s vs *_cpu_s). "
+    "aggregate_s = wall time of method.aggregate() minus the time spent inside the update generator "
+    "(cloning each client's tensors from a per-rank template); best of up to 3 runs when a run is under 1 s. "
+    "broadcast_s = one method.broadcast(new_state, r) per distinct rank of the round (FlexLoRA's SVDs, "
+    "FLoRA's dense copies), timed on the first bcast_layers_measured layers and scaled by layers / measured "
+    "(identical shapes per layer). server_round_s = aggregate_s + broadcast_s. Torch CPU, float32 updates."
+)
+BANDWIDTH_NOTE = (
+    "memcpy reference: the same update tensors (same sizes and order, generated the same way) copied with "
+    "Tensor.copy_ into preallocated buffers; memcpy_GBps = bytes / copy time (memcpy_cpu_GBps: CPU time). A method's bandwidth = bytes of "
+    "the updates it reads / aggregate_s. memcpy_bulk_GBps is one 256 MiB buffer copy, for scale."
+)
+
+
+# --------------------------------------------------------------------------------------------- memory
+def _read_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    kib = _read_status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class PeakRss:
+    """Peak resident set of this process over a ``with`` block.
+
+    Preferred: reset the kernel's high-water mark (writing "5" to /proc/self/clear_refs) and read
+    VmHWM after, which sees every page ever resident. Fallback: sample RSS every millisecond.
+    """
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.start = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakRss:
+        gc.collect()
+        self.start = current_rss()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            hwm = _read_status_kib("VmHWM")
+            if hwm is None:
+                raise OSError("no VmHWM")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "sampled-1ms"
+            self.peak = self.start
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, current_rss())
+        else:
+            self.peak = (_read_status_kib("VmHWM") or 0) * 1024
+
+    @property
+    def rise(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+# --------------------------------------------------------------------------------------------- updates
+def make_templates(modules: dict[str, tuple[int, int]], ranks: set[int], seed: int) -> dict[int, dict[str, torch.Tensor]]:
+    """One random update per distinct rank: A (r x d_in), B (d_out x r), float32, small values."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for r in sorted(ranks):
+        tensors: dict[str, torch.Tensor] = {}
+        for module, (d_out, d_in) in modules.items():
+            tensors[key(module, "lora_A")] = torch.randn(r, d_in, generator=g) * 0.02
+            tensors[key(module, "lora_B")] = torch.randn(d_out, r, generator=g) * 0.02
+        out[r] = tensors
+    return out
+
+
+class UpdateStream:
+    """Client updates created lazily, one at a time (fresh tensors cloned from a per-rank template).
+
+    ``gen_seconds`` is the time spent inside the generator, ``nbytes`` the bytes it handed out.
+    The generator drops its own reference after each yield, so only the consumer can keep an update.
+    """
+
+    def __init__(self, templates: dict[int, dict[str, torch.Tensor]], ranks: list[int], examples: list[int]):
+        self.templates = templates
+        self.ranks = ranks
+        self.examples = examples
+        self.gen_seconds = 0.0
+        self.gen_cpu_seconds = 0.0
+        self.nbytes = 0
+        self.count = 0
+
+    def __iter__(self) -> Iterator[ClientUpdate]:
+        for client, (rank, n) in enumerate(zip(self.ranks, self.examples)):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            tensors = {name: t.clone() for name, t in self.templates[rank].items()}
+            update = ClientUpdate(client=client, rank=rank, num_examples=n, tensors=tensors)
+            self.nbytes += sum(t.nbytes for t in tensors.values())
+            self.count += 1
+            self.gen_seconds += time.perf_counter() - t0
+            self.gen_cpu_seconds += time.thread_time() - c0
+            del tensors
+            yield update
+            del update
+
+
+def memcpy_reference(templates: dict[int, dict[str, torch.Tensor]], ranks: list[int], examples: list[int]) -> dict:
+    """Copy exactly the tensors an aggregator reads into preallocated buffers; time the copies only."""
+    dst = {(r, name): torch.empty_like(t) for r, tensors in templates.items() for name, t in tensors.items()}
+    stream = UpdateStream(templates, ranks, examples)
+    copy_s = copy_cpu_s = 0.0
+    for update in stream:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        for name, t in update.tensors.items():
+            dst[(update.rank, name)].copy_(t)
+        copy_s += time.perf_counter() - t0
+        copy_cpu_s += time.thread_time() - c0
+    del dst
+    bulk_src = torch.ones(64 * 1024 * 1024)  # 256 MiB
+    bulk_dst = torch.empty_like(bulk_src)
+    bulk_s = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        bulk_dst.copy_(bulk_src)
+        bulk_s = min(bulk_s, time.perf_counter() - t0)
+    return {
+        "memcpy_bytes": stream.nbytes,
+        "memcpy_s": copy_s,
+        "memcpy_cpu_s": copy_cpu_s,
+        "memcpy_GBps": stream.nbytes / copy_s / 1e9,
+        "memcpy_cpu_GBps": stream.nbytes / copy_cpu_s / 1e9,
+        "memcpy_bulk_GBps": bulk_src.nbytes / bulk_s / 1e9,
+    }
+
+
+# --------------------------------------------------------------------------------------------- one case
+def run_case(case: dict) -> dict:
+    """Measure one (model, method, N) case in this process. ``case`` keys: see :func:`make_case`."""
+    if case.get("threads"):
+        torch.set_num_threads(case["threads"])
+    model = MODELS[case["model"]]
+    modules = model.module_shapes()
+    n_clients = case["n_clients"]
+    ranks_all = draw_ranks(n_clients, case["seed"])
+    examples_all = draw_examples(n_clients, case["seed"])
+    n_measured = min(n_clients, case["max_clients"]) if case["max_clients"] else n_clients
+    # The federation: the N round participants plus one idle client per rank choice, so R = 64 and
+    # r_min = 2 whatever N draws (the global state has the same size for every N).
+    federation = tuple(ranks_all) + tuple(RANK_CHOICES)
+    spec = FederationSpec(modules=modules, client_ranks=federation, alpha=ALPHA)
+    method = build(case["method"], spec)
+    state = method.init_state(torch.Generator().manual_seed(case["seed"]))
+    # What each client trains and uploads (FedIT: everyone at the smallest rank).
+    train_ranks = [method.plan(method.client_rank(k, state)).rank for k in range(n_measured)]
+    examples = examples_all[:n_measured]
+    templates = make_templates(modules, set(train_ranks), case["seed"] + 7)
+    state_bytes = sum(t.nbytes for t in state.tensors.values())
+    max_update_bytes = max(sum(t.nbytes for t in tmpl.values()) for tmpl in templates.values())
+
+    # Run 1: memory and time together (the first aggregate in a fresh process).
+    stream = UpdateStream(templates, train_ranks, examples)
+    with PeakRss() as mem:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        new_state = method.aggregate(state, stream)
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    if stream.count != n_measured:
+        raise RuntimeError(f"{case['method']} consumed {stream.count} of {n_measured} updates")
+    runs = [wall - stream.gen_seconds]
+    cpu_runs = [cpu - stream.gen_cpu_seconds]
+    gen_s = stream.gen_seconds
+    bytes_read = stream.nbytes
+    # More runs only when cheap: the best of up to 3 is less exposed to the shared machine's noise.
+    while len(runs) < 3 and sum(runs) < 1.0:
+        del new_state
+        gc.collect()
+        stream = UpdateStream(templates, train_ranks, examples)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        new_state = method.aggregate(state, stream)
+        runs.append(time.perf_counter() - t0 - stream.gen_seconds)
+        cpu_runs.append(time.thread_time() - c0 - stream.gen_cpu_seconds)
+    aggregate_s = min(runs)
+    aggregate_cpu_s = min(cpu_runs)
+
+    # Broadcast preparation on the first layers (same method class, modules restricted).
+    bcast_layers = min(case["bcast_layers"], model.layers) if case["bcast_layers"] else model.layers
+    sub_spec = FederationSpec(modules=model.module_shapes(bcast_layers), client_ranks=federation, alpha=ALPHA)
+    sub_method = build(case["method"], sub_spec)
+    distinct = sorted(set(ranks_all[:n_measured]))
+    t0, c0 = time.perf_counter(), time.thread_time()
+    for r in distinct:
+        sub_method.broadcast(new_state, r, generator=torch.Generator().manual_seed(r))
+    broadcast_s = (time.perf_counter() - t0) * model.layers / bcast_layers
+    broadcast_cpu_s = (time.thread_time() - c0) * model.layers / bcast_layers
+
+    result = {
+        "model": case["model"],
+        "method": case["method"],
+        "n_clients": n_clients,
+        "n_measured": n_measured,
+        "subset": n_measured < n_clients,
+        "ranks_histogram": {str(r): train_ranks.count(r) for r in sorted(set(train_ranks))},
+        "bytes_read": bytes_read,
+        "aggregate_s": aggregate_s,
+        "aggregate_cpu_s": aggregate_cpu_s,
+        "aggregate_runs_s": runs,
+        "aggregate_cpu_runs_s": cpu_runs,
+        "aggregate_per_client_s": aggregate_s / n_measured,
+        "aggregate_cpu_per_client_s": aggregate_cpu_s / n_measured,
+        "generator_s": gen_s,
+        "bandwidth_GBps": bytes_read / aggregate_s / 1e9 if aggregate_s > 0 else None,
+        "bandwidth_cpu_GBps": bytes_read / aggregate_cpu_s / 1e9 if aggregate_cpu_s > 0 else None,
+        "broadcast_s": broadcast_s,
+        "broadcast_cpu_s": broadcast_cpu_s,
+        "broadcast_distinct_ranks": distinct,
+        "bcast_layers_measured": bcast_layers,
+        "server_round_s": aggregate_s + broadcast_s,
+        "server_round_cpu_s": aggregate_cpu_s + broadcast_cpu_s,
+        "peak_rss_rise_bytes": mem.rise,
+        "rss_at_start_bytes": mem.start,
+        "memory_method": mem.method,
+        "state_bytes": state_bytes,
+        "max_update_bytes": max_update_bytes,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if case.get("memcpy"):
+        del new_state
+        gc.collect()
+        result.update(memcpy_reference(templates, train_ranks, examples))
+    return result
+
+
+def make_case(model: str, method: str, n_clients: int, args: argparse.Namespace, slow: set[str]) -> dict:
+    return {
+        "model": model,
+        "method": method,
+        "n_clients": n_clients,
+        "seed": args.seed,
+        "max_clients": args.max_clients_slow if method in slow else 0,
+        "bcast_layers": args.bcast_layers,
+        "memcpy": method == "prelort",
+        "threads": args.threads,
+    }
+
+
+def run_isolated(case: dict, timeout: float | None) -> dict:
+    """Run one case in a fresh Python process (clean allocator state: honest peak memory)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**_case_id(case), "error": f"timed out after {timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return {**_case_id(case), "error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
+
+
+def _case_id(case: dict) -> dict:
+    return {"model": case["model"], "method": case["method"], "n_clients": case["n_clients"]}
+
+
+# --------------------------------------------------------------------------------------------- summary
+def summarise(model: str, cases: list[dict], n_list: list[int]) -> dict:
+    """Goals of issue 6 for one model, from the measured cases."""
+    by = {(c["method"], c["n_clients"]): c for c in cases if "error" not in c}
+    out: dict = {"speedup_vs_flexlora": [], "bandwidth_vs_memcpy": [], "peak_memory": {}}
+    for n in n_list:
+        pre, flex = by.get(("prelort", n)), by.get(("flexlora", n))
+        if pre and flex:
+            measured = not flex["subset"]
+            entry = {"n_clients": n, "flexlora_n_measured": flex["n_measured"], "flexlora_extrapolated": not measured}
+            for suffix, agg, per_client, bcast, server in (
+                ("", "aggregate_cpu_s", "aggregate_cpu_per_client_s", "broadcast_cpu_s", "server_round_cpu_s"),
+                ("_wall", "aggregate_s", "aggregate_per_client_s", "broadcast_s", "server_round_s"),
+            ):
+                flex_agg_at_n = flex[agg] if measured else flex[per_client] * n
+                # Per client: equal to the ratio of aggregate times when both ran all N clients.
+                entry["aggregate_speedup" + suffix] = flex[per_client] / pre[per_client]
+                entry["server_round_speedup" + suffix] = (flex_agg_at_n + flex[bcast]) / pre[server]
+            out["speedup_vs_flexlora"].append(entry)
+        if pre and "memcpy_GBps" in pre:
+            out["bandwidth_vs_memcpy"].append(
+                {
+                    "n_clients": n,
+                    "prelort_GBps": pre["bandwidth_cpu_GBps"],
+                    "memcpy_GBps": pre["memcpy_cpu_GBps"],
+                    "fraction": pre["bandwidth_cpu_GBps"] / pre["memcpy_cpu_GBps"],
+                    "prelort_GBps_wall": pre["bandwidth_GBps"],
+                    "memcpy_GBps_wall": pre["memcpy_GBps"],
+                    "fraction_wall": pre["bandwidth_GBps"] / pre["memcpy_GBps"],
+                    "memcpy_bulk_GBps_wall": pre["memcpy_bulk_GBps"],
+                }
+            )
+    methods = sorted({c["method"] for c in by.values()}, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    for m in methods:
+        rows = sorted((c for c in by.values() if c["method"] == m), key=lambda c: c["n_measured"])
+        if not rows:
+            continue
+        entry = {
+            "by_clients_measured": {str(c["n_measured"]): c["peak_rss_rise_bytes"] for c in rows},
+        }
+        first, last = rows[0], rows[-1]
+        if last["bytes_read"] > first["bytes_read"]:
+            # ~0: memory flat in N (streaming); ~1: every update's bytes retained.
+            entry["retained_fraction_of_extra_bytes"] = (
+                last["peak_rss_rise_bytes"] - first["peak_rss_rise_bytes"]
+            ) / (last["bytes_read"] - first["bytes_read"])
+        out["peak_memory"][m] = entry
+
+    goals: dict = {}
+    speed = [s for s in out["speedup_vs_flexlora"] if not s["flexlora_extrapolated"]]
+    if speed:
+        worst = min(s["aggregate_speedup"] for s in speed)
+        goals["speedup_ge_100x"] = {
+            "criterion": "min over N (FlexLoRA measured on all N clients) of the aggregate CPU-time speed-up",
+            "value": worst,
+            "met": worst >= SPEEDUP_GOAL,
+        }
+    if out["bandwidth_vs_memcpy"]:
+        worst = min(b["fraction"] for b in out["bandwidth_vs_memcpy"])
+        goals["bandwidth_ge_30pct_memcpy"] = {
+            "criterion": "min over N of (bytes / aggregate CPU time) / (bytes / memcpy CPU time)",
+            "value": worst,
+            "met": worst >= BANDWIDTH_GOAL,
+        }
+    pre_rows = sorted((c for c in by.values() if c["method"] == "prelort"), key=lambda c: c["n_clients"])
+    if len(pre_rows) >= 2:
+        first, last = pre_rows[0], pre_rows[-1]
+        growth = last["peak_rss_rise_bytes"] - first["peak_rss_rise_bytes"]
+        # Flat: the peak grows by less than one largest update (noise of which updates are alive at the
+        # peak) plus 10 %, while the bytes streamed grow by (N_max - N_min) updates.
+        allowance = max(last["max_update_bytes"], first["max_update_bytes"]) + 0.1 * first["peak_rss_rise_bytes"]
+        goals["prelort_memory_flat"] = {
+            "criterion": "peak(N_max) - peak(N_min) <= one largest update + 10% of peak(N_min)",
+            "growth_bytes": growth,
+            "allowance_bytes": allowance,
+            "bytes_streamed_growth": last["bytes_read"] - first["bytes_read"],
+            "met": growth <= allowance,
+        }
+    out["goals"] = goals
+    return out
+
+
+def print_model_report(model_key: str, cases: list[dict], summary: dict, args: argparse.Namespace) -> None:
+    model = MODELS[model_key]
+    print(f"\n=== {model.describe()}; {len(model.module_shapes())} modules")
+    print(
+        f"    one rank dimension = {fmt_bytes(model.lora_floats_per_rank() * 4)} of float32 factors; "
+        f"dense deltas = {fmt_bytes(model.dense_floats() * 4)}"
+    )
+    rows = []
+    for c in sorted(cases, key=lambda c: (c["n_clients"], METHOD_ORDER.index(c["method"]) if c["method"] in METHOD_ORDER else 99)):
+        if "error" in c:
+            rows.append([c["method"], c["n_clients"], "ERROR", c["error"][:60]] + [""] * 7)
+            continue
+        measured = f"{c['n_measured']}" + ("*" if c["subset"] else "")
+        rows.append(
+            [
+                c["method"],
+                c["n_clients"],
+                measured,
+                fmt_bytes(c["bytes_read"]),
+                fmt_seconds(c["aggregate_cpu_s"]),
+                fmt_seconds(c["aggregate_s"]),
+                fmt_seconds(c["aggregate_cpu_per_client_s"]),
+                f"{c['bandwidth_cpu_GBps']:.2f}" if c["bandwidth_cpu_GBps"] else "-",
+                fmt_seconds(c["broadcast_cpu_s"]) + ("~" if c["bcast_layers_measured"] < model.layers else ""),
+                fmt_seconds(c["server_round_cpu_s"]),
+                fmt_bytes(c["peak_rss_rise_bytes"]),
+            ]
+        )
+    print(
+        table(
+            ["method", "N", "measured", "updates read", "aggregate CPU", "(wall)", "CPU/client", "GB/s", "bcast prep CPU",
+             "server round CPU", "peak RSS rise"],
+            rows,
+        )
+    )
+    notes = []
+    if any(c.get("subset") for c in cases):
+        notes.append(f"* measured on the first {args.max_clients_slow} clients of the same draw (slow method)")
+    if any(c.get("bcast_layers_measured", model.layers) < model.layers for c in cases if "error" not in c):
+        notes.append(f"~ broadcast timed on {min(args.bcast_layers, model.layers)} of {model.layers} layers, scaled (identical shapes)")
+    for n in notes:
+        print("   " + n)
+
+    print("\n  PreLort vs FlexLoRA (goal: >= 100x); CPU time (wall time in brackets)")
+    for s in summary["speedup_vs_flexlora"]:
+        tag = f"  (FlexLoRA aggregate extrapolated from {s['flexlora_n_measured']} clients)" if s["flexlora_extrapolated"] else ""
+        print(
+            f"    N={s['n_clients']:>5}: aggregate {s['aggregate_speedup']:7.1f}x [{s['aggregate_speedup_wall']:7.1f}x] per client;"
+            f"  server round incl. broadcast prep (SVDs) {s['server_round_speedup']:7.1f}x [{s['server_round_speedup_wall']:7.1f}x]{tag}"
+        )
+    print("  PreLort bandwidth vs memcpy of the same bytes (goal: >= 30%); CPU time (wall time in brackets)")
+    for b in summary["bandwidth_vs_memcpy"]:
+        print(
+            f"    N={b['n_clients']:>5}: {b['prelort_GBps']:.2f} GB/s vs memcpy {b['memcpy_GBps']:.2f} GB/s "
+            f"= {100 * b['fraction']:.0f}%  [{b['prelort_GBps_wall']:.2f} vs {b['memcpy_GBps_wall']:.2f} GB/s = "
+            f"{100 * b['fraction_wall']:.0f}%; one 256 MiB memcpy: {b['memcpy_bulk_GBps_wall']:.1f} GB/s]"
+        )
+    print("  Peak RSS rise during aggregate() by clients measured (flat = streaming)")
+    for m, e in summary["peak_memory"].items():
+        series = ", ".join(f"N={n}: {fmt_bytes(v)}" for n, v in e["by_clients_measured"].items())
+        frac = e.get("retained_fraction_of_extra_bytes")
+        extra = f"   retained {100 * frac:.0f}% of the extra bytes streamed" if frac is not None else ""
+        print(f"    {m:<9} {series}{extra}")
+    print("  Goals:")
+    for name, g in summary["goals"].items():
+        value = g.get("value", g.get("growth_bytes"))
+        shown = fmt_bytes(value) if name == "prelort_memory_flat" else f"{value:.3g}"
+        print(f"    {name:<28} {'MET' if g['met'] else 'NOT MET':<8} ({g['criterion']}: {shown})")
+
+
+# --------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and N (a check, < 1 minute)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODELS) + " (default smollm2,1b)")
+    p.add_argument("--clients", default=None, help="comma list of N (default 10,100,1000)")
+    p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma list of methods (default: all six)")
+    p.add_argument("--max-clients-slow", type=int, default=None, help="measure slow methods on at most this many clients (default 100; 0 = all)")
+    p.add_argument("--slow-methods", default=SLOW_METHODS_DEFAULT, help="methods limited by --max-clients-slow")
+    p.add_argument("--bcast-layers", type=int, default=None, help="layers on which broadcast preparation is timed (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine, multi-threaded BLAS calls stall when another "
+                   "process holds a core; 0 = torch's choice)")
+    p.add_argument("--isolation", choices=("process", "inline"), default="process",
+                   help="process: a fresh Python process per case (honest peak memory, default); "
+                   "inline: all cases in this process (faster; memory figures then include reuse of freed memory)")
+    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is abandoned (process isolation)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.models is None:
+        args.models = "tiny" if args.quick else "smollm2,1b"
+    if args.clients is None:
+        args.clients = "8,64" if args.quick else "10,100,1000"
+    if args.max_clients_slow is None:
+        args.max_clients_slow = 100
+    if args.max_clients_slow < 0:
+        p.error("--max-clients-slow must be >= 0")
+    if args.bcast_layers is None:
+        args.bcast_layers = 2
+    if args.bcast_layers < 1:
+        p.error("--bcast-layers must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        result = run_case(json.loads(args.worker))
+        print(RESULT_MARKER + json.dumps(result), flush=True)
+        return result
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = parse_models(args.models)
+    n_list = parse_ints(args.clients, "--clients")
+    methods = parse_methods(args.methods)
+    slow = set(parse_methods(args.slow_methods)) if args.slow_methods else set()
+    started = time.perf_counter()
+    print(f"Server aggregation benchmark: ranks drawn (seed {args.seed}) from {set(RANK_CHOICES)}; "
+          f"N = {n_list}; isolation = {args.isolation}")
+    payload: dict = {
+        "benchmark": "aggregation",
+        "settings": {
+            "models": [m.key for m in models],
+            "clients": n_list,
+            "methods": methods,
+            "rank_choices": list(RANK_CHOICES),
+            "seed": args.seed,
+            "alpha": ALPHA,
+            "max_clients_slow": args.max_clients_slow,
+            "slow_methods": sorted(slow),
+            "bcast_layers": args.bcast_layers,
+            "isolation": args.isolation,
+            "threads": args.threads,
+            "federation": "the N participants plus one idle client per rank choice (R = 64, r_min = 2 for every N)",
+            "quick": args.quick,
+        },
+        "environment": environment(),
+        "notes": {"time": TIME_NOTE, "memory": MEMORY_NOTE, "bandwidth": BANDWIDTH_NOTE},
+        "goals": {"speedup_vs_flexlora": SPEEDUP_GOAL, "bandwidth_fraction_of_memcpy": BANDWIDTH_GOAL},
+        "models": {},
+    }
+    if args.isolation == "inline":
+        payload["notes"]["memory"] += (
+            " INLINE RUN: all cases share one process, so memory freed by an earlier case can be reused "
+            "without raising the resident set; peak figures can under-count."
+        )
+    for model in models:
+        cases = []
+        done: dict[tuple[str, int], dict] = {}  # (method, clients measured) -> result
+        for n in n_list:
+            for method in methods:
+                case = make_case(model.key, method, n, args, slow)
+                n_measured = min(n, case["max_clients"]) if case["max_clients"] else n
+                if (method, n_measured) in done and n_measured < n:
+                    # The first n_measured clients of every draw are the same clients (seeded prefix):
+                    # the capped case is the measurement already taken; reuse it, labelled.
+                    earlier = done[(method, n_measured)]
+                    result = {**earlier, "n_clients": n, "subset": True, "reused_from_n_clients": earlier["n_clients"]}
+                elif args.isolation == "process":
+                    result = run_isolated(case, args.case_timeout)
+                else:
+                    result = run_case(case)
+                if "error" not in result:
+                    done.setdefault((method, result["n_measured"]), result)
+                cases.append(result)
+                if "error" in result:
+                    print(f"  {model.key} {method} N={n}: ERROR {result['error']}", flush=True)
+                else:
+                    print(
+                        f"  {model.key:<8} {method:<9} N={n:<5} measured {result['n_measured']:<5} "
+                        f"aggregate {fmt_seconds(result['aggregate_s']):>9}  peak RSS rise "
+                        f"{fmt_bytes(result['peak_rss_rise_bytes'])}",
+                        flush=True,
+                    )
+        summary = summarise(model.key, cases, n_list)
+        payload["models"][model.key] = {
+            "label": model.label,
+            "modules": len(model.module_shapes()),
+            "shapes": {p: list(s) for p, s in zip(("q_proj", "k_proj", "v_proj", "o_proj"), model.module_shapes(1).values())},
+            "cases": cases,
+            "summary": summary,
+        }
+        print_model_report(model.key, cases, summary, args)
+    payload["elapsed_s"] = time.perf_counter() - started
+    print(f"\nnotes: {TIME_NOTE}\n       {MEMORY_NOTE}\n       {BANDWIDTH_NOTE}")
+    print(f"elapsed {payload['elapsed_s']:.0f} s")
+    if args.json:
+        print(f"wrote {write_json(args.json, payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

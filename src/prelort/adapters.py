@@ -1,0 +1,351 @@
+"""PEFT glue: one LoRA adapter of the global rank R, prefix state, truncation masks, base deltas, export.
+
+Every client runs ONE PEFT LoRA adapter of rank R = the federation's largest rank with
+``lora_alpha = alpha``, so PEFT's scaling is s = alpha / R, the federation's constant scale
+(DESIGN section 1). A client of rank r < R uses the first r dimensions; the others are zero and masked.
+
+Truncation to t is a mask m = 1_{i < t} on the rank dimension, applied to the output of every lora_A
+(a forward hook), so the adapted layer computes
+
+    y = W x + s * B diag(m) A x = W x + s * B[:, :t] A[:t, :] x
+
+without copying weights; gradients reach dimension i only from truncations t > i.
+
+Names: ``<module>`` is a module's full name in the BASE model (``model.layers.0.self_attn.q_proj``),
+never with PEFT's ``base_model.model.`` prefix; tensors are ``<module>.lora_A`` (r x d_in),
+``<module>.lora_B`` (d_out x r) and ``<module>.delta`` (d_out x d_in), as in prelort.methods.base.key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from prelort import nested
+from prelort.methods.base import Broadcast, key, split_key
+
+__all__ = [
+    "ADAPTER_NAME",
+    "active_rank",
+    "adapted_modules",
+    "apply_broadcast",
+    "attach_lora",
+    "export_peft_adapter",
+    "get_truncation",
+    "global_rank",
+    "load_adapter_state",
+    "lora_parameters",
+    "read_adapter_state",
+    "set_base_delta",
+    "set_truncation",
+    "truncated",
+]
+
+ADAPTER_NAME = "default"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class _NestedState:
+    """Per-model bookkeeping: global rank R, the loaded (active) rank, the truncation in force,
+    the LoRA layers by base-model name, and the saved W0 of the adapted base weights."""
+
+    max_rank: int
+    layers: dict[str, LoraLayer]
+    rank: int
+    truncation: int
+    masks: dict[tuple[torch.dtype, torch.device], Tensor] = field(default_factory=dict)
+    base_w0: dict[str, Tensor] | None = None
+
+    def mask(self, like: Tensor) -> Tensor:
+        k = (like.dtype, like.device)
+        m = self.masks.get(k)
+        if m is None:
+            m = self.masks[k] = nested.rank_mask(self.truncation, self.max_rank, dtype=like.dtype, device=like.device)
+        return m
+
+
+def _state(peft_model: nn.Module) -> _NestedState:
+    st = getattr(peft_model, "_prelort_state", None)
+    if st is None:
+        raise ValueError("model has no prelort LoRA adapter; create it with prelort.adapters.attach_lora")
+    return st
+
+
+def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    base = peft_model.base_model.model
+    return {name: mod for name, mod in base.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def attach_lora(
+    model: nn.Module,
+    target_modules: Iterable[str],
+    max_rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+) -> PeftModel:
+    """Wrap ``model`` (in place, as PEFT does) with one LoRA adapter of rank R = ``max_rank``,
+    ``lora_alpha = alpha`` (scaling s = alpha / R, no rslora), A ~ PEFT's kaiming init, B = 0.
+
+    The returned model starts at active rank R with no truncation, in the train/eval mode ``model`` had;
+    base parameters stay frozen.
+    """
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("target_modules is empty: name at least one nn.Linear module (e.g. q_proj)")
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    if isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ValueError("model already carries LoRA layers; attach_lora needs a plain base model")
+    config = LoraConfig(
+        r=max_rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        use_rslora=False,
+        task_type="CAUSAL_LM",
+    )
+    was_training = model.training
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ValueError(f"no module matches target_modules {targets}: {e}") from e
+    layers = _lora_layers(peft_model)
+    if not layers:
+        raise ValueError(f"no module matches target_modules {targets}")
+    st = _NestedState(max_rank=max_rank, layers=layers, rank=max_rank, truncation=max_rank)
+    for layer in layers.values():
+        # the hook finds the state through its module (no closure), so copy.deepcopy of the whole
+        # model gives the copy's hooks the copy's state
+        layer.lora_A[ADAPTER_NAME]._prelort_state = st
+        layer.lora_A[ADAPTER_NAME].register_forward_hook(_mask_hook)
+    peft_model._prelort_state = st
+    peft_model.train(was_training)  # get_peft_model may flip it; keep the caller's (eval after load_model)
+    return peft_model
+
+
+def _mask_hook(module: nn.Module, inputs, output: Tensor):
+    st: _NestedState = module._prelort_state
+    if st.truncation >= st.max_rank:
+        return None  # no truncation: leave A's output untouched (no extra work)
+    return output * st.mask(output)
+
+
+def global_rank(peft_model: PeftModel) -> int:
+    """R, the rank of the attached adapter."""
+    return _state(peft_model).max_rank
+
+
+def active_rank(peft_model: PeftModel) -> int:
+    """The rank last loaded with :func:`load_adapter_state` (R right after attach_lora)."""
+    return _state(peft_model).rank
+
+
+def get_truncation(peft_model: PeftModel) -> int:
+    return _state(peft_model).truncation
+
+
+def adapted_modules(peft_model: PeftModel) -> dict[str, tuple[int, int]]:
+    """Adapted module name (base-model naming) -> (d_out, d_in)."""
+    return {name: (layer.out_features, layer.in_features) for name, layer in _state(peft_model).layers.items()}
+
+
+def lora_parameters(peft_model: PeftModel) -> list[nn.Parameter]:
+    """The trainable LoRA factors (A and B of every adapted module), in a fixed order."""
+    out = []
+    for layer in _state(peft_model).layers.values():
+        out.append(layer.lora_A[ADAPTER_NAME].weight)
+        out.append(layer.lora_B[ADAPTER_NAME].weight)
+    return out
+
+
+def _factors(layer: LoraLayer) -> tuple[Tensor, Tensor]:
+    return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+
+def set_truncation(peft_model: PeftModel, t: int) -> None:
+    """Mask the rank dimension to the first ``t`` dims (1 <= t <= active rank). No weights change."""
+    st = _state(peft_model)
+    if not 1 <= t <= st.rank:
+        raise ValueError(f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, global rank {st.max_rank})")
+    if t != st.truncation:
+        st.truncation = int(t)
+        st.masks.clear()
+
+
+@contextmanager
+def truncated(peft_model: PeftModel, t: int) -> Iterator[PeftModel]:
+    """``with truncated(model, t): ...`` runs the body at truncation t and restores the previous one."""
+    previous = get_truncation(peft_model)
+    set_truncation(peft_model, t)
+    try:
+        yield peft_model
+    finally:
+        st = _state(peft_model)
+        st.truncation = min(previous, st.rank)  # the body may have loaded a smaller rank
+        st.masks.clear()
+
+
+def _check_adapter_tensors(st: _NestedState, tensors: Mapping[str, Tensor], rank: int) -> None:
+    expected = {key(m, k) for m in st.layers for k in ("lora_A", "lora_B")}
+    missing = sorted(expected - tensors.keys())
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ValueError(f"adapter tensors name unknown modules/factors: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    if missing:
+        raise ValueError(f"adapter tensors miss {len(missing)} entries, e.g. {missing[:5]}")
+    for name, x in tensors.items():
+        module, kind = split_key(name)
+        layer = st.layers[module]
+        d_out, d_in = layer.out_features, layer.in_features
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a matrix, got shape {tuple(x.shape)}")
+        have = x.shape[nested.rank_dim(kind)]
+        other = x.shape[1 - nested.rank_dim(kind)]
+        want_other = d_in if kind == "lora_A" else d_out
+        if other != want_other or have < rank:
+            want = f"({rank}, {d_in})" if kind == "lora_A" else f"({d_out}, {rank})"
+            raise ValueError(f"{name}: shape {tuple(x.shape)} does not fit rank {rank}: expected {want}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name}: contains NaN or inf")
+
+
+def load_adapter_state(peft_model: PeftModel, tensors: Mapping[str, Tensor], rank: int) -> None:
+    """Write the rank-``rank`` prefix of ``tensors`` into dims [0, rank), zero dims [rank, R),
+    and set the active rank and truncation to ``rank``.
+
+    ``tensors`` has ``<module>.lora_A`` (>= rank x d_in) and ``<module>.lora_B`` (d_out x >= rank) for
+    every adapted module; a larger rank is truncated to its prefix.
+    """
+    st = _state(peft_model)
+    if not 1 <= rank <= st.max_rank:
+        raise ValueError(f"rank {rank} outside [1, {st.max_rank}] (the adapter's global rank)")
+    _check_adapter_tensors(st, tensors, rank)
+    with torch.no_grad():
+        for module, layer in st.layers.items():
+            a, b = _factors(layer)
+            a.zero_()
+            b.zero_()
+            a[:rank].copy_(tensors[key(module, "lora_A")][:rank])
+            b[:, :rank].copy_(tensors[key(module, "lora_B")][:, :rank])
+    st.rank = int(rank)
+    st.truncation = int(rank)
+    st.masks.clear()
+
+
+def read_adapter_state(peft_model: PeftModel, rank: int) -> dict[str, Tensor]:
+    """Detached float32 CPU copies of the rank-``rank`` prefix: ``<module>.lora_A`` (rank x d_in),
+    ``<module>.lora_B`` (d_out x rank)."""
+    st = _state(peft_model)
+    if not 1 <= rank <= st.max_rank:
+        raise ValueError(f"rank {rank} outside [1, {st.max_rank}] (the adapter's global rank)")
+    out: dict[str, Tensor] = {}
+    for module, layer in st.layers.items():
+        a, b = _factors(layer)
+        out[key(module, "lora_A")] = a.detach()[:rank].to(device="cpu", dtype=torch.float32).clone()
+        out[key(module, "lora_B")] = b.detach()[:, :rank].to(device="cpu", dtype=torch.float32).clone()
+    return out
+
+
+def set_base_delta(peft_model: PeftModel, deltas: Mapping[str, Tensor] | None) -> None:
+    """Set the frozen base weight of each adapted module to W = W0 + delta (``<module>.delta``,
+    d_out x d_in); modules not named, and every module when ``deltas`` is None, get W0 back exactly.
+
+    W0 of the adapted modules is copied the first time this is called (other weights never are).
+    """
+    st = _state(peft_model)
+    if deltas:
+        unknown = sorted(name for name in deltas if split_key(name)[1] != "delta" or split_key(name)[0] not in st.layers)
+        if unknown:
+            raise ValueError(f"base deltas must be `<adapted module>.delta`; unknown: {unknown[:5]}")
+        for name, d in deltas.items():
+            layer = st.layers[split_key(name)[0]]
+            want = (layer.out_features, layer.in_features)
+            if tuple(d.shape) != want:
+                raise ValueError(f"{name}: shape {tuple(d.shape)}, expected {want}")
+            if not torch.isfinite(d).all():
+                raise ValueError(f"{name}: contains NaN or inf")
+    if st.base_w0 is None:
+        if not deltas:
+            return  # never changed: W is W0 already
+        st.base_w0 = {m: layer.get_base_layer().weight.detach().clone() for m, layer in st.layers.items()}
+    deltas = deltas or {}
+    with torch.no_grad():
+        for module, layer in st.layers.items():
+            w = layer.get_base_layer().weight
+            w0 = st.base_w0[module]
+            d = deltas.get(key(module, "delta"))
+            if d is None:
+                w.copy_(w0)
+            else:
+                w.copy_((w0.to(torch.float32) + d.to(device=w0.device, dtype=torch.float32)).to(w.dtype))
+
+
+def apply_broadcast(peft_model: PeftModel, broadcast: Broadcast, rank: int) -> None:
+    """Start from what a method broadcasts: base delta (or W0) plus the rank-``rank`` adapter."""
+    set_base_delta(peft_model, broadcast.base_delta)
+    load_adapter_state(peft_model, broadcast.adapter, rank)
+
+
+def export_peft_adapter(
+    tensors: Mapping[str, Tensor],
+    t: int,
+    scale: float,
+    base_model_name_or_path: str,
+    target_modules: Iterable[str],
+    out_dir: str | Path,
+) -> Path:
+    """Write a standard PEFT LoRA adapter directory of rank ``t`` from the first t dims of ``tensors``.
+
+    With ``lora_alpha = scale * t`` PEFT's scaling is (scale * t) / t = scale, so the exported adapter
+    computes s * B[:, :t] A[:t, :], exactly the truncated global adapter. Files: ``adapter_config.json``
+    and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B``,
+    loadable by ``PeftModel.from_pretrained(base, out_dir)`` without prelort.
+    """
+    if t < 1:
+        raise ValueError(f"export rank must be >= 1, got {t}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    modules: dict[str, dict[str, Tensor]] = {}
+    for name, x in tensors.items():
+        module, kind = split_key(name)
+        if kind not in ("lora_A", "lora_B"):
+            raise ValueError(f"{name}: not a LoRA factor (expected <module>.lora_A or <module>.lora_B)")
+        modules.setdefault(module, {})[kind] = x
+    if not modules:
+        raise ValueError("no adapter tensors to export")
+    state: dict[str, Tensor] = {}
+    for module, pair in sorted(modules.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"module {module} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.shape[0] < t or b.shape[1] < t or a.shape[0] != b.shape[1]:
+            raise ValueError(f"module {module}: factors of shapes {tuple(a.shape)}, {tuple(b.shape)} cannot give rank {t}")
+        state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a[:t].detach().to("cpu", torch.float32).contiguous().clone()
+        state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b[:, :t].detach().to("cpu", torch.float32).contiguous().clone()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(
+        r=int(t),
+        lora_alpha=float(scale) * int(t),
+        lora_dropout=0.0,
+        target_modules=sorted(set(target_modules)),
+        bias="none",
+        use_rslora=False,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    config.save_pretrained(str(out))
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out

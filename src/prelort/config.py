@@ -1,0 +1,269 @@
+"""One validated configuration object (pydantic), loadable from YAML/TOML, overridable with ``--set``.
+
+Every key carries its help text. Unknown keys and bad values are rejected with the dotted path
+and the reason (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "tiny-llama",
+        description="Base model: an alias (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, tiny-llama), "
+        "a Hugging Face hub id, a local directory, or a .gguf file.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names (suffixes) of the nn.Linear modules that get LoRA adapters.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the base model.")
+    device: str = Field("auto", description="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    gguf_file: str | None = Field(None, description="GGUF file name inside model.name when it is a directory.")
+
+
+class LoraConfig(_Section):
+    alpha: float = Field(16.0, gt=0, description="lora_alpha of the global adapter; the scale is alpha / R for every rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during local training.")
+
+
+class ClientsConfig(_Section):
+    num: int = Field(4, ge=1, description="Number of clients in the federation.")
+    per_round: int = Field(4, ge=1, description="Clients sampled (without replacement, seeded) each round.")
+    ranks: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8], description="Client LoRA ranks, cycled over clients (client k: ranks[k % len])."
+    )
+    min_per_round: int = Field(1, ge=1, description="A round needs at least this many accepted updates.")
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one rank is needed")
+        if any(r <= 0 for r in v):
+            raise ValueError(f"ranks must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ClientsConfig":
+        if self.per_round > self.num:
+            raise ValueError(f"per_round ({self.per_round}) exceeds num ({self.num})")
+        if self.min_per_round > self.per_round:
+            raise ValueError(f"min_per_round ({self.min_per_round}) exceeds per_round ({self.per_round})")
+        return self
+
+    def rank_of(self, client: int) -> int:
+        return self.ranks[client % len(self.ranks)]
+
+    def all_ranks(self) -> list[int]:
+        return [self.rank_of(k) for k in range(self.num)]
+
+
+class PrelortConfig(_Section):
+    nested: Literal["all", "sample", "sandwich", "off"] = Field(
+        "all",
+        description="Prefix-nested objective: all truncations each step, sample one, sandwich (own rank + one), "
+        "or off (plain LoRA; segment-wise aggregation only).",
+    )
+
+
+class HetloraConfig(_Section):
+    prune: bool = Field(False, description="HetLoRA rank self-pruning.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Pruning keeps ceil(gamma * r) dimensions.")
+    lam: float = Field(1e-3, ge=0, description="Strength of the tail-norm regulariser.")
+
+
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet", "pathological"] = Field("iid", description="flwr-datasets partitioner.")
+    by: str = Field("category", description="Column the non-IID partitioners split on.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skewed).")
+    classes_per_client: int = Field(2, ge=1, description="Pathological: categories per client.")
+    min_partition_size: int = Field(4, ge=0, description="Dirichlet: resample until every client has this many.")
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "builtin",
+        description="builtin (offline multi-task suite), a hub dataset id, or a local json/jsonl/csv/parquet file or dir.",
+    )
+    template: Literal["auto", "alpaca", "dolly", "natural-instructions", "builtin"] = Field(
+        "auto", description="How records map to instruction/input/output/category."
+    )
+    split: str = Field("train", description="Split of a hub/local dataset to read.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when the source has no test split.")
+    num_train: int = Field(2000, ge=1, description="Builtin suite: training examples (all clients together).")
+    num_test: int = Field(300, ge=1, description="Builtin suite: held-out examples.")
+    max_length: int = Field(128, ge=8, description="Token limit of prompt + response.")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(10, ge=1, description="Optimizer steps per client per round.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="constant, or linear warmup + cosine decay.")
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping (None: off).")
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1, description="Evaluate every k rounds (and always after the last).")
+    max_examples: int = Field(64, ge=1, description="Held-out examples used per evaluation.")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    truncation_curve: bool = Field(True, description="Also evaluate t = 1, 2, 4, ..., R at the end.")
+    base: bool = Field(True, description="Evaluate the zero-shot base model once.")
+
+
+class ValidationConfig(_Section):
+    max_update_norm: float | None = Field(None, gt=0, description="Reject updates whose Frobenius norm exceeds this.")
+
+
+class RobustConfig(_Section):
+    clip_norm: float | None = Field(None, gt=0, description="Clip each accepted update's norm to this before aggregating.")
+
+
+class PrivacyConfig(_Section):
+    dp: bool = Field(False, description="Client-level differential privacy (clip + Gaussian noise on the sums).")
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(0.0, ge=0)
+    secure_aggregation: bool = Field(False, description="Aggregate with Flower SecAgg+ (sum-aggregatable methods only).")
+
+
+class FlowerConfig(_Section):
+    superlink: str = Field("127.0.0.1:9093", description="Control API address of the SuperLink (engine: flower).")
+    root_certificates: str | None = Field(None, description="CA certificate for TLS to the SuperLink.")
+    insecure: bool = Field(False, description="Connect without TLS (testing only).")
+    round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for client replies each round.")
+    connection: str | None = Field(
+        None,
+        description="engine flower: name of a SuperLink connection in your Flower config ($FLWR_HOME/config.toml) "
+        "to use instead of superlink / root_certificates / insecure.",
+    )
+    node_wait: float = Field(
+        300.0, gt=0,
+        description="Seconds the ServerApp waits for SuperNodes holding the sampled clients' partitions before a "
+        "round; a client still without a node then counts as failed.",
+    )
+    client_cpus: int = Field(1, ge=1, description="engine flower-sim: CPU cores reserved per simulated client (Ray).")
+
+
+class Config(_Section):
+    method: Literal["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"] = Field(
+        "prelort", description="Federated method (`prelort methods` lists them)."
+    )
+    seed: int = Field(0, description="Seeds sampling, init, data order and partitioning.")
+    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    audit: bool = Field(False, description="Keep every accepted update under updates/round-N/.")
+    engine: Literal["inprocess", "flower-sim", "flower"] = Field("inprocess", description="Who runs the rounds.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    prelort: PrelortConfig = Field(default_factory=PrelortConfig)
+    hetlora: HetloraConfig = Field(default_factory=HetloraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    robust: RobustConfig = Field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar/list syntax (``3``, ``1e-4``, ``[2, 4]``, ``true``, ``null``, ``abc``)."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. an impossible date 2001-02-30
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.path=value`` to a raw config dict (in place)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not key.path=value")
+    path, _, raw = assignment.partition("=")
+    parts = [p for p in path.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r}: empty key in {path!r}")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {path}")
+        node = child
+    node[parts[-1]] = parse_value(raw)
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of keys, got {type(data).__name__}")
+    try:
+        data = json.loads(json.dumps(data))  # deep copy of plain data
+    except (TypeError, ValueError, RecursionError) as e:  # e.g. YAML dates, sets, binary
+        raise ConfigError(f"config holds a value that is not text, number, bool, null, list or mapping: {e}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML (or TOML) config file, apply ``key.path=value`` overrides, validate."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} cannot be read as text: {e}") from None
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
+            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {e}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
+    return from_dict(data, overrides)

@@ -1,0 +1,220 @@
+"""Evaluation (DESIGN section 4): exact match, ROUGE-L F1, perplexity on held-out responses, rank tiers.
+
+- exact match: ``normalize_answer(prediction) == normalize_answer(reference)`` (SQuAD-style: lower case,
+  accents folded, punctuation and the articles a/an/the removed, whitespace collapsed);
+- ROUGE-L F1 (``rouge_score``): with LCS the longest common subsequence of the token lists,
+  P = LCS / len(prediction), R = LCS / len(reference), F1 = 2 P R / (P + R);
+- perplexity: exp( sum of response-token NLL / number of response tokens ), pooled over the whole set.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+
+from .config import EvalConfig
+from .data.prompts import IGNORE_INDEX, format_prompt, prompt_token_ids, tokenize_for_training
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+SUBSET_SEED = 0  # the evaluation subset is the same every round and tier
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, fold accents (Brasília -> brasilia), drop punctuation and a/an/the, collapse spaces."""
+    text = unicodedata.normalize("NFKD", str(text).lower())
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of ``prediction`` against ``reference`` (0.0 when either has no token)."""
+    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """model.eval() inside, the caller's train/eval mode restored after."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokenizer's EOS plus any the model's generation config declares (chat models may have several)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(int(i) for i in gen_eos)
+    return ids
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise ValueError("the tokenizer has neither a pad nor an EOS token")
+
+
+@torch.inference_mode()
+def generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (texts from ``format_prompt``), batched with left padding.
+
+    Only the new tokens are decoded, cut at the first EOS, special tokens skipped, stripped.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be positive, got {batch_size}, {max_new_tokens}")
+    device = _device(model)
+    pad_id = _pad_id(tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
+    outputs: list[str] = []
+    with _eval_mode(model):
+        for start in range(0, len(prompts), batch_size):
+            encoded = [prompt_token_ids(p, tokenizer) for p in prompts[start : start + batch_size]]
+            width = max(len(ids) for ids in encoded)
+            # left padding: every prompt ends at the last column, so new tokens line up
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
+            attention_mask = torch.tensor(
+                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+            )
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id,
+                eos_token_id=sorted(eos_ids) or None,
+            )
+            for row in out[:, width:].tolist():
+                cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
+                outputs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return outputs
+
+
+def _logits_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, len(keep), vocab) at the positions ``keep`` of every row."""
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: compute all, then select
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, keep, :]
+
+
+@torch.inference_mode()
+def perplexity(model: Any, examples: Sequence[Mapping[str, list[int]]], batch_size: int, pad_id: int) -> float:
+    """exp(total NLL of the labelled tokens / their number) over ``examples`` from ``tokenize_for_training``.
+
+    Label -100 marks tokens without loss (the prompt); the label at position i is the target predicted from
+    positions < i (the usual causal shift).
+    """
+    if not examples:
+        raise ValueError("perplexity of an empty set of examples")
+    device = _device(model)
+    total_nll = 0.0
+    total_tokens = 0
+    with _eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            width = max(len(ex["input_ids"]) for ex in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ex in enumerate(batch):
+                n = len(ex["input_ids"])
+                input_ids[i, :n] = torch.tensor(ex["input_ids"])
+                labels[i, :n] = torch.tensor(ex["labels"])
+                attention_mask[i, :n] = 1
+            targets = labels[:, 1:]  # position p predicts token p + 1
+            # only the positions that predict a response token go through the (vocabulary-wide) output layer
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            if keep.numel() == 0:
+                continue
+            logits = _logits_at(model, input_ids.to(device), attention_mask.to(device), keep.to(device))
+            nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                targets[:, keep].reshape(-1).to(device),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total_nll += float(nll)
+            total_tokens += int((targets != IGNORE_INDEX).sum())
+    if total_tokens == 0:
+        raise ValueError("no response token to score (every label is -100)")
+    return math.exp(total_nll / total_tokens)
+
+
+def select_examples(records: Any, max_examples: int) -> list[dict[str, Any]]:
+    """At most ``max_examples`` records: all of them, or a fixed seeded subset (kept in dataset order)."""
+    n = len(records)
+    if n <= max_examples:
+        indices = list(range(n))
+    else:
+        indices = sorted(np.random.default_rng(SUBSET_SEED).choice(n, size=max_examples, replace=False).tolist())
+    return [dict(records[i]) for i in indices]
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int
+) -> dict[str, float | int]:
+    """{"accuracy", "rougeL", "perplexity", "n"} of ``model`` on (a fixed subset of) ``records``.
+
+    ``records``: a ``datasets.Dataset`` or list of dicts with instruction / input / output. The model is put
+    in eval mode for the evaluation (its train/eval mode is restored after); any truncation mask the
+    caller set stays as it is.
+    """
+    chosen = select_examples(records, cfg.max_examples)
+    if not chosen:
+        raise ValueError("no record to evaluate")
+    prompts = [format_prompt(r, tokenizer) for r in chosen]
+    predictions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+    references = [str(r["output"]) for r in chosen]
+    accuracy = sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(chosen)
+    rouge = sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(chosen)
+    examples = tokenize_for_training(chosen, tokenizer, max_length)
+    ppl = perplexity(model, examples, cfg.batch_size, _pad_id(tokenizer))
+    return {"accuracy": accuracy, "rougeL": rouge, "perplexity": ppl, "n": len(chosen)}
+
+
+def truncation_tiers(max_rank: int) -> list[int]:
+    """1, 2, 4, ... below ``max_rank``, then ``max_rank`` itself."""
+    if max_rank < 1:
+        raise ValueError(f"max rank must be positive, got {max_rank}")
+    tiers = []
+    t = 1
+    while t < max_rank:
+        tiers.append(t)
+        t *= 2
+    tiers.append(max_rank)
+    return tiers

@@ -1,0 +1,251 @@
+"""The round loop on a server state, independent of the engine that carries messages.
+
+Per round: sample clients (seeded by seed and round, so a resumed run samples the same clients),
+broadcast each client its rank-r_k state, collect updates, validate each (a rejected update is logged
+with its reason and the round goes on), optionally clip, aggregate with the method's rule, evaluate
+every ``eval.every`` rounds per rank tier, and checkpoint atomically.
+
+Engines (in-process simulation, Flower) drive it through :meth:`Federation.begin_round` and
+:meth:`Federation.end_round`; the client side is :class:`prelort.client.ClientRunner`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from . import methods as methods_registry
+from .config import Config
+from .methods import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan
+from .updates import UpdateRejected, save_update, validate_update
+
+log = logging.getLogger("prelort")
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients delivered an acceptable update this round (below clients.min_per_round)."""
+
+
+def derived_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run seed and (round, client, ...): every random choice of a round
+    depends only on these numbers, so a resumed run repeats it exactly."""
+    return random.Random(":".join(str(p) for p in (seed, *parts))).getrandbits(63)
+
+
+def spec_from_config(cfg: Config, modules: dict[str, tuple[int, int]]) -> FederationSpec:
+    return FederationSpec(
+        modules=dict(modules),
+        client_ranks=tuple(cfg.clients.all_ranks()),
+        alpha=cfg.lora.alpha,
+        options={
+            "nested": cfg.prelort.nested,
+            "hetlora_prune": cfg.hetlora.prune,
+            "hetlora_gamma": cfg.hetlora.gamma,
+            "hetlora_lam": cfg.hetlora.lam,
+        },
+    )
+
+
+@dataclass
+class ClientTask:
+    """What one sampled client must do this round."""
+
+    round: int
+    client: int
+    rank: int
+    broadcast: Broadcast
+    plan: TrainPlan
+    seed: int
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    train_loss: float | None = None
+    seconds: float = 0.0
+
+
+def update_norm(update: ClientUpdate) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.tensors.values()))
+
+
+def clip_update(update: ClientUpdate, reference: dict[str, torch.Tensor], bound: float) -> tuple[ClientUpdate, float]:
+    """Scale the update's change from what the client received so its norm is at most ``bound``.
+
+    Robust aggregation for every method: a client can move the global state by at most ``bound`` (in
+    Frobenius norm over all its tensors). Returns the (possibly) clipped update and the change's norm.
+    """
+    diffs = {k: v - reference[k] for k, v in update.tensors.items()}
+    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in diffs.values()))
+    if norm <= bound:
+        return update, norm
+    f = bound / norm
+    tensors = {k: (reference[k] + diffs[k] * f).contiguous() for k in update.tensors}
+    return ClientUpdate(update.client, update.rank, update.num_examples, tensors, update.round, update.method,
+                        dict(update.meta, clipped_from=norm)), norm
+
+
+class Federation:
+    """Server state and the per-round protocol. Holds no model: evaluation is a callback."""
+
+    def __init__(self, cfg: Config, run_dir: Path, modules: dict[str, tuple[int, int]]):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.spec = spec_from_config(cfg, modules)
+        self.method: Method = methods_registry.build(cfg.method, self.spec)
+        self.state: GlobalState | None = None
+        self.round = 0  # last completed round
+        self._tasks: dict[int, ClientTask] = {}
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {
+            "method": self.cfg.method,
+            "modules": {m: list(s) for m, s in self.spec.modules.items()},
+            "client_ranks": list(self.spec.client_ranks),
+            "alpha": self.spec.alpha,
+            "options": self.spec.options,
+            "seed": self.cfg.seed,
+            # every random choice is derived from (seed, round, client): no generator state to carry
+            "rng": {"scheme": "derived", "seed": self.cfg.seed},
+        }
+
+    def start(self, resume: bool = False) -> int:
+        """Initialise (round 0) or resume from the last complete checkpoint. Returns the next round."""
+        latest = ckpt.latest_round(self.run_dir) if resume else None
+        if latest is not None:
+            self.round, self.state, info = ckpt.load_checkpoint(self.run_dir, latest)
+            if info.get("method") != self.cfg.method:
+                raise ValueError(f"cannot resume: checkpoint method {info.get('method')!r} != config {self.cfg.method!r}")
+            log.info("resuming after round %d", self.round)
+        else:
+            gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, 0))
+            self.state = self.method.init_state(gen)
+            self.round = 0
+            ckpt.save_checkpoint(self.run_dir, 0, self.state, self.checkpoint_info())
+        return self.round + 1
+
+    # -- one round --------------------------------------------------------------------------------------
+    def sample_clients(self, round_: int) -> list[int]:
+        rng = random.Random(derived_seed(self.cfg.seed, round_, -1))
+        return sorted(rng.sample(range(self.cfg.clients.num), self.cfg.clients.per_round))
+
+    def begin_round(self, round_: int) -> list[ClientTask]:
+        """The tasks of this round's sampled clients."""
+        assert self.state is not None, "call start() first"
+        tasks = []
+        for client in self.sample_clients(round_):
+            rank = self.method.client_rank(client, self.state)
+            seed = derived_seed(self.cfg.seed, round_, client)
+            gen = torch.Generator().manual_seed(seed)
+            tasks.append(ClientTask(round_, client, rank, self.method.broadcast(self.state, rank, gen),
+                                    self.method.plan(rank), seed))
+        self._tasks = {t.client: t for t in tasks}
+        return tasks
+
+    def accept(self, update: ClientUpdate, seen: set[int]) -> ClientUpdate:
+        """Validate (raises UpdateRejected with the reason) and apply robust clipping."""
+        task = self._tasks.get(update.client)
+        if task is None:
+            raise UpdateRejected("not_sampled", f"client {update.client} was not sampled in round {self.round + 1}")
+        validate_update(update, self.spec, method=self.cfg.method, round_=task.round, seen_clients=seen,
+                        max_norm=self.cfg.validation.max_update_norm)
+        seen.add(update.client)
+        if self.cfg.robust.clip_norm is not None:
+            reference = {k: v[: update.rank] if k.endswith("lora_A") else v[:, : update.rank]
+                         for k, v in task.broadcast.adapter.items()}
+            update, norm = clip_update(update, reference, self.cfg.robust.clip_norm)
+            if "clipped_from" in update.meta:
+                log.info("round %d: clipped client %d update change %.4g -> %.4g", task.round, update.client,
+                         norm, self.cfg.robust.clip_norm)
+        return update
+
+    def end_round(self, round_: int, results: list[ClientUpdate | Exception], seconds: float = 0.0) -> RoundOutcome:
+        """Validate and aggregate this round's results, checkpoint, return what happened."""
+        assert self.state is not None
+        outcome = RoundOutcome(round_)
+        accepted: list[ClientUpdate] = []
+        seen: set[int] = set()
+        for res in results:
+            if isinstance(res, UpdateRejected):
+                who = getattr(res, "client", "?")
+                outcome.rejected[who] = str(res)
+                log.warning("round %d: rejected update from client %s: %s", round_, who, res)
+                continue
+            if isinstance(res, Exception):
+                who = getattr(res, "client", "?")
+                outcome.failed[who] = f"{type(res).__name__}: {res}"
+                log.warning("round %d: client %s failed: %s: %s", round_, who, type(res).__name__, res)
+                continue
+            try:
+                upd = self.accept(res, seen)
+            except UpdateRejected as e:
+                outcome.rejected[res.client] = str(e)
+                log.warning("round %d: rejected update from client %d: %s", round_, res.client, e)
+                continue
+            accepted.append(upd)
+            outcome.accepted.append(upd.client)
+        if len(accepted) < self.cfg.clients.min_per_round:
+            raise RoundFailed(f"round {round_}: {len(accepted)} accepted update(s), fewer than "
+                              f"clients.min_per_round={self.cfg.clients.min_per_round}; state kept at round {self.round}")
+        losses = [u.meta["loss"] for u in accepted if isinstance(u.meta.get("loss"), (int, float))]
+        outcome.train_loss = float(sum(losses) / len(losses)) if losses else None
+        if self.cfg.audit:
+            for u in accepted:
+                save_update(self.run_dir / "updates" / f"round-{round_}" / f"client-{u.client}", u)
+        self.state = self.method.aggregate(self.state, accepted)
+        self.round = round_
+        ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
+        outcome.seconds = seconds
+        return outcome
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def tiers(self) -> list[int]:
+        return self.spec.distinct_ranks
+
+    def eval_due(self, round_: int) -> bool:
+        return round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+
+
+class MetricsLog:
+    """metrics.jsonl: append one JSON object per line (flushed, so a crash loses at most one line)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def truncate_after(self, round_: int) -> None:
+        """On resume, drop records of rounds after the last checkpoint (they will be recomputed)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("round", 0) <= round_:
+                keep.append(json.dumps(rec))
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

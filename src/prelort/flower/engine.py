@@ -1,0 +1,163 @@
+"""A prelort engine whose clients are Flower SuperNodes, reached through a ServerApp's ``Grid``.
+
+``GridEngine.execute(tasks)`` is what :meth:`prelort.runner.Session.run` calls each round: it sends each
+sampled client's task to the node holding that client's partition (one TRAIN message each, records.py),
+waits up to ``flower.round_timeout`` seconds, and turns every reply back into a ClientUpdate through the
+wire format. A node that errs, does not answer in time, or answers with something that cannot be decoded
+becomes an Exception in the result list (carrying ``.client``), which the Federation logs while the round
+goes on - exactly as with the in-process engine.
+
+Which node is which client: a node states its node_config ``partition-id`` in reply to a
+``prelort.hello`` QUERY (:class:`NodeDirectory`). Nodes that join late are greeted before the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from ..config import Config
+from ..federation import ClientTask
+from ..methods import ClientUpdate
+from ..simulation import ClientFailed
+from ..updates import UpdateRejected
+from . import records
+
+log = logging.getLogger("prelort")
+
+# A greeting costs a ClientApp start on a deployed node (~10 s here); never wait longer than this for one.
+HELLO_TIMEOUT = 120.0
+
+
+class NodeDirectory:
+    """Flower node id <-> prelort client id, learned by greeting every connected node once."""
+
+    def __init__(self, grid, num_clients: int, hello_timeout: float = HELLO_TIMEOUT):
+        self.grid = grid
+        self.num_clients = num_clients
+        self.hello_timeout = hello_timeout
+        self.client_of: dict[int, int] = {}  # node id -> client id
+        self.ignored: dict[int, str] = {}  # node id -> why it holds no client
+
+    def node_of(self, client: int) -> int | None:
+        for node, c in self.client_of.items():
+            if c == client:
+                return node
+        return None
+
+    def clients(self) -> set[int]:
+        return set(self.client_of.values())
+
+    def refresh(self, wanted: Iterable[int], wait: float) -> set[int]:
+        """Greet new nodes, forget gone ones, and wait up to ``wait`` seconds until every client in
+        ``wanted`` has a node. Returns the wanted clients that still have none."""
+        from flwr.app import Message, MessageType
+
+        wanted = set(wanted)
+        deadline = time.monotonic() + wait
+        announced = False
+        while True:
+            live = set(self.grid.get_node_ids())
+            for node in [n for n in self.client_of if n not in live]:
+                log.warning("SuperNode %d (client %d) left the federation", node, self.client_of.pop(node))
+            new = sorted(live - set(self.client_of) - set(self.ignored))
+            if new:
+                messages = [Message(records.encode_hello(), dst_node_id=n, message_type=MessageType.QUERY,
+                                    ttl=self.hello_timeout) for n in new]
+                for reply in self.grid.send_and_receive(messages, timeout=self.hello_timeout):
+                    self._learn(reply)
+            missing = wanted - self.clients()
+            if not missing or time.monotonic() >= deadline:
+                if missing:
+                    log.warning("no SuperNode holds partition(s) %s after waiting %.0f s (flower.node_wait); "
+                                "those clients fail this round", sorted(missing), wait)
+                return missing
+            if not announced:
+                log.info("waiting for SuperNodes holding partition(s) %s (up to %.0f s)", sorted(missing), wait)
+                announced = True
+            time.sleep(1.0)
+
+    def _learn(self, reply) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            self.ignored[node] = f"hello failed: {reply.error.reason}"
+            log.warning("SuperNode %d holds no client: %s", node, self.ignored[node])
+            return
+        try:
+            pid, num = records.decode_hello_reply(reply.content)
+        except ValueError as e:
+            self.ignored[node] = str(e)
+        else:
+            if num != self.num_clients:
+                self.ignored[node] = f"num-partitions={num} but the federation has clients.num={self.num_clients}"
+            elif not 0 <= pid < self.num_clients:
+                self.ignored[node] = f"partition-id={pid} is not in 0..{self.num_clients - 1}"
+            elif (other := self.node_of(pid)) is not None:
+                self.ignored[node] = f"partition-id={pid} is already held by SuperNode {other}"
+            else:
+                self.client_of[node] = pid
+                log.info("SuperNode %d holds client %d", node, pid)
+                return
+        log.warning("SuperNode %d holds no client: %s", node, self.ignored[node])
+
+
+class GridEngine:
+    """Runs a round's tasks on Flower SuperNodes (see the module docstring)."""
+
+    def __init__(self, grid, cfg: Config, config_json: str):
+        self.grid = grid
+        self.cfg = cfg
+        self.config_json = config_json
+        self.nodes = NodeDirectory(grid, cfg.clients.num,
+                                   hello_timeout=min(HELLO_TIMEOUT, cfg.flower.round_timeout, cfg.flower.node_wait))
+        self.round_seconds: list[float] = []
+
+    def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]:
+        from flwr.app import Message, MessageType
+
+        if not tasks:
+            return []
+        timeout = self.cfg.flower.round_timeout
+        self.nodes.refresh((t.client for t in tasks), wait=self.cfg.flower.node_wait)
+        results: dict[int, ClientUpdate | Exception] = {}
+        messages, sent = [], {}
+        for task in tasks:
+            node = self.nodes.node_of(task.client)
+            if node is None:
+                results[task.client] = ClientFailed(task.client, f"no SuperNode holds partition {task.client}")
+                continue
+            content = records.encode_task(task.round, task.client, task.rank, task.seed, task.plan, task.broadcast,
+                                          self.config_json)
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
+                                    group_id=str(task.round), ttl=timeout))
+            sent[node] = task
+        t0 = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
+        self.round_seconds.append(time.perf_counter() - t0)
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            task = sent.pop(node, None)
+            if task is None:
+                log.warning("ignoring an unexpected reply from SuperNode %d", node)
+                continue
+            results[task.client] = self._result(node, task, reply)
+        for node, task in sent.items():
+            results[task.client] = ClientFailed(
+                task.client, f"SuperNode {node} sent no reply within {timeout:g} s (flower.round_timeout)")
+        return [results[t.client] for t in tasks]
+
+    @staticmethod
+    def _result(node: int, task: ClientTask, reply) -> ClientUpdate | Exception:
+        if reply.has_error():
+            return ClientFailed(task.client, f"SuperNode {node} replied with error {reply.error.code}: "
+                                             f"{reply.error.reason}")
+        try:
+            update = records.decode_reply(reply.content)
+        except UpdateRejected as e:
+            e.client = task.client  # type: ignore[attr-defined]  # Federation logs who sent it
+            return e
+        if update.client != task.client:
+            return ClientFailed(task.client, f"SuperNode {node} holds client {task.client} but its update "
+                                             f"declares client {update.client}")
+        return update

@@ -1,0 +1,214 @@
+"""prelort's messages as Flower records (Message API, flwr 1.42).
+
+Server -> client, one TRAIN message per sampled client (its own task):
+
+* ``prelort.task`` (ConfigRecord): ``format`` = ``prelort-task-v1``, ``round``, ``client``, ``rank``,
+  ``seed``, ``plan`` (the TrainPlan as JSON) and ``config`` (the run's resolved config as JSON, so a
+  ClientApp needs no file of its own and works where ``context.run_config`` is empty);
+* ``prelort.adapter`` (ArrayRecord): the broadcast prefix, ``<module>.lora_A`` (r x d_in) and
+  ``<module>.lora_B`` (d_out x r), one ``Array(ndarray)`` each, float32;
+* ``prelort.base_delta`` (ArrayRecord, only for methods that send one, e.g. FLoRA): ``<module>.delta``.
+
+Client -> server, the reply carries the update in prelort's wire format (DESIGN section 7), so the
+server decodes it with :func:`prelort.updates.decode_update` and validates it exactly like an update
+read from disk:
+
+* ``prelort.update`` (ArrayRecord): one Array ``safetensors`` whose data are the safetensors bytes
+  (``stype`` = ``safetensors``; Flower chunks large Arrays in transit);
+* ``prelort.update_meta`` (ConfigRecord): ``format`` = ``safetensors-v1`` and ``meta``, the JSON metadata.
+
+The ``format`` fields leave room for other encodings next to these, e.g. fixed-shape zero-padded
+sums (R-row factors plus weight masks) that a secure-aggregation path would need.
+
+Node hand-shake (QUERY ``prelort.hello``): the ClientApp answers with its node_config ``partition-id``
+and ``num-partitions``, which is how the server maps a Flower node to a prelort client id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..methods import Broadcast, ClientUpdate, PrunePlan, TrainPlan
+from ..updates import UpdateRejected, decode_update, encode_update
+
+if TYPE_CHECKING:  # flwr is imported lazily: prelort imports without it
+    from flwr.app import RecordDict
+
+TASK = "prelort.task"
+ADAPTER = "prelort.adapter"
+BASE_DELTA = "prelort.base_delta"
+UPDATE = "prelort.update"
+UPDATE_META = "prelort.update_meta"
+HELLO = "prelort.hello"
+TASK_FORMAT = "prelort-task-v1"
+UPDATE_FORMAT = "safetensors-v1"
+HELLO_FORMAT = "prelort-hello-v1"
+SAFETENSORS_STYPE = "safetensors"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+class BadTask(ValueError):
+    """A TRAIN message that is not a well-formed prelort task."""
+
+
+@dataclasses.dataclass
+class DecodedTask:
+    """A task as a ClientApp receives it: the round's work plus the run's config (a plain dict)."""
+
+    round: int
+    client: int
+    rank: int
+    seed: int
+    plan: TrainPlan
+    broadcast: Broadcast
+    config: dict[str, Any]
+    config_json: str
+
+
+# -- tensors <-> ArrayRecord -------------------------------------------------------------------------------
+def tensors_to_record(tensors: dict[str, Tensor]):
+    """An ArrayRecord of float32 ``Array(ndarray)`` (Flower refuses bare ndarrays in ArrayRecord)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(t.detach().to("cpu", torch.float32).contiguous().numpy())
+                        for name, t in tensors.items()})
+
+
+def record_to_tensors(record) -> dict[str, Tensor]:
+    """Inverse of :func:`tensors_to_record` (``Array.numpy`` never unpickles)."""
+    out = {}
+    for name in record:
+        arr = record[name].numpy()
+        out[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+    return out
+
+
+# -- plan <-> JSON --------------------------------------------------------------------------------------------
+def plan_to_json(plan: TrainPlan) -> str:
+    return json.dumps(dataclasses.asdict(plan))
+
+
+def plan_from_json(text: str) -> TrainPlan:
+    try:
+        d = json.loads(text)
+        prune = PrunePlan(int(d["prune"]["start"]), float(d["prune"]["lam"])) if d.get("prune") else None
+        return TrainPlan(rank=int(d["rank"]), truncations=tuple(int(t) for t in d["truncations"]),
+                         mode=d.get("mode", "off"), prune=prune)
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadTask(f"task plan is not a TrainPlan: {e}") from None
+
+
+# -- the task (server -> client) ------------------------------------------------------------------------------
+def encode_task(round_: int, client: int, rank: int, seed: int, plan: TrainPlan, broadcast: Broadcast,
+                config_json: str) -> "RecordDict":
+    """The RecordDict of one client's TRAIN message."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    content = RecordDict({
+        TASK: ConfigRecord({"format": TASK_FORMAT, "round": int(round_), "client": int(client), "rank": int(rank),
+                            "seed": int(seed), "plan": plan_to_json(plan), "config": config_json}),
+        ADAPTER: tensors_to_record(broadcast.adapter),
+    })
+    if broadcast.base_delta is not None:
+        content[BASE_DELTA] = tensors_to_record(broadcast.base_delta)
+    return content
+
+
+def decode_task(content: "RecordDict") -> DecodedTask:
+    """The task in a TRAIN message; raises :class:`BadTask` naming what is missing or malformed."""
+    if TASK not in content.config_records:
+        raise BadTask(f"message has no {TASK!r} ConfigRecord (records: {sorted(content)})")
+    rec = content.config_records[TASK]
+    if rec.get("format") != TASK_FORMAT:
+        raise BadTask(f"task format {rec.get('format')!r} is not {TASK_FORMAT!r} (prelort versions differ?)")
+    for field in ("round", "client", "rank", "seed", "plan", "config"):
+        if field not in rec:
+            raise BadTask(f"task lacks {field!r}")
+    if ADAPTER not in content.array_records:
+        raise BadTask(f"message has no {ADAPTER!r} ArrayRecord")
+    adapter = record_to_tensors(content.array_records[ADAPTER])
+    base_delta = (record_to_tensors(content.array_records[BASE_DELTA])
+                  if BASE_DELTA in content.array_records else None)
+    try:
+        config = json.loads(str(rec["config"]))
+    except ValueError as e:
+        raise BadTask(f"task config is not JSON: {e}") from None
+    return DecodedTask(round=int(rec["round"]), client=int(rec["client"]), rank=int(rec["rank"]),
+                       seed=int(rec["seed"]), plan=plan_from_json(str(rec["plan"])),
+                       broadcast=Broadcast(adapter, base_delta), config=config, config_json=str(rec["config"]))
+
+
+# -- the update (client -> server) ---------------------------------------------------------------------------
+def encode_reply(update: ClientUpdate) -> "RecordDict":
+    """The RecordDict of a TRAIN reply: safetensors bytes + JSON metadata (prelort's wire format)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    data, meta = encode_update(update)
+    payload = Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS_STYPE, data=data)
+    return RecordDict({
+        UPDATE: ArrayRecord({"safetensors": payload}),
+        UPDATE_META: ConfigRecord({"format": UPDATE_FORMAT, "meta": json.dumps(meta, allow_nan=False)}),
+    })
+
+
+def decode_reply(content: "RecordDict") -> ClientUpdate:
+    """The ClientUpdate in a TRAIN reply; raises :class:`UpdateRejected` (the same reasons as for a file)."""
+    if UPDATE_META not in content.config_records:
+        raise UpdateRejected("missing_metadata", f"reply has no {UPDATE_META!r} ConfigRecord")
+    meta_rec = content.config_records[UPDATE_META]
+    if meta_rec.get("format") != UPDATE_FORMAT:
+        raise UpdateRejected("bad_metadata", f"update format {meta_rec.get('format')!r} is not {UPDATE_FORMAT!r}")
+    meta = meta_rec.get("meta")
+    if not isinstance(meta, str):
+        raise UpdateRejected("missing_metadata", f"{UPDATE_META!r} has no 'meta' JSON string")
+    if UPDATE not in content.array_records or "safetensors" not in content.array_records[UPDATE]:
+        raise UpdateRejected("not_safetensors", f"reply has no {UPDATE!r} ArrayRecord with a 'safetensors' Array")
+    payload = content.array_records[UPDATE]["safetensors"]
+    if payload.stype != SAFETENSORS_STYPE:
+        raise UpdateRejected("not_safetensors", f"update Array has stype {payload.stype!r}, not {SAFETENSORS_STYPE!r}")
+    return decode_update(bytes(payload.data), meta)
+
+
+# -- node hand-shake -----------------------------------------------------------------------------------------
+def encode_hello():
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict({HELLO: ConfigRecord({"format": HELLO_FORMAT})})
+
+
+def encode_hello_reply(node_config: dict[str, Any]):
+    """What a node answers to ``prelort.hello``: its partition id and the number of partitions."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    pid, num = node_partition(node_config)
+    return RecordDict({HELLO: ConfigRecord({"format": HELLO_FORMAT, PARTITION_ID: pid, NUM_PARTITIONS: num})})
+
+
+def decode_hello_reply(content: "RecordDict") -> tuple[int, int]:
+    if HELLO not in content.config_records:
+        raise ValueError(f"hello reply has no {HELLO!r} ConfigRecord")
+    rec = content.config_records[HELLO]
+    try:
+        return int(rec[PARTITION_ID]), int(rec[NUM_PARTITIONS])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"hello reply lacks a valid {e}") from None
+
+
+def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` of a node; a clear error if the node was started without them."""
+    missing = [k for k in (PARTITION_ID, NUM_PARTITIONS) if k not in node_config]
+    if missing:
+        raise ValueError(f"SuperNode node_config lacks {missing}: start it with "
+                         f"--node-config \"partition-id=K num-partitions=N\" (K = the prelort client id)")
+    try:
+        return int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
+    except (TypeError, ValueError):
+        raise ValueError(f"SuperNode node_config partition-id={node_config[PARTITION_ID]!r} "
+                         f"num-partitions={node_config[NUM_PARTITIONS]!r} are not integers") from None

@@ -1,0 +1,52 @@
+"""The Flower ServerApp: the whole prelort run (Session + Federation) driving Flower SuperNodes.
+
+Why a ServerApp ``main`` and not a ``Strategy`` subclass: a Flower Strategy owns the round loop
+(``Strategy.start``) around one ArrayRecord of global arrays that every client shares, with its own
+evaluation and stopping rules. prelort's round protocol - seeded sampling, a different prefix per client
+rank, validation of every update, method-specific aggregation, per-tier evaluation, atomic checkpoints and
+resume - already lives in :class:`prelort.federation.Federation` driven by
+:meth:`prelort.runner.Session.run`, and the in-process engine runs exactly that code. A Strategy would
+have to override ``start``, ``configure_train``, ``aggregate_train`` and both evaluate hooks, i.e. all of
+it, and keep the real state outside its ArrayRecord. So the ServerApp runs ``Session.run`` with a
+:class:`~prelort.flower.engine.GridEngine`: the only engine-specific part is how tasks reach the clients.
+
+Settings arrive in ``context.run_config`` (written by :func:`prelort.flower.launch.run_on_flower` into
+the app's ``[tool.flwr.app.config]``): ``prelort-config`` (the resolved config as JSON), ``run-dir``
+(absolute path, on the host that runs this ServerApp), ``resume`` and ``verbose``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .engine import GridEngine
+
+log = logging.getLogger("prelort")
+
+app = ServerApp()
+
+RUN_CONFIG_KEYS = ("prelort-config", "run-dir", "resume", "verbose")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from ..config import from_dict
+    from ..runner import Session
+
+    rc = dict(context.run_config)
+    missing = [k for k in RUN_CONFIG_KEYS if k not in rc]
+    if missing:
+        raise ValueError(f"run_config lacks {missing}: start prelort on Flower with `prelort run CONFIG --out DIR` "
+                         "(engine: flower or flower-sim), which writes them")
+    config_json = str(rc["prelort-config"])
+    cfg = from_dict(json.loads(config_json))
+    session = Session(cfg, Path(str(rc["run-dir"])), resume=bool(rc["resume"]), verbose=bool(rc["verbose"]))
+    engine = GridEngine(grid, cfg, config_json)
+    session.run(engine)
+    if engine.round_seconds:
+        log.info("flower: client round trips %s s", ", ".join(f"{s:.2f}" for s in engine.round_seconds))

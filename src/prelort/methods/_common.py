@@ -1,0 +1,105 @@
+"""Helpers shared by the method files: state copies, update checks, prefix adapters.
+
+Private (leading underscore): the registry's auto-discovery skips this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .base import ClientUpdate, FederationSpec, GlobalState, key, lora_init
+
+NESTED_MODES = ("all", "sample", "sandwich", "off")
+
+
+def copy_state(state: GlobalState) -> GlobalState:
+    """A deep copy (cloned tensors, copied meta): aggregate never hands back the caller's objects."""
+    return GlobalState(
+        tensors={name: t.detach().clone() for name, t in state.tensors.items()},
+        meta=copy.deepcopy(state.meta),
+    )
+
+
+def check_rank(spec: FederationSpec, rank: int) -> int:
+    """``rank`` as an int in [1, R]; a clear error otherwise."""
+    if isinstance(rank, bool) or int(rank) != rank:
+        raise ValueError(f"rank must be an integer, got {rank!r}")
+    rank = int(rank)
+    if not 1 <= rank <= spec.max_rank:
+        raise ValueError(f"rank {rank} outside [1, {spec.max_rank}] (R = the largest client rank)")
+    return rank
+
+
+def data_weight(update: ClientUpdate) -> float:
+    """p_k = the client's number of training examples (>= 0)."""
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+        raise ValueError(f"client {update.client}: num_examples must be a number >= 0, got {n!r}")
+    return float(n)
+
+
+def state_factor(state: GlobalState, module: str, kind: str) -> Tensor:
+    name = key(module, kind)
+    if name not in state.tensors:
+        raise KeyError(f"global state has no tensor {name!r}")
+    return state.tensors[name]
+
+
+def client_factors(
+    spec: FederationSpec, update: ClientUpdate, *, max_rank: int
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """(module, A_k, B_k) for every adapted module, after checking names and shapes.
+
+    A_k is (r_k x d_in), B_k is (d_out x r_k) with r_k = ``update.rank`` in [1, max_rank].
+    """
+    rank = update.rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(f"client {update.client}: rank {rank!r} outside [1, {max_rank}]")
+    for module, (d_out, d_in) in spec.modules.items():
+        name_a, name_b = key(module, "lora_A"), key(module, "lora_B")
+        for name in (name_a, name_b):
+            if name not in update.tensors:
+                raise ValueError(f"client {update.client}: update has no tensor {name!r}")
+        a, b = update.tensors[name_a], update.tensors[name_b]
+        if tuple(a.shape) != (rank, d_in):
+            raise ValueError(f"client {update.client}: {name_a} has shape {tuple(a.shape)}, expected {(rank, d_in)}")
+        if tuple(b.shape) != (d_out, rank):
+            raise ValueError(f"client {update.client}: {name_b} has shape {tuple(b.shape)}, expected {(d_out, rank)}")
+        yield module, a, b
+
+
+def prefix_adapter(spec: FederationSpec, state: GlobalState, rank: int) -> dict[str, Tensor]:
+    """The first ``rank`` dimensions of the global factors (copies: the client may train them in place)."""
+    out: dict[str, Tensor] = {}
+    for module in spec.modules:
+        a = state_factor(state, module, "lora_A")
+        b = state_factor(state, module, "lora_B")
+        if rank > a.shape[0]:
+            raise ValueError(f"cannot take rank {rank} from a global adapter of rank {a.shape[0]}")
+        out[key(module, "lora_A")] = a[:rank].to(torch.float32).clone()
+        out[key(module, "lora_B")] = b[:, :rank].to(torch.float32).clone()
+    return out
+
+
+def module_lora_init(
+    spec: FederationSpec, module: str, rank: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """PEFT's default init (A kaiming-uniform, B = 0) for one module, via :func:`lora_init`."""
+    one = FederationSpec(modules={module: spec.modules[module]}, client_ranks=spec.client_ranks, alpha=spec.alpha)
+    init = lora_init(one, rank, generator)
+    return init[key(module, "lora_A")], init[key(module, "lora_B")]
+
+
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The caller's generator, or a fixed-seed one so a fresh init stays reproducible."""
+    return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def zero_dense_state(spec: FederationSpec) -> dict[str, Tensor]:
+    """``<module>.delta`` = zeros (d_out x d_in) for every module: the dense methods' round-0 state."""
+    return {key(module, "delta"): torch.zeros(d_out, d_in) for module, (d_out, d_in) in spec.modules.items()}

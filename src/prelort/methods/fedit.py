@@ -1,0 +1,67 @@
+"""FedIT: homogeneous FedAvg of LoRA at the smallest rank (DESIGN section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..nested import PaddedSums, rank_dim
+from . import register
+from ._common import check_rank, client_factors, copy_state, data_weight, prefix_adapter, state_factor
+from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
+
+
+@register
+class FedIT(Method):
+    """Every client trains rank r_min = min_k r_k (the rank all of them can run).
+
+        A_new = sum_k p_k A_k / sum_k p_k,   B_new = sum_k p_k B_k / sum_k p_k,   p_k = number of examples
+
+    A and B are averaged separately. The global state is rank r_min; a tier or client of rank t
+    gets its first min(t, r_min) dimensions.
+    """
+
+    name = "fedit"
+    summary = "FedIT: every client at the smallest rank; FedAvg of A and B separately (homogeneous floor)."
+    reference = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, arXiv:2305.05644"
+    sum_aggregatable = True
+    dense_state = False
+
+    @property
+    def rank(self) -> int:
+        return self.spec.min_rank
+
+    def client_rank(self, client: int, state: GlobalState) -> int:
+        return self.rank
+
+    def init_state(self, generator: torch.Generator) -> GlobalState:
+        return GlobalState(tensors=lora_init(self.spec, self.rank, generator))
+
+    def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
+        return Broadcast(adapter=prefix_adapter(self.spec, state, min(check_rank(self.spec, rank), self.rank)))
+
+    def plan(self, rank: int) -> TrainPlan:
+        rank = min(check_rank(self.spec, rank), self.rank)
+        return TrainPlan(rank=rank, truncations=(rank,), mode="off")
+
+    def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
+        out = copy_state(state)
+        sums: dict[str, PaddedSums] = {}
+        for module in self.spec.modules:
+            for kind in ("lora_A", "lora_B"):
+                previous = state_factor(state, module, kind)
+                sums[key(module, kind)] = PaddedSums(previous.shape, rank_dim(kind), device=previous.device)
+        for update in updates:
+            if update.rank != self.rank:
+                raise ValueError(
+                    f"client {update.client}: FedIT trains rank {self.rank}, update has rank {update.rank}"
+                )
+            p = data_weight(update)
+            for module, a, b in client_factors(self.spec, update, max_rank=self.rank):
+                sums[key(module, "lora_A")].add(a, p)
+                sums[key(module, "lora_B")].add(b, p)
+        for name, acc in sums.items():
+            # All ranks equal r_min: the segment-wise mean is plain FedAvg (and keeps the state if all p_k = 0).
+            out.tensors[name] = acc.segment_mean(state.tensors[name])
+        return out

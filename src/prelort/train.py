@@ -1,0 +1,292 @@
+"""One client's local training: the prefix-nested objective over a PEFT LoRA of the global rank.
+
+With T = plan.truncations and the adapter masked to t (prelort.adapters.set_truncation), each optimizer
+step minimises (DESIGN section 2)
+
+    all:       L = (1/|T|) * sum_{t in T} loss_t              (|T| forward/backward passes)
+    sample:    L = loss_t,  t ~ Uniform(T)                    (one pass; unbiased for `all` up to scale)
+    sandwich:  L = (loss_r + loss_t) / 2,  t ~ Uniform(T \\ {r}), r = plan.rank  (just loss_r if T = {r})
+    off:       L = loss_r                                      (plain LoRA at the client's rank)
+
+where loss_t is the mean cross-entropy over response tokens (labels != -100) of the micro-batch with the
+adapter truncated to t. HetLoRA self-pruning (plan.prune) adds
+
+    lam * sum_modules ||B[:, start:r]||_F * ||A[start:r, :]||_F
+
+and the update is truncated to rank ``start`` when that tail norm product ends the round smaller than
+it started.
+
+Only the LoRA factors are optimised (AdamW, fresh each call); the base model stays frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor
+
+from prelort import adapters
+from prelort.config import TrainConfig
+from prelort.methods.base import TrainPlan
+
+__all__ = ["IGNORE_INDEX", "TrainResult", "collate", "lr_factor", "response_loss", "tail_norm_product", "train_client"]
+
+IGNORE_INDEX = -100
+_MODES = ("all", "sample", "sandwich", "off")
+
+
+@dataclass
+class TrainResult:
+    """A client's round result: its adapter at its final rank and what happened."""
+
+    tensors: dict[str, Tensor]
+    rank: int
+    num_examples: int
+    losses: list[float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def collate(batch: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a list of {"input_ids", "labels"} to the longest; labels are -100 on padding.
+
+    Returns ``input_ids``, ``attention_mask`` (1 on real tokens) and ``labels`` as (n, L) int64 tensors.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    for i, ex in enumerate(batch):
+        if "input_ids" not in ex or "labels" not in ex:
+            raise ValueError(f"example {i} needs 'input_ids' and 'labels', has {sorted(ex)}")
+        if len(ex["input_ids"]) != len(ex["labels"]):
+            raise ValueError(
+                f"example {i}: input_ids has {len(ex['input_ids'])} tokens but labels has {len(ex['labels'])}"
+            )
+        if len(ex["input_ids"]) == 0:
+            raise ValueError(f"example {i} has no tokens")
+    n, width = len(batch), max(len(ex["input_ids"]) for ex in batch)
+    input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for i, ex in enumerate(batch):
+        k = len(ex["input_ids"])
+        input_ids[i, :k] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+        labels[i, :k] = torch.as_tensor(ex["labels"], dtype=torch.long)
+        attention_mask[i, :k] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def response_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not -100.
+
+    loss = sum_{i: y_{i+1} != -100} CE(logits_i, y_{i+1}) / max(1, #such positions); a batch with no
+    response token gives 0 (still attached to the graph, so backward is harmless).
+    """
+    # shift the labels, not the logits: slicing the (n, L, vocab) logits would copy them
+    shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
+    flat = logits.reshape(-1, logits.size(-1))
+    total = F.cross_entropy(
+        flat if flat.dtype == torch.float32 else flat.float(),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = (shift_labels != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1)
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    constant: 1 after warmup. cosine: 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))).
+    Both warm up linearly first: (step + 1) / (warmup + 1) for step < warmup (never exactly 0).
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    raise ValueError(f"unknown lr schedule {schedule!r} (constant or cosine)")
+
+
+def tail_norm_product(model: PeftModel, start: int, rank: int) -> Tensor:
+    """sum over adapted modules of ||B[:, start:rank]||_F * ||A[start:rank, :]||_F (differentiable)."""
+    total = None
+    for a, b in _factor_pairs(model):
+        term = torch.linalg.vector_norm(b[:, start:rank].float()) * torch.linalg.vector_norm(a[start:rank].float())
+        total = term if total is None else total + term
+    return total
+
+
+def _factor_pairs(model: PeftModel):
+    params = adapters.lora_parameters(model)
+    return list(zip(params[0::2], params[1::2]))
+
+
+def _check_plan(model: PeftModel, plan: TrainPlan) -> list[int]:
+    if plan.mode not in _MODES:
+        raise ValueError(f"unknown nested mode {plan.mode!r}; expected one of {', '.join(_MODES)}")
+    loaded = adapters.active_rank(model)
+    if plan.rank != loaded:
+        raise ValueError(
+            f"plan.rank is {plan.rank} but the model's adapter is loaded at rank {loaded}; "
+            "load the starting adapter at plan.rank first (load_adapter_state / apply_broadcast)"
+        )
+    ts = sorted({int(t) for t in plan.truncations} | {plan.rank})
+    bad = [t for t in ts if not 1 <= t <= plan.rank]
+    if bad:
+        raise ValueError(f"truncations {bad} outside [1, {plan.rank}] (plan.rank)")
+    if plan.prune is not None and not 0 < plan.prune.start < plan.rank:
+        raise ValueError(f"prune.start {plan.prune.start} must lie in (0, {plan.rank})")
+    return ts
+
+
+def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -> list[int]:
+    if mode == "off":
+        return [rank]
+    if mode == "all":
+        return list(ts)
+    if mode == "sample":
+        return [rng.choice(ts)]
+    rest = [t for t in ts if t != rank]
+    return [rank, rng.choice(rest)] if rest else [rank]
+
+
+class _Cycler:
+    """Endless seeded shuffles of range(n): each pass is a fresh permutation."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.g, self.order, self.pos = n, generator, [], 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self.order):
+                self.order, self.pos = torch.randperm(self.n, generator=self.g).tolist(), 0
+            m = min(k - len(out), len(self.order) - self.pos)
+            out.extend(self.order[self.pos : self.pos + m])
+            self.pos += m
+        return out
+
+
+def train_client(
+    model: PeftModel,
+    examples: Sequence[dict],
+    plan: TrainPlan,
+    cfg: TrainConfig,
+    seed: int,
+    progress: bool = False,
+) -> TrainResult:
+    """Run ``cfg.local_steps`` AdamW steps of the nested objective on ``examples``; see the module doc.
+
+    The caller has loaded the starting adapter at ``plan.rank``. Deterministic for a given seed (data
+    order, sampled truncations and dropout all derive from it). Leaves the model at truncation
+    plan.rank and in the train/eval mode it had.
+    """
+    if len(examples) == 0:
+        raise ValueError("client has no training examples")
+    ts = _check_plan(model, plan)
+    device = next(iter(adapters.lora_parameters(model))).device
+    pad_id = model.config.pad_token_id
+    if pad_id is None:
+        pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+
+    params = adapters.lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.local_steps, cfg.schedule, cfg.warmup_steps)
+    )
+    data_gen = torch.Generator().manual_seed(seed)
+    cycler = _Cycler(len(examples), data_gen)
+    pick = random.Random(seed)
+    prune = plan.prune
+    tail_start = tail_end = None
+
+    losses: list[float] = []
+    counts = {t: 0 for t in ts}
+    was_training = model.training
+    started = time.perf_counter()
+    fork_devices = [device] if device.type == "cuda" else []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.local_steps, desc=f"train r={plan.rank} {plan.mode}", leave=False)
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)  # LoRA dropout draws from the global RNG
+            model.train()
+            if prune is not None:
+                with torch.no_grad():
+                    tail_start = float(tail_norm_product(model, prune.start, plan.rank))
+            for step in range(cfg.local_steps):
+                step_ts = _step_truncations(plan.mode, ts, plan.rank, pick)
+                weight = 1.0 / (len(step_ts) * cfg.grad_accum)
+                step_loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = collate([examples[i] for i in cycler.take(cfg.batch_size)], pad_id)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    for t in step_ts:
+                        counts[t] += 1
+                        adapters.set_truncation(model, t)
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        loss = response_loss(logits, batch["labels"])
+                        (loss * weight).backward()
+                        step_loss += float(loss.detach()) * weight
+                adapters.set_truncation(model, plan.rank)
+                if prune is not None and prune.lam > 0:
+                    reg = prune.lam * tail_norm_product(model, prune.start, plan.rank)
+                    reg.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(step_loss):
+                    raise FloatingPointError(f"training loss became {step_loss} at step {step} (lower train.lr?)")
+                losses.append(step_loss)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}")
+            if prune is not None:
+                with torch.no_grad():
+                    tail_end = float(tail_norm_product(model, prune.start, plan.rank))
+    finally:
+        if bar is not None:
+            bar.close()
+        adapters.set_truncation(model, plan.rank)
+        model.train(was_training)
+
+    final_rank = plan.rank
+    meta: dict[str, Any] = {
+        "loss": losses[-1],
+        "mean_loss": sum(losses) / len(losses),
+        "steps": cfg.local_steps,
+        "mode": plan.mode,
+        "truncations": ts,
+        "passes_per_truncation": {str(t): c for t, c in counts.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    if prune is not None:
+        meta["tail_norm_start"] = tail_start
+        meta["tail_norm_end"] = tail_end
+        if tail_end < tail_start:
+            final_rank = prune.start
+            meta["pruned_to"] = prune.start
+    return TrainResult(
+        tensors=adapters.read_adapter_state(model, final_rank),
+        rank=final_rank,
+        num_examples=len(examples),
+        losses=losses,
+        meta=meta,
+    )

@@ -1,0 +1,441 @@
+"""Client updates on the wire and on disk, and the server's validation of them (DESIGN section 7).
+
+An update is two parts:
+
+* tensors: safetensors bytes holding, per adapted module, ``<module>.lora_A`` (r x d_in) and
+  ``<module>.lora_B`` (d_out x r), float32;
+* metadata: a JSON object ``{"rank", "num_examples", "method", "round", "client", "extra"}``
+  (``extra`` carries :attr:`ClientUpdate.meta`, e.g. HetLoRA's pruned rank; it may be omitted).
+
+On disk the parts are ``NAME.safetensors`` and ``NAME.json`` side by side. Untrusted bytes are never
+unpickled: the safetensors header is parsed and bounds-checked here, with the standard library, before
+the safetensors library sees the payload. Every problem raises :class:`UpdateRejected` with a short
+machine-readable ``reason`` (one code per kind of problem, listed in :data:`REASONS`) and a message
+naming the offending key or value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import Tensor
+
+from .methods.base import ClientUpdate, FederationSpec, split_key
+
+# Header of a LoRA update: ~150 bytes per tensor; 16 MiB allows ~100k tensors and stops a header
+# that claims gigabytes before anything is allocated.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# safetensors element sizes of the dtypes we can decode (validation then insists on F32).
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_MAX_NDIM = 8
+# First opcodes of protocol 0/1 pickles: MARK, GLOBAL, EMPTY_DICT/LIST/TUPLE, NONE, INT, STRING, UNICODE.
+_PICKLE_V0_FIRST = {b"(", b"c", b"}", b"]", b")", b"N", b"I", b"S", b"V", b"F", b"L"}
+FACTOR_KINDS = ("lora_A", "lora_B")
+
+REASONS: dict[str, str] = {
+    # decoding
+    "not_safetensors": "the tensor payload is not a well-formed safetensors file",
+    "truncated": "the payload is shorter than its header says",
+    "header_too_large": "the safetensors header claims an implausible size",
+    "pickle_payload": "the payload is a pickle / torch.save file (never loaded)",
+    "bad_metadata": "the metadata is not a JSON object with the required fields and types",
+    "missing_metadata": "the .json metadata file beside the .safetensors file is missing",
+    # validation
+    "non_finite": "a tensor holds NaN or infinite values",
+    "wrong_dtype": "a tensor is not float32",
+    "shape_rank_mismatch": "a factor's rank dimension differs from the declared rank",
+    "shape_model_mismatch": "a factor's shape does not match the base model's layer",
+    "ab_rank_mismatch": "lora_A and lora_B of one module have different ranks",
+    "bad_rank": "the declared rank is not a positive integer",
+    "rank_above_max": "the declared rank exceeds the federation's largest rank R",
+    "rank_above_client": "the declared rank exceeds the client's configured rank",
+    "unknown_module": "a module that the base model does not adapt",
+    "missing_module": "an adapted module is absent from the update",
+    "extra_key": "a tensor name that is not <module>.lora_A or <module>.lora_B",
+    "norm_too_large": "the update's norm exceeds validation.max_update_norm",
+    "round_mismatch": "the update belongs to another round",
+    "method_mismatch": "the update was made for another method",
+    "client_out_of_range": "the client id is not a client of this federation",
+    "duplicate_client": "a second update from the same client in one round",
+    "bad_num_examples": "num_examples is not a positive integer",
+    # raised by the round loop (federation.py), not here
+    "not_sampled": "the client was not sampled this round",
+}
+
+
+class UpdateRejected(ValueError):
+    """A client update the server must not use. ``reason`` is a short code, one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------
+# encoding
+# ----------------------------------------------------------------------------------------------
+def _plain_f32(t: Tensor) -> Tensor:
+    # clone: safetensors refuses tensors that share storage (prefix views of one global tensor do)
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def update_metadata(update: ClientUpdate) -> dict[str, Any]:
+    """The JSON-able metadata of ``update`` (the ``.json`` half of the wire format)."""
+    return {
+        "rank": int(update.rank),
+        "num_examples": int(update.num_examples),
+        "method": str(update.method),
+        "round": int(update.round),
+        "client": int(update.client),
+        "extra": dict(update.meta),
+    }
+
+
+def encode_update(update: ClientUpdate) -> tuple[bytes, dict[str, Any]]:
+    """``(safetensors bytes, metadata dict)`` of ``update``; tensors are sent as contiguous float32."""
+    tensors = {name: _plain_f32(t) for name, t in update.tensors.items()}
+    meta = update_metadata(update)
+    json.dumps(meta, allow_nan=False)  # fail here, at the sender, if ``meta`` is not JSON-able
+    return _st_save(tensors), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding (untrusted input)
+# ----------------------------------------------------------------------------------------------
+def _looks_pickled(data: bytes) -> bool:
+    """torch.save zip archives, pickles of protocol 2-5 (they start with PROTO n), and protocol 0-1
+    pickles (a usual first opcode, and the STOP opcode ``.`` at the end)."""
+    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return True
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return True
+    return len(data) >= 2 and data[:1] in _PICKLE_V0_FIRST and data.endswith(b".")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_header(data: bytes) -> dict[str, Any]:
+    """The tensor entries of a safetensors header, after checking every declared size against ``data``."""
+    if len(data) < 8:
+        if _looks_pickled(data):
+            raise UpdateRejected("pickle_payload", "payload starts like a pickle; refusing to load it")
+        raise UpdateRejected("not_safetensors", f"payload of {len(data)} bytes is too short for a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header: Any = None
+    if header_len <= min(MAX_HEADER_BYTES, len(data) - 8):
+        try:
+            header = json.loads(data[8 : 8 + header_len].decode("utf-8"),
+                                object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        # Classify what it is instead. A pickle's first 8 bytes read as an enormous header length, so
+        # only such payloads are tested for pickle magic (a truncated real file whose length happens
+        # to start with byte 0x80 stays "truncated").
+        if header_len > MAX_HEADER_BYTES and _looks_pickled(data):
+            raise UpdateRejected("pickle_payload", "payload is a pickle / torch.save archive; refusing to load it")
+        if header_len > MAX_HEADER_BYTES:
+            raise UpdateRejected("header_too_large",
+                                 f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
+        if header_len > len(data) - 8:
+            raise UpdateRejected("truncated", f"header claims {header_len} bytes but only {len(data) - 8} follow")
+        raise UpdateRejected("not_safetensors", "header is not a JSON object")
+
+    body_len = len(data) - 8 - header_len
+    entries: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise UpdateRejected("not_safetensors", "__metadata__ must map strings to strings")
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise UpdateRejected("not_safetensors", f"tensor {name!r}: header entry must have dtype, shape, data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise UpdateRejected("wrong_dtype", f"tensor {name!r} has dtype {dtype!r}; float32 (F32) expected")
+        if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise UpdateRejected("not_safetensors", f"tensor {name!r}: bad shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise UpdateRejected("not_safetensors", f"tensor {name!r}: bad data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]  # Python ints: no overflow
+        if offsets[1] - offsets[0] != nbytes:
+            raise UpdateRejected("not_safetensors",
+                                 f"tensor {name!r}: shape {shape} {dtype} needs {nbytes} bytes, "
+                                 f"offsets span {offsets[1] - offsets[0]}")
+        if offsets[1] > body_len:
+            raise UpdateRejected("truncated",
+                                 f"tensor {name!r} ends at byte {offsets[1]} of the data but only {body_len} are present")
+        entries.append((offsets[0], offsets[1], name))
+    # Tensors must tile the data section exactly: no overlaps (aliasing), no holes, no trailing bytes.
+    position = 0
+    for begin, end, name in sorted(entries):
+        if begin != position:
+            raise UpdateRejected("not_safetensors", f"tensor {name!r} starts at byte {begin}, expected {position}")
+        position = end
+    if position != body_len:
+        raise UpdateRejected("not_safetensors", f"{body_len - position} unexplained bytes after the last tensor")
+    return header
+
+
+def _check_int(meta: dict[str, Any], field: str, minimum: int, reason: str) -> int:
+    if field not in meta:
+        raise UpdateRejected("bad_metadata", f"metadata lacks {field!r}")
+    value = meta[field]
+    if type(value) is not int:  # bool is an int subclass; reject it and floats alike
+        raise UpdateRejected("bad_metadata", f"metadata {field!r} must be an integer, got {value!r}")
+    if value < minimum:
+        raise UpdateRejected(reason, f"metadata {field!r} = {value} (must be >= {minimum})")
+    return value
+
+
+def parse_metadata(meta: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """Check the metadata half of an update; returns the JSON object."""
+    if isinstance(meta, (bytes, bytearray)):
+        try:
+            meta = bytes(meta).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UpdateRejected("bad_metadata", "metadata is not UTF-8 text") from None
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise UpdateRejected("bad_metadata", f"metadata is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise UpdateRejected("bad_metadata", f"metadata must be a JSON object, got {type(meta).__name__}")
+    allowed = {"rank", "num_examples", "method", "round", "client", "extra"}
+    unknown = sorted(str(k) for k in meta if k not in allowed)
+    if unknown:
+        raise UpdateRejected("bad_metadata", f"unknown metadata field(s) {unknown}")
+    _check_int(meta, "rank", 1, "bad_rank")
+    _check_int(meta, "num_examples", 1, "bad_num_examples")
+    _check_int(meta, "round", 0, "round_mismatch")
+    _check_int(meta, "client", 0, "client_out_of_range")
+    if not isinstance(meta.get("method"), str):
+        raise UpdateRejected("bad_metadata", f"metadata 'method' must be a string, got {meta.get('method')!r}")
+    if not isinstance(meta.get("extra", {}), dict):
+        raise UpdateRejected("bad_metadata", f"metadata 'extra' must be an object, got {meta['extra']!r}")
+    return meta
+
+
+def decode_update(data: bytes, meta: bytes | str | dict[str, Any]) -> ClientUpdate:
+    """The :class:`ClientUpdate` encoded by :func:`encode_update`; raises :class:`UpdateRejected`.
+
+    Decoding checks the format only (well-formed safetensors, sizes that fit, metadata fields and
+    types); :func:`validate_update` checks the update against the federation.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UpdateRejected("not_safetensors", f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    fields = parse_metadata(meta)
+    _parse_header(data)
+    try:
+        tensors = _st_load(data)
+    except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as e:  # defence in depth
+        raise UpdateRejected("not_safetensors", f"safetensors could not read the payload: {e}") from None
+    return ClientUpdate(
+        client=fields["client"],
+        rank=fields["rank"],
+        num_examples=fields["num_examples"],
+        tensors=dict(tensors),
+        round=fields["round"],
+        method=fields["method"],
+        meta=dict(fields.get("extra", {})),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a fsynced temporary sibling and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def update_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` for ``NAME`` or ``NAME.safetensors`` or ``NAME.json``."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_update(stem: str | Path, update: ClientUpdate) -> Path:
+    """Write ``stem.safetensors`` and ``stem.json``; returns the ``.safetensors`` path.
+
+    Each file is replaced atomically; the JSON is removed first and written last, so whenever
+    ``stem.json`` exists it belongs to the ``stem.safetensors`` beside it.
+    """
+    data, meta = encode_update(update)
+    tensor_path, meta_path = update_paths(stem)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    _atomic_write(tensor_path, data)
+    _atomic_write(meta_path, (json.dumps(meta, indent=1, allow_nan=False) + "\n").encode())
+    _fsync_dir(tensor_path.parent)
+    return tensor_path
+
+
+def load_update(path: str | Path) -> ClientUpdate:
+    """Read an update saved by :func:`save_update` (give the ``.safetensors`` path or the stem)."""
+    tensor_path, meta_path = update_paths(path)
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"update file {tensor_path} does not exist")
+    if not meta_path.is_file():
+        raise UpdateRejected("missing_metadata", f"{meta_path} (the metadata of {tensor_path.name}) does not exist")
+    return decode_update(tensor_path.read_bytes(), meta_path.read_bytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# validation against the federation
+# ----------------------------------------------------------------------------------------------
+def update_norm(tensors: dict[str, Tensor] | Iterable[Tensor]) -> float:
+    """The update's norm: sqrt(sum over its tensors T of ||T||_F^2), in float64.
+
+    This is the norm of the factors as sent (what ``validation.max_update_norm`` bounds and what
+    norm clipping scales), not of the product B @ A.
+    """
+    values = tensors.values() if isinstance(tensors, dict) else tensors
+    total = 0.0
+    for t in values:
+        total += float(torch.sum(t.detach().to(torch.float64) ** 2))
+    return math.sqrt(total)
+
+
+def validate_update(
+    update: ClientUpdate,
+    spec: FederationSpec,
+    *,
+    method: str | None,
+    round_: int | None,
+    seen_clients: set[int] | None = None,
+    max_norm: float | None = None,
+) -> None:
+    """Raise :class:`UpdateRejected` unless the server may aggregate ``update``.
+
+    ``method`` / ``round_``: what the server expects (None skips that check). ``seen_clients``: the
+    clients already accepted this round; on acceptance ``update.client`` is ADDED to it, so one set
+    per round rejects a second update from the same client. ``max_norm``: bound on :func:`update_norm`.
+    A client may send a rank below its configured one (HetLoRA pruning, FedIT's common rank) but
+    never above it.
+    """
+    client, rank = update.client, update.rank
+    who = f"client {client}"
+    # -- metadata --------------------------------------------------------------------------------
+    if round_ is not None and update.round != round_:
+        raise UpdateRejected("round_mismatch", f"{who}: update is for round {update.round}, the server is at round {round_}")
+    if method is not None and update.method != method:
+        raise UpdateRejected("method_mismatch", f"{who}: update was made for method {update.method!r}, the run uses {method!r}")
+    if type(client) is not int or not 0 <= client < len(spec.client_ranks):
+        raise UpdateRejected("client_out_of_range",
+                             f"client id {client!r} is not in 0..{len(spec.client_ranks) - 1}")
+    if seen_clients is not None and client in seen_clients:
+        raise UpdateRejected("duplicate_client", f"{who} already sent an update this round")
+    if type(update.num_examples) is not int or update.num_examples <= 0:
+        raise UpdateRejected("bad_num_examples", f"{who}: num_examples = {update.num_examples!r} (must be a positive integer)")
+    if type(rank) is not int or rank <= 0:
+        raise UpdateRejected("bad_rank", f"{who}: declared rank {rank!r} (must be a positive integer)")
+    if rank > spec.max_rank:
+        raise UpdateRejected("rank_above_max", f"{who}: declared rank {rank} exceeds the federation's R = {spec.max_rank}")
+    if rank > spec.client_ranks[client]:
+        raise UpdateRejected("rank_above_client",
+                             f"{who}: declared rank {rank} exceeds its configured rank {spec.client_ranks[client]}")
+    # -- tensor names -------------------------------------------------------------------------------
+    for name in sorted(update.tensors):
+        module, kind = split_key(name)
+        if kind not in FACTOR_KINDS or not module:
+            raise UpdateRejected("extra_key", f"{who}: unexpected tensor {name!r} (only <module>.lora_A / .lora_B)")
+        if module not in spec.modules:
+            raise UpdateRejected("unknown_module", f"{who}: tensor {name!r} names module {module!r}, which is not adapted")
+    for module in spec.modules:
+        for kind in FACTOR_KINDS:
+            if f"{module}.{kind}" not in update.tensors:
+                raise UpdateRejected("missing_module", f"{who}: no tensor {module}.{kind}")
+    # -- dtypes, shapes, values ------------------------------------------------------------------
+    for name in sorted(update.tensors):
+        t = update.tensors[name]
+        if not isinstance(t, Tensor) or t.dtype != torch.float32:
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise UpdateRejected("wrong_dtype", f"{who}: tensor {name!r} has dtype {got}; float32 expected")
+    for module, (d_out, d_in) in spec.modules.items():
+        a, b = update.tensors[f"{module}.lora_A"], update.tensors[f"{module}.lora_B"]
+        if a.ndim != 2 or a.shape[1] != d_in:
+            raise UpdateRejected("shape_model_mismatch",
+                                 f"{who}: {module}.lora_A has shape {tuple(a.shape)}; expected (r, {d_in}) for this layer")
+        if b.ndim != 2 or b.shape[0] != d_out:
+            raise UpdateRejected("shape_model_mismatch",
+                                 f"{who}: {module}.lora_B has shape {tuple(b.shape)}; expected ({d_out}, r) for this layer")
+        if a.shape[0] != b.shape[1]:
+            raise UpdateRejected("ab_rank_mismatch",
+                                 f"{who}: {module}.lora_A has rank {a.shape[0]} but {module}.lora_B has rank {b.shape[1]}")
+        if a.shape[0] != rank:
+            raise UpdateRejected("shape_rank_mismatch",
+                                 f"{who}: {module} factors have rank {a.shape[0]}, declared rank is {rank}")
+    for name in sorted(update.tensors):
+        t = update.tensors[name]
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            kinds = []
+            if bool(torch.isnan(t).any()):
+                kinds.append("NaN")
+            if bool(torch.isposinf(t).any()):
+                kinds.append("+inf")
+            if bool(torch.isneginf(t).any()):
+                kinds.append("-inf")
+            raise UpdateRejected("non_finite",
+                                 f"{who}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) ({', '.join(kinds)})")
+    if max_norm is not None:
+        norm = update_norm(update.tensors)
+        if norm > max_norm:
+            raise UpdateRejected("norm_too_large", f"{who}: update norm {norm:.6g} exceeds the bound {max_norm:.6g}")
+    if seen_clients is not None:
+        seen_clients.add(client)

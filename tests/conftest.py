@@ -1,0 +1,27 @@
+"""Shared fixtures: the tiny-llama base model (random weights, real SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``(model, tokenizer)`` of the ``tiny-llama`` alias, loaded once per session.
+
+    Shared by every test: do not modify it. ``attach_lora`` wraps a model in place, so take
+    ``copy.deepcopy(model)`` (or use ``fresh_tiny_model``) before attaching an adapter.
+    """
+    from prelort.config import ModelConfig
+    from prelort.models import load_model
+
+    return load_model(ModelConfig(name="tiny-llama", device="cpu"))
+
+
+@pytest.fixture()
+def fresh_tiny_model(tiny_model):
+    """``(model, tokenizer)``: a private deep copy of tiny-llama that a test may modify."""
+    model, tokenizer = tiny_model
+    return copy.deepcopy(model), tokenizer

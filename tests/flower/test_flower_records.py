@@ -1,0 +1,205 @@
+"""prelort messages as Flower records, and the Grid-backed engine against a scripted Grid (no Flower runtime)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict  # noqa: E402
+
+from prelort.config import from_dict  # noqa: E402
+from prelort.federation import ClientTask  # noqa: E402
+from prelort.flower import records  # noqa: E402
+from prelort.flower.engine import GridEngine  # noqa: E402
+from prelort.methods import Broadcast, ClientUpdate, PrunePlan, TrainPlan  # noqa: E402
+from prelort.simulation import ClientFailed  # noqa: E402
+from prelort.updates import UpdateRejected  # noqa: E402
+
+MOD = "model.layers.0.self_attn.q_proj"
+
+
+def _adapter(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{MOD}.lora_A": torch.randn(rank, 6, generator=g), f"{MOD}.lora_B": torch.randn(5, rank, generator=g)}
+
+
+def _update(client: int = 1, rank: int = 2, round_: int = 3) -> ClientUpdate:
+    return ClientUpdate(client=client, rank=rank, num_examples=17, tensors=_adapter(rank, seed=client),
+                        round=round_, method="prelort", meta={"loss": 1.25})
+
+
+def test_task_round_trip_keeps_every_field_and_value():
+    plan = TrainPlan(rank=4, truncations=(1, 2, 4), mode="sandwich", prune=PrunePlan(start=3, lam=0.01))
+    delta = {f"{MOD}.delta": torch.randn(5, 6)}
+    cfg_json = json.dumps({"method": "prelort", "seed": 7})
+    content = records.encode_task(5, 2, 4, 2**62 + 11, plan, Broadcast(_adapter(4), delta), cfg_json)
+    task = records.decode_task(content)
+    assert (task.round, task.client, task.rank, task.seed) == (5, 2, 4, 2**62 + 11)
+    assert task.plan == plan
+    assert task.config == {"method": "prelort", "seed": 7}
+    for k, v in _adapter(4).items():
+        assert torch.equal(task.broadcast.adapter[k], v) and task.broadcast.adapter[k].dtype == torch.float32
+    assert torch.equal(task.broadcast.base_delta[f"{MOD}.delta"], delta[f"{MOD}.delta"])
+
+
+def test_task_without_base_delta_decodes_to_none():
+    content = records.encode_task(1, 0, 2, 1, TrainPlan(2, (2,)), Broadcast(_adapter(2)), "{}")
+    assert records.BASE_DELTA not in content.array_records
+    assert records.decode_task(content).broadcast.base_delta is None
+
+
+def test_decode_task_names_what_is_missing():
+    with pytest.raises(records.BadTask, match="prelort.task"):
+        records.decode_task(RecordDict({"x": ConfigRecord({"a": 1})}))
+    content = records.encode_task(1, 0, 2, 1, TrainPlan(2, (2,)), Broadcast(_adapter(2)), "{}")
+    content.config_records[records.TASK]["format"] = "prelort-task-v0"
+    with pytest.raises(records.BadTask, match="prelort-task-v0"):
+        records.decode_task(content)
+
+
+def test_reply_round_trip_is_the_wire_format():
+    upd = _update()
+    back = records.decode_reply(records.encode_reply(upd))
+    assert (back.client, back.rank, back.num_examples, back.round, back.method) == (1, 2, 17, 3, "prelort")
+    assert back.meta == {"loss": 1.25}
+    for k, v in upd.tensors.items():
+        assert torch.equal(back.tensors[k], v)
+
+
+def test_reply_with_corrupt_payload_or_metadata_is_rejected_with_a_reason():
+    content = records.encode_reply(_update())
+    data = content.array_records[records.UPDATE]["safetensors"].data
+    content.array_records[records.UPDATE]["safetensors"] = Array(dtype="uint8", shape=(10,), stype="safetensors",
+                                                                 data=data[:10])
+    with pytest.raises(UpdateRejected) as e:
+        records.decode_reply(content)
+    assert e.value.reason in ("truncated", "not_safetensors")
+
+    content = records.encode_reply(_update())
+    del content[records.UPDATE_META]
+    with pytest.raises(UpdateRejected) as e:
+        records.decode_reply(content)
+    assert e.value.reason == "missing_metadata"
+
+    content = records.encode_reply(_update())
+    content.config_records[records.UPDATE_META]["meta"] = json.dumps({"rank": "two"})
+    with pytest.raises(UpdateRejected) as e:
+        records.decode_reply(content)
+    assert e.value.reason == "bad_metadata"
+
+
+def test_node_partition_requires_both_keys():
+    assert records.node_partition({"partition-id": 3, "num-partitions": 4}) == (3, 4)
+    with pytest.raises(ValueError, match="num-partitions"):
+        records.node_partition({"partition-id": 3})
+    with pytest.raises(ValueError, match="not integers"):
+        records.node_partition({"partition-id": "x", "num-partitions": 4})
+
+
+# -- GridEngine against a scripted grid -----------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the run id of the ServerApp process; outside one, pretend a run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1234, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+
+
+class ScriptedGrid:
+    """A Grid stand-in: nodes answer hello with their partition and TRAIN with whatever ``behaviour`` says."""
+
+    def __init__(self, partitions: dict[int, int], num: int, behaviour):
+        self.partitions = partitions  # node id -> partition id
+        self.num = num
+        self.behaviour = behaviour  # (node, task) -> RecordDict | Error | None (no reply)
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            self.sent.append(m)
+            node = m.metadata.dst_node_id
+            if records.HELLO in m.content.config_records:
+                content = records.encode_hello_reply({"partition-id": self.partitions[node], "num-partitions": self.num})
+                replies.append(_reply(m, content))
+                continue
+            out = self.behaviour(node, records.decode_task(m.content))
+            if out is None:
+                continue
+            replies.append(Message(out, reply_to=m))
+        return replies
+
+
+def _reply(m: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=m)
+
+
+def _tasks(clients, round_=1):
+    return [ClientTask(round_, c, 2, Broadcast(_adapter(2)), TrainPlan(2, (2,)), seed=c) for c in clients]
+
+
+def _engine(grid, num=3):
+    cfg = from_dict({"clients": {"num": num, "per_round": num, "ranks": [2]},
+                     "flower": {"round_timeout": 5, "node_wait": 1}})
+    return GridEngine(grid, cfg, json.dumps(cfg.to_dict()))
+
+
+def test_engine_sends_each_task_to_the_node_of_its_partition_and_decodes_replies():
+    def train(node, task):
+        return records.encode_reply(_update(client=task.client, rank=2, round_=task.round))
+
+    grid = ScriptedGrid({101: 2, 102: 0, 103: 1}, 3, train)
+    results = _engine(grid).execute(_tasks([0, 1, 2]))
+    assert [r.client for r in results] == [0, 1, 2]
+    trains = [m for m in grid.sent if records.TASK in m.content.config_records]
+    assert {m.metadata.dst_node_id: records.decode_task(m.content).client for m in trains} == {102: 0, 103: 1, 101: 2}
+    assert all(m.metadata.group_id == "1" for m in trains)
+
+
+def test_engine_turns_silence_errors_and_impostors_into_failures():
+    def train(node, task):
+        if node == 101:
+            return None  # never answers
+        if node == 102:
+            return Error(code=0, reason="boom in ClientApp")
+        return records.encode_reply(_update(client=0, rank=2, round_=task.round))  # node 103 claims client 0
+
+    grid = ScriptedGrid({101: 0, 102: 1, 103: 2}, 3, train)
+    results = _engine(grid).execute(_tasks([0, 1, 2]))
+    assert all(isinstance(r, ClientFailed) for r in results)
+    assert [r.client for r in results] == [0, 1, 2]
+    assert "no reply" in str(results[0]) and "boom in ClientApp" in str(results[1])
+    assert "declares client 0" in str(results[2])
+
+
+def test_engine_marks_a_rejected_payload_with_its_client():
+    def train(node, task):
+        content = records.encode_reply(_update(client=task.client, rank=2, round_=task.round))
+        content.config_records[records.UPDATE_META]["format"] = "other"
+        return content
+
+    results = _engine(ScriptedGrid({7: 0}, 1, train), num=1).execute(_tasks([0]))
+    assert isinstance(results[0], UpdateRejected) and results[0].client == 0
+
+
+def test_engine_ignores_misconfigured_nodes_and_fails_their_clients():
+    def train(node, task):
+        return records.encode_reply(_update(client=task.client, rank=2, round_=task.round))
+
+    # node 2 says num-partitions=3 like the others but duplicates partition 0; partition 1 has no node
+    grid = ScriptedGrid({1: 0, 2: 0, 3: 2}, 3, train)
+    engine = _engine(grid)
+    results = engine.execute(_tasks([0, 1, 2]))
+    assert isinstance(results[1], ClientFailed) and "no SuperNode holds partition 1" in str(results[1])
+    assert results[0].client == 0 and results[2].client == 2
+    assert "already held" in engine.nodes.ignored[2]

@@ -1,0 +1,223 @@
+"""Prefix-nested LoRA math: truncation = rank-t adapter, segment-wise mean, the two-sums and streaming forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prelort.nested import (
+    PaddedSums,
+    mean_from_sums,
+    nested_truncations,
+    pad,
+    padded_weighted_sums,
+    rank_dim,
+    rank_mask,
+    segment_weighted_mean,
+    segments,
+    truncate,
+)
+
+FAST = settings(max_examples=40, deadline=None)
+
+
+def _rand(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# -- segments and truncation sets ------------------------------------------------------------------
+
+
+def test_segments_cut_at_distinct_sorted_ranks():
+    assert segments([4, 2, 8, 2]) == [(0, 2), (2, 4), (4, 8)]
+    assert segments([3]) == [(0, 3)]
+
+
+def test_nested_truncations_are_boundaries_up_to_own_rank():
+    assert nested_truncations(4, [1, 2, 4, 8]) == [1, 2, 4]
+    assert nested_truncations(8, [1, 2, 4, 8]) == [1, 2, 4, 8]
+    assert nested_truncations(1, [1, 2, 4, 8]) == [1]
+    # a rank that is not a boundary is still included itself
+    assert nested_truncations(3, [2, 4]) == [2, 3]
+
+
+@pytest.mark.parametrize("bad", [[], [0, 2], [-1]])
+def test_segments_reject_bad_ranks(bad):
+    with pytest.raises(ValueError):
+        segments(bad)
+
+
+def test_rank_dim_names_the_rank_axis():
+    assert rank_dim("lora_A") == 0 and rank_dim("lora_B") == 1
+    with pytest.raises(ValueError, match="unknown LoRA factor kind"):
+        rank_dim("delta")
+
+
+def test_truncate_is_a_view_and_pad_adds_zeros():
+    a = _rand(0, 4, 3)
+    t = truncate(a, 2, 0)
+    assert t.data_ptr() == a.data_ptr()  # no copy
+    assert torch.equal(t, a[:2])
+    b = _rand(1, 3, 2)
+    p = pad(b, 5, 1)
+    assert p.shape == (3, 5) and torch.equal(p[:, :2], b) and not p[:, 2:].any()
+    with pytest.raises(ValueError):
+        pad(b, 1, 1)
+    with pytest.raises(ValueError):
+        truncate(a, 5, 0)
+
+
+# -- truncation computes the rank-t function ------------------------------------------------------
+
+
+@FAST
+@given(
+    d_in=st.integers(1, 5),
+    d_out=st.integers(1, 5),
+    R=st.integers(1, 6),
+    data=st.data(),
+    seed=st.integers(0, 10_000),
+)
+def test_truncation_is_the_rank_t_adapter_with_the_same_prefix(d_in, d_out, R, data, seed):
+    t = data.draw(st.integers(0, R))
+    alpha = 7.0
+    s = alpha / R  # ONE scale for every rank, never alpha / t
+    A = _rand(seed, R, d_in)
+    B = _rand(seed + 1, d_out, R)
+    x = _rand(seed + 2, 3, d_in)
+
+    # a rank-t client's own adapter: independent copies of the prefix, same constant scale
+    A_t, B_t = A[:t].clone(), B[:, :t].clone()
+    y_client = s * (x @ A_t.T) @ B_t.T
+
+    y_truncate = s * (x @ truncate(A, t, rank_dim("lora_A")).T) @ truncate(B, t, rank_dim("lora_B")).T
+    y_mask = s * ((x @ A.T) * rank_mask(t, R, dtype=torch.float64)) @ B.T
+    torch.testing.assert_close(y_truncate, y_client, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y_mask, y_client, rtol=0, atol=1e-12)
+
+    dW = lambda k: s * B[:, :k] @ A[:k]  # noqa: E731
+    tail = s * B[:, t:] @ A[t:]
+    torch.testing.assert_close(dW(R), dW(t) + tail, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dW(t), s * B_t @ A_t, rtol=0, atol=1e-12)
+
+
+def test_mask_blocks_gradients_beyond_the_truncation():
+    R, t = 5, 2
+    A = _rand(0, R, 3).requires_grad_()
+    B = _rand(1, 4, R).requires_grad_()
+    x = _rand(2, 6, 3)
+    y = ((x @ A.T) * rank_mask(t, R, dtype=torch.float64)) @ B.T
+    y.square().sum().backward()
+    assert not A.grad[t:].any() and not B.grad[:, t:].any()
+    assert A.grad[:t].abs().sum() > 0 and B.grad[:, :t].abs().sum() > 0
+
+
+def test_rank_mask_values_and_bounds():
+    assert rank_mask(2, 4).tolist() == [1, 1, 0, 0]
+    assert rank_mask(0, 3).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError):
+        rank_mask(5, 4)
+
+
+# -- segment-wise weighted mean -----------------------------------------------------------------------
+
+
+def naive_per_dimension_mean(factors, weights, previous, dim):
+    """Independent reference: dimension i = weighted mean over clients with r_k > i, else previous."""
+    out = previous.clone().to(torch.float64)
+    for i in range(previous.shape[dim]):
+        num, den = 0.0, 0.0
+        for x, p in zip(factors, weights):
+            if x.shape[dim] > i:
+                num = num + p * x.select(dim, i).to(torch.float64)
+                den += p
+        if den > 0:
+            out.select(dim, i).copy_(num / den)
+    return out
+
+
+clients_st = st.lists(st.tuples(st.integers(1, 6), st.integers(0, 20)), min_size=1, max_size=5)
+
+
+@FAST
+@given(
+    clients=clients_st,
+    R_extra=st.integers(0, 2),
+    other=st.integers(1, 4),
+    kind=st.sampled_from(["lora_A", "lora_B"]),
+    seed=st.integers(0, 10_000),
+)
+def test_segment_mean_matches_naive_two_sums_and_streaming(clients, R_extra, other, kind, seed):
+    dim = rank_dim(kind)
+    R = max(r for r, _ in clients) + R_extra
+    shape = lambda r: (r, other) if dim == 0 else (other, r)  # noqa: E731
+    factors = [_rand(seed + k, *shape(r)) for k, (r, _) in enumerate(clients)]
+    weights = [float(p) for _, p in clients]
+    previous = _rand(seed + 99, *shape(R))
+
+    expected = naive_per_dimension_mean(factors, weights, previous, dim)
+    direct = segment_weighted_mean(factors, weights, previous, dim)
+    two_sums = mean_from_sums(*padded_weighted_sums(factors, weights, R, dim), previous, dim)
+    stream = PaddedSums(previous.shape, dim)
+    for x, p in zip(factors, weights):
+        stream.add(x, p)
+    streamed = stream.segment_mean(previous)
+
+    torch.testing.assert_close(direct, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(two_sums, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(streamed, expected, rtol=1e-12, atol=1e-12)
+
+
+@FAST
+@given(n=st.integers(1, 5), r=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_equal_ranks_is_fedavg(n, r, seed):
+    factors = [_rand(seed + k, r, 3) for k in range(n)]
+    weights = [float(k + 1) for k in range(n)]
+    fedavg = sum(p * x for p, x in zip(weights, factors)) / sum(weights)
+    out = segment_weighted_mean(factors, weights, torch.zeros(r, 3, dtype=torch.float64), 0)
+    torch.testing.assert_close(out, fedavg, rtol=1e-12, atol=1e-12)
+
+
+def test_worked_example_and_uncovered_segment_keeps_previous():
+    # ranks 1 and 2 (weights 1 and 3) into a rank-4 global A
+    a1 = torch.full((1, 2), 4.0, dtype=torch.float64)
+    a2 = torch.full((2, 2), 8.0, dtype=torch.float64)
+    previous = torch.full((4, 2), -1.0, dtype=torch.float64)
+    out = segment_weighted_mean([a1, a2], [1.0, 3.0], previous, 0)
+    assert out[0].tolist() == [7.0, 7.0]  # (1*4 + 3*8) / 4
+    assert out[1].tolist() == [8.0, 8.0]  # only the rank-2 client covers it: NOT diluted
+    assert out[2:].tolist() == [[-1.0, -1.0]] * 2  # no contributor: previous value
+    # zero-padding would have diluted dimension 1 to 3*8/4 = 6
+    sums = PaddedSums((4, 2), 0)
+    sums.add(a1, 1.0)
+    sums.add(a2, 3.0)
+    assert sums.padded_mean(previous)[1].tolist() == [6.0, 6.0]
+    assert sums.den.tolist() == [4.0, 3.0, 0.0, 0.0] and sums.total == 4.0 and sums.count == 2
+
+
+def test_padded_sums_reject_bad_input():
+    sums = PaddedSums((3, 2), 0)
+    with pytest.raises(ValueError, match="exceeds global rank 3"):
+        sums.add(torch.zeros(4, 2), 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        sums.add(torch.zeros(2, 2), -1.0)
+    with pytest.raises(ValueError, match="weight"):
+        sums.add(torch.zeros(2, 2), float("nan"))
+    with pytest.raises(ValueError, match="expected"):
+        sums.add(torch.zeros(2, 5), 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        sums.segment_mean(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="shape"):
+        sums.padded_mean(torch.zeros(2, 2))
+
+
+def test_padded_mean_without_weight_keeps_previous_and_result_dtype_follows_previous():
+    previous = torch.ones(2, 3)
+    sums = PaddedSums((2, 3), 0)
+    sums.add(torch.full((1, 3), 5.0), 0.0)
+    assert torch.equal(sums.padded_mean(previous), previous)
+    sums.add(torch.full((2, 3), 2.0), 1.0)
+    out = sums.segment_mean(previous)
+    assert out.dtype == torch.float32 and out.tolist() == [[2.0] * 3] * 2

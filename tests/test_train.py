@@ -1,0 +1,183 @@
+"""Local training on tiny-llama: collate, loss, schedule, nested modes, determinism, HetLoRA pruning."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+from prelort import adapters
+from prelort.config import TrainConfig
+from prelort.methods.base import FederationSpec, PrunePlan, TrainPlan, lora_init
+from prelort.train import collate, lr_factor, response_loss, train_client
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+R = 8
+
+
+def pattern_examples(n: int, seed: int) -> list[dict]:
+    """A learnable task: the category token that opens the prompt fixes the 4-token response."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        c = rng.randrange(4)
+        prompt = [1000 + c] + [rng.randrange(2000, 3000) for _ in range(5)]
+        response = [4000 + 10 * c + j for j in range(4)]
+        out.append({"input_ids": prompt + response, "labels": [-100] * len(prompt) + response})
+    return out
+
+
+EXAMPLES = pattern_examples(16, 0)
+
+
+def fresh_lora(base, rank: int = R, alpha: float = 16.0, start_rank: int = R, seed: int = 0, dropout: float = 0.0):
+    model = adapters.attach_lora(copy.deepcopy(base), TARGETS, rank, alpha, dropout=dropout)
+    spec = FederationSpec(modules=adapters.adapted_modules(model), client_ranks=(2, rank), alpha=alpha)
+    adapters.load_adapter_state(model, lora_init(spec, start_rank, torch.Generator().manual_seed(seed)), start_rank)
+    return model
+
+
+def batch_loss(model, examples, t: int) -> float:
+    b = collate(examples, 0)
+    with torch.no_grad(), adapters.truncated(model, t):
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return float(response_loss(out, b["labels"]))
+
+
+def test_collate_pads_right_and_masks_labels():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [9], "labels": [9]}], pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
+    with pytest.raises(ValueError, match="example 0: input_ids has 2 tokens but labels has 1"):
+        collate([{"input_ids": [1, 2], "labels": [1]}], 0)
+    with pytest.raises(ValueError, match="needs 'input_ids' and 'labels'"):
+        collate([{"input_ids": [1]}], 0)
+
+
+def test_response_loss_counts_only_response_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[-100, -100, 3, 7]])
+    # position i predicts label i+1: positions 1 and 2 predict tokens 3 and 7
+    want = (torch.nn.functional.cross_entropy(logits[0, 1:3], torch.tensor([3, 7]))).item()
+    assert response_loss(logits, labels).item() == pytest.approx(want, rel=1e-6)
+    none = response_loss(logits.requires_grad_(), torch.full((1, 4), -100))
+    assert none.item() == 0.0
+    none.backward()  # no NaN, no error
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, "constant", 0) for s in (0, 9)] == [1.0, 1.0]
+    assert lr_factor(0, 10, "constant", 3) == pytest.approx(0.25)
+    assert lr_factor(3, 10, "cosine", 3) == pytest.approx(1.0)
+    assert lr_factor(9, 10, "cosine", 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 7)))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 1, "linear", 0)
+
+
+def test_training_lowers_the_loss_and_reports(tiny_model):
+    base, _ = tiny_model
+    model = fresh_lora(base)
+    before = batch_loss(model, EXAMPLES, R)
+    cfg = TrainConfig(local_steps=8, batch_size=4, grad_accum=2, lr=5e-2, schedule="cosine", warmup_steps=1)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), mode="off"), cfg, seed=0)
+    after = batch_loss(model, EXAMPLES, R)
+    assert after < before - 0.3
+    assert res.rank == R and res.num_examples == len(EXAMPLES) and len(res.losses) == 8
+    assert res.meta["steps"] == 8 and res.meta["loss"] == res.losses[-1]
+    assert set(res.tensors) == set(adapters.read_adapter_state(model, R))
+    a = res.tensors["model.layers.0.self_attn.q_proj.lora_A"]
+    assert a.shape == (R, 64) and a.dtype == torch.float32 and not a.requires_grad
+    # base weights never train
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, dict(base.named_parameters())[name.replace("base_model.model.", "").replace(".base_layer", "")])
+    assert adapters.get_truncation(model) == R and not model.training
+
+
+def test_nested_all_makes_the_prefix_useful_where_off_does_not(tiny_model):
+    """Mode `all` trains the rank-2 truncation directly; plain LoRA (`off`) only trains rank 8."""
+    base, _ = tiny_model
+    cfg = TrainConfig(local_steps=16, batch_size=4, lr=5e-2)
+    results = {}
+    for mode in ("off", "all"):
+        model = fresh_lora(base)
+        start = batch_loss(model, EXAMPLES, 2)
+        res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(2, R), mode=mode), cfg, seed=1)
+        results[mode] = batch_loss(model, EXAMPLES, 2)
+        assert res.meta["passes_per_truncation"] == ({"2": 0, "8": 16} if mode == "off" else {"2": 16, "8": 16})
+    assert results["all"] < start
+    assert results["all"] < results["off"] - 0.3
+
+
+def test_same_seed_gives_a_bit_identical_update(tiny_model):
+    """Data order, the sampled truncation and LoRA dropout all follow the seed."""
+    base, _ = tiny_model
+    cfg = TrainConfig(local_steps=2, batch_size=2, grad_accum=2, lr=1e-2)
+    plan = TrainPlan(rank=4, truncations=(1, 2, 4), mode="sandwich")
+    runs = [train_client(fresh_lora(base, start_rank=4, dropout=0.1), EXAMPLES, plan, cfg, seed=s) for s in (5, 5, 6)]
+    a, b, c = runs
+    assert a.losses == b.losses
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
+    assert a.tensors["model.layers.0.self_attn.v_proj.lora_B"].shape == (32, 4)
+
+
+def test_modes_run_the_promised_passes(tiny_model):
+    base, _ = tiny_model
+    cfg = TrainConfig(local_steps=3, batch_size=1, lr=1e-3)
+    plan = dict(rank=4, truncations=(1, 2, 4))
+    counts = {}
+    for mode in ("all", "sample", "sandwich", "off"):
+        model = fresh_lora(base, start_rank=4)
+        counts[mode] = train_client(model, EXAMPLES, TrainPlan(mode=mode, **plan), cfg, seed=0).meta["passes_per_truncation"]
+    assert counts["all"] == {"1": 3, "2": 3, "4": 3}
+    assert counts["off"] == {"1": 0, "2": 0, "4": 3}
+    assert sum(counts["sample"].values()) == 3
+    assert counts["sandwich"]["4"] == 3 and counts["sandwich"]["1"] + counts["sandwich"]["2"] == 3
+
+
+def test_rank_below_global_trains_only_its_prefix(tiny_model):
+    base, _ = tiny_model
+    model = fresh_lora(base, start_rank=2)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=2, truncations=(2,), mode="off"),
+                       TrainConfig(local_steps=2, batch_size=4, lr=1e-2, weight_decay=0.1), seed=0)
+    whole = adapters.read_adapter_state(model, R)
+    assert res.tensors["model.layers.1.self_attn.o_proj.lora_A"].shape == (2, 64)
+    for k, v in whole.items():
+        tail = v[2:] if k.endswith("lora_A") else v[:, 2:]
+        assert torch.count_nonzero(tail) == 0, k
+
+
+def test_plan_validation(tiny_model):
+    base, _ = tiny_model
+    model = fresh_lora(base, start_rank=4)
+    cfg = TrainConfig(local_steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="loaded at rank 4"):
+        train_client(model, EXAMPLES, TrainPlan(rank=8, truncations=(8,)), cfg, seed=0)
+    with pytest.raises(ValueError, match=r"truncations \[6\] outside"):
+        train_client(model, EXAMPLES, TrainPlan(rank=4, truncations=(2, 6)), cfg, seed=0)
+    with pytest.raises(ValueError, match="no training examples"):
+        train_client(model, [], TrainPlan(rank=4, truncations=(4,)), cfg, seed=0)
+
+
+def test_hetlora_pruning_shrinks_when_the_tail_shrinks(tiny_model):
+    base, _ = tiny_model
+    cfg = TrainConfig(local_steps=4, batch_size=4, lr=1e-2)
+    # a strong regulariser shrinks the tail product from its random start
+    model = fresh_lora(base)
+    with torch.no_grad():  # nonzero B so the tail product starts > 0
+        for p in adapters.lora_parameters(model)[1::2]:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=10.0)), cfg, seed=0)
+    assert res.meta["tail_norm_end"] < res.meta["tail_norm_start"]
+    assert res.meta["pruned_to"] == 6 and res.rank == 6
+    assert res.tensors["model.layers.0.self_attn.q_proj.lora_A"].shape == (6, 64)
+    # from B = 0 the tail product starts at 0 and can only grow: no pruning
+    model = fresh_lora(base)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=1e-3)), cfg, seed=0)
+    assert res.meta["tail_norm_start"] == 0.0 and "pruned_to" not in res.meta and res.rank == R
