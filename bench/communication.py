@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed,
             "alpha": ALPHA,
             "quick": args.quick,
+            "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "environment": environment(),
         "notes": NOTES,

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per mode")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per measurement")
+    ap.add_argument("--warmup", choices=["off", "all"], default="all",
+                    help="warm up with one step of every mode (all) or of plain LoRA only (off: cheaper on CPU)")
     ap.add_argument("--quick", action="store_true", help="batch 4 x 64, 2 rounds x 1 step")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model {args.model} on {device} ({torch.get_num_threads()} threads), loaded in {load_s:.1f}s; "
           f"batch {args.batch_size} x {args.seq_len}, ranks {ranks}, client rank {rank}, T_k = {truncations}",
           flush=True)
-    for mode in MODES:  # warmup: allocator, kernels, caches
+    for mode in MODES if args.warmup == "all" else ("off",):  # warmup: allocator, kernels, caches
         measure(mode, 1)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     cpu_times: dict[str, list[float]] = {m: [] for m in MODES}

@@ -45,10 +45,14 @@ def run_cmd(
         cfg = config_mod.load(config, set_ or [])
     except config_mod.ConfigError as e:
         _fail(str(e))
+    from .flower.launch import FlowerRunError  # importable without flwr
+
     try:
         run(cfg, out, resume=resume, verbose=not quiet)
-    except (FileExistsError, FileNotFoundError, RoundFailed) as e:
+    except (FileExistsError, FileNotFoundError, RoundFailed, FlowerRunError) as e:
         _fail(str(e), 1)
+    except config_mod.ConfigError as e:
+        _fail(str(e))
     typer.echo(f"run directory: {out}")
 
 
@@ -143,10 +147,9 @@ def verify_update_cmd(
 ) -> None:
     """Check a client update as the run's server would; exit 0 if accepted, 2 (reason printed) if rejected.
 
-    Checks: well-formed safetensors + JSON metadata (never unpickled), method and round, client id,
-    rank bounds, known/missing modules, shapes, float32, finite values, and validation.max_update_norm
-    from RUN_DIR/config.yaml. The metadata's "round" is required; it must equal the round the run
-    would collect next (use --round N to check e.g. an audited update of round N).
+    Checks the safetensors + JSON format (nothing is unpickled), method, round, client id, rank bounds, modules, shapes, float32, finite values, and validation.max_update_norm from RUN_DIR/config.yaml.
+
+    The metadata must carry its round, which must be the round the run collects next (latest checkpoint + 1); pass --round N to check, e.g., an audited update of round N.
     """
     from . import config as config_mod
     from .checkpoint import CheckpointError, latest_round, spec_from_checkpoint

@@ -50,6 +50,10 @@ class ClientsConfig(_Section):
         default_factory=lambda: [1, 2, 4, 8], description="Client LoRA ranks, cycled over clients (client k: ranks[k % len])."
     )
     min_per_round: int = Field(1, ge=1, description="A round needs at least this many accepted updates.")
+    max_round_retries: int = Field(
+        0, ge=0, description="Retry a round with too few accepted updates this many times (clients resampled with a "
+        "seed derived from seed, round and attempt) before the run stops; 0 stops at once.",
+    )
 
     @field_validator("ranks")
     @classmethod
@@ -164,6 +168,9 @@ class FlowerConfig(_Section):
         "round; a client still without a node then counts as failed.",
     )
     client_cpus: int = Field(1, ge=1, description="engine flower-sim: CPU cores reserved per simulated client (Ray).")
+    client_gpus: float = Field(
+        0.0, ge=0, description="engine flower-sim: GPU share per simulated client (Ray; 0 = clients train on CPU)."
+    )
 
 
 class Config(_Section):

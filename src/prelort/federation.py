@@ -5,8 +5,17 @@ broadcast each client its rank-r_k state, collect updates, validate each (a reje
 with its reason and the round goes on), optionally clip, aggregate with the method's rule, evaluate
 every ``eval.every`` rounds per rank tier, and checkpoint atomically.
 
-Engines (in-process simulation, Flower) drive it through :meth:`Federation.begin_round` and
-:meth:`Federation.end_round`; the client side is :class:`prelort.client.ClientRunner`.
+Engines (in-process simulation, Flower) drive it through :meth:`Federation.run_round` (or
+:meth:`Federation.begin_round` and :meth:`Federation.end_round`); the client side is
+:class:`prelort.client.ClientRunner`.
+
+What an engine returns per task (:data:`EngineResult`) is untrusted: a :class:`RawUpdate` (the wire
+format, decoded here), a decoded :class:`ClientUpdate`, an :class:`UpdateRejected` from the engine's own
+decoding (with ``.client`` set), or any other exception (the client failed). Nothing a client sends can
+crash the round: every problem becomes a rejection ("rejected update from client K: <reason>: <message>"
+in run.log) or a failure, and the round completes when at least ``clients.min_per_round`` updates were
+accepted. Otherwise the round is retried up to ``clients.max_round_retries`` times with a resampled set
+of clients, and then :class:`RoundFailed` stops the run with the state on disk at the last complete round.
 """
 
 from __future__ import annotations
@@ -16,9 +25,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
@@ -26,13 +36,72 @@ from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
 from .methods import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan
-from .updates import UpdateRejected, save_update, validate_update
+from .updates import UpdateRejected, decode_update, save_update, validate_update
 
 log = logging.getLogger("prelort")
 
 
 class RoundFailed(RuntimeError):
-    """Too few clients delivered an acceptable update this round (below clients.min_per_round)."""
+    """Too few clients delivered an acceptable update this round (below clients.min_per_round).
+
+    ``round``: the round that failed; ``accepted``: accepted updates in its last attempt;
+    ``min_per_round``; ``attempts``: how many times the round was tried; ``completed``: the last
+    complete round (the state on disk, where ``--resume`` continues).
+    """
+
+    def __init__(self, message: str, *, round_: int, accepted: int, min_per_round: int, attempts: int,
+                 completed: int):
+        super().__init__(message)
+        self.round = round_
+        self.accepted = accepted
+        self.min_per_round = min_per_round
+        self.attempts = attempts
+        self.completed = completed
+
+
+# Rejection reasons raised by the round loop itself, besides prelort.updates.REASONS (whose "not_sampled"
+# is raised here too).
+ROUND_REASONS: dict[str, str] = {
+    "client_mismatch": "the metadata declares another client than the one that sent the update",
+    "invalid_update": "checking the update raised an unexpected error (logged with its traceback)",
+}
+
+
+@dataclass
+class RawUpdate:
+    """A client's reply as it came over the wire: safetensors bytes and the metadata (JSON text, bytes or
+    an already parsed object), with ``client`` the id of the client the engine sent the task to (the
+    sender, which the metadata's declared client must match)."""
+
+    client: int
+    payload: bytes
+    meta: bytes | str | dict[str, Any]
+
+
+EngineResult = Union[ClientUpdate, RawUpdate, Exception]
+"""What an engine returns for one task; see the module docstring."""
+
+
+def decode_raw(raw: RawUpdate) -> ClientUpdate:
+    """Decode a wire-format reply; raises :class:`UpdateRejected` with ``.client`` = the sender.
+
+    Any failure of the decoder on hostile bytes is a rejection, never a crash of the round.
+    """
+    try:
+        update = decode_update(raw.payload, raw.meta)
+    except UpdateRejected as e:
+        e.client = raw.client  # type: ignore[attr-defined]
+        raise
+    except Exception as e:  # defence in depth: a decoder bug on hostile input rejects the update
+        rejection = UpdateRejected("not_safetensors", f"could not decode the update: {type(e).__name__}: {e}")
+        rejection.client = raw.client  # type: ignore[attr-defined]
+        raise rejection from None
+    if update.client != raw.client:
+        rejection = UpdateRejected("client_mismatch",
+                                   f"update sent by client {raw.client} declares client {update.client!r}")
+        rejection.client = raw.client  # type: ignore[attr-defined]
+        raise rejection
+    return update
 
 
 def derived_seed(seed: int, *parts: int) -> int:
@@ -75,10 +144,7 @@ class RoundOutcome:
     failed: dict[int, str] = field(default_factory=dict)
     train_loss: float | None = None
     seconds: float = 0.0
-
-
-def update_norm(update: ClientUpdate) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in update.tensors.values()))
+    attempts: int = 1
 
 
 def clip_update(update: ClientUpdate, reference: dict[str, torch.Tensor], bound: float) -> tuple[ClientUpdate, float]:
@@ -108,6 +174,7 @@ class Federation:
         self.state: GlobalState | None = None
         self.round = 0  # last completed round
         self._tasks: dict[int, ClientTask] = {}
+        self._attempt = 0
 
     # -- life cycle -------------------------------------------------------------------------------------
     def checkpoint_info(self) -> dict[str, Any]:
@@ -138,15 +205,23 @@ class Federation:
         return self.round + 1
 
     # -- one round --------------------------------------------------------------------------------------
-    def sample_clients(self, round_: int) -> list[int]:
-        rng = random.Random(derived_seed(self.cfg.seed, round_, -1))
+    def sample_clients(self, round_: int, attempt: int = 0) -> list[int]:
+        """This round's clients, drawn with a seed derived from (seed, round) - and the attempt number for a
+        retried round, so a retry may reach other clients when ``per_round < num``."""
+        parts = (round_, -1) if attempt == 0 else (round_, -1, attempt)
+        rng = random.Random(derived_seed(self.cfg.seed, *parts))
         return sorted(rng.sample(range(self.cfg.clients.num), self.cfg.clients.per_round))
 
-    def begin_round(self, round_: int) -> list[ClientTask]:
-        """The tasks of this round's sampled clients."""
+    def begin_round(self, round_: int, attempt: int = 0) -> list[ClientTask]:
+        """The tasks of this round's sampled clients (``attempt`` > 0: a retry of a failed round).
+
+        A client's training seed depends on (seed, round, client) only, not on the attempt: a client that
+        trains in a retry produces the update it would have produced in the first attempt.
+        """
         assert self.state is not None, "call start() first"
+        self._attempt = attempt
         tasks = []
-        for client in self.sample_clients(round_):
+        for client in self.sample_clients(round_, attempt):
             rank = self.method.client_rank(client, self.state)
             seed = derived_seed(self.cfg.seed, round_, client)
             gen = torch.Generator().manual_seed(seed)
@@ -172,34 +247,56 @@ class Federation:
                          norm, self.cfg.robust.clip_norm)
         return update
 
-    def end_round(self, round_: int, results: list[ClientUpdate | Exception], seconds: float = 0.0) -> RoundOutcome:
-        """Validate and aggregate this round's results, checkpoint, return what happened."""
+    def end_round(self, round_: int, results: Sequence[EngineResult], seconds: float = 0.0) -> RoundOutcome:
+        """Decode, validate and aggregate this round's results, checkpoint, return what happened.
+
+        Only the first reply of each client counts: any further reply from it this round is rejected
+        (``duplicate_client``), whether the first one was accepted or not. Raises :class:`RoundFailed`
+        (state unchanged) when fewer than ``clients.min_per_round`` updates were accepted.
+        """
         assert self.state is not None
         outcome = RoundOutcome(round_)
         accepted: list[ClientUpdate] = []
-        seen: set[int] = set()
+        seen: set[int] = set()  # clients whose update was accepted (validate_update's duplicate check)
+        replied: set[Any] = set()  # clients that already replied this round, accepted or not
         for res in results:
-            if isinstance(res, UpdateRejected):
-                who = getattr(res, "client", "?")
-                outcome.rejected[who] = str(res)
-                log.warning("round %d: rejected update from client %s: %s", round_, who, res)
-                continue
-            if isinstance(res, Exception):
+            if isinstance(res, Exception) and not isinstance(res, UpdateRejected):
                 who = getattr(res, "client", "?")
                 outcome.failed[who] = f"{type(res).__name__}: {res}"
                 log.warning("round %d: client %s failed: %s: %s", round_, who, type(res).__name__, res)
                 continue
+            sender = getattr(res, "client", "?")
             try:
-                upd = self.accept(res, seen)
+                if sender in replied and sender != "?":
+                    raise UpdateRejected("duplicate_client", f"client {sender} already replied this round")
+                replied.add(sender)
+                if isinstance(res, UpdateRejected):
+                    raise res
+                update = decode_raw(res) if isinstance(res, RawUpdate) else res
+                if not isinstance(update, ClientUpdate):
+                    raise UpdateRejected("not_safetensors", f"the engine returned a {type(update).__name__}, "
+                                                            "not an update")
+                upd = self.accept(update, seen)
             except UpdateRejected as e:
-                outcome.rejected[res.client] = str(e)
-                log.warning("round %d: rejected update from client %d: %s", round_, res.client, e)
+                self._reject(outcome, round_, sender, e)
+                continue
+            except Exception as e:  # whatever a client sent, the server keeps going without it
+                log.exception("round %d: the update from client %s could not be checked", round_, sender)
+                self._reject(outcome, round_, sender, UpdateRejected("invalid_update", f"{type(e).__name__}: {e}"))
                 continue
             accepted.append(upd)
             outcome.accepted.append(upd.client)
-        if len(accepted) < self.cfg.clients.min_per_round:
-            raise RoundFailed(f"round {round_}: {len(accepted)} accepted update(s), fewer than "
-                              f"clients.min_per_round={self.cfg.clients.min_per_round}; state kept at round {self.round}")
+        minimum = self.cfg.clients.min_per_round
+        if len(accepted) < minimum:
+            attempts = self._attempt + 1
+            tried = f" (attempt {attempts})" if attempts > 1 else ""
+            raise RoundFailed(
+                f"round {round_}{tried}: {len(accepted)} accepted update(s) from {len(results)} replies "
+                f"({len(outcome.rejected)} rejected, {len(outcome.failed)} failed clients), fewer than "
+                f"clients.min_per_round={minimum}; the run directory holds round {self.round}, continue it "
+                "with --resume once the cause is fixed",
+                round_=round_, accepted=len(accepted), min_per_round=minimum, attempts=attempts,
+                completed=self.round)
         losses = [u.meta["loss"] for u in accepted if isinstance(u.meta.get("loss"), (int, float))]
         outcome.train_loss = float(sum(losses) / len(losses)) if losses else None
         if self.cfg.audit:
@@ -209,7 +306,38 @@ class Federation:
         self.round = round_
         ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
         outcome.seconds = seconds
+        outcome.attempts = self._attempt + 1
         return outcome
+
+    @staticmethod
+    def _reject(outcome: RoundOutcome, round_: int, sender: Any, e: UpdateRejected) -> None:
+        # a rejected duplicate must not overwrite the record of the client's first reply
+        outcome.rejected.setdefault(sender, str(e))
+        log.warning("round %d: rejected update from client %s: %s", round_, sender, e)
+
+    def run_round(self, round_: int, execute: Callable[[Sequence[ClientTask]], Sequence[EngineResult]]) -> RoundOutcome:
+        """One whole round: begin, ``execute(tasks)`` (the engine), end; retried when it fails.
+
+        A round with too few accepted updates is tried again, up to ``clients.max_round_retries`` times,
+        each retry sampling clients with a seed derived from (seed, round, attempt) (the same clients when
+        ``per_round == num``: that covers transient failures) and training each with its usual
+        (seed, round, client) seed. After the last attempt :class:`RoundFailed` propagates; the state
+        is then still that of round ``self.round``, on disk and in memory.
+        """
+        retries = self.cfg.clients.max_round_retries
+        t0 = time.perf_counter()
+        for attempt in range(retries + 1):
+            tasks = self.begin_round(round_, attempt)
+            results = execute(tasks)
+            try:
+                return self.end_round(round_, results, seconds=time.perf_counter() - t0)
+            except RoundFailed as e:
+                if attempt == retries:
+                    raise
+                log.warning("round %d: %d accepted update(s), fewer than clients.min_per_round=%d; retrying the "
+                            "round with resampled clients (retry %d of clients.max_round_retries=%d)", round_,
+                            e.accepted, e.min_per_round, attempt + 1, retries)
+        raise AssertionError("unreachable")
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def tiers(self) -> list[int]:

@@ -147,7 +147,8 @@ class PaddedSums:
                 raise ValueError(
                     f"factor has shape {tuple(x.shape)}, expected {self.shape} up to the rank axis {self.dim}"
                 )
-        self.num.narrow(self.dim, 0, k).add_(x.to(device=self.num.device, dtype=torch.float64), alpha=w)
+        # in-place add promotes x to float64 element by element: no float64 copy of the update
+        self.num.narrow(self.dim, 0, k).add_(x.to(device=self.num.device), alpha=w)
         self.den[:k] += w
         self.total += w
         self.count += 1

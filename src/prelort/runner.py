@@ -126,7 +126,9 @@ class Session:
                 changed = [k for k in ("method", "seed", "model", "lora", "clients", "data", "train", "prelort",
                                        "hetlora") if prev.get(k) != now.get(k)]
                 if changed:
-                    raise ValueError(f"--resume: config differs from the run's config.yaml in {changed}; "
+                    from .config import ConfigError
+
+                    raise ConfigError(f"--resume: config differs from the run's config.yaml in {changed}; "
                                      "a resumed run must keep them")
         elif (d / "checkpoints").exists():
             raise FileExistsError(f"{d} already holds a run; use --resume to continue it or choose another --out")
@@ -169,15 +171,14 @@ class Session:
         bar = tqdm(range(first, cfg.rounds + 1), desc="rounds", disable=not self.verbose, initial=first - 1,
                    total=cfg.rounds)
         for round_ in bar:
-            t0 = time.perf_counter()
-            tasks = fed.begin_round(round_)
-            results = engine.execute(tasks)
             try:
-                outcome = fed.end_round(round_, results, seconds=time.perf_counter() - t0)
+                outcome = fed.run_round(round_, engine.execute)  # begin, execute, end; retried if it fails
             except RoundFailed as e:
                 log.error("%s", e)
                 raise
-            self.metrics.write({"round": round_, "kind": "train", "train_loss": outcome.train_loss,
+            # training records carry the contract's fields too (no tier evaluated: rank and metrics null)
+            self.metrics.write({"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None,
+                                "perplexity": None, "train_loss": outcome.train_loss,
                                 "accepted": len(outcome.accepted), "rejected": len(outcome.rejected),
                                 "failed": len(outcome.failed), "seconds": round(outcome.seconds, 3),
                                 "method": cfg.method})

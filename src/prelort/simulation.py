@@ -1,21 +1,28 @@
-"""The in-process engine (the embedded default): clients run in turn on one in-memory model."""
+"""The in-process engine (the embedded default): clients run in turn on one in-memory model.
+
+Each client's update crosses the same wire format as on Flower (safetensors bytes + JSON metadata,
+:func:`prelort.updates.encode_update`): the engine returns :class:`~prelort.federation.RawUpdate`
+replies and the server decodes and validates them (:meth:`prelort.federation.Federation.end_round`),
+so an in-process run exercises exactly the server path that untrusted remote clients meet.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from .client import ClientRunner
-from .federation import ClientTask
-from .methods import ClientUpdate
+from .federation import ClientTask, EngineResult, RawUpdate
+from .updates import encode_update
 
 log = logging.getLogger("prelort")
 
 
 class ClientFailed(RuntimeError):
-    """A client raised during local training; the round goes on without it."""
+    """A client raised during local training (or never replied); the round goes on without it."""
 
     def __init__(self, client: int, message: str):
         super().__init__(message)
@@ -23,18 +30,28 @@ class ClientFailed(RuntimeError):
 
 
 class InProcessEngine:
-    """Executes a round's tasks sequentially in this process. A client that raises is left out."""
+    """Executes a round's tasks sequentially in this process. A client that raises is left out.
 
-    def __init__(self, session, progress: bool = True):
+    ``wire=False`` hands the decoded :class:`~prelort.methods.ClientUpdate` objects to the server
+    directly (skips the encode/decode round trip; the server validates them all the same).
+    """
+
+    def __init__(self, session, progress: bool = True, wire: bool = True):
         self.runner = ClientRunner(session.cfg, session.model, session.partitions, progress=progress)
         self.progress = progress
+        self.wire = wire
 
-    def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]:
-        results: list[ClientUpdate | Exception] = []
+    def execute(self, tasks: Sequence[ClientTask]) -> list[EngineResult]:
+        results: list[EngineResult] = []
         for task in tqdm(tasks, desc=f"round {tasks[0].round if tasks else '?'} clients", leave=False,
                          disable=not self.progress):
             try:
-                results.append(self.runner.run(task))
+                update = self.runner.run(task)
+                if self.wire:
+                    payload, meta = encode_update(update)
+                    results.append(RawUpdate(task.client, payload, json.dumps(meta, allow_nan=False)))
+                else:
+                    results.append(update)
             except Exception as e:  # a broken client must not crash the run
                 log.exception("client %d raised during training", task.client)
                 results.append(ClientFailed(task.client, f"{type(e).__name__}: {e}"))

@@ -92,6 +92,9 @@ def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
     assert set(summary["goals"]) == {"speedup_ge_100x", "bandwidth_ge_30pct_memcpy", "prelort_memory_flat"}
     for goal in summary["goals"].values():
         assert isinstance(goal["met"], bool)
+    # --report recomputes the same summary from the saved cases, without measuring.
+    again = agg.main(["--report", str(out)])
+    assert again["models"]["tiny"]["summary"] == json.loads(json.dumps(summary))
 
 
 def test_aggregation_process_isolation_sees_flora_retain_updates(tmp_path):

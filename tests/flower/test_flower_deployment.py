@@ -24,7 +24,13 @@ pytest.importorskip("cryptography")
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
 from prelort.flower.certs import make_certificates  # noqa: E402
-from prelort.flower.launch import flwr_executable, free_port, stop_process_group, wait_healthy, write_connection  # noqa: E402
+from prelort.flower.launch import (  # noqa: E402
+    flwr_executable,
+    free_port,
+    stop_process_group,
+    wait_healthy,
+    write_connection,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHECK_RUN = REPO / ".." / "shared" / "tools" / "check_run.py"

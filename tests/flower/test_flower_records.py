@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E402
 
 from prelort.config import from_dict  # noqa: E402
 from prelort.federation import ClientTask  # noqa: E402
@@ -130,7 +130,8 @@ class ScriptedGrid:
             self.sent.append(m)
             node = m.metadata.dst_node_id
             if records.HELLO in m.content.config_records:
-                content = records.encode_hello_reply({"partition-id": self.partitions[node], "num-partitions": self.num})
+                node_config = {"partition-id": self.partitions[node], "num-partitions": self.num}
+                content = records.encode_hello_reply(node_config)
                 replies.append(_reply(m, content))
                 continue
             out = self.behaviour(node, records.decode_task(m.content))

@@ -56,3 +56,12 @@ def test_flower_sim_refuses_an_existing_run_dir_before_starting_flower(tmp_path)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="already holds a run"):
         runner.run(config_mod.load(TINY, [*SMALL, "engine=flower-sim"]), tmp_path / "run", verbose=False)
+
+
+@pytest.mark.slow
+def test_a_failing_serverapp_raises_with_the_root_cause(tmp_path):
+    from prelort.flower.launch import FlowerRunError
+
+    cfg = config_mod.load(TINY, [*SMALL, "engine=flower-sim", f"data.source={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(FlowerRunError, match=r"finished:failed.*DataError: data.source .*missing.jsonl"):
+        runner.run(cfg, tmp_path / "run", verbose=False)

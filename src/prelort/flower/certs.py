@@ -145,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="extra DNS name or IP address of the SuperLink for the certificate (repeatable)")
     parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     args = parser.parse_args(argv)
-    creds = make_certificates(args.out_dir, args.supernodes, args.host, args.days)
+    try:
+        creds = make_certificates(args.out_dir, args.supernodes, args.host, args.days)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"CA certificate:      {creds.ca_cert}")
     print(f"SuperLink cert/key:  {creds.server_cert} {creds.server_key}")
     for private, public in creds.supernode_keys:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,7 +58,8 @@ def flwr_executable(name: str) -> str:
         return str(here)
     found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError(f"{name!r} not found next to {sys.executable} nor on PATH; pip install 'prelort[flower]'")
+        raise FileNotFoundError(f"{name!r} not found next to {sys.executable} nor on PATH; "
+                                "pip install 'prelort[flower]'")
     return found
 
 
@@ -109,7 +111,8 @@ def write_connection(flwr_home: Path, name: str, address: str, *, insecure: bool
                      root_certificates: str | None = None) -> Path:
     """``$FLWR_HOME/config.toml`` with one SuperLink connection (Flower 1.42 keeps connections there)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f"default = {_toml_str(name)}", "", f"[superlink.{name}]", f"address = {_toml_str(address)}"]
+    lines = ["[superlink]", f"default = {_toml_str(name)}", "",
+             f"[superlink.{name}]", f"address = {_toml_str(address)}"]
     if insecure:
         lines.append("insecure = true")
     elif root_certificates:
@@ -232,7 +235,8 @@ def _json_out(proc: subprocess.CompletedProcess, what: str) -> dict:
     except json.JSONDecodeError:
         data = None
     if proc.returncode != 0 or not isinstance(data, dict) or data.get("success") is False:
-        raise FlowerRunError(f"`flwr {what}` failed (exit {proc.returncode}): {proc.stdout.strip()} {proc.stderr.strip()}")
+        raise FlowerRunError(f"`flwr {what}` failed (exit {proc.returncode}): "
+                             f"{proc.stdout.strip()} {proc.stderr.strip()}")
     return data
 
 
@@ -255,6 +259,10 @@ def submit_and_follow(app_dir: Path, connection: str, flwr_home: Path | None, *,
                 sys.stderr.write(line)
                 sys.stderr.flush()
         stream.wait()
+    except KeyboardInterrupt:
+        # the run lives on the SuperLink: stop it there too, not just our log stream
+        _flwr(["stop", run_id, connection], flwr_home, timeout=30.0)
+        raise
     finally:
         if stream.poll() is None:
             stop_process_group(stream, grace=5.0)
@@ -268,9 +276,22 @@ def submit_and_follow(app_dir: Path, connection: str, flwr_home: Path | None, *,
             break
         time.sleep(1.0)
     if status != "finished:completed":
+        cause = first_exception_line(tail)
         log_tail = "\n".join(tail)
-        raise FlowerRunError(f"Flower run {run_id} ended with status {status!r} ({details}); last log lines:\n{log_tail}")
+        raise FlowerRunError(f"Flower run {run_id} ended with status {status!r} ({details})"
+                             + (f": {cause}" if cause else "") + f"\nlast log lines:\n{log_tail}")
     return run_id
+
+
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Failed|Rejected|Interrupt)): .+")
+
+
+def first_exception_line(lines) -> str | None:
+    """The first ``SomeError: message`` line of a logged traceback: the root cause the user needs to see."""
+    for line in lines:
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()
+    return None
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:
@@ -298,7 +319,8 @@ def run_on_flower(cfg: Config, out: Path, resume: bool = False, verbose: bool = 
                 write_connection(home, CONNECTION, link.address, insecure=True)
                 try:
                     submit_and_follow(app_dir, CONNECTION, home, verbose=verbose, federation_config=[
-                        f"num-supernodes={cfg.clients.num}", f"client-resources-num-cpus={cfg.flower.client_cpus}"])
+                        f"num-supernodes={cfg.clients.num}", f"client-resources-num-cpus={cfg.flower.client_cpus}",
+                        f"client-resources-num-gpus={float(cfg.flower.client_gpus)}"])
                 except FlowerRunError as e:
                     raise FlowerRunError(f"{e}\nSuperLink log:\n{_tail(tmp / 'superlink.log', 20)}") from None
         elif cfg.flower.connection:
