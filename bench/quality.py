@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_json  # noqa: E402
 
@@ -123,14 +125,26 @@ def make_config(settings: dict[str, Any], method: str, seed: int, rounds: int, l
 
 
 def broadcast_digest(broadcast: Any) -> str:
-    """SHA-1 over the tensors a tier's model is made of (adapter at its rank, plus any dense base delta)."""
+    """SHA-1 of the function a tier's model computes: its LoRA dimensions with a non-zero B column, and any
+    dense base delta.
+
+    A dimension i with B[:, i] = 0 adds exact zeros to the rank-R sum the masked adapter computes, so
+    dropping it changes no output bit: FLoRA's fresh LoRA (B = 0) at every tier, or dimensions no client
+    has trained yet, hash like their absence.
+    """
     h = hashlib.sha1()
-    for part in (broadcast.adapter, broadcast.base_delta or {}):
-        for name in sorted(part):
-            t = part[name].detach().to("cpu").contiguous()
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
+    adapter = broadcast.adapter
+    for name in sorted(k for k in adapter if k.endswith(".lora_A")):
+        module = name[: -len(".lora_A")]
+        a = adapter[name].detach().to("cpu", torch.float32)
+        b = adapter[module + ".lora_B"].detach().to("cpu", torch.float32)
+        used = b.abs().sum(dim=0) != 0
+        h.update(module.encode())
+        h.update(a[used].contiguous().numpy().tobytes())
+        h.update(b[:, used].contiguous().numpy().tobytes())
+    for name in sorted(broadcast.base_delta or {}):
+        h.update(name.encode())
+        h.update(broadcast.base_delta[name].detach().to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -308,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="summary JSON (default results/quality[-quick].json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every run (recorded in the JSON)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; 1 avoids thrashing on cores shared with other jobs)")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     args = p.parse_args(argv)
     args.models = parse_list(args.models, "--models", str)
@@ -319,6 +335,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.lrs = parse_list(args.lrs or ("1e-3,3e-3" if args.quick else "3e-4,1e-3,3e-3"), "--lrs", float)
     if any(lr <= 0 for lr in args.lrs):
         raise SystemExit(f"--lrs: learning rates must be positive, got {args.lrs}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads: must be >= 1, got {args.threads}")
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit(f"--rounds: must be >= 1, got {args.rounds}")
     if args.select_rounds < 1:
@@ -373,7 +391,11 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
             print(f"  [{model}] lr-select {method:<8} lr={lr:<8g} mean log-ppl {res['score_mean_log_ppl']:.4f} "
                   f"({res['wall_seconds']:.0f} s)", flush=True)
         best = min(scores, key=lambda r: r["score_mean_log_ppl"])
-        selection[method] = {"chosen_lr": best["lr"], "grid": scores}
+        # a choice at the end of the grid may mean the best lr lies beyond it: flagged, not hidden
+        edge = len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs))
+        if edge:
+            print(f"  [{model}] note: {method}'s chosen lr {best['lr']:g} is at the edge of the grid", flush=True)
+        selection[method] = {"chosen_lr": best["lr"], "at_grid_edge": edge, "grid": scores}
     # -- the reported runs; the first run of a seed evaluates the shared zero-shot base model
     runs: dict[str, list[Path]] = {m: [] for m in args.methods}
     records = []
@@ -436,6 +458,8 @@ PROTOCOL = {
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     print(f"Quality benchmark: models {args.models}; methods {args.methods}; seeds {args.seeds}; "
@@ -455,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "settings": {"models": args.models, "methods": args.methods, "seeds": args.seeds, "lr_grid": args.lrs,
                      "select_seed": args.select_seed, "select_rounds": args.select_rounds,
-                     "overrides": args.overrides, "runs_dir": _rel(args.runs_dir)},
+                     "overrides": args.overrides, "runs_dir": _rel(args.runs_dir),
+                     "threads": torch.get_num_threads()},
         "protocol": PROTOCOL,
         "environment": environment(),
         "estimate_seconds": estimates,

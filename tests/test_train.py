@@ -12,7 +12,7 @@ import torch
 from prelort import adapters
 from prelort.config import TrainConfig
 from prelort.methods.base import FederationSpec, PrunePlan, TrainPlan, lora_init
-from prelort.train import collate, lr_factor, response_loss, train_client
+from prelort.train import batch_response_loss, collate, lr_factor, response_loss, train_client
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 R = 8
@@ -181,3 +181,17 @@ def test_hetlora_pruning_shrinks_when_the_tail_shrinks(tiny_model):
     model = fresh_lora(base)
     res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=1e-3)), cfg, seed=0)
     assert res.meta["tail_norm_start"] == 0.0 and "pruned_to" not in res.meta and res.rank == R
+
+
+def test_response_positions_only_loss_equals_the_full_logits_loss(tiny_model):
+    """batch_response_loss skips the output layer at prompt positions; the loss and gradients must not change."""
+    model = fresh_lora(tiny_model[0])
+    examples = pattern_examples(6, seed=3)
+    batch = collate(examples, pad_id=0)
+    fast = batch_response_loss(model, batch)
+    (g_fast,) = torch.autograd.grad(fast, [adapters.lora_parameters(model)[1]])
+    full = response_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                         batch["labels"])
+    (g_full,) = torch.autograd.grad(full, [adapters.lora_parameters(model)[1]])
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=1e-5)

@@ -101,6 +101,22 @@ def response_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return total / count.clamp(min=1)
 
 
+def batch_response_loss(model, batch: dict[str, Tensor]) -> Tensor:
+    """:func:`response_loss` of the model on a collated batch, with the vocabulary-wide output layer
+    evaluated only at the positions that predict a response token (``logits_to_keep``): prompt
+    positions carry no loss, and on small models the output layer dominates the cost of a step."""
+    targets = batch["labels"][:, 1:]  # position p predicts token p + 1
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:  # no response token: the plain path returns a graph-attached zero
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return response_loss(logits, batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    picked = targets[:, keep]
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), picked.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (picked != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
 
@@ -239,8 +255,7 @@ def train_client(
                     for t in step_ts:
                         counts[t] += 1
                         adapters.set_truncation(model, t)
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        loss = response_loss(logits, batch["labels"])
+                        loss = batch_response_loss(model, batch)
                         (loss * weight).backward()
                         step_loss += float(loss.detach()) * weight
                 adapters.set_truncation(model, plan.rank)

@@ -1,0 +1,330 @@
+"""Rewrite the README's results section from the benchmarks' JSON files.
+
+Reads ``quality.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
+results directory (each written by ``bench/<name>.py --json``; a missing one is named as not run yet)
+and replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
+Markdown tables, each with the command that made it and the machine it ran on. Without the markers, a
+``## Results`` section holding them is appended. The output depends only on the JSON files, so
+``--check`` can tell whether the README is up to date.
+
+    python bench/make_tables.py            # rewrite README.md from results/
+    python bench/make_tables.py --check    # exit 1 if README.md's section is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+METHOD_ORDER = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
+
+
+class TablesError(ValueError):
+    """A results file or the README cannot be used; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _num(x: Any, digits: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def mean_std(stat: dict[str, Any] | None, digits: int) -> str:
+    """``mean ± std`` (std left out when null, e.g. a single seed)."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    if stat.get("std") is None:
+        return _num(stat["mean"], digits)
+    return f"{_num(stat['mean'], digits)} ± {_num(stat['std'], digits)}"
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def machine(env: dict[str, Any] | None) -> str:
+    if not env:
+        return "not recorded"
+    parts = [str(env.get("cpu", "unknown CPU"))]
+    if env.get("cpu_count") is not None:
+        parts[0] += f" ({env['cpu_count']} cores)"
+    if env.get("torch_threads") is not None:
+        parts.append(f"{env['torch_threads']} torch thread(s)")
+    if env.get("torch"):
+        parts.append(f"torch {env['torch']}")
+    if env.get("platform"):
+        parts.append(str(env["platform"]))
+    return ", ".join(parts)
+
+
+def command_of(data: dict[str, Any], script: str) -> str:
+    if data.get("command"):
+        return str(data["command"])
+    argv = (data.get("settings") or {}).get("argv")
+    if argv is not None:
+        return " ".join(["python", f"bench/{script}.py", *map(str, argv)])
+    return f"python bench/{script}.py (arguments not recorded in the JSON)"
+
+
+def provenance(data: dict[str, Any], script: str, env: dict[str, Any] | None = None) -> str:
+    return f"Command: `{command_of(data, script)}`  \nMachine: {machine(env or data.get('environment'))}"
+
+
+def _ordered(names: Sequence[str]) -> list[str]:
+    return sorted(names, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    out = ["### Quality (accuracy, ROUGE-L, perplexity per rank tier)", ""]
+    settings = data.get("settings", {})
+    seeds = settings.get("seeds", [])
+    out.append(f"Mean ± sample std over seeds {seeds}; learning rate chosen per method from "
+               f"{settings.get('lr_grid')} by the same procedure: "
+               f"{(data.get('protocol') or {}).get('lr_selection', 'see quality.json')}.")
+    out.append("")
+    for model, m in data.get("models", {}).items():
+        cfg = m.get("config", {})
+        clients = cfg.get("clients", {})
+        train = cfg.get("train", {})
+        partition = (cfg.get("data") or {}).get("partition", {})
+        out.append(f"**{model}**: {m.get('rounds')} rounds x {clients.get('per_round')} of {clients.get('num')} "
+                   f"clients (ranks {clients.get('ranks')}) x {train.get('local_steps')} local steps of batch "
+                   f"{train.get('batch_size')}; {partition.get('kind')} non-IID (alpha {partition.get('alpha')}) over "
+                   f"task categories; {(cfg.get('eval') or {}).get('max_examples')} held-out examples; "
+                   f"wall time {(m.get('wall_seconds') or 0) / 60:.0f} min."
+                   + (f" {m['rounds_note']}." if m.get("rounds_note") else ""))
+        out.append("")
+        base = m.get("base", {})
+        rows = [["base (zero-shot)", "-", "-", mean_std(base.get("accuracy"), 3), mean_std(base.get("rougeL"), 3),
+                 mean_std(base.get("perplexity"), 2)]]
+        methods = m.get("methods", {})
+        edge = {name for name, sel in (m.get("lr_selection") or {}).items() if sel.get("at_grid_edge")}
+        for name in _ordered(list(methods)):
+            meth = methods[name]
+            lr = "n/a" if meth.get("lr") is None else f"{meth['lr']:g}" + (" †" if name in edge else "")
+            for tier, st in sorted(meth.get("tiers", {}).items(), key=lambda kv: int(kv[0])):
+                rows.append([name, lr, tier,
+                             mean_std(st.get("accuracy"), 3), mean_std(st.get("rougeL"), 3),
+                             mean_std(st.get("perplexity"), 2)])
+        out.append(markdown(["method", "lr", "rank tier", "accuracy", "ROUGE-L", "perplexity"], rows))
+        out.append("")
+        if edge:
+            out.append("† the selected learning rate is at the edge of the grid.")
+            out.append("")
+        ts = sorted({int(t) for meth in methods.values() for t in meth.get("curve", {})})
+        if ts:
+            out.append("Truncation curve (accuracy of the global model truncated to its first t dimensions):")
+            out.append("")
+            curve_rows = [[name] + [mean_std(methods[name].get("curve", {}).get(str(t), {}).get("accuracy"), 3)
+                                    for t in ts] for name in _ordered(list(methods))]
+            out.append(markdown(["method"] + [f"t={t}" for t in ts], curve_rows))
+            out.append("")
+        plot = next((p for p in m.get("plots", []) if p.endswith("comparison_truncation.png")), None)
+        if plot:
+            path = Path(plot) if Path(plot).is_absolute() else ROOT / plot
+            try:
+                rel = os.path.relpath(path, readme_dir)
+            except ValueError:
+                rel = str(path)
+            out.append(f"![truncation curves, {model}]({Path(rel).as_posix()})")
+            out.append("")
+    out.append(provenance(data, "quality"))
+    return "\n".join(out)
+
+
+def aggregation_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    out = ["### Server aggregation time", ""]
+    out.append("CPU seconds per round of the server's aggregation of N client updates (ranks drawn from "
+               f"{(data.get('settings') or {}).get('rank_choices')}); `*` = measured on a subset of the clients "
+               "and scaled (see aggregation.json).")
+    out.append("")
+    for model, m in data.get("models", {}).items():
+        cases = [c for c in m.get("cases", []) if "error" not in c]
+        methods = _ordered(list(dict.fromkeys(c["method"] for c in cases)))
+        ns = sorted({c["n_clients"] for c in cases})
+        by = {(c["method"], c["n_clients"]): c for c in cases}
+        rows = []
+        for n in ns:
+            row = [str(n)]
+            for meth in methods:
+                c = by.get((meth, n))
+                if c is None:
+                    row.append("n/a")
+                    continue
+                per_client = c.get("aggregate_cpu_per_client_s")
+                total = per_client * n if per_client is not None else c.get("aggregate_cpu_s")
+                row.append(fmt_seconds(total) + ("*" if c.get("subset") else ""))
+            rows.append(row)
+        out.append(f"**{m.get('label', model)}**")
+        out.append("")
+        out.append(markdown(["N clients"] + methods, rows))
+        out.append("")
+        speed = (m.get("summary") or {}).get("speedup_vs_flexlora") or []
+        if speed:
+            out.append("PreLort's speed-up over FlexLoRA (aggregation CPU time per client): "
+                       + ", ".join(f"N={s['n_clients']}: {s['aggregate_speedup']:.1f}x" for s in speed) + ".")
+            out.append("")
+    out.append(provenance(data, "aggregation"))
+    return "\n".join(out)
+
+
+def communication_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    out = ["### Communication per client per round", ""]
+    out.append("Upload / download bytes of one client (safetensors payload) by client rank.")
+    out.append("")
+    for model, m in data.get("models", {}).items():
+        per_method = {x["method"]: {row["rank"]: row for row in x.get("ranks", [])} for x in m.get("methods", [])}
+        ranks = sorted({r for rows in per_method.values() for r in rows})
+        rows = []
+        for meth in _ordered(list(per_method)):
+            cells = [meth]
+            for r in ranks:
+                row = per_method[meth].get(r)
+                cells.append("n/a" if row is None else
+                             f"{fmt_bytes(row.get('upload_safetensors_bytes'))} / "
+                             f"{fmt_bytes(row.get('download_safetensors_bytes'))}")
+            rows.append(cells)
+        out.append(f"**{m.get('label', model)}**")
+        out.append("")
+        out.append(markdown(["method"] + [f"rank {r} (up / down)" for r in ranks], rows))
+        out.append("")
+    out.append(provenance(data, "communication"))
+    return "\n".join(out)
+
+
+def train_step_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    out = ["### Cost of the prefix-nested objective (local training step)", ""]
+    out.append(f"{data.get('model')}, batch {data.get('batch_size')} x {data.get('seq_len')} tokens, a client of "
+               f"rank {data.get('client_rank')} with truncations {data.get('truncations')}; median over "
+               f"{data.get('rounds')} rounds.")
+    out.append("")
+    rows = []
+    passes = data.get("passes_per_step", {})
+    for mode in data.get("seconds_per_step", {}):
+        rows.append([mode, passes.get(mode, "n/a"), fmt_seconds(data["seconds_per_step"].get(mode)),
+                     _num((data.get("ratio_to_off") or {}).get(mode), 2),
+                     fmt_seconds((data.get("cpu_seconds_per_step") or {}).get(mode)),
+                     _num((data.get("cpu_ratio_to_off") or {}).get(mode), 2)])
+    out.append(markdown(["mode", "passes/step", "s/step", "x off", "CPU s/step", "CPU x off"], rows))
+    out.append("")
+    env = data.get("environment") or {k: data[k] for k in ("cpu", "torch_threads") if k in data}
+    if data.get("device") and "device" not in env:
+        env = {**env, "platform": f"device {data['device']}"}
+    out.append(provenance(data, "train_step", env))
+    return "\n".join(out)
+
+
+SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
+    "quality.json": quality_section,
+    "aggregation.json": aggregation_section,
+    "communication.json": communication_section,
+    "train_step.json": train_step_section,
+}
+
+
+def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[str] = ROOT) -> str:
+    """The Markdown of the results section (without the markers)."""
+    results = Path(results_dir)
+    parts = ["_Generated by `python bench/make_tables.py` from `results/*.json`; do not edit by hand._", ""]
+    missing = []
+    for name, section in SECTIONS.items():
+        path = results / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TablesError(f"{path}: not readable JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise TablesError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            parts += [section(data, results, Path(readme_dir)), ""]
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise TablesError(f"{path}: unexpected structure ({type(exc).__name__}: {exc})") from None
+    if missing:
+        scripts = ", ".join(f"`bench/{n[:-5]}.py --json results/{n}`" for n in missing)
+        parts += [f"Not run yet: {scripts}.", ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def replace_section(readme: str, body: str) -> str:
+    """README text with the marked section replaced (or a ``## Results`` section appended)."""
+    block = f"{BEGIN}\n{body}{END}"
+    begin, end = readme.find(BEGIN), readme.find(END)
+    if begin == -1 and end == -1:
+        return readme.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
+    if begin == -1 or end == -1 or end < begin or readme.count(BEGIN) > 1 or readme.count(END) > 1:
+        raise TablesError(f"the README must hold exactly one {BEGIN} followed by one {END}")
+    return readme[:begin] + block + readme[end + len(END):]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=ROOT / "results", help="directory of the benchmark JSON files")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the README section is out of date; write nothing")
+    args = p.parse_args(argv)
+    if not args.readme.is_file():
+        raise SystemExit(f"{args.readme}: no such README")
+    try:
+        current = args.readme.read_text(encoding="utf-8")
+        updated = replace_section(current, render(args.results, args.readme.resolve().parent))
+    except TablesError as exc:
+        raise SystemExit(f"make_tables: {exc}") from None
+    if args.check:
+        if updated != current:
+            print(f"{args.readme}: the results section is out of date; run python bench/make_tables.py")
+            return 1
+        print(f"{args.readme}: results section up to date")
+        return 0
+    if updated != current:
+        tmp = args.readme.with_name(args.readme.name + ".tmp")
+        tmp.write_text(updated, encoding="utf-8")
+        os.replace(tmp, args.readme)
+        print(f"rewrote the results section of {args.readme}")
+    else:
+        print(f"{args.readme}: already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Smoke tests of the quality benchmark (bench/quality.py) and the README table generator (bench/make_tables.py).
+
+The quality benchmark runs end to end on the tiny random Llama with the smallest budget: the JSON must
+carry the fields the README tables rely on, with values that agree with the run directories.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str):
+    """Import bench/<name>.py as a module (bench/ is a scripts folder, not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_ARGS = [
+    "--quick", "--models", "tiny-llama", "--methods", "prelort,flora", "--seeds", "0", "--rounds", "1",
+    "--lrs", "1e-3,3e-2",
+    "--set", "data.num_train=32", "--set", "data.num_test=8", "--set", "data.max_length=48",
+    "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=2",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_quality(tmp_path_factory):
+    quality = _load("quality")
+    out = tmp_path_factory.mktemp("quality")
+    args = TINY_ARGS + ["--runs-dir", str(out / "runs"), "--json", str(out / "quality.json")]
+    payload = quality.main(args)
+    return quality, out, args, payload
+
+
+def test_quality_json_fields_and_values(tiny_quality):
+    quality, out, args, payload = tiny_quality
+    data = json.loads((out / "quality.json").read_text())
+    assert data == json.loads(json.dumps(payload))
+    assert data["benchmark"] == "quality" and data["quick"] is True
+    assert data["command"].startswith("python bench/quality.py --quick --models tiny-llama")
+    assert {"platform", "cpu_count", "torch"} <= set(data["environment"])
+    assert data["settings"]["seeds"] == [0] and data["settings"]["lr_grid"] == [1e-3, 3e-2]
+    assert data["wall_seconds"] > 0
+    model = data["models"]["tiny-llama"]
+    assert model["rounds"] == 1
+    assert model["config"]["clients"]["ranks"] == [2, 4, 8, 16]
+    assert model["config"]["data"]["partition"]["kind"] == "dirichlet"
+    assert model["config"]["eval"]["max_examples"] == 4  # the --set override reached every run
+    for method in ("prelort", "flora"):
+        sel = model["lr_selection"][method]
+        scores = {g["lr"]: g["score_mean_log_ppl"] for g in sel["grid"]}
+        assert set(scores) == {1e-3, 3e-2} and all(math.isfinite(s) for s in scores.values())
+        assert sel["chosen_lr"] == min(scores, key=scores.get)
+        assert sel["at_grid_edge"] is True  # a two-value grid: either choice is an edge
+        for g in sel["grid"]:  # the score is the mean log perplexity over the tiers
+            assert g["score_mean_log_ppl"] == pytest.approx(
+                sum(math.log(p) for p in g["perplexity_per_tier"].values()) / 4)
+        m = model["methods"][method]
+        assert m["lr"] == sel["chosen_lr"]
+        assert list(m["tiers"]) == ["2", "4", "8", "16"]
+        assert list(m["curve"]) == ["1", "2", "4", "8", "16"]
+        for point in list(m["tiers"].values()) + list(m["curve"].values()):
+            assert 0 <= point["accuracy"]["mean"] <= 1 and 0 <= point["rougeL"]["mean"] <= 1
+            assert point["perplexity"]["mean"] > 1
+            assert point["accuracy"]["std"] is None and len(point["accuracy"]["values"]) == 1  # one seed
+    # FLoRA sends every tier the same merged model: one evaluation serves the 4 tiers and 5 curve points.
+    runs = {r["method"]: r for r in model["runs"]}
+    assert runs["flora"]["evaluations"] == 1 and runs["flora"]["evaluations_shared"] == 8
+    flora_ppl = {p["perplexity"]["mean"] for p in model["methods"]["flora"]["tiers"].values()}
+    assert len(flora_ppl) == 1
+    assert runs["prelort"]["evaluations"] + runs["prelort"]["evaluations_shared"] == 9
+    assert model["base"]["per_seed"]["0"]["n"] == 4
+    assert any(p.endswith("comparison_truncation.png") for p in model["plots"])
+    assert all(Path(p).is_file() or (quality.ROOT / p).is_file() for p in model["plots"])
+
+
+def test_quality_numbers_match_the_run_directories(tiny_quality):
+    quality, out, args, payload = tiny_quality
+    from prelort.report import read_run
+
+    model = payload["models"]["tiny-llama"]
+    run = read_run(out / "runs" / "tiny-llama" / "prelort" / "seed-0")
+    assert run.config["train"]["lr"] == model["methods"]["prelort"]["lr"]
+    for rec in run.final_tiers():
+        assert model["methods"]["prelort"]["tiers"][str(rec.rank)]["accuracy"]["values"] == [rec.accuracy]
+        assert model["methods"]["prelort"]["tiers"][str(rec.rank)]["perplexity"]["mean"] == rec.perplexity
+    # the base model is evaluated once per seed, by the seed's first method
+    assert run.base is not None
+    assert read_run(out / "runs" / "tiny-llama" / "flora" / "seed-0").base is None
+    assert model["base"]["perplexity"]["mean"] == run.base.perplexity
+
+
+def test_quality_skips_finished_runs(tiny_quality):
+    quality, out, args, payload = tiny_quality
+    metrics = out / "runs" / "tiny-llama" / "flora" / "seed-0" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    again = quality.main(args)
+    assert metrics.stat().st_mtime_ns == before
+    assert again["models"]["tiny-llama"]["methods"] == payload["models"]["tiny-llama"]["methods"]
+    assert again["models"]["tiny-llama"]["runs"] == payload["models"]["tiny-llama"]["runs"]
+
+
+def test_quality_rejects_bad_flags(tmp_path):
+    quality = _load("quality")
+    with pytest.raises(SystemExit, match="unknown method"):
+        quality.main(["--quick", "--methods", "fedprox", "--estimate-only"])
+    with pytest.raises(SystemExit, match="selection must not see"):
+        quality.main(["--quick", "--seeds", "0,1", "--select-seed", "1", "--estimate-only"])
+    with pytest.raises(SystemExit, match="--lrs"):
+        quality.main(["--quick", "--lrs", "0.001,abc", "--estimate-only"])
+
+
+def test_estimate_counts_distinct_evaluations():
+    quality = _load("quality")
+    ranks = [2, 4, 8, 16]
+    assert quality.distinct_evaluations("prelort", ranks) == 5  # t = 1, 2, 4, 8, 16
+    assert quality.distinct_evaluations("fedit", ranks) == 2  # the global adapter has rank 2: t = 1, 2
+    assert quality.distinct_evaluations("flora", ranks) == 1
+    est = quality.main(["--estimate-only"])["estimates"]["smollm2-135m-instruct"]
+    assert 60 * 60 <= est["total"] <= 90 * 60  # the default full run is sized for 60-90 minutes
+
+
+def test_broadcast_digest_ignores_only_exactly_unused_dimensions():
+    quality = _load("quality")
+    from prelort.methods import Broadcast
+
+    g = torch.Generator().manual_seed(0)
+    a4, b4 = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
+    delta = {"m.delta": torch.randn(5, 6, generator=g)}
+
+    def bc(a, b, base=None):
+        return Broadcast(adapter={"m.lora_A": a, "m.lora_B": b}, base_delta=base)
+
+    # fresh LoRAs (B = 0) of any rank on the same base delta compute the same function
+    fresh2 = bc(torch.randn(2, 6, generator=g), torch.zeros(5, 2), delta)
+    fresh8 = bc(torch.randn(8, 6, generator=g), torch.zeros(5, 8), delta)
+    assert quality.broadcast_digest(fresh2) == quality.broadcast_digest(fresh8)
+    # a trailing dimension with B = 0 changes nothing; a non-zero one does
+    padded = bc(torch.cat([a4, torch.randn(1, 6, generator=g)]), torch.cat([b4, torch.zeros(5, 1)], dim=1))
+    assert quality.broadcast_digest(padded) == quality.broadcast_digest(bc(a4, b4))
+    assert quality.broadcast_digest(bc(a4[:2], b4[:, :2])) != quality.broadcast_digest(bc(a4, b4))
+    b4_changed = b4.clone()
+    b4_changed[0, 0] += 1e-6
+    assert quality.broadcast_digest(bc(a4, b4_changed)) != quality.broadcast_digest(bc(a4, b4))
+    assert quality.broadcast_digest(fresh2) != quality.broadcast_digest(bc(torch.zeros(2, 6), torch.zeros(5, 2)))
+
+
+# ------------------------------------------------------------------------------------------ make_tables
+
+
+def _stat(mean, std):
+    return {"mean": mean, "std": std, "values": []}
+
+
+def _write_results(results: Path, prelort_acc: float = 0.5) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    point = lambda acc: {"accuracy": _stat(acc, 0.1), "rougeL": _stat(0.75, 0.05), "perplexity": _stat(3.456, 0.2)}  # noqa: E731
+    quality = {
+        "benchmark": "quality",
+        "command": "python bench/quality.py --seeds 0,1",
+        "settings": {"seeds": [0, 1], "lr_grid": [0.001, 0.003]},
+        "protocol": {"lr_selection": "lowest held-out perplexity"},
+        "environment": {"cpu": "Test CPU", "cpu_count": 2, "torch": "2.13.0+cpu", "platform": "Linux-test",
+                        "torch_threads": 2},
+        "models": {"smollm2-135m-instruct": {
+            "rounds": 4, "rounds_note": "",
+            "config": {"clients": {"num": 8, "per_round": 4, "ranks": [2, 4]}, "train": {"local_steps": 4, "batch_size": 8},
+                       "data": {"partition": {"kind": "dirichlet", "alpha": 0.5}}, "eval": {"max_examples": 64}},
+            "base": {"accuracy": _stat(0.0, None), "rougeL": _stat(0.05, None), "perplexity": _stat(14.3, None)},
+            "methods": {
+                "fedit": {"lr": 0.003, "tiers": {"2": point(0.25), "4": point(0.25)}, "curve": {"1": point(0.2)}},
+                "prelort": {"lr": 0.001, "tiers": {"2": point(prelort_acc), "4": point(0.625)},
+                            "curve": {"1": point(0.125), "2": point(prelort_acc), "4": point(0.625)}},
+            },
+            "lr_selection": {"fedit": {"chosen_lr": 0.003, "at_grid_edge": True},
+                             "prelort": {"chosen_lr": 0.001, "at_grid_edge": False}},
+            "plots": [], "wall_seconds": 600,
+        }},
+    }
+    (results / "quality.json").write_text(json.dumps(quality))
+    train_step = {"model": "smollm2-135m-instruct", "device": "cpu", "cpu": "x86_64", "torch_threads": 2,
+                  "batch_size": 8, "seq_len": 128, "client_rank": 16, "truncations": [2, 4, 8, 16], "rounds": 3,
+                  "passes_per_step": {"off": 1, "sample": 1}, "seconds_per_step": {"off": 4.0, "sample": 4.2},
+                  "ratio_to_off": {"off": 1.0, "sample": 1.05}, "cpu_seconds_per_step": {"off": 7.5, "sample": 7.7},
+                  "cpu_ratio_to_off": {"off": 1.0, "sample": 1.0267}}
+    (results / "train_step.json").write_text(json.dumps(train_step))
+
+
+def test_make_tables_writes_then_detects_staleness(tmp_path):
+    tables = _load("make_tables")
+    results = tmp_path / "results"
+    _write_results(results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# project\n\nIntro.\n")
+    assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert readme.read_text() == "# project\n\nIntro.\n"  # --check writes nothing
+    assert tables.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# project\n\nIntro.\n\n## Results\n\n<!-- results:begin -->\n")
+    assert text.rstrip().endswith("<!-- results:end -->")
+    # rows in the method order of the paper, mean ± std, the base row, the curve, command and machine
+    assert text.index("| prelort | 0.001 | 2 | 0.500 ± 0.100 | 0.750 ± 0.050 | 3.46 ± 0.20 |") < text.index("| fedit |")
+    assert "| base (zero-shot) | - | - | 0.000 | 0.050 | 14.30 |" in text
+    assert "| fedit | 0.003 † | 2 |" in text and "† the selected learning rate is at the edge of the grid." in text
+    assert "| prelort | 0.125 ± 0.100 | 0.500 ± 0.100 | 0.625 ± 0.100 |" in text
+    assert "Command: `python bench/quality.py --seeds 0,1`" in text
+    assert "Machine: Test CPU (2 cores), 2 torch thread(s), torch 2.13.0+cpu, Linux-test" in text
+    assert "| sample | 1 | 4.20 s | 1.05 | 7.70 s | 1.03 |" in text
+    assert "Not run yet: `bench/aggregation.py --json results/aggregation.json`, " \
+           "`bench/communication.py --json results/communication.json`." in text
+    assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    # new numbers: the section is stale; regenerating replaces it in place (text around it kept)
+    readme.write_text(text + "\nFooter.\n")
+    _write_results(results, prelort_acc=0.75)
+    assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert tables.main(["--results", str(results), "--readme", str(readme)]) == 0
+    new = readme.read_text()
+    assert "| prelort | 0.001 | 2 | 0.750 ± 0.100 |" in new and "0.500 ± 0.100" not in new
+    assert new.count("<!-- results:begin -->") == 1 and new.endswith("\nFooter.\n")
+
+
+def test_make_tables_rejects_broken_markers_and_bad_json(tmp_path):
+    tables = _load("make_tables")
+    results = tmp_path / "results"
+    _write_results(results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# p\n<!-- results:end -->\ntext\n<!-- results:begin -->\n")
+    with pytest.raises(SystemExit, match="exactly one"):
+        tables.main(["--results", str(results), "--readme", str(readme)])
+    readme.write_text("# p\n")
+    (results / "quality.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="quality.json: not readable JSON"):
+        tables.main(["--results", str(results), "--readme", str(readme)])
