@@ -216,7 +216,7 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
     session = BenchSession(cfg, run_dir, resume=resume, verbose=False)
     session.run(InProcessEngine(session, progress=False))
     record = {
-        "run_dir": str(run_dir), "method": cfg.method, "seed": cfg.seed, "lr": cfg.train.lr, "rounds": cfg.rounds,
+        "run_dir": _rel(run_dir), "method": cfg.method, "seed": cfg.seed, "lr": cfg.train.lr, "rounds": cfg.rounds,
         "wall_seconds": round(time.perf_counter() - t0, 1), "resumed": resume,
         "evaluations": session.evaluations, "evaluations_shared": session.cache_hits,
     }

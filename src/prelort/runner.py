@@ -59,12 +59,27 @@ def adapter_rank(adapter: dict[str, torch.Tensor]) -> int:
     return int(a.shape[0])
 
 
+def quiet_libraries() -> None:
+    """Keep the console for prelort's own bars and lines: library progress bars (datasets' index
+    flattening, transformers' weight loading) and a transformers-5 deprecation warning PEFT triggers
+    on every forward say nothing a user can act on."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def load_federation_model(cfg: Config):
     """``(base_model, tokenizer, model)``: the base model with the federation's rank-R LoRA attached.
 
     The one recipe for the server and for every client process (Flower ClientApps call it too), so all
     of them hold the same weights for the same config.
     """
+    quiet_libraries()
     torch.manual_seed(cfg.seed)
     base_model, tokenizer = load_model(cfg.model)
     model = adapters.attach_lora(base_model, cfg.model.target_modules, max(cfg.clients.ranks),

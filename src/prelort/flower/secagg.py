@@ -43,7 +43,6 @@ import torch
 from ..methods import ClientUpdate, GlobalState, Method
 from ..privacy import PrivacyError, aggregation_rule, client_weight, factor_sums, finish_from_sums
 
-MASK = "__weight_mask__"
 DEFAULT_CLIPPING_RANGE = 8.0
 DEFAULT_QUANTIZATION_RANGE = 2**22
 DEFAULT_MODULUS_RANGE = 2**32
@@ -254,5 +253,5 @@ def secagg_aggregate_simulation(method: Method, state: GlobalState, updates: Seq
     return new, info
 
 
-__all__ = ["MASK", "SecAggLayout", "decode_secagg_mean", "encode_for_secagg", "finish_secagg",
-           "quantisation_bound", "secagg_aggregate_simulation"]
+__all__ = ["SecAggLayout", "decode_secagg_mean", "encode_for_secagg", "finish_secagg",
+           "quantisation_bound", "secagg_aggregate_simulation", "weight_units"]
