@@ -24,7 +24,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from _common import MODELS, environment, fmt_bytes  # noqa: E402
 
 # The app's components, written next to its pyproject.toml (the FAB carries them to the SuperLink).

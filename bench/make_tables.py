@@ -129,7 +129,7 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
                    f"clients (ranks {clients.get('ranks')}) x {train.get('local_steps')} local steps of batch "
                    f"{train.get('batch_size')}; {partition.get('kind')} non-IID (alpha {partition.get('alpha')}) over "
                    f"task categories; {(cfg.get('eval') or {}).get('max_examples')} held-out examples; "
-                   f"wall time {(m.get('wall_seconds') or 0) / 60:.0f} min."
+                   f"compute time {(m.get('compute_seconds') or m.get('wall_seconds') or 0) / 60:.0f} min."
                    + (f" {m['rounds_note']}." if m.get("rounds_note") else ""))
         out.append("")
         base = m.get("base", {})

@@ -208,7 +208,7 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if not _config_matches(run_dir, cfg):
             raise SystemExit(f"{run_dir} holds a finished run with a different config; delete it or pass another "
                              "--runs-dir")
-        return json.loads(marker.read_text())
+        return {**json.loads(marker.read_text()), "run_dir": _rel(run_dir)}
     resume = (run_dir / "checkpoints" / "round-0").is_dir() and _config_matches(run_dir, cfg)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # an interrupted run that cannot be resumed: start over
@@ -432,6 +432,9 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
         "comparison_dir": _rel(out_dir),
         "plots": sorted(_rel(p) for p in (out_dir / "plots").glob("*.png")),
         "wall_seconds": round(time.perf_counter() - t_model, 1),
+        # the time the runs took when they ran (a resumed benchmark's wall_seconds leaves out skipped runs)
+        "compute_seconds": round(sum(g["wall_seconds"] for sel in selection.values() for g in sel["grid"])
+                                 + sum(r["wall_seconds"] for r in records), 1),
     }
 
 

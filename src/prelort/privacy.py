@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .methods import ClientUpdate, GlobalState, Method, split_key
-from .methods._common import client_factors, copy_state, data_weight
+from .methods._common import add_factors, client_factors, copy_state, data_weight, empty_factor_sums
 from .nested import PaddedSums, mean_from_sums, rank_dim
 
 if TYPE_CHECKING:
@@ -185,14 +185,9 @@ def factor_sums(method: Method, shapes: Mapping[str, Sequence[int]], updates: Se
     N = sum_k w_k pad(X_k) and D_i = sum_{k: r_k > i} w_k."""
     if len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
-    sums: dict[str, PaddedSums] = {}
-    for name, shape in shapes.items():
-        _, kind = split_key(name)
-        sums[name] = PaddedSums(shape, rank_dim(kind))
+    sums = empty_factor_sums(shapes)
     for update, w in zip(updates, weights):
-        for module, a, b in _factors(method, update):
-            sums[f"{module}.lora_A"].add(a, w)
-            sums[f"{module}.lora_B"].add(b, w)
+        add_factors(sums, _factors(method, update), w)
     return sums
 
 

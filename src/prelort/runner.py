@@ -7,12 +7,9 @@ round's :class:`~prelort.federation.ClientTask` list into updates (or exceptions
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 

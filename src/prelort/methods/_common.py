@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..nested import PaddedSums
 
 import torch
 from torch import Tensor
 
-from .base import ClientUpdate, FederationSpec, GlobalState, key, lora_init
+from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, key, lora_init
 
 NESTED_MODES = ("all", "sample", "sandwich", "off")
 
@@ -103,3 +107,33 @@ def default_generator(generator: torch.Generator | None) -> torch.Generator:
 def zero_dense_state(spec: FederationSpec) -> dict[str, Tensor]:
     """``<module>.delta`` = zeros (d_out x d_in) for every module: the dense methods' round-0 state."""
     return {key(module, "delta"): torch.zeros(d_out, d_in) for module, (d_out, d_in) in spec.modules.items()}
+
+
+def empty_factor_sums(shapes: "Mapping[str, Sequence[int]]", device=None) -> "dict[str, PaddedSums]":
+    """One zero :class:`~prelort.nested.PaddedSums` per global LoRA factor; ``shapes``: tensor name
+    (``<module>.lora_A`` / ``.lora_B``) -> the global factor's shape."""
+    from ..nested import PaddedSums, rank_dim
+
+    return {name: PaddedSums(shape, rank_dim(name.rpartition(".")[2]), device=device) for name, shape in shapes.items()}
+
+
+def add_factors(sums: "dict[str, PaddedSums]", factors: "Iterable[tuple[str, Tensor, Tensor]]", weight: float) -> None:
+    """Fold one client's (module, A_k, B_k) factors into the sums with weight ``weight``."""
+    for module, a, b in factors:
+        sums[key(module, "lora_A")].add(a, weight)
+        sums[key(module, "lora_B")].add(b, weight)
+
+
+def lora_shapes(state: GlobalState) -> dict[str, tuple[int, ...]]:
+    """name -> shape of the state's LoRA factors."""
+    return {name: tuple(t.shape) for name, t in state.tensors.items() if name.endswith((".lora_A", ".lora_B"))}
+
+
+class PrefixLoRA(Method):
+    """A global LoRA of rank R (PEFT init: A random, B = 0) of which a rank-r client receives the prefix."""
+
+    def init_state(self, generator: torch.Generator) -> GlobalState:
+        return GlobalState(tensors=lora_init(self.spec, self.spec.max_rank, generator))
+
+    def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
+        return Broadcast(adapter=prefix_adapter(self.spec, state, check_rank(self.spec, rank)))

@@ -6,10 +6,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..nested import PaddedSums, rank_dim
 from . import register
-from ._common import check_rank, client_factors, copy_state, data_weight, prefix_adapter, state_factor
-from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
+from ._common import add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes, prefix_adapter
+from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, lora_init
 
 
 @register
@@ -47,20 +46,14 @@ class FedIT(Method):
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         out = copy_state(state)
-        sums: dict[str, PaddedSums] = {}
-        for module in self.spec.modules:
-            for kind in ("lora_A", "lora_B"):
-                previous = state_factor(state, module, kind)
-                sums[key(module, kind)] = PaddedSums(previous.shape, rank_dim(kind), device=previous.device)
+        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         for update in updates:
             if update.rank != self.rank:
                 raise ValueError(
                     f"client {update.client}: FedIT trains rank {self.rank}, update has rank {update.rank}"
                 )
             p = data_weight(update)
-            for module, a, b in client_factors(self.spec, update, max_rank=self.rank):
-                sums[key(module, "lora_A")].add(a, p)
-                sums[key(module, "lora_B")].add(b, p)
+            add_factors(sums, client_factors(self.spec, update, max_rank=self.rank), p)
         for name, acc in sums.items():
             # All ranks equal r_min: the segment-wise mean is plain FedAvg (and keeps the state if all p_k = 0).
             out.tensors[name] = acc.segment_mean(state.tensors[name])

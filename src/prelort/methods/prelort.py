@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 
-from ..nested import PaddedSums, nested_truncations, rank_dim
+from ..nested import nested_truncations
 from . import register
-from ._common import NESTED_MODES, check_rank, client_factors, copy_state, data_weight, prefix_adapter, state_factor
-from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan, key, lora_init
+from ._common import PrefixLoRA, NESTED_MODES, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
+from .base import ClientUpdate, FederationSpec, GlobalState, TrainPlan
 
 
 @register
-class PreLort(Method):
+class PreLort(PrefixLoRA):
     """Global adapter A (R x d_in), B (d_out x R); client k trains the prefix of rank r_k.
 
     Aggregation, per segment seg_j with covering clients C_j = {k : r_k >= r(j)}:
@@ -37,12 +36,6 @@ class PreLort(Method):
         if self.mode not in NESTED_MODES:
             raise ValueError(f"options.nested must be one of {', '.join(NESTED_MODES)}, got {self.mode!r}")
 
-    def init_state(self, generator: torch.Generator) -> GlobalState:
-        return GlobalState(tensors=lora_init(self.spec, self.spec.max_rank, generator))
-
-    def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
-        return Broadcast(adapter=prefix_adapter(self.spec, state, check_rank(self.spec, rank)))
-
     def plan(self, rank: int) -> TrainPlan:
         rank = check_rank(self.spec, rank)
         if self.mode == "off":
@@ -53,16 +46,10 @@ class PreLort(Method):
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         out = copy_state(state)
-        sums: dict[str, PaddedSums] = {}
-        for module in self.spec.modules:
-            for kind in ("lora_A", "lora_B"):
-                previous = state_factor(state, module, kind)
-                sums[key(module, kind)] = PaddedSums(previous.shape, rank_dim(kind), device=previous.device)
+        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         for update in updates:  # one pass: each update is folded in and can be dropped
             p = data_weight(update)
-            for module, a, b in client_factors(self.spec, update, max_rank=self.spec.max_rank):
-                sums[key(module, "lora_A")].add(a, p)
-                sums[key(module, "lora_B")].add(b, p)
+            add_factors(sums, client_factors(self.spec, update, max_rank=self.spec.max_rank), p)
         for name, acc in sums.items():
             out.tensors[name] = acc.segment_mean(state.tensors[name])
         return out

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
-from ..nested import PaddedSums, rank_dim
 from . import register
-from ._common import check_rank, client_factors, copy_state, data_weight, prefix_adapter, state_factor
-from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
+from ._common import PrefixLoRA, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
+from .base import ClientUpdate, GlobalState, TrainPlan
 
 
 @register
-class ZeroPadding(Method):
+class ZeroPadding(PrefixLoRA):
     """Pad every client's A and B to rank R with zeros and average over ALL the round's clients:
 
         A_new = sum_k w_k pad(A_k, R),   B_new = sum_k w_k pad(B_k, R),   w_k = p_k / sum_j p_j
@@ -29,12 +27,6 @@ class ZeroPadding(Method):
     reference = "Zero-padding baseline as in Cho et al., HetLoRA, arXiv:2401.06432 and FLoRA, arXiv:2409.05976"
     sum_aggregatable = True
     dense_state = False
-
-    def init_state(self, generator: torch.Generator) -> GlobalState:
-        return GlobalState(tensors=lora_init(self.spec, self.spec.max_rank, generator))
-
-    def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
-        return Broadcast(adapter=prefix_adapter(self.spec, state, check_rank(self.spec, rank)))
 
     def plan(self, rank: int) -> TrainPlan:
         rank = check_rank(self.spec, rank)
@@ -54,18 +46,12 @@ class ZeroPadding(Method):
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         out = copy_state(state)
-        sums: dict[str, PaddedSums] = {}
-        for module in self.spec.modules:
-            for kind in ("lora_A", "lora_B"):
-                previous = state_factor(state, module, kind)
-                sums[key(module, kind)] = PaddedSums(previous.shape, rank_dim(kind), device=previous.device)
+        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         seen: list[tuple[int, dict]] = []
         for update in updates:
             factors = self._factors(update)
             w = self._weight(update, factors)
-            for module, a, b in factors:
-                sums[key(module, "lora_A")].add(a, w)
-                sums[key(module, "lora_B")].add(b, w)
+            add_factors(sums, factors, w)
             # Keep only the small metadata; the tensors are folded into the sums and can be freed.
             seen.append((update.client, dict(update.meta)))
         for name, acc in sums.items():
