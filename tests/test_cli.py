@@ -81,3 +81,13 @@ def test_run_then_export_loads_with_peft(tmp_path):
         assert torch.isfinite(model(input_ids=ids).logits).all()
     res = runner.invoke(app, ["export", str(d), "--rank", "99", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "outside 1..8" in res.output
+    # eval prints one JSON record per tier, for the latest round, and leaves the run directory as it was
+    before = (d / "metrics.jsonl").read_text()
+    res = runner.invoke(app, ["eval", str(d), "--rank", "2"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.output.strip().splitlines()[-1])
+    assert rec["round"] == 1 and rec["rank"] == 2 and rec["n"] == 4
+    assert 0 <= rec["accuracy"] <= 1 and 0 <= rec["rougeL"] <= 1 and rec["perplexity"] >= 1
+    assert (d / "metrics.jsonl").read_text() == before
+    res = runner.invoke(app, ["eval", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not a prelort run directory" in res.output
