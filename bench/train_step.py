@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{m:<9} {passes[m]:>11} {median[m]:>9.3f} {ratio[m]:>7.2f} {cpu_median[m]:>11.3f} {cpu_ratio[m]:>10.2f}")
     print(f"|T_k| = {len(truncations)}; goal: sample <= 1.05x, all ~ {len(truncations)}x")
     result = {
+        "command": " ".join(["python", "bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "environment": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "platform": platform.platform()},
         "model": args.model,
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),

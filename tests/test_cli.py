@@ -53,6 +53,16 @@ def test_bad_config_names_the_key_and_reason(tmp_path, override, needle):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["method=flexlora", "privacy.dp=true"], "privacy.dp"),
+    (["method=flora", "privacy.secure_aggregation=true"], "cannot run under secure aggregation"),
+])
+def test_unsupported_privacy_settings_are_refused_before_the_run_starts(tmp_path, overrides, needle):
+    res = runner.invoke(app, ["run", TINY, "--out", str(tmp_path / "r"), *[a for o in overrides for a in ("--set", o)]])
+    assert res.exit_code == 2 and needle in res.output
+    assert not (tmp_path / "r").exists()
+
+
 def test_malformed_yaml_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [prelort\n")

@@ -46,12 +46,13 @@ def run_cmd(
     except config_mod.ConfigError as e:
         _fail(str(e))
     from .flower.launch import FlowerRunError  # importable without flwr
+    from .privacy import PrivacyError
 
     try:
         run(cfg, out, resume=resume, verbose=not quiet)
     except (FileExistsError, FileNotFoundError, RoundFailed, FlowerRunError) as e:
         _fail(str(e), 1)
-    except config_mod.ConfigError as e:
+    except (config_mod.ConfigError, PrivacyError) as e:
         _fail(str(e))
     typer.echo(f"run directory: {out}")
 

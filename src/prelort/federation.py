@@ -147,6 +147,22 @@ class RoundOutcome:
     attempts: int = 1
 
 
+def check_privacy(cfg: Config, method: Method | None = None) -> None:
+    """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
+    if method is None:
+        method = methods_registry.build(cfg.method, spec_from_config(cfg, {}))
+    if cfg.privacy.dp:
+        check_dp(method)
+    if cfg.privacy.secure_aggregation:
+        check_secure_aggregation(cfg)
+        from .config import ConfigError
+
+        # SecAgg+ aggregation works as a library path (prelort.flower.secagg, tested in Flower's
+        # simulation) but the round loop does not drive it yet: refuse rather than silently run in the clear.
+        raise ConfigError("privacy.secure_aggregation: not yet available in `prelort run` (see docs/privacy.md); "
+                          "the round would run without it")
+
+
 class Federation:
     """Server state and the per-round protocol. Holds no model: evaluation is a callback."""
 
@@ -155,16 +171,7 @@ class Federation:
         self.run_dir = Path(run_dir)
         self.spec = spec_from_config(cfg, modules)
         self.method: Method = methods_registry.build(cfg.method, self.spec)
-        if cfg.privacy.dp:
-            check_dp(self.method)
-        if cfg.privacy.secure_aggregation:
-            check_secure_aggregation(cfg)
-            from .config import ConfigError
-
-            # SecAgg+ aggregation works as a library path (prelort.flower.secagg, tested in Flower's
-            # simulation) but the round loop does not drive it yet: refuse rather than silently run in the clear.
-            raise ConfigError("privacy.secure_aggregation: not yet available in `prelort run` (see docs/privacy.md); "
-                              "the round would run without it")
+        check_privacy(cfg, self.method)
         self.state: GlobalState | None = None
         self.round = 0  # last completed round
         self._tasks: dict[int, ClientTask] = {}

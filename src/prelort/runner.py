@@ -20,7 +20,7 @@ from . import adapters
 from .config import Config
 from .data import load_records, partition, tokenize_for_training
 from .evaluate import evaluate_model, truncation_tiers
-from .federation import ClientTask, Federation, MetricsLog, RoundFailed
+from .federation import ClientTask, Federation, MetricsLog, RoundFailed, check_privacy
 from .methods import Broadcast, ClientUpdate
 from .models import load_model
 
@@ -100,6 +100,7 @@ class Session:
         self.run_dir = Path(run_dir)
         self.resume = resume or read_only
         self.verbose = verbose
+        check_privacy(cfg)  # a refused setting must not leave a half-made run directory behind
         if not read_only:
             self._prepare_dir()
             setup_logging(self.run_dir, verbose)
