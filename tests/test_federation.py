@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ from prelort.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
-CHECK_RUN = ROOT.parent / "shared" / "tools" / "check_run.py"
 METHODS = ["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"]
 
 # smaller than tiny.yaml so six methods x a few runs stay fast
@@ -29,11 +26,6 @@ def tiny_cfg(*overrides: str) -> config_mod.Config:
     return config_mod.load(TINY, [*FAST, *overrides])
 
 
-def check_run(run_dir: Path) -> None:
-    if not CHECK_RUN.is_file():
-        pytest.skip("shared/tools/check_run.py not available")
-    res = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def audited_runs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_leaves_the_whole_run_directory(audited_runs, method):
+def test_every_method_leaves_the_whole_run_directory(audited_runs, method, check_run):
     d = audited_runs[method]
     check_run(d)
     for name in ("config.yaml", "metrics.jsonl", "summary.csv", "run.log"):
@@ -141,7 +133,7 @@ def test_audit_recomputes_each_round_from_disk(audited_runs, method):
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=f"{method} round {rnd} {k}")
 
 
-def test_resume_after_round_1_is_bit_identical(tmp_path):
+def test_resume_after_round_1_is_bit_identical(tmp_path, check_run):
     full = tmp_path / "full"
     run(tiny_cfg("method=prelort", "rounds=3"), full, verbose=False)
     part = tmp_path / "part"

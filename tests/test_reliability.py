@@ -14,8 +14,6 @@ import logging
 import math
 import pickle
 import struct
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,7 +33,6 @@ from prelort.updates import REASONS, encode_update
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
-CHECK_RUN = ROOT.parent / "shared" / "tools" / "check_run.py"
 METHODS = ["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"]
 
 # small and fast: one local step on a couple of short examples, evaluation only after the last round
@@ -48,11 +45,6 @@ def tiny_cfg(*overrides: str) -> config_mod.Config:
     return config_mod.load(TINY, [*FAST, *overrides])
 
 
-def check_run(run_dir: Path) -> None:
-    if not CHECK_RUN.is_file():
-        pytest.skip("shared/tools/check_run.py not available")
-    res = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -278,7 +270,7 @@ def test_every_bad_update_is_rejected_with_its_reason(hostile_run, kind):
         assert not (run_dir / f"updates/round-{rnd}/client-{client}.safetensors").exists()
 
 
-def test_rounds_complete_with_the_honest_clients(hostile_run):
+def test_rounds_complete_with_the_honest_clients(hostile_run, check_run):
     run_dir, schedule = hostile_run
     check_run(run_dir)
     text = (run_dir / "run.log").read_text()
@@ -325,7 +317,7 @@ class FaultyClients:
 FOREVER = 10**9
 
 
-def test_dropouts_retry_failed_round_and_resume(tmp_path, monkeypatch):
+def test_dropouts_retry_failed_round_and_resume(tmp_path, monkeypatch, check_run):
     """Round 1: three clients fail once -> too few updates -> retried, then complete.
     Round 2: the rank-4 and rank-8 clients fail -> the round completes with ranks 1 and 2 only, and the
     segments only they would cover keep their values. Round 3: three clients fail for good -> the run
