@@ -8,7 +8,6 @@ processes are stopped (process groups: Flower's SuperExec / ClientApp children i
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
 from prelort.flower.certs import make_certificates  # noqa: E402
 from prelort.flower.launch import (  # noqa: E402
+    flower_env,
     flwr_executable,
     free_port,
     stop_process_group,
@@ -59,8 +59,7 @@ class Processes:
 
 @pytest.fixture
 def processes(tmp_path):
-    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_TELEMETRY_ENABLED="0")
+    env = flower_env(tmp_path / "flwr-home")
     procs = Processes(tmp_path, env)
     watchdog = threading.Timer(TIME_LIMIT, procs.stop_all)
     watchdog.daemon = True

@@ -123,7 +123,16 @@ def write_connection(flwr_home: Path, name: str, address: str, *, insecure: bool
 
 
 def _env(flwr_home: Path | None) -> dict[str, str]:
+    return flower_env(flwr_home)
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: this interpreter's bin directory first on PATH (the
+    SuperLink starts `flower-superexec` by name, which fails when the venv is not activated, e.g. when
+    run as `.venv/bin/python -m ...`), a private FLWR_HOME if given, no update check or telemetry."""
     env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "") if env.get("PATH") else bin_dir
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
