@@ -22,6 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (the size/time formatting the benchmarks print with)
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -57,24 +60,11 @@ def mean_std(stat: dict[str, Any] | None, digits: int) -> str:
 
 
 def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return "n/a" if n is None else _common.fmt_bytes(n)
 
 
 def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "n/a"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} us"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
+    return "n/a" if s is None else _common.fmt_seconds(s)
 
 
 def machine(env: dict[str, Any] | None) -> str:
