@@ -5,8 +5,9 @@ non-IID over the builtin suite's task categories), the same training budget (rou
 steps x batch, one forward/backward pass per step: PreLort uses ``prelort.nested: sample``) and the same
 learning-rate selection procedure:
 
-    for each method, for each lr in the grid: a short run (``select_rounds`` rounds) on a SEPARATE
-    selection seed (``--select-seed``, never a reported seed), scored by the held-out perplexity of that
+    for each method, for each lr in the grid: a run of the full round budget (``--select-rounds``
+    defaults to the reported runs' rounds: a shorter proxy picked learning rates that were best after
+    one round and diverged by the third) on a SEPARATE selection seed (``--select-seed``, never a reported seed), scored by the held-out perplexity of that
     seed's test split, averaged in log space over the rank tiers; the lowest score wins.
 
 The reported seeds' test sets never influence the choice. Reported per model: mean +- sample std over
@@ -316,7 +317,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="rounds for every model (default: per model, see PROFILES)")
     p.add_argument("--lrs", default=None, help="learning-rate grid (default 3e-4,1e-3,3e-3; --quick: 1e-3,3e-3)")
     p.add_argument("--select-seed", type=int, default=1000, help="seed of the lr-selection runs (not a reported seed)")
-    p.add_argument("--select-rounds", type=int, default=1, help="rounds of each lr-selection run")
+    p.add_argument("--select-rounds", type=int, default=None,
+                   help="rounds of each lr-selection run (default: the reported runs' rounds)")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 4 clients x 2 steps, 16 eval examples")
     p.add_argument("--runs-dir", type=Path, default=None, help="run directories (default results/runs/quality[-quick])")
     p.add_argument("--json", type=Path, default=None, help="summary JSON (default results/quality[-quick].json)")
@@ -339,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise SystemExit(f"--threads: must be >= 1, got {args.threads}")
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit(f"--rounds: must be >= 1, got {args.rounds}")
-    if args.select_rounds < 1:
+    if args.select_rounds is not None and args.select_rounds < 1:
         raise SystemExit(f"--select-rounds: must be >= 1, got {args.select_rounds}")
     if args.select_seed in args.seeds:
         raise SystemExit(f"--select-seed {args.select_seed} is also a reported seed; lr selection must not see "
@@ -356,6 +358,10 @@ def rounds_for(model: str, args: argparse.Namespace) -> int:
     return 2 if args.quick else PROFILES.get(model, DEFAULT_PROFILE).rounds
 
 
+def select_rounds_for(model: str, args: argparse.Namespace) -> int:
+    return args.select_rounds if args.select_rounds is not None else rounds_for(model, args)
+
+
 def estimate_seconds(model: str, args: argparse.Namespace) -> dict[str, float]:
     """Wall-time estimate on 2 free CPU cores from the per-model profile (measured on this machine)."""
     prof = PROFILES.get(model, DEFAULT_PROFILE)
@@ -365,7 +371,7 @@ def estimate_seconds(model: str, args: argparse.Namespace) -> dict[str, float]:
     ranks = s["clients"]["ranks"]
     n_eval = s["eval"]["max_examples"]
     select = len(args.methods) * len(args.lrs) * (
-        prof.load_seconds + args.select_rounds * steps_per_round * prof.step_seconds * batch_factor
+        prof.load_seconds + select_rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor
         + len(set(ranks)) * n_eval * prof.eval_seconds_per_example * 0.3)  # perplexity only
     train = len(args.methods) * len(args.seeds) * (
         prof.load_seconds + rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor)
@@ -384,9 +390,10 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
     for method in args.methods:
         scores = []
         for lr in args.lrs:
-            cfg = make_config(settings, method, args.select_seed, args.select_rounds, lr, base_eval=False,
+            select_rounds = select_rounds_for(model, args)
+            cfg = make_config(settings, method, args.select_seed, select_rounds, lr, base_eval=False,
                               overrides=args.overrides)
-            res = selection_score(cfg, model_dir / "lr-select" / method / f"lr-{lr:g}")
+            res = selection_score(cfg, model_dir / "lr-select" / method / f"lr-{lr:g}-rounds-{select_rounds}")
             scores.append(res)
             print(f"  [{model}] lr-select {method:<8} lr={lr:<8g} mean log-ppl {res['score_mean_log_ppl']:.4f} "
                   f"({res['wall_seconds']:.0f} s)", flush=True)
@@ -422,6 +429,7 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
     resolved["train"]["lr"] = "<selected per method>"
     return {
         "rounds": rounds,
+        "select_rounds": select_rounds_for(model, args),
         "rounds_note": PROFILES.get(model, DEFAULT_PROFILE).note,
         "config": resolved,
         "lr_selection": selection,
@@ -449,7 +457,8 @@ PROTOCOL = {
     "budget": "every method: the same federation (clients, ranks, sampling, data split), rounds, local steps, "
               "batch size and schedule; one forward/backward pass per local step (PreLort: nested=sample)",
     "lr_selection": "per method, the lr in the grid with the lowest mean over rank tiers of log held-out "
-                    "perplexity after a short run (select_rounds) on the selection seed; the reported seeds "
+                    "perplexity after a run of select_rounds rounds (default: the full budget) on the "
+                    "selection seed; the reported seeds "
                     "are never used for selection",
     "evaluation": "after the last round only: every rank tier (final round) and the truncation curve "
                   "t = 1, 2, 4, ..., R on a fixed subset of the held-out split; identical models are "
@@ -466,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     print(f"Quality benchmark: models {args.models}; methods {args.methods}; seeds {args.seeds}; "
-          f"lr grid {args.lrs} (selection seed {args.select_seed}, {args.select_rounds} round(s))")
+          f"lr grid {args.lrs} (selection seed {args.select_seed}, "
+          f"{args.select_rounds or 'the full budget of'} round(s))")
     estimates = {}
     for model in args.models:
         est = estimates[model] = estimate_seconds(model, args)

@@ -195,3 +195,25 @@ def test_response_positions_only_loss_equals_the_full_logits_loss(tiny_model):
     (g_full,) = torch.autograd.grad(full, [adapters.lora_parameters(model)[1]])
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=1e-5)
+
+
+def test_sample_mode_leaves_dims_outside_the_drawn_truncation_untouched(tiny_model):
+    """AdamW's momentum and weight decay would move dims t..R-1 on a step whose objective never saw them;
+    a step drawing t leaves them (and their moments) exactly as they were."""
+    base, _ = tiny_model
+    # a seed whose draws from T = (2, 8) begin 8, 2, 2, 2: only the first step trains dims 2..7
+    seed = next(s for s in range(1000) if [(r := random.Random(s)).choice([2, R])] + [r.choice([2, R]) for _ in range(3)]
+                == [R, 2, 2, 2])
+    plan = TrainPlan(rank=R, truncations=(2, R), mode="sample")
+    cfg = dict(batch_size=4, lr=1e-2, weight_decay=0.1)
+    one = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(local_steps=1, **cfg), seed=seed)
+    four = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(local_steps=4, **cfg), seed=seed)
+    assert four.meta["passes_per_truncation"] == {"2": 3, "8": 1}
+    start = adapters.read_adapter_state(fresh_lora(base), R)
+    for name in one.tensors:
+        tail = (slice(2, None), slice(None)) if name.endswith("lora_A") else (slice(None), slice(2, None))
+        head = (slice(0, 2), slice(None)) if name.endswith("lora_A") else (slice(None), slice(0, 2))
+        assert torch.equal(four.tensors[name][tail], one.tensors[name][tail]), name
+        assert not torch.equal(four.tensors[name][head], one.tensors[name][head]), name
+    # and the first step did train the tail (B starts at zero)
+    assert any(not torch.equal(one.tensors[k][:, 2:], start[k][:, 2:]) for k in one.tensors if k.endswith("lora_B"))

@@ -17,6 +17,13 @@ and the update is truncated to rank ``start`` when that tail norm product ends t
 it started.
 
 Only the LoRA factors are optimised (AdamW, fresh each call); the base model stays frozen.
+
+Dimensions outside a step's objective do not move. A step whose truncations all stop at t < plan.rank
+gives dimensions t..rank-1 a zero gradient, but AdamW would still move them (its momentum and weight
+decay), blindly and by about lr per step: under ``sample`` the top segment would then drift on the
+three steps in four that never look at it. So such a step restores those slices of the factors and of
+the optimizer's moments afterwards ("lazy" Adam, as in SparseAdam): dimension i changes only on steps
+whose objective contains a truncation t > i.
 """
 
 from __future__ import annotations
@@ -165,6 +172,33 @@ def _check_plan(model: PeftModel, plan: TrainPlan) -> list[int]:
     return ts
 
 
+def _inactive_slices(pairs: list[tuple[Tensor, Tensor]], t: int):
+    """The (parameter, index) pairs of dimensions >= t: rows of A (r x d_in), columns of B (d_out x r)."""
+    rows, cols = (slice(t, None), slice(None)), (slice(None), slice(t, None))
+    for a, b in pairs:
+        yield a, rows
+        yield b, cols
+
+
+def _snapshot_inactive(optimizer: torch.optim.Optimizer, pairs: list[tuple[Tensor, Tensor]], t: int) -> list:
+    """Copies of the dimensions >= t of every factor and of its AdamW moments (None: no state yet)."""
+    saved = []
+    for p, idx in _inactive_slices(pairs, t):
+        state = optimizer.state.get(p) or {}
+        moments = {k: v[idx].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+        saved.append((p, idx, p.detach()[idx].clone(), moments if state else None))
+    return saved
+
+
+def _restore_inactive(optimizer: torch.optim.Optimizer, saved: list) -> None:
+    with torch.no_grad():
+        for p, idx, value, moments in saved:
+            p[idx] = value
+            for k, v in optimizer.state[p].items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v[idx] = 0 if moments is None else moments[k]
+
+
 def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -> list[int]:
     if mode == "off":
         return [rank]
@@ -216,6 +250,7 @@ def train_client(
         pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
     params = adapters.lora_parameters(model)
+    pairs = list(zip(params[0::2], params[1::2]))
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -264,7 +299,13 @@ def train_client(
                     reg.backward()
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                top = max(step_ts)
+                # the pruning penalty reaches the tail dims whatever t was drawn: they are in the objective
+                frozen = (_snapshot_inactive(optimizer, pairs, top)
+                          if top < plan.rank and (prune is None or prune.lam == 0) else None)
                 optimizer.step()
+                if frozen is not None:
+                    _restore_inactive(optimizer, frozen)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if not math.isfinite(step_loss):
