@@ -121,6 +121,16 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
                    f"task categories; {(cfg.get('eval') or {}).get('max_examples')} held-out examples; "
                    f"compute time {(m.get('compute_seconds') or m.get('wall_seconds') or 0) / 60:.0f} min."
                    + (f" {m['rounds_note']}." if m.get("rounds_note") else ""))
+        notes = []
+        if m.get("seeds") and m["seeds"] != seeds:
+            notes.append(f"Seeds {m['seeds']}" + (" (one seed: no std)." if len(m["seeds"]) == 1 else "."))
+        if m.get("lr_transferred_from"):
+            notes.append(f"No learning-rate selection for this model: each method uses the lr selected for "
+                         f"{m['lr_transferred_from']}.")
+        if m.get("command"):
+            notes.append(f"Command: `{m['command']}`.")
+        if notes:
+            out[-1] += " " + " ".join(notes)
         out.append("")
         base = m.get("base", {})
         rows = [["base (zero-shot)", "-", "-", mean_std(base.get("accuracy"), 3), mean_std(base.get("rougeL"), 3),

@@ -21,6 +21,12 @@ same t on the truncation curve, or FLoRA whose tiers all get the same merged mod
     python bench/quality.py --quick                              # 1 seed, 2 rounds, tiny eval (smoke)
     python bench/quality.py --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct
     python bench/quality.py --methods prelort,fedit --seeds 0,1 --rounds 3 --json out.json
+    python bench/quality.py --models qwen2.5-coder-0.5b-instruct --seeds 0 --merge --lr-from smollm2-135m-instruct
+
+``--merge`` adds the models of this invocation to an existing ``--json`` file (each model keeps the command,
+seeds and settings it ran with); ``--lr-from MODEL`` skips the selection runs and reuses the learning rate
+each method was given for MODEL in that file - a transfer, recorded as such, for a model too slow to tune
+on these cores.
 
 Resumable: run directories live under ``--runs-dir`` (default ``results/runs/quality``); a finished one
 (``bench-complete.json``) is skipped, an interrupted one is resumed from its last checkpoint.
@@ -74,7 +80,7 @@ class ModelProfile:
 
 
 PROFILES: dict[str, ModelProfile] = {
-    "smollm2-135m-instruct": ModelProfile(rounds=4, step_seconds=2.0, eval_seconds_per_example=0.25, load_seconds=5),
+    "smollm2-135m-instruct": ModelProfile(rounds=3, step_seconds=2.0, eval_seconds_per_example=0.25, load_seconds=5),
     "qwen2.5-coder-0.5b-instruct": ModelProfile(
         rounds=2, step_seconds=8.0, eval_seconds_per_example=1.0, load_seconds=10,
         note="~4x slower per step than SmolLM2: 2 rounds instead of 4 (same rounds for every method)",
@@ -315,10 +321,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all six)")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--rounds", type=int, default=None, help="rounds for every model (default: per model, see PROFILES)")
-    p.add_argument("--lrs", default=None, help="learning-rate grid (default 3e-4,1e-3,3e-3; --quick: 1e-3,3e-3)")
+    p.add_argument("--lrs", default=None, help="learning-rate grid (default 3e-3,1e-2; --quick: 1e-3,3e-3)")
     p.add_argument("--select-seed", type=int, default=1000, help="seed of the lr-selection runs (not a reported seed)")
     p.add_argument("--select-rounds", type=int, default=None,
                    help="rounds of each lr-selection run (default: the reported runs' rounds)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models already recorded in the --json file (add or replace these)")
+    p.add_argument("--lr-from", default=None, metavar="MODEL",
+                   help="no lr selection: reuse each method's lr chosen for MODEL in the --json file")
     p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 4 clients x 2 steps, 16 eval examples")
     p.add_argument("--runs-dir", type=Path, default=None, help="run directories (default results/runs/quality[-quick])")
     p.add_argument("--json", type=Path, default=None, help="summary JSON (default results/quality[-quick].json)")
@@ -334,7 +344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(available()))}")
     args.seeds = parse_list(args.seeds or ("0" if args.quick else "0,1,2"), "--seeds", int)
-    args.lrs = parse_list(args.lrs or ("1e-3,3e-3" if args.quick else "3e-4,1e-3,3e-3"), "--lrs", float)
+    args.lrs = parse_list(args.lrs or ("1e-3,3e-3" if args.quick else "3e-3,1e-2"), "--lrs", float)
     if any(lr <= 0 for lr in args.lrs):
         raise SystemExit(f"--lrs: learning rates must be positive, got {args.lrs}")
     if args.threads is not None and args.threads < 1:
@@ -349,6 +359,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     suffix = "-quick" if args.quick else ""
     args.runs_dir = args.runs_dir or ROOT / "results" / "runs" / f"quality{suffix}"
     args.json = args.json or ROOT / "results" / f"quality{suffix}.json"
+    args.previous = None
+    if args.merge or args.lr_from:
+        try:
+            args.previous = json.loads(args.json.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge/--lr-from need a readable {args.json}: {e}") from None
+    if args.lr_from:
+        chosen = (args.previous.get("models", {}).get(args.lr_from) or {}).get("methods", {})
+        missing = [m for m in args.methods if (chosen.get(m) or {}).get("lr") is None]
+        if missing:
+            raise SystemExit(f"--lr-from {args.lr_from}: {args.json} records no lr for {', '.join(missing)}")
+        args.transferred_lrs = {m: float(chosen[m]["lr"]) for m in args.methods}
     return args
 
 
@@ -370,7 +392,7 @@ def estimate_seconds(model: str, args: argparse.Namespace) -> dict[str, float]:
     batch_factor = s["train"]["batch_size"] / 8
     ranks = s["clients"]["ranks"]
     n_eval = s["eval"]["max_examples"]
-    select = len(args.methods) * len(args.lrs) * (
+    select = 0.0 if args.lr_from else len(args.methods) * len(args.lrs) * (
         prof.load_seconds + select_rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor
         + len(set(ranks)) * n_eval * prof.eval_seconds_per_example * 0.3)  # perplexity only
     train = len(args.methods) * len(args.seeds) * (
@@ -387,7 +409,10 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
     model_dir = args.runs_dir / model.replace("/", "_")
     # -- learning rate, one procedure for every method
     selection: dict[str, Any] = {}
-    for method in args.methods:
+    for method in args.methods if args.lr_from else ():
+        selection[method] = {"chosen_lr": args.transferred_lrs[method], "at_grid_edge": False,
+                             "transferred_from": args.lr_from, "grid": []}
+    for method in () if args.lr_from else args.methods:
         scores = []
         for lr in args.lrs:
             select_rounds = select_rounds_for(model, args)
@@ -428,8 +453,10 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
     resolved.update(method="<per run>", seed="<per run>")
     resolved["train"]["lr"] = "<selected per method>"
     return {
+        "seeds": args.seeds,
         "rounds": rounds,
-        "select_rounds": select_rounds_for(model, args),
+        "select_rounds": None if args.lr_from else select_rounds_for(model, args),
+        "lr_transferred_from": args.lr_from,
         "rounds_note": PROFILES.get(model, DEFAULT_PROFILE).note,
         "config": resolved,
         "lr_selection": selection,
@@ -500,10 +527,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": {},
     }
     summary_dir = args.json.with_suffix("")
+    if args.merge:
+        # the file's own command/settings describe its first models; each merged model carries its own
+        payload = {**args.previous, "models": dict(args.previous.get("models", {}))}
     for model in args.models:
         payload["models"][model] = run_model(model, args, summary_dir)
+        if args.merge:
+            payload["models"][model].update(command=command, environment=environment(),
+                                            settings={"lr_grid": None if args.lr_from else args.lrs,
+                                                      "overrides": args.overrides})
         print(f"\n{model}:\n{payload['models'][model]['comparison_markdown']}\n", flush=True)
-    payload["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if not args.merge:
+        payload["wall_seconds"] = round(time.perf_counter() - started, 1)
     print(f"wall time {payload['wall_seconds'] / 60:.1f} min; wrote {write_json(args.json, payload)}")
     return payload
 

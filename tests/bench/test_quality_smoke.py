@@ -245,3 +245,33 @@ def test_make_tables_rejects_broken_markers_and_bad_json(tmp_path):
     (results / "quality.json").write_text("{not json")
     with pytest.raises(SystemExit, match="quality.json: not readable JSON"):
         tables.main(["--results", str(results), "--readme", str(readme)])
+
+
+def test_quality_merge_with_transferred_lrs(tiny_quality, tmp_path):
+    """A second model added to an existing JSON, reusing the first model's selected lrs (no selection runs)."""
+    quality, out, args, payload = tiny_quality
+    data = json.loads((out / "quality.json").read_text())
+    data["models"] = {"donor": data["models"]["tiny-llama"]}
+    data["models"]["donor"]["methods"]["prelort"]["lr"] = 0.02  # a value the selection grid never held
+    target = tmp_path / "quality.json"
+    target.write_text(json.dumps(data))
+    runs = tmp_path / "runs"
+    merged = quality.main([a for a in TINY_ARGS] + ["--seeds", "1", "--merge", "--lr-from", "donor",
+                                                    "--runs-dir", str(runs), "--json", str(target)])
+    written = json.loads(target.read_text())
+    assert set(written["models"]) == {"donor", "tiny-llama"} and written == json.loads(json.dumps(merged))
+    assert written["command"] == data["command"]  # the file's own provenance is kept
+    model = written["models"]["tiny-llama"]
+    assert model["lr_transferred_from"] == "donor" and model["seeds"] == [1]
+    assert model["command"].endswith("--merge --lr-from donor --runs-dir " + str(runs) + " --json " + str(target))
+    assert model["methods"]["prelort"]["lr"] == 0.02
+    assert model["methods"]["flora"]["lr"] == data["models"]["donor"]["methods"]["flora"]["lr"]
+    assert not (runs / "tiny-llama" / "lr-select").exists()
+    from prelort.report import read_run
+    assert read_run(runs / "tiny-llama" / "prelort" / "seed-1").config["train"]["lr"] == 0.02
+    tables = _load("make_tables")
+    text = tables.quality_section(written, tmp_path, tmp_path)
+    assert "No learning-rate selection for this model: each method uses the lr selected for donor." in text
+    assert "Seeds [1] (one seed: no std)." in text
+    with pytest.raises(SystemExit, match="records no lr for prelort"):
+        quality.main(TINY_ARGS + ["--lr-from", "nonexistent", "--json", str(target), "--estimate-only"])
