@@ -83,7 +83,8 @@ class PrelortConfig(_Section):
     nested: Literal["all", "sample", "sandwich", "off"] = Field(
         "all",
         description="Prefix-nested objective: all truncations each step, sample one, sandwich (own rank + one), "
-        "or off (plain LoRA; segment-wise aggregation only).",
+        "or off (plain LoRA; segment-wise aggregation only). A step changes only the dimensions its "
+        "truncations reach (AdamW moments included).",
     )
 
 
