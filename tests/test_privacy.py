@@ -156,8 +156,16 @@ def test_missing_reference_is_a_clear_error():
 
 def test_check_secure_aggregation():
     ok = {"engine": "flower-sim", "privacy": {"secure_aggregation": True}, "clients": {"num": 4, "per_round": 3}}
-    for name in ("prelort", "fedit", "zeropad", "hetlora"):
+    for name in ("prelort", "fedit", "zeropad"):
         check_secure_aggregation(from_dict({**ok, "method": name}))
+    # HetLoRA's norm weights need a public bound: ||B A||_F <= max_update_norm**2 / 2
+    check_secure_aggregation(from_dict({**ok, "method": "hetlora", "validation": {"max_update_norm": 10.0}}))
+    with pytest.raises(ConfigError, match="method hetlora needs validation.max_update_norm"):
+        check_secure_aggregation(from_dict({**ok, "method": "hetlora"}))
+    with pytest.raises(ConfigError, match="privacy.secure_aggregation and audit: true cannot be combined"):
+        check_secure_aggregation(from_dict({**ok, "audit": True}))
+    with pytest.raises(ConfigError, match="privacy.secure_aggregation and privacy.dp cannot be combined"):
+        check_secure_aggregation(from_dict({**ok, "privacy": {"secure_aggregation": True, "dp": True}}))
     for name in ("flexlora", "flora"):
         with pytest.raises(ConfigError, match=rf"method '{name}' cannot run under secure aggregation.*"
                                               "methods that can: fedit, hetlora, prelort, zeropad"):

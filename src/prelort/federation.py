@@ -16,6 +16,10 @@ crash the round: every problem becomes a rejection ("rejected update from client
 in run.log) or a failure, and the round completes when at least ``clients.min_per_round`` updates were
 accepted. Otherwise the round is retried up to ``clients.max_round_retries`` times with a resampled set
 of clients, and then :class:`RoundFailed` stops the run with the state on disk at the last complete round.
+
+Under ``privacy.secure_aggregation`` the engine returns one :class:`SecureAggregate` per round (SecAgg+'s
+weighted mean of fixed-shape uploads): validation and robust clipping happen on each client before it
+encodes its update, and :meth:`Federation.end_round_secure` finishes the round from the sums.
 """
 
 from __future__ import annotations
@@ -80,6 +84,31 @@ class RawUpdate:
 
 EngineResult = Union[ClientUpdate, RawUpdate, Exception]
 """What an engine returns for one task; see the module docstring."""
+
+
+# A per-entry quantisation bound on SecAgg+'s sums above this is worth a warning in run.log.
+SECAGG_PRECISION_WARNING = 1e-3
+
+
+@dataclass
+class SecureAggregate:
+    """What a secure-aggregation engine returns for a whole round instead of per-task results
+    (``privacy.secure_aggregation``; :class:`prelort.flower.secagg_engine.SecAggGridEngine`).
+
+    ``arrays``: SecAgg+'s weighted mean of the clients' uploads, (N', D') in the order of
+    :class:`prelort.flower.secagg.SecAggLayout` (None when the protocol halted: too many clients dropped);
+    ``clients``: (client, metadata sent in the clear) of every client aggregated; ``weight_units``: their
+    integer SecAgg+ weights n_k (rho_k = n_k / 2**16); ``failed``: client -> why it is not in the sum
+    (its ClientApp raised - e.g. it rejected its own update -, timed out, or no node holds it);
+    ``clipping_range`` / ``quantization_range``: SecAgg+'s c and Q (for the quantisation bound).
+    """
+
+    arrays: list[Any] | None
+    clients: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    weight_units: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    clipping_range: float = 8.0  # prelort.flower.secagg.DEFAULT_CLIPPING_RANGE (not imported: no Flower here)
+    quantization_range: int = 2**22  # prelort.flower.secagg.DEFAULT_QUANTIZATION_RANGE
 
 
 def decode_raw(raw: RawUpdate) -> ClientUpdate:
@@ -155,12 +184,6 @@ def check_privacy(cfg: Config, method: Method | None = None) -> None:
         check_dp(method)
     if cfg.privacy.secure_aggregation:
         check_secure_aggregation(cfg)
-        from .config import ConfigError
-
-        # SecAgg+ aggregation works as a library path (prelort.flower.secagg, tested in Flower's
-        # simulation) but the round loop does not drive it yet: refuse rather than silently run in the clear.
-        raise ConfigError("privacy.secure_aggregation: not yet available in `prelort run` (see docs/privacy.md); "
-                          "the round would run without it")
 
 
 class Federation:
@@ -233,8 +256,7 @@ class Federation:
 
     def received(self, client: int, rank: int) -> dict[str, torch.Tensor]:
         """The adapter ``client`` received this round, cut to ``rank`` (a HetLoRA client may return fewer dims)."""
-        adapter = self._tasks[client].broadcast.adapter
-        return {k: v[:rank] if k.endswith("lora_A") else v[:, :rank] for k, v in adapter.items()}
+        return adapter_prefix(self._tasks[client].broadcast.adapter, rank)
 
     def accept(self, update: ClientUpdate, seen: set[int]) -> ClientUpdate:
         """Validate (raises UpdateRejected with the reason) and apply robust clipping."""
@@ -261,6 +283,10 @@ class Federation:
         (state unchanged) when fewer than ``clients.min_per_round`` updates were accepted.
         """
         assert self.state is not None
+        if self.cfg.privacy.secure_aggregation:
+            # never aggregate in the clear what the config says must be aggregated securely
+            raise RuntimeError("privacy.secure_aggregation is on but the engine returned individual updates; "
+                               "it must return a SecureAggregate (engines flower-sim / flower)")
         outcome = RoundOutcome(round_)
         accepted: list[ClientUpdate] = []
         seen: set[int] = set()  # clients whose update was accepted (validate_update's duplicate check)
@@ -292,19 +318,9 @@ class Federation:
                 continue
             accepted.append(upd)
             outcome.accepted.append(upd.client)
-        minimum = self.cfg.clients.min_per_round
-        if len(accepted) < minimum:
-            attempts = self._attempt + 1
-            tried = f" (attempt {attempts})" if attempts > 1 else ""
-            raise RoundFailed(
-                f"round {round_}{tried}: {len(accepted)} accepted update(s) from {len(results)} replies "
-                f"({len(outcome.rejected)} rejected, {len(outcome.failed)} failed clients), fewer than "
-                f"clients.min_per_round={minimum}; the run directory holds round {self.round}, continue it "
-                "with --resume once the cause is fixed",
-                round_=round_, accepted=len(accepted), min_per_round=minimum, attempts=attempts,
-                completed=self.round)
-        losses = [u.meta["loss"] for u in accepted if isinstance(u.meta.get("loss"), (int, float))]
-        outcome.train_loss = float(sum(losses) / len(losses)) if losses else None
+        self._check_enough(round_, len(accepted), f"{len(results)} replies ({len(outcome.rejected)} rejected, "
+                                                  f"{len(outcome.failed)} failed clients)")
+        outcome.train_loss = _mean_loss([u.meta for u in accepted])
         if self.cfg.audit:
             for u in accepted:
                 save_update(self.run_dir / "updates" / f"round-{round_}" / f"client-{u.client}", u)
@@ -321,14 +337,93 @@ class Federation:
         outcome.attempts = self._attempt + 1
         return outcome
 
+    def end_round_secure(self, round_: int, agg: SecureAggregate, seconds: float = 0.0) -> RoundOutcome:
+        """Finish a round from SecAgg+'s output (:class:`SecureAggregate`) instead of from updates.
+
+        The server never sees an individual update: each client validated (and, with ``robust.clip_norm``,
+        clipped) its own update before encoding it, and an invalid one was never sent (that client is in
+        ``agg.failed``). The new state is :func:`prelort.flower.secagg.finish_secagg` of the sums; the
+        log line gives the clients aggregated, SecAgg+'s per-entry quantisation bound on the sums N', D'
+        (:func:`prelort.flower.secagg.quantisation_bound`) and the dropped clients. Checkpoint and
+        :class:`RoundFailed` (fewer than ``clients.min_per_round`` clients aggregated) as in :meth:`end_round`.
+        """
+        from .flower.secagg import WEIGHT_UNITS, SecAggLayout, finish_secagg, quantisation_bound
+
+        assert self.state is not None
+        outcome = RoundOutcome(round_)
+        outcome.failed = dict(agg.failed)
+        clients = [(c, m) for c, m in agg.clients if c in self._tasks]
+        for c, _ in agg.clients:
+            if c not in self._tasks:  # engines map nodes to sampled clients; defence in depth
+                log.warning("round %d: SecAgg+ result names client %s, which was not sampled", round_, c)
+        outcome.accepted = [c for c, _ in clients]
+        for client, reason in sorted(outcome.failed.items(), key=lambda kv: str(kv[0])):
+            log.warning("round %d: client %s is not in the secure sum: %s", round_, client, reason)
+        count = len(clients) if agg.arrays is not None else 0
+        self._check_enough(round_, count, f"{len(self._tasks)} sampled clients under SecAgg+ ({len(outcome.failed)} "
+                                          "dropped or failed" + ("; the protocol halted" if agg.arrays is None else "")
+                                          + ")")
+        outcome.train_loss = _mean_loss([m for _, m in clients])
+        layout = SecAggLayout.of(self.state)
+        self.state = finish_secagg(self.method, self.state, agg.arrays, layout,
+                                   [(c, self._clear_meta(c, m)) for c, m in clients])
+        rho_total = sum(agg.weight_units) / WEIGHT_UNITS
+        in_sum = len(agg.clients)  # the bound counts every upload in the sum
+        bound = (quantisation_bound(in_sum, rho_total, agg.clipping_range, agg.quantization_range) if rho_total > 0
+                 else float("inf"))
+        log.info("round %d: secure aggregation (SecAgg+): %d clients aggregated %s; quantisation bound %.6g per "
+                 "entry of the sums N', D' (K=%d, sum rho=%.6g, clipping range %g, quantization range %d); "
+                 "dropped/failed clients: %s", round_, count, sorted(outcome.accepted), bound, in_sum, rho_total,
+                 agg.clipping_range, agg.quantization_range, sorted(outcome.failed) or "none")
+        if bound > SECAGG_PRECISION_WARNING:
+            log.warning("round %d: SecAgg+ recovered the sums only to +-%.3g per entry: the clients' weights are small "
+                        "against the public bound W (sum rho = %.3g); a tighter W (hetlora: a lower "
+                        "validation.max_update_norm) restores precision", round_, bound, rho_total)
+        self.round = round_
+        ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
+        outcome.seconds = seconds
+        outcome.attempts = self._attempt + 1
+        return outcome
+
+    def _clear_meta(self, client: int, meta: Any) -> dict[str, Any]:
+        """The clear metadata a client sent with its upload, as the method's bookkeeping may use it: only a
+        ``pruned_to`` within [1, the client's rank] survives (the update itself was never seen)."""
+        if not isinstance(meta, dict):
+            return {}
+        pruned = meta.get("pruned_to")
+        if pruned is None:
+            return meta
+        rank = self._tasks[client].rank
+        if isinstance(pruned, bool) or not isinstance(pruned, int) or not 1 <= pruned <= rank:
+            log.warning("round %d: ignoring client %d's pruned_to %r (outside [1, %d])", self._tasks[client].round,
+                        client, pruned, rank)
+            return {k: v for k, v in meta.items() if k != "pruned_to"}
+        return meta
+
+    def _check_enough(self, round_: int, accepted: int, what: str) -> None:
+        """Raise :class:`RoundFailed` when fewer than ``clients.min_per_round`` updates count this round."""
+        minimum = self.cfg.clients.min_per_round
+        if accepted < minimum:
+            attempts = self._attempt + 1
+            tried = f" (attempt {attempts})" if attempts > 1 else ""
+            raise RoundFailed(
+                f"round {round_}{tried}: {accepted} accepted update(s) from {what}, fewer than "
+                f"clients.min_per_round={minimum}; the run directory holds round {self.round}, continue it "
+                "with --resume once the cause is fixed",
+                round_=round_, accepted=accepted, min_per_round=minimum, attempts=attempts, completed=self.round)
+
     @staticmethod
     def _reject(outcome: RoundOutcome, round_: int, sender: Any, e: UpdateRejected) -> None:
         # a rejected duplicate must not overwrite the record of the client's first reply
         outcome.rejected.setdefault(sender, str(e))
         log.warning("round %d: rejected update from client %s: %s", round_, sender, e)
 
-    def run_round(self, round_: int, execute: Callable[[Sequence[ClientTask]], Sequence[EngineResult]]) -> RoundOutcome:
+    def run_round(self, round_: int,
+                  execute: Callable[[Sequence[ClientTask]], Sequence[EngineResult] | SecureAggregate]) -> RoundOutcome:
         """One whole round: begin, ``execute(tasks)`` (the engine), end; retried when it fails.
+
+        An engine under secure aggregation returns one :class:`SecureAggregate` for the round, finished by
+        :meth:`end_round_secure`; otherwise a result per task, finished by :meth:`end_round`.
 
         A round with too few accepted updates is tried again, up to ``clients.max_round_retries`` times,
         each retry sampling clients with a seed derived from (seed, round, attempt) (the same clients when
@@ -342,6 +437,8 @@ class Federation:
             tasks = self.begin_round(round_, attempt)
             results = execute(tasks)
             try:
+                if isinstance(results, SecureAggregate):
+                    return self.end_round_secure(round_, results, seconds=time.perf_counter() - t0)
                 return self.end_round(round_, results, seconds=time.perf_counter() - t0)
             except RoundFailed as e:
                 if attempt == retries:
@@ -357,6 +454,17 @@ class Federation:
 
     def eval_due(self, round_: int) -> bool:
         return round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+
+
+def adapter_prefix(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The first ``rank`` dimensions of an adapter: A[:rank], B[:, :rank]."""
+    return {k: v[:rank] if k.endswith("lora_A") else v[:, :rank] for k, v in adapter.items()}
+
+
+def _mean_loss(metas: Sequence[Any]) -> float | None:
+    losses = [m["loss"] for m in metas if isinstance(m, dict) and isinstance(m.get("loss"), (int, float))
+              and not isinstance(m.get("loss"), bool)]
+    return float(sum(losses) / len(losses)) if losses else None
 
 
 class MetricsLog:

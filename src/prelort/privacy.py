@@ -105,7 +105,9 @@ def check_secure_aggregation(cfg: "Config") -> None:
 
     Secure aggregation needs (a) a method whose aggregate is a function of plain sums of fixed-shape
     padded tensors (``Method.sum_aggregatable``) and (b) a Flower engine (SecAgg+ is Flower's protocol;
-    the in-process engine has no separate parties to hide updates from).
+    the in-process engine has no separate parties to hide updates from). It also refuses ``audit``
+    (stores the individual updates), ``privacy.dp`` (noise on the secure sums is not wired) and HetLoRA
+    without ``validation.max_update_norm`` (no public bound on its weights).
     """
     from . import methods
     from .config import ConfigError
@@ -125,6 +127,17 @@ def check_secure_aggregation(cfg: "Config") -> None:
     if cfg.clients.per_round < 3:
         raise ConfigError(f"privacy.secure_aggregation: SecAgg+ needs at least 3 clients per round to hide one "
                           f"client's update (clients.per_round = {cfg.clients.per_round})")
+    if cfg.audit:
+        raise ConfigError("privacy.secure_aggregation and audit: true cannot be combined: the audit stores every "
+                          "client's update under updates/, which secure aggregation exists to hide from the server; "
+                          "turn one of them off")
+    if cfg.privacy.dp:
+        raise ConfigError("privacy.secure_aggregation and privacy.dp cannot be combined yet in `prelort run`: the "
+                          "server would have to add the noise to SecAgg+'s sums, which is not wired; use one of them")
+    if cfg.method == "hetlora" and cfg.validation.max_update_norm is None:
+        raise ConfigError("privacy.secure_aggregation with method hetlora needs validation.max_update_norm: SecAgg+ "
+                          "needs a public bound on HetLoRA's norm weights ||B A||_F, and ||B A||_F <= "
+                          "max_update_norm**2 / 2 is the one prelort uses (see docs/privacy.md)")
 
 
 # -- clipping -----------------------------------------------------------------------------------------------

@@ -113,3 +113,21 @@ def test_secaggplus_round_in_flower_simulation_matches_plain_aggregation():
         assert bool((diff <= tol + 1e-7).all()), f"{name}: max diff {float(diff.max()):.3g}"
     # and SecAgg+ did work on the values: the result is not the plain one bit for bit
     assert any(not torch.equal(new.tensors[n], plain.tensors[n]) for n in plain.tensors)
+
+
+def test_weight_bound_is_the_number_of_examples_or_hetloras_norm_bound():
+    from prelort.flower.secagg import max_weight_bound
+
+    method, _, _ = _round("prelort")
+    assert max_weight_bound(method, 64, None) == 64.0
+    assert max_weight_bound(_round("zeropad")[0], 64, 3.0) == 64.0  # data-size weights ignore the norm bound
+    het, _, updates = _round("hetlora")
+    assert max_weight_bound(het, 64, 3.0) == 4.5
+    with pytest.raises(PrivacyError, match="needs validation.max_update_norm"):
+        max_weight_bound(het, 64, None)
+    # the bound holds: ||B A||_F <= ||update||^2 / 2 for every client
+    from prelort.privacy import client_weight
+    from prelort.updates import update_norm
+
+    for u in updates:
+        assert client_weight(het, u) <= update_norm(u.tensors) ** 2 / 2

@@ -7,6 +7,12 @@ process - the federation's model and its own partition from the config that came
 with the update in prelort's wire format. A QUERY ``prelort.hello`` is answered with the node's
 partition, which is how the ServerApp learns which node holds which client.
 
+Under secure aggregation the same ``train`` handler receives the four stages of Flower's SecAgg+ protocol
+(messages that carry SecAgg+'s config record): they go to a legacy ``NumPyClient`` behind
+``secaggplus_mod``, whose ``fit`` decodes the task, trains with :func:`run_task`, validates and clips its own
+update and uploads the fixed-shape encoding of :mod:`prelort.flower.secagg` (:func:`secure_upload`). One
+ClientApp serves both paths, so the launcher writes the same app either way.
+
 Caching: the model and tokenized partition live in module-level variables keyed by the config
 sections they depend on. In simulation a Ray actor process serves many messages, so they are built
 once; a deployed SuperNode starts a fresh ``flwr-clientapp`` process per message (Flower's
@@ -22,6 +28,7 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from . import records
 
@@ -83,6 +90,75 @@ def run_task(task: records.DecodedTask, partition_id: int):
                                  plan=task.plan, seed=task.seed))
 
 
+class SecAggUploadRefused(RuntimeError):
+    """This client trained but sent nothing to SecAgg+ (its update failed its own checks, or encoding did)."""
+
+
+def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[list[Any], int, dict[str, Any]]:
+    """Train, then what this client hands to SecAgg+: ``(arrays, n_k, metrics)``.
+
+    The server never sees this update, so the checks it would run happen here: the update is validated
+    (:func:`prelort.updates.validate_update`, with ``validation.max_update_norm``), clipped with
+    ``robust.clip_norm`` against the adapter it received (:func:`prelort.privacy.clip_update`), and encoded
+    in the public layout (:func:`prelort.flower.secagg.encode_for_secagg`, which refuses values SecAgg+ would
+    clip). Any failure raises, so nothing is uploaded and the round goes on without this client.
+    ``metrics`` travel in the clear: the client id, its training loss and HetLoRA's ``pruned_to`` only.
+    """
+    from .. import adapters, methods
+    from ..federation import adapter_prefix, spec_from_config
+    from ..privacy import clip_update
+    from ..updates import validate_update
+    from .secagg import SecAggLayout, encode_for_secagg, weight_units
+
+    task = secagg_task.task
+    update = run_task(task, partition_id)
+    cfg, model, _ = client_state(task.config, partition_id)
+    spec = spec_from_config(cfg, adapters.adapted_modules(model))
+    validate_update(update, spec, method=cfg.method, round_=task.round, max_norm=cfg.validation.max_update_norm)
+    if cfg.robust.clip_norm is not None:
+        update, norm, clipped = clip_update(update, adapter_prefix(task.broadcast.adapter, update.rank),
+                                            cfg.robust.clip_norm)
+        if clipped:
+            log.info("client %d: clipped its update change %.4g -> %.4g before secure aggregation", task.client,
+                     norm, cfg.robust.clip_norm)
+    method = methods.build(cfg.method, spec)
+    layout = SecAggLayout.from_json(secagg_task.layout_json)
+    arrays, weight = encode_for_secagg(method, update, layout, clipping_range=secagg_task.clipping_range)
+    units = weight_units(weight, secagg_task.max_weight)
+    clear = {k: update.meta[k] for k in ("loss", "pruned_to") if k in update.meta}
+    return arrays, units, {"client": task.client, "meta": json.dumps(clear)}
+
+
+def _secagg_client_fn(context: Context):
+    from flwr.client import NumPyClient
+
+    partition_id, _ = records.node_partition(dict(context.node_config))
+
+    class SecAggClient(NumPyClient):
+        def fit(self, parameters, config):
+            task = records.decode_secagg_task(list(parameters), dict(config))
+            try:
+                return secure_upload(task, partition_id)
+            except Exception as e:  # the server reads the client id from Flower's error reason
+                raise SecAggUploadRefused(f"client {task.task.client} did not upload to SecAgg+: "
+                                          f"{type(e).__name__}: {e}") from e
+
+    return SecAggClient().to_client()
+
+
+_SECAGG_APP: ClientApp | None = None
+
+
+def _secagg_app() -> ClientApp:
+    """SecAgg+'s legacy path: a NumPyClient behind ``secaggplus_mod`` (built on first use)."""
+    global _SECAGG_APP
+    if _SECAGG_APP is None:
+        from flwr.client.mod import secaggplus_mod
+
+        _SECAGG_APP = ClientApp(client_fn=_secagg_client_fn, mods=[secaggplus_mod])
+    return _SECAGG_APP
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which prelort client this node is."""
@@ -92,7 +168,10 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run one round of local training. An exception becomes a Flower error reply (the server logs it
-    as a failed client and the round goes on)."""
+    as a failed client and the round goes on). A message carrying SecAgg+'s config record is one stage of
+    the secure-aggregation protocol and goes to the legacy SecAgg+ client instead."""
+    if SECAGG_CONFIGS in msg.content.config_records:  # a stage of SecAgg+ (privacy.secure_aggregation)
+        return _secagg_app()(msg, context)
     partition_id, _ = records.node_partition(dict(context.node_config))
     task = records.decode_task(msg.content)
     update = run_task(task, partition_id)

@@ -316,6 +316,9 @@ def run_on_flower(cfg: Config, out: Path, resume: bool = False, verbose: bool = 
     if cfg.engine not in ("flower-sim", "flower"):
         raise ValueError(f"run_on_flower needs engine flower-sim or flower, got {cfg.engine!r}")
     require_flwr()
+    from ..federation import check_privacy
+
+    check_privacy(cfg)  # a refused privacy setting fails here, before a SuperLink starts
     out = Path(out).expanduser().resolve()
     if cfg.engine == "flower-sim":
         _check_run_dir(out, resume)

@@ -17,8 +17,12 @@ read from disk:
   (``stype`` = ``safetensors``; Flower chunks large Arrays in transit);
 * ``prelort.update_meta`` (ConfigRecord): ``format`` = ``safetensors-v1`` and ``meta``, the JSON metadata.
 
-The ``format`` fields leave room for other encodings next to these, e.g. fixed-shape zero-padded
-sums (R-row factors plus weight masks) that a secure-aggregation path would need.
+Under secure aggregation (``privacy.secure_aggregation``) the task travels as a legacy ``FitIns``
+instead (Flower's SecAgg+ exists only for the legacy API): :func:`encode_secagg_task` gives its
+parameters (the broadcast tensors, sorted by name) and flat config (``format`` =
+``prelort-secagg-task-v1``, the same fields as ``prelort.task`` plus the public upload layout, the weight
+bound and SecAgg+'s clipping range). The reply is SecAgg+'s masked vector of fixed-shape zero-padded
+factors and weight mask (:mod:`prelort.flower.secagg`), never an individual update.
 
 Node hand-shake (QUERY ``prelort.hello``): the ClientApp answers with its node_config ``partition-id``
 and ``num-partitions``, which is how the server maps a Flower node to a prelort client id.
@@ -49,6 +53,7 @@ HELLO = "prelort.hello"
 TASK_FORMAT = "prelort-task-v1"
 UPDATE_FORMAT = "safetensors-v1"
 HELLO_FORMAT = "prelort-hello-v1"
+SECAGG_TASK_FORMAT = "prelort-secagg-task-v1"
 SAFETENSORS_STYPE = "safetensors"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -174,6 +179,57 @@ def decode_reply(content: "RecordDict") -> ClientUpdate:
     if payload.stype != SAFETENSORS_STYPE:
         raise UpdateRejected("not_safetensors", f"update Array has stype {payload.stype!r}, not {SAFETENSORS_STYPE!r}")
     return decode_update(bytes(payload.data), meta)
+
+
+# -- the task under secure aggregation (legacy FitIns: ndarrays + a flat config) ------------------------------
+@dataclasses.dataclass
+class SecAggTask:
+    """A task as a SecAgg+ client receives it, plus what it needs to encode its upload: the public
+    layout of the global state (:class:`prelort.flower.secagg.SecAggLayout` as JSON), the weight bound W
+    and SecAgg+'s clipping range."""
+
+    task: DecodedTask
+    layout_json: str
+    max_weight: float
+    clipping_range: float
+
+
+def encode_secagg_task(round_: int, client: int, rank: int, seed: int, plan: TrainPlan, broadcast: Broadcast,
+                       config_json: str, layout_json: str, max_weight: float, clipping_range: float
+                       ) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """``(parameters, config)`` of one client's legacy FitIns: the broadcast tensors as float32 ndarrays in
+    the order of their sorted names, and a flat config with the same fields as ``prelort.task`` plus
+    ``names`` (JSON list), ``layout``, ``max_weight`` and ``clipping_range``."""
+    if broadcast.base_delta is not None:
+        raise ValueError("a secure-aggregation task cannot carry a base delta (sum-aggregatable methods send none)")
+    names = sorted(broadcast.adapter)
+    arrays = [broadcast.adapter[n].detach().to("cpu", torch.float32).contiguous().numpy() for n in names]
+    config = {"format": SECAGG_TASK_FORMAT, "round": int(round_), "client": int(client), "rank": int(rank),
+              "seed": int(seed), "plan": plan_to_json(plan), "config": config_json, "names": json.dumps(names),
+              "layout": layout_json, "max_weight": float(max_weight), "clipping_range": float(clipping_range)}
+    return arrays, config
+
+
+def decode_secagg_task(arrays: list[np.ndarray], config: dict[str, Any]) -> SecAggTask:
+    """Inverse of :func:`encode_secagg_task`; raises :class:`BadTask` naming what is missing or malformed."""
+    if config.get("format") != SECAGG_TASK_FORMAT:
+        raise BadTask(f"secure-aggregation task format {config.get('format')!r} is not {SECAGG_TASK_FORMAT!r}")
+    for field in ("round", "client", "rank", "seed", "plan", "config", "names", "layout", "max_weight",
+                  "clipping_range"):
+        if field not in config:
+            raise BadTask(f"secure-aggregation task lacks {field!r}")
+    try:
+        names = json.loads(str(config["names"]))
+        cfg = json.loads(str(config["config"]))
+    except ValueError as e:
+        raise BadTask(f"secure-aggregation task names/config are not JSON: {e}") from None
+    if not isinstance(names, list) or len(names) != len(arrays):
+        raise BadTask(f"secure-aggregation task has {len(arrays)} arrays for names {names!r}")
+    adapter = {str(n): torch.from_numpy(np.array(a, dtype=np.float32, copy=True)) for n, a in zip(names, arrays)}
+    task = DecodedTask(round=int(config["round"]), client=int(config["client"]), rank=int(config["rank"]),
+                       seed=int(config["seed"]), plan=plan_from_json(str(config["plan"])),
+                       broadcast=Broadcast(adapter, None), config=cfg, config_json=str(config["config"]))
+    return SecAggTask(task, str(config["layout"]), float(config["max_weight"]), float(config["clipping_range"]))
 
 
 # -- node hand-shake -----------------------------------------------------------------------------------------

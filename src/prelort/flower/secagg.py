@@ -144,6 +144,35 @@ def weight_units(weight: float, max_weight: float) -> int:
     return max(n, 1) if weight > 0 else 0
 
 
+def weighs_by_norm(method: Method) -> bool:
+    """Whether ``method`` weighs a client by its update's norm (HetLoRA) rather than its number of examples."""
+    from ..methods.hetlora import HetLoRA
+
+    return isinstance(method, HetLoRA)
+
+
+def max_weight_bound(method: Method, total_examples: int, max_update_norm: float | None = None) -> float:
+    """W, the public bound on every client's weight w_k that SecAgg+ divides by (:func:`weight_units`).
+
+    * Data-size weights (prelort, fedit, zeropad): w_k = n_k <= the federation's number of training
+      examples, so W = ``total_examples`` (a client can hold at most all of them).
+    * HetLoRA's norm weight: w_k = sqrt(sum_m ||B_m A_m||_F^2) <= sum_m ||B_m||_F ||A_m||_F
+      <= sum_m (||A_m||_F^2 + ||B_m||_F^2) / 2 = ||update||^2 / 2 <= ``max_update_norm``^2 / 2, which the
+      client enforces on its own update (``validation.max_update_norm``) before it encodes it.
+
+    A tighter W keeps more precision in n_k = round(w_k / W * 2**16). A client whose weight exceeds W
+    refuses to upload (``weight_units`` raises).
+    """
+    if weighs_by_norm(method):
+        if max_update_norm is None:
+            raise PrivacyError(f"method {method.name!r} weighs clients by a norm: secure aggregation needs "
+                               "validation.max_update_norm to bound it (||B A||_F <= max_update_norm**2 / 2)")
+        return float(max_update_norm) ** 2 / 2.0
+    if total_examples <= 0:
+        raise PrivacyError(f"total_examples must be positive, got {total_examples}")
+    return float(total_examples)
+
+
 def quantisation_bound(num_clients: int, rho_total: float, clipping_range: float = DEFAULT_CLIPPING_RANGE,
                        quantization_range: int = DEFAULT_QUANTIZATION_RANGE) -> float:
     """Per-entry bound on |recovered N' - exact N'| (module docstring): K * (2c / Q) / sum_k rho_k."""
@@ -253,5 +282,5 @@ def secagg_aggregate_simulation(method: Method, state: GlobalState, updates: Seq
     return new, info
 
 
-__all__ = ["SecAggLayout", "decode_secagg_mean", "encode_for_secagg", "finish_secagg",
+__all__ = ["SecAggLayout", "decode_secagg_mean", "encode_for_secagg", "finish_secagg", "max_weight_bound",
            "quantisation_bound", "secagg_aggregate_simulation", "weight_units"]

@@ -10,6 +10,10 @@ have to override ``start``, ``configure_train``, ``aggregate_train`` and both ev
 it, and keep the real state outside its ArrayRecord. So the ServerApp runs ``Session.run`` with a
 :class:`~prelort.flower.engine.GridEngine`: the only engine-specific part is how tasks reach the clients.
 
+With ``privacy.secure_aggregation`` the engine is a
+:class:`~prelort.flower.secagg_engine.SecAggGridEngine`: each round's tasks go through Flower's legacy
+SecAgg+ workflow on the same grid, and the round is finished from the secure sums.
+
 Settings arrive in ``context.run_config`` (written by :func:`prelort.flower.launch.run_on_flower` into
 the app's ``[tool.flwr.app.config]``): ``prelort-config`` (the resolved config as JSON), ``run-dir``
 (absolute path, on the host that runs this ServerApp), ``resume`` and ``verbose``.
@@ -46,7 +50,29 @@ def main(grid: Grid, context: Context) -> None:
     config_json = str(rc["prelort-config"])
     cfg = from_dict(json.loads(config_json))
     session = Session(cfg, Path(str(rc["run-dir"])), resume=bool(rc["resume"]), verbose=bool(rc["verbose"]))
-    engine = GridEngine(grid, cfg, config_json)
+    engine = _secagg_engine(grid, context, cfg, config_json, session) if cfg.privacy.secure_aggregation \
+        else GridEngine(grid, cfg, config_json)
     session.run(engine)
     if engine.round_seconds:
         log.info("flower: client round trips %s s", ", ".join(f"{s:.2f}" for s in engine.round_seconds))
+
+
+def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session):
+    from ..methods import GlobalState
+    from .secagg import SecAggLayout, max_weight_bound, weighs_by_norm
+    from .secagg_engine import SecAggGridEngine
+
+    fed = session.federation
+    # W for data-size weights: the federation's number of training examples (what the clients' partitions
+    # add up to, derived from the config the clients share); HetLoRA: max_update_norm**2 / 2 (secagg.py).
+    total = sum(len(p) for p in session.partitions)
+    max_weight = max_weight_bound(fed.method, total, cfg.validation.max_update_norm)
+    log.info("secure aggregation: SecAgg+ with weight bound W=%g (%s)", max_weight,
+             "validation.max_update_norm**2 / 2" if weighs_by_norm(fed.method) else
+             "the federation's number of training examples")
+
+    def layout_of() -> SecAggLayout:
+        assert isinstance(fed.state, GlobalState), "the federation has not started"
+        return SecAggLayout.of(fed.state)
+
+    return SecAggGridEngine(grid, cfg, config_json, context, layout_of, max_weight)

@@ -1,0 +1,145 @@
+"""`prelort run` with privacy.secure_aggregation: every round through Flower's SecAgg+ (flower-sim), equal to the
+plain run within SecAgg+'s quantisation bound; and the settings it refuses, with their messages."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+
+from prelort import config as config_mod  # noqa: E402
+from prelort import runner  # noqa: E402
+from prelort.config import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CHECK_RUN = REPO / ".." / "shared" / "tools" / "check_run.py"
+TINY = REPO / "examples" / "tiny.yaml"
+SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
+         "eval.max_new_tokens=2", "eval.truncation_curve=false"]
+# round_timeout bounds every SecAgg+ stage: a stuck protocol fails the round instead of hanging the test
+SECAGG = ["engine=flower-sim", "privacy.secure_aggregation=true", "flower.round_timeout=120"]
+# tiny.yaml: 4 clients of ranks 1, 2, 4, 8, all sampled; SMALL: 64 training examples, 16 per client.
+RANKS = (1, 2, 4, 8)
+EXAMPLES = (16, 16, 16, 16)
+LOG_LINE = re.compile(r"round (\d+): secure aggregation \(SecAgg\+\): (\d+) clients aggregated \[([\d, ]*)\]; "
+                      r"quantisation bound ([\d.e+-]+) per entry")
+
+
+def check_run(run_dir: Path) -> None:
+    if not CHECK_RUN.is_file():
+        pytest.skip(f"{CHECK_RUN} not present")
+    proc = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _adapter(run: Path, round_: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"round-{round_}" / "adapter.safetensors"))
+
+
+def _plain_from(secagg_run: Path, round_: int, tmp: Path, extra: list[str]) -> Path:
+    """The plain in-process round ``round_`` started from the SecAgg run's state after round ``round_ - 1``
+    (a copy of its run directory resumed by the in-process engine): the clients train exactly as they did
+    under SecAgg+, so the two states differ only by SecAgg+'s quantisation."""
+    plain = tmp / f"plain-{round_}"
+    shutil.copytree(secagg_run, plain)
+    for later in (plain / "checkpoints").glob("round-*"):
+        if int(later.name.split("-")[1]) >= round_:
+            shutil.rmtree(later)
+    cfg = config_mod.load(TINY, [*SMALL, *extra, f"rounds={round_}"])
+    return runner.run(cfg, plain, resume=True, verbose=False)
+
+
+def _bound_per_entry(method: str, plain: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
+    """SecAgg+'s error on the finished state: with sums N', D' each within eps of the exact (normalised) N, D,
+    |N'_i/D'_i - N_i/D_i| <= eps (1 + |N_i/D_i|) / (D_i - eps). PreLort's segment rule divides dimension i by
+    D_i = sum of rho_k over the clients with r_k > i; zero-padding divides everything by D_0 = sum rho = 1."""
+    total = sum(EXAMPLES)
+    den = torch.tensor([sum(n / total for n, r in zip(EXAMPLES, RANKS) if r > (i if method == "prelort" else 0))
+                        for i in range(max(RANKS))], dtype=torch.float64)
+    tol = {}
+    for name, x in plain.items():
+        d = den.view(-1, 1) if name.endswith("lora_A") else den.view(1, -1)
+        tol[name] = eps * (1 + x.double().abs()) / (d - eps)
+    return tol
+
+
+@pytest.mark.parametrize("method", ["prelort", pytest.param("zeropad", marks=pytest.mark.slow)])
+def test_secagg_run_on_flower_sim_equals_the_plain_run_within_the_quantisation_bound(tmp_path, method):
+    """2 rounds of tiny.yaml under SecAgg+ (about 45 s). Each round is compared with the plain in-process
+    round from the same starting state, entry by entry, against SecAgg+'s quantisation bound propagated
+    through the method's rule - the only difference between them."""
+    cfg = config_mod.load(TINY, [*SMALL, *SECAGG, f"method={method}"])
+    run = runner.run(cfg, tmp_path / "secagg", verbose=False)
+    check_run(run)
+
+    log_text = (run / "run.log").read_text()
+    lines = [m.groups() for m in LOG_LINE.finditer(log_text)]
+    assert [(r, k, c) for r, k, c, _ in lines] == [("1", "4", "0, 1, 2, 3"), ("2", "4", "0, 1, 2, 3")], log_text
+    # K = 4 clients, rho_k = 16/64 each (sum 1): eps = K * (2c / Q) / sum rho = 4 * 16 / 2**22
+    eps = 4 * 16 / 2**22
+    assert [float(b) for *_, b in lines] == pytest.approx([eps, eps], rel=1e-5)
+    assert "dropped/failed clients: none" in log_text
+    trains = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [(t["round"], t["accepted"], t["failed"]) for t in trains] == [(1, 4, 0), (2, 4, 0)]
+    assert all(isinstance(t["train_loss"], float) for t in trains)
+
+    worst = []
+    for round_ in (1, 2):
+        plain = _adapter(_plain_from(run, round_, tmp_path, [f"method={method}"]), round_)
+        secure = _adapter(run, round_)
+        assert plain.keys() == secure.keys() and len(plain) == 16
+        tol = _bound_per_entry(method, plain, eps)
+        for name in plain:
+            diff = (secure[name].double() - plain[name].double()).abs()
+            # + one float32 rounding of the stored value
+            limit = tol[name] + plain[name].double().abs() * 2**-23
+            assert bool((diff <= limit).all()), (f"round {round_} {name}: max diff {float(diff.max()):.3g}, "
+                                                 f"bound there {float(limit.flatten()[diff.argmax()]):.3g}")
+            worst.append(float((diff / limit).max()))
+        # SecAgg+ did work on the values: not the plain state bit for bit
+        assert any(not torch.equal(secure[n], plain[n]) for n in plain)
+    assert max(worst) <= 1.0
+    # training moved the adapter, so the comparison is not between two initial states
+    first = _adapter(run, 0)
+    assert any(float((_adapter(run, 2)[k] - first[k]).abs().max()) > 1e-5 for k in first)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["audit=true"], r"privacy\.secure_aggregation and audit: true cannot be combined: the audit stores every "
+                     r"client's update"),
+    (["method=flexlora"], r"privacy\.secure_aggregation: method 'flexlora' cannot run under secure aggregation"),
+    (["privacy.dp=true"], r"privacy\.secure_aggregation and privacy\.dp cannot be combined"),
+    (["method=hetlora"], r"method hetlora needs validation\.max_update_norm"),
+    (["clients.per_round=2"], r"at least 3 clients per round"),
+])
+def test_refused_secagg_settings_fail_before_flower_starts(tmp_path, overrides, needle):
+    cfg = config_mod.load(TINY, [*SMALL, *SECAGG, *overrides])
+    with pytest.raises(ConfigError, match=needle):
+        runner.run(cfg, tmp_path / "r", verbose=False)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_client_whose_update_fails_its_own_validation_uploads_nothing_and_the_round_goes_on(tmp_path):
+    """Client updates have norms 1.6, 2.2, 3.2, 4.6 (ranks 1, 2, 4, 8) on this config: with
+    validation.max_update_norm=4 the rank-8 client rejects its own update, drops out of SecAgg+ after the
+    key exchange, and the other three are aggregated (SecAgg+ removes the dropped client's masks)."""
+    cfg = config_mod.load(TINY, [*SMALL, *SECAGG, "rounds=1", "validation.max_update_norm=4"])
+    run = runner.run(cfg, tmp_path / "secagg", verbose=False)
+    check_run(run)
+    log_text = (run / "run.log").read_text()
+    assert [m.groups()[:3] for m in LOG_LINE.finditer(log_text)] == [("1", "3", "0, 1, 2")], log_text
+    assert re.search(r"WARNING round 1: client 3 is not in the secure sum: client 3 did not upload to SecAgg\+: "
+                     r"UpdateRejected: norm_too_large: client 3: update norm [\d.]+ exceeds the bound 4\n", log_text)
+    assert "dropped/failed clients: [3]" in log_text
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [(t["round"], t["accepted"], t["failed"]) for t in train] == [(1, 3, 1)]
