@@ -122,6 +122,9 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
                    f"compute time {(m.get('compute_seconds') or m.get('wall_seconds') or 0) / 60:.0f} min."
                    + (f" {m['rounds_note']}." if m.get("rounds_note") else ""))
         notes = []
+        if m.get("select_rounds"):
+            notes.append(f"Learning rates selected with {m['select_rounds']}-round runs on seed "
+                         f"{settings.get('select_seed')}.")
         if m.get("seeds") and m["seeds"] != seeds:
             notes.append(f"Seeds {m['seeds']}" + (" (one seed: no std)." if len(m["seeds"]) == 1 else "."))
         if m.get("lr_transferred_from"):
