@@ -83,7 +83,7 @@ PROFILES: dict[str, ModelProfile] = {
     "smollm2-135m-instruct": ModelProfile(rounds=3, step_seconds=2.0, eval_seconds_per_example=0.25, load_seconds=5),
     "qwen2.5-coder-0.5b-instruct": ModelProfile(
         rounds=2, step_seconds=8.0, eval_seconds_per_example=1.0, load_seconds=10,
-        note="~4x slower per step than SmolLM2: 2 rounds instead of 4 (same rounds for every method)",
+        note="~4x slower per step than SmolLM2: 2 rounds instead of 3 (same rounds for every method)",
     ),
     "tiny-llama": ModelProfile(rounds=1, step_seconds=0.02, eval_seconds_per_example=0.005, load_seconds=0.5,
                                note="random tiny Llama: a plumbing check, its numbers mean nothing"),
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n{model}:\n{payload['models'][model]['comparison_markdown']}\n", flush=True)
     if not args.merge:
         payload["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print(f"wall time {payload['wall_seconds'] / 60:.1f} min; wrote {write_json(args.json, payload)}")
+    print(f"wall time {(time.perf_counter() - started) / 60:.1f} min; wrote {write_json(args.json, payload)}")
     return payload
 
 
