@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from prelort import runner  # noqa: E402
 from prelort.config import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CHECK_RUN = REPO / ".." / "shared" / "tools" / "check_run.py"
 TINY = REPO / "examples" / "tiny.yaml"
 SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
          "eval.max_new_tokens=2", "eval.truncation_curve=false"]
@@ -32,13 +29,6 @@ RANKS = (1, 2, 4, 8)
 EXAMPLES = (16, 16, 16, 16)
 LOG_LINE = re.compile(r"round (\d+): secure aggregation \(SecAgg\+\): (\d+) clients aggregated \[([\d, ]*)\]; "
                       r"quantisation bound ([\d.e+-]+) per entry")
-
-
-def check_run(run_dir: Path) -> None:
-    if not CHECK_RUN.is_file():
-        pytest.skip(f"{CHECK_RUN} not present")
-    proc = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _adapter(run: Path, round_: int) -> dict[str, torch.Tensor]:
@@ -73,7 +63,7 @@ def _bound_per_entry(method: str, plain: dict[str, torch.Tensor], eps: float) ->
 
 
 @pytest.mark.parametrize("method", ["prelort", pytest.param("zeropad", marks=pytest.mark.slow)])
-def test_secagg_run_on_flower_sim_equals_the_plain_run_within_the_quantisation_bound(tmp_path, method):
+def test_secagg_run_on_flower_sim_equals_the_plain_run_within_the_quantisation_bound(tmp_path, method, check_run):
     """2 rounds of tiny.yaml under SecAgg+ (about 45 s). Each round is compared with the plain in-process
     round from the same starting state, entry by entry, against SecAgg+'s quantisation bound propagated
     through the method's rule - the only difference between them."""
@@ -129,7 +119,7 @@ def test_refused_secagg_settings_fail_before_flower_starts(tmp_path, overrides, 
 
 
 @pytest.mark.slow
-def test_a_client_whose_update_fails_its_own_validation_uploads_nothing_and_the_round_goes_on(tmp_path):
+def test_a_client_whose_update_fails_its_own_validation_uploads_nothing_and_the_round_goes_on(tmp_path, check_run):
     """Client updates have norms 1.6, 2.2, 3.2, 4.6 (ranks 1, 2, 4, 8) on this config: with
     validation.max_update_norm=4 the rank-8 client rejects its own update, drops out of SecAgg+ after the
     key exchange, and the other three are aggregated (SecAgg+ removes the dropped client's masks)."""
