@@ -250,7 +250,7 @@ def train_client(
         pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
     params = adapters.lora_parameters(model)
-    pairs = list(zip(params[0::2], params[1::2]))
+    pairs = _factor_pairs(model)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

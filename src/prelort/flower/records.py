@@ -117,8 +117,7 @@ def encode_task(round_: int, client: int, rank: int, seed: int, plan: TrainPlan,
     from flwr.app import ConfigRecord, RecordDict
 
     content = RecordDict({
-        TASK: ConfigRecord({"format": TASK_FORMAT, "round": int(round_), "client": int(client), "rank": int(rank),
-                            "seed": int(seed), "plan": plan_to_json(plan), "config": config_json}),
+        TASK: ConfigRecord({"format": TASK_FORMAT, **_task_fields(round_, client, rank, seed, plan, config_json)}),
         ADAPTER: tensors_to_record(broadcast.adapter),
     })
     if broadcast.base_delta is not None:
@@ -133,21 +132,39 @@ def decode_task(content: "RecordDict") -> DecodedTask:
     rec = content.config_records[TASK]
     if rec.get("format") != TASK_FORMAT:
         raise BadTask(f"task format {rec.get('format')!r} is not {TASK_FORMAT!r} (prelort versions differ?)")
-    for field in ("round", "client", "rank", "seed", "plan", "config"):
-        if field not in rec:
-            raise BadTask(f"task lacks {field!r}")
+    _require_fields(rec, _TASK_FIELDS, "task")
     if ADAPTER not in content.array_records:
         raise BadTask(f"message has no {ADAPTER!r} ArrayRecord")
     adapter = record_to_tensors(content.array_records[ADAPTER])
     base_delta = (record_to_tensors(content.array_records[BASE_DELTA])
                   if BASE_DELTA in content.array_records else None)
+    return _decoded_task(rec, Broadcast(adapter, base_delta), "task")
+
+
+_TASK_FIELDS = ("round", "client", "rank", "seed", "plan", "config")
+
+
+def _task_fields(round_: int, client: int, rank: int, seed: int, plan: TrainPlan, config_json: str) -> dict[str, Any]:
+    """The fields every task carries, whichever way it travels (ConfigRecord or legacy FitIns config)."""
+    return {"round": int(round_), "client": int(client), "rank": int(rank), "seed": int(seed),
+            "plan": plan_to_json(plan), "config": config_json}
+
+
+def _require_fields(rec: Any, fields: tuple[str, ...], what: str) -> None:
+    for field in fields:
+        if field not in rec:
+            raise BadTask(f"{what} lacks {field!r}")
+
+
+def _decoded_task(rec: Any, broadcast: Broadcast, what: str) -> DecodedTask:
+    """A :class:`DecodedTask` from the fields of :func:`_task_fields` (already checked present)."""
     try:
         config = json.loads(str(rec["config"]))
     except ValueError as e:
-        raise BadTask(f"task config is not JSON: {e}") from None
+        raise BadTask(f"{what} config is not JSON: {e}") from None
     return DecodedTask(round=int(rec["round"]), client=int(rec["client"]), rank=int(rec["rank"]),
                        seed=int(rec["seed"]), plan=plan_from_json(str(rec["plan"])),
-                       broadcast=Broadcast(adapter, base_delta), config=config, config_json=str(rec["config"]))
+                       broadcast=broadcast, config=config, config_json=str(rec["config"]))
 
 
 # -- the update (client -> server) ---------------------------------------------------------------------------
@@ -204,9 +221,9 @@ def encode_secagg_task(round_: int, client: int, rank: int, seed: int, plan: Tra
         raise ValueError("a secure-aggregation task cannot carry a base delta (sum-aggregatable methods send none)")
     names = sorted(broadcast.adapter)
     arrays = [broadcast.adapter[n].detach().to("cpu", torch.float32).contiguous().numpy() for n in names]
-    config = {"format": SECAGG_TASK_FORMAT, "round": int(round_), "client": int(client), "rank": int(rank),
-              "seed": int(seed), "plan": plan_to_json(plan), "config": config_json, "names": json.dumps(names),
-              "layout": layout_json, "max_weight": float(max_weight), "clipping_range": float(clipping_range)}
+    config = {"format": SECAGG_TASK_FORMAT, **_task_fields(round_, client, rank, seed, plan, config_json),
+              "names": json.dumps(names), "layout": layout_json, "max_weight": float(max_weight),
+              "clipping_range": float(clipping_range)}
     return arrays, config
 
 
@@ -214,21 +231,16 @@ def decode_secagg_task(arrays: list[np.ndarray], config: dict[str, Any]) -> SecA
     """Inverse of :func:`encode_secagg_task`; raises :class:`BadTask` naming what is missing or malformed."""
     if config.get("format") != SECAGG_TASK_FORMAT:
         raise BadTask(f"secure-aggregation task format {config.get('format')!r} is not {SECAGG_TASK_FORMAT!r}")
-    for field in ("round", "client", "rank", "seed", "plan", "config", "names", "layout", "max_weight",
-                  "clipping_range"):
-        if field not in config:
-            raise BadTask(f"secure-aggregation task lacks {field!r}")
+    what = "secure-aggregation task"
+    _require_fields(config, _TASK_FIELDS + ("names", "layout", "max_weight", "clipping_range"), what)
     try:
         names = json.loads(str(config["names"]))
-        cfg = json.loads(str(config["config"]))
     except ValueError as e:
-        raise BadTask(f"secure-aggregation task names/config are not JSON: {e}") from None
+        raise BadTask(f"{what} names are not JSON: {e}") from None
     if not isinstance(names, list) or len(names) != len(arrays):
-        raise BadTask(f"secure-aggregation task has {len(arrays)} arrays for names {names!r}")
+        raise BadTask(f"{what} has {len(arrays)} arrays for names {names!r}")
     adapter = {str(n): torch.from_numpy(np.array(a, dtype=np.float32, copy=True)) for n, a in zip(names, arrays)}
-    task = DecodedTask(round=int(config["round"]), client=int(config["client"]), rank=int(config["rank"]),
-                       seed=int(config["seed"]), plan=plan_from_json(str(config["plan"])),
-                       broadcast=Broadcast(adapter, None), config=cfg, config_json=str(config["config"]))
+    task = _decoded_task(config, Broadcast(adapter, None), what)
     return SecAggTask(task, str(config["layout"]), float(config["max_weight"]), float(config["clipping_range"]))
 
 

@@ -195,9 +195,10 @@ class SecAggGridEngine(GridEngine):
             failures.append("SecAgg+ halted before unmasking (too few clients left to rebuild the masks)")
         by_client: dict[int, list[str]] = {}
         unattributed = []
+        sampled = {t.client for t in task_of_node.values()}
         for text in failures:
             m = _CLIENT_IN_REASON.search(text)
-            if m and int(m.group(1)) in {t.client for t in task_of_node.values()}:
+            if m and int(m.group(1)) in sampled:
                 by_client.setdefault(int(m.group(1)), []).append(text)
             else:
                 unattributed.append(text)
