@@ -202,8 +202,25 @@ def aggregation_section(data: dict[str, Any], results_dir: Path, readme_dir: Pat
         out.append("")
         speed = (m.get("summary") or {}).get("speedup_vs_flexlora") or []
         if speed:
-            out.append("PreLort's speed-up over FlexLoRA (aggregation CPU time per client): "
+            out.append("PreLort's speed-up over FlexLoRA (aggregation CPU time per client; goal >= 100x): "
                        + ", ".join(f"N={s['n_clients']}: {s['aggregate_speedup']:.1f}x" for s in speed) + ".")
+            out.append("")
+        bandwidth = (m.get("summary") or {}).get("bandwidth_vs_memcpy") or []
+        if bandwidth:
+            parts = []
+            for b in bandwidth:
+                part = f"N={b['n_clients']}: {100 * b['fraction']:.0f}%"
+                if "streaming_fraction" in b:
+                    part += (f" (fixed round cost {fmt_seconds(b['fixed_round_cpu_s'])}; per-client work alone "
+                             f"{100 * b['streaming_fraction']:.0f}%)")
+                parts.append(part)
+            out.append("PreLort's bandwidth (bytes of the updates / aggregation CPU time) as a fraction of a memcpy of "
+                       "the same tensors (goal >= 30%): " + ", ".join(parts) + ".")
+            out.append("")
+        memory = ((m.get("summary") or {}).get("peak_memory") or {}).get("prelort")
+        if memory:
+            out.append("PreLort's peak server memory during aggregation (rise of the resident set; goal: flat in N): "
+                       + ", ".join(f"N={n}: {fmt_bytes(v)}" for n, v in memory["by_clients_measured"].items()) + ".")
             out.append("")
     out.append(provenance(data, "aggregation"))
     return "\n".join(out)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prelort.nested import (
+    FactorSums,
     PaddedSums,
     mean_from_sums,
     nested_truncations,
@@ -221,3 +222,93 @@ def test_padded_mean_without_weight_keeps_previous_and_result_dtype_follows_prev
     sums.add(torch.full((2, 3), 2.0), 1.0)
     out = sums.segment_mean(previous)
     assert out.dtype == torch.float32 and out.tolist() == [[2.0] * 3] * 2
+
+
+# -- FactorSums: the whole-client, buffered form used by the methods ------------------------------------------
+
+
+def _adapter_shapes(R: int) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    shapes = {"q.lora_A": (R, 5), "q.lora_B": (7, R), "v.lora_A": (R, 3), "v.lora_B": (4, R)}
+    return shapes, {name: rank_dim(name.rpartition(".")[2]) for name in shapes}
+
+
+def _client(seed: int, rank: int, shapes: dict[str, tuple[int, int]], dims: dict[str, int],
+            dtype=torch.float32) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        s = list(shape)
+        s[dims[name]] = rank
+        out[name] = _rand(seed * 10 + i, *s).to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("buffer_clients,block_bytes", [(1, 2**20), (3, 1), (8, 2**20), (100, 64)])
+def test_factor_sums_equal_per_tensor_padded_sums_bit_for_bit(buffer_clients, block_bytes):
+    # float32 updates into float64 sums, as on a server: buffering and blocking change the order of the
+    # operations across tensors only, never the order of the clients within an entry, so the sums are identical.
+    R = 6
+    shapes, dims = _adapter_shapes(R)
+    clients = [(_client(k, r, shapes, dims), float(w)) for k, (r, w) in
+               enumerate([(2, 3), (6, 1), (1, 7), (4, 2), (6, 5), (2, 0), (3, 11)])]
+    fused = FactorSums(shapes, dims, buffer_clients=buffer_clients, block_bytes=block_bytes)
+    plain = {name: PaddedSums(shape, dims[name]) for name, shape in shapes.items()}
+    for factors, w in clients:
+        fused.add(factors, w)
+        for name, x in factors.items():
+            plain[name].add(x, w)
+    assert set(fused) == set(shapes) and len(fused) == 4
+    for name in shapes:
+        assert torch.equal(fused[name].num, plain[name].num), name
+        assert torch.equal(fused[name].den, plain[name].den), name
+        assert fused[name].total == plain[name].total == 29.0 and fused[name].count == 7
+    assert fused["q.lora_A"].den.tolist() == [29.0, 22.0, 19.0, 8.0, 6.0, 6.0]  # weight of clients of rank > i
+
+
+def test_factor_sums_reading_flushes_the_buffer():
+    shapes, dims = _adapter_shapes(4)
+    sums = FactorSums(shapes, dims, buffer_clients=100)
+    factors = _client(0, 2, shapes, dims)
+    sums.add(factors, 2.0)
+    expected = torch.zeros(4, 5, dtype=torch.float64)
+    expected[:2] = 2.0 * factors["q.lora_A"].double()
+    assert torch.equal(sums["q.lora_A"].num, expected)
+
+
+def test_factor_sums_reject_bad_client_without_changing_the_sums():
+    shapes, dims = _adapter_shapes(4)
+    sums = FactorSums(shapes, dims, buffer_clients=1)
+    good = _client(0, 2, shapes, dims)
+    sums.add(good, 1.0)
+    before = {name: (sums[name].num.clone(), sums[name].den.clone()) for name in shapes}
+    missing = {k: v for k, v in good.items() if k != "v.lora_B"}
+    with pytest.raises(ValueError, match=r"missing \['v.lora_B'\]"):
+        sums.add(missing, 1.0)
+    with pytest.raises(ValueError, match=r"unexpected \['k.lora_A'\]"):
+        sums.add({**good, "k.lora_A": torch.zeros(2, 5)}, 1.0)
+    wrong = dict(good, **{"v.lora_B": torch.zeros(5, 2)})  # last factor checked: the earlier ones must not count
+    with pytest.raises(ValueError, match=r"factor has shape \(5, 2\), expected \(4, 4\)"):
+        sums.add(wrong, 1.0)
+    with pytest.raises(ValueError, match="exceeds global rank 4"):
+        sums.add(_client(1, 5, shapes, dims), 1.0)
+    with pytest.raises(ValueError, match="weight must be finite"):
+        sums.add(good, float("nan"))
+    for name in shapes:
+        assert torch.equal(sums[name].num, before[name][0]) and torch.equal(sums[name].den, before[name][1])
+        assert sums[name].count == 1
+
+
+@pytest.mark.parametrize("den", [[4.0, 2.0, 0.0], [4.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_mean_from_sums_divides_covered_dims_and_keeps_the_rest(den, dim):
+    # Sums from clients always cover a prefix; sums that went through SecAgg or DP may not: both paths agree
+    # with the per-dimension definition, and the result has the previous tensor's dtype.
+    shape = (3, 2) if dim == 0 else (2, 3)
+    num = _rand(1, *shape)
+    previous = _rand(2, *shape).to(torch.float32)
+    d = torch.tensor(den, dtype=torch.float64)
+    out = mean_from_sums(num, d, previous, dim)
+    assert out.dtype == torch.float32
+    for i, di in enumerate(den):
+        got = out.select(dim, i)
+        want = (num.select(dim, i) / di).float() if di > 0 else previous.select(dim, i)
+        assert torch.equal(got, want), (i, got, want)

@@ -16,7 +16,7 @@ Nothing here knows about models, files or engines.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ __all__ = [
     "padded_weighted_sums",
     "mean_from_sums",
     "PaddedSums",
+    "FactorSums",
+    "check_weight",
 ]
 
 
@@ -113,8 +115,10 @@ class PaddedSums:
         den_i = sum_{k: r_k > i} p_k             float64, length R (padded weight masks)
         total = sum_k p_k
 
-    Memory is one global-size float64 tensor plus a length-R vector, whatever the number of
-    clients, so a server can fold updates in as they arrive. From the sums:
+    Memory is one global-size float64 tensor plus the total weight per client rank, whatever the
+    number of clients, so a server can fold updates in as they arrive. ``den`` is built from the
+    per-rank totals when read: updating a length-R slice per tensor and client cost more than the
+    numerator's add at small shapes. From the sums:
 
         segment_mean: dimension i = num_i / den_i (PreLort; previous value where den_i = 0)
         padded_mean:  every dimension = num / total (zero-padding FedAvg: the dilution)
@@ -128,30 +132,47 @@ class PaddedSums:
         self.dim = dim
         self.rank = shape[dim]
         self.num = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.den = torch.zeros(self.rank, dtype=torch.float64, device=device)
         self.total = 0.0
         self.count = 0
+        self._rank_weight: dict[int, float] = {}  # client rank -> sum of the weights of clients of that rank
+
+    def check(self, x: Tensor) -> int:
+        """The rank of factor ``x`` after checking its shape against the global factor's; a clear error otherwise."""
+        shape = tuple(x.shape)
+        if len(shape) != len(self.shape):
+            raise ValueError(f"factor has {len(shape)} axes, expected {len(self.shape)}")
+        k = shape[self.dim]
+        if k > self.rank:
+            raise ValueError(f"factor of rank {k} exceeds global rank {self.rank}")
+        if shape[: self.dim] != self.shape[: self.dim] or shape[self.dim + 1:] != self.shape[self.dim + 1:]:
+            raise ValueError(f"factor has shape {shape}, expected {self.shape} up to the rank axis {self.dim}")
+        return k
 
     def add(self, x: Tensor, weight: float) -> None:
         """Fold in one client's factor ``x`` (rank = ``x.shape[dim]``) with weight ``weight`` >= 0."""
-        w = float(weight)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight must be finite and >= 0, got {weight}")
-        if x.dim() != len(self.shape):
-            raise ValueError(f"factor has {x.dim()} axes, expected {len(self.shape)}")
-        k = x.shape[self.dim]
-        if k > self.rank:
-            raise ValueError(f"factor of rank {k} exceeds global rank {self.rank}")
-        for axis, (have, want) in enumerate(zip(x.shape, self.shape)):
-            if axis != self.dim and have != want:
-                raise ValueError(
-                    f"factor has shape {tuple(x.shape)}, expected {self.shape} up to the rank axis {self.dim}"
-                )
-        # in-place add promotes x to float64 element by element: no float64 copy of the update
+        w = check_weight(weight)
+        k = self.check(x)
+        # x is converted to float64 (a temporary of its size) and added in place: float64 sums
         self.num.narrow(self.dim, 0, k).add_(x.to(device=self.num.device), alpha=w)
-        self.den[:k] += w
+        self.record(k, w)
+
+    def record(self, k: int, w: float) -> None:
+        """Book one client of rank ``k`` and weight ``w`` (its numerator term is added by the caller)."""
+        self._rank_weight[k] = self._rank_weight.get(k, 0.0) + w
         self.total += w
         self.count += 1
+
+    @property
+    def den(self) -> Tensor:
+        """den_i = sum of the weights of the clients of rank > i (float64, length R)."""
+        at_rank = [0.0] * (self.rank + 1)
+        for k, w in self._rank_weight.items():
+            at_rank[k] += w
+        den, running = [0.0] * self.rank, 0.0
+        for i in range(self.rank, 0, -1):  # den_{i-1} = sum of the weights of ranks >= i
+            running += at_rank[i]
+            den[i - 1] = running
+        return torch.tensor(den, dtype=torch.float64, device=self.num.device)
 
     def segment_mean(self, previous: Tensor) -> Tensor:
         """num_i / den_i per dimension; an uncovered dimension keeps ``previous`` (dtype of ``previous``)."""
@@ -164,6 +185,110 @@ class PaddedSums:
         if self.total <= 0:
             return previous.clone()
         return (self.num / self.total).to(dtype=previous.dtype, device=previous.device)
+
+
+def check_weight(weight: float) -> float:
+    """``weight`` as a float, or a clear error unless it is finite and >= 0."""
+    w = float(weight)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"weight must be finite and >= 0, got {weight}")
+    return w
+
+
+class FactorSums(Mapping[str, PaddedSums]):
+    """One :class:`PaddedSums` per factor of an adapter (name -> sums), fed a whole client at a time.
+
+    ``add({name: X_k}, p_k)`` computes exactly what ``PaddedSums.add`` does for every factor (the
+    same float64 ``num += p_k * X_k``, clients folded in arrival order, so the sums are identical),
+    but faster, for two reasons measured in bench/aggregation.py:
+
+    * one fused ``torch._foreach_add_`` per block of factors instead of a Python call per tensor
+      (hundreds of factors of a few hundred KiB each: the calls cost as much as the adds);
+    * a small bounded buffer: up to ``buffer_clients`` updates (at most ``buffer_bytes``) are held
+      and then added module-major, each block of sums (``block_bytes``, sized for a core's L2
+      cache) taking all buffered clients while it is in cache, instead of streaming the whole
+      float64 sums through memory once per client.
+
+    Memory stays flat in the number of clients: the sums plus at most the buffer. The buffered
+    tensors are kept by reference until the next flush: do not modify them in place meanwhile.
+    Reading any member (``sums[name]``, iteration) flushes first.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], dims: Mapping[str, int], *,
+                 device: torch.device | str | None = None, buffer_clients: int = 8,
+                 buffer_bytes: int = 64 * 2**20, block_bytes: int = 2**20):
+        if set(shapes) != set(dims):
+            raise ValueError("shapes and dims must name the same factors")
+        if buffer_clients < 1:
+            raise ValueError(f"buffer_clients must be >= 1, got {buffer_clients}")
+        self._sums = {name: PaddedSums(shape, dims[name], device=device) for name, shape in shapes.items()}
+        self._names = list(self._sums)
+        self._prefixes: dict[tuple[str, int], Tensor] = {}  # (name, rank) -> view of the first rank dims of num
+        self.buffer_clients = int(buffer_clients)
+        self.buffer_bytes = int(buffer_bytes)
+        self._pending: list[tuple[list[Tensor], list[Tensor], float]] = []
+        self._pending_bytes = 0
+        # Blocks of consecutive factors whose float64 sums together fit in block_bytes (at least one each).
+        self._blocks: list[tuple[int, int]] = []
+        lo, size = 0, 0
+        for i, name in enumerate(self._names):
+            nbytes = self._sums[name].num.nbytes
+            if i > lo and size + nbytes > block_bytes:
+                self._blocks.append((lo, i))
+                lo, size = i, 0
+            size += nbytes
+        if self._names:
+            self._blocks.append((lo, len(self._names)))
+
+    def __getitem__(self, name: str) -> PaddedSums:
+        self.flush()
+        return self._sums[name]
+
+    def __iter__(self):
+        self.flush()
+        return iter(self._sums)
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def add(self, factors: Mapping[str, Tensor], weight: float) -> None:
+        """Fold in one client's factors (name -> tensor; every factor of the adapter) with weight ``weight``."""
+        w = check_weight(weight)
+        if factors.keys() != self._sums.keys():
+            missing = sorted(set(self._sums) - set(factors))
+            extra = sorted(set(factors) - set(self._sums))
+            raise ValueError(f"client factors do not match the adapter: missing {missing[:3]}, unexpected {extra[:3]}")
+        views: list[Tensor] = []
+        xs: list[Tensor] = []
+        ranks: list[int] = []
+        nbytes = 0
+        for name in self._names:  # check everything before booking anything: a bad update changes nothing
+            acc, x = self._sums[name], factors[name]
+            k = acc.check(x)
+            if x.device != acc.num.device:
+                x = x.to(acc.num.device)
+            view = self._prefixes.get((name, k))
+            if view is None:
+                view = self._prefixes[(name, k)] = acc.num.narrow(acc.dim, 0, k)
+            views.append(view)
+            xs.append(x)
+            ranks.append(k)
+            nbytes += x.nbytes
+        for name, k in zip(self._names, ranks):
+            self._sums[name].record(k, w)
+        self._pending.append((views, xs, w))
+        self._pending_bytes += nbytes
+        if len(self._pending) >= self.buffer_clients or self._pending_bytes >= self.buffer_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the buffered clients into the sums (module-major, clients in arrival order)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for lo, hi in self._blocks:
+            for views, xs, w in pending:
+                torch._foreach_add_(views[lo:hi], xs[lo:hi], alpha=w)
 
 
 def padded_weighted_sums(
@@ -198,9 +323,17 @@ def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int) -> Tens
     shape = [1] * num.dim()
     shape[dim] = num.shape[dim]
     d = den.view(shape)
-    covered = d > 0
-    mean = num / torch.where(covered, d, torch.ones_like(d))
-    return torch.where(covered, mean, previous.to(torch.float64)).to(previous.dtype)
+    covered = den > 0
+    c = int(covered.sum())
+    if bool(covered[:c].all()):
+        # The usual case (D_i is non-increasing in i): the covered dimensions are a prefix. Divide
+        # straight into the result's dtype and copy only the uncovered tail: no full-size temporaries.
+        out = torch.empty_like(previous)
+        torch.div(num.narrow(dim, 0, c), d.narrow(dim, 0, c), out=out.narrow(dim, 0, c))
+        out.narrow(dim, c, num.shape[dim] - c).copy_(previous.narrow(dim, c, num.shape[dim] - c))
+        return out
+    mean = num / torch.where(d > 0, d, torch.ones_like(d))
+    return torch.where(d > 0, mean, previous.to(torch.float64)).to(previous.dtype)
 
 
 def segment_weighted_mean(

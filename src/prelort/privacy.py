@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .methods import ClientUpdate, GlobalState, Method, split_key
 from .methods._common import add_factors, client_factors, copy_state, data_weight, empty_factor_sums
-from .nested import PaddedSums, mean_from_sums, rank_dim
+from .nested import FactorSums, mean_from_sums, rank_dim
 
 if TYPE_CHECKING:
     from .config import Config, PrivacyConfig
@@ -193,7 +193,7 @@ def _factors(method: Method, update: ClientUpdate) -> list[tuple[str, Tensor, Te
 
 
 def factor_sums(method: Method, shapes: Mapping[str, Sequence[int]], updates: Sequence[ClientUpdate],
-                weights: Sequence[float]) -> dict[str, PaddedSums]:
+                weights: Sequence[float]) -> FactorSums:
     """Per global tensor name (``shapes``: name -> the global tensor's shape), the padded sums
     N = sum_k w_k pad(X_k) and D_i = sum_{k: r_k > i} w_k."""
     if len(updates) != len(weights):

@@ -82,6 +82,8 @@ def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
     for n in (8, 16, 32):
         assert cases[("prelort", n)]["memcpy_bytes"] == cases[("prelort", n)]["bytes_read"]
         assert cases[("prelort", n)]["memcpy_cpu_GBps"] > 0
+        # The round's fixed cost (aggregate with no update) is measured for every case.
+        assert 0 < cases[("prelort", n)]["fixed_round_cpu_s"] < 60
     summary = model["summary"]
     speed = {s["n_clients"]: s for s in summary["speedup_vs_flexlora"]}
     assert speed[32]["flexlora_extrapolated"] and not speed[16]["flexlora_extrapolated"]

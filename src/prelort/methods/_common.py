@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..nested import PaddedSums
+    from ..nested import FactorSums
 
 import torch
 from torch import Tensor
@@ -21,10 +21,15 @@ from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, 
 NESTED_MODES = ("all", "sample", "sandwich", "off")
 
 
-def copy_state(state: GlobalState) -> GlobalState:
-    """A deep copy (cloned tensors, copied meta): aggregate never hands back the caller's objects."""
+def copy_state(state: GlobalState, replaced: Mapping[str, Tensor] | None = None) -> GlobalState:
+    """A deep copy (cloned tensors, copied meta): aggregate never hands back the caller's objects.
+
+    ``replaced``: new tensors (already the caller's own) that take the place of those names
+    instead of clones, so a round does not copy tensors it is about to overwrite.
+    """
+    replaced = replaced or {}
     return GlobalState(
-        tensors={name: t.detach().clone() for name, t in state.tensors.items()},
+        tensors={name: replaced[name] if name in replaced else t.detach().clone() for name, t in state.tensors.items()},
         meta=copy.deepcopy(state.meta),
     )
 
@@ -109,19 +114,22 @@ def zero_dense_state(spec: FederationSpec) -> dict[str, Tensor]:
     return {key(module, "delta"): torch.zeros(d_out, d_in) for module, (d_out, d_in) in spec.modules.items()}
 
 
-def empty_factor_sums(shapes: "Mapping[str, Sequence[int]]", device=None) -> "dict[str, PaddedSums]":
-    """One zero :class:`~prelort.nested.PaddedSums` per global LoRA factor; ``shapes``: tensor name
+def empty_factor_sums(shapes: "Mapping[str, Sequence[int]]", device=None) -> "FactorSums":
+    """Zero :class:`~prelort.nested.FactorSums` over the global LoRA factors; ``shapes``: tensor name
     (``<module>.lora_A`` / ``.lora_B``) -> the global factor's shape."""
-    from ..nested import PaddedSums, rank_dim
+    from ..nested import FactorSums, rank_dim
 
-    return {name: PaddedSums(shape, rank_dim(name.rpartition(".")[2]), device=device) for name, shape in shapes.items()}
+    dims = {name: rank_dim(name.rpartition(".")[2]) for name in shapes}
+    return FactorSums(shapes, dims, device=device)
 
 
-def add_factors(sums: "dict[str, PaddedSums]", factors: "Iterable[tuple[str, Tensor, Tensor]]", weight: float) -> None:
+def add_factors(sums: "FactorSums", factors: "Iterable[tuple[str, Tensor, Tensor]]", weight: float) -> None:
     """Fold one client's (module, A_k, B_k) factors into the sums with weight ``weight``."""
+    tensors: dict[str, Tensor] = {}
     for module, a, b in factors:
-        sums[key(module, "lora_A")].add(a, weight)
-        sums[key(module, "lora_B")].add(b, weight)
+        tensors[key(module, "lora_A")] = a
+        tensors[key(module, "lora_B")] = b
+    sums.add(tensors, weight)
 
 
 def lora_shapes(state: GlobalState) -> dict[str, tuple[int, ...]]:

@@ -45,7 +45,6 @@ class FedIT(Method):
         return TrainPlan(rank=rank, truncations=(rank,), mode="off")
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        out = copy_state(state)
         sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         for update in updates:
             if update.rank != self.rank:
@@ -54,7 +53,6 @@ class FedIT(Method):
                 )
             p = data_weight(update)
             add_factors(sums, client_factors(self.spec, update, max_rank=self.rank), p)
-        for name, acc in sums.items():
-            # All ranks equal r_min: the segment-wise mean is plain FedAvg (and keeps the state if all p_k = 0).
-            out.tensors[name] = acc.segment_mean(state.tensors[name])
+        # All ranks equal r_min: the segment-wise mean is plain FedAvg (and keeps the state if all p_k = 0).
+        out = copy_state(state, {name: acc.segment_mean(state.tensors[name]) for name, acc in sums.items()})
         return out

@@ -45,11 +45,9 @@ class PreLort(PrefixLoRA):
         return TrainPlan(rank=rank, truncations=truncations, mode=self.mode)
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        out = copy_state(state)
         sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         for update in updates:  # one pass: each update is folded in and can be dropped
             p = data_weight(update)
             add_factors(sums, client_factors(self.spec, update, max_rank=self.spec.max_rank), p)
-        for name, acc in sums.items():
-            out.tensors[name] = acc.segment_mean(state.tensors[name])
+        out = copy_state(state, {name: acc.segment_mean(state.tensors[name]) for name, acc in sums.items()})
         return out

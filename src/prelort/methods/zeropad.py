@@ -45,7 +45,6 @@ class ZeroPadding(PrefixLoRA):
         """Method-specific bookkeeping on the new state from (client, update meta) pairs (none here)."""
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        out = copy_state(state)
         sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         seen: list[tuple[int, dict]] = []
         for update in updates:
@@ -54,8 +53,7 @@ class ZeroPadding(PrefixLoRA):
             add_factors(sums, factors, w)
             # Keep only the small metadata; the tensors are folded into the sums and can be freed.
             seen.append((update.client, dict(update.meta)))
-        for name, acc in sums.items():
-            # num / total: dimensions beyond a client's rank count as zeros for it (the dilution).
-            out.tensors[name] = acc.padded_mean(state.tensors[name])
+        # num / total: dimensions beyond a client's rank count as zeros for it (the dilution).
+        out = copy_state(state, {name: acc.padded_mean(state.tensors[name]) for name, acc in sums.items()})
         self._after(out, seen)
         return out
