@@ -89,14 +89,15 @@ TIME_NOTE = (
     "the process spends descheduled on a shared machine is not counted; the goals use CPU time, wall time is "
     "reported beside it (*_s vs *_cpu_s). "
     "aggregate_s = wall time of method.aggregate() minus the time spent inside the update generator "
-    "(cloning each client's tensors from a per-rank template); best of up to 3 runs when a run is under 1 s. "
+    "(cloning each client's tensors from a per-rank template); best of --repeats runs (default 3, the same for "
+    "every method and N; peak memory is taken on the first run, in a fresh process). "
     "broadcast_s = one method.broadcast(new_state, r) per distinct rank of the round (FlexLoRA's SVDs, "
     "FLoRA's dense copies), timed on the first bcast_layers_measured layers and scaled by layers / measured "
     "(identical shapes per layer). server_round_s = aggregate_s + broadcast_s. Torch CPU, float32 updates."
 )
 BANDWIDTH_NOTE = (
     "memcpy reference: the same update tensors (same sizes and order, generated the same way) copied with "
-    "Tensor.copy_ into preallocated buffers; memcpy_GBps = bytes / copy time (memcpy_cpu_GBps: CPU time). A method's bandwidth = bytes of "
+    "Tensor.copy_ into preallocated buffers, best of --repeats passes; memcpy_GBps = bytes / copy time (memcpy_cpu_GBps: CPU time). A method's bandwidth = bytes of "
     "the updates it reads / aggregate_s. memcpy_bulk_GBps is one 256 MiB buffer copy, for scale."
 )
 
@@ -213,17 +214,22 @@ class UpdateStream:
             del update
 
 
-def memcpy_reference(templates: dict[int, dict[str, torch.Tensor]], ranks: list[int], examples: list[int]) -> dict:
-    """Copy exactly the tensors an aggregator reads into preallocated buffers; time the copies only."""
+def memcpy_reference(templates: dict[int, dict[str, torch.Tensor]], ranks: list[int], examples: list[int],
+                     repeats: int = 3) -> dict:
+    """Copy exactly the tensors an aggregator reads into preallocated buffers; time the copies only
+    (best of ``repeats`` passes, as for the aggregate)."""
     dst = {(r, name): torch.empty_like(t) for r, tensors in templates.items() for name, t in tensors.items()}
-    stream = UpdateStream(templates, ranks, examples)
-    copy_s = copy_cpu_s = 0.0
-    for update in stream:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        for name, t in update.tensors.items():
-            dst[(update.rank, name)].copy_(t)
-        copy_s += time.perf_counter() - t0
-        copy_cpu_s += time.thread_time() - c0
+    copy_s = copy_cpu_s = math.inf
+    for _ in range(repeats):
+        stream = UpdateStream(templates, ranks, examples)
+        pass_s = pass_cpu_s = 0.0
+        for update in stream:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for name, t in update.tensors.items():
+                dst[(update.rank, name)].copy_(t)
+            pass_s += time.perf_counter() - t0
+            pass_cpu_s += time.thread_time() - c0
+        copy_s, copy_cpu_s = min(copy_s, pass_s), min(copy_cpu_s, pass_cpu_s)
     del dst
     bulk_src = torch.ones(64 * 1024 * 1024)  # 256 MiB
     bulk_dst = torch.empty_like(bulk_src)
@@ -233,7 +239,7 @@ def memcpy_reference(templates: dict[int, dict[str, torch.Tensor]], ranks: list[
         bulk_dst.copy_(bulk_src)
         bulk_s = min(bulk_s, time.perf_counter() - t0)
     return {
-        "memcpy_bytes": stream.nbytes,
+        "memcpy_bytes": stream.nbytes,  # the same bytes on every pass
         "memcpy_s": copy_s,
         "memcpy_cpu_s": copy_cpu_s,
         "memcpy_GBps": stream.nbytes / copy_s / 1e9,
@@ -278,8 +284,9 @@ def run_case(case: dict) -> dict:
     cpu_runs = [cpu - stream.gen_cpu_seconds]
     gen_s = stream.gen_seconds
     bytes_read = stream.nbytes
-    # More runs only when cheap: the best of up to 3 is less exposed to the shared machine's noise.
-    while len(runs) < 3 and sum(runs) < 1.0:
+    # The same number of runs for every method and N (--repeats): the best one is the steady state a
+    # server reaches after its first round (allocator warm), and less exposed to the machine's noise.
+    while len(runs) < case.get("repeats", 3):
         del new_state
         gc.collect()
         stream = UpdateStream(templates, train_ranks, examples)
@@ -347,7 +354,7 @@ def run_case(case: dict) -> dict:
     if case.get("memcpy"):
         del new_state
         gc.collect()
-        result.update(memcpy_reference(templates, train_ranks, examples))
+        result.update(memcpy_reference(templates, train_ranks, examples, case.get("repeats", 3)))
     return result
 
 
@@ -361,6 +368,7 @@ def make_case(model: str, method: str, n_clients: int, args: argparse.Namespace,
         "bcast_layers": args.bcast_layers,
         "memcpy": method == "prelort",
         "threads": args.threads,
+        "repeats": args.repeats,
     }
 
 
@@ -574,6 +582,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-methods", default=SLOW_METHODS_DEFAULT, help="methods limited by --max-clients-slow")
     p.add_argument("--bcast-layers", type=int, default=None, help="layers on which broadcast preparation is timed (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="runs of aggregate() per case; the best is reported (default 3)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine, multi-threaded BLAS calls stall when another "
                    "process holds a core; 0 = torch's choice)")
@@ -594,6 +603,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--max-clients-slow must be >= 0")
     if args.bcast_layers is None:
         args.bcast_layers = 2
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.bcast_layers < 1:
         p.error("--bcast-layers must be >= 1")
     return args
@@ -645,6 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bcast_layers": args.bcast_layers,
             "isolation": args.isolation,
             "threads": args.threads,
+            "repeats": args.repeats,
             "federation": "the N participants plus one idle client per rank choice (R = 64, r_min = 2 for every N)",
             "quick": args.quick,
             "argv": sys.argv[1:] if argv is None else list(argv),

@@ -312,3 +312,17 @@ def test_mean_from_sums_divides_covered_dims_and_keeps_the_rest(den, dim):
         got = out.select(dim, i)
         want = (num.select(dim, i) / di).float() if di > 0 else previous.select(dim, i)
         assert torch.equal(got, want), (i, got, want)
+
+
+def test_padded_sums_allocate_only_up_to_the_largest_rank_seen():
+    # A round whose clients all have small ranks never allocates the global rank's float64 sums.
+    sums = PaddedSums((64, 3), 0)
+    sums.add(torch.ones(2, 3), 1.0)
+    sums.add(torch.ones(4, 3), 1.0)
+    assert sums.allocated == 4 and sums.num.shape == (64, 3)
+    assert sums.num[:4, 0].tolist() == [2.0, 2.0, 1.0, 1.0] and not sums.num[4:].any()
+    previous = torch.full((64, 3), -1.0)
+    assert sums.segment_mean(previous)[:, 0].tolist() == [1.0] * 4 + [-1.0] * 60
+    assert sums.padded_mean(previous)[:, 0].tolist() == [1.0, 1.0, 0.5, 0.5] + [0.0] * 60
+    sums.add(torch.ones(5, 3), 1.0)  # grows at least 2x: ascending ranks cost O(R) copies in all
+    assert sums.allocated == 8 and sums.num[:5, 0].tolist() == [3.0, 3.0, 2.0, 2.0, 1.0]

@@ -115,10 +115,13 @@ class PaddedSums:
         den_i = sum_{k: r_k > i} p_k             float64, length R (padded weight masks)
         total = sum_k p_k
 
-    Memory is one global-size float64 tensor plus the total weight per client rank, whatever the
-    number of clients, so a server can fold updates in as they arrive. ``den`` is built from the
-    per-rank totals when read: updating a length-R slice per tensor and client cost more than the
-    numerator's add at small shapes. From the sums:
+    Memory is at most one global-size float64 tensor plus the total weight per client rank,
+    whatever the number of clients, so a server can fold updates in as they arrive. Two things are
+    kept compact because they cost more than the adds themselves at small shapes (measured in
+    bench/aggregation.py): the numerator is only allocated up to the largest rank seen so far
+    (``allocated``; beyond it every term is zero padding), and ``den`` is built from the per-rank
+    totals when read. ``num`` is the full-size tensor (built on demand when ``allocated < R``).
+    From the sums:
 
         segment_mean: dimension i = num_i / den_i (PreLort; previous value where den_i = 0)
         padded_mean:  every dimension = num / total (zero-padding FedAvg: the dilution)
@@ -131,10 +134,20 @@ class PaddedSums:
         self.shape = tuple(shape)
         self.dim = dim
         self.rank = shape[dim]
-        self.num = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.allocated = 0  # numerator dimensions held: [0, allocated); the rest is zero
+        self._num = torch.zeros(self._shape_at(0), dtype=torch.float64, device=device)
         self.total = 0.0
         self.count = 0
         self._rank_weight: dict[int, float] = {}  # client rank -> sum of the weights of clients of that rank
+
+    @property
+    def device(self) -> torch.device:
+        return self._num.device
+
+    def _shape_at(self, k: int) -> list[int]:
+        shape = list(self.shape)
+        shape[self.dim] = k
+        return shape
 
     def check(self, x: Tensor) -> int:
         """The rank of factor ``x`` after checking its shape against the global factor's; a clear error otherwise."""
@@ -148,12 +161,28 @@ class PaddedSums:
             raise ValueError(f"factor has shape {shape}, expected {self.shape} up to the rank axis {self.dim}")
         return k
 
+    def reserve(self, k: int) -> bool:
+        """Make the numerator hold at least the first ``k`` dimensions; True if it was reallocated
+        (views of the old numerator are then stale). Grows at least 2x, so ascending ranks cost O(R) copies."""
+        if k <= self.allocated:
+            return False
+        size = min(self.rank, max(k, 2 * self.allocated))
+        grown = torch.zeros(self._shape_at(size), dtype=torch.float64, device=self._num.device)
+        grown.narrow(self.dim, 0, self.allocated).copy_(self._num)
+        self._num, self.allocated = grown, size
+        return True
+
+    def prefix(self, k: int) -> Tensor:
+        """The numerator's first ``k`` dimensions (a view; call :meth:`reserve` first)."""
+        return self._num.narrow(self.dim, 0, k)
+
     def add(self, x: Tensor, weight: float) -> None:
         """Fold in one client's factor ``x`` (rank = ``x.shape[dim]``) with weight ``weight`` >= 0."""
         w = check_weight(weight)
         k = self.check(x)
+        self.reserve(k)
         # x is converted to float64 (a temporary of its size) and added in place: float64 sums
-        self.num.narrow(self.dim, 0, k).add_(x.to(device=self.num.device), alpha=w)
+        self.prefix(k).add_(x.to(device=self._num.device), alpha=w)
         self.record(k, w)
 
     def record(self, k: int, w: float) -> None:
@@ -161,6 +190,15 @@ class PaddedSums:
         self._rank_weight[k] = self._rank_weight.get(k, 0.0) + w
         self.total += w
         self.count += 1
+
+    @property
+    def num(self) -> Tensor:
+        """sum_k p_k * pad(X_k, R): float64, the global factor's shape."""
+        if self.allocated == self.rank:
+            return self._num
+        full = torch.zeros(self.shape, dtype=torch.float64, device=self._num.device)
+        full.narrow(self.dim, 0, self.allocated).copy_(self._num)
+        return full
 
     @property
     def den(self) -> Tensor:
@@ -172,19 +210,33 @@ class PaddedSums:
         for i in range(self.rank, 0, -1):  # den_{i-1} = sum of the weights of ranks >= i
             running += at_rank[i]
             den[i - 1] = running
-        return torch.tensor(den, dtype=torch.float64, device=self.num.device)
+        return torch.tensor(den, dtype=torch.float64, device=self._num.device)
+
+    def _check_previous(self, previous: Tensor) -> None:
+        if tuple(previous.shape) != self.shape:
+            raise ValueError(f"previous global factor has shape {tuple(previous.shape)}, sums have {self.shape}")
 
     def segment_mean(self, previous: Tensor) -> Tensor:
         """num_i / den_i per dimension; an uncovered dimension keeps ``previous`` (dtype of ``previous``)."""
-        return mean_from_sums(self.num, self.den, previous, self.dim)
+        self._check_previous(previous)
+        den = self.den
+        c = int((den > 0).sum())  # den is non-increasing in i: the covered dimensions are [0, c), c <= allocated
+        shape = [1] * len(self.shape)
+        shape[self.dim] = c
+        out = torch.empty_like(previous)
+        torch.div(self.prefix(c), den[:c].view(shape), out=out.narrow(self.dim, 0, c))
+        out.narrow(self.dim, c, self.rank - c).copy_(previous.narrow(self.dim, c, self.rank - c))
+        return out
 
     def padded_mean(self, previous: Tensor) -> Tensor:
         """num / total: zero-padded FedAvg over all clients; ``previous`` unchanged if total weight is 0."""
-        if tuple(previous.shape) != self.shape:
-            raise ValueError(f"previous global factor has shape {tuple(previous.shape)}, sums have {self.shape}")
+        self._check_previous(previous)
         if self.total <= 0:
             return previous.clone()
-        return (self.num / self.total).to(dtype=previous.dtype, device=previous.device)
+        out = torch.empty_like(previous)
+        torch.div(self._num, self.total, out=out.narrow(self.dim, 0, self.allocated))
+        out.narrow(self.dim, self.allocated, self.rank - self.allocated).zero_()
+        return out
 
 
 def check_weight(weight: float) -> float:
@@ -223,7 +275,7 @@ class FactorSums(Mapping[str, PaddedSums]):
             raise ValueError(f"buffer_clients must be >= 1, got {buffer_clients}")
         self._sums = {name: PaddedSums(shape, dims[name], device=device) for name, shape in shapes.items()}
         self._names = list(self._sums)
-        self._prefixes: dict[tuple[str, int], Tensor] = {}  # (name, rank) -> view of the first rank dims of num
+        self._prefixes: dict[str, dict[int, Tensor]] = {name: {} for name in self._sums}  # rank -> numerator prefix
         self.buffer_clients = int(buffer_clients)
         self.buffer_bytes = int(buffer_bytes)
         self._pending: list[tuple[list[Tensor], list[Tensor], float]] = []
@@ -232,7 +284,7 @@ class FactorSums(Mapping[str, PaddedSums]):
         self._blocks: list[tuple[int, int]] = []
         lo, size = 0, 0
         for i, name in enumerate(self._names):
-            nbytes = self._sums[name].num.nbytes
+            nbytes = math.prod(self._sums[name].shape) * 8  # the float64 sums once fully allocated
             if i > lo and size + nbytes > block_bytes:
                 self._blocks.append((lo, i))
                 lo, size = i, 0
@@ -265,11 +317,15 @@ class FactorSums(Mapping[str, PaddedSums]):
         for name in self._names:  # check everything before booking anything: a bad update changes nothing
             acc, x = self._sums[name], factors[name]
             k = acc.check(x)
-            if x.device != acc.num.device:
-                x = x.to(acc.num.device)
-            view = self._prefixes.get((name, k))
+            if x.device != acc.device:
+                x = x.to(acc.device)
+            if k > acc.allocated:
+                self.flush()  # the buffered clients' views point into the numerator about to be replaced
+                acc.reserve(k)
+                self._prefixes[name] = {}
+            view = self._prefixes[name].get(k)
             if view is None:
-                view = self._prefixes[(name, k)] = acc.num.narrow(acc.dim, 0, k)
+                view = self._prefixes[name][k] = acc.prefix(k)
             views.append(view)
             xs.append(x)
             ranks.append(k)
