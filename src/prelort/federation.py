@@ -39,7 +39,14 @@ from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
 from .methods import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan
-from .privacy import check_dp, check_secure_aggregation, clip_update, dp_aggregate
+from .privacy import (
+    SECAGG_CLIPPING_RANGE,
+    SECAGG_QUANTIZATION_RANGE,
+    check_dp,
+    check_secure_aggregation,
+    clip_update,
+    dp_aggregate,
+)
 from .updates import UpdateRejected, decode_update, save_update, validate_update
 
 log = logging.getLogger("prelort")
@@ -107,8 +114,8 @@ class SecureAggregate:
     clients: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     weight_units: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
-    clipping_range: float = 8.0  # prelort.flower.secagg.DEFAULT_CLIPPING_RANGE (not imported: no Flower here)
-    quantization_range: int = 2**22  # prelort.flower.secagg.DEFAULT_QUANTIZATION_RANGE
+    clipping_range: float = SECAGG_CLIPPING_RANGE
+    quantization_range: int = SECAGG_QUANTIZATION_RANGE
 
 
 def decode_raw(raw: RawUpdate) -> ClientUpdate:

@@ -49,8 +49,15 @@ if TYPE_CHECKING:
 
 Rule = Literal["segment", "padded"]
 
+# SecAgg+'s clipping range c and quantisation range Q as prelort runs them (Flower's defaults). Defined here,
+# with no Flower import, so the engine-independent federation code and prelort.flower share one value.
+SECAGG_CLIPPING_RANGE = 8.0
+SECAGG_QUANTIZATION_RANGE = 2**22
+
 __all__ = [
     "PrivacyError",
+    "SECAGG_CLIPPING_RANGE",
+    "SECAGG_QUANTIZATION_RANGE",
     "aggregation_rule",
     "check_dp",
     "check_secure_aggregation",

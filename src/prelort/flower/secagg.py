@@ -41,10 +41,18 @@ import numpy as np
 import torch
 
 from ..methods import ClientUpdate, GlobalState, Method
-from ..privacy import PrivacyError, aggregation_rule, client_weight, factor_sums, finish_from_sums
+from ..privacy import (
+    SECAGG_CLIPPING_RANGE,
+    SECAGG_QUANTIZATION_RANGE,
+    PrivacyError,
+    aggregation_rule,
+    client_weight,
+    factor_sums,
+    finish_from_sums,
+)
 
-DEFAULT_CLIPPING_RANGE = 8.0
-DEFAULT_QUANTIZATION_RANGE = 2**22
+DEFAULT_CLIPPING_RANGE = SECAGG_CLIPPING_RANGE
+DEFAULT_QUANTIZATION_RANGE = SECAGG_QUANTIZATION_RANGE
 DEFAULT_MODULUS_RANGE = 2**32
 # SecAgg+ carries a client's weight as an integer ``num_examples`` and quantises num_examples / max_weight
 # with Q: clients send n_k = round(w_k / W * WEIGHT_UNITS) and the workflow's max_weight is WEIGHT_UNITS.
