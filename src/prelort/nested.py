@@ -220,13 +220,8 @@ class PaddedSums:
         """num_i / den_i per dimension; an uncovered dimension keeps ``previous`` (dtype of ``previous``)."""
         self._check_previous(previous)
         den = self.den
-        c = int((den > 0).sum())  # den is non-increasing in i: the covered dimensions are [0, c), c <= allocated
-        shape = [1] * len(self.shape)
-        shape[self.dim] = c
-        out = torch.empty_like(previous)
-        torch.div(self.prefix(c), den[:c].view(shape), out=out.narrow(self.dim, 0, c))
-        out.narrow(self.dim, c, self.rank - c).copy_(previous.narrow(self.dim, c, self.rank - c))
-        return out
+        # den is non-increasing in i: the covered dimensions are [0, c), and c <= allocated
+        return _divide_covered_prefix(self._num, den, previous, self.dim, int((den > 0).sum()))
 
     def padded_mean(self, previous: Tensor) -> Tensor:
         """num / total: zero-padded FedAvg over all clients; ``previous`` unchanged if total weight is 0."""
@@ -376,20 +371,28 @@ def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int) -> Tens
     """
     if previous.shape != num.shape:
         raise ValueError(f"previous global factor has shape {tuple(previous.shape)}, sums have {tuple(num.shape)}")
-    shape = [1] * num.dim()
-    shape[dim] = num.shape[dim]
-    d = den.view(shape)
     covered = den > 0
     c = int(covered.sum())
     if bool(covered[:c].all()):
-        # The usual case (D_i is non-increasing in i): the covered dimensions are a prefix. Divide
-        # straight into the result's dtype and copy only the uncovered tail: no full-size temporaries.
-        out = torch.empty_like(previous)
-        torch.div(num.narrow(dim, 0, c), d.narrow(dim, 0, c), out=out.narrow(dim, 0, c))
-        out.narrow(dim, c, num.shape[dim] - c).copy_(previous.narrow(dim, c, num.shape[dim] - c))
-        return out
+        # The usual case (D_i is non-increasing in i for sums of real clients): a covered prefix.
+        return _divide_covered_prefix(num, den, previous, dim, c)
+    shape = [1] * num.dim()
+    shape[dim] = num.shape[dim]
+    d = den.view(shape)
     mean = num / torch.where(d > 0, d, torch.ones_like(d))
     return torch.where(d > 0, mean, previous.to(torch.float64)).to(previous.dtype)
+
+
+def _divide_covered_prefix(num: Tensor, den: Tensor, previous: Tensor, dim: int, c: int) -> Tensor:
+    """N_i / D_i for i < c (``num`` holds at least c dimensions), ``previous`` beyond: divided straight
+    into the result's dtype, so no full-size float64 temporaries."""
+    shape = [1] * previous.dim()
+    shape[dim] = c
+    out = torch.empty_like(previous)
+    torch.div(num.narrow(dim, 0, c), den[:c].view(shape), out=out.narrow(dim, 0, c))
+    rest = previous.shape[dim] - c
+    out.narrow(dim, c, rest).copy_(previous.narrow(dim, c, rest))
+    return out
 
 
 def segment_weighted_mean(
