@@ -298,10 +298,10 @@ def run_case(case: dict) -> dict:
     aggregate_cpu_s = min(cpu_runs)
 
     # The round's fixed cost: aggregate() with no update at all (allocating the sums, finishing the new
-    # state), which scales with the global state, not with N. Best of 3; None if the method refuses.
+    # state), which scales with the global state, not with N. Best of --repeats; None if the method refuses.
     fixed_cpu: list[float] = []
     try:
-        for _ in range(3):
+        for _ in range(case.get("repeats", 3)):
             c0 = time.thread_time()
             method.aggregate(state, iter(()))
             fixed_cpu.append(time.thread_time() - c0)

@@ -161,16 +161,15 @@ class PaddedSums:
             raise ValueError(f"factor has shape {shape}, expected {self.shape} up to the rank axis {self.dim}")
         return k
 
-    def reserve(self, k: int) -> bool:
-        """Make the numerator hold at least the first ``k`` dimensions; True if it was reallocated
-        (views of the old numerator are then stale). Grows at least 2x, so ascending ranks cost O(R) copies."""
+    def reserve(self, k: int) -> None:
+        """Make the numerator hold at least the first ``k`` dimensions. Growing reallocates it (views of the
+        old numerator are then stale) by at least 2x, so ascending ranks cost O(R) copies in all."""
         if k <= self.allocated:
-            return False
+            return
         size = min(self.rank, max(k, 2 * self.allocated))
         grown = torch.zeros(self._shape_at(size), dtype=torch.float64, device=self._num.device)
         grown.narrow(self.dim, 0, self.allocated).copy_(self._num)
         self._num, self.allocated = grown, size
-        return True
 
     def prefix(self, k: int) -> Tensor:
         """The numerator's first ``k`` dimensions (a view; call :meth:`reserve` first)."""
@@ -378,9 +377,9 @@ def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int) -> Tens
         return _divide_covered_prefix(num, den, previous, dim, c)
     shape = [1] * num.dim()
     shape[dim] = num.shape[dim]
-    d = den.view(shape)
-    mean = num / torch.where(d > 0, d, torch.ones_like(d))
-    return torch.where(d > 0, mean, previous.to(torch.float64)).to(previous.dtype)
+    d, covered = den.view(shape), covered.view(shape)
+    mean = num / torch.where(covered, d, torch.ones_like(d))
+    return torch.where(covered, mean, previous.to(torch.float64)).to(previous.dtype)
 
 
 def _divide_covered_prefix(num: Tensor, den: Tensor, previous: Tensor, dim: int, c: int) -> Tensor:
