@@ -150,6 +150,23 @@ class PrivacyConfig(_Section):
     dp: bool = Field(False, description="Client-level differential privacy (clip + Gaussian noise on the sums).")
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(0.0, ge=0)
+    delta: float | None = Field(
+        None, gt=0, lt=1,
+        description="delta of the (epsilon, delta) guarantee the run reports; null: min(1e-5, clients.num**-1.1) "
+        "(docs/privacy.md).",
+    )
+    neighbouring: Literal["add_or_remove", "replace_one"] = Field(
+        "add_or_remove",
+        description="What epsilon protects: add_or_remove (a client's participation: any one client in or out) or "
+        "replace_one (one client's data, clients.num public; allows amplification by the fixed-size client "
+        "sampling where the release hides the sample). docs/privacy.md.",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0,
+        description="Privacy budget: calibrate the noise multiplier before the run so that epsilon after `rounds` "
+        "rounds is at most this (needs privacy.dp; leave noise_multiplier at 0). A budget that needs a noise "
+        "multiplier above 100 is refused.",
+    )
     secure_aggregation: bool = Field(False, description="Aggregate with Flower SecAgg+ (sum-aggregatable methods only).")
 
 

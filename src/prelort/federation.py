@@ -42,10 +42,13 @@ from .methods import Broadcast, ClientUpdate, FederationSpec, GlobalState, Metho
 from .privacy import (
     SECAGG_CLIPPING_RANGE,
     SECAGG_QUANTIZATION_RANGE,
+    add_dp_noise,
+    aggregation_rule,
     check_dp,
     check_secure_aggregation,
     clip_update,
     dp_aggregate,
+    finish_from_sums,
 )
 from .updates import UpdateRejected, decode_update, save_update, validate_update
 
@@ -189,8 +192,26 @@ def check_privacy(cfg: Config, method: Method | None = None) -> None:
         method = methods_registry.build(cfg.method, spec_from_config(cfg, {}))
     if cfg.privacy.dp:
         check_dp(method)
+    check_privacy_budget(cfg)
     if cfg.privacy.secure_aggregation:
         check_secure_aggregation(cfg)
+
+
+def check_privacy_budget(cfg: Config) -> None:
+    """Refuse ``privacy.target_epsilon`` without ``privacy.dp`` or next to a noise multiplier, and a budget the
+    calibration cannot meet (:func:`prelort.accounting.resolve_noise_multiplier`), before the run starts."""
+    from .accounting import resolve_noise_multiplier
+    from .config import ConfigError
+
+    p = cfg.privacy
+    if p.target_epsilon is not None and not p.dp:
+        raise ConfigError("privacy.target_epsilon needs privacy.dp: true (the budget is met by clipping and noise)")
+    if p.target_epsilon is not None and p.noise_multiplier > 0:
+        raise ConfigError(f"privacy.target_epsilon={p.target_epsilon:g} and privacy.noise_multiplier="
+                          f"{p.noise_multiplier:g} both set the noise: the budget calibrates the noise multiplier, "
+                          "so set one of them (noise_multiplier back to 0)")
+    if p.dp:
+        resolve_noise_multiplier(cfg)
 
 
 class Federation:
@@ -202,6 +223,12 @@ class Federation:
         self.spec = spec_from_config(cfg, modules)
         self.method: Method = methods_registry.build(cfg.method, self.spec)
         check_privacy(cfg, self.method)
+        self.noise_multiplier: float | None = None  # z the rounds use (privacy.dp; calibrated for a target_epsilon)
+        self.accounting = None  # prelort.accounting.AccountingPlan under privacy.dp
+        if cfg.privacy.dp:
+            from .accounting import resolve_noise_multiplier
+
+            self.noise_multiplier, self.accounting = resolve_noise_multiplier(cfg)
         self.state: GlobalState | None = None
         self.round = 0  # last completed round
         self._tasks: dict[int, ClientTask] = {}
@@ -218,15 +245,25 @@ class Federation:
             "seed": self.cfg.seed,
             # every random choice is derived from (seed, round, client): no generator state to carry
             "rng": {"scheme": "derived", "seed": self.cfg.seed},
+            **({"dp": {"noise_multiplier": self.noise_multiplier, "delta": self.accounting.delta}}
+               if self.accounting is not None else {}),
         }
 
     def start(self, resume: bool = False) -> int:
         """Initialise (round 0) or resume from the last complete checkpoint. Returns the next round."""
+        if self.accounting is not None:
+            p = self.cfg.privacy
+            how = (f"calibrated for target_epsilon={p.target_epsilon:g} over {self.cfg.rounds} rounds"
+                   if p.target_epsilon is not None else "privacy.noise_multiplier")
+            log.info("differential privacy: noise multiplier z=%.6g (%s), clip norm C=%g, delta=%.3g; accounting: %s "
+                     "(%s)", self.noise_multiplier, how, p.clip_norm, self.accounting.delta, self.accounting.bound,
+                     self.accounting.why)
         latest = ckpt.latest_round(self.run_dir) if resume else None
         if latest is not None:
             self.round, self.state, info = ckpt.load_checkpoint(self.run_dir, latest)
             if info.get("method") != self.cfg.method:
                 raise ValueError(f"cannot resume: checkpoint method {info.get('method')!r} != config {self.cfg.method!r}")
+            self._check_resumed_noise(info)
             log.info("resuming after round %d", self.round)
         else:
             gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, 0))
@@ -234,6 +271,28 @@ class Federation:
             self.round = 0
             ckpt.save_checkpoint(self.run_dir, 0, self.state, self.checkpoint_info())
         return self.round + 1
+
+    def _check_resumed_noise(self, info: dict[str, Any]) -> None:
+        """Epsilon is accounted for one noise multiplier over all rounds: a resume whose z differs from the one
+        the finished rounds used (e.g. ``rounds`` changed under a ``target_epsilon``) is refused."""
+        done = info.get("dp", {}).get("noise_multiplier") if isinstance(info.get("dp"), dict) else None
+        if self.round == 0 or (done is None and self.noise_multiplier is None):
+            return
+        if done is None or self.noise_multiplier is None or abs(float(done) - self.noise_multiplier) > 1e-12:
+            raise ValueError(f"cannot resume: rounds 1-{self.round} ran with noise multiplier {done} but this config "
+                             f"gives {self.noise_multiplier} (privacy.dp, privacy.noise_multiplier, "
+                             "privacy.target_epsilon and, with a budget, rounds must stay as they were)")
+
+    def privacy_record(self, round_: int) -> dict[str, Any]:
+        """The accounted privacy after ``round_`` complete rounds, for the round's metrics record (empty without
+        ``privacy.dp``): ``dp_epsilon`` (null while z = 0: no guarantee), ``dp_delta``, ``dp_noise_multiplier``."""
+        if self.accounting is None or self.noise_multiplier is None:
+            return {}
+        from .accounting import epsilon_after
+
+        eps = epsilon_after(self.accounting, self.noise_multiplier, round_)
+        return {"dp_epsilon": eps if eps != float("inf") else None, "dp_delta": self.accounting.delta,
+                "dp_noise_multiplier": self.noise_multiplier}
 
     # -- one round --------------------------------------------------------------------------------------
     def sample_clients(self, round_: int, attempt: int = 0) -> list[int]:
@@ -334,7 +393,8 @@ class Federation:
         if self.cfg.privacy.dp:
             references = {u.client: self.received(u.client, u.rank) for u in accepted}
             gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, round_, -2))
-            self.state, info = dp_aggregate(self.method, self.state, accepted, references, self.cfg.privacy, gen)
+            privacy = self.cfg.privacy.model_copy(update={"noise_multiplier": self.noise_multiplier})
+            self.state, info = dp_aggregate(self.method, self.state, accepted, references, privacy, gen)
             log.info("round %d: differential privacy: %s", round_, json.dumps(info, default=str))
         else:
             self.state = self.method.aggregate(self.state, accepted)
@@ -372,9 +432,12 @@ class Federation:
                                           + ")")
         outcome.train_loss = _mean_loss([m for _, m in clients])
         layout = SecAggLayout.of(self.state)
-        self.state = finish_secagg(self.method, self.state, agg.arrays, layout,
-                                   [(c, self._clear_meta(c, m)) for c, m in clients])
         rho_total = sum(agg.weight_units) / WEIGHT_UNITS
+        clear = [(c, self._clear_meta(c, m)) for c, m in clients]
+        if self.cfg.privacy.dp:
+            self.state = self._finish_secure_dp(round_, agg.arrays, layout, rho_total, clear)
+        else:
+            self.state = finish_secagg(self.method, self.state, agg.arrays, layout, clear)
         in_sum = len(agg.clients)  # the bound counts every upload in the sum
         bound = (quantisation_bound(in_sum, rho_total, agg.clipping_range, agg.quantization_range) if rho_total > 0
                  else float("inf"))
@@ -391,6 +454,31 @@ class Federation:
         outcome.seconds = seconds
         outcome.attempts = self._attempt + 1
         return outcome
+
+    def _finish_secure_dp(self, round_: int, arrays: list[Any], layout: Any, rho_total: float,
+                          clear: list[tuple[int, dict[str, Any]]]) -> GlobalState:
+        """DP under secure aggregation: every client clipped its own update to ``privacy.clip_norm`` and uploaded
+        it with weight 1 (rho_k = 1), so SecAgg+'s mean times sum rho (= K) is the sum of the clipped updates
+        N = sum_k pad(X~_k) (and D the coverage counts); the server adds the noise central DP adds, from the same
+        generator, and finishes with the method's rule. It never sees one client's update."""
+        from .flower.secagg import decode_secagg_mean
+
+        assert self.state is not None
+        rule = aggregation_rule(self.method)
+        mean_num, mean_den = decode_secagg_mean(arrays, layout)
+        num = {k: v * rho_total for k, v in mean_num.items()}
+        den = {k: v * rho_total for k, v in mean_den.items()}
+        gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, round_, -2))
+        noised, info = add_dp_noise(rule, num, den, self.cfg.privacy.clip_norm, float(self.noise_multiplier or 0.0),
+                                    gen)
+        out = GlobalState(tensors=finish_from_sums(rule, self.state, noised, den), meta=dict(self.state.meta))
+        after = getattr(self.method, "_after", None)
+        if after is not None:
+            after(out, list(clear))
+        # how many clients clipped stays with them: a clear flag would tell the server about one update
+        info.update(clients=len(clear), where="server noise on the SecAgg+ sums of the client-clipped updates")
+        log.info("round %d: differential privacy: %s", round_, json.dumps(info, default=str))
+        return out
 
     def _clear_meta(self, client: int, meta: Any) -> dict[str, Any]:
         """The clear metadata a client sent with its upload, as the method's bookkeeping may use it: only a

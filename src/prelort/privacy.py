@@ -58,6 +58,7 @@ __all__ = [
     "PrivacyError",
     "SECAGG_CLIPPING_RANGE",
     "SECAGG_QUANTIZATION_RANGE",
+    "add_dp_noise",
     "aggregation_rule",
     "check_dp",
     "check_secure_aggregation",
@@ -113,8 +114,9 @@ def check_secure_aggregation(cfg: "Config") -> None:
     Secure aggregation needs (a) a method whose aggregate is a function of plain sums of fixed-shape
     padded tensors (``Method.sum_aggregatable``) and (b) a Flower engine (SecAgg+ is Flower's protocol;
     the in-process engine has no separate parties to hide updates from). It also refuses ``audit``
-    (stores the individual updates), ``privacy.dp`` (noise on the secure sums is not wired) and HetLoRA
-    without ``validation.max_update_norm`` (no public bound on its weights).
+    (stores the individual updates) and HetLoRA without ``validation.max_update_norm`` (no public bound on its
+    weights) unless ``privacy.dp`` makes every weight 1. With ``privacy.dp`` the clients clip and the server
+    noises the secure sums (:meth:`prelort.federation.Federation.end_round_secure`).
     """
     from . import methods
     from .config import ConfigError
@@ -138,10 +140,8 @@ def check_secure_aggregation(cfg: "Config") -> None:
         raise ConfigError("privacy.secure_aggregation and audit: true cannot be combined: the audit stores every "
                           "client's update under updates/, which secure aggregation exists to hide from the server; "
                           "turn one of them off")
-    if cfg.privacy.dp:
-        raise ConfigError("privacy.secure_aggregation and privacy.dp cannot be combined yet in `prelort run`: the "
-                          "server would have to add the noise to SecAgg+'s sums, which is not wired; use one of them")
-    if cfg.method == "hetlora" and cfg.validation.max_update_norm is None:
+    # under privacy.dp every weight is 1 (W = 1), so HetLoRA's norm weights need no public bound
+    if cfg.method == "hetlora" and cfg.validation.max_update_norm is None and not cfg.privacy.dp:
         raise ConfigError("privacy.secure_aggregation with method hetlora needs validation.max_update_norm: SecAgg+ "
                           "needs a public bound on HetLoRA's norm weights ||B A||_F, and ||B A||_F <= "
                           "max_update_norm**2 / 2 is the one prelort uses (see docs/privacy.md)")
@@ -267,18 +267,31 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
     # Validation and method bookkeeping (HetLoRA's pruned ranks) from the method itself; tensors from the sums.
     out = copy_state(method.aggregate(state, clipped))
     sums = factor_sums(method, {n: t.shape for n, t in state.tensors.items()}, clipped, [1.0] * len(clipped))
-    std = z * clip
-    num: dict[str, Tensor] = {}
+    den = {k: s.den for k, s in sums.items()}
+    num, info = add_dp_noise(rule, {k: s.num for k, s in sums.items()}, den, clip, z, generator)
+    out.tensors.update(finish_from_sums(rule, state, num, den))
+    info.update(clients=len(clipped), clients_clipped=n_clipped)
+    return out, info
+
+
+def add_dp_noise(rule: Rule, num: Mapping[str, Tensor], den: Mapping[str, Tensor], clip_norm: float,
+                 noise_multiplier: float, generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The numerator sums N (uniform weights: N = sum_k pad(X~_k)) plus xi ~ N(0, (z C)^2) per entry, drawn from
+    ``generator`` tensor by tensor in sorted name order (central DP and DP under secure aggregation draw the
+    same noise from the same generator). Returns the noised sums (float64) and the log's info: ``clip_norm``,
+    ``noise_multiplier``, ``noise_std`` (on the sums), ``noise_std_state`` (per kind, the largest std an entry of
+    the new state gets: z C / D_i for the segment rule, z C / D_0 for the padded one), ``rule``."""
+    std = float(noise_multiplier) * float(clip_norm)
+    out: dict[str, Tensor] = {}
     state_std: dict[str, float] = {}
-    for name in sorted(sums):  # sorted: the noise a tensor gets does not depend on dict order
-        acc = sums[name]
-        noise = torch.randn(acc.shape, generator=generator, dtype=torch.float64) * std if std > 0 else 0.0
-        num[name] = acc.num + noise
+    for name in sorted(num):  # sorted: the noise a tensor gets does not depend on dict order
+        n, d = num[name].to(torch.float64), den[name].to(torch.float64)
+        noise = torch.randn(n.shape, generator=generator, dtype=torch.float64) * std if std > 0 else 0.0
+        out[name] = n + noise
         _, kind = split_key(name)
-        covered = acc.den[acc.den > 0]
-        divisor = float(covered.min()) if rule == "segment" and covered.numel() else float(acc.den[0])
+        covered = d[d > 0]
+        divisor = float(covered.min()) if rule == "segment" and covered.numel() else float(d[0])
         state_std[kind] = max(state_std.get(kind, 0.0), std / divisor if divisor > 0 else 0.0)
-    out.tensors.update(finish_from_sums(rule, state, num, {k: s.den for k, s in sums.items()}))
-    info = {"clip_norm": clip, "noise_multiplier": z, "noise_std": {"lora_A": std, "lora_B": std},
-            "noise_std_state": state_std, "rule": rule, "clients": len(clipped), "clients_clipped": n_clipped}
+    info = {"clip_norm": float(clip_norm), "noise_multiplier": float(noise_multiplier),
+            "noise_std": {"lora_A": std, "lora_B": std}, "noise_std_state": state_std, "rule": rule}
     return out, info

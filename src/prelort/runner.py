@@ -194,7 +194,8 @@ class Session:
                                 "perplexity": None, "train_loss": outcome.train_loss,
                                 "accepted": len(outcome.accepted), "rejected": len(outcome.rejected),
                                 "failed": len(outcome.failed), "seconds": round(outcome.seconds, 3),
-                                "method": cfg.method})
+                                "method": cfg.method, **fed.privacy_record(round_)})
+            log_privacy(fed, round_)
             line = (f"round {round_}/{cfg.rounds}: train_loss={_fmt(outcome.train_loss)} "
                     f"accepted={len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
             if fed.eval_due(round_):
@@ -245,6 +246,18 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
     rank = min(t, adapter_rank(tensors))
     adapters.export_peft_adapter(tensors, rank, fed.spec.scale, cfg.model.name, cfg.model.target_modules, out_dir)
     return out_dir
+
+
+def log_privacy(fed: Federation, round_: int) -> None:
+    """run.log: the (epsilon, delta) accounted after ``round_`` (privacy.dp only; docs/privacy.md)."""
+    rec = fed.privacy_record(round_)
+    if not rec:
+        return
+    eps = rec["dp_epsilon"]
+    plan = fed.accounting
+    log.info("round %d: privacy: epsilon=%s at delta=%.3g after %d round(s) (noise multiplier z=%.6g, clients "
+             "sampled %d of %d, bound %s)", round_, "inf (no noise)" if eps is None else f"{eps:.6g}",
+             rec["dp_delta"], round_, rec["dp_noise_multiplier"], plan.per_round, plan.num_clients, plan.bound)
 
 
 def _fmt(x: float | None) -> str:

@@ -99,9 +99,10 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
 
     The server never sees this update, so the checks it would run happen here: the update is validated
     (:func:`prelort.updates.validate_update`, with ``validation.max_update_norm``), clipped with
-    ``robust.clip_norm`` against the adapter it received (:func:`prelort.privacy.clip_update`), and encoded
-    in the public layout (:func:`prelort.flower.secagg.encode_for_secagg`, which refuses values SecAgg+ would
-    clip). Any failure raises, so nothing is uploaded and the round goes on without this client.
+    ``robust.clip_norm`` (under ``privacy.dp``: ``privacy.clip_norm``, then weight 1) against the adapter it
+    received (:func:`prelort.privacy.clip_update`), and encoded in the public layout
+    (:func:`prelort.flower.secagg.encode_for_secagg`, which refuses values SecAgg+ would clip). Any failure
+    raises, so nothing is uploaded and the round goes on without this client.
     ``metrics`` travel in the clear: the client id, its training loss and HetLoRA's ``pruned_to`` only.
     """
     from .. import adapters, methods
@@ -115,15 +116,17 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     cfg, model, _ = client_state(task.config, partition_id)
     spec = spec_from_config(cfg, adapters.adapted_modules(model))
     validate_update(update, spec, method=cfg.method, round_=task.round, max_norm=cfg.validation.max_update_norm)
-    if cfg.robust.clip_norm is not None:
-        update, norm, clipped = clip_update(update, adapter_prefix(task.broadcast.adapter, update.rank),
-                                            cfg.robust.clip_norm)
+    # privacy.dp: clip to privacy.clip_norm (the DP sensitivity; it replaces robust clipping, as on the server)
+    clip_norm = cfg.privacy.clip_norm if cfg.privacy.dp else cfg.robust.clip_norm
+    if clip_norm is not None:
+        update, norm, clipped = clip_update(update, adapter_prefix(task.broadcast.adapter, update.rank), clip_norm)
         if clipped:
             log.info("client %d: clipped its update change %.4g -> %.4g before secure aggregation", task.client,
-                     norm, cfg.robust.clip_norm)
+                     norm, clip_norm)
     method = methods.build(cfg.method, spec)
     layout = SecAggLayout.from_json(secagg_task.layout_json)
-    arrays, weight = encode_for_secagg(method, update, layout, clipping_range=secagg_task.clipping_range)
+    arrays, weight = encode_for_secagg(method, update, layout, clipping_range=secagg_task.clipping_range,
+                                       uniform_weight=cfg.privacy.dp)
     units = weight_units(weight, secagg_task.max_weight)
     clear = {k: update.meta[k] for k in ("loss", "pruned_to") if k in update.meta}
     return arrays, units, {"client": task.client, "meta": json.dumps(clear)}

@@ -66,10 +66,13 @@ def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session)
     # W for data-size weights: the federation's number of training examples (what the clients' partitions
     # add up to, derived from the config the clients share); HetLoRA: max_update_norm**2 / 2 (secagg.py).
     total = sum(len(p) for p in session.partitions)
-    max_weight = max_weight_bound(fed.method, total, cfg.validation.max_update_norm)
-    log.info("secure aggregation: SecAgg+ with weight bound W=%g (%s)", max_weight,
-             "validation.max_update_norm**2 / 2" if weighs_by_norm(fed.method) else
-             "the federation's number of training examples")
+    if cfg.privacy.dp:  # every client uploads with weight 1 (client-level DP), so rho_k = 1 exactly
+        max_weight, why = 1.0, "privacy.dp: uniform weights"
+    else:
+        max_weight = max_weight_bound(fed.method, total, cfg.validation.max_update_norm)
+        why = ("validation.max_update_norm**2 / 2" if weighs_by_norm(fed.method) else
+               "the federation's number of training examples")
+    log.info("secure aggregation: SecAgg+ with weight bound W=%g (%s)", max_weight, why)
 
     def layout_of() -> SecAggLayout:
         assert isinstance(fed.state, GlobalState), "the federation has not started"
