@@ -107,7 +107,6 @@ def test_secagg_run_on_flower_sim_equals_the_plain_run_within_the_quantisation_b
     (["audit=true"], r"privacy\.secure_aggregation and audit: true cannot be combined: the audit stores every "
                      r"client's update"),
     (["method=flexlora"], r"privacy\.secure_aggregation: method 'flexlora' cannot run under secure aggregation"),
-    (["privacy.dp=true"], r"privacy\.secure_aggregation and privacy\.dp cannot be combined"),
     (["method=hetlora"], r"method hetlora needs validation\.max_update_norm"),
     (["clients.per_round=2"], r"at least 3 clients per round"),
 ])
