@@ -6,7 +6,8 @@ A run directory holds ``config.yaml`` and ``metrics.jsonl``; the latter has one 
   where ``kind`` is ``"tier"`` (the global model as a client of rank ``t`` receives it), ``"curve"``
   (the truncation curve ``t = 1, 2, 4, ..., R`` after the last round) or ``"base"`` (the zero-shot base
   model, ``round`` 0, ``rank`` ``"base"``);
-* training records ``{"round", "kind": "train", "train_loss", "accepted", "rejected", "seconds", "method"}``.
+* training records ``{"round", "kind": "train", "train_loss", "accepted", "rejected", "seconds", "method"}``,
+  with ``privacy.dp`` also ``"dp_epsilon"`` (accounted after that round; null for z = 0), ``"dp_delta"``.
 
 A resumed run may write the same ``(round, rank, kind)`` (or the same training round) twice: the last
 line wins.
@@ -81,6 +82,8 @@ class TrainRecord:
     rejected: int | None
     seconds: float | None
     method: str
+    dp_epsilon: float | None = None  # privacy.dp: epsilon accounted after this round (None: no DP or z = 0)
+    dp_delta: float | None = None
 
 
 @dataclass
@@ -210,6 +213,8 @@ def _parse_train(rec: dict[str, Any], method: str, where: str) -> TrainRecord:
         rejected=_optional_int(rec.get("rejected"), "rejected", where),
         seconds=None if seconds is None else _as_float(seconds, "seconds", where),
         method=str(rec.get("method") or method),
+        dp_epsilon=None if rec.get("dp_epsilon") is None else _as_float(rec["dp_epsilon"], "dp_epsilon", where),
+        dp_delta=None if rec.get("dp_delta") is None else _as_float(rec["dp_delta"], "dp_delta", where),
     )
 
 
@@ -345,7 +350,20 @@ def final_round_table(run: RunMetrics) -> str:
         tier = _BASE_LABEL if rec.kind == "base" else str(rec.rank)
         rows.append([tier, str(rec.round)] + [_fmt(rec.metric(m), m) for m in METRICS]
                     + ["" if rec.n is None else str(rec.n)])
-    return _markdown(["tier", "round", "accuracy", "ROUGE-L", "perplexity", "n"], rows)
+    table = _markdown(["tier", "round", "accuracy", "ROUGE-L", "perplexity", "n"], rows)
+    privacy = privacy_line(run)
+    return table if privacy is None else table + "\n\n" + privacy
+
+
+def privacy_line(run: RunMetrics) -> str | None:
+    """``client-level DP: epsilon = E at delta = D after round R`` from the last training record of a
+    ``privacy.dp`` run (None without DP records)."""
+    dp = [t for t in run.trains if t.dp_delta is not None]
+    if not dp:
+        return None
+    last = max(dp, key=lambda t: t.round)
+    eps = "inf (no noise)" if last.dp_epsilon is None else f"{last.dp_epsilon:.4g}"
+    return f"client-level DP: epsilon = {eps} at delta = {last.dp_delta:.3g} after round {last.round}"
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -439,6 +457,23 @@ def _plot_train_loss(run: RunMetrics, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _plot_epsilon(run: RunMetrics, path: Path) -> Path:
+    fig, (ax,) = _figure(1, width=5.5)
+    points = [(t.round, t.dp_epsilon) for t in run.trains if t.dp_epsilon is not None]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+    delta = next(t.dp_delta for t in run.trains if t.dp_delta is not None)
+    budget = (run.config.get("privacy") or {}).get("target_epsilon") if isinstance(run.config, dict) else None
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        ax.axhline(float(budget), color="red", linestyle="--", linewidth=1, label=f"budget {budget:g}")
+        ax.legend(fontsize="small")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"epsilon (delta = {delta:.3g})")
+    ax.set_title(f"{run.label}: accounted epsilon after each round")
+    ax.grid(alpha=0.3)
+    _integer_x(ax)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------- one run
 
 
@@ -448,7 +483,7 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     ``summary.csv`` has one row per evaluation record after deduplication (columns
     :data:`SUMMARY_COLUMNS`), sorted by round, kind (base, tier, curve) and rank. Plots, each drawn when
     its data exist: ``metrics_by_round.png``, ``truncation_curve.png`` (from "curve" records, else the
-    final round's tiers), ``train_loss.png``.
+    final round's tiers), ``train_loss.png``, ``privacy_epsilon.png`` (``privacy.dp`` runs: epsilon per round).
 
     Returns ``{"run_dir", "summary_csv", "plots" (list of paths), "n_eval_records", "n_train_records",
     "final_round" (None before any tier record), "final_table" (Markdown), "messages" (list of str)}``.
@@ -472,6 +507,8 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         plots.append(_plot_truncation(run, truncation, source, plots_dir / "truncation_curve.png"))
     if run.trains:
         plots.append(_plot_train_loss(run, plots_dir / "train_loss.png"))
+    if any(t.dp_epsilon is not None for t in run.trains):
+        plots.append(_plot_epsilon(run, plots_dir / "privacy_epsilon.png"))
     if not run.evals:
         messages.append(
             f"{run_path / 'metrics.jsonl'}: no evaluation records yet; summary.csv has the header only"

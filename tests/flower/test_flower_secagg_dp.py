@@ -50,6 +50,7 @@ def _trains(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
 
 
+@pytest.mark.slow  # one 2-round flower-sim run and two in-process rounds: about 60 s on a quiet 2-core machine
 def test_dp_with_secure_aggregation_equals_central_dp_within_the_quantisation_bound(tmp_path, check_run):
     cfg = config_mod.load(TINY, [*SMALL, *SECAGG, *DP])
     run = runner.run(cfg, tmp_path / "secure", verbose=False)
