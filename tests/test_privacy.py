@@ -164,8 +164,11 @@ def test_check_secure_aggregation():
         check_secure_aggregation(from_dict({**ok, "method": "hetlora"}))
     with pytest.raises(ConfigError, match="privacy.secure_aggregation and audit: true cannot be combined"):
         check_secure_aggregation(from_dict({**ok, "audit": True}))
-    with pytest.raises(ConfigError, match="privacy.secure_aggregation and privacy.dp cannot be combined"):
-        check_secure_aggregation(from_dict({**ok, "privacy": {"secure_aggregation": True, "dp": True}}))
+    # DP with secure aggregation runs (clients clip, the server noises the sums); under DP HetLoRA's weights are 1,
+    # so it needs no bound on them
+    check_secure_aggregation(from_dict({**ok, "privacy": {"secure_aggregation": True, "dp": True}}))
+    check_secure_aggregation(from_dict({**ok, "method": "hetlora", "privacy": {"secure_aggregation": True,
+                                                                                "dp": True}}))
     for name in ("flexlora", "flora"):
         with pytest.raises(ConfigError, match=rf"method '{name}' cannot run under secure aggregation.*"
                                               "methods that can: fedit, hetlora, prelort, zeropad"):
