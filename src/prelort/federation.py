@@ -465,6 +465,9 @@ class Federation:
 
         assert self.state is not None
         rule = aggregation_rule(self.method)
+        if abs(rho_total - len(clear)) > 1e-9:  # each client must upload with weight 1 (W = 1): rho_k = 1
+            log.warning("round %d: under privacy.dp the SecAgg+ weights add up to %.6g, not the %d clients in the sum "
+                        "(a client reported a weight other than 1)", round_, rho_total, len(clear))
         mean_num, mean_den = decode_secagg_mean(arrays, layout)
         num = {k: v * rho_total for k, v in mean_num.items()}
         den = {k: v * rho_total for k, v in mean_den.items()}
