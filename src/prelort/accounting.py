@@ -37,8 +37,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .config import Config
@@ -86,9 +86,6 @@ class AccountingPlan:
     def sensitivity(self) -> float:
         """L2 sensitivity of a round's sum in units of C under the relation."""
         return 1.0 if self.relation == "add_or_remove" else 2.0
-
-    def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "sampling_rate": self.sampling_rate}
 
 
 def _hides_sample(cfg: "Config", method: "Method") -> tuple[bool, str]:
