@@ -49,6 +49,12 @@ class ClientsConfig(_Section):
     ranks: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8], description="Client LoRA ranks, cycled over clients (client k: ranks[k % len])."
     )
+    sampling: Literal["uniform", "stratified"] = Field(
+        "uniform",
+        description="How each round's clients are drawn (seeded by seed, round and attempt): uniform (any per_round "
+        "of the num clients) or stratified (from every rank tier in proportion to its number of clients, largest "
+        "remainders first, so with per_round >= the number of tiers every tier trains every round).",
+    )
     min_per_round: int = Field(1, ge=1, description="A round needs at least this many accepted updates.")
     max_round_retries: int = Field(
         0, ge=0, description="Retry a round with too few accepted updates this many times (clients resampled with a "

@@ -241,6 +241,8 @@ class Federation:
         retried round, so a retry may reach other clients when ``per_round < num``."""
         parts = (round_, -1) if attempt == 0 else (round_, -1, attempt)
         rng = random.Random(derived_seed(self.cfg.seed, *parts))
+        if self.cfg.clients.sampling == "stratified":
+            return stratified_sample(self.cfg.clients.all_ranks(), self.cfg.clients.per_round, rng)
         return sorted(rng.sample(range(self.cfg.clients.num), self.cfg.clients.per_round))
 
     def begin_round(self, round_: int, attempt: int = 0) -> list[ClientTask]:
@@ -461,6 +463,32 @@ class Federation:
 
     def eval_due(self, round_: int) -> bool:
         return round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+
+
+def stratified_sample(ranks: Sequence[int], k: int, rng: random.Random) -> list[int]:
+    """``k`` of the clients ``0..len(ranks)-1`` (sorted), drawn per rank tier in proportion to its size.
+
+    Tier r with n_r clients gets floor(k n_r / N) clients, and the k - sum(floors) left over go one each to
+    the tiers with the largest remainders (ties broken by ``rng``); each tier's clients are then drawn
+    without replacement. A tier gets at most n_r (its quota k n_r / N <= n_r), so with k >= the number of
+    tiers and equal tiers every tier is drawn every round.
+    """
+    n = len(ranks)
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot sample {k} of {n} clients")
+    tiers: dict[int, list[int]] = {}
+    for client, r in enumerate(ranks):
+        tiers.setdefault(int(r), []).append(client)
+    order = sorted(tiers)
+    quota = {r: k * len(tiers[r]) // n for r in order}
+    # largest remainder first; a random key breaks ties so no tier is favoured by its position
+    left = sorted(order, key=lambda r: (-(k * len(tiers[r]) % n), rng.random()))
+    for r in left[: k - sum(quota.values())]:
+        quota[r] += 1
+    chosen: list[int] = []
+    for r in order:
+        chosen += rng.sample(tiers[r], quota[r])
+    return sorted(chosen)
 
 
 def adapter_prefix(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
