@@ -265,6 +265,7 @@ def train_client(
 
     losses: list[float] = []
     counts = {t: 0 for t in ts}
+    dim_steps = [0] * plan.rank  # optimizer steps that changed dimension i (see the module doc)
     was_training = model.training
     started = time.perf_counter()
     fork_devices = [device] if device.type == "cuda" else []
@@ -303,6 +304,8 @@ def train_client(
                 # the pruning penalty reaches the tail dims whatever t was drawn: they are in the objective
                 frozen = (_snapshot_inactive(optimizer, pairs, top)
                           if top < plan.rank and (prune is None or prune.lam == 0) else None)
+                for i in range(top if frozen is not None else plan.rank):
+                    dim_steps[i] += 1
                 optimizer.step()
                 if frozen is not None:
                     _restore_inactive(optimizer, frozen)
@@ -331,6 +334,9 @@ def train_client(
         "mode": plan.mode,
         "truncations": ts,
         "passes_per_truncation": {str(t): c for t, c in counts.items()},
+        # forward/backward passes of a micro-batch, and per rank dimension the steps that reached it
+        "passes": sum(counts.values()),
+        "dim_steps": dim_steps,
         "seconds": time.perf_counter() - started,
     }
     if prune is not None:
