@@ -272,8 +272,10 @@ def train_step_section(data: dict[str, Any], results_dir: Path, readme_dir: Path
     return "\n".join(out)
 
 
-def _ci_text(ci: Sequence[float] | None) -> str:
-    return "n/a" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+def _ci_text(ci: Sequence[float] | None, signed: bool = True) -> str:
+    if not ci:
+        return "n/a"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _link(path_text: str, readme_dir: Path) -> str:
@@ -335,7 +337,7 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
         rows = []
         for name, a in arms.items():
             cost = a.get("cost") or {}
-            rows.append([name] + [f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'])}"
+            rows.append([name] + [f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'], False)}"
                                   if str(t) in a.get("tiers", {}) else "n/a" for t in tiers]
                         + [len(a.get("seeds", [])), _num(cost.get("passes"), 0), _num(cost.get("optimizer_steps"), 0),
                            fmt_seconds(cost.get("wall_seconds"))])
@@ -349,7 +351,7 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
             out.append("Truncation curve (accuracy of the global model truncated to t, 95% CI):")
             out.append("")
             out.append(markdown(["arm"] + [f"t={t}" for t in ts],
-                                [[name] + [f"{a['curve'][str(t)]['accuracy']:.3f} {_ci_text(a['curve'][str(t)]['ci95'])}"
+                                [[name] + [f"{a['curve'][str(t)]['accuracy']:.3f} {_ci_text(a['curve'][str(t)]['ci95'], False)}"
                                            if str(t) in a.get("curve", {}) else "n/a" for t in ts]
                                  for name, a in arms.items()]))
             out.append("")
@@ -380,7 +382,7 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
                              _num(e.get("passes_ratio"), 2) if key == "equal_steps" else
                              ", ".join(f"seed {s}: round {r}" for s, r in (e.get("rounds") or {}).items())])
         if rows:
-            out.append(f"Multi-pass arms minus `{settings.get('verdict_arm')}` {title}:")
+            out.append(f"The other PreLort arms minus `{settings.get('verdict_arm')}` {title}:")
             out.append("")
             out.append(markdown(["arm", "tier", "difference", "95% CI",
                                  "passes ratio" if key == "equal_steps" else "rounds compared"], rows))

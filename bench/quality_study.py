@@ -50,16 +50,17 @@ from prelort import config as config_mod  # noqa: E402
 from prelort.config import Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS: dict[str, list[str]] = {
-    "prelort-sample": ["method=prelort", "prelort.nested=sample"],
-    "prelort-sandwich": ["method=prelort", "prelort.nested=sandwich"],
-    "prelort-all": ["method=prelort", "prelort.nested=all"],
-    "prelort-off": ["method=prelort", "prelort.nested=off"],
-    "zeropad": ["method=zeropad"],
-    "hetlora": ["method=hetlora"],
-    "flexlora": ["method=flexlora"],
-    "flora": ["method=flora"],
-    "fedit": ["method=fedit"],
+# arm -> (method, prelort.nested); set in the config data directly (a --set string "off" would read as YAML false)
+ARMS: dict[str, tuple[str, str | None]] = {
+    "prelort-sample": ("prelort", "sample"),
+    "prelort-sandwich": ("prelort", "sandwich"),
+    "prelort-all": ("prelort", "all"),
+    "prelort-off": ("prelort", "off"),
+    "zeropad": ("zeropad", None),
+    "hetlora": ("hetlora", None),
+    "flexlora": ("flexlora", None),
+    "flora": ("flora", None),
+    "fedit": ("fedit", None),
 }
 VERDICT_ARM = "prelort-sample"  # fixed in docs/quality-study.md: the nested mode with the baselines' cost
 BASELINES = ("zeropad", "hetlora", "flexlora", "flora", "fedit")
@@ -77,9 +78,12 @@ def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides:
     """One run's config: the base config, the arm, the study's settings, the seed, the lr, the overrides; the
     evaluation runs after the last round (every arm) and after every round (multi-pass arms)."""
     data = json.loads(json.dumps(base))
-    data["seed"] = seed
+    method, nested = ARMS[arm]
+    data.update(method=method, seed=seed)
     data.setdefault("train", {})["lr"] = lr
-    sets = [*ARMS[arm], *STUDY_SETTINGS, *overrides]
+    if nested is not None:
+        data.setdefault("prelort", {})["nested"] = nested
+    sets = [*STUDY_SETTINGS, *overrides]
     rounds = config_mod.from_dict(data, sets).rounds
     return config_mod.from_dict(data, [*sets, f"eval.every={1 if arm in MULTI_PASS_ARMS else rounds}"])
 
@@ -435,7 +439,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-runs", type=int, default=None, help="stop after running this many runs (skips don't count)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (recorded in the JSON)")
-    p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap replicates (default 10000)")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap replicates (default 10000; the smallest bootstrap p is 2 / (B + 1), so Holm over 20 tests "
+                   "needs B >= 800 to reach significance at all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     args = p.parse_args(argv)
     args.arms = parse_list(args.arms, "--arms", str)

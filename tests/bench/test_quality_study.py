@@ -206,7 +206,8 @@ def test_tiny_pipeline_end_to_end(tmp_path):
             "--json", str(tmp_path / "study.json"), "--arms", "prelort-sample,zeropad", "--seeds", "0,1",
             "--lrs", "1e-3", "--bootstrap", "200",
             "--set", "rounds=2", "--set", "train.local_steps=1", "--set", "data.num_train=32",
-            "--set", "data.num_test=8", "--set", "eval.max_examples=8", "--set", "eval.base=false"]
+            "--set", "data.num_test=8", "--set", "eval.max_examples=8", "--set", "eval.base=false",
+            "--set", "clients.per_round=2"]
     payload = qs.main(args)
     assert payload["progress"]["text"] == "6 of 6 runs done"
     a = payload["analysis"]
