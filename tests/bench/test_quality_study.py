@@ -91,13 +91,13 @@ def study_args(tmp_path: Path, *extra: str) -> list[str]:
             "--set", "rounds=4", "--set", "train.local_steps=3", *extra]
 
 
-ARMS = "prelort-sample,prelort-all,zeropad,flora"
+ARMS = "prelort-sample,prelort-all,prelort-off,zeropad,flora"
 
 
 def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     fake = FakeFederation()
     payload = qs.main(study_args(tmp_path, "--arms", ARMS, "--seeds", "0,1,2", "--lrs", "1e-3,3e-3"), execute=fake)
-    total = 4 * (2 + 3)
+    total = 5 * (2 + 3)
     assert len(fake.calls) == total and payload["progress"] == {"done": total, "total": total,
                                                                 "text": f"{total} of {total} runs done"}
     data = json.loads((tmp_path / "study.json").read_text())
@@ -108,6 +108,8 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     cfg = yaml.safe_load((tmp_path / "runs" / "report" / "prelort-all" / "seed-2" / "config.yaml").read_text())
     assert cfg["clients"]["sampling"] == "stratified" and cfg["prelort"]["nested"] == "all" and cfg["seed"] == 2
     assert cfg["eval"]["every"] == 1
+    off = yaml.safe_load((tmp_path / "runs" / "select" / "prelort-off" / "lr-0.001" / "config.yaml").read_text())
+    assert off["method"] == "prelort" and off["prelort"]["nested"] == "off" and off["seed"] == 1000
     assert yaml.safe_load((tmp_path / "runs" / "report" / "zeropad" / "seed-0" / "config.yaml").read_text()
                           )["eval"]["every"] == 4
     # per-example records, compactly, in a fixed order
@@ -135,7 +137,7 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     assert a["equal_passes"]["prelort-all"]["rounds"] == {"0": 1, "1": 1, "2": 1}
     assert a["arms"]["zeropad"]["dim_steps_mean"][:3] == [48, 48, 4]
     assert (tmp_path / "study" / "paired_differences.png").stat().st_size > 1000
-    assert "[20 of 20 runs done] report/flora/seed-2" in capsys.readouterr().out
+    assert "[25 of 25 runs done] report/flora/seed-2" in capsys.readouterr().out
 
 
 def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
