@@ -337,7 +337,8 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
         rows = []
         for name, a in arms.items():
             cost = a.get("cost") or {}
-            rows.append([name] + [f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'], False)}"
+            extra = " (extra, not pre-registered)" if name in (settings.get("extra_arms") or []) else ""
+            rows.append([name + extra] + [f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'], False)}"
                                   if str(t) in a.get("tiers", {}) else "n/a" for t in tiers]
                         + [len(a.get("seeds", [])), _num(cost.get("passes"), 0), _num(cost.get("optimizer_steps"), 0),
                            fmt_seconds(cost.get("wall_seconds"))])

@@ -62,6 +62,10 @@ ARMS: dict[str, tuple[str, str | None]] = {
     "flora": ("flora", None),
     "fedit": ("fedit", None),
 }
+# variants outside the pre-registered protocol: only with --arms, reported as extra arms, never in the verdict
+EXTRA_ARMS: dict[str, tuple[str, str | None]] = {
+    "prelort-sample_width": ("prelort", "sample_width"),
+}
 VERDICT_ARM = "prelort-sample"  # fixed in docs/quality-study.md: the nested mode with the baselines' cost
 BASELINES = ("zeropad", "hetlora", "flexlora", "flora", "fedit")
 MULTI_PASS_ARMS = ("prelort-sandwich", "prelort-all")  # evaluated every round, for the equal-passes comparison
@@ -78,7 +82,7 @@ def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides:
     """One run's config: the base config, the arm, the study's settings, the seed, the lr, the overrides; the
     evaluation runs after the last round (every arm) and after every round (multi-pass arms)."""
     data = json.loads(json.dumps(base))
-    method, nested = ARMS[arm]
+    method, nested = {**ARMS, **EXTRA_ARMS}[arm]
     data.update(method=method, seed=seed)
     data.setdefault("train", {})["lr"] = lr
     if nested is not None:
@@ -327,7 +331,7 @@ def _multi_pass(reported, arms, tiers, values, resampler) -> tuple[dict[str, Any
     equal_passes: dict[str, Any] = {}
     if VERDICT_ARM not in arms:
         return equal_steps, equal_passes
-    for arm in [a for a in ("prelort-sandwich", "prelort-all", "prelort-off") if a in arms]:
+    for arm in [a for a in ("prelort-sandwich", "prelort-all", "prelort-off", *EXTRA_ARMS) if a in arms]:
         ss = sorted(set(reported[arm]) & set(reported[VERDICT_ARM]))
         if not ss:
             continue
@@ -430,7 +434,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=ROOT / "examples" / "quality_study.yaml",
                    help="the study's base config (default examples/quality_study.yaml)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of arms (default all: {', '.join(ARMS)})")
+    p.add_argument("--arms", default=",".join(ARMS),
+                   help=f"comma list of arms (default the pre-registered ones: {', '.join(ARMS)}; extra, not "
+                   f"pre-registered: {', '.join(EXTRA_ARMS)})")
     p.add_argument("--seeds", default="0,1,2,3,4", help="reported seeds (default 0,1,2,3,4)")
     p.add_argument("--selection-seed", type=int, default=1000, help="seed of the lr-selection runs (default 1000)")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate grid (default 1e-3,3e-3,1e-2)")
@@ -444,9 +450,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     args = p.parse_args(argv)
     args.arms = parse_list(args.arms, "--arms", str)
-    unknown = [a for a in args.arms if a not in ARMS]
+    unknown = [a for a in args.arms if a not in ARMS and a not in EXTRA_ARMS]
     if unknown:
-        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; known: {', '.join([*ARMS, *EXTRA_ARMS])}")
     args.seeds = parse_list(args.seeds, "--seeds", int)
     args.lrs = parse_list(args.lrs, "--lrs", float)
     if any(lr <= 0 for lr in args.lrs):
@@ -487,7 +493,8 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         "benchmark": "quality_study", "command": command, "protocol": "docs/quality-study.md",
         "settings": {"config": _rel(args.config), "arms": args.arms, "seeds": args.seeds,
                      "selection_seed": args.selection_seed, "lr_grid": args.lrs, "overrides": args.overrides,
-                     "study_settings": STUDY_SETTINGS, "verdict_arm": VERDICT_ARM, "baselines": list(BASELINES),
+                     "study_settings": STUDY_SETTINGS,
+                     "extra_arms": [a for a in args.arms if a in EXTRA_ARMS], "verdict_arm": VERDICT_ARM, "baselines": list(BASELINES),
                      "runs_dir": _rel(args.runs_dir)},
         "config": args.base, "environment": environment(), "arms": {}, "runs": {},
     }

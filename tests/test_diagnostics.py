@@ -112,3 +112,20 @@ def test_train_records_carry_the_round_diagnostics(tmp_path):
         # T_k = segment boundaries <= r_k: 1, 2, 3, 4 truncations for ranks 1, 2, 4, 8
         assert r["passes"] == 3 * (1 + 2 + 3 + 4) and r["optimizer_steps"] == 12
         assert r["diagnostics_reported"] == 4
+
+
+def test_sample_width_draws_truncations_in_proportion_to_segment_width(tiny_model):
+    from prelort.train import _step_truncations
+
+    rng = random.Random(0)
+    draws = [_step_truncations("sample_width", [2, 4, 8, 16], 16, rng)[0] for _ in range(8000)]
+    share = {t: draws.count(t) / len(draws) for t in (2, 4, 8, 16)}
+    assert share == pytest.approx({2: 2 / 16, 4: 2 / 16, 8: 4 / 16, 16: 8 / 16}, abs=0.02)
+    # one pass per step; dims 8..15 (reached by t = 16 only) on about half the steps
+    base, _ = tiny_model
+    res = train_client(fresh_lora(base), examples(), TrainPlan(rank=R, truncations=(2, 4, R), mode="sample_width"),
+                       TrainConfig(local_steps=24, batch_size=1, lr=1e-3), seed=3)
+    assert res.meta["passes"] == 24 and res.meta["dim_steps"][:2] == [24, 24]
+    assert 5 <= res.meta["dim_steps"][4] <= 19  # P(t = 8) = 4/8 here: binomial(24, 1/2)
+    cfg = config_mod.from_dict({}, ["method=prelort", "prelort.nested=sample_width"])
+    assert cfg.prelort.nested == "sample_width"

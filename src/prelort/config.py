@@ -86,11 +86,14 @@ class ClientsConfig(_Section):
 
 
 class PrelortConfig(_Section):
-    nested: Literal["all", "sample", "sandwich", "off"] = Field(
+    nested: Literal["all", "sample", "sandwich", "off", "sample_width"] = Field(
         "all",
         description="Prefix-nested objective: all truncations each step, sample one, sandwich (own rank + one), "
         "or off (plain LoRA; segment-wise aggregation only). A step changes only the dimensions its "
-        "truncations reach (AdamW moments included).",
+        "truncations reach (AdamW moments included). sample_width (a variant, not one of the quality "
+        "study's pre-registered arms): one truncation per step, drawn with probability proportional to its "
+        "segment's width (the segment of a uniformly drawn rank dimension), so the top segment trains more "
+        "often: a rank-16 client of ranks 2/4/8/16 draws t = 16 on half its steps instead of a quarter.",
     )
 
 

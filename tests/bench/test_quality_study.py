@@ -221,3 +221,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     results.mkdir()
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
     assert "### Quality study" in tables.render(results, tmp_path)
+
+
+def test_the_extra_arm_runs_only_when_asked_and_stays_out_of_the_verdict(tmp_path):
+    assert "prelort-sample_width" not in qs.parse_args(study_args(tmp_path)).arms
+    args = study_args(tmp_path, "--arms", "prelort-sample,prelort-sample_width,zeropad", "--seeds", "0", "--lrs", "1e-3")
+    payload = qs.main(args, execute=FakeFederation())
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "runs" / "report" / "prelort-sample_width" / "seed-0" / "config.yaml").read_text())
+    assert cfg["prelort"]["nested"] == "sample_width"
+    assert payload["settings"]["extra_arms"] == ["prelort-sample_width"]
+    assert {c["baseline"] for c in payload["analysis"]["comparisons"]} == {"zeropad"}
+    assert "prelort-sample_width" in payload["analysis"]["equal_steps"]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
+    assert "| prelort-sample_width (extra, not pre-registered) |" in tables.render(results, tmp_path)
