@@ -300,7 +300,9 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
                    f"Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); \"PreLort\" "
                    f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}.")
     else:
-        out.append(f"**No verdict yet**: {analysis.get('note', 'no analysis')}.{status}")
+        why = analysis.get("note") or (f"the analysis failed: {analysis['error']}" if analysis.get("error")
+                                       else "no analysis")
+        out.append(f"**No verdict yet**: {why}.{status}")
     cfg = data.get("config") or {}
     clients, train = cfg.get("clients") or {}, cfg.get("train") or {}
     out.append("")

@@ -239,9 +239,7 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
     resamplers = _Resamplers(replicates, bootstrap_seed)
     out: dict[str, Any] = {"complete": complete, "replicates": replicates, "bootstrap_seed": bootstrap_seed}
 
-    def values(arm: str, ss: Sequence[int], tier: str, where: str = "tiers", round_: str | None = None):
-        if round_ is not None:
-            return [verdicts(reported[arm][s]["per_round"][round_[s]][tier]["correct"]) for s in ss]
+    def values(arm: str, ss: Sequence[int], tier: str, where: str = "tiers") -> list[np.ndarray]:
         return [verdicts(reported[arm][s][where][tier]["correct"]) for s in ss]
 
     def resampler(arm_values: list[np.ndarray]) -> st.Resampler:
@@ -277,6 +275,10 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
         out["verdict"] = None
         out["note"] = "no reported seed has finished PreLort and every baseline yet"
         return out
+    for s in common:
+        ids = {a: reported[a][s]["examples"]["ids"] for a in verdict_arms}
+        if any(v != ids[VERDICT_ARM] for v in ids.values()):
+            raise ValueError(f"seed {s}: the arms evaluated different held-out examples; cannot pair them")
     tiers = sorted(reported[VERDICT_ARM][common[0]]["tiers"], key=int)
     comparisons = []
     reps_of: dict[tuple[str, str], np.ndarray] = {}
@@ -509,8 +511,12 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         payload["progress"] = progress()
         complete = payload["progress"]["done"] == total
         payload["cpu_seconds"] = round(sum(r["wall_seconds"] for r in payload["runs"].values()), 1)
-        payload["analysis"] = analyse(payload["runs"], args.arms, args.seeds, replicates=args.bootstrap,
-                                      complete=complete)
+        try:
+            payload["analysis"] = analyse(payload["runs"], args.arms, args.seeds, replicates=args.bootstrap,
+                                          complete=complete)
+        except (KeyError, ValueError) as e:  # the runs stay recorded; the study goes on
+            payload["analysis"] = {"error": f"{type(e).__name__}: {e}", "complete": complete}
+            print(f"warning: the analysis failed ({type(e).__name__}: {e}); the runs are recorded", flush=True)
         plot = plot_differences(payload["analysis"], args.json.with_suffix("") / "paired_differences.png")
         payload["plots"] = [_rel(plot)] if plot else []
         write_json(args.json, payload)

@@ -238,3 +238,16 @@ def test_the_extra_arm_runs_only_when_asked_and_stays_out_of_the_verdict(tmp_pat
     results.mkdir()
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
     assert "| prelort-sample_width (extra, not pre-registered) |" in tables.render(results, tmp_path)
+
+
+def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
+    args = study_args(tmp_path, "--arms", "prelort-sample,zeropad", "--seeds", "0", "--lrs", "1e-3,3e-3")
+    payload = qs.main(args + ["--max-runs", "3"], execute=FakeFederation())
+    assert payload["progress"]["text"] == "3 of 6 runs done" and payload["analysis"]["verdict"] is None
+    assert "lr" not in payload["arms"]["zeropad"]  # its grid is not finished: no reported run yet
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
+    text = tables.render(results, tmp_path)
+    assert ("**No verdict yet**: no reported seed has finished PreLort and every baseline yet. "
+            "**PARTIAL: 3 of 6 runs done.**") in text
