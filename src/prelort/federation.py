@@ -198,9 +198,13 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
     ``meta["dim_steps"][i]`` (optimizer steps of that client that changed dimension i). ``passes`` and
     ``optimizer_steps``: sums of ``meta["passes"]`` and ``meta["steps"]``. A client's report is only
     diagnostics, never trusted for aggregation: one that is not a list of ``rank`` (or more: HetLoRA
-    reports before pruning) integers in [0, local_steps], with passes in [0, local_steps * grad_accum * rank],
-    is left out of the step sums (logged) and its update stays accepted.
+    reports before pruning, at most R) integers in [0, local_steps], with steps in [0, local_steps] and passes
+    in [0, local_steps * grad_accum * R], is left out of the step sums (logged) and its update stays accepted.
     """
+
+    def whole(x: Any, hi: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= hi
+
     dim_clients = [0] * max_rank
     dim_steps = [0] * max_rank
     passes = steps = reported = 0
@@ -209,10 +213,6 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
             dim_clients[i] += 1
         meta = meta if isinstance(meta, dict) else {}
         counts, p, k = meta.get("dim_steps"), meta.get("passes"), meta.get("steps")
-
-        def whole(x: Any, hi: int) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= hi
-
         if not (isinstance(counts, list) and rank <= len(counts) <= max_rank
                 and all(whole(c, local_steps) for c in counts) and whole(p, local_steps * grad_accum * max_rank)
                 and whole(k, local_steps)):
