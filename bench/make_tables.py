@@ -1,6 +1,6 @@
 """Rewrite the README's results section from the benchmarks' JSON files.
 
-Reads ``quality.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
+Reads ``quality.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
 results directory (each written by ``bench/<name>.py --json``; a missing one is named as not run yet)
 and replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
 Markdown tables, each with the command that made it and the machine it ran on. Without the markers, a
@@ -272,8 +272,134 @@ def train_step_section(data: dict[str, Any], results_dir: Path, readme_dir: Path
     return "\n".join(out)
 
 
+def _ci_text(ci: Sequence[float] | None, signed: bool = True) -> str:
+    if not ci:
+        return "n/a"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _link(path_text: str, readme_dir: Path) -> str:
+    path = Path(path_text) if Path(path_text).is_absolute() else ROOT / path_text
+    try:
+        return Path(os.path.relpath(path, readme_dir)).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    """The pre-registered study (docs/quality-study.md): verdict, paired differences, cost, diagnostics."""
+    settings = data.get("settings") or {}
+    progress = data.get("progress") or {}
+    analysis = data.get("analysis") or {}
+    verdict = analysis.get("verdict") or {}
+    complete = progress.get("done") is not None and progress.get("done") == progress.get("total")
+    out = ["### Quality study: PreLort against the baselines per rank tier", ""]
+    status = "" if complete else f" **PARTIAL: {progress.get('text', 'progress not recorded')}.**"
+    if verdict:
+        out.append(f"**Verdict: {str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}).{status} "
+                   f"Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); \"PreLort\" "
+                   f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}.")
+    else:
+        why = analysis.get("note") or (f"the analysis failed: {analysis['error']}" if analysis.get("error")
+                                       else "no analysis")
+        out.append(f"**No verdict yet**: {why}.{status}")
+    cfg = data.get("config") or {}
+    clients, train = cfg.get("clients") or {}, cfg.get("train") or {}
+    out.append("")
+    out.append(f"{cfg.get('model', {}).get('name')}, data `{(cfg.get('data') or {}).get('source')}`; "
+               f"{cfg.get('rounds')} rounds x {clients.get('per_round')} of {clients.get('num')} clients (ranks "
+               f"{clients.get('ranks')}, stratified sampling) x {train.get('local_steps')} local steps of batch "
+               f"{train.get('batch_size')}; reported seeds {settings.get('seeds')}, lr per arm from "
+               f"{settings.get('lr_grid')} on selection seed {settings.get('selection_seed')}; compute "
+               f"{(data.get('cpu_seconds') or 0) / 3600:.1f} h of run wall time.")
+    out.append("")
+    comps = analysis.get("comparisons") or []
+    if comps:
+        out.append("Paired difference of accuracy, PreLort minus each baseline (bootstrap over seeds, then examples; "
+                   "Holm-corrected over all tests; ★ = the tier's best baseline, whose Holm CI the verdict uses):")
+        out.append("")
+        rows = [[c["tier"], c["baseline"] + (" ★" if c.get("best") else ""), f"{c['diff']:+.3f}", _ci_text(c["ci95"]),
+                 _ci_text(c["ci_holm"]), _num(c["p_holm"], 4), "yes" if c.get("significant") else "no",
+                 _num(c.get("mdd"), 3)]
+                for c in sorted(comps, key=lambda c: (c["tier"], _ordered([c["baseline"]])[0]))]
+        out.append(markdown(["tier", "baseline", "difference", "95% CI", "Holm CI", "Holm p", "significant",
+                             "MDD"], rows))
+        out.append("")
+        mdd = analysis.get("mdd") or {}
+        out.append(f"Minimum detectable difference ({mdd.get('how')}): against the best baseline per tier "
+                   + ", ".join(f"tier {t}: {v:.3f}" for t, v in (mdd.get("best_baseline_per_tier") or {}).items())
+                   + f"; strictest Holm level: "
+                   + ", ".join(f"tier {t}: {v:.3f}" for t, v in
+                               (mdd.get("best_baseline_per_tier_strictest") or {}).items())
+                   + f"; median over all tests {_num(mdd.get('median_all'), 3)}.")
+        out.append("")
+    arms = analysis.get("arms") or {}
+    if arms:
+        tiers = sorted({int(t) for a in arms.values() for t in a.get("tiers", {})})
+        rows = []
+        for name, a in arms.items():
+            cost = a.get("cost") or {}
+            extra = " (extra, not pre-registered)" if name in (settings.get("extra_arms") or []) else ""
+            rows.append([name + extra] + [f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'], False)}"
+                                  if str(t) in a.get("tiers", {}) else "n/a" for t in tiers]
+                        + [len(a.get("seeds", [])), _num(cost.get("passes"), 0), _num(cost.get("optimizer_steps"), 0),
+                           fmt_seconds(cost.get("wall_seconds"))])
+        out.append("Accuracy per arm and tier with 95% CI; cost per run (forward/backward passes, optimizer steps, "
+                   "wall time; means over seeds):")
+        out.append("")
+        out.append(markdown(["arm"] + [f"tier {t}" for t in tiers] + ["seeds", "passes", "steps", "wall"], rows))
+        out.append("")
+        ts = sorted({int(t) for a in arms.values() for t in a.get("curve", {})})
+        if ts:
+            out.append("Truncation curve (accuracy of the global model truncated to t, 95% CI):")
+            out.append("")
+            out.append(markdown(["arm"] + [f"t={t}" for t in ts],
+                                [[name] + [f"{a['curve'][str(t)]['accuracy']:.3f} {_ci_text(a['curve'][str(t)]['ci95'], False)}"
+                                           if str(t) in a.get("curve", {}) else "n/a" for t in ts]
+                                 for name, a in arms.items()]))
+            out.append("")
+        dims = {name: a["dim_steps_mean"] for name, a in arms.items() if a.get("dim_steps_mean")}
+        if dims:
+            width = max(len(v) for v in dims.values())
+            bounds = sorted({int(r) for r in (clients.get("ranks") or [])} | {width})
+            spans, lo = [], 0
+            for b in bounds:
+                if b > lo:
+                    spans.append((lo, b))
+                    lo = b
+            out.append("Optimizer steps that reached each rank segment over a run (mean over its dimensions and seeds; "
+                       "the under-trained-top-tier diagnostic):")
+            out.append("")
+            out.append(markdown(["arm"] + [f"dims {a}-{b - 1}" for a, b in spans],
+                                [[name] + [_num(sum(v[a:b]) / max(1, len(v[a:b])), 1) if a < len(v) else "n/a"
+                                           for a, b in spans] for name, v in dims.items()]))
+            out.append("")
+    for key, title in (("equal_steps", "at equal optimizer steps (final round)"),
+                       ("equal_passes", "at equal forward/backward passes (last round within prelort-sample's "
+                                        "passes)")):
+        block = analysis.get(key) or {}
+        rows = []
+        for name, e in block.items():
+            for t, c in (e.get("tiers") or {}).items():
+                rows.append([name, t, f"{c['diff']:+.3f}", _ci_text(c["ci95"]),
+                             _num(e.get("passes_ratio"), 2) if key == "equal_steps" else
+                             ", ".join(f"seed {s}: round {r}" for s, r in (e.get("rounds") or {}).items())])
+        if rows:
+            out.append(f"The other PreLort arms minus `{settings.get('verdict_arm')}` {title}:")
+            out.append("")
+            out.append(markdown(["arm", "tier", "difference", "95% CI",
+                                 "passes ratio" if key == "equal_steps" else "rounds compared"], rows))
+            out.append("")
+    for plot in data.get("plots") or []:
+        out.append(f"![paired differences per tier]({_link(plot, readme_dir)})")
+        out.append("")
+    out.append(provenance(data, "quality_study"))
+    return "\n".join(out)
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
     "quality.json": quality_section,
+    "quality_study.json": quality_study_section,
     "aggregation.json": aggregation_section,
     "communication.json": communication_section,
     "train_step.json": train_step_section,

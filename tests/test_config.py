@@ -42,7 +42,7 @@ def test_toml_file(tmp_path):
     [
         (["train.lrate=1"], "train.lrate: unknown key"),
         (["rounds=0"], "rounds: Input should be greater than or equal to 1"),
-        (["prelort.nested=most"], "prelort.nested: Input should be 'all', 'sample', 'sandwich' or 'off'"),
+        (["prelort.nested=most"], "prelort.nested: Input should be 'all', 'sample', 'sandwich', 'off' or 'sample_width'"),
         (["clients.min_per_round=5"], "min_per_round (5) exceeds per_round (4)"),
         (["rounds"], "is not key.path=value"),
         (["rounds.x=1"], "rounds: is a value"),

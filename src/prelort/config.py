@@ -49,6 +49,12 @@ class ClientsConfig(_Section):
     ranks: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8], description="Client LoRA ranks, cycled over clients (client k: ranks[k % len])."
     )
+    sampling: Literal["uniform", "stratified"] = Field(
+        "uniform",
+        description="How each round's clients are drawn (seeded by seed, round and attempt): uniform (any per_round "
+        "of the num clients) or stratified (from every rank tier in proportion to its number of clients, largest "
+        "remainders first, so with per_round >= the number of tiers every tier trains every round).",
+    )
     min_per_round: int = Field(1, ge=1, description="A round needs at least this many accepted updates.")
     max_round_retries: int = Field(
         0, ge=0, description="Retry a round with too few accepted updates this many times (clients resampled with a "
@@ -80,11 +86,14 @@ class ClientsConfig(_Section):
 
 
 class PrelortConfig(_Section):
-    nested: Literal["all", "sample", "sandwich", "off"] = Field(
+    nested: Literal["all", "sample", "sandwich", "off", "sample_width"] = Field(
         "all",
         description="Prefix-nested objective: all truncations each step, sample one, sandwich (own rank + one), "
         "or off (plain LoRA; segment-wise aggregation only). A step changes only the dimensions its "
-        "truncations reach (AdamW moments included).",
+        "truncations reach (AdamW moments included). sample_width (a variant, not one of the quality "
+        "study's pre-registered arms): one truncation per step, drawn with probability proportional to its "
+        "segment's width (the segment of a uniformly drawn rank dimension), so the top segment trains more "
+        "often: a rank-16 client of ranks 2/4/8/16 draws t = 16 on half its steps instead of a quarter.",
     )
 
 

@@ -184,6 +184,52 @@ class RoundOutcome:
     train_loss: float | None = None
     seconds: float = 0.0
     attempts: int = 1
+    # per rank dimension 0..R-1 of the global adapter: accepted clients whose update covers it, and optimizer
+    # steps (summed over the clients that reported them) that changed it; see round_diagnostics
+    dim_clients: list[int] = field(default_factory=list)
+    dim_steps: list[int] = field(default_factory=list)
+    passes: int = 0  # forward/backward passes of a micro-batch, summed over the clients that reported them
+    optimizer_steps: int = 0
+    diagnostics_reported: int = 0  # accepted clients whose step counts passed the checks and are in the sums
+
+
+def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, local_steps: int,
+                      grad_accum: int) -> dict[str, Any]:
+    """Per-dimension diagnostics of a round from its accepted clients ``(client, rank, meta)``.
+
+    ``dim_clients[i]``: clients whose update has rank > i. ``dim_steps[i]``: the sum of the clients'
+    ``meta["dim_steps"][i]`` (optimizer steps of that client that changed dimension i). ``passes`` and
+    ``optimizer_steps``: sums of ``meta["passes"]`` and ``meta["steps"]``. A client's report is only
+    diagnostics, never trusted for aggregation: one that is not a list of ``rank`` (or more: HetLoRA
+    reports before pruning, at most R) integers in [0, local_steps], with steps in [0, local_steps] and passes
+    in [0, local_steps * grad_accum * R], is left out of the step sums (logged) and its update stays accepted.
+    """
+
+    def whole(x: Any, hi: int) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= hi
+
+    dim_clients = [0] * max_rank
+    dim_steps = [0] * max_rank
+    passes = steps = reported = 0
+    for client, rank, meta in clients:
+        for i in range(min(rank, max_rank)):
+            dim_clients[i] += 1
+        meta = meta if isinstance(meta, dict) else {}
+        counts, p, k = meta.get("dim_steps"), meta.get("passes"), meta.get("steps")
+        if not (isinstance(counts, list) and rank <= len(counts) <= max_rank
+                and all(whole(c, local_steps) for c in counts) and whole(p, local_steps * grad_accum * max_rank)
+                and whole(k, local_steps)):
+            if counts is not None or p is not None:
+                log.warning("client %s: ignoring its step counts (dim_steps %.80r, passes %r, steps %r): not within "
+                            "the round's bounds", client, counts, p, k)
+            continue
+        for i in range(rank):
+            dim_steps[i] += counts[i]
+        passes += p
+        steps += k
+        reported += 1
+    return {"dim_clients": dim_clients, "dim_steps": dim_steps, "passes": passes, "optimizer_steps": steps,
+            "diagnostics_reported": reported}
 
 
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
@@ -300,6 +346,8 @@ class Federation:
         retried round, so a retry may reach other clients when ``per_round < num``."""
         parts = (round_, -1) if attempt == 0 else (round_, -1, attempt)
         rng = random.Random(derived_seed(self.cfg.seed, *parts))
+        if self.cfg.clients.sampling == "stratified":
+            return stratified_sample(self.cfg.clients.all_ranks(), self.cfg.clients.per_round, rng)
         return sorted(rng.sample(range(self.cfg.clients.num), self.cfg.clients.per_round))
 
     def begin_round(self, round_: int, attempt: int = 0) -> list[ClientTask]:
@@ -387,6 +435,7 @@ class Federation:
         self._check_enough(round_, len(accepted), f"{len(results)} replies ({len(outcome.rejected)} rejected, "
                                                   f"{len(outcome.failed)} failed clients)")
         outcome.train_loss = _mean_loss([u.meta for u in accepted])
+        self._diagnose(outcome, [(u.client, u.rank, u.meta) for u in accepted])
         if self.cfg.audit:
             for u in accepted:
                 save_update(self.run_dir / "updates" / f"round-{round_}" / f"client-{u.client}", u)
@@ -431,6 +480,8 @@ class Federation:
                                           "dropped or failed" + ("; the protocol halted" if agg.arrays is None else "")
                                           + ")")
         outcome.train_loss = _mean_loss([m for _, m in clients])
+        self._diagnose(outcome, [(c, self._clear_meta(c, m).get("pruned_to") or self._tasks[c].rank, m)
+                                 for c, m in clients])
         layout = SecAggLayout.of(self.state)
         rho_total = sum(agg.weight_units) / WEIGHT_UNITS
         clear = [(c, self._clear_meta(c, m)) for c, m in clients]
@@ -498,6 +549,11 @@ class Federation:
             return {k: v for k, v in meta.items() if k != "pruned_to"}
         return meta
 
+    def _diagnose(self, outcome: RoundOutcome, clients: Sequence[tuple[int, int, Any]]) -> None:
+        diag = round_diagnostics(clients, self.spec.max_rank, self.cfg.train.local_steps, self.cfg.train.grad_accum)
+        for key, value in diag.items():
+            setattr(outcome, key, value)
+
     def _check_enough(self, round_: int, accepted: int, what: str) -> None:
         """Raise :class:`RoundFailed` when fewer than ``clients.min_per_round`` updates count this round."""
         minimum = self.cfg.clients.min_per_round
@@ -552,6 +608,32 @@ class Federation:
 
     def eval_due(self, round_: int) -> bool:
         return round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+
+
+def stratified_sample(ranks: Sequence[int], k: int, rng: random.Random) -> list[int]:
+    """``k`` of the clients ``0..len(ranks)-1`` (sorted), drawn per rank tier in proportion to its size.
+
+    Tier r with n_r clients gets floor(k n_r / N) clients, and the k - sum(floors) left over go one each to
+    the tiers with the largest remainders (ties broken by ``rng``); each tier's clients are then drawn
+    without replacement. A tier gets at most n_r (its quota k n_r / N <= n_r), so with k >= the number of
+    tiers and equal tiers every tier is drawn every round.
+    """
+    n = len(ranks)
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot sample {k} of {n} clients")
+    tiers: dict[int, list[int]] = {}
+    for client, r in enumerate(ranks):
+        tiers.setdefault(int(r), []).append(client)
+    order = sorted(tiers)
+    quota = {r: k * len(tiers[r]) // n for r in order}
+    # largest remainder first; a random key breaks ties so no tier is favoured by its position
+    left = sorted(order, key=lambda r: (-(k * len(tiers[r]) % n), rng.random()))
+    for r in left[: k - sum(quota.values())]:
+        quota[r] += 1
+    chosen: list[int] = []
+    for r in order:
+        chosen += rng.sample(tiers[r], quota[r])
+    return sorted(chosen)
 
 
 def adapter_prefix(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:

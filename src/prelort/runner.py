@@ -194,7 +194,11 @@ class Session:
                                 "perplexity": None, "train_loss": outcome.train_loss,
                                 "accepted": len(outcome.accepted), "rejected": len(outcome.rejected),
                                 "failed": len(outcome.failed), "seconds": round(outcome.seconds, 3),
-                                "method": cfg.method, **fed.privacy_record(round_)})
+                                "method": cfg.method, "dim_clients": outcome.dim_clients,
+                                "dim_steps": outcome.dim_steps, "passes": outcome.passes,
+                                "optimizer_steps": outcome.optimizer_steps,
+                                "diagnostics_reported": outcome.diagnostics_reported,
+                                **fed.privacy_record(round_)})
             log_privacy(fed, round_)
             line = (f"round {round_}/{cfg.rounds}: train_loss={_fmt(outcome.train_loss)} "
                     f"accepted={len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")

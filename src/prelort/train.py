@@ -5,6 +5,8 @@ step minimises (DESIGN section 2)
 
     all:       L = (1/|T|) * sum_{t in T} loss_t              (|T| forward/backward passes)
     sample:    L = loss_t,  t ~ Uniform(T)                    (one pass; unbiased for `all` up to scale)
+    sample_width: L = loss_t, P(t) = (t - t_prev) / r          (one pass; t_prev the boundary below t: the
+               segment of a uniformly drawn dimension, so the top segment is not starved; a variant)
     sandwich:  L = (loss_r + loss_t) / 2,  t ~ Uniform(T \\ {r}), r = plan.rank  (just loss_r if T = {r})
     off:       L = loss_r                                      (plain LoRA at the client's rank)
 
@@ -47,7 +49,7 @@ from prelort.methods.base import TrainPlan
 __all__ = ["IGNORE_INDEX", "TrainResult", "collate", "lr_factor", "response_loss", "tail_norm_product", "train_client"]
 
 IGNORE_INDEX = -100
-_MODES = ("all", "sample", "sandwich", "off")
+_MODES = ("all", "sample", "sandwich", "off", "sample_width")
 
 
 @dataclass
@@ -206,6 +208,10 @@ def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -
         return list(ts)
     if mode == "sample":
         return [rng.choice(ts)]
+    if mode == "sample_width":
+        # P(t) = (t - previous boundary) / rank: the segment of a uniformly drawn dimension
+        widths = [t - prev for prev, t in zip([0, *ts[:-1]], ts)]
+        return rng.choices(ts, weights=widths)
     rest = [t for t in ts if t != rank]
     return [rank, rng.choice(rest)] if rest else [rank]
 
@@ -265,6 +271,7 @@ def train_client(
 
     losses: list[float] = []
     counts = {t: 0 for t in ts}
+    dim_steps = [0] * plan.rank  # optimizer steps that changed dimension i (see the module doc)
     was_training = model.training
     started = time.perf_counter()
     fork_devices = [device] if device.type == "cuda" else []
@@ -303,6 +310,8 @@ def train_client(
                 # the pruning penalty reaches the tail dims whatever t was drawn: they are in the objective
                 frozen = (_snapshot_inactive(optimizer, pairs, top)
                           if top < plan.rank and (prune is None or prune.lam == 0) else None)
+                for i in range(top if frozen is not None else plan.rank):
+                    dim_steps[i] += 1
                 optimizer.step()
                 if frozen is not None:
                     _restore_inactive(optimizer, frozen)
@@ -331,6 +340,9 @@ def train_client(
         "mode": plan.mode,
         "truncations": ts,
         "passes_per_truncation": {str(t): c for t, c in counts.items()},
+        # forward/backward passes of a micro-batch, and per rank dimension the steps that reached it
+        "passes": sum(counts.values()),
+        "dim_steps": dim_steps,
         "seconds": time.perf_counter() - started,
     }
     if prune is not None:

@@ -220,7 +220,8 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
     assert "Command: `python bench/quality.py --seeds 0,1`" in text
     assert "Machine: Test CPU (2 cores), 2 torch thread(s), torch 2.13.0+cpu, Linux-test" in text
     assert "| sample | 1 | 4.20 s | 1.05 | 7.70 s | 1.03 |" in text
-    assert "Not run yet: `bench/aggregation.py --json results/aggregation.json`, " \
+    assert "Not run yet: `bench/quality_study.py --json results/quality_study.json`, " \
+           "`bench/aggregation.py --json results/aggregation.json`, " \
            "`bench/communication.py --json results/communication.json`." in text
     assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     # new numbers: the section is stale; regenerating replaces it in place (text around it kept)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, key, lora_init
 
-NESTED_MODES = ("all", "sample", "sandwich", "off")
+NESTED_MODES = ("all", "sample", "sandwich", "off", "sample_width")
 
 
 def copy_state(state: GlobalState, replaced: Mapping[str, Tensor] | None = None) -> GlobalState:

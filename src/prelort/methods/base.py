@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-NestedMode = Literal["all", "sample", "sandwich", "off"]
+NestedMode = Literal["all", "sample", "sandwich", "off", "sample_width"]
 
 
 def key(module: str, kind: str) -> str:
