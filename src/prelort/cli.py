@@ -154,7 +154,7 @@ def verify_update_cmd(
     """
     from . import config as config_mod
     from . import methods
-    from .checkpoint import CheckpointError, latest_round, spec_from_checkpoint
+    from .checkpoint import CheckpointError, latest_intact_round, spec_from_checkpoint
     from .updates import UpdateRejected, load_update, max_payload_bytes, server_check, update_norm
 
     try:
@@ -169,7 +169,7 @@ def verify_update_cmd(
             validation = config_mod.load(config_path).validation
         except config_mod.ConfigError as e:
             _fail(str(e), 1)
-    expected_round = round_ if round_ is not None else latest_round(run_dir) + 1
+    expected_round = round_ if round_ is not None else latest_intact_round(run_dir) + 1
     try:
         update = load_update(file, max_payload_bytes(spec))
         server_check(update, spec, method_impl, validation, round_=expected_round)  # what the round loop runs

@@ -223,7 +223,7 @@ class Federation:
 
     def start(self, resume: bool = False) -> int:
         """Initialise (round 0) or resume from the last complete checkpoint. Returns the next round."""
-        latest = ckpt.latest_round(self.run_dir) if resume else None
+        latest = ckpt.latest_intact_round(self.run_dir) if resume else None  # a damaged last round: the one before
         if latest is not None:
             self.round, self.state, info = ckpt.load_checkpoint(self.run_dir, latest)
             if info.get("method") != self.cfg.method:
