@@ -208,6 +208,18 @@ class FlowerConfig(_Section):
     superlink: str = Field("127.0.0.1:9093", description="Control API address of the SuperLink (engine: flower).")
     root_certificates: str | None = Field(None, description="CA certificate for TLS to the SuperLink.")
     insecure: bool = Field(False, description="Connect without TLS (testing only).")
+    supernode_auth: bool = Field(
+        False,
+        description="engine flower: the SuperLink runs with --enable-supernode-auth, so only registered SuperNode "
+        "keys can connect (prelort cannot query this: you declare it). Without it a run is refused unless "
+        "allow_insecure.",
+    )
+    allow_insecure: bool = Field(
+        False,
+        description="engine flower: run even without TLS (insecure) or without SuperNode authentication "
+        "(supernode_auth false), with a loud warning. Testing only: any machine that reaches the SuperLink can "
+        "then claim a client's partition (docs/deployment.md).",
+    )
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for client replies each round.")
     connection: str | None = Field(
         None,

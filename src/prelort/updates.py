@@ -396,11 +396,11 @@ def save_update(stem: str | Path, update: ClientUpdate) -> Path:
 
 
 def max_payload_bytes(spec: FederationSpec) -> int:
-    """The most bytes a valid update of ``spec`` can take: float32 factors at rank R plus a generous header
-    (each entry ~100 bytes besides its name)."""
-    entries = sum(2 * (len(m) + 256) for m in spec.modules)
+    """The payload size above which an update of ``spec`` is refused unparsed (``too_large``): the largest
+    header allowed plus four times the float32 factors of a rank-R update. A valid update is at most one
+    rank-R update; the slack lets a moderately wrong one be rejected with its precise reason instead."""
     data = sum(4 * spec.max_rank * (d_out + d_in) for d_out, d_in in spec.modules.values())
-    return 8 + 4096 + entries + data
+    return 8 + MAX_HEADER_BYTES + 4 * data
 
 
 def load_update(path: str | Path, max_bytes: int | None = None) -> ClientUpdate:
