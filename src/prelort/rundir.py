@@ -192,7 +192,8 @@ def load_saved_config(run_dir: Path) -> Config:
     try:
         return config_mod.load(run_dir / "config.yaml")
     except ConfigError as e:
-        raise ConfigError(f"--resume: the run's config.yaml is not a valid prelort config ({e}); restore it or "
+        reason = " ".join(str(e).split())  # one line, whatever the YAML parser's message looked like
+        raise ConfigError(f"--resume: the run's config.yaml is not a valid prelort config ({reason}); restore it or "
                           "start a new run") from None
 
 
