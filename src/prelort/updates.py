@@ -238,7 +238,7 @@ def _check_int(meta: dict[str, Any], field: str, minimum: int, reason: str, maxi
     if type(value) is not int:  # bool is an int subclass; reject it and floats alike
         raise UpdateRejected("bad_metadata", f"metadata {field!r} must be an integer, got {_short(value)}")
     if value < minimum:
-        raise UpdateRejected(reason, f"metadata {field!r} = {value} (must be >= {minimum})")
+        raise UpdateRejected(reason, f"metadata {field!r} = {_short(value)} (must be >= {minimum})")
     if value > maximum:
         raise UpdateRejected(reason, f"metadata {field!r} = {_short(value)} (must be <= {maximum})")
     return value

@@ -348,11 +348,11 @@ def check_deployment(cfg: Config) -> None:
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:
-    # Session checks this too, inside the ServerApp; failing here is faster and clearer.
-    if resume and not (out / "checkpoints").is_dir():
-        raise FileNotFoundError(f"--resume: {out} has no checkpoints/ to resume from")
-    if not resume and (out / "checkpoints").exists():
-        raise FileExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    # Session checks this too (rundir.prepare, with the lock), inside the ServerApp; failing here is faster
+    # and clearer.
+    from ..rundir import check_out
+
+    check_out(out, resume)
 
 
 def run_on_flower(cfg: Config, out: Path, resume: bool = False, verbose: bool = True) -> Path:
