@@ -54,7 +54,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     state, info = make_state(), make_info()
     path = save_checkpoint(tmp_path, 0, state, info)
     assert path == tmp_path / "checkpoints" / "round-0"
-    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "checksums.json", "state.json"]
     doc = json.loads((path / "state.json").read_text())
     assert doc["round"] == 0 and doc["method"] == "hetlora" and doc["method_meta"] == state.meta
     round_, loaded, loaded_info = load_checkpoint(tmp_path)
@@ -182,12 +182,21 @@ def test_bad_arguments_write_nothing(tmp_path):
     (lambda d: (d / "adapter.safetensors").unlink(), "adapter.safetensors is missing"),
     (lambda d: (d / "adapter.safetensors").write_bytes(b"garbage!garbage!"), "adapter.safetensors is not a readable"),
 ])
-def test_corrupt_checkpoint_names_the_file(tmp_path, damage, fragment):
+@pytest.mark.parametrize("checksums", [True, False])
+def test_corrupt_checkpoint_names_the_file(tmp_path, damage, fragment, checksums):
     save_checkpoint(tmp_path, 0, make_state(), make_info())
+    if not checksums:  # a checkpoint of an earlier version: its files are parsed and checked as they are
+        (tmp_path / "checkpoints" / "round-0" / "checksums.json").unlink()
+    elif "missing" not in fragment:
+        fragment = r"(state\.json|adapter\.safetensors) does not match its checksum"
     damage(tmp_path / "checkpoints" / "round-0")
     with pytest.raises(CheckpointError, match=fragment) as info:
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path, 0)
     assert str(tmp_path / "checkpoints" / "round-0") in str(info.value)
+    # the latest: none is left to fall back to (a legacy adapter is only found unreadable when loaded)
+    expected = "no intact checkpoint" if checksums or "readable" not in fragment else fragment
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(tmp_path)
 
 
 def test_spec_from_checkpoint_errors(tmp_path):

@@ -17,6 +17,7 @@ from prelort.checkpoint import save_checkpoint
 from prelort.cli import app
 from prelort.config import Config
 from prelort.methods.base import ClientUpdate, FederationSpec, GlobalState
+from prelort.methods.hetlora import HetLoRA
 from prelort.updates import (
     MAX_HEADER_BYTES,
     REASONS,
@@ -214,6 +215,14 @@ VALIDATION_CASES = {
     "duplicate_client": (lambda u: None, {"seen_clients": {0, 2}}, "duplicate_client", ["client 2 already"]),
     "zero_examples": (_attr("num_examples", 0), {}, "bad_num_examples", ["num_examples = 0"]),
     "negative_examples": (_attr("num_examples", -5), {}, "bad_num_examples", ["num_examples = -5"]),
+    "huge_examples": (_attr("num_examples", 10**400), {}, "bad_num_examples", ["num_examples = 1000", "[1, 1000000000]"]),
+    "rms_above_bound": (lambda u: u.tensors[f"{Q}.lora_A"].mul_(1e12), {"max_rms": 10.0}, "norm_too_large",
+                        ["validation.max_update_rms=10", "root-mean-square"]),
+    "non_finite_extra": (_attr("meta", {"loss": float("inf")}), {}, "bad_metadata", ["extra.loss = inf"]),
+    "hetlora_pruned_to_zero": (lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to=0)),
+                               {"method": HetLoRA(SPEC)}, "bad_method_field", ["pruned_to = 0", "[1, 4]"]),
+    "hetlora_pruned_to_text": (lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to="8")),
+                               {"method": HetLoRA(SPEC)}, "bad_method_field", ["pruned_to = '8'"]),
 }
 
 
@@ -411,9 +420,16 @@ def test_metadata_values_out_of_range(field, value, reason, wire):
     assert err.reason == reason and f"{field!r} = {value}" in err.message
 
 
+def test_payload_above_the_federation_size_is_refused_unread(tmp_path, wire):
+    err = rejected(decode_update, wire[0], wire[1], max_bytes=len(wire[0]) - 1)
+    assert err.reason == "too_large" and f"payload of {len(wire[0])} bytes" in err.message
+    assert decode_update(wire[0], wire[1], max_bytes=len(wire[0])).rank == 4
+
+
 def test_every_reason_code_is_exercised():
     exercised = {case[2] for case in VALIDATION_CASES.values()} | {
-        "not_safetensors", "truncated", "header_too_large", "pickle_payload", "bad_metadata", "missing_metadata"}
+        "not_safetensors", "truncated", "header_too_large", "pickle_payload", "bad_metadata", "missing_metadata",
+        "too_large"}  # too_large: test_payload_above_the_federation_size_is_refused_unread
     assert exercised == set(REASONS) - {"not_sampled"}  # not_sampled: raised by the round loop
 
 

@@ -148,38 +148,45 @@ def verify_update_cmd(
 ) -> None:
     """Check a client update as the run's server would; exit 0 if accepted, 2 (reason printed) if rejected.
 
-    Checks the safetensors + JSON format (nothing is unpickled), method, round, client id, rank bounds, modules, shapes, float32, finite values, and validation.max_update_norm from RUN_DIR/config.yaml.
+    Runs exactly the checks of the run's round loop: the safetensors + JSON format (nothing is unpickled; sizes and header checked before the data is read), bounded metadata, method, round, client id, rank bounds, modules, shapes, float32, finite values, the method's own fields (HetLoRA's pruned_to), and validation.max_update_norm / max_update_rms from RUN_DIR/config.yaml.
 
     The metadata must carry its round, which must be the round the run collects next (latest checkpoint + 1); pass --round N to check, e.g., an audited update of round N.
     """
     from . import config as config_mod
-    from .checkpoint import CheckpointError, latest_round, spec_from_checkpoint
-    from .updates import UpdateRejected, load_update, update_norm, validate_update
+    from . import methods
+    from .checkpoint import CheckpointError, latest_intact_round, spec_from_checkpoint
+    from .updates import UpdateRejected, load_update, max_payload_bytes, server_check, update_norm
 
     try:
         spec, method = spec_from_checkpoint(run_dir)
-    except CheckpointError as e:
+        method_impl = methods.build(method, spec)
+    except (CheckpointError, ValueError, KeyError) as e:
         _fail(f"{run_dir} is not a usable run directory: {e}", 1)
-    max_norm = None
+    validation = config_mod.ValidationConfig()  # the defaults, as a run without config.yaml would use
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         try:
-            max_norm = config_mod.load(config_path).validation.max_update_norm
+            validation = config_mod.load(config_path).validation
         except config_mod.ConfigError as e:
             _fail(str(e), 1)
-    expected_round = round_ if round_ is not None else latest_round(run_dir) + 1
+    expected_round = round_ if round_ is not None else latest_intact_round(run_dir) + 1
     try:
-        update = load_update(file)
-        validate_update(update, spec, method=method, round_=expected_round, seen_clients=None, max_norm=max_norm)
+        update = load_update(file, max_payload_bytes(spec))
+        server_check(update, spec, method_impl, validation, round_=expected_round)  # what the round loop runs
     except FileNotFoundError as e:
         _fail(str(e))
     except UpdateRejected as e:
         typer.echo(f"rejected: {e.reason}: {e.message}")
         raise typer.Exit(2)
+    bounds = []
+    if validation.max_update_norm is not None:
+        bounds.append(f"bound {validation.max_update_norm:g}")
+    if validation.max_update_rms is not None:
+        bounds.append(f"rms bound {validation.max_update_rms:g}")
     typer.echo(
         f"accepted: client {update.client}, rank {update.rank}, round {update.round}, method {update.method}, "
         f"{update.num_examples} examples, norm {update_norm(update.tensors):.6g}"
-        + (f" (bound {max_norm:g})" if max_norm is not None else "")
+        + (f" ({', '.join(bounds)})" if bounds else "")
     )
 
 

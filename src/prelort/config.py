@@ -19,8 +19,51 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the reason."""
 
 
+# Largest LoRA rank a client may have (a rank beyond any layer's width would only allocate memory).
+MAX_RANK = 65536
+# A config expands to at most this many nodes + string characters once YAML aliases are resolved: real
+# configs are ~1000; a "billion laughs" alias bomb claims billions and is refused before it is expanded.
+MAX_EXPANDED_SIZE = 1_000_000
+
+
+def expanded_size(data: Any, limit: int = MAX_EXPANDED_SIZE) -> int:
+    """Size of ``data`` with every shared (aliased) node counted each time it is referenced: nodes plus
+    characters of strings. Computed per distinct node (memoised), so an alias bomb costs as little to
+    measure as to parse. Raises :class:`ConfigError` above ``limit`` or for a self-referencing structure."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if isinstance(node, str):
+            return 1 + len(node)
+        if not isinstance(node, (dict, list, tuple)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("config refers to itself (a recursive YAML alias)")
+        active.add(key)
+        total = 1
+        items = [x for kv in node.items() for x in kv] if isinstance(node, dict) else node
+        for child in items:
+            total += size(child)
+            if total > limit:
+                raise ConfigError(f"config expands to more than {limit} nodes and characters once its YAML "
+                                  "aliases are resolved (an alias bomb?); refusing it")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        return size(data)
+    except RecursionError:
+        raise ConfigError("config is nested too deeply") from None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float must be finite (an infinite lr or noise is refused at load time)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -44,7 +87,7 @@ class LoraConfig(_Section):
 
 
 class ClientsConfig(_Section):
-    num: int = Field(4, ge=1, description="Number of clients in the federation.")
+    num: int = Field(4, ge=1, le=1_000_000, description="Number of clients in the federation.")
     per_round: int = Field(4, ge=1, description="Clients sampled (without replacement, seeded) each round.")
     ranks: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8], description="Client LoRA ranks, cycled over clients (client k: ranks[k % len])."
@@ -68,6 +111,8 @@ class ClientsConfig(_Section):
             raise ValueError("at least one rank is needed")
         if any(r <= 0 for r in v):
             raise ValueError(f"ranks must be positive, got {v}")
+        if max(v) > MAX_RANK:
+            raise ValueError(f"ranks must be at most {MAX_RANK}, got {max(v)}")
         return v
 
     @model_validator(mode="after")
@@ -135,7 +180,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["constant", "cosine"] = Field("constant", description="constant, or linear warmup + cosine decay.")
     warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, description="Gradient clipping (None: off).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping bound, > 0 (null: off).")
 
 
 class EvalConfig(_Section):
@@ -149,6 +194,12 @@ class EvalConfig(_Section):
 
 class ValidationConfig(_Section):
     max_update_norm: float | None = Field(None, gt=0, description="Reject updates whose Frobenius norm exceeds this.")
+    max_update_rms: float | None = Field(
+        10.0, gt=0,
+        description="Reject updates whose root-mean-square entry (Frobenius norm / sqrt(number of entries)) "
+        "exceeds this: a norm bound derived from the model's layer shapes that genuine updates stay far below "
+        "(see docs/security.md); null: off.",
+    )
 
 
 class RobustConfig(_Section):
@@ -183,6 +234,18 @@ class FlowerConfig(_Section):
     superlink: str = Field("127.0.0.1:9093", description="Control API address of the SuperLink (engine: flower).")
     root_certificates: str | None = Field(None, description="CA certificate for TLS to the SuperLink.")
     insecure: bool = Field(False, description="Connect without TLS (testing only).")
+    supernode_auth: bool = Field(
+        False,
+        description="engine flower: the SuperLink runs with --enable-supernode-auth, so only registered SuperNode "
+        "keys can connect (prelort cannot query this: you declare it). Without it a run is refused unless "
+        "allow_insecure.",
+    )
+    allow_insecure: bool = Field(
+        False,
+        description="engine flower: run even without TLS (insecure) or without SuperNode authentication "
+        "(supernode_auth false), with a loud warning. Testing only: any machine that reaches the SuperLink can "
+        "then claim a client's partition (docs/deployment.md).",
+    )
     round_timeout: float = Field(600.0, gt=0, description="Seconds to wait for client replies each round.")
     connection: str | None = Field(
         None,
@@ -204,8 +267,9 @@ class Config(_Section):
     method: Literal["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"] = Field(
         "prelort", description="Federated method (`prelort methods` lists them)."
     )
-    seed: int = Field(0, description="Seeds sampling, init, data order and partitioning.")
-    rounds: int = Field(3, ge=1, description="Federated rounds.")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+                      description="Seeds sampling, init, data order and partitioning (0 .. 2**63-1).")
+    rounds: int = Field(3, ge=1, le=1_000_000, description="Federated rounds.")
     audit: bool = Field(False, description="Keep every accepted update under updates/round-N/.")
     engine: Literal["inprocess", "flower-sim", "flower"] = Field("inprocess", description="Who runs the rounds.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -269,6 +333,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping of keys, got {type(data).__name__}")
+    expanded_size(data)  # before the deep copy below, which would expand every alias
     try:
         data = json.loads(json.dumps(data))  # deep copy of plain data
     except (TypeError, ValueError, RecursionError) as e:  # e.g. YAML dates, sets, binary

@@ -50,7 +50,7 @@ from .privacy import (
     dp_aggregate,
     finish_from_sums,
 )
-from .updates import UpdateRejected, decode_update, save_update, validate_update
+from .updates import UpdateRejected, decode_update, max_payload_bytes, save_update, server_check
 
 log = logging.getLogger("prelort")
 
@@ -121,13 +121,14 @@ class SecureAggregate:
     quantization_range: int = SECAGG_QUANTIZATION_RANGE
 
 
-def decode_raw(raw: RawUpdate) -> ClientUpdate:
+def decode_raw(raw: RawUpdate, max_bytes: int | None = None) -> ClientUpdate:
     """Decode a wire-format reply; raises :class:`UpdateRejected` with ``.client`` = the sender.
 
-    Any failure of the decoder on hostile bytes is a rejection, never a crash of the round.
+    Any failure of the decoder on hostile bytes is a rejection, never a crash of the round. ``max_bytes``:
+    a longer payload is refused unparsed.
     """
     try:
-        update = decode_update(raw.payload, raw.meta)
+        update = decode_update(raw.payload, raw.meta, max_bytes)
     except UpdateRejected as e:
         e.client = raw.client  # type: ignore[attr-defined]
         raise
@@ -304,7 +305,7 @@ class Federation:
             log.info("differential privacy: noise multiplier z=%.6g (%s), clip norm C=%g, delta=%.3g; accounting: %s "
                      "(%s)", self.noise_multiplier, how, p.clip_norm, self.accounting.delta, self.accounting.bound,
                      self.accounting.why)
-        latest = ckpt.latest_round(self.run_dir) if resume else None
+        latest = ckpt.latest_intact_round(self.run_dir) if resume else None  # a damaged last round: the one before
         if latest is not None:
             self.round, self.state, info = ckpt.load_checkpoint(self.run_dir, latest)
             if info.get("method") != self.cfg.method:
@@ -377,8 +378,7 @@ class Federation:
         task = self._tasks.get(update.client)
         if task is None:
             raise UpdateRejected("not_sampled", f"client {update.client} was not sampled in round {self.round + 1}")
-        validate_update(update, self.spec, method=self.cfg.method, round_=task.round, seen_clients=seen,
-                        max_norm=self.cfg.validation.max_update_norm)
+        server_check(update, self.spec, self.method, self.cfg.validation, round_=task.round, seen_clients=seen)
         seen.add(update.client)
         if self.cfg.robust.clip_norm is not None and not self.cfg.privacy.dp:  # DP clips with its own bound
             update, norm, clipped = clip_update(update, self.received(update.client, update.rank),
@@ -418,7 +418,7 @@ class Federation:
                 replied.add(sender)
                 if isinstance(res, UpdateRejected):
                     raise res
-                update = decode_raw(res) if isinstance(res, RawUpdate) else res
+                update = decode_raw(res, max_payload_bytes(self.spec)) if isinstance(res, RawUpdate) else res
                 if not isinstance(update, ClientUpdate):
                     raise UpdateRejected("not_safetensors", f"the engine returned a {type(update).__name__}, "
                                                             "not an update")
@@ -446,7 +446,15 @@ class Federation:
             self.state, info = dp_aggregate(self.method, self.state, accepted, references, privacy, gen)
             log.info("round %d: differential privacy: %s", round_, json.dumps(info, default=str))
         else:
-            self.state = self.method.aggregate(self.state, accepted)
+            new_state = self.method.aggregate(self.state, accepted)
+            # last line of defence: a state that is not finite is never checkpointed or broadcast
+            bad = sorted(name for name, t in new_state.tensors.items() if not bool(torch.isfinite(t).all()))
+            if bad:
+                raise RoundFailed(f"round {round_}: aggregation produced non-finite values in {bad[:3]}; the run "
+                                  f"directory holds round {self.round}", round_=round_, accepted=len(accepted),
+                                  min_per_round=self.cfg.clients.min_per_round, attempts=self._attempt + 1,
+                                  completed=self.round)
+            self.state = new_state
         self.round = round_
         ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
         outcome.seconds = seconds

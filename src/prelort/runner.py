@@ -126,27 +126,9 @@ class Session:
 
     # -- run directory ------------------------------------------------------------------------------------
     def _prepare_dir(self) -> None:
-        d = self.run_dir
-        if self.resume:
-            if not (d / "checkpoints").is_dir():
-                raise FileNotFoundError(f"--resume: {d} has no checkpoints/ to resume from")
-            old = d / "config.yaml"
-            if old.exists():
-                import yaml
+        from .rundir import prepare  # checks, marker, lock, resume comparison, config.yaml (rundir.py)
 
-                prev = yaml.safe_load(old.read_text())
-                now = self.cfg.to_dict()
-                changed = [k for k in ("method", "seed", "model", "lora", "clients", "data", "train", "prelort",
-                                       "hetlora") if prev.get(k) != now.get(k)]
-                if changed:
-                    from .config import ConfigError
-
-                    raise ConfigError(f"--resume: config differs from the run's config.yaml in {changed}; "
-                                     "a resumed run must keep them")
-        elif (d / "checkpoints").exists():
-            raise FileExistsError(f"{d} already holds a run; use --resume to continue it or choose another --out")
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.yaml").write_text(self.cfg.to_yaml())
+        prepare(self.run_dir, self.cfg, self.resume)
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def _load_tier(self, broadcast: Broadcast) -> None:

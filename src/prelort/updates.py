@@ -31,7 +31,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import Tensor
 
-from .methods.base import ClientUpdate, FederationSpec, split_key
+from .methods.base import ClientUpdate, FederationSpec, Method, split_key
 
 # Header of a LoRA update: ~150 bytes per tensor; 16 MiB allows ~100k tensors and stops a header
 # that claims gigabytes before anything is allocated.
@@ -46,6 +46,19 @@ _MAX_NDIM = 8
 # First opcodes of protocol 0/1 pickles: MARK, GLOBAL, EMPTY_DICT/LIST/TUPLE, NONE, INT, STRING, UNICODE.
 _PICKLE_V0_FIRST = {b"(", b"c", b"}", b"]", b")", b"N", b"I", b"S", b"V", b"F", b"L"}
 FACTOR_KINDS = ("lora_A", "lora_B")
+
+# Bounds on the metadata, checked before any arithmetic touches it (docs/security.md lists them).
+# num_examples: a client with more than 10**9 examples is implausible, and with every weight below 10**9
+# no sum or product of weights can overflow (float32 holds 3.4e38).
+MAX_NUM_EXAMPLES = 10**9
+# rank, round, client: integers far beyond any real federation, so arithmetic on them stays exact.
+MAX_META_INT = 2**53
+# The metadata as JSON text (a real one is ~500 bytes; ``extra`` is the client's free-form part).
+MAX_METADATA_BYTES = 64 * 1024
+# Numbers inside ``extra`` (losses, timings, tail norms): finite and at most this large in magnitude,
+# so means of them cannot overflow into Infinity (which JSON cannot hold).
+MAX_EXTRA_NUMBER = 1e15
+_MAX_EXTRA_DEPTH = 8
 
 REASONS: dict[str, str] = {
     # decoding
@@ -72,7 +85,9 @@ REASONS: dict[str, str] = {
     "method_mismatch": "the update was made for another method",
     "client_out_of_range": "the client id is not a client of this federation",
     "duplicate_client": "a second update from the same client in one round",
-    "bad_num_examples": "num_examples is not a positive integer",
+    "bad_num_examples": f"num_examples is not an integer in [1, {MAX_NUM_EXAMPLES}]",
+    "bad_method_field": "a method-specific field (e.g. HetLoRA's extra.pruned_to) is invalid for the method",
+    "too_large": "the update is larger than any update of this federation can be (refused before reading it)",
     # raised by the round loop (federation.py), not here
     "not_sampled": "the client was not sampled this round",
 }
@@ -141,15 +156,20 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_header(data: bytes) -> dict[str, Any]:
-    """The tensor entries of a safetensors header, after checking every declared size against ``data``."""
-    if len(data) < 8:
+def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
+    """The tensor entries of a safetensors header, after checking every declared size against ``data``.
+
+    ``total_len``: the payload's full length when ``data`` is only its beginning (at least the 8 length
+    bytes and the header): a file's header is checked before its body is read.
+    """
+    total = len(data) if total_len is None else total_len
+    if total < 8 or len(data) < 8:
         if _looks_pickled(data):
             raise UpdateRejected("pickle_payload", "payload starts like a pickle; refusing to load it")
         raise UpdateRejected("not_safetensors", f"payload of {len(data)} bytes is too short for a safetensors file")
     (header_len,) = struct.unpack("<Q", data[:8])
     header: Any = None
-    if header_len <= min(MAX_HEADER_BYTES, len(data) - 8):
+    if header_len <= min(MAX_HEADER_BYTES, total - 8) and 8 + header_len <= len(data):
         try:
             header = json.loads(data[8 : 8 + header_len].decode("utf-8"),
                                 object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
@@ -164,11 +184,11 @@ def _parse_header(data: bytes) -> dict[str, Any]:
         if header_len > MAX_HEADER_BYTES:
             raise UpdateRejected("header_too_large",
                                  f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
-        if header_len > len(data) - 8:
-            raise UpdateRejected("truncated", f"header claims {header_len} bytes but only {len(data) - 8} follow")
+        if header_len > total - 8:
+            raise UpdateRejected("truncated", f"header claims {header_len} bytes but only {total - 8} follow")
         raise UpdateRejected("not_safetensors", "header is not a JSON object")
 
-    body_len = len(data) - 8 - header_len
+    body_len = total - 8 - header_len
     entries: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -206,19 +226,56 @@ def _parse_header(data: bytes) -> dict[str, Any]:
     return header
 
 
-def _check_int(meta: dict[str, Any], field: str, minimum: int, reason: str) -> int:
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_int(meta: dict[str, Any], field: str, minimum: int, reason: str, maximum: int = MAX_META_INT) -> int:
     if field not in meta:
         raise UpdateRejected("bad_metadata", f"metadata lacks {field!r}")
     value = meta[field]
     if type(value) is not int:  # bool is an int subclass; reject it and floats alike
-        raise UpdateRejected("bad_metadata", f"metadata {field!r} must be an integer, got {value!r}")
+        raise UpdateRejected("bad_metadata", f"metadata {field!r} must be an integer, got {_short(value)}")
     if value < minimum:
-        raise UpdateRejected(reason, f"metadata {field!r} = {value} (must be >= {minimum})")
+        raise UpdateRejected(reason, f"metadata {field!r} = {_short(value)} (must be >= {minimum})")
+    if value > maximum:
+        raise UpdateRejected(reason, f"metadata {field!r} = {_short(value)} (must be <= {maximum})")
     return value
+
+
+def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> None:
+    """``extra`` holds JSON values only, numbers finite and bounded, nesting shallow."""
+    if depth > _MAX_EXTRA_DEPTH:
+        raise UpdateRejected("bad_metadata", f"metadata {where} is nested deeper than {_MAX_EXTRA_DEPTH} levels")
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_META_INT:
+            raise UpdateRejected("bad_metadata", f"metadata {where} = {_short(value)} (|value| must be <= 2**53)")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_EXTRA_NUMBER:
+            raise UpdateRejected("bad_metadata", f"metadata {where} = {value!r} (numbers must be finite, "
+                                                 f"|value| <= {MAX_EXTRA_NUMBER:g})")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UpdateRejected("bad_metadata", f"metadata {where} has a non-string key {_short(k)}")
+            _check_extra(v, f"{where}.{k}", depth + 1)
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_extra(v, f"{where}[{i}]", depth + 1)
+        return
+    raise UpdateRejected("bad_metadata", f"metadata {where} holds a {type(value).__name__}, not a JSON value")
 
 
 def parse_metadata(meta: bytes | str | dict[str, Any]) -> dict[str, Any]:
     """Check the metadata half of an update; returns the JSON object."""
+    if isinstance(meta, (bytes, bytearray, str)) and len(meta) > MAX_METADATA_BYTES:
+        raise UpdateRejected("bad_metadata", f"metadata is {len(meta)} bytes long (limit {MAX_METADATA_BYTES})")
     if isinstance(meta, (bytes, bytearray)):
         try:
             meta = bytes(meta).decode("utf-8")
@@ -226,7 +283,7 @@ def parse_metadata(meta: bytes | str | dict[str, Any]) -> dict[str, Any]:
             raise UpdateRejected("bad_metadata", "metadata is not UTF-8 text") from None
     if isinstance(meta, str):
         try:
-            meta = json.loads(meta, parse_constant=_reject_constant)
+            meta = json.loads(meta, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as e:
             raise UpdateRejected("bad_metadata", f"metadata is not JSON: {e}") from None
     if not isinstance(meta, dict):
@@ -236,24 +293,37 @@ def parse_metadata(meta: bytes | str | dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise UpdateRejected("bad_metadata", f"unknown metadata field(s) {unknown}")
     _check_int(meta, "rank", 1, "bad_rank")
-    _check_int(meta, "num_examples", 1, "bad_num_examples")
+    _check_int(meta, "num_examples", 1, "bad_num_examples", MAX_NUM_EXAMPLES)
     _check_int(meta, "round", 0, "round_mismatch")
     _check_int(meta, "client", 0, "client_out_of_range")
     if not isinstance(meta.get("method"), str):
         raise UpdateRejected("bad_metadata", f"metadata 'method' must be a string, got {meta.get('method')!r}")
     if not isinstance(meta.get("extra", {}), dict):
-        raise UpdateRejected("bad_metadata", f"metadata 'extra' must be an object, got {meta['extra']!r}")
+        raise UpdateRejected("bad_metadata", f"metadata 'extra' must be an object, got {_short(meta['extra'])}")
+    if len(meta["method"]) > 64:
+        raise UpdateRejected("bad_metadata", f"metadata 'method' is {len(meta['method'])} characters long")
+    _check_extra(meta.get("extra", {}))
+    try:  # an already parsed object (e.g. from a Flower record) gets the same size limit as JSON text
+        size = len(json.dumps(meta, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise UpdateRejected("bad_metadata", f"metadata is not plain JSON: {e}") from None
+    if size > MAX_METADATA_BYTES:
+        raise UpdateRejected("bad_metadata", f"metadata is {size} bytes long as JSON (limit {MAX_METADATA_BYTES})")
     return meta
 
 
-def decode_update(data: bytes, meta: bytes | str | dict[str, Any]) -> ClientUpdate:
+def decode_update(data: bytes, meta: bytes | str | dict[str, Any], max_bytes: int | None = None) -> ClientUpdate:
     """The :class:`ClientUpdate` encoded by :func:`encode_update`; raises :class:`UpdateRejected`.
 
     Decoding checks the format only (well-formed safetensors, sizes that fit, metadata fields and
-    types); :func:`validate_update` checks the update against the federation.
+    types); :func:`validate_update` checks the update against the federation. ``max_bytes``: refuse a
+    larger payload before parsing it (:func:`max_payload_bytes` of the federation).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise UpdateRejected("not_safetensors", f"payload must be bytes, got {type(data).__name__}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UpdateRejected("too_large", f"payload of {len(data)} bytes exceeds the {max_bytes} bytes an update of "
+                                          "this federation can take")
     data = bytes(data)
     fields = parse_metadata(meta)
     _parse_header(data)
@@ -325,14 +395,44 @@ def save_update(stem: str | Path, update: ClientUpdate) -> Path:
     return tensor_path
 
 
-def load_update(path: str | Path) -> ClientUpdate:
-    """Read an update saved by :func:`save_update` (give the ``.safetensors`` path or the stem)."""
+def max_payload_bytes(spec: FederationSpec) -> int:
+    """The payload size above which an update of ``spec`` is refused unparsed (``too_large``): the largest
+    header allowed plus four times the float32 factors of a rank-R update. A valid update is at most one
+    rank-R update; the slack lets a moderately wrong one be rejected with its precise reason instead."""
+    data = sum(4 * spec.max_rank * (d_out + d_in) for d_out, d_in in spec.modules.values())
+    return 8 + MAX_HEADER_BYTES + 4 * data
+
+
+def load_update(path: str | Path, max_bytes: int | None = None) -> ClientUpdate:
+    """Read an update saved by :func:`save_update` (give the ``.safetensors`` path or the stem).
+
+    The files' sizes and the safetensors header are checked before the tensor data is read: a file
+    above ``max_bytes`` (or whose header does not account for its size) is refused unread.
+    """
     tensor_path, meta_path = update_paths(path)
     if not tensor_path.is_file():
         raise FileNotFoundError(f"update file {tensor_path} does not exist")
     if not meta_path.is_file():
         raise UpdateRejected("missing_metadata", f"{meta_path} (the metadata of {tensor_path.name}) does not exist")
-    return decode_update(tensor_path.read_bytes(), meta_path.read_bytes())
+    meta_size = meta_path.stat().st_size
+    if meta_size > MAX_METADATA_BYTES:
+        raise UpdateRejected("bad_metadata", f"{meta_path.name} is {meta_size} bytes long (limit {MAX_METADATA_BYTES})")
+    size = tensor_path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise UpdateRejected("too_large", f"{tensor_path.name} is {size} bytes, more than the {max_bytes} bytes an "
+                                          "update of this federation can take; not read")
+    meta = meta_path.read_bytes()
+    parse_metadata(meta)
+    with tensor_path.open("rb") as f:
+        head = f.read(8)
+        if len(head) == 8 and size > 8:
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len <= min(MAX_HEADER_BYTES, size - 8):
+                # a sound header vouches for the file's size before the body is read
+                _parse_header(head + f.read(header_len), total_len=size)
+        f.seek(0)
+        data = f.read()
+    return decode_update(data, meta, max_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,14 +455,18 @@ def validate_update(
     update: ClientUpdate,
     spec: FederationSpec,
     *,
-    method: str | None,
+    method: str | Method | None,
     round_: int | None,
     seen_clients: set[int] | None = None,
     max_norm: float | None = None,
+    max_rms: float | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless the server may aggregate ``update``.
 
-    ``method`` / ``round_``: what the server expects (None skips that check). ``seen_clients``: the
+    ``method`` / ``round_``: what the server expects (None skips that check); given a :class:`Method`
+    (what the round loop and ``verify-update`` pass, via :func:`server_check`), its own
+    :meth:`Method.check_update` runs too (e.g. HetLoRA's ``pruned_to``). ``max_rms``: bound on the
+    update's root-mean-square entry, :func:`update_norm` / sqrt(number of entries). ``seen_clients``: the
     clients already accepted this round; on acceptance ``update.client`` is ADDED to it, so one set
     per round rejects a second update from the same client. ``max_norm``: bound on :func:`update_norm`.
     A client may send a rank below its configured one (HetLoRA pruning, FedIT's common rank) but
@@ -370,6 +474,9 @@ def validate_update(
     """
     client, rank = update.client, update.rank
     who = f"client {client}"
+    method_impl = method if isinstance(method, Method) else None
+    if method_impl is not None:
+        method = method_impl.name
     # -- metadata --------------------------------------------------------------------------------
     if round_ is not None and update.round != round_:
         raise UpdateRejected("round_mismatch", f"{who}: update is for round {update.round}, the server is at round {round_}")
@@ -380,8 +487,12 @@ def validate_update(
                              f"client id {client!r} is not in 0..{len(spec.client_ranks) - 1}")
     if seen_clients is not None and client in seen_clients:
         raise UpdateRejected("duplicate_client", f"{who} already sent an update this round")
-    if type(update.num_examples) is not int or update.num_examples <= 0:
-        raise UpdateRejected("bad_num_examples", f"{who}: num_examples = {update.num_examples!r} (must be a positive integer)")
+    if type(update.num_examples) is not int or not 0 < update.num_examples <= MAX_NUM_EXAMPLES:
+        raise UpdateRejected("bad_num_examples", f"{who}: num_examples = {_short(update.num_examples)} (must be an "
+                                                 f"integer in [1, {MAX_NUM_EXAMPLES}])")
+    if not isinstance(update.meta, dict):
+        raise UpdateRejected("bad_metadata", f"{who}: extra must be an object, got {type(update.meta).__name__}")
+    _check_extra(update.meta)
     if type(rank) is not int or rank <= 0:
         raise UpdateRejected("bad_rank", f"{who}: declared rank {rank!r} (must be a positive integer)")
     if rank > spec.max_rank:
@@ -433,9 +544,31 @@ def validate_update(
                 kinds.append("-inf")
             raise UpdateRejected("non_finite",
                                  f"{who}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) ({', '.join(kinds)})")
-    if max_norm is not None:
+    if max_norm is not None or max_rms is not None:
         norm = update_norm(update.tensors)
-        if norm > max_norm:
-            raise UpdateRejected("norm_too_large", f"{who}: update norm {norm:.6g} exceeds the bound {max_norm:.6g}")
+        if max_norm is not None and not norm <= max_norm:
+            raise UpdateRejected("norm_too_large", f"{who}: update norm {norm:.6g} exceeds the bound {max_norm:.6g} "
+                                                   "(validation.max_update_norm)")
+        entries = sum(t.numel() for t in update.tensors.values())
+        if max_rms is not None and not norm <= max_rms * math.sqrt(entries):
+            raise UpdateRejected("norm_too_large",
+                                 f"{who}: update norm {norm:.6g} exceeds the bound {max_rms * math.sqrt(entries):.6g} "
+                                 f"(validation.max_update_rms={max_rms:g} x sqrt({entries} entries); root-mean-square "
+                                 f"entry {norm / math.sqrt(max(entries, 1)):.6g})")
+    if method_impl is not None:
+        try:
+            method_impl.check_update(update)
+        except ValueError as e:
+            raise UpdateRejected("bad_method_field", f"{who}: {e}") from None
     if seen_clients is not None:
         seen_clients.add(client)
+
+
+def server_check(update: ClientUpdate, spec: FederationSpec, method: Method, validation: Any, *,
+                 round_: int | None, seen_clients: set[int] | None = None) -> None:
+    """The server's whole check of one decoded update, with the bounds of ``validation`` (the run's
+    :class:`prelort.config.ValidationConfig`). The round loop (:meth:`prelort.federation.Federation.accept`),
+    ``prelort verify-update`` and a Flower client checking its own update all call this one function, so
+    "verify-update accepts it" means "the round accepts it"."""
+    validate_update(update, spec, method=method, round_=round_, seen_clients=seen_clients,
+                    max_norm=validation.max_update_norm, max_rms=validation.max_update_rms)

@@ -106,7 +106,7 @@ def test_two_authenticated_supernodes_run_two_rounds_and_an_unregistered_one_is_
         "train.local_steps=1", "data.num_train=32", "data.num_test=8", "eval.max_examples=2",
         "eval.max_new_tokens=2", "eval.truncation_curve=false", "eval.base=false",
         f"flower.superlink=127.0.0.1:{port}", f"flower.root_certificates={creds.ca_cert}",
-        "flower.round_timeout=120", "flower.node_wait=90"])
+        "flower.round_timeout=120", "flower.node_wait=90", "flower.supernode_auth=true"])
     out = runner.run(cfg, tmp_path / "run", verbose=False)
     assert time.monotonic() - t0 < TIME_LIMIT
 

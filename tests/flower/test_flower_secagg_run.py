@@ -44,6 +44,9 @@ def _plain_from(secagg_run: Path, round_: int, tmp: Path, extra: list[str]) -> P
     for later in (plain / "checkpoints").glob("round-*"):
         if int(later.name.split("-")[1]) >= round_:
             shutil.rmtree(later)
+    # --resume refuses a changed engine / privacy section; without config.yaml the config given is checked
+    # against the checkpoint (method, seed, ranks, options) instead, which is what this comparison keeps
+    (plain / "config.yaml").unlink()
     cfg = config_mod.load(TINY, [*SMALL, *extra, f"rounds={round_}"])
     return runner.run(cfg, plain, resume=True, verbose=False)
 

@@ -98,7 +98,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     """Train, then what this client hands to SecAgg+: ``(arrays, n_k, metrics)``.
 
     The server never sees this update, so the checks it would run happen here: the update is validated
-    (:func:`prelort.updates.validate_update`, with ``validation.max_update_norm``), clipped with
+    (:func:`prelort.updates.server_check`, the server's own checks and bounds), clipped with
     ``robust.clip_norm`` (under ``privacy.dp``: ``privacy.clip_norm``, then weight 1) against the adapter it
     received (:func:`prelort.privacy.clip_update`), and encoded in the public layout
     (:func:`prelort.flower.secagg.encode_for_secagg`, which refuses values SecAgg+ would clip). Any failure
@@ -108,14 +108,14 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     from .. import adapters, methods
     from ..federation import adapter_prefix, spec_from_config
     from ..privacy import clip_update
-    from ..updates import validate_update
+    from ..updates import server_check
     from .secagg import SecAggLayout, encode_for_secagg, weight_units
 
     task = secagg_task.task
     update = run_task(task, partition_id)
     cfg, model, _ = client_state(task.config, partition_id)
     spec = spec_from_config(cfg, adapters.adapted_modules(model))
-    validate_update(update, spec, method=cfg.method, round_=task.round, max_norm=cfg.validation.max_update_norm)
+    server_check(update, spec, methods.build(cfg.method, spec), cfg.validation, round_=task.round)
     # privacy.dp: clip to privacy.clip_norm (the DP sensitivity; it replaces robust clipping, as on the server)
     clip_norm = cfg.privacy.clip_norm if cfg.privacy.dp else cfg.robust.clip_norm
     if clip_norm is not None:

@@ -94,7 +94,9 @@ class NodeDirectory:
             elif not 0 <= pid < self.num_clients:
                 self.ignored[node] = f"partition-id={pid} is not in 0..{self.num_clients - 1}"
             elif (other := self.node_of(pid)) is not None:
-                self.ignored[node] = f"partition-id={pid} is already held by SuperNode {other}"
+                # Loud: without SuperNode authentication either node may be an impostor (docs/deployment.md).
+                self.ignored[node] = (f"partition-id={pid} is already held by SuperNode {other}; two nodes claim "
+                                      f"client {pid} - check which one is genuine")
             else:
                 self.client_of[node] = pid
                 log.info("SuperNode %d holds client %d", node, pid)

@@ -303,12 +303,56 @@ def first_exception_line(lines) -> str | None:
     return None
 
 
+def _connection_insecure(name: str) -> bool:
+    """Whether the named connection in $FLWR_HOME/config.toml connects without TLS."""
+    import tomllib
+
+    home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+    try:
+        doc = tomllib.loads((home / "config.toml").read_text())
+    except (OSError, ValueError):
+        return False  # flwr itself reports a missing or broken connection
+    entry = doc.get("superlink", {}).get(name, {})
+    return isinstance(entry, dict) and entry.get("insecure") is True
+
+
+def deployment_gaps(cfg: Config) -> list[str]:
+    """What an ``engine: flower`` deployment lacks: no TLS, no SuperNode authentication (empty when neither)."""
+    gaps = []
+    if cfg.flower.connection and _connection_insecure(cfg.flower.connection):
+        gaps.append(f"no TLS (connection {cfg.flower.connection!r} is insecure): the global adapter and every "
+                    "update cross the network in the clear")
+    elif not cfg.flower.connection and cfg.flower.insecure:
+        gaps.append("no TLS (flower.insecure: true): the global adapter and every update cross the network in "
+                    "the clear")
+    if not cfg.flower.supernode_auth:
+        gaps.append("no SuperNode authentication (flower.supernode_auth: false): any machine that reaches the "
+                    "SuperLink can claim a client's partition, receive its broadcasts and send updates in its name")
+    return gaps
+
+
+def check_deployment(cfg: Config) -> None:
+    """Refuse an ``engine: flower`` run without TLS or SuperNode authentication unless ``flower.allow_insecure``;
+    with it, warn loudly on stderr (and the ServerApp in run.log)."""
+    if cfg.engine != "flower":
+        return
+    gaps = deployment_gaps(cfg)
+    if not gaps:
+        return
+    if not cfg.flower.allow_insecure:
+        raise FlowerRunError("engine flower refused: " + "; ".join(gaps) + ". Use TLS (flower.root_certificates) "
+                             "and a SuperLink with --enable-supernode-auth (then flower.supernode_auth: true), or "
+                             "set flower.allow_insecure: true for a test (docs/deployment.md)")
+    for gap in gaps:  # the ServerApp repeats them in run.log
+        print(f"WARNING: INSECURE FLOWER DEPLOYMENT (flower.allow_insecure: true): {gap}", file=sys.stderr, flush=True)
+
+
 def _check_run_dir(out: Path, resume: bool) -> None:
-    # Session checks this too, inside the ServerApp; failing here is faster and clearer.
-    if resume and not (out / "checkpoints").is_dir():
-        raise FileNotFoundError(f"--resume: {out} has no checkpoints/ to resume from")
-    if not resume and (out / "checkpoints").exists():
-        raise FileExistsError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    # Session checks this too (rundir.prepare, with the lock), inside the ServerApp; failing here is faster
+    # and clearer.
+    from ..rundir import check_out
+
+    check_out(out, resume)
 
 
 def run_on_flower(cfg: Config, out: Path, resume: bool = False, verbose: bool = True) -> Path:
@@ -319,6 +363,7 @@ def run_on_flower(cfg: Config, out: Path, resume: bool = False, verbose: bool = 
     from ..federation import check_privacy
 
     check_privacy(cfg)  # a refused privacy setting fails here, before a SuperLink starts
+    check_deployment(cfg)  # so does a deployment without TLS or SuperNode authentication
     out = Path(out).expanduser().resolve()
     if cfg.engine == "flower-sim":
         _check_run_dir(out, resume)

@@ -50,6 +50,11 @@ def main(grid: Grid, context: Context) -> None:
     config_json = str(rc["prelort-config"])
     cfg = from_dict(json.loads(config_json))
     session = Session(cfg, Path(str(rc["run-dir"])), resume=bool(rc["resume"]), verbose=bool(rc["verbose"]))
+    if cfg.engine == "flower":
+        from .launch import deployment_gaps
+
+        for gap in deployment_gaps(cfg):  # allowed by flower.allow_insecure, or the launcher would have refused
+            log.warning("INSECURE FLOWER DEPLOYMENT (flower.allow_insecure: true): %s", gap)
     engine = _secagg_engine(grid, context, cfg, config_json, session) if cfg.privacy.secure_aggregation \
         else GridEngine(grid, cfg, config_json)
     session.run(engine)

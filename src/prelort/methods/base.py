@@ -169,6 +169,11 @@ class Method(ABC):
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         """The new global state from this round's (validated) updates. Must not modify ``state``."""
 
+    def check_update(self, update: ClientUpdate) -> None:
+        """Raise ValueError (a one-line reason) if a method-specific part of an already validated update
+        (names, shapes, finite values, rank bounds) cannot be aggregated by this method; the server calls
+        it for every update before :meth:`aggregate` (default: nothing method-specific)."""
+
     # -- evaluation ------------------------------------------------------------------------------
     def tier(self, state: GlobalState, t: int) -> Broadcast:
         """The global model as a client of rank ``t`` would receive it (used by evaluation/export)."""

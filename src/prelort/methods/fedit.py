@@ -44,6 +44,10 @@ class FedIT(Method):
         rank = min(check_rank(self.spec, rank), self.rank)
         return TrainPlan(rank=rank, truncations=(rank,), mode="off")
 
+    def check_update(self, update: ClientUpdate) -> None:
+        if update.rank != self.rank:
+            raise ValueError(f"FedIT trains every client at rank {self.rank}; the update has rank {update.rank}")
+
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         for update in updates:

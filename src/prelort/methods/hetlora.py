@@ -86,6 +86,13 @@ class HetLoRA(ZeroPadding):
         prune = PrunePlan(start=start, lam=self.lam)
         return TrainPlan(rank=base.rank, truncations=base.truncations, mode="off", prune=prune)
 
+    def check_update(self, update: ClientUpdate) -> None:
+        pruned = update.meta.get("pruned_to")
+        if pruned is not None and (isinstance(pruned, bool) or not isinstance(pruned, int)
+                                   or not 1 <= pruned <= update.rank):
+            raise ValueError(f"extra.pruned_to = {pruned!r}: HetLoRA needs an integer in [1, {update.rank}] "
+                             "(the update's rank)")
+
     def _factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
         factors = list(client_factors(self.spec, update, max_rank=self.spec.max_rank))
         pruned = update.meta.get("pruned_to")
