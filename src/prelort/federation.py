@@ -182,6 +182,12 @@ class RoundOutcome:
     seconds: float = 0.0
     attempts: int = 1
 
+    def summary(self) -> dict[str, Any]:
+        """What the round's training record in metrics.jsonl says; kept in the round's state.json too, so a
+        resumed run can write the record when the run stopped between the checkpoint and the record."""
+        return {"train_loss": self.train_loss, "accepted": len(self.accepted), "rejected": len(self.rejected),
+                "failed": len(self.failed), "seconds": round(self.seconds, 3)}
+
 
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
     """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
@@ -339,9 +345,11 @@ class Federation:
         else:
             self.state = self.method.aggregate(self.state, accepted)
         self.round = round_
-        ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
         outcome.seconds = seconds
         outcome.attempts = self._attempt + 1
+        # the outcome without its wall time: a checkpoint's bytes depend only on the run's inputs
+        kept = {k: v for k, v in outcome.summary().items() if k != "seconds"}
+        ckpt.save_checkpoint(self.run_dir, round_, self.state, {**self.checkpoint_info(), "outcome": kept})
         return outcome
 
     def end_round_secure(self, round_: int, agg: SecureAggregate, seconds: float = 0.0) -> RoundOutcome:
@@ -387,9 +395,11 @@ class Federation:
                         "against the public bound W (sum rho = %.3g); a tighter W (hetlora: a lower "
                         "validation.max_update_norm) restores precision", round_, bound, rho_total)
         self.round = round_
-        ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
         outcome.seconds = seconds
         outcome.attempts = self._attempt + 1
+        # the outcome without its wall time: a checkpoint's bytes depend only on the run's inputs
+        kept = {k: v for k, v in outcome.summary().items() if k != "seconds"}
+        ckpt.save_checkpoint(self.run_dir, round_, self.state, {**self.checkpoint_info(), "outcome": kept})
         return outcome
 
     def _clear_meta(self, client: int, meta: Any) -> dict[str, Any]:
