@@ -180,6 +180,10 @@ def run_cmd(
 
     with _expected_failures("config"):
         cfg = config_mod.load(config, set_ or [])
+    with _expected_failures("model"):
+        from .model_names import check_model_name  # a mistyped alias fails here, before torch is imported
+
+        check_model_name(cfg.model.name, cfg.model.gguf_file)
     resume_cmd = shlex.join(["prelort", "run", str(config), "--out", str(out),
                              *[a for s in (set_ or []) for a in ("--set", s)], "--resume"])
     with _expected_failures("run"):

@@ -24,6 +24,7 @@ from .data import load_records, partition, tokenize_for_training
 from .evaluate import evaluate_model, truncation_tiers
 from .federation import ClientTask, Federation, MetricsLog, RoundFailed, check_privacy
 from .methods import Broadcast, ClientUpdate
+from .model_names import hub_id
 from .models import load_model
 
 log = logging.getLogger("prelort")
@@ -360,7 +361,9 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
 
         tensors = FlexLoRA(fed.spec).broadcast(GlobalState(tensors=b.base_delta), t).adapter
     rank = min(t, adapter_rank(tensors))
-    adapters.export_peft_adapter(tensors, rank, fed.spec.scale, cfg.model.name, cfg.model.target_modules, out_dir)
+    # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
+    adapters.export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules,
+                                 out_dir)
     return out_dir
 
 
