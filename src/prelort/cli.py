@@ -157,11 +157,13 @@ def _expected_failures(what: str) -> Iterator[None]:
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the federated methods with a one-line description each."""
+    """List the federated methods with a one-line description each (in the README's order)."""
     from . import methods
 
-    for name, cls in methods.available().items():
-        typer.echo(f"{name:10s} {cls.summary}")
+    found = methods.available()
+    readme_order = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
+    for name in [n for n in readme_order if n in found] + [n for n in found if n not in readme_order]:
+        typer.echo(f"{name:10s} {found[name].summary}")
 
 
 @app.command("run")

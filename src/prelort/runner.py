@@ -162,6 +162,7 @@ class Session:
         # or model leaves no half-made run behind.
         if not read_only:
             setup_logging(None, verbose)
+        quiet_libraries()
         train, test, parts = load_data(cfg)
         t0 = time.perf_counter()
         if verbose:
