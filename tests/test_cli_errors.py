@@ -53,7 +53,7 @@ def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path
                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120)
     assert res.stdout.split() == ["2", "False", "False", "False"], res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [
-        "error: config: invalid config: train.lr_rate: unknown key; fix the key in the config file or in --set"]
+        "error: invalid config: train.lr_rate: unknown key; fix the key in the config file or in --set"]
     assert not (tmp_path / "r").exists()
 
 
@@ -61,14 +61,14 @@ def test_debug_shows_the_traceback_and_the_same_line(tmp_path):
     res = prelort("--debug", "run", TINY, "--out", str(tmp_path / "r"), "--set", "train.lr_rate=0.1")
     assert res.returncode == 2
     assert "Traceback (most recent call last)" in res.stderr and "ConfigError" in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: config: invalid config: train.lr_rate")
+    assert res.stderr.strip().splitlines()[-1].startswith("error: invalid config: train.lr_rate")
 
 
 def test_a_missing_data_file_is_one_line_and_leaves_no_run_directory(tmp_path):
     out = tmp_path / "r"
     res = prelort("run", TINY, "--out", str(out), "--set", "data.source=no/train.jsonl")
     assert res.returncode == 2
-    assert error_line(res) == ("error: run: data.source 'no/train.jsonl': no such file or directory; check "
+    assert error_line(res) == ("error: data.source 'no/train.jsonl': no such file or directory; check "
                                "data.source (builtin, a hub dataset id, or a local json/jsonl/csv/parquet file "
                                "or directory)")
     assert not out.exists()
@@ -78,7 +78,7 @@ def test_a_missing_model_path_leaves_no_run_directory(tmp_path):
     out = tmp_path / "r"
     res = prelort("run", TINY, "--out", str(out), "--set", f"model.name={tmp_path / 'no-model'}")
     assert res.returncode == 2
-    assert re.fullmatch(r"error: run: model path '.*no-model' does not exist; check the path", error_line(res))
+    assert re.fullmatch(r"error: model path '.*no-model' does not exist; check the path", error_line(res))
     assert not out.exists()
 
 
@@ -88,7 +88,7 @@ def test_a_mistyped_alias_offline_names_the_closest_alias_before_loading_anythin
     res = prelort("run", TINY, "--out", str(out), "--set", "model.name=smollm2-135m", env=env, timeout=60)
     assert res.returncode == 2
     line = error_line(res)
-    assert line.startswith("error: model: model.name 'smollm2-135m' is not an alias, not a local path, and not a "
+    assert line.startswith("error: model.name 'smollm2-135m' is not an alias, not a local path, and not a "
                            "hub model in the local cache (")
     assert line.endswith("did you mean 'smollm2-135m-instruct'?")
     assert ("HF_HUB_OFFLINE is set" in line) == ("HF_HUB_OFFLINE" in env)
@@ -163,7 +163,7 @@ def test_eval_writes_nothing_into_the_run_folder(finished_run, tmp_path):
     (half / "config.yaml").write_bytes((finished_run / "config.yaml").read_bytes())
     res = prelort("eval", str(half))
     assert res.returncode == 2
-    assert error_line(res).startswith(f"error: eval: {half} has no checkpoints/round-N yet: nothing to evaluate")
+    assert error_line(res).startswith(f"error: {half} has no checkpoints/round-N yet: nothing to evaluate")
     assert sorted(p.name for p in half.iterdir()) == ["config.yaml"]
 
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
@@ -206,3 +206,26 @@ def test_load_base_model_loads_what_an_export_needs(finished_run, tmp_path):
     ids = tokenizer("1 + 1 =", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_failures_while_working_exit_1_bad_input_exits_2_with_what_to_do():
+    import errno
+
+    from prelort.checkpoint import CheckpointError
+    from prelort.cli import EXIT_FAILED, EXIT_USAGE, _classify
+    from prelort.data import DataError
+    from prelort.federation import RoundFailed
+    from prelort.flower.launch import FlowerRunError
+
+    failed = RoundFailed("round 2: 0 accepted update(s)", round_=2, accepted=0, min_per_round=1, attempts=1,
+                         completed=1)
+    assert _classify(failed) == (EXIT_FAILED, "")
+    assert _classify(FlowerRunError("Flower run 7 ended with status 'failed'")) == (EXIT_FAILED, "see docs/deployment.md")
+    assert _classify(OSError(errno.ENOSPC, "No space left on device")) == (
+        EXIT_FAILED, "free disk space (or choose another --out), then continue with --resume")
+    assert _classify(DataError("x"))[0] == EXIT_USAGE
+    assert _classify(CheckpointError("checkpoint file state.json is missing"))[1].startswith(
+        "the run directory's checkpoints are damaged")
+    assert _classify(FileExistsError("runs/x already holds a run"))[0] == EXIT_USAGE
+    code, todo = _classify(TypeError("boom"))
+    assert code == EXIT_FAILED and "prelort --debug" in todo

@@ -1,6 +1,6 @@
 """The ``prelort`` command (DESIGN section 8).
 
-Every expected failure ends with one line on stderr, ``error: <what failed>: <why>[; <what to do>]``, and
+Every expected failure ends with one line on stderr, ``error: <what failed, and why>[; <what to do>]``, and
 an exit code (docs/cli.md): 0 success, 1 the run (or command) failed while working (a round without enough
 updates, Flower, the disk), 2 bad input (config, --set, data, model, paths, run directory), 130
 interrupted (Ctrl-C). ``prelort --debug COMMAND`` (or PRELORT_DEBUG=1) also prints the traceback.
@@ -138,7 +138,9 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 @contextlib.contextmanager
 def _expected_failures(what: str) -> Iterator[None]:
-    """Turn an exception into one line on stderr (``error: <what>: <why>; <what to do>``) and an exit code."""
+    """Turn an exception into one line on stderr (``error: <what failed and why>; <what to do>``) and an exit
+    code. The messages name what failed themselves (the dotted config key, the path, the round); ``what`` (the
+    stage: config, model, run, ...) is only said for an interruption."""
     try:
         yield
     except (typer.Exit, typer.Abort):
@@ -152,7 +154,7 @@ def _expected_failures(what: str) -> Iterator[None]:
             traceback.print_exc()
         code, todo = _classify(e)
         message = str(e) or type(e).__name__
-        _fail(f"{what}: {message}" + (f"; {todo}" if todo else ""), code)
+        _fail(message + (f"; {todo}" if todo else ""), code)
 
 
 @app.command("methods")
