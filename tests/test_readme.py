@@ -80,10 +80,13 @@ def sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return tmp_path, env
 
 
-def run_block(cmds: list[str], cwd: Path, env: dict[str, str]) -> None:
-    """One bash process per README block (so `. .venv/bin/activate` holds for the block's later lines);
+ACTIVATE = ". .venv/bin/activate"
+
+
+def run_block(cmds: list[str], cwd: Path, env: dict[str, str], activated: bool) -> None:
+    """One bash process per README block, activated as the reader's shell is once the README activated it;
     stops at the first command that fails and names it."""
-    script = ["set -eo pipefail"]
+    script = ["set -eo pipefail"] + ([ACTIVATE] if activated else [])
     for i, cmd in enumerate(cmds):
         script.append(f"echo '>>> README command {i}' >&2")
         script.append(cmd)
@@ -108,7 +111,7 @@ def test_readme_blocks_parse_and_every_command_is_classified():
 
 def test_readme_commands_on_the_tiny_model_run_as_written(sandbox):
     cwd, env = sandbox
-    ran = 0
+    ran, activated = 0, False
     for block in readme_commands():
         # a block stops at its first slow command: what follows it there needs its output
         cmds = []
@@ -117,9 +120,10 @@ def test_readme_commands_on_the_tiny_model_run_as_written(sandbox):
                 break
             if not is_elsewhere(c):
                 cmds.append(c)
-        if any(c.strip() != ". .venv/bin/activate" for c in cmds):
-            run_block(cmds, cwd, env)
+        if any(c.strip() != ACTIVATE for c in cmds):
+            run_block(cmds, cwd, env, activated)
             ran += len(cmds)
+        activated = activated or any(c.strip() == ACTIVATE for c in block)
     assert ran >= 8
     # what the quickstart promises, on disk
     assert (cwd / "runs" / "tiny" / "adapters").is_dir()
@@ -129,10 +133,12 @@ def test_readme_commands_on_the_tiny_model_run_as_written(sandbox):
 @pytest.mark.slow
 def test_readme_commands_on_smollm2_and_python_snippets_run_as_written(sandbox):
     cwd, env = sandbox
+    activated = False
     for block in readme_commands():
         cmds = [c for c in block if not is_elsewhere(c)]
         if any(is_slow(c) for c in cmds):
-            run_block(cmds, cwd, env)
+            run_block(cmds, cwd, env, activated)
+        activated = activated or any(c.strip() == ACTIVATE for c in block)
     for i, snippet in enumerate(fenced_blocks(README.read_text(), "python")):
         res = subprocess.run([sys.executable, "-c", snippet], cwd=cwd, env=env, capture_output=True, text=True,
                              timeout=TIMEOUT_S)
