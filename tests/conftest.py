@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,18 +28,13 @@ def fresh_tiny_model(tiny_model):
     return copy.deepcopy(model), tokenizer
 
 
-CHECK_RUN = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "check_run.py"
-
-
 @pytest.fixture(scope="session")
 def check_run():
-    """``check_run(run_dir)``: assert the run directory passes ../shared/tools/check_run.py (DESIGN section 8)."""
+    """``check_run(run_dir)``: assert the run directory follows the run-directory contract (``prelort check``)."""
+    from prelort.check import check_run_dir
 
     def check(run_dir: Path) -> None:
-        if not CHECK_RUN.is_file():
-            pytest.skip("shared/tools/check_run.py not available")
-        res = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True,
-                             timeout=300)
-        assert res.returncode == 0, res.stdout + res.stderr
+        problems = check_run_dir(run_dir)
+        assert not problems, "\n".join(problems)
 
     return check

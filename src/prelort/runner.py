@@ -7,8 +7,10 @@ round's :class:`~prelort.federation.ClientTask` list into updates (or exceptions
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +24,7 @@ from .data import load_records, partition, tokenize_for_training
 from .evaluate import evaluate_model, truncation_tiers
 from .federation import ClientTask, Federation, MetricsLog, RoundFailed, check_privacy
 from .methods import Broadcast, ClientUpdate
+from .model_names import hub_id
 from .models import load_model
 
 log = logging.getLogger("prelort")
@@ -31,24 +34,78 @@ class Engine(Protocol):
     def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]: ...
 
 
-def setup_logging(run_dir: Path, verbose: bool = True) -> None:
-    """run.log gets everything (every rejection with its reason); the console gets INFO."""
+def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
+    """run.log gets everything (every rejection with its reason); the console gets INFO.
+
+    ``run_dir`` None: the console only (before the run directory may be created)."""
     logger = logging.getLogger("prelort")
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
         if getattr(h, "_prelort", False):
             logger.removeHandler(h)
             h.close()
-    fh = logging.FileHandler(run_dir / "run.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    fh._prelort = True  # type: ignore[attr-defined]
-    logger.addHandler(fh)
+    if run_dir is not None:
+        fh = logging.FileHandler(run_dir / "run.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh._prelort = True  # type: ignore[attr-defined]
+        logger.addHandler(fh)
     if verbose:
-        sh = logging.StreamHandler(sys.stderr)
+        sh = _TqdmHandler()
         sh.setFormatter(logging.Formatter("%(message)s"))
         sh._prelort = True  # type: ignore[attr-defined]
         logger.addHandler(sh)
     logger.propagate = False
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console lines written through tqdm, so a progress bar on the terminal is not printed a second time
+    below each line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class RunInterrupted(Exception):
+    """The run stopped on Ctrl-C (SIGINT); ``completed`` is the last round on disk, where --resume continues."""
+
+    def __init__(self, completed: int):
+        super().__init__(f"interrupted after round {completed}")
+        self.completed = completed
+
+
+class _GracefulStop:
+    """SIGINT handling for a run: the first Ctrl-C asks the run to stop after the round under way (its
+    records written), a second one stops at once (KeyboardInterrupt). Only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after the round under way (press Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "_GracefulStop":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def adapter_rank(adapter: dict[str, torch.Tensor]) -> int:
@@ -101,25 +158,39 @@ class Session:
         self.resume = resume or read_only
         self.verbose = verbose
         check_privacy(cfg)  # a refused setting must not leave a half-made run directory behind
+        # Nothing goes into the run directory before the data and the model have loaded: a mistyped source
+        # or model leaves no half-made run behind.
+        if not read_only:
+            setup_logging(None, verbose)
+        quiet_libraries()
+        train, test, parts = load_data(cfg)
+        t0 = time.perf_counter()
+        if verbose:
+            log.info("loading model %s ...", cfg.model.name)
+        self.base_model, self.tokenizer, self.model = load_federation_model(cfg)
+        model_seconds = time.perf_counter() - t0
+        self.modules = adapters.adapted_modules(self.model)
+        self.test_records = test
+        self.partitions = [tokenize_for_training(p, self.tokenizer, cfg.data.max_length) for p in parts]
         if not read_only:
             self._prepare_dir()
             setup_logging(self.run_dir, verbose)
         log.info("prelort run: method=%s engine=%s model=%s ranks=%s rounds=%d -> %s", cfg.method, cfg.engine,
                  cfg.model.name, cfg.clients.ranks, cfg.rounds, self.run_dir)
-        self.base_model, self.tokenizer, self.model = load_federation_model(cfg)
-        self.modules = adapters.adapted_modules(self.model)
-        train, test, parts = load_data(cfg)
-        self.test_records = test
-        self.partitions = [tokenize_for_training(p, self.tokenizer, cfg.data.max_length) for p in parts]
-        log.info("data: %d train / %d test records; client sizes %s", len(train), len(test),
-                 [len(p) for p in self.partitions])
+        log.info("model %s loaded in %.1f s; data: %d train / %d test records; client sizes %s", cfg.model.name,
+                 model_seconds, len(train), len(test), [len(p) for p in self.partitions])
         self.federation = Federation(cfg, self.run_dir, self.modules)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     @classmethod
     def open(cls, run_dir: str | Path, verbose: bool = False) -> "Session":
         """An existing run, at its latest checkpoint, for evaluation (nothing in the run directory changes)."""
+        from . import checkpoint as ckpt
+
         cfg = load_run_config(run_dir)
+        if ckpt.latest_round(run_dir) is None:  # start() would write an initial checkpoint
+            raise FileNotFoundError(f"{run_dir} has no checkpoints/round-N yet: nothing to evaluate "
+                                    "(start the run with prelort run first)")
         s = cls(cfg, run_dir, read_only=True, verbose=verbose)
         s.federation.start(resume=True)
         return s
@@ -151,54 +222,98 @@ class Session:
         self.metrics.write(rec)
         return rec
 
-    def evaluate_round(self, round_: int) -> list[dict[str, Any]]:
-        return [self._record(round_, t, "tier", self.evaluate_tier(t)) for t in self.federation.tiers()]
+    def evaluate_round(self, round_: int, skip: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """Tier records of ``round_`` (the tiers in ``skip`` are already in metrics.jsonl)."""
+        return [self._record(round_, t, "tier", self.evaluate_tier(t)) for t in self.federation.tiers()
+                if t not in skip]
+
+    def _evaluate_base(self) -> None:
+        r = self._record(0, "base", "base", self.evaluate_base())
+        log.info("round 0 base model: accuracy=%.3f rougeL=%.3f ppl=%.2f", r["accuracy"], r["rougeL"], r["perplexity"])
+
+    def _complete_round(self, round_: int) -> None:
+        """On resume: write the records the last completed round lacks (an interruption after its checkpoint
+        and before its last record), in the order an uninterrupted run writes them."""
+        have = records_by_key(self.metrics.path, round_)
+        if round_ == 0:
+            if self.cfg.eval.base and ("base", "base") not in have:
+                self._evaluate_base()
+            return
+        if ("train", None) not in have:
+            from . import checkpoint as ckpt
+
+            _, doc = ckpt.read_state_json(self.run_dir, round_)
+            if isinstance(doc.get("outcome"), dict):
+                self.metrics.write(train_record(self.cfg, round_, doc["outcome"], self.federation.privacy_record(round_)))
+            else:  # a checkpoint written before round outcomes were kept in state.json
+                log.warning("round %d: its training record is missing and its checkpoint does not hold it", round_)
+        if self.federation.eval_due(round_):
+            done = [t for t in self.federation.tiers() if ("tier", t) in have]
+            if len(done) < len(self.federation.tiers()):
+                log.info("round %d: evaluating the rank tiers the interrupted run did not record", round_)
+                self.evaluate_round(round_, skip=done)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, engine: Engine) -> Path:
         cfg, fed = self.cfg, self.federation
         first = fed.start(resume=self.resume)
-        if self.resume:
-            self.metrics.truncate_after(fed.round)
-        elif cfg.eval.base:
-            r = self._record(0, "base", "base", self.evaluate_base())
-            log.info("round 0 base model: accuracy=%.3f rougeL=%.3f ppl=%.2f", r["accuracy"], r["rougeL"], r["perplexity"])
-        bar = tqdm(range(first, cfg.rounds + 1), desc="rounds", disable=not self.verbose, initial=first - 1,
-                   total=cfg.rounds)
-        for round_ in bar:
+        with _GracefulStop() as stop:
             try:
-                outcome = fed.run_round(round_, engine.execute)  # begin, execute, end; retried if it fails
-            except RoundFailed as e:
-                log.error("%s", e)
-                raise
-            # training records carry the contract's fields too (no tier evaluated: rank and metrics null)
-            self.metrics.write({"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None,
-                                "perplexity": None, "train_loss": outcome.train_loss,
-                                "accepted": len(outcome.accepted), "rejected": len(outcome.rejected),
-                                "failed": len(outcome.failed), "seconds": round(outcome.seconds, 3),
-                                "method": cfg.method, "dim_clients": outcome.dim_clients,
-                                "dim_steps": outcome.dim_steps, "passes": outcome.passes,
-                                "optimizer_steps": outcome.optimizer_steps,
-                                "diagnostics_reported": outcome.diagnostics_reported,
-                                **fed.privacy_record(round_)})
-            log_privacy(fed, round_)
-            line = (f"round {round_}/{cfg.rounds}: train_loss={_fmt(outcome.train_loss)} "
-                    f"accepted={len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
-            if fed.eval_due(round_):
-                recs = self.evaluate_round(round_)
-                line += " | " + " ".join(f"r{r['rank']}: acc={r['accuracy']:.3f} rL={r['rougeL']:.3f} "
-                                         f"ppl={r['perplexity']:.2f}" for r in recs)
-            log.info("%s", line)
-        bar.close()
-        self.finish()
+                if self.resume:
+                    self.metrics.truncate_after(fed.round)
+                    self._complete_round(fed.round)
+                elif cfg.eval.base:
+                    self._evaluate_base()
+                self._rounds(engine, first, stop)
+                self.finish()
+            except KeyboardInterrupt:
+                raise RunInterrupted(fed.round) from None
         return self.run_dir
 
+    def _rounds(self, engine: Engine, first: int, stop: _GracefulStop) -> None:
+        cfg, fed = self.cfg, self.federation
+        if first > cfg.rounds:
+            return
+        bar = tqdm(range(first, cfg.rounds + 1), desc="rounds", disable=not self.verbose, initial=first - 1,
+                   total=cfg.rounds)
+        try:
+            for round_ in bar:
+                try:
+                    outcome = fed.run_round(round_, engine.execute)  # begin, execute, end; retried if it fails
+                except RoundFailed as e:
+                    log.error("%s", e)
+                    raise
+                self.metrics.write(train_record(cfg, round_, outcome.summary(), fed.privacy_record(round_)))
+                log_privacy(fed, round_)
+                line = (f"round {round_}/{cfg.rounds}: train_loss={_fmt(outcome.train_loss)} accepted="
+                        f"{len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
+                if fed.eval_due(round_):
+                    recs = self.evaluate_round(round_)
+                    line += " | " + " ".join(f"r{r['rank']}: acc={r['accuracy']:.3f} rL={r['rougeL']:.3f} "
+                                             f"ppl={r['perplexity']:.2f}" for r in recs)
+                log.info("%s", line)
+                if stop.requested and round_ < cfg.rounds:  # a safe point: the round and its records are on disk
+                    raise RunInterrupted(round_)
+        finally:
+            bar.close()
+
     def finish(self) -> None:
-        """Truncation curve, per-tier PEFT adapters, summary.csv and plots."""
+        """Truncation curve, per-tier PEFT adapters, summary.csv and plots.
+
+        The curve's t that are rank tiers take the tier records of the same round (the same model, the same
+        examples: the same numbers), so only the other t are evaluated; curve records already written (a
+        resumed run) are kept.
+        """
         cfg, fed = self.cfg, self.federation
         if cfg.eval.truncation_curve:
+            have = records_by_key(self.metrics.path, fed.round)
             for t in truncation_tiers(fed.spec.max_rank):
-                self._record(fed.round, t, "curve", self.evaluate_tier(t))
+                if ("curve", t) in have:
+                    continue
+                tier = have.get(("tier", t))
+                metrics = ({k: v for k, v in tier.items() if k not in _RECORD_KEYS} if tier is not None
+                           else self.evaluate_tier(t))
+                self._record(fed.round, t, "curve", metrics)
         export_adapters(self, self.run_dir / "adapters")
         from .report import write_run_report
 
@@ -230,7 +345,9 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
 
         tensors = FlexLoRA(fed.spec).broadcast(GlobalState(tensors=b.base_delta), t).adapter
     rank = min(t, adapter_rank(tensors))
-    adapters.export_peft_adapter(tensors, rank, fed.spec.scale, cfg.model.name, cfg.model.target_modules, out_dir)
+    # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
+    adapters.export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules,
+                                 out_dir)
     return out_dir
 
 
@@ -244,6 +361,64 @@ def log_privacy(fed: Federation, round_: int) -> None:
     log.info("round %d: privacy: epsilon=%s at delta=%.3g after %d round(s) (noise multiplier z=%.6g, clients "
              "sampled %d of %d, bound %s)", round_, "inf (no noise)" if eps is None else f"{eps:.6g}",
              rec["dp_delta"], round_, rec["dp_noise_multiplier"], plan.per_round, plan.num_clients, plan.bound)
+
+
+_RECORD_KEYS = ("round", "rank", "kind", "method", "seed")
+DIAGNOSTIC_KEYS = ("dim_clients", "dim_steps", "passes", "optimizer_steps", "diagnostics_reported")
+
+
+def train_record(cfg: Config, round_: int, summary: dict[str, Any],
+                 privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A round's training record: the outcome's summary, its per-dimension diagnostics and (privacy.dp) the
+    accounted epsilon. Training records carry the contract's fields too (no tier evaluated: rank and metrics null)."""
+    return {"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None, "perplexity": None,
+            "train_loss": summary.get("train_loss"), "accepted": summary.get("accepted"),
+            "rejected": summary.get("rejected"), "failed": summary.get("failed"), "seconds": summary.get("seconds"),
+            "method": cfg.method, **{k: summary.get(k) for k in DIAGNOSTIC_KEYS}, **(privacy or {})}
+
+
+def records_by_key(path: Path, round_: int) -> dict[tuple[str, Any], dict[str, Any]]:
+    """metrics.jsonl's records of ``round_`` by (kind, rank); lines cut by a crash are skipped."""
+    out: dict[tuple[str, Any], dict[str, Any]] = {}
+    if not Path(path).is_file():
+        return out
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("round") == round_:
+            out.setdefault((rec.get("kind"), rec.get("rank")), rec)
+    return out
+
+
+def expected_keys(cfg: Config, round_: int) -> list[tuple[str, Any]]:
+    """The (kind, rank) records a finished round ``round_`` has in metrics.jsonl (the last one: with its curve)."""
+    if round_ == 0:
+        return [("base", "base")] if cfg.eval.base else []
+    tiers = sorted(set(cfg.clients.all_ranks()))
+    keys: list[tuple[str, Any]] = [("train", None)]
+    if round_ % cfg.eval.every == 0 or round_ == cfg.rounds:
+        keys += [("tier", t) for t in tiers]
+    if round_ == cfg.rounds and cfg.eval.truncation_curve:
+        keys += [("curve", t) for t in truncation_tiers(max(tiers))]
+    return keys
+
+
+def run_is_complete(cfg: Config, out: str | Path) -> bool:
+    """Whether ``out`` holds this config's finished run: the last round's checkpoint, every record of that
+    round (truncation curve included), the per-tier adapters and summary.csv. Reads no model."""
+    from . import checkpoint as ckpt
+
+    out = Path(out)
+    if ckpt.latest_intact_round(out) != cfg.rounds:  # a damaged last round is redone, not "complete"
+        return False
+    have = records_by_key(out / "metrics.jsonl", cfg.rounds)
+    if any(k not in have for k in expected_keys(cfg, cfg.rounds)):
+        return False
+    tiers = sorted(set(cfg.clients.all_ranks()))
+    return (out / "summary.csv").is_file() and all(
+        (out / "adapters" / f"rank-{t}" / "adapter_model.safetensors").is_file() for t in tiers)
 
 
 def _fmt(x: float | None) -> str:
@@ -271,7 +446,9 @@ def open_federation(run_dir: str | Path) -> tuple[Config, Federation]:
 
 
 def run(cfg: Config, out: str | Path, *, resume: bool = False, verbose: bool = True) -> Path:
-    """Run a whole federation with the engine named in the config."""
+    """Run a whole federation with the engine named in the config (``resume`` on a finished run: nothing to do)."""
+    if resume and run_is_complete(cfg, out):
+        return Path(out)
     if cfg.engine == "inprocess":
         from .simulation import InProcessEngine
 

@@ -77,12 +77,13 @@ def test_quality_json_fields_and_values(tiny_quality):
             assert 0 <= point["accuracy"]["mean"] <= 1 and 0 <= point["rougeL"]["mean"] <= 1
             assert point["perplexity"]["mean"] > 1
             assert point["accuracy"]["std"] is None and len(point["accuracy"]["values"]) == 1  # one seed
-    # FLoRA sends every tier the same merged model: one evaluation serves the 4 tiers and 5 curve points.
+    # FLoRA sends every tier the same merged model: one evaluation serves the 4 tiers and the curve's t = 1
+    # (the curve's other points are the tier records of the same round, reused by the run itself).
     runs = {r["method"]: r for r in model["runs"]}
-    assert runs["flora"]["evaluations"] == 1 and runs["flora"]["evaluations_shared"] == 8
+    assert runs["flora"]["evaluations"] == 1 and runs["flora"]["evaluations_shared"] == 4
     flora_ppl = {p["perplexity"]["mean"] for p in model["methods"]["flora"]["tiers"].values()}
     assert len(flora_ppl) == 1
-    assert runs["prelort"]["evaluations"] + runs["prelort"]["evaluations_shared"] == 9
+    assert runs["prelort"]["evaluations"] + runs["prelort"]["evaluations_shared"] == 5
     assert model["base"]["per_seed"]["0"]["n"] == 4
     assert any(p.endswith("comparison_truncation.png") for p in model["plots"])
     assert all(Path(p).is_file() or (quality.ROOT / p).is_file() for p in model["plots"])

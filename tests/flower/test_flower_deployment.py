@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from prelort.flower.launch import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[2]
-CHECK_RUN = REPO / ".." / "shared" / "tools" / "check_run.py"
 TINY = REPO / "examples" / "tiny.yaml"
 TIME_LIMIT = 300.0
 
@@ -110,9 +108,9 @@ def test_two_authenticated_supernodes_run_two_rounds_and_an_unregistered_one_is_
     out = runner.run(cfg, tmp_path / "run", verbose=False)
     assert time.monotonic() - t0 < TIME_LIMIT
 
-    if CHECK_RUN.is_file():
-        proc = subprocess.run([sys.executable, str(CHECK_RUN), str(out)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    from prelort.check import check_run_dir
+
+    assert check_run_dir(out) == []
     trains = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert [(t["round"], t["accepted"], t["failed"]) for t in trains] == [(1, 2, 0), (2, 2, 0)]
     assert (out / "checkpoints" / "round-2" / "adapter.safetensors").is_file()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CHECK_RUN = REPO / ".." / "shared" / "tools" / "check_run.py"
 TINY = REPO / "examples" / "tiny.yaml"
 # tiny.yaml, smaller: 2 rounds so round 2 starts from an aggregated state; little evaluation
 SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
@@ -24,10 +21,10 @@ SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=
 
 
 def check_run(run_dir: Path) -> None:
-    if not CHECK_RUN.is_file():
-        pytest.skip(f"{CHECK_RUN} not present")
-    proc = subprocess.run([sys.executable, str(CHECK_RUN), str(run_dir)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from prelort.check import check_run_dir
+
+    problems = check_run_dir(run_dir)
+    assert not problems, "\n".join(problems)
 
 
 def test_flower_sim_matches_inprocess_and_writes_a_valid_run_dir(tmp_path):

@@ -1,0 +1,153 @@
+"""``prelort check RUN_DIR``: does a run directory follow the run-directory contract (DESIGN section 8)?
+
+It checks names, shapes and fields, not whether any number is right: the files a finished run leaves
+(config.yaml with its key settings, metrics.jsonl, summary.csv, run.log, plots/*.png), every evaluation
+record's fields and ranges (no record twice), every checkpoint (round-0 first; safetensors keys
+``<module>.lora_A|lora_B|delta``, finite values, matching A/B ranks; state.json), every audited update
+(JSON beside it, declared rank = the tensors' rank dimension) and the exported PEFT adapters.
+Nothing is unpickled: safetensors, JSON and YAML only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+CONFIG_KEYS = ("method", "seed", "rounds", "audit", "engine", "model.name", "lora.alpha", "clients.num",
+               "clients.per_round", "clients.ranks")
+
+
+def _round_of(path: Path) -> int | None:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_run_dir(run_dir: str | Path) -> list[str]:
+    """Every deviation of ``run_dir`` from the contract, one line each (empty: it follows the contract)."""
+    import numpy as np
+    import yaml
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        return [f"{run} is not a directory"]
+    problems: list[str] = []
+
+    def need(cond: Any, msg: str) -> bool:
+        if not cond:
+            problems.append(msg)
+        return bool(cond)
+
+    def tensors(path: Path) -> dict[str, Any] | None:
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            problems.append(f"{path.relative_to(run)} is not a readable safetensors file: {e}")
+            return None
+
+    for name in ("config.yaml", "metrics.jsonl", "summary.csv", "run.log"):
+        need((run / name).is_file(), f"missing {name}")
+    need(any((run / "plots").glob("*.png")), "no plots/*.png")
+
+    cfg: Any = {}
+    if (run / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            problems.append(f"config.yaml is not YAML: {e}")
+    if not need(isinstance(cfg, dict), "config.yaml is not a mapping"):
+        cfg = {}
+    for dotted in CONFIG_KEYS:
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        need(node is not None, f"config.yaml lacks {dotted}")
+
+    if (run / "metrics.jsonl").is_file():
+        lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        need(lines, "metrics.jsonl is empty")
+        seen: dict[tuple[Any, ...], int] = {}
+        for i, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"metrics.jsonl line {i} is not JSON: {e}")
+                continue
+            if not need(isinstance(rec, dict), f"metrics.jsonl line {i} is not a JSON object"):
+                continue
+            if "accuracy" in rec or "rougeL" in rec or "perplexity" in rec:
+                for key in ("round", "rank", "accuracy", "rougeL", "perplexity"):
+                    need(key in rec, f"metrics.jsonl line {i} lacks {key!r}")
+                for key in ("accuracy", "rougeL"):
+                    v = rec.get(key)
+                    need(v is None or (_number(v) and 0 <= v <= 1), f"metrics.jsonl line {i}: {key}={v!r} not in [0, 1]")
+                v = rec.get("perplexity")
+                need(v is None or (_number(v) and math.isfinite(v) and v >= 1), f"metrics.jsonl line {i}: perplexity={v!r}")
+            key = (rec.get("kind"), rec.get("round"), json.dumps(rec.get("rank")))
+            if rec.get("kind") is not None:
+                if key in seen:
+                    problems.append(f"metrics.jsonl line {i} repeats line {seen[key]} (kind {rec.get('kind')}, "
+                                    f"round {rec.get('round')}, rank {rec.get('rank')})")
+                else:
+                    seen[key] = i
+
+    ckpts = sorted((p for p in (run / "checkpoints").glob("round-*") if _round_of(p) is not None), key=_round_of)
+    need(ckpts and ckpts[0].name == "round-0", "no checkpoints/round-0 (the initial global adapter)")
+    for c in ckpts:
+        f = c / "adapter.safetensors"
+        if not need(f.is_file(), f"{c.name} lacks adapter.safetensors"):
+            continue
+        need((c / "state.json").is_file(), f"{c.name} lacks state.json")
+        t = tensors(f)
+        for key, x in (t or {}).items():
+            mod, _, kind = key.rpartition(".")
+            need(kind in ("lora_A", "lora_B", "delta"), f"{c.name}: key {key} is not <module>.lora_A|lora_B|delta")
+            need(np.isfinite(x).all(), f"{c.name}: {key} has non-finite values")
+            if kind == "lora_A":
+                b = t.get(mod + ".lora_B")  # type: ignore[union-attr]
+                if need(b is not None, f"{c.name}: {key} without {mod}.lora_B"):
+                    need(x.ndim == 2 and b.ndim == 2 and x.shape[0] == b.shape[1],
+                         f"{c.name}: {mod} A rows {x.shape[0]} != B cols {b.shape[-1]}")
+
+    for u in sorted((run / "updates").glob("round-*/client-*.safetensors")):
+        m = u.with_suffix(".json")
+        if not need(m.is_file(), f"{u.relative_to(run)} has no {m.name}"):
+            continue
+        try:
+            meta = json.loads(m.read_text())
+        except json.JSONDecodeError as e:
+            problems.append(f"{m.relative_to(run)} is not JSON: {e}")
+            continue
+        if not need(isinstance(meta, dict), f"{m.relative_to(run)} is not a JSON object"):
+            continue
+        rank = meta.get("rank")
+        need(isinstance(rank, int) and not isinstance(rank, bool) and rank > 0, f"{m.relative_to(run)}: bad rank {rank!r}")
+        need(_number(meta.get("num_examples")) and meta["num_examples"] > 0, f"{m.relative_to(run)}: bad num_examples")
+        for key, x in (tensors(u) or {}).items():
+            kind = key.rpartition(".")[2]
+            dim = x.shape[0] if kind == "lora_A" else x.shape[1] if kind == "lora_B" and x.ndim == 2 else None
+            need(dim == rank, f"{u.relative_to(run)}: {key} rank dim {dim} != declared rank {rank}")
+
+    for a in sorted((run / "adapters").glob("rank-*")):
+        need((a / "adapter_config.json").is_file() and (a / "adapter_model.safetensors").is_file(),
+             f"{a.relative_to(run)} is not a PEFT adapter directory")
+    need(any((run / "adapters").glob("rank-*")), "no adapters/rank-T")
+    return problems
+
+
+def summary(run_dir: str | Path) -> str:
+    """One line for a run that follows the contract."""
+    run = Path(run_dir)
+    rounds = sorted(r for p in (run / "checkpoints").glob("round-*") if (r := _round_of(p)) is not None)
+    adapters = sorted(p.name for p in (run / "adapters").glob("rank-*"))
+    return (f"{run} follows the run-directory contract: checkpoints of rounds {rounds[0]}..{rounds[-1]}, "
+            f"adapters {', '.join(adapters)}")
