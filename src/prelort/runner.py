@@ -411,7 +411,10 @@ def run_is_complete(cfg: Config, out: str | Path) -> bool:
     from . import checkpoint as ckpt
 
     out = Path(out)
-    if ckpt.latest_intact_round(out) != cfg.rounds:  # a damaged last round is redone, not "complete"
+    try:
+        if ckpt.latest_intact_round(out) != cfg.rounds:  # a damaged last round is redone, not "complete"
+            return False
+    except ckpt.CheckpointError:  # every checkpoint damaged: resume says so itself
         return False
     have = records_by_key(out / "metrics.jsonl", cfg.rounds)
     if any(k not in have for k in expected_keys(cfg, cfg.rounds)):
