@@ -193,6 +193,14 @@ class RoundOutcome:
     optimizer_steps: int = 0
     diagnostics_reported: int = 0  # accepted clients whose step counts passed the checks and are in the sums
 
+    def summary(self) -> dict[str, Any]:
+        """What the round's training record in metrics.jsonl says; kept in the round's state.json too, so a
+        resumed run can write the record when the run stopped between the checkpoint and the record."""
+        return {"train_loss": self.train_loss, "accepted": len(self.accepted), "rejected": len(self.rejected),
+                "failed": len(self.failed), "seconds": round(self.seconds, 3), "dim_clients": self.dim_clients,
+                "dim_steps": self.dim_steps, "passes": self.passes, "optimizer_steps": self.optimizer_steps,
+                "diagnostics_reported": self.diagnostics_reported}
+
 
 def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, local_steps: int,
                       grad_accum: int) -> dict[str, Any]:
@@ -231,15 +239,6 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
         reported += 1
     return {"dim_clients": dim_clients, "dim_steps": dim_steps, "passes": passes, "optimizer_steps": steps,
             "diagnostics_reported": reported}
-
-    def summary(self) -> dict[str, Any]:
-        """What the round's training record in metrics.jsonl says; kept in the round's state.json too, so a
-        resumed run can write the record when the run stopped between the checkpoint and the record."""
-        return {"train_loss": self.train_loss, "accepted": len(self.accepted), "rejected": len(self.rejected),
-                "failed": len(self.failed), "seconds": round(self.seconds, 3), "dim_clients": self.dim_clients,
-                "dim_steps": self.dim_steps, "passes": self.passes, "optimizer_steps": self.optimizer_steps,
-                "diagnostics_reported": self.diagnostics_reported}
-
 
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
     """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
