@@ -296,3 +296,13 @@ def test_teacher_forced_agrees_with_generation_after_training(fresh_tiny_model):
     verdicts = [ex["correct"] for ex in forced]
     assert verdicts == [ex["correct"] for ex in generated]
     assert 0 < sum(verdicts) < len(verdicts), verdicts
+
+
+def test_progress_bar_over_examples_only_when_asked(tok, capsys):
+    model, _, _ = paris_model(tok)
+    cfg = EvalConfig(max_examples=10, batch_size=3, mode="teacher_forced")
+    evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128, progress=False, desc="eval rank 4")
+    assert capsys.readouterr().err == ""
+    evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128, progress=True, desc="eval rank 4")
+    err = capsys.readouterr().err
+    assert "eval rank 4" in err and "4/4" in err
