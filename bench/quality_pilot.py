@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-label", default="study", help="what this step budget is, recorded in the JSON")
     ap.add_argument("--runs-dir", default="results/runs/quality_pilot")
     ap.add_argument("--json", default="results/quality_pilot.json")
+    ap.add_argument("--note", default="", help="a conclusion to store in the JSON (replaces the previous one)")
     args = ap.parse_args(argv)
 
     out_path = Path(args.json)
@@ -151,12 +152,24 @@ def main(argv: list[str] | None = None) -> int:
                         results["gate"] = gate_summary(results)
                         results["environment"] = environment()
                         write_json(out_path, results)
+    for entry in results["configurations"].values():
+        summarise(entry)
+    results["gate"] = gate_summary(results)
+    if args.note:
+        results["note"] = args.note
+    write_json(out_path, results)
     print(json.dumps(results.get("gate"), indent=1))
     return 0
 
 
 def summarise(entry: dict[str, Any]) -> None:
     """Best accuracy per rank over the lr grid, and whether this configuration passes the gate."""
+    task, budget = entry["task"], entry["budget"]
+    facts = task["entities"] * task["attributes"]
+    # how often the training sees each fact (in any phrasing): the budget's examples over the facts
+    entry["facts"] = facts
+    entry["training_records"] = facts * task["phrasings"]
+    entry["exposures_per_fact"] = round(budget["optimizer_steps"] * budget["batch_size"] / facts, 2)
     best: dict[int, dict[str, Any]] = {}
     for run in entry["runs"].values():
         if run["rank"] not in best or run["accuracy"] > best[run["rank"]]["accuracy"]:
