@@ -257,7 +257,8 @@ def score_examples(
                 last = mask.long().cumsum(dim=1).argmax(dim=1)  # the last labelled column of each row
                 rows = torch.arange(len(batch), device=device)
                 eos = torch.tensor(sorted(eos_ids), device=device)
-                hit[rows, last] = torch.isin(argmax[rows, last], eos) & torch.isin(kept[rows, last], eos) | hit[rows, last]
+                stops = torch.isin(argmax[rows, last], eos) & torch.isin(kept[rows, last], eos)
+                hit[rows, last] = hit[rows, last] | stops
             for i in range(len(batch)):
                 n = int(mask[i].sum())
                 out.append({"correct": int(n > 0 and bool(hit[i].all())), "loglik": float(token_lp[i].sum()),
