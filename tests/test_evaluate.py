@@ -10,11 +10,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from prelort.config import EvalConfig
 from prelort.data import IGNORE_INDEX, build_builtin_suite, format_prompt, tokenize_for_training
 from prelort.evaluate import (
+    SHORT_ANSWER_TOKENS,
+    evaluate_examples,
     evaluate_model,
     exact_match,
     generate,
     normalize_answer,
     perplexity,
+    resolve_mode,
     rouge_l,
     select_examples,
     truncation_tiers,
@@ -184,9 +187,10 @@ def test_evaluate_model_numbers(tok):
         {"instruction": "A French city?", "input": "", "output": "Lyon", "category": "city"},
         {"instruction": "Where is the Louvre?", "input": "", "output": "Paris France", "category": "city"},
     ]
-    cfg = EvalConfig(max_examples=10, batch_size=3, max_new_tokens=5)
+    cfg = EvalConfig(max_examples=10, batch_size=3, max_new_tokens=5, mode="generate")
     result = evaluate_model(model, tok, records, cfg, max_length=128)
-    assert result["n"] == 4
+    assert result["n"] == 4 and result["mode"] == "generate"
+    assert result["category_accuracy"] == {"capital": 1.0, "city": 0.0}
     assert result["accuracy"] == pytest.approx(0.5)  # predicts "Paris" every time: EM 1, 1, 0, 0
     assert result["rougeL"] == pytest.approx((1 + 1 + 0 + 2 / 3) / 4)
     examples = tokenize_for_training(records, tok, max_length=128)
@@ -201,6 +205,104 @@ def test_evaluation_subset_is_fixed_and_bounded(tok):
     assert len({(r["instruction"], r["input"]) for r in first}) == 10
     assert select_examples(test, 100) == [dict(r) for r in test]
     model, _, _ = paris_model(tok)
-    result = evaluate_model(model, tok, test, EvalConfig(max_examples=6, batch_size=4, max_new_tokens=3), 128)
+    result = evaluate_model(model, tok, test, EvalConfig(max_examples=6, batch_size=4, max_new_tokens=3,
+                                                         mode="generate"), 128)
     assert result["n"] == 6
     assert 0.0 <= result["accuracy"] <= 1.0 and result["perplexity"] > 1.0
+
+
+# ------------------------------------------------------------------ teacher-forced exact match and per-example records
+
+PARIS_RECORDS = [
+    {"instruction": "Capital of France?", "input": "", "output": "Paris", "category": "capital"},
+    {"instruction": "Capital of France, lower case?", "input": "", "output": "paris.", "category": "capital"},
+    {"instruction": "A French city?", "input": "", "output": "Lyon", "category": "city"},
+    {"instruction": "Where is the Louvre?", "input": "", "output": "Paris France", "category": "city"},
+]
+
+
+def test_teacher_forced_verdicts_and_log_likelihoods_by_hand(tok):
+    model, chain, logit = paris_model(tok)
+    vocab = len(tok)
+    cfg = EvalConfig(max_examples=10, batch_size=3, mode="teacher_forced")
+    metrics, examples = evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128)
+    # argmax after the prompt is "Paris", after "Paris" it is EOS: only the reference "Paris" + EOS is matched.
+    # "paris." differs in tokens: generation's exact match folds case and punctuation, teacher forcing does not.
+    assert [ex["correct"] for ex in examples] == [1, 0, 0, 0]
+    assert metrics["accuracy"] == 0.25 and metrics["rougeL"] is None and metrics["mode"] == "teacher_forced"
+    assert metrics["category_accuracy"] == {"capital": 0.5, "city": 0.0}
+    assert all(ex["prediction"] is None for ex in examples)
+    # "Paris" + EOS: both predicted with probability e^L / (e^L + V - 1)
+    hit = logit - math.log(math.exp(logit) + vocab - 1)
+    assert examples[0]["n_tokens"] == 2
+    assert examples[0]["loglik"] == pytest.approx(2 * hit, rel=1e-4)
+    # the same pass gives the pooled perplexity
+    tokenized = tokenize_for_training(PARIS_RECORDS, tok, max_length=128)
+    assert metrics["perplexity"] == pytest.approx(perplexity(model, tokenized, 4, tok.pad_token_id), rel=1e-5)
+    assert sum(ex["n_tokens"] for ex in examples) == sum(
+        sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in tokenized)
+    # ids are stable and distinct
+    again = evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128)[1]
+    assert [ex["id"] for ex in again] == [ex["id"] for ex in examples]
+    assert len({ex["id"] for ex in examples}) == 4
+
+
+def test_generate_mode_keeps_predictions_and_scores_them(tok):
+    model, _, _ = paris_model(tok)
+    cfg = EvalConfig(max_examples=10, batch_size=3, max_new_tokens=5, mode="generate")
+    metrics, examples = evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128)
+    assert [ex["prediction"] for ex in examples] == ["Paris"] * 4
+    assert [ex["correct"] for ex in examples] == [1, 1, 0, 0]
+    assert metrics["rougeL"] == pytest.approx((1 + 1 + 0 + 2 / 3) / 4)
+
+
+def test_auto_mode_follows_the_reference_length(tok):
+    short = tokenize_for_training(PARIS_RECORDS, tok, max_length=128)
+    assert resolve_mode(EvalConfig(), short) == "teacher_forced"
+    long_answer = " ".join(["word"] * (SHORT_ANSWER_TOKENS + 1))
+    longer = tokenize_for_training([*PARIS_RECORDS, {**PARIS_RECORDS[0], "output": long_answer}], tok, 128)
+    assert resolve_mode(EvalConfig(), longer) == "generate"
+    assert resolve_mode(EvalConfig(mode="teacher_forced"), longer) == "teacher_forced"
+    assert resolve_mode(EvalConfig(mode="generate"), short) == "generate"
+
+
+def test_teacher_forced_agrees_with_generation_after_training(fresh_tiny_model):
+    """On a fixed sample of the facts suite, after the tiny model memorised part of it: teacher-forced exact
+    match equals greedy generation's exact match on every example (facts answers are lower-case words, so
+    normalize_answer's folding cannot make them differ), and neither is degenerate."""
+    from prelort.config import FactsConfig
+    from prelort.data.facts import build_facts_suite
+
+    model, tok = fresh_tiny_model
+    train, test = build_facts_suite(0, FactsConfig(num_entities=6, attributes=2, train_phrasings=1, groups=1))
+    examples = tokenize_for_training(train, tok, max_length=64)
+    model.requires_grad_(True)  # the loaded base model comes frozen
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(40):
+        batch = [examples[(step * 4 + i) % len(examples)] for i in range(4)]
+        width = max(len(ex["input_ids"]) for ex in batch)
+        ids = torch.tensor([ex["input_ids"] + [tok.pad_token_id] * (width - len(ex["input_ids"])) for ex in batch])
+        labels = torch.tensor([ex["labels"] + [IGNORE_INDEX] * (width - len(ex["labels"])) for ex in batch])
+        mask = torch.tensor([[1] * len(ex["input_ids"]) + [0] * (width - len(ex["input_ids"])) for ex in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    records = [dict(r) for r in train] + [dict(r) for r in test]  # memorised and held-out phrasings
+    cfg = EvalConfig(max_examples=100, batch_size=6, max_new_tokens=6)
+    _, forced = evaluate_examples(model, tok, records, cfg.model_copy(update={"mode": "teacher_forced"}), 64)
+    _, generated = evaluate_examples(model, tok, records, cfg.model_copy(update={"mode": "generate"}), 64)
+    verdicts = [ex["correct"] for ex in forced]
+    assert verdicts == [ex["correct"] for ex in generated]
+    assert 0 < sum(verdicts) < len(verdicts), verdicts
+
+
+def test_progress_bar_over_examples_only_when_asked(tok, capsys):
+    model, _, _ = paris_model(tok)
+    cfg = EvalConfig(max_examples=10, batch_size=3, mode="teacher_forced")
+    evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128, progress=False, desc="eval rank 4")
+    assert capsys.readouterr().err == ""
+    evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128, progress=True, desc="eval rank 4")
+    err = capsys.readouterr().err
+    assert "eval rank 4" in err and "/4 " in err  # a bar over the 4 examples

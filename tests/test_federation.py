@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from prelort import config as config_mod
+from prelort.data import CATEGORIES
 from prelort.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,23 @@ def test_every_method_leaves_the_whole_run_directory(audited_runs, method, check
     assert curve == [1, 2, 4, 8]
     for r in recs:
         if r["accuracy"] is not None:
-            assert 0 <= r["accuracy"] <= 1 and 0 <= r["rougeL"] <= 1 and math.isfinite(r["perplexity"])
+            assert 0 <= r["accuracy"] <= 1 and math.isfinite(r["perplexity"])
+            assert r["mode"] == "teacher_forced" and r["rougeL"] is None  # builtin answers are short
+            assert set(r["category_accuracy"]) <= set(CATEGORIES)
+    # every evaluated example, per round and tier: base in round 0, tiers each round, the curve in the last
+    lines = {rd: [json.loads(l) for l in (d / "eval" / f"round-{rd}.jsonl").read_text().splitlines()]
+             for rd in (0, 1, 2)}
+    assert sorted(p.name for p in (d / "eval").iterdir()) == ["round-0.jsonl", "round-1.jsonl", "round-2.jsonl"]
+    evals = [r for r in recs if r.get("kind") in ("base", "tier", "curve")]
+    for r in evals:
+        mine = [x for x in lines[r["round"]] if (x["kind"], x["rank"]) == (r["kind"], r["rank"])]
+        assert len(mine) == r["n"] and sum(x["correct"] for x in mine) / r["n"] == pytest.approx(r["accuracy"])
+        assert math.exp(-sum(x["loglik"] for x in mine) / sum(x["n_tokens"] for x in mine)) == pytest.approx(
+            r["perplexity"], rel=1e-6)
+    keys = {"round", "rank", "kind", "id", "category", "correct", "loglik", "n_tokens", "prediction"}
+    assert all(set(x) == keys and x["prediction"] is None for rd in lines for x in lines[rd])
+    ids = [x["id"] for x in lines[1] if x["rank"] == 1]
+    assert ids == [x["id"] for x in lines[2] if x["rank"] == 8 and x["kind"] == "tier"]  # same examples, same order
     train = [r for r in recs if r.get("kind") == "train"]
     assert [r["accepted"] for r in train] == [4, 4]
     assert all(math.isfinite(r["train_loss"]) for r in train)
@@ -149,6 +166,28 @@ def test_resume_after_round_1_is_bit_identical(tmp_path, check_run):
     rounds = [json.loads(l)["round"] for l in (part / "metrics.jsonl").read_text().splitlines()
               if json.loads(l).get("kind") == "train"]
     assert rounds == [1, 2, 3]
+    # per-example records: the resumed run's files equal the uninterrupted run's, without duplicates
+    for rd in (2, 3):
+        assert (part / f"eval/round-{rd}.jsonl").read_text() == (full / f"eval/round-{rd}.jsonl").read_text()
+    for f in (part / "eval").iterdir():
+        keys = [(x["kind"], x["rank"], x["id"]) for x in map(json.loads, f.read_text().splitlines())]
+        assert len(keys) == len(set(keys)), f.name
+
+
+def test_eval_examples_are_replaced_not_appended_and_dropped_after_the_checkpoint(tmp_path):
+    from prelort.runner import drop_eval_examples_after, eval_examples_path, write_eval_examples
+
+    ex = [{"id": "a", "category": "c", "correct": 1, "loglik": -0.5, "n_tokens": 2, "prediction": None},
+          {"id": "b", "category": "c", "correct": 0, "loglik": -3.0, "n_tokens": 2, "prediction": None}]
+    write_eval_examples(tmp_path, 2, 4, "tier", ex)
+    write_eval_examples(tmp_path, 2, 8, "tier", ex)
+    write_eval_examples(tmp_path, 2, 4, "tier", ex[:1])  # a re-evaluation (resume) of the same tier
+    lines = [json.loads(l) for l in eval_examples_path(tmp_path, 2).read_text().splitlines()]
+    assert [(x["rank"], x["id"]) for x in lines] == [(8, "a"), (8, "b"), (4, "a")]
+    assert lines[0] == {"round": 2, "rank": 8, "kind": "tier", **ex[0]}
+    write_eval_examples(tmp_path, 3, 4, "tier", ex)
+    drop_eval_examples_after(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["round-2.jsonl"]
 
 
 def test_new_run_refuses_to_overwrite(tmp_path):

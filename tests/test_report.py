@@ -262,3 +262,22 @@ def test_cli_empty_metrics(tmp_path):
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert "no evaluation records yet" in result.output
+
+
+def test_teacher_forced_records_with_per_category_accuracy(tmp_path):
+    """eval.mode teacher_forced: rougeL is null; the per-category accuracies become a table per tier."""
+    cats = {"color": 0.5, "pet": 0.25}
+    records = [
+        {**ev(0, "base", "base", 0.0, None, 40.0), "category_accuracy": {"color": 0.0, "pet": 0.0}},
+        train(1, 1.2),
+        *({**ev(1, t, "tier", 0.375, None, 3.0), "category_accuracy": cats} for t in RANKS),
+    ]
+    run = make_run(tmp_path, "tf", "prelort", 0, records)
+    result = report.write_run_report(run)
+    table = result["final_table"]
+    assert "| 4 | 1 | 0.375 | n/a | 3.00 | 20 |" in table
+    assert "| tier | round | color | pet |" in table
+    assert "| 2 | 1 | 0.500 | 0.250 |" in table and "| base (zero-shot) | 0 | 0.000 | 0.000 |" in table
+    bad = make_run(tmp_path, "bad", "prelort", 0, [{**ev(1, 1, "tier", 0.5, None, 2.0), "category_accuracy": [1]}])
+    with pytest.raises(report.ReportError, match="category_accuracy"):
+        report.read_run(bad)

@@ -156,6 +156,25 @@ class PartitionConfig(_Section):
     min_partition_size: int = Field(4, ge=0, description="Dirichlet: resample until every client has this many.")
 
 
+class FactsConfig(_Section):
+    num_entities: int = Field(
+        100, ge=1, le=5000,
+        description="data.suite facts: fictional entities; each gets one fact per attribute, so the number of "
+        "facts (num_entities x attributes) is the capacity knob.",
+    )
+    attributes: int = Field(3, ge=1, le=6, description="data.suite facts: attributes per entity (the record's category).")
+    train_phrasings: int = Field(
+        3, ge=1, le=3,
+        description="data.suite facts: phrasings of each fact in the training split; the held-out split asks every "
+        "fact once in a further phrasing that training never uses.",
+    )
+    groups: int = Field(
+        8, ge=1,
+        description="data.suite facts: entity groups (the record's group column, for data.partition.by: group); "
+        "entity k belongs to group k mod groups.",
+    )
+
+
 class DataConfig(_Section):
     source: str = Field(
         "builtin",
@@ -170,6 +189,12 @@ class DataConfig(_Section):
     num_test: int = Field(300, ge=1, description="Builtin suite: held-out examples.")
     max_length: int = Field(128, ge=8, description="Token limit of prompt + response.")
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    suite: Literal["multitask", "facts"] = Field(
+        "multitask",
+        description="data.source builtin: multitask (short answers over 8 task categories) or facts (fictional "
+        "entities' attributes, asked in a held-out phrasing; needs capacity, see data.facts).",
+    )
+    facts: FactsConfig = Field(default_factory=FactsConfig)
 
 
 class TrainConfig(_Section):
@@ -190,6 +215,15 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(16, ge=1)
     truncation_curve: bool = Field(True, description="Also evaluate t = 1, 2, 4, ..., R at the end.")
     base: bool = Field(True, description="Evaluate the zero-shot base model once.")
+    mode: Literal["auto", "teacher_forced", "generate"] = Field(
+        "auto",
+        description="How exact match is computed. teacher_forced: one forward pass per batch; an example is correct "
+        "when the argmax at every reference answer position, then at the end-of-answer token, is the reference "
+        "token (greedy decoding's exact match up to normalize_answer's case/punctuation folding; rougeL is then "
+        "null: there is no prediction text). generate: greedy generation, normalised exact match and ROUGE-L. "
+        "auto: teacher_forced when every evaluated reference has at most 8 tokens, else generate. See "
+        "docs/evaluation.md.",
+    )
 
 
 class ValidationConfig(_Section):

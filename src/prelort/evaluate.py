@@ -5,10 +5,19 @@
 - ROUGE-L F1 (``rouge_score``): with LCS the longest common subsequence of the token lists,
   P = LCS / len(prediction), R = LCS / len(reference), F1 = 2 P R / (P + R);
 - perplexity: exp( sum of response-token NLL / number of response tokens ), pooled over the whole set.
+
+Two modes (``eval.mode``, docs/evaluation.md): ``generate`` decodes greedily and scores the text;
+``teacher_forced`` scores exact match from one forward pass over prompt + reference: an example is correct
+when the argmax at every reference answer position, and then at the end-of-answer (EOS) position, is the
+reference token - exactly when greedy decoding reproduces the reference tokens and stops. It has no
+prediction text, so its ROUGE-L is None. ``auto`` picks teacher_forced when every evaluated reference has
+at most :data:`SHORT_ANSWER_TOKENS` tokens. Either way the same forward pass gives perplexity and every
+example's log-likelihood, and :func:`evaluate_examples` returns one verdict per example.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import string
@@ -21,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .data.prompts import IGNORE_INDEX, format_prompt, prompt_token_ids, tokenize_for_training
@@ -29,6 +39,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 SUBSET_SEED = 0  # the evaluation subset is the same every round and tier
+SHORT_ANSWER_TOKENS = 8  # eval.mode auto: teacher-forced when every reference has at most this many tokens
 
 
 def normalize_answer(text: str) -> str:
@@ -88,7 +99,8 @@ def _pad_id(tokenizer: Any) -> int:
 
 @torch.inference_mode()
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+    progress: tqdm | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (texts from ``format_prompt``), batched with left padding.
 
@@ -121,6 +133,8 @@ def generate(
             for row in out[:, width:].tolist():
                 cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
                 outputs.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+            if progress is not None:
+                progress.update(len(encoded))
     return outputs
 
 
@@ -185,26 +199,145 @@ def select_examples(records: Any, max_examples: int) -> list[dict[str, Any]]:
     return [dict(records[i]) for i in indices]
 
 
-def evaluate_model(
-    model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int
-) -> dict[str, float | int]:
-    """{"accuracy", "rougeL", "perplexity", "n"} of ``model`` on (a fixed subset of) ``records``.
+def example_id(record: Mapping[str, Any]) -> str:
+    """A stable id of an evaluated record: its ``id`` field if it has one, else a hash of its text fields
+    (the same example gets the same id in every run, method and round)."""
+    if record.get("id") not in (None, ""):
+        return str(record["id"])
+    text = "\x1f".join(str(record.get(k) or "") for k in ("instruction", "input", "output"))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
-    ``records``: a ``datasets.Dataset`` or list of dicts with instruction / input / output. The model is put
-    in eval mode for the evaluation (its train/eval mode is restored after); any truncation mask the
-    caller set stays as it is.
+
+def _batch_tensors(batch: Sequence[Mapping[str, list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded input_ids, labels (IGNORE_INDEX on padding) and attention mask of a batch."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        input_ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        attention_mask[i, :n] = 1
+    return input_ids, labels, attention_mask
+
+
+@torch.inference_mode()
+def score_examples(
+    model: Any, examples: Sequence[Mapping[str, list[int]]], batch_size: int, pad_id: int,
+    eos_ids: set[int] | None = None, progress: tqdm | None = None,
+) -> list[dict[str, Any]]:
+    """One teacher-forced forward pass per batch; per example ``{"correct", "loglik", "n_tokens"}``.
+
+    ``examples`` come from ``tokenize_for_training`` (response tokens + EOS labelled, the rest -100).
+    ``loglik``: sum of the log-probabilities of the labelled tokens; ``correct``: 1 when the argmax at every
+    labelled position is the label, where at the last labelled position (the EOS) any id of ``eos_ids``
+    counts (generation stops at any of them), else 0. ``progress`` is advanced by the examples scored.
+    """
+    device = _device(model)
+    out: list[dict[str, Any]] = []
+    with _eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            input_ids, labels, attention_mask = _batch_tensors(batch, pad_id)
+            targets = labels[:, 1:]  # position p predicts token p + 1
+            # only positions that predict a response token go through the (vocabulary-wide) output layer
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            if keep.numel() == 0:
+                out.extend({"correct": 0, "loglik": 0.0, "n_tokens": 0} for _ in batch)
+                continue
+            logits = _logits_at(model, input_ids.to(device), attention_mask.to(device), keep.to(device)).float()
+            kept = targets[:, keep].to(device)
+            mask = kept != IGNORE_INDEX
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token_lp = logprobs.gather(-1, kept.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            argmax = logits.argmax(dim=-1)
+            hit = (argmax == kept) | ~mask
+            if eos_ids:
+                last = mask.long().cumsum(dim=1).argmax(dim=1)  # the last labelled column of each row
+                rows = torch.arange(len(batch), device=device)
+                eos = torch.tensor(sorted(eos_ids), device=device)
+                stops = torch.isin(argmax[rows, last], eos) & torch.isin(kept[rows, last], eos)
+                hit[rows, last] = hit[rows, last] | stops
+            for i in range(len(batch)):
+                n = int(mask[i].sum())
+                out.append({"correct": int(n > 0 and bool(hit[i].all())), "loglik": float(token_lp[i].sum()),
+                            "n_tokens": n})
+            if progress is not None:
+                progress.update(len(batch))
+    return out
+
+
+def resolve_mode(cfg: EvalConfig, examples: Sequence[Mapping[str, list[int]]]) -> str:
+    """teacher_forced or generate: ``cfg.mode``, with auto resolved by the reference lengths (EOS not counted)."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    longest = max(sum(1 for t in ex["labels"] if t != IGNORE_INDEX) - 1 for ex in examples)
+    return "teacher_forced" if longest <= SHORT_ANSWER_TOKENS else "generate"
+
+
+def evaluate_examples(
+    model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int, *, progress: bool = False,
+    desc: str = "eval",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(metrics, examples)`` of ``model`` on (a fixed subset of) ``records``.
+
+    metrics: {"accuracy", "rougeL" (None under teacher_forced), "perplexity", "n", "mode",
+    "category_accuracy" ({category: accuracy})}; examples: one dict per evaluated record in subset order,
+    {"id", "category", "correct", "loglik", "n_tokens", "prediction" (None under teacher_forced)}.
+    The model is put in eval mode for the evaluation (its train/eval mode is restored after); any
+    truncation mask the caller set stays as it is. ``progress``: a tqdm bar over the examples.
     """
     chosen = select_examples(records, cfg.max_examples)
     if not chosen:
         raise ValueError("no record to evaluate")
-    prompts = [format_prompt(r, tokenizer) for r in chosen]
-    predictions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-    references = [str(r["output"]) for r in chosen]
-    accuracy = sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(chosen)
-    rouge = sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(chosen)
-    examples = tokenize_for_training(chosen, tokenizer, max_length)
-    ppl = perplexity(model, examples, cfg.batch_size, _pad_id(tokenizer))
-    return {"accuracy": accuracy, "rougeL": rouge, "perplexity": ppl, "n": len(chosen)}
+    tokenized = tokenize_for_training(chosen, tokenizer, max_length)
+    mode = resolve_mode(cfg, tokenized)
+    bar = tqdm(total=len(chosen) * (2 if mode == "generate" else 1), desc=desc, unit="ex", leave=False,
+               disable=not progress)
+    try:
+        scores = score_examples(model, tokenized, cfg.batch_size, _pad_id(tokenizer), _eos_ids(model, tokenizer),
+                                progress=bar)
+        predictions: list[str | None] = [None] * len(chosen)
+        references = [str(r["output"]) for r in chosen]
+        rouge: float | None = None
+        if mode == "generate":
+            prompts = [format_prompt(r, tokenizer) for r in chosen]
+            predictions = list(generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress=bar))
+            for score, p, r in zip(scores, predictions, references):
+                score["correct"] = int(exact_match(p or "", r))
+            rouge = sum(rouge_l(p or "", r) for p, r in zip(predictions, references)) / len(chosen)
+    finally:
+        bar.close()
+    total_tokens = sum(s["n_tokens"] for s in scores)
+    if total_tokens == 0:
+        raise ValueError("no response token to score (every label is -100)")
+    ppl = math.exp(-sum(s["loglik"] for s in scores) / total_tokens)
+    examples = [
+        {"id": example_id(r), "category": str(r.get("category") or ""), "correct": s["correct"],
+         "loglik": s["loglik"], "n_tokens": s["n_tokens"], "prediction": p}
+        for r, s, p in zip(chosen, scores, predictions)
+    ]
+    by_category: dict[str, list[int]] = {}
+    for ex in examples:
+        by_category.setdefault(ex["category"], []).append(ex["correct"])
+    metrics = {
+        "accuracy": sum(ex["correct"] for ex in examples) / len(examples),
+        "rougeL": rouge,
+        "perplexity": ppl,
+        "n": len(examples),
+        "mode": mode,
+        "category_accuracy": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+    }
+    return metrics, examples
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int
+) -> dict[str, Any]:
+    """The metrics of :func:`evaluate_examples` ({"accuracy", "rougeL", "perplexity", "n", "mode",
+    "category_accuracy"}) without the per-example verdicts."""
+    return evaluate_examples(model, tokenizer, records, cfg, max_length)[0]
 
 
 def truncation_tiers(max_rank: int) -> list[int]:

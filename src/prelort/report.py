@@ -64,6 +64,7 @@ class EvalRecord:
     rougeL: float
     perplexity: float
     n: int | None
+    categories: tuple[tuple[str, float], ...] = ()  # (category, accuracy) pairs, when the record has them
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -199,7 +200,16 @@ def _parse_eval(rec: dict[str, Any], kind: str, method: str, seed: int | None, w
         rougeL=_as_float(rec.get("rougeL"), "rougeL", where),
         perplexity=_as_float(rec.get("perplexity"), "perplexity", where),
         n=_optional_int(rec.get("n"), "n", where),
+        categories=_parse_categories(rec.get("category_accuracy"), where),
     )
+
+
+def _parse_categories(value: Any, where: str) -> tuple[tuple[str, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ReportError(f"{where}: category_accuracy must be a mapping of category to accuracy, got {value!r}")
+    return tuple((str(k), _as_float(v, f"category_accuracy[{k!r}]", where)) for k, v in sorted(value.items()))
 
 
 def _parse_train(rec: dict[str, Any], method: str, where: str) -> TrainRecord:
@@ -364,6 +374,21 @@ def privacy_line(run: RunMetrics) -> str | None:
     last = max(dp, key=lambda t: t.round)
     eps = "inf (no noise)" if last.dp_epsilon is None else f"{last.dp_epsilon:.4g}"
     return f"client-level DP: epsilon = {eps} at delta = {last.dp_delta:.3g} after round {last.round}"
+
+
+def category_table(run: RunMetrics) -> str:
+    """A Markdown table of accuracy per category (columns) for the base model and every rank tier at the
+    final round; empty when the records carry no per-category accuracy."""
+    records = [r for r in ([run.base] if run.base is not None else []) + run.final_tiers() if r.categories]
+    if not records:
+        return ""
+    categories = sorted({c for r in records for c, _ in r.categories})
+    rows = []
+    for rec in records:
+        acc = dict(rec.categories)
+        rows.append([_BASE_LABEL if rec.kind == "base" else str(rec.rank), str(rec.round)]
+                    + [_fmt(acc.get(c, math.nan), "accuracy") for c in categories])
+    return _markdown(["tier", "round", *categories], rows)
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -549,7 +574,8 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "n_eval_records": len(run.evals),
         "n_train_records": len(run.trains),
         "final_round": run.final_round,
-        "final_table": final_round_table(run),
+        "final_table": final_round_table(run) + (f"\n\naccuracy per category:\n{cats}" if (cats := category_table(run))
+                                                 else ""),
         "messages": messages,
     }
 

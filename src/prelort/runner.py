@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from . import adapters
 from .config import Config
 from .data import load_records, partition, tokenize_for_training
-from .evaluate import evaluate_model, truncation_tiers
+from .evaluate import evaluate_examples, truncation_tiers
 from .federation import ClientTask, Federation, MetricsLog, RoundFailed, check_privacy
 from .methods import Broadcast, ClientUpdate
 from .model_names import hub_id
@@ -205,31 +206,44 @@ class Session:
     def _load_tier(self, broadcast: Broadcast) -> None:
         adapters.apply_broadcast(self.model, broadcast, adapter_rank(broadcast.adapter))
 
-    def evaluate_tier(self, t: int) -> dict[str, Any]:
+    def _evaluate(self, desc: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return evaluate_examples(self.model, self.tokenizer, self.test_records, self.cfg.eval,
+                                 self.cfg.data.max_length, progress=self.verbose, desc=desc)
+
+    def _evaluate_tier(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fed = self.federation
         self._load_tier(fed.method.tier(fed.state, t))
-        return evaluate_model(self.model, self.tokenizer, self.test_records, self.cfg.eval, self.cfg.data.max_length)
+        return self._evaluate(f"eval rank {t}")
 
-    def evaluate_base(self) -> dict[str, Any]:
+    def _evaluate_base(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         adapters.set_base_delta(self.model, None)
         with self.model.disable_adapter():
-            return evaluate_model(self.model, self.tokenizer, self.test_records, self.cfg.eval,
-                                  self.cfg.data.max_length)
+            return self._evaluate("eval base")
 
-    def _record(self, round_: int, rank: Any, kind: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    def evaluate_tier(self, t: int) -> dict[str, Any]:
+        return self._evaluate_tier(t)[0]
+
+    def evaluate_base(self) -> dict[str, Any]:
+        return self._evaluate_base()[0]
+
+    def _record(self, round_: int, rank: Any, kind: str, result: tuple[dict[str, Any], list[dict[str, Any]]]
+                ) -> dict[str, Any]:
+        metrics, examples = result
         rec = {"round": round_, "rank": rank, "kind": kind, **metrics, "method": self.cfg.method,
                "seed": self.cfg.seed}
         self.metrics.write(rec)
+        write_eval_examples(self.run_dir, round_, rank, kind, examples)
         return rec
 
     def evaluate_round(self, round_: int, skip: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Tier records of ``round_`` (the tiers in ``skip`` are already in metrics.jsonl)."""
-        return [self._record(round_, t, "tier", self.evaluate_tier(t)) for t in self.federation.tiers()
+        return [self._record(round_, t, "tier", self._evaluate_tier(t)) for t in self.federation.tiers()
                 if t not in skip]
 
-    def _evaluate_base(self) -> None:
-        r = self._record(0, "base", "base", self.evaluate_base())
-        log.info("round 0 base model: accuracy=%.3f rougeL=%.3f ppl=%.2f", r["accuracy"], r["rougeL"], r["perplexity"])
+    def _record_base(self) -> None:
+        r = self._record(0, "base", "base", self._evaluate_base())
+        log.info("round 0 base model: accuracy=%.3f rougeL=%s ppl=%.2f", r["accuracy"], _fmt(r["rougeL"], 3),
+                 r["perplexity"])
 
     def _complete_round(self, round_: int) -> None:
         """On resume: write the records the last completed round lacks (an interruption after its checkpoint
@@ -237,7 +251,7 @@ class Session:
         have = records_by_key(self.metrics.path, round_)
         if round_ == 0:
             if self.cfg.eval.base and ("base", "base") not in have:
-                self._evaluate_base()
+                self._record_base()
             return
         if ("train", None) not in have:
             from . import checkpoint as ckpt
@@ -261,9 +275,10 @@ class Session:
             try:
                 if self.resume:
                     self.metrics.truncate_after(fed.round)
+                    drop_eval_examples_after(self.run_dir, fed.round)
                     self._complete_round(fed.round)
                 elif cfg.eval.base:
-                    self._evaluate_base()
+                    self._record_base()
                 self._rounds(engine, first, stop)
                 self.finish()
             except KeyboardInterrupt:
@@ -289,7 +304,7 @@ class Session:
                         f"{len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
                 if fed.eval_due(round_):
                     recs = self.evaluate_round(round_)
-                    line += " | " + " ".join(f"r{r['rank']}: acc={r['accuracy']:.3f} rL={r['rougeL']:.3f} "
+                    line += " | " + " ".join(f"r{r['rank']}: acc={r['accuracy']:.3f} rL={_fmt(r['rougeL'], 3)} "
                                              f"ppl={r['perplexity']:.2f}" for r in recs)
                 log.info("%s", line)
                 if stop.requested and round_ < cfg.rounds:  # a safe point: the round and its records are on disk
@@ -311,9 +326,10 @@ class Session:
                 if ("curve", t) in have:
                     continue
                 tier = have.get(("tier", t))
-                metrics = ({k: v for k, v in tier.items() if k not in _RECORD_KEYS} if tier is not None
-                           else self.evaluate_tier(t))
-                self._record(fed.round, t, "curve", metrics)
+                result = ((({k: v for k, v in tier.items() if k not in _RECORD_KEYS}),
+                           read_eval_examples(self.run_dir, fed.round, "tier", t)) if tier is not None
+                          else self._evaluate_tier(t))
+                self._record(fed.round, t, "curve", result)
         export_adapters(self, self.run_dir / "adapters")
         from .report import write_run_report
 
@@ -424,8 +440,70 @@ def run_is_complete(cfg: Config, out: str | Path) -> bool:
         (out / "adapters" / f"rank-{t}" / "adapter_model.safetensors").is_file() for t in tiers)
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+# -- per-example evaluation records ---------------------------------------------------------------------------
+EVAL_DIR = "eval"
+
+
+def eval_examples_path(run_dir: Path, round_: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"round-{round_}.jsonl"
+
+
+def write_eval_examples(run_dir: Path, round_: int, rank: Any, kind: str, examples: Sequence[dict[str, Any]]) -> Path:
+    """Put one evaluation's examples into ``eval/round-N.jsonl``, one JSON line per example:
+    {"round", "rank", "kind", "id", "category", "correct", "loglik", "n_tokens", "prediction"}.
+
+    Lines of the same (kind, rank) already in the file are replaced, not appended to (a resumed run
+    re-evaluating a round leaves no duplicate), and the file is rewritten atomically (temporary file +
+    rename), so a crash leaves either the old or the new file.
+    """
+    path = eval_examples_path(run_dir, round_)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                old = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (old.get("kind"), old.get("rank")) != (kind, rank):
+                kept.append(line)
+    new = [json.dumps({"round": round_, "rank": rank, "kind": kind, **ex}) for ex in examples]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept + new))
+    os.replace(tmp, path)
+    return path
+
+
+def read_eval_examples(run_dir: Path, round_: int, kind: str, rank: Any) -> list[dict[str, Any]]:
+    """The examples of one evaluation (kind, rank) in ``eval/round-N.jsonl``, without their round/rank/kind
+    (what :func:`write_eval_examples` takes), e.g. to copy a tier's examples to the truncation curve."""
+    path = eval_examples_path(run_dir, round_)
+    out: list[dict[str, Any]] = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and (rec.get("kind"), rec.get("rank")) == (kind, rank):
+            out.append({k: v for k, v in rec.items() if k not in ("round", "rank", "kind")})
+    return out
+
+
+def drop_eval_examples_after(run_dir: Path, round_: int) -> None:
+    """On resume: remove eval/round-N.jsonl of rounds after the checkpoint (they are evaluated again)."""
+    for path in (Path(run_dir) / EVAL_DIR).glob("round-*.jsonl"):
+        try:
+            n = int(path.stem.split("-", 1)[1])
+        except ValueError:
+            continue
+        if n > round_:
+            path.unlink()
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -84,6 +84,10 @@ def load_records(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets
     """
     source = cfg.source.strip()
     if source == "builtin":
+        if cfg.suite == "facts":  # sized by data.facts, not num_train / num_test
+            from .facts import build_facts_suite
+
+            return build_facts_suite(seed, cfg.facts)
         return build_builtin_suite(seed, cfg.num_train, cfg.num_test)
     template = cfg.template
     if _looks_local(source):
