@@ -1,4 +1,4 @@
-"""The `prelort` command (DESIGN section 8)."""
+"""The `prelort` command (docs/design.md section 8)."""
 
 from __future__ import annotations
 

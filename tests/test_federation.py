@@ -97,7 +97,7 @@ def _modules(state: dict) -> list[str]:
 
 
 def recompute(method: str, prev: dict, ups, alpha: float, R: int) -> dict:
-    """Each method's rule written out independently of prelort.methods (DESIGN section 2-3)."""
+    """Each method's rule written out independently of prelort.methods (docs/design.md section 2-3)."""
     s = alpha / R
     out = {}
     for m in _modules(prev):

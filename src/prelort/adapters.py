@@ -2,7 +2,7 @@
 
 Every client runs ONE PEFT LoRA adapter of rank R = the federation's largest rank with
 ``lora_alpha = alpha``, so PEFT's scaling is s = alpha / R, the federation's constant scale
-(DESIGN section 1). A client of rank r < R uses the first r dimensions; the others are zero and masked.
+(docs/design.md section 1). A client of rank r < R uses the first r dimensions; the others are zero and masked.
 
 Truncation to t is a mask m = 1_{i < t} on the rank dimension, applied to the output of every lora_A
 (a forward hook), so the adapted layer computes

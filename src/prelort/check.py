@@ -1,4 +1,4 @@
-"""``prelort check RUN_DIR``: does a run directory follow the run-directory contract (DESIGN section 8)?
+"""``prelort check RUN_DIR``: does a run directory follow the run-directory contract (docs/design.md section 8)?
 
 It checks names, shapes and fields, not whether any number is right: the files a finished run leaves
 (config.yaml with its key settings, metrics.jsonl, summary.csv, run.log, plots/*.png), every evaluation

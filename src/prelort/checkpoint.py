@@ -1,4 +1,4 @@
-"""Atomic save / resume of the server state (DESIGN sections 7-8).
+"""Atomic save / resume of the server state (docs/design.md sections 7-8).
 
 Layout: ``RUN_DIR/checkpoints/round-N/adapter.safetensors`` (the global state's tensors) and
 ``RUN_DIR/checkpoints/round-N/state.json`` (``{"round": N, **info, "method_meta": state.meta}``).

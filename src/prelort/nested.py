@@ -1,6 +1,6 @@
 """Prefix-nested LoRA: segments, rank masks, padding and segment-wise averaging.
 
-Pure functions on tensors (DESIGN section 1-2). A LoRA factor pair of rank r is
+Pure functions on tensors (docs/design.md section 1-2). A LoRA factor pair of rank r is
 A (r x d_in) and B (d_out x r); rank dimension i is (row i of A, column i of B).
 The adapter at rank t is the prefix of the first t dimensions, with ONE scale
 s = alpha / R for the whole federation:

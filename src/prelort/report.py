@@ -1,4 +1,4 @@
-"""Tables and plots of run directories (DESIGN sections 4 and 7).
+"""Tables and plots of run directories (docs/design.md sections 4 and 7).
 
 A run directory holds ``config.yaml`` and ``metrics.jsonl``; the latter has one JSON object per line:
 
@@ -166,7 +166,7 @@ def _optional_int(value: Any, what: str, where: str) -> int | None:
 
 
 def _record_kind(rec: dict[str, Any]) -> str | None:
-    """The record's kind; older or minimal records (DESIGN section 8) may leave it out."""
+    """The record's kind; older or minimal records (docs/design.md section 8) may leave it out."""
     kind = rec.get("kind")
     if kind is not None:
         return str(kind)

@@ -1,7 +1,7 @@
 """One client's local training: the prefix-nested objective over a PEFT LoRA of the global rank.
 
 With T = plan.truncations and the adapter masked to t (prelort.adapters.set_truncation), each optimizer
-step minimises (DESIGN section 2)
+step minimises (docs/design.md section 2)
 
     all:       L = (1/|T|) * sum_{t in T} loss_t              (|T| forward/backward passes)
     sample:    L = loss_t,  t ~ Uniform(T)                    (one pass; unbiased for `all` up to scale)

@@ -1,4 +1,4 @@
-"""Client updates on the wire and on disk, and the server's validation of them (DESIGN section 7).
+"""Client updates on the wire and on disk, and the server's validation of them (docs/design.md section 7).
 
 An update is two parts:
 

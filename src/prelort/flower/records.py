@@ -9,7 +9,7 @@ Server -> client, one TRAIN message per sampled client (its own task):
   ``<module>.lora_B`` (d_out x r), one ``Array(ndarray)`` each, float32;
 * ``prelort.base_delta`` (ArrayRecord, only for methods that send one, e.g. FLoRA): ``<module>.delta``.
 
-Client -> server, the reply carries the update in prelort's wire format (DESIGN section 7), so the
+Client -> server, the reply carries the update in prelort's wire format (docs/design.md section 7), so the
 server decodes it with :func:`prelort.updates.decode_update` and validates it exactly like an update
 read from disk:
 

@@ -1,7 +1,7 @@
 """Secure aggregation (Flower SecAgg+) of prelort's two plain sums.
 
 PreLort's segment-wise rule, zero-padding and FedIT (and HetLoRA, whose norm weight a client computes
-itself) need only, per global tensor, the numerator and denominator sums (DESIGN section 2)
+itself) need only, per global tensor, the numerator and denominator sums (docs/design.md section 2)
 
     N = sum_k w_k pad(X_k, R)        D = sum_k w_k pad(1_{r_k}, R)
 

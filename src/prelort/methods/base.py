@@ -1,12 +1,12 @@
 """The interface every federated method implements, and the data it passes around.
 
-A method answers three questions (DESIGN section 3), with tensors only - no I/O, no engine:
+A method answers three questions (docs/design.md section 3), with tensors only - no I/O, no engine:
   * what does a client of rank r receive?            ``broadcast``
   * what does that client train?                      ``plan``
   * how does the server turn a round's updates into the new global state?  ``aggregate``
 Evaluation at rank tier t uses ``tier`` (by default: what a rank-t client receives).
 
-Tensor naming follows the wire/checkpoint format (DESIGN section 7):
+Tensor naming follows the wire/checkpoint format (docs/design.md section 7):
 ``<module>.lora_A`` (r x d_in), ``<module>.lora_B`` (d_out x r), ``<module>.delta`` (d_out x d_in),
 where <module> is the module's full name in the base model.
 """
@@ -79,7 +79,7 @@ class GlobalState:
 
 @dataclass
 class ClientUpdate:
-    """One client's result of a round: its adapter at its rank, plus metadata (DESIGN section 7)."""
+    """One client's result of a round: its adapter at its rank, plus metadata (docs/design.md section 7)."""
 
     client: int
     rank: int

@@ -1,4 +1,4 @@
-"""FedIT: homogeneous FedAvg of LoRA at the smallest rank (DESIGN section 3)."""
+"""FedIT: homogeneous FedAvg of LoRA at the smallest rank (docs/design.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FlexLoRA: average the clients' full LoRA products, redistribute by truncated SVD (DESIGN section 3).
+"""FlexLoRA: average the clients' full LoRA products, redistribute by truncated SVD (docs/design.md section 3).
 
 Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client
 Resources", arXiv:2402.11505. Rules read from the official code (alibaba/FederatedScope, branch

@@ -1,7 +1,7 @@
 """HetLoRA: zero-padding with norm-based aggregation weights and optional rank self-pruning.
 
 Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
-arXiv:2401.06432 (no official code; the rule below is the paper's, DESIGN section 3).
+arXiv:2401.06432 (no official code; the rule below is the paper's, docs/design.md section 3).
 """
 
 from __future__ import annotations

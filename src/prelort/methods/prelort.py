@@ -1,4 +1,4 @@
-"""PreLort: prefix-nested LoRA with segment-wise aggregation (DESIGN section 2)."""
+"""PreLort: prefix-nested LoRA with segment-wise aggregation (docs/design.md section 2)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class PreLort(PrefixLoRA):
 
     name = "prelort"
     summary = "Prefix-nested LoRA: clients train nested truncations; segment-wise weighted mean of the prefixes."
-    reference = "PreLort (this project); DESIGN.md section 2"
+    reference = "PreLort (this project); docs/design.md section 2"
     sum_aggregatable = True
     dense_state = False
 

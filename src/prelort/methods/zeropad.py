@@ -1,4 +1,4 @@
-"""Zero-padding FedAvg for heterogeneous ranks (DESIGN section 3): the dilution PreLort removes."""
+"""Zero-padding FedAvg for heterogeneous ranks (docs/design.md section 3): the dilution PreLort removes."""
 
 from __future__ import annotations
 
