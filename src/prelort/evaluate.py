@@ -160,16 +160,7 @@ def perplexity(model: Any, examples: Sequence[Mapping[str, list[int]]], batch_si
     total_tokens = 0
     with _eval_mode(model):
         for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            width = max(len(ex["input_ids"]) for ex in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, ex in enumerate(batch):
-                n = len(ex["input_ids"])
-                input_ids[i, :n] = torch.tensor(ex["input_ids"])
-                labels[i, :n] = torch.tensor(ex["labels"])
-                attention_mask[i, :n] = 1
+            input_ids, labels, attention_mask = _batch_tensors(examples[start : start + batch_size], pad_id)
             targets = labels[:, 1:]  # position p predicts token p + 1
             # only the positions that predict a response token go through the (vocabulary-wide) output layer
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()

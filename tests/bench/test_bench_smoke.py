@@ -6,7 +6,6 @@ report relies on, with values that follow from the shapes (bytes are exact, time
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,23 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_scripts import load_bench
+
 METHODS = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
-
-
-def _load(name: str):
-    """Import bench/<name>.py as a module (bench/ is a scripts folder, not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def common():
-    _load("aggregation")  # puts bench/ on sys.path
+    load_bench("aggregation")  # puts bench/ on sys.path
     import _common
 
     return _common
@@ -51,7 +41,7 @@ def test_model_shapes_match_the_real_models(common):
 
 
 def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
-    agg = _load("aggregation")
+    agg = load_bench("aggregation")
     out = tmp_path / "agg.json"
     agg.main(["--quick", "--isolation", "inline", "--clients", "8,16,32", "--max-clients-slow", "16", "--json", str(out)])
     data = json.loads(out.read_text())
@@ -101,7 +91,7 @@ def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
 
 def test_aggregation_process_isolation_sees_flora_retain_updates(tmp_path):
     """Fresh process per case: PreLort's peak stays flat in N, FLoRA's grows with the bytes it keeps."""
-    agg = _load("aggregation")
+    agg = load_bench("aggregation")
     # N = 8 vs 256: the extra bytes streamed (~74 MiB) dwarf what a streaming aggregator may hold whatever N is
     # (its sums, allocated up to the largest rank seen, and a buffer of at most 8 updates).
     data = agg.main(["--quick", "--methods", "prelort,flora", "--clients", "8,256", "--json", str(tmp_path / "a.json")])
@@ -116,7 +106,7 @@ def test_aggregation_process_isolation_sees_flora_retain_updates(tmp_path):
 
 
 def test_aggregation_rejects_bad_flags():
-    agg = _load("aggregation")
+    agg = load_bench("aggregation")
     with pytest.raises(SystemExit, match="unknown model"):
         agg.main(["--models", "gpt5", "--isolation", "inline"])
     with pytest.raises(SystemExit, match="unknown method"):
@@ -126,7 +116,7 @@ def test_aggregation_rejects_bad_flags():
 
 
 def test_communication_quick_writes_exact_sizes(tmp_path, common):
-    comm = _load("communication")
+    comm = load_bench("communication")
     out = tmp_path / "comm.json"
     comm.main(["--quick", "--json", str(out)])
     data = json.loads(out.read_text())

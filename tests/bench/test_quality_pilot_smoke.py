@@ -3,27 +3,14 @@ every configuration and run, the gate summary, and a rerun reads finished runs i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    """Import bench/<name>.py as a module (bench/ is a scripts folder, not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 def test_pilot_records_runs_skips_and_resumes(tmp_path):
-    pilot = _load("quality_pilot")
+    pilot = load_bench("quality_pilot")
     out = tmp_path / "pilot.json"
     args = ["--model", "tiny-llama", "--entities", "4", "--attributes", "2", "--phrasings", "1", "--targets", "attn",
             "--lrs", "1e-3", "--ranks", "16,2", "--rounds", "1", "--steps", "1", "--batch", "2",

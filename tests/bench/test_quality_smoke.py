@@ -6,27 +6,14 @@ carry the fields the README tables rely on, with values that agree with the run 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    """Import bench/<name>.py as a module (bench/ is a scripts folder, not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench
 
 
 TINY_ARGS = [
@@ -39,7 +26,7 @@ TINY_ARGS = [
 
 @pytest.fixture(scope="module")
 def tiny_quality(tmp_path_factory):
-    quality = _load("quality")
+    quality = load_bench("quality")
     out = tmp_path_factory.mktemp("quality")
     args = TINY_ARGS + ["--runs-dir", str(out / "runs"), "--json", str(out / "quality.json")]
     payload = quality.main(args)
@@ -116,7 +103,7 @@ def test_quality_skips_finished_runs(tiny_quality):
 
 
 def test_quality_rejects_bad_flags(tmp_path):
-    quality = _load("quality")
+    quality = load_bench("quality")
     with pytest.raises(SystemExit, match="unknown method"):
         quality.main(["--quick", "--methods", "fedprox", "--estimate-only"])
     with pytest.raises(SystemExit, match="selection must not see"):
@@ -126,7 +113,7 @@ def test_quality_rejects_bad_flags(tmp_path):
 
 
 def test_estimate_counts_distinct_evaluations():
-    quality = _load("quality")
+    quality = load_bench("quality")
     ranks = [2, 4, 8, 16]
     assert quality.distinct_evaluations("prelort", ranks) == 5  # t = 1, 2, 4, 8, 16
     assert quality.distinct_evaluations("fedit", ranks) == 2  # the global adapter has rank 2: t = 1, 2
@@ -136,7 +123,7 @@ def test_estimate_counts_distinct_evaluations():
 
 
 def test_broadcast_digest_ignores_only_exactly_unused_dimensions():
-    quality = _load("quality")
+    quality = load_bench("quality")
     from prelort.methods import Broadcast
 
     g = torch.Generator().manual_seed(0)
@@ -202,7 +189,7 @@ def _write_results(results: Path, prelort_acc: float = 0.5) -> None:
 
 
 def test_make_tables_writes_then_detects_staleness(tmp_path):
-    tables = _load("make_tables")
+    tables = load_bench("make_tables")
     results = tmp_path / "results"
     _write_results(results)
     readme = tmp_path / "README.md"
@@ -236,7 +223,7 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
 
 
 def test_make_tables_rejects_broken_markers_and_bad_json(tmp_path):
-    tables = _load("make_tables")
+    tables = load_bench("make_tables")
     results = tmp_path / "results"
     _write_results(results)
     readme = tmp_path / "README.md"
@@ -271,7 +258,7 @@ def test_quality_merge_with_transferred_lrs(tiny_quality, tmp_path):
     assert not (runs / "tiny-llama" / "lr-select").exists()
     from prelort.report import read_run
     assert read_run(runs / "tiny-llama" / "prelort" / "seed-1").config["train"]["lr"] == 0.02
-    tables = _load("make_tables")
+    tables = load_bench("make_tables")
     text = tables.quality_section(written, tmp_path, tmp_path)
     assert "No learning-rate selection for this model: each method uses the lr selected for donor." in text
     assert "Seeds [1] (one seed: no std)." in text

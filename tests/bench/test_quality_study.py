@@ -7,30 +7,19 @@ runs the real pipeline on tiny-llama.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench"
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-qs = _load("quality_study")
-tables = _load("make_tables")
+qs = load_bench("quality_study")
+tables = load_bench("make_tables")
 
 N_EXAMPLES = 80
 PASSES = {"all": 3, "sandwich": 2}
