@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -223,12 +223,19 @@ def build_builtin_suite(seed: int, num_train: int, num_test: int) -> tuple[datas
         ]
         test_rows.extend(rows[:n_test])
         train_rows.extend(rows[n_test:])
-    order = random.Random(f"{seed}:order")
+    return shuffled_datasets(train_rows, test_rows, FIELDS, f"{seed}:order")
+
+
+def shuffled_datasets(train_rows: list[dict[str, str]], test_rows: list[dict[str, str]], fields: Sequence[str],
+                      order_seed: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, test) string datasets of ``fields``, each split shuffled in place by ``random.Random(order_seed)``
+    (train first, then test), so a suite's example order is a pure function of its seed."""
+    order = random.Random(order_seed)
     order.shuffle(train_rows)
     order.shuffle(test_rows)
-    features = datasets.Features({name: datasets.Value("string") for name in FIELDS})
+    features = datasets.Features({name: datasets.Value("string") for name in fields})
 
     def to_dataset(rows: list[dict[str, str]]) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in FIELDS}, features=features)
+        return datasets.Dataset.from_dict({name: [r[name] for r in rows] for name in fields}, features=features)
 
     return to_dataset(train_rows), to_dataset(test_rows)

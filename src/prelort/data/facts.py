@@ -25,7 +25,7 @@ import random
 import datasets
 
 from ..config import FactsConfig
-from .builtin import words
+from .builtin import shuffled_datasets, words
 from .templates import FIELDS, DataError
 
 INSTRUCTION = "Answer the question about the fictional person with one word."
@@ -111,12 +111,4 @@ def build_facts_suite(seed: int, cfg: FactsConfig) -> tuple[datasets.Dataset, da
 
             train_rows.extend(row(phrasings[i]) for i in range(cfg.train_phrasings))
             test_rows.append(row(phrasings[HELD_OUT_PHRASING]))
-    order = random.Random(f"{seed}:facts-order")
-    order.shuffle(train_rows)
-    order.shuffle(test_rows)
-    features = datasets.Features({name: datasets.Value("string") for name in FACT_FIELDS})
-
-    def to_dataset(rows: list[dict[str, str]]) -> datasets.Dataset:
-        return datasets.Dataset.from_dict({f: [r[f] for r in rows] for f in FACT_FIELDS}, features=features)
-
-    return to_dataset(train_rows), to_dataset(test_rows)
+    return shuffled_datasets(train_rows, test_rows, FACT_FIELDS, f"{seed}:facts-order")
