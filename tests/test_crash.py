@@ -16,8 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
 
-# Rounds long enough (several local steps per client) that the kill lands inside round 2's training.
-SETS = ["rounds=3", "train.local_steps=4", "train.batch_size=2", "data.max_length=32", "data.num_train=48",
+# Rounds long enough that the kill lands inside round 2's training: 4 clients x 30 steps take ~1.4 s per round
+# on one thread (4 steps took 0.2 s, and a 0.5 s wait once overshot round 2 on CI).
+SETS = ["rounds=3", "train.local_steps=30", "train.batch_size=2", "data.max_length=32", "data.num_train=48",
         "data.num_test=4", "eval.max_examples=2", "eval.max_new_tokens=2", "eval.truncation_curve=false",
         "prelort.nested=sample"]
 DEADLINE_S = 420  # the whole test, every subprocess included
@@ -29,8 +30,10 @@ def start_run(out: Path, *extra: str) -> subprocess.Popen:
         cmd += ["--set", s]
     cmd += list(extra)
     # own process group: a failing test kills the run and anything it started
+    # one thread each: two runs share the machine, and oversubscribed torch threads slow both tenfold
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -74,8 +77,8 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):
         while not (log.is_file() and "round 1/3:" in log.read_text()):
             assert victim.poll() is None, f"the run ended before round 2: {victim.communicate()[0]}"
             assert time.monotonic() < deadline, "round 1 did not finish in time"
-            time.sleep(0.1)
-        time.sleep(0.5)  # round 2 trains 4 clients x 4 steps: seconds, even on a fast machine
+            time.sleep(0.05)
+        time.sleep(0.2)  # round 2 (120 optimizer steps) is then under way and far from its checkpoint
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
         assert victim.returncode == -signal.SIGKILL

@@ -23,8 +23,9 @@ from prelort.federation import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
-# ranks 2/2/4/8: tiers 2, 4, 8 and a truncation curve over t = 1, 2, 4, 8 (t = 1 is no tier)
-SMALL = ["rounds=3", "clients.ranks=[2, 2, 4, 8]", "train.local_steps=1", "data.num_train=32", "data.num_test=4",
+# ranks 2/2/4/8: tiers 2, 4, 8 and a truncation curve over t = 1, 2, 4, 8 (t = 1 is no tier); 4 local steps make
+# a round long enough that the Ctrl-C test's signal lands before the last round
+SMALL = ["rounds=3", "clients.ranks=[2, 2, 4, 8]", "train.local_steps=4", "data.num_train=32", "data.num_test=4",
          "eval.max_examples=2", "eval.max_new_tokens=2", "prelort.nested=sample"]
 
 
