@@ -50,8 +50,8 @@ class HetLoRA(ZeroPadding):
     where ||B_k A_k||_F is taken over the whole adapter (sqrt of the sum of squares over modules).
     If every norm is zero the round carries no signal and the state is kept.
 
-    Self-pruning (option ``prune``, ``spec.options["hetlora_prune"]``): a client of rank r regularises its tail dimensions
-    [ceil(gamma r), r) with lam * ||B[:, tail]|| * ||A[tail, :]|| (done by the trainer, from the
+    Self-pruning (option ``prune``, ``spec.options["hetlora_prune"]``): a client of rank r regularises its
+    tail dimensions [ceil(gamma r), r) with lam * ||B[:, tail]|| * ||A[tail, :]|| (done by the trainer, from the
     plan's PrunePlan); an update whose meta says ``"pruned_to": r'`` counts at rank r' and that
     client trains at rank r' from then on (``state.meta["client_ranks"]``, keys = client ids as str).
     """
