@@ -103,7 +103,12 @@ def test_state_plan_broadcast_and_tier_shapes_at_every_rank(name, make_spec, mak
             assert plan.rank == expected
             assert plan.truncations[-1] == expected and list(plan.truncations) == sorted(set(plan.truncations))
             _check_broadcast(method, method.broadcast(st, r, generator=torch.Generator().manual_seed(r)), expected)
-            _check_broadcast(method, method.tier(st, r), expected)
+            tier = method.tier(st, r)
+            _check_broadcast(method, tier, expected)
+            exported = method.export_adapter(st, r)  # a PEFT adapter: LoRA factors of rank <= r
+            assert set(exported) == set(tier.adapter)
+            if tier.base_delta is None:  # what a rank-r client receives (FLoRA: tests/methods/test_flora_method.py)
+                assert all(torch.equal(exported[n], tier.adapter[n]) for n in exported)
 
 
 @pytest.mark.parametrize("name", REGISTERED)
