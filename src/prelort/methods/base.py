@@ -59,7 +59,8 @@ class FederationSpec:
 
     ``modules`` maps each adapted module's full name to its (d_out, d_in).
     ``client_ranks`` is the rank of each client (index = client id), already cycled to clients.num.
-    ``options`` holds method-specific settings from the config (e.g. HetLoRA's pruning).
+    ``options`` holds the methods' settings from the config, flat, as each method names them
+    (:meth:`Method.spec_options`: ``nested``, ``hetlora_gamma``, ...); checkpoints record them.
     """
 
     modules: dict[str, tuple[int, int]]
