@@ -15,7 +15,7 @@ pytest.importorskip("dp_accounting")
 from prelort import config as config_mod  # noqa: E402
 from prelort.client import broadcast_rank  # noqa: E402
 from prelort.federation import Federation, SecureAggregate, adapter_prefix  # noqa: E402
-from prelort.flower.secagg import WEIGHT_UNITS, SecAggLayout, encode_for_secagg  # noqa: E402
+from prelort.secure_sums import WEIGHT_UNITS, SecAggLayout, encode_for_secagg  # noqa: E402
 from prelort.methods import ClientUpdate  # noqa: E402
 from prelort.privacy import clip_update  # noqa: E402
 

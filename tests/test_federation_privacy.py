@@ -76,7 +76,7 @@ def test_a_secure_round_is_finished_from_the_sums_and_fails_when_too_few_are_in_
     under secure aggregation refuses individual updates."""
     pytest.importorskip("numpy")
     from prelort.federation import RoundFailed, SecureAggregate
-    from prelort.flower.secagg import WEIGHT_UNITS, SecAggLayout, encode_for_secagg, weight_units
+    from prelort.secure_sums import WEIGHT_UNITS, SecAggLayout, encode_for_secagg, weight_units
 
     secure = ("engine=flower-sim", "privacy.secure_aggregation=true", "clients.min_per_round=3")
     monkeypatch.setattr(logging.getLogger("prelort"), "propagate", True)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from prelort import config as config_mod
-from prelort.config import Config, ConfigError
+from prelort.config import Config, ConfigError, method_sections
 from prelort.methods.base import ClientUpdate, FederationSpec
 from prelort.updates import UpdateRejected, decode_update, encode_update, parse_metadata, validate_update
 
@@ -143,7 +143,9 @@ def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-KEY_PATHS = _key_paths(Config)
+# the declared keys and each registered method's options section (prelort.nested, hetlora.gamma, ...)
+KEY_PATHS = _key_paths(Config) + [path for name, options in method_sections().items()
+                                  for path in [name, *_key_paths(options, name + ".")]]
 keys = st.sampled_from(KEY_PATHS) | st.text(max_size=10)
 
 

@@ -94,7 +94,7 @@ def _hides_sample(cfg: "Config", method: "Method") -> tuple[bool, str]:
     rule = check_dp(method)
     if rule == "padded":
         return True, "padded rule: every entry of the new state is noised and divided by K, whoever was sampled"
-    if cfg.method == "fedit" or len(set(cfg.clients.all_ranks())) == 1:
+    if method.trains_one_rank:
         return True, "segment rule with every client at the same rank: the release shows only K"
     return False, ("segment rule with heterogeneous ranks: which dimensions change shows which rank tiers were "
                    "sampled, so no amplification by sampling is claimed")

@@ -1,7 +1,9 @@
 """One validated configuration object (pydantic), loadable from YAML/TOML, overridable with ``--set``.
 
 Every key carries its help text. Unknown keys and bad values are rejected with the dotted path
-and the reason (:class:`ConfigError`).
+and the reason (:class:`ConfigError`). ``method`` names a registered method (:mod:`prelort.methods`); each
+registered method with options has a section named after it (``prelort: {nested: all}``,
+``hetlora: {gamma: 0.9}``), validated by the options model declared in the method's own file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -128,24 +130,6 @@ class ClientsConfig(_Section):
 
     def all_ranks(self) -> list[int]:
         return [self.rank_of(k) for k in range(self.num)]
-
-
-class PrelortConfig(_Section):
-    nested: Literal["all", "sample", "sandwich", "off", "sample_width"] = Field(
-        "all",
-        description="Prefix-nested objective: all truncations each step, sample one, sandwich (own rank + one), "
-        "or off (plain LoRA; segment-wise aggregation only). A step changes only the dimensions its "
-        "truncations reach (AdamW moments included). sample_width (a variant, not one of the quality "
-        "study's pre-registered arms): one truncation per step, drawn with probability proportional to its "
-        "segment's width (the segment of a uniformly drawn rank dimension), so the top segment trains more "
-        "often: a rank-16 client of ranks 2/4/8/16 draws t = 16 on half its steps instead of a quarter.",
-    )
-
-
-class HetloraConfig(_Section):
-    prune: bool = Field(False, description="HetLoRA rank self-pruning.")
-    gamma: float = Field(0.99, gt=0, le=1, description="Pruning keeps ceil(gamma * r) dimensions.")
-    lam: float = Field(1e-3, ge=0, description="Strength of the tail-norm regulariser.")
 
 
 class PartitionConfig(_Section):
@@ -297,9 +281,31 @@ class FlowerConfig(_Section):
     )
 
 
+# The methods' option sections come right after this key in to_dict / config.yaml and docs/configuration.md.
+METHOD_SECTIONS_AFTER = "clients"
+
+
+def method_sections() -> dict[str, type[BaseModel]]:
+    """Section name -> options model of every registered method that has options (the registry's)."""
+    from . import methods
+
+    sections = methods.option_sections()
+    clash = sorted(set(sections) & set(Config.model_fields))
+    if clash:
+        raise TypeError(f"method(s) {', '.join(clash)} have options but share their name with a config key")
+    return sections
+
+
+def _error_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """pydantic's error dicts as ValidationError.from_exception_data takes them, their paths under ``prefix``."""
+    return [{"type": e["type"], "loc": (*prefix, *e["loc"]), "input": e.get("input"),
+             **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in errors]
+
+
 class Config(_Section):
-    method: Literal["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"] = Field(
-        "prelort", description="Federated method (`prelort methods` lists them)."
+    method: str = Field(
+        "prelort", description="Federated method (`prelort methods` lists them).",
+        json_schema_extra={"choices": "registered methods"},
     )
     seed: int = Field(0, ge=0, le=2**63 - 1,
                       description="Seeds sampling, init, data order and partitioning (0 .. 2**63-1).")
@@ -309,8 +315,6 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
-    prelort: PrelortConfig = Field(default_factory=PrelortConfig)
-    hetlora: HetloraConfig = Field(default_factory=HetloraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -318,9 +322,65 @@ class Config(_Section):
     robust: RobustConfig = Field(default_factory=RobustConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    # the registered methods' option sections (method_sections()), validated; read as cfg.<method name>
+    _method_options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from . import methods
+
+        known = methods.available()
+        if v not in known:
+            raise ValueError(f"unknown method {v!r}; registered methods: {', '.join(sorted(known))}")
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_method_sections(cls, data: Any, handler: Any) -> "Config":
+        """Validate each method's section with the method's options model (its defaults when absent), the rest
+        of the config as declared above; every error of both under its dotted path."""
+        if not isinstance(data, dict):
+            return handler(data)  # an existing Config (e.g. validate_assignment): its sections stay
+        models = method_sections()
+        sections: dict[str, BaseModel] = {}
+        errors: list[dict[str, Any]] = []
+        for name, model in models.items():
+            try:
+                sections[name] = model.model_validate(data.get(name, {}))
+            except ValidationError as e:
+                errors += _error_details(e.errors(), (name,))
+        try:
+            cfg = handler({k: v for k, v in data.items() if k not in models})
+        except ValidationError as e:
+            if not errors:
+                raise
+            raise ValidationError.from_exception_data(cls.__name__, _error_details(e.errors()) + errors) from None
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        cfg._method_options = sections
+        return cfg
+
+    def __getattr__(self, name: str) -> Any:
+        # cfg.prelort, cfg.hetlora, ...: a registered method's options section
+        try:
+            return object.__getattribute__(self, "__pydantic_private__")["_method_options"][name]
+        except (AttributeError, KeyError, TypeError):
+            return super().__getattr__(name)  # type: ignore[misc]
+
+    @property
+    def method_options(self) -> dict[str, BaseModel]:
+        """Every registered method's validated options section, by method name."""
+        return dict(self._method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        plain = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for key, value in plain.items():
+            out[key] = value
+            if key == METHOD_SECTIONS_AFTER:
+                out.update({name: section.model_dump(mode="json") for name, section in self._method_options.items()})
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

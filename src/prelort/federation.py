@@ -39,16 +39,16 @@ from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
 from .methods import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan
-from .privacy import (
+from .privacy import add_dp_noise, check_dp, check_secure_aggregation, clip_update, dp_aggregate
+from .secure_sums import (
     SECAGG_CLIPPING_RANGE,
     SECAGG_QUANTIZATION_RANGE,
-    add_dp_noise,
+    WEIGHT_UNITS,
+    SecAggLayout,
     aggregation_rule,
-    check_dp,
-    check_secure_aggregation,
-    clip_update,
-    dp_aggregate,
-    finish_from_sums,
+    decode_secagg_mean,
+    finish_secagg,
+    quantisation_bound,
 )
 from .updates import UpdateRejected, decode_update, max_payload_bytes, save_update, server_check
 
@@ -106,7 +106,7 @@ class SecureAggregate:
     (``privacy.secure_aggregation``; :class:`prelort.flower.secagg_engine.SecAggGridEngine`).
 
     ``arrays``: SecAgg+'s weighted mean of the clients' uploads, (N', D') in the order of
-    :class:`prelort.flower.secagg.SecAggLayout` (None when the protocol halted: too many clients dropped);
+    :class:`prelort.secure_sums.SecAggLayout` (None when the protocol halted: too many clients dropped);
     ``clients``: (client, metadata sent in the clear) of every client aggregated; ``weight_units``: their
     integer SecAgg+ weights n_k (rho_k = n_k / 2**16); ``failed``: client -> why it is not in the sum
     (its ClientApp raised - e.g. it rejected its own update -, timed out, or no node holds it);
@@ -155,12 +155,7 @@ def spec_from_config(cfg: Config, modules: dict[str, tuple[int, int]]) -> Federa
         modules=dict(modules),
         client_ranks=tuple(cfg.clients.all_ranks()),
         alpha=cfg.lora.alpha,
-        options={
-            "nested": cfg.prelort.nested,
-            "hetlora_prune": cfg.hetlora.prune,
-            "hetlora_gamma": cfg.hetlora.gamma,
-            "hetlora_lam": cfg.hetlora.lam,
-        },
+        options=methods_registry.spec_options(cfg.method_options),  # each method names its own options
     )
 
 
@@ -475,13 +470,11 @@ class Federation:
 
         The server never sees an individual update: each client validated (and, with ``robust.clip_norm``,
         clipped) its own update before encoding it, and an invalid one was never sent (that client is in
-        ``agg.failed``). The new state is :func:`prelort.flower.secagg.finish_secagg` of the sums; the
+        ``agg.failed``). The new state is :func:`prelort.secure_sums.finish_secagg` of the sums; the
         log line gives the clients aggregated, SecAgg+'s per-entry quantisation bound on the sums N', D'
-        (:func:`prelort.flower.secagg.quantisation_bound`) and the dropped clients. Checkpoint and
+        (:func:`prelort.secure_sums.quantisation_bound`) and the dropped clients. Checkpoint and
         :class:`RoundFailed` (fewer than ``clients.min_per_round`` clients aggregated) as in :meth:`end_round`.
         """
-        from .flower.secagg import WEIGHT_UNITS, SecAggLayout, finish_secagg, quantisation_bound
-
         assert self.state is not None
         outcome = RoundOutcome(round_)
         outcome.failed = dict(agg.failed)
@@ -531,8 +524,6 @@ class Federation:
         it with weight 1 (rho_k = 1), so SecAgg+'s mean times sum rho (= K) is the sum of the clipped updates
         N = sum_k pad(X~_k) (and D the coverage counts); the server adds the noise central DP adds, from the same
         generator, and finishes with the method's rule. It never sees one client's update."""
-        from .flower.secagg import decode_secagg_mean
-
         assert self.state is not None
         rule = aggregation_rule(self.method)
         if abs(rho_total - len(clear)) > 1e-9:  # each client must upload with weight 1 (W = 1): rho_k = 1
@@ -544,10 +535,8 @@ class Federation:
         gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, round_, -2))
         noised, info = add_dp_noise(rule, num, den, self.cfg.privacy.clip_norm, float(self.noise_multiplier or 0.0),
                                     gen)
-        out = GlobalState(tensors=finish_from_sums(rule, self.state, noised, den), meta=dict(self.state.meta))
-        after = getattr(self.method, "_after", None)
-        if after is not None:
-            after(out, list(clear))
+        out = GlobalState(tensors=self.method.finish_sums(self.state, noised, den), meta=dict(self.state.meta))
+        self.method.after_round(out, list(clear))
         # how many clients clipped stays with them: a clear flag would tell the server about one update
         info.update(clients=len(clear), where="server noise on the SecAgg+ sums of the client-clipped updates")
         log.info("round %d: differential privacy: %s", round_, json.dumps(info, default=str))

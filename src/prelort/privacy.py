@@ -14,7 +14,8 @@ client k received ``ref_k`` (its broadcast adapter) and sent ``X_k``; its update
    over all tensors, and ``sum_k pad(ref_k)`` is public (the server sent the refs), so C is the
    sensitivity of the numerator sum and z C the noise std that gives the Gaussian mechanism its
    noise multiplier z (privacy accounting over rounds: docs/privacy.md).
-3. finish with the method's rule on the noised sums:
+3. finish with the method's sum rule (``Method.sum_rule``, ``Method.finish_sums``) on the noised sums
+   (the sums themselves: :mod:`prelort.secure_sums`):
 
    * prelort, fedit (segment-wise mean):  new_i = N_i / D_i where D_i > 0, else previous_i
      (per-entry noise std on the new state z C / D_i);
@@ -22,9 +23,9 @@ client k received ``ref_k`` (its broadcast adapter) and sent ``X_k``; its update
      Under DP HetLoRA's norm-based weights become uniform (a weight proportional to the update's
      own norm has no bounded sensitivity); its rank self-pruning still applies.
 
-FlexLoRA and FLoRA are refused: their aggregate is a mean of dense products s B_k A_k, whose change
+Methods without a sum rule are refused (FlexLoRA, FLoRA: their aggregate is a mean of dense products s B_k A_k, whose change
 under a clip in factor space depends on the broadcast factors' norms, so no noise calibrated to
-C alone protects it (:class:`PrivacyError`).
+C alone protects it; :class:`PrivacyError`).
 
 With z = 0 and C larger than every update's change, :func:`dp_aggregate` equals the method's plain
 aggregate with every ``num_examples`` set to 1.
@@ -35,73 +36,33 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .methods import ClientUpdate, GlobalState, Method, split_key
-from .methods._common import add_factors, client_factors, copy_state, data_weight, empty_factor_sums
-from .nested import FactorSums, mean_from_sums, rank_dim
+from .methods import ClientUpdate, GlobalState, Method, SumRule, split_key
+from .methods._common import copy_state
+from .secure_sums import PrivacyError, aggregation_rule, factor_sums
 
 if TYPE_CHECKING:
     from .config import Config, PrivacyConfig
 
-Rule = Literal["segment", "padded"]
-
-# SecAgg+'s clipping range c and quantisation range Q as prelort runs them (Flower's defaults). Defined here,
-# with no Flower import, so the engine-independent federation code and prelort.flower share one value.
-SECAGG_CLIPPING_RANGE = 8.0
-SECAGG_QUANTIZATION_RANGE = 2**22
-
 __all__ = [
     "PrivacyError",
-    "SECAGG_CLIPPING_RANGE",
-    "SECAGG_QUANTIZATION_RANGE",
     "add_dp_noise",
-    "aggregation_rule",
     "check_dp",
     "check_secure_aggregation",
-    "client_weight",
     "clip_update",
     "dp_aggregate",
-    "factor_sums",
-    "finish_from_sums",
     "update_change_norm",
 ]
 
 
-class PrivacyError(ValueError):
-    """A privacy setting cannot be honoured for this method or input (the message says why)."""
-
-
 # -- which methods ------------------------------------------------------------------------------------------
-def aggregation_rule(method: Method) -> Rule:
-    """How ``method`` turns the two padded sums (N, D) into its new state.
-
-    ``segment``: dimension i = N_i / D_i (PreLort; FedIT, where every rank is r_min);
-    ``padded``: every dimension = N / D_0 = N / sum_k p_k (zero-padding FedAvg, HetLoRA).
-    Raises :class:`PrivacyError` for a method whose aggregate is not a function of these sums.
-    """
-    from .methods.fedit import FedIT
-    from .methods.prelort import PreLort
-    from .methods.zeropad import ZeroPadding
-
-    if isinstance(method, ZeroPadding):  # HetLoRA subclasses it
-        return "padded"
-    if isinstance(method, (PreLort, FedIT)):
-        return "segment"
-    raise PrivacyError(
-        f"method {method.name!r} does not aggregate plain sums of padded LoRA factors "
-        f"(sum_aggregatable={method.sum_aggregatable}, dense_state={method.dense_state}): its aggregate needs "
-        "each client's own tensors (flexlora: the SVD of a mean of dense products s*B_k A_k; flora: stacked "
-        "factors), so neither client-level DP on the sums nor secure aggregation applies; use prelort, fedit, "
-        "zeropad or hetlora"
-    )
-
-
-def check_dp(method: Method) -> Rule:
-    """:func:`aggregation_rule`, with the error phrased for ``privacy.dp``."""
+def check_dp(method: Method) -> SumRule:
+    """The method's sum rule (:func:`prelort.secure_sums.aggregation_rule`), with the error phrased for
+    ``privacy.dp``."""
     try:
         return aggregation_rule(method)
     except PrivacyError as e:
@@ -112,10 +73,11 @@ def check_secure_aggregation(cfg: "Config") -> None:
     """Refuse ``privacy.secure_aggregation: true`` where it cannot run; a :class:`~prelort.config.ConfigError`.
 
     Secure aggregation needs (a) a method whose aggregate is a function of plain sums of fixed-shape
-    padded tensors (``Method.sum_aggregatable``) and (b) a Flower engine (SecAgg+ is Flower's protocol;
-    the in-process engine has no separate parties to hide updates from). It also refuses ``audit``
-    (stores the individual updates) and HetLoRA without ``validation.max_update_norm`` (no public bound on its
-    weights) unless ``privacy.dp`` makes every weight 1. With ``privacy.dp`` the clients clip and the server
+    padded tensors (``Method.sum_aggregatable``, the flag the SecAgg+ finish asks too) and (b) a Flower engine
+    (SecAgg+ is Flower's protocol; the in-process engine has no separate parties to hide updates from). It
+    also refuses ``audit`` (stores the individual updates) and a method whose weights depend on the update
+    (``Method.weight_depends_on_update``: HetLoRA) without ``validation.max_update_norm`` (no public bound on
+    its weights) unless ``privacy.dp`` makes every weight 1. With ``privacy.dp`` the clients clip and the server
     noises the secure sums (:meth:`prelort.federation.Federation.end_round_secure`).
     """
     from . import methods
@@ -141,10 +103,10 @@ def check_secure_aggregation(cfg: "Config") -> None:
                           "client's update under updates/, which secure aggregation exists to hide from the server; "
                           "turn one of them off")
     # under privacy.dp every weight is 1 (W = 1), so HetLoRA's norm weights need no public bound
-    if cfg.method == "hetlora" and cfg.validation.max_update_norm is None and not cfg.privacy.dp:
-        raise ConfigError("privacy.secure_aggregation with method hetlora needs validation.max_update_norm: SecAgg+ "
-                          "needs a public bound on HetLoRA's norm weights ||B A||_F, and ||B A||_F <= "
-                          "max_update_norm**2 / 2 is the one prelort uses (see docs/privacy.md)")
+    if cls.weight_depends_on_update and cfg.validation.max_update_norm is None and not cfg.privacy.dp:
+        raise ConfigError(f"privacy.secure_aggregation with method {cfg.method} needs validation.max_update_norm: "
+                          "SecAgg+ needs a public bound on weights that depend on the update (HetLoRA's norm "
+                          "weights ||B A||_F <= max_update_norm**2 / 2, see docs/privacy.md)")
 
 
 # -- clipping -----------------------------------------------------------------------------------------------
@@ -181,61 +143,6 @@ def clip_update(update: ClientUpdate, reference: Mapping[str, Tensor], clip_norm
     return dataclasses.replace(update, tensors=tensors), norm, True
 
 
-# -- the two sums and the rule --------------------------------------------------------------------------------
-def client_weight(method: Method, update: ClientUpdate) -> float:
-    """The client's unnormalised aggregation weight p_k as the method defines it (HetLoRA: ||B_k A_k||_F;
-    the others: number of examples). A client computes it itself before secure aggregation."""
-    hook = getattr(method, "_weight", None)
-    if hook is not None:
-        return float(hook(update, _factors(method, update)))
-    return data_weight(update)
-
-
-def _factors(method: Method, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
-    """(module, A_k, B_k) as they enter the method's sums (HetLoRA drops a pruned tail)."""
-    hook = getattr(method, "_factors", None)
-    if hook is not None:
-        return list(hook(update))
-    return list(client_factors(method.spec, update, max_rank=method.spec.max_rank))
-
-
-def factor_sums(method: Method, shapes: Mapping[str, Sequence[int]], updates: Sequence[ClientUpdate],
-                weights: Sequence[float]) -> FactorSums:
-    """Per global tensor name (``shapes``: name -> the global tensor's shape), the padded sums
-    N = sum_k w_k pad(X_k) and D_i = sum_{k: r_k > i} w_k."""
-    if len(updates) != len(weights):
-        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
-    sums = empty_factor_sums(shapes)
-    for update, w in zip(updates, weights):
-        add_factors(sums, _factors(method, update), w)
-    return sums
-
-
-def finish_from_sums(rule: Rule, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
-                     ) -> dict[str, Tensor]:
-    """The new global tensors from the (possibly noised or securely aggregated) sums.
-
-    ``segment``: mean_from_sums(N, D) (uncovered dimensions keep their previous value);
-    ``padded``:  N / D_0 (every client covers dimension 0, so D_0 = sum_k p_k); previous if D_0 = 0.
-    """
-    out: dict[str, Tensor] = {}
-    for name, previous in state.tensors.items():
-        if name not in num or name not in den:
-            raise ValueError(f"sums lack global tensor {name!r}")
-        n, d = num[name].to(torch.float64), den[name].to(torch.float64)
-        _, kind = split_key(name)
-        if tuple(n.shape) != tuple(previous.shape) or d.shape != (previous.shape[rank_dim(kind)],):
-            raise ValueError(f"sums of {name!r} have shapes {tuple(n.shape)}, {tuple(d.shape)}; the global tensor "
-                             f"has {tuple(previous.shape)}")
-        if rule == "segment":
-            out[name] = mean_from_sums(n, d, previous, rank_dim(kind))
-        elif float(d[0]) > 0:
-            out[name] = (n / d[0]).to(previous.dtype)
-        else:
-            out[name] = previous.clone()
-    return out
-
-
 # -- DP aggregation ----------------------------------------------------------------------------------------
 def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpdate],
                  references: Mapping[int, Mapping[str, Tensor]], cfg: "PrivacyConfig",
@@ -269,12 +176,12 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
     sums = factor_sums(method, {n: t.shape for n, t in state.tensors.items()}, clipped, [1.0] * len(clipped))
     den = {k: s.den for k, s in sums.items()}
     num, info = add_dp_noise(rule, {k: s.num for k, s in sums.items()}, den, clip, z, generator)
-    out.tensors.update(finish_from_sums(rule, state, num, den))
+    out.tensors.update(method.finish_sums(state, num, den))
     info.update(clients=len(clipped), clients_clipped=n_clipped)
     return out, info
 
 
-def add_dp_noise(rule: Rule, num: Mapping[str, Tensor], den: Mapping[str, Tensor], clip_norm: float,
+def add_dp_noise(rule: SumRule, num: Mapping[str, Tensor], den: Mapping[str, Tensor], clip_norm: float,
                  noise_multiplier: float, generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The numerator sums N (uniform weights: N = sum_k pad(X~_k)) plus xi ~ N(0, (z C)^2) per entry, drawn from
     ``generator`` tensor by tensor in sorted name order (central DP and DP under secure aggregation draw the

@@ -205,9 +205,10 @@ def check_against_checkpoint(run_dir: Path, cfg: Config) -> None:
         _, doc = ckpt.read_state_json(run_dir)
     except ckpt.CheckpointError as e:
         raise ConfigError(f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: {e}") from None
+    from . import methods
+
     expected = {"method": cfg.method, "seed": cfg.seed, "client_ranks": cfg.clients.all_ranks(),
-                "alpha": cfg.lora.alpha, "options": {"nested": cfg.prelort.nested, "hetlora_prune": cfg.hetlora.prune,
-                                                      "hetlora_gamma": cfg.hetlora.gamma, "hetlora_lam": cfg.hetlora.lam}}
+                "alpha": cfg.lora.alpha, "options": methods.spec_options(cfg.method_options)}
     differ = [k for k, v in expected.items() if k in doc and doc[k] != v]
     if differ:
         shown = ", ".join(f"{k}: run {doc[k]!r}, given {expected[k]!r}" for k in differ)

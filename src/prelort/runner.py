@@ -349,17 +349,11 @@ def export_adapters(session: Session, out: Path, tiers: Sequence[int] | None = N
 def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
     """One rank-t PEFT adapter of the global state: the global model as a rank-t client receives it.
 
-    LoRA-state methods and FlexLoRA export exactly what a rank-t client gets. FLoRA's clients get the
-    full merged delta, which no rank-t LoRA holds: its export is the best rank-t approximation (SVD,
-    Eckart-Young) of that delta, the same factorisation FlexLoRA broadcasts.
+    The method says which factors (:meth:`prelort.methods.Method.export_adapter`): by default exactly what a
+    rank-t client gets; FLoRA, whose clients get a merged base-weight delta, exports its best rank-t
+    approximation.
     """
-    b = fed.method.tier(fed.state, t)
-    tensors = b.adapter
-    if b.base_delta:
-        from .methods import GlobalState
-        from .methods.flexlora import FlexLoRA
-
-        tensors = FlexLoRA(fed.spec).broadcast(GlobalState(tensors=b.base_delta), t).adapter
+    tensors = fed.method.export_adapter(fed.state, t)
     rank = min(t, adapter_rank(tensors))
     # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
     adapters.export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules,

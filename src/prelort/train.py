@@ -44,12 +44,11 @@ from torch import Tensor
 
 from prelort import adapters
 from prelort.config import TrainConfig
-from prelort.methods.base import TrainPlan
+from prelort.methods.base import NESTED_MODES, TrainPlan
 
 __all__ = ["IGNORE_INDEX", "TrainResult", "collate", "lr_factor", "response_loss", "tail_norm_product", "train_client"]
 
 IGNORE_INDEX = -100
-_MODES = ("all", "sample", "sandwich", "off", "sample_width")
 
 
 @dataclass
@@ -157,8 +156,8 @@ def _factor_pairs(model: PeftModel):
 
 
 def _check_plan(model: PeftModel, plan: TrainPlan) -> list[int]:
-    if plan.mode not in _MODES:
-        raise ValueError(f"unknown nested mode {plan.mode!r}; expected one of {', '.join(_MODES)}")
+    if plan.mode not in NESTED_MODES:
+        raise ValueError(f"unknown nested mode {plan.mode!r}; expected one of {', '.join(NESTED_MODES)}")
     loaded = adapters.active_rank(model)
     if plan.rank != loaded:
         raise ValueError(

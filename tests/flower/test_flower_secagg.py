@@ -14,12 +14,12 @@ from prelort.privacy import PrivacyError
 
 pytest.importorskip("flwr")
 
-from prelort.flower.secagg import (  # noqa: E402
+from prelort.flower.secagg import secagg_aggregate_simulation  # noqa: E402
+from prelort.secure_sums import (  # noqa: E402
     WEIGHT_UNITS,
     SecAggLayout,
     encode_for_secagg,
     finish_secagg,
-    secagg_aggregate_simulation,
     weight_units,
 )
 
@@ -116,7 +116,7 @@ def test_secaggplus_round_in_flower_simulation_matches_plain_aggregation():
 
 
 def test_weight_bound_is_the_number_of_examples_or_hetloras_norm_bound():
-    from prelort.flower.secagg import max_weight_bound
+    from prelort.secure_sums import max_weight_bound
 
     method, _, _ = _round("prelort")
     assert max_weight_bound(method, 64, None) == 64.0
@@ -126,7 +126,7 @@ def test_weight_bound_is_the_number_of_examples_or_hetloras_norm_bound():
     with pytest.raises(PrivacyError, match="needs validation.max_update_norm"):
         max_weight_bound(het, 64, None)
     # the bound holds: ||B A||_F <= ||update||^2 / 2 for every client
-    from prelort.privacy import client_weight
+    from prelort.secure_sums import client_weight
     from prelort.updates import update_norm
 
     for u in updates:

@@ -9,24 +9,40 @@ import torch
 
 from prelort.methods import Broadcast, GlobalState, Method, available, build, get, key
 
-SIX = {"prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"}
+# The methods prelort ships; every test below that means "every method" runs over the registry instead.
+SHIPPED = {"prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"}
+REGISTERED = sorted(available())
 DENSE = {"flexlora", "flora"}
+SUM_RULES = {"prelort": "segment", "fedit": "segment", "zeropad": "padded", "hetlora": "padded", "flexlora": None,
+             "flora": None}
 
 
-def test_registry_lists_exactly_the_six_methods():
-    assert set(available()) == SIX
+def test_registry_lists_the_shipped_methods():
+    assert set(available()) == SHIPPED
     with pytest.raises(KeyError, match="unknown method 'fedavg'; known: fedit, flexlora, flora, hetlora, prelort, zeropad"):
         get("fedavg")
 
 
-@pytest.mark.parametrize("name", sorted(SIX))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_class_attributes(name):
     cls = get(name)
     assert issubclass(cls, Method) and cls.name == name
     assert cls.summary and "\n" not in cls.summary
     assert "arXiv" in cls.reference or name == "prelort"
     assert cls.dense_state == (name in DENSE)
-    assert cls.sum_aggregatable == (name in {"prelort", "fedit", "zeropad", "hetlora"})
+    assert cls.sum_rule == SUM_RULES[name]
+    assert cls.sum_aggregatable == (cls.sum_rule is not None)  # one flag, derived from the rule
+    assert cls.weight_depends_on_update == (name == "hetlora")
+
+
+def test_sum_aggregatable_cannot_be_declared_apart_from_a_sum_rule():
+    """The flag the config check, DP and the SecAgg+ finish all ask follows from sum_rule: a method that sets
+    the flag without a rule (it would pass the config check and fail at the end of its first round) is
+    refused when its class is defined."""
+    with pytest.raises(TypeError, match="sum_aggregatable follows from sum_rule"):
+        type("Claims", (get("flora"),), {"sum_aggregatable": True})
+    with pytest.raises(TypeError, match="sum_rule must be one of segment, padded or None"):
+        type("Odd", (get("flora"),), {"sum_rule": "median"})
 
 
 def _snapshot(state: GlobalState) -> GlobalState:
@@ -57,14 +73,14 @@ def _check_broadcast(method: Method, bc: Broadcast, expected_rank: int) -> None:
         assert bc.base_delta is None
 
 
-@pytest.mark.parametrize("name", sorted(SIX))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_state_plan_broadcast_and_tier_shapes_at_every_rank(name, make_spec, make_update):
     spec = make_spec(ranks=(1, 2, 4, 4, 3))
     method = build(name, spec)
     state = method.init_state(torch.Generator().manual_seed(0))
     json.dumps(state.meta)  # state.json must be able to hold it
     for module, (d_out, d_in) in spec.modules.items():
-        if name in DENSE:
+        if method.dense_state:
             assert state.tensors[key(module, "delta")].shape == (d_out, d_in)
         else:
             R = spec.min_rank if name == "fedit" else spec.max_rank
@@ -87,10 +103,15 @@ def test_state_plan_broadcast_and_tier_shapes_at_every_rank(name, make_spec, mak
             assert plan.rank == expected
             assert plan.truncations[-1] == expected and list(plan.truncations) == sorted(set(plan.truncations))
             _check_broadcast(method, method.broadcast(st, r, generator=torch.Generator().manual_seed(r)), expected)
-            _check_broadcast(method, method.tier(st, r), expected)
+            tier = method.tier(st, r)
+            _check_broadcast(method, tier, expected)
+            exported = method.export_adapter(st, r)  # a PEFT adapter: LoRA factors of rank <= r
+            assert set(exported) == set(tier.adapter)
+            if tier.base_delta is None:  # what a rank-r client receives (FLoRA: tests/methods/test_flora_method.py)
+                assert all(torch.equal(exported[n], tier.adapter[n]) for n in exported)
 
 
-@pytest.mark.parametrize("name", sorted(SIX))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_aggregate_does_not_mutate_and_empty_round_changes_nothing(name, make_spec, make_update):
     spec = make_spec(ranks=(1, 2, 4))
     method = build(name, spec)
@@ -108,7 +129,7 @@ def test_aggregate_does_not_mutate_and_empty_round_changes_nothing(name, make_sp
     assert all(unchanged.tensors[n] is not state.tensors[n] for n in state.tensors)  # a copy, not the same tensors
 
 
-@pytest.mark.parametrize("name", sorted(SIX))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_broadcast_hands_out_copies(name, make_spec, make_update):
     spec = make_spec(ranks=(2, 4))
     method = build(name, spec)
@@ -123,7 +144,7 @@ def test_broadcast_hands_out_copies(name, make_spec, make_update):
     _assert_same(state, before)
 
 
-@pytest.mark.parametrize("name", sorted(SIX))
+@pytest.mark.parametrize("name", REGISTERED)
 def test_bad_ranks_and_bad_updates_get_clear_errors(name, make_spec, make_update):
     spec = make_spec(ranks=(1, 2, 4))
     method = build(name, spec)

@@ -97,3 +97,23 @@ def test_zero_weight_round_changes_nothing(make_spec, make_update):
     new = method.aggregate(state, [make_update(spec, 1, 4, num_examples=0)])
     for name in state.tensors:
         assert torch.equal(new.tensors[name], state.tensors[name])
+
+
+def test_export_is_the_best_rank_t_approximation_of_the_merged_delta(make_spec, make_update):
+    """A PEFT adapter holds no base-weight delta: FLoRA's rank-t export (its export_adapter) is the rank-t SVD
+    truncation of the merged delta, s B A = U_t S_t V_t^T (Eckart-Young), while a LoRA-state method exports what
+    a rank-t client receives."""
+    spec = make_spec(ranks=(1, 2, 4))
+    method = FLoRA(spec)
+    state = method.aggregate(method.init_state(torch.Generator().manual_seed(0)),
+                             [make_update(spec, k, r) for k, r in enumerate(spec.client_ranks)])
+    for t in (1, 2, 4):
+        exported = method.export_adapter(state, t)
+        for module, (d_out, d_in) in spec.modules.items():
+            a, b = exported[key(module, "lora_A")], exported[key(module, "lora_B")]
+            assert a.shape == (t, d_in) and b.shape == (d_out, t)
+            u, s, vh = torch.linalg.svd(state.tensors[key(module, "delta")].double(), full_matrices=False)
+            best = (u[:, :t] * s[:t]) @ vh[:t]
+            torch.testing.assert_close(spec.scale * (b.double() @ a.double()), best, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rank 5 outside \[1, 4\]"):
+        method.export_adapter(state, 5)

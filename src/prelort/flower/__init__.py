@@ -6,8 +6,9 @@ docs/deployment.md). Flower is imported lazily: ``import prelort`` works without
 
 Modules: :mod:`.records` (messages as Flower records), :mod:`.engine` (the Grid-backed engine),
 :mod:`.serverapp` / :mod:`.clientapp` (the Flower components), :mod:`.launch` (starting runs),
-:mod:`.certs` (test TLS certificates and SuperNode keys), :mod:`.secagg` (SecAgg+ encoding of the two padded
-sums) and :mod:`.secagg_engine` (rounds through SecAgg+ with ``privacy.secure_aggregation``).
+:mod:`.certs` (test TLS certificates and SuperNode keys), :mod:`.secagg` (one SecAgg+ aggregation in the
+simulation runtime, for tests and benchmarks; the encoding itself is :mod:`prelort.secure_sums`) and
+:mod:`.secagg_engine` (rounds through SecAgg+ with ``privacy.secure_aggregation``).
 """
 
 from __future__ import annotations

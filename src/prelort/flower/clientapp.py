@@ -10,7 +10,7 @@ partition, which is how the ServerApp learns which node holds which client.
 Under secure aggregation the same ``train`` handler receives the four stages of Flower's SecAgg+ protocol
 (messages that carry SecAgg+'s config record): they go to a legacy ``NumPyClient`` behind
 ``secaggplus_mod``, whose ``fit`` decodes the task, trains with :func:`run_task`, validates and clips its own
-update and uploads the fixed-shape encoding of :mod:`prelort.flower.secagg` (:func:`secure_upload`). One
+update and uploads the fixed-shape encoding of :mod:`prelort.secure_sums` (:func:`secure_upload`). One
 ClientApp serves both paths, so the launcher writes the same app either way.
 
 Caching: the model and tokenized partition live in module-level variables keyed by the config
@@ -101,7 +101,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     (:func:`prelort.updates.server_check`, the server's own checks and bounds), clipped with
     ``robust.clip_norm`` (under ``privacy.dp``: ``privacy.clip_norm``, then weight 1) against the adapter it
     received (:func:`prelort.privacy.clip_update`), and encoded in the public layout
-    (:func:`prelort.flower.secagg.encode_for_secagg`, which refuses values SecAgg+ would clip). Any failure
+    (:func:`prelort.secure_sums.encode_for_secagg`, which refuses values SecAgg+ would clip). Any failure
     raises, so nothing is uploaded and the round goes on without this client.
     ``metrics`` travel in the clear: the client id, its training loss and HetLoRA's ``pruned_to`` only.
     """
@@ -109,7 +109,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     from ..federation import adapter_prefix, spec_from_config
     from ..privacy import clip_update
     from ..updates import server_check
-    from .secagg import SecAggLayout, encode_for_secagg, weight_units
+    from ..secure_sums import SecAggLayout, encode_for_secagg, weight_units
 
     task = secagg_task.task
     update = run_task(task, partition_id)

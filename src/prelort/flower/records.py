@@ -22,7 +22,7 @@ instead (Flower's SecAgg+ exists only for the legacy API): :func:`encode_secagg_
 parameters (the broadcast tensors, sorted by name) and flat config (``format`` =
 ``prelort-secagg-task-v1``, the same fields as ``prelort.task`` plus the public upload layout, the weight
 bound and SecAgg+'s clipping range). The reply is SecAgg+'s masked vector of fixed-shape zero-padded
-factors and weight mask (:mod:`prelort.flower.secagg`), never an individual update.
+factors and weight mask (:mod:`prelort.secure_sums`), never an individual update.
 
 Node hand-shake (QUERY ``prelort.hello``): the ClientApp answers with its node_config ``partition-id``
 and ``num-partitions``, which is how the server maps a Flower node to a prelort client id.
@@ -202,7 +202,7 @@ def decode_reply(content: "RecordDict") -> ClientUpdate:
 @dataclasses.dataclass
 class SecAggTask:
     """A task as a SecAgg+ client receives it, plus what it needs to encode its upload: the public
-    layout of the global state (:class:`prelort.flower.secagg.SecAggLayout` as JSON), the weight bound W
+    layout of the global state (:class:`prelort.secure_sums.SecAggLayout` as JSON), the weight bound W
     and SecAgg+'s clipping range."""
 
     task: DecodedTask

@@ -13,9 +13,9 @@ its own:
 
 The client side (:mod:`prelort.flower.clientapp`, behind ``secaggplus_mod``) trains with the usual
 :func:`~prelort.flower.clientapp.run_task`, validates and clips its own update, and uploads
-:func:`prelort.flower.secagg.encode_for_secagg`. ``execute`` returns a
+:func:`prelort.secure_sums.encode_for_secagg`. ``execute`` returns a
 :class:`~prelort.federation.SecureAggregate`, which :meth:`prelort.federation.Federation.end_round_secure`
-finishes with :func:`prelort.flower.secagg.finish_secagg`.
+finishes with :func:`prelort.secure_sums.finish_secagg`.
 
 Which node is which client comes from the :class:`~prelort.flower.engine.NodeDirectory` (the node's own
 ``partition-id``), never from what a client claims in its metrics.
@@ -36,7 +36,7 @@ from ..config import Config
 from ..federation import ClientTask, SecureAggregate
 from . import records
 from .engine import GridEngine
-from .secagg import DEFAULT_CLIPPING_RANGE, DEFAULT_QUANTIZATION_RANGE, WEIGHT_UNITS, SecAggLayout
+from ..secure_sums import SECAGG_CLIPPING_RANGE, SECAGG_QUANTIZATION_RANGE, WEIGHT_UNITS, SecAggLayout
 
 log = logging.getLogger("prelort")
 
@@ -103,13 +103,13 @@ class SecAggGridEngine(GridEngine):
     """Runs each round's tasks on Flower SuperNodes through SecAgg+ (see the module docstring).
 
     ``layout_of()``: the public upload layout of the current global state; ``max_weight``: W, the public
-    bound on every client's weight (:func:`prelort.flower.secagg.max_weight_bound`); ``context``: the
+    bound on every client's weight (:func:`prelort.secure_sums.max_weight_bound`); ``context``: the
     ServerApp's Context (the legacy workflow wraps it in a ``LegacyContext``).
     """
 
     def __init__(self, grid, cfg: Config, config_json: str, context, layout_of: Callable[[], SecAggLayout],
-                 max_weight: float, *, clipping_range: float = DEFAULT_CLIPPING_RANGE,
-                 quantization_range: int = DEFAULT_QUANTIZATION_RANGE):
+                 max_weight: float, *, clipping_range: float = SECAGG_CLIPPING_RANGE,
+                 quantization_range: int = SECAGG_QUANTIZATION_RANGE):
         super().__init__(grid, cfg, config_json)
         self.context = context
         self.layout_of = layout_of

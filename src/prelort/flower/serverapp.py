@@ -64,18 +64,18 @@ def main(grid: Grid, context: Context) -> None:
 
 def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session):
     from ..methods import GlobalState
-    from .secagg import SecAggLayout, max_weight_bound, weighs_by_norm
+    from ..secure_sums import SecAggLayout, max_weight_bound
     from .secagg_engine import SecAggGridEngine
 
     fed = session.federation
     # W for data-size weights: the federation's number of training examples (what the clients' partitions
-    # add up to, derived from the config the clients share); HetLoRA: max_update_norm**2 / 2 (secagg.py).
+    # add up to, derived from the config the clients share); HetLoRA: max_update_norm**2 / 2 (its weight_bound).
     total = sum(len(p) for p in session.partitions)
     if cfg.privacy.dp:  # every client uploads with weight 1 (client-level DP), so rho_k = 1 exactly
         max_weight, why = 1.0, "privacy.dp: uniform weights"
     else:
         max_weight = max_weight_bound(fed.method, total, cfg.validation.max_update_norm)
-        why = ("validation.max_update_norm**2 / 2" if weighs_by_norm(fed.method) else
+        why = (f"{fed.method.name}'s bound from validation.max_update_norm" if fed.method.weight_depends_on_update else
                "the federation's number of training examples")
     log.info("secure aggregation: SecAgg+ with weight bound W=%g (%s)", max_weight, why)
 

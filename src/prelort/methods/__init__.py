@@ -1,21 +1,29 @@
 """Federated methods: one file per method, found automatically.
 
 Adding a method is adding one file in this package that defines a :class:`Method` subclass
-decorated with :func:`register`.
+decorated with :func:`register` (and, if it has options, their :class:`MethodOptions` model:
+the config then takes a section named after the method). Everything else - config validation,
+privacy, secure aggregation, export, resume - asks the registry and the :class:`Method` interface.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
+from typing import Any
 
 from .base import (
+    NESTED_MODES,
     Broadcast,
     ClientUpdate,
     FederationSpec,
     GlobalState,
     Method,
+    MethodOptions,
+    NestedMode,
     PrunePlan,
+    SumRule,
     TrainPlan,
     key,
     lora_init,
@@ -31,6 +39,13 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> type[Method]:
+    """Remove the method called ``name`` from the registry (e.g. a method a test registered); returns it."""
+    if name not in _REGISTRY:
+        raise KeyError(f"method {name!r} is not registered")
+    return _REGISTRY.pop(name)
 
 
 def _discover() -> None:
@@ -64,19 +79,42 @@ def build(name: str, spec: FederationSpec) -> Method:
     return get(name)(spec)
 
 
+def option_sections() -> dict[str, type[MethodOptions]]:
+    """Config section -> options model of every registered method that has options, by name (sorted, so a
+    config's sections and a checkpoint's options come out in one order whatever was imported first)."""
+    return {name: cls.options_model for name, cls in sorted(available().items()) if cls.options_model is not None}
+
+
+def spec_options(sections: Mapping[str, MethodOptions]) -> dict[str, Any]:
+    """``FederationSpec.options`` (what checkpoints record) from the config's method sections: every registered
+    method's options, flat, each as the method names them (``nested``, ``hetlora_gamma``, ...); a section
+    missing from ``sections`` counts with its defaults."""
+    out: dict[str, Any] = {}
+    for name, cls in sorted(available().items()):
+        out.update(cls.spec_options(sections.get(name)))
+    return out
+
+
 __all__ = [
+    "NESTED_MODES",
     "Broadcast",
     "ClientUpdate",
     "FederationSpec",
     "GlobalState",
     "Method",
+    "MethodOptions",
+    "NestedMode",
     "PrunePlan",
+    "SumRule",
     "TrainPlan",
     "available",
     "build",
     "get",
     "key",
     "lora_init",
+    "option_sections",
     "register",
+    "spec_options",
     "split_key",
+    "unregister",
 ]

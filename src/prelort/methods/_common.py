@@ -16,9 +16,7 @@ if TYPE_CHECKING:
 import torch
 from torch import Tensor
 
-from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, key, lora_init
-
-NESTED_MODES = ("all", "sample", "sandwich", "off", "sample_width")
+from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, SumRule, key, lora_init, split_key
 
 
 def copy_state(state: GlobalState, replaced: Mapping[str, Tensor] | None = None) -> GlobalState:
@@ -130,6 +128,33 @@ def add_factors(sums: "FactorSums", factors: "Iterable[tuple[str, Tensor, Tensor
         tensors[key(module, "lora_A")] = a
         tensors[key(module, "lora_B")] = b
     sums.add(tensors, weight)
+
+
+def finish_from_sums(rule: SumRule, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
+                     ) -> dict[str, Tensor]:
+    """The new global tensors from the (possibly noised or securely aggregated) sums.
+
+    ``segment``: mean_from_sums(N, D) (uncovered dimensions keep their previous value);
+    ``padded``:  N / D_0 (every client covers dimension 0, so D_0 = sum_k p_k); previous if D_0 = 0.
+    """
+    from ..nested import mean_from_sums, rank_dim
+
+    out: dict[str, Tensor] = {}
+    for name, previous in state.tensors.items():
+        if name not in num or name not in den:
+            raise ValueError(f"sums lack global tensor {name!r}")
+        n, d = num[name].to(torch.float64), den[name].to(torch.float64)
+        _, kind = split_key(name)
+        if tuple(n.shape) != tuple(previous.shape) or d.shape != (previous.shape[rank_dim(kind)],):
+            raise ValueError(f"sums of {name!r} have shapes {tuple(n.shape)}, {tuple(d.shape)}; the global tensor "
+                             f"has {tuple(previous.shape)}")
+        if rule == "segment":
+            out[name] = mean_from_sums(n, d, previous, rank_dim(kind))
+        elif float(d[0]) > 0:
+            out[name] = (n / d[0]).to(previous.dtype)
+        else:
+            out[name] = previous.clone()
+    return out
 
 
 def lora_shapes(state: GlobalState) -> dict[str, tuple[int, ...]]:

@@ -6,6 +6,15 @@ A method answers three questions (docs/design.md section 3), with tensors only -
   * how does the server turn a round's updates into the new global state?  ``aggregate``
 Evaluation at rank tier t uses ``tier`` (by default: what a rank-t client receives).
 
+Everything outside methods/ asks a method through this interface, never by its name or class: its config
+options (``options_model``, a pydantic model in the method's own file, read from the YAML section named
+after the method), how a client is weighted (``client_weight``), which factors it contributes
+(``contributed_factors``), how the two padded sums finish (``sum_rule`` / ``finish_sums``: what
+differential privacy and secure aggregation need; ``sum_aggregatable`` follows from it), whether a weight
+depends on the update (``weight_depends_on_update``, ``weight_bound``), what happens after a round
+(``after_round``), how a tier is exported as a PEFT adapter (``export_adapter``) and whether every client
+trains one rank (``trains_one_rank``). The local objective modes are :data:`NESTED_MODES`.
+
 Tensor naming follows the wire/checkpoint format (docs/design.md section 7):
 ``<module>.lora_A`` (r x d_in), ``<module>.lora_B`` (d_out x r), ``<module>.delta`` (d_out x d_in),
 where <module> is the module's full name in the base model.
@@ -15,14 +24,22 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+# How a client's local loss covers its nested truncations (docs/design.md section 2; train.py runs them):
+# the one definition of the modes; config (PreLort's options), methods and the trainer read it from here.
 NestedMode = Literal["all", "sample", "sandwich", "off", "sample_width"]
+NESTED_MODES: tuple[str, ...] = get_args(NestedMode)
+
+# How a method finishes the two padded sums N = sum_k w_k pad(X_k), D_i = sum_{k: r_k > i} w_k:
+# "segment": dimension i = N_i / D_i (where D_i > 0); "padded": every dimension = N / D_0.
+SumRule = Literal["segment", "padded"]
 
 
 def key(module: str, kind: str) -> str:
@@ -42,7 +59,8 @@ class FederationSpec:
 
     ``modules`` maps each adapted module's full name to its (d_out, d_in).
     ``client_ranks`` is the rank of each client (index = client id), already cycled to clients.num.
-    ``options`` holds method-specific settings from the config (e.g. HetLoRA's pruning).
+    ``options`` holds the methods' settings from the config, flat, as each method names them
+    (:meth:`Method.spec_options`: ``nested``, ``hetlora_gamma``, ...); checkpoints record them.
     """
 
     modules: dict[str, tuple[int, int]]
@@ -121,6 +139,15 @@ class TrainPlan:
     prune: PrunePlan | None = None
 
 
+class MethodOptions(BaseModel):
+    """Base of a method's config options: the YAML section named after the method (``hetlora: {gamma: 0.9}``).
+
+    Every field carries a default and its help text (docs/configuration.md is generated from them); unknown
+    keys and non-finite numbers are refused, as everywhere in the config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
 def lora_init(spec: FederationSpec, rank: int, generator: torch.Generator) -> dict[str, Tensor]:
     """PEFT's default LoRA init at ``rank``: A ~ kaiming-uniform(a=sqrt(5)) (bound 1/sqrt(d_in)), B = 0."""
     out: dict[str, Tensor] = {}
@@ -138,19 +165,65 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, shown by `prelort methods`
     reference: ClassVar[str] = ""
-    # True when the aggregate is a function of plain sums of fixed-shape padded tensors
-    # (so secure aggregation can carry it).
-    sum_aggregatable: ClassVar[bool] = False
     # True when the global state is dense ``<module>.delta`` matrices rather than LoRA factors.
     dense_state: ClassVar[bool] = False
+    # The method's config options (a MethodOptions model declared in its file), the YAML section named after
+    # the method; None: it has none. ``spec.options`` carries them flat as ``options_prefix + field``.
+    options_model: ClassVar[type[MethodOptions] | None] = None
+    options_prefix: ClassVar[str] = ""
+    # How the two padded sums finish (module docstring); None: the aggregate is not a function of plain sums
+    # of fixed-shape padded factors (it needs each client's own tensors), so neither client-level DP on the
+    # sums nor secure aggregation can carry it.
+    sum_rule: ClassVar[SumRule | None] = None
+    # Set from sum_rule (never declared by a method): the one flag the config check, DP and the SecAgg+ finish ask.
+    sum_aggregatable: ClassVar[bool] = False
+    # True when a client's weight depends on its own update (HetLoRA's ||B A||_F), not only on public counts:
+    # secure aggregation then needs a public bound on it (``weight_bound``) and DP replaces it with 1.
+    weight_depends_on_update: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("sum_aggregatable")
+        if declared is not None and bool(declared) != (cls.sum_rule is not None):
+            raise TypeError(f"{cls.__name__}: sum_aggregatable follows from sum_rule; set sum_rule "
+                            "('segment' or 'padded') instead of declaring it")
+        if cls.sum_rule is not None and cls.sum_rule not in get_args(SumRule):
+            raise TypeError(f"{cls.__name__}: sum_rule must be one of {', '.join(get_args(SumRule))} or None, "
+                            f"got {cls.sum_rule!r}")
+        cls.sum_aggregatable = cls.sum_rule is not None
 
     def __init__(self, spec: FederationSpec):
         self.spec = spec
+
+    # -- config options --------------------------------------------------------------------------------
+    @classmethod
+    def spec_options(cls, section: MethodOptions | None = None) -> dict[str, Any]:
+        """The method's options as ``FederationSpec.options`` and checkpoints carry them: ``options_prefix + field
+        -> value`` (JSON values) from its validated config ``section`` (None: the defaults)."""
+        if cls.options_model is None:
+            return {}
+        section = section if section is not None else cls.options_model()
+        return {cls.options_prefix + k: v for k, v in section.model_dump(mode="json").items()}
+
+    def option(self, field: str) -> Any:
+        """Option ``field`` from ``spec.options`` (key ``options_prefix + field``); its default when absent."""
+        if self.options_model is None or field not in self.options_model.model_fields:
+            raise KeyError(f"method {self.name!r} has no option {field!r}")
+        flat = self.options_prefix + field
+        if flat in self.spec.options:
+            return self.spec.options[flat]
+        return self.options_model.model_fields[field].get_default(call_default_factory=True)
 
     # -- who trains at which rank -------------------------------------------------------------
     def client_rank(self, client: int, state: GlobalState) -> int:
         """The rank client ``client`` trains at this round (default: its configured rank)."""
         return self.spec.client_ranks[client]
+
+    @property
+    def trains_one_rank(self) -> bool:
+        """Whether every client trains the same rank (default: all configured ranks are equal), so a round's
+        new state does not show which rank tiers were sampled (privacy accounting)."""
+        return len(set(self.spec.client_ranks)) == 1
 
     # -- the three questions --------------------------------------------------------------------
     @abstractmethod
@@ -174,7 +247,53 @@ class Method(ABC):
         (names, shapes, finite values, rank bounds) cannot be aggregated by this method; the server calls
         it for every update before :meth:`aggregate` (default: nothing method-specific)."""
 
-    # -- evaluation ------------------------------------------------------------------------------
+    def after_round(self, state: GlobalState, clients: list[tuple[int, dict[str, Any]]]) -> None:
+        """Method bookkeeping on a round's new ``state`` (in place) from the (client, update metadata) pairs it
+        aggregated; also called after a round finished from sums (DP, secure aggregation), where only the
+        metadata a client sent in the clear is known (default: nothing)."""
+
+    # -- the two padded sums (differential privacy, secure aggregation) ----------------------------------
+    def contributed_factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
+        """(module, A_k, B_k) of one update as they enter the sums, checked against the federation's modules
+        (default: the whole adapter, rank at most R)."""
+        from ._common import client_factors
+
+        return list(client_factors(self.spec, update, max_rank=self.spec.max_rank))
+
+    def client_weight(self, update: ClientUpdate, factors: list[tuple[str, Tensor, Tensor]]) -> float:
+        """The client's unnormalised aggregation weight w_k, given its :meth:`contributed_factors` (default: its
+        number of training examples). A client computes it itself before secure aggregation."""
+        from ._common import data_weight
+
+        return data_weight(update)
+
+    def weight_bound(self, total_examples: int, max_update_norm: float | None) -> float | None:
+        """A public bound W on every client's weight (SecAgg+ quantises w_k / W), or None when the config gives
+        none. Default (weights = numbers of examples): a client holds at most ``total_examples``."""
+        return float(total_examples)
+
+    def finish_sums(self, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
+                    ) -> dict[str, Tensor]:
+        """The new global tensors from the (possibly noised or securely aggregated) sums, by :attr:`sum_rule`:
+        ``segment``: N_i / D_i where D_i > 0, else the previous value; ``padded``: N / D_0 (previous if D_0 = 0).
+        Invariant to a common factor of N and D. ValueError for a method without a sum rule."""
+        if self.sum_rule is None:
+            raise ValueError(f"method {self.name!r} has no sum rule: its aggregate is not a function of the sums")
+        from ._common import finish_from_sums
+
+        return finish_from_sums(self.sum_rule, state, num, den)
+
+    # -- evaluation and export --------------------------------------------------------------------------
     def tier(self, state: GlobalState, t: int) -> Broadcast:
         """The global model as a client of rank ``t`` would receive it (used by evaluation/export)."""
         return self.broadcast(state, t, generator=torch.Generator().manual_seed(0))
+
+    def export_adapter(self, state: GlobalState, t: int) -> dict[str, Tensor]:
+        """The LoRA factors (``<module>.lora_A`` / ``.lora_B``, rank at most ``t``) of the rank-``t`` PEFT adapter
+        exported from the global state (default: what a rank-t client receives, :meth:`tier`). A method whose
+        tier changes base weights must override it: a PEFT adapter holds no base-weight delta."""
+        b = self.tier(state, t)
+        if b.base_delta:
+            raise ValueError(f"method {self.name!r}: tier {t} changes the base weights, which a LoRA adapter cannot "
+                             "hold; the method must define export_adapter")
+        return b.adapter

@@ -24,12 +24,16 @@ class FedIT(Method):
     name = "fedit"
     summary = "FedIT: every client at the smallest rank; FedAvg of A and B separately (homogeneous floor)."
     reference = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, arXiv:2305.05644"
-    sum_aggregatable = True
     dense_state = False
+    sum_rule = "segment"  # every rank is r_min: the segment-wise mean is plain FedAvg
 
     @property
     def rank(self) -> int:
         return self.spec.min_rank
+
+    @property
+    def trains_one_rank(self) -> bool:
+        return True
 
     def client_rank(self, client: int, state: GlobalState) -> int:
         return self.rank

@@ -46,9 +46,9 @@ class FlexLoRA(Method):
         "Bai et al., Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client Resources, "
         "arXiv:2402.11505"
     )
-    # Not over the wire format: the mean needs each client's product B_k A_k, which is not a sum of
-    # its padded factors (clients would have to upload dense d_out x d_in products instead).
-    sum_aggregatable = False
+    # No sum rule: the mean needs each client's product B_k A_k, which is not a sum of its padded factors
+    # (clients would have to upload dense d_out x d_in products instead).
+    sum_rule = None
     dense_state = True
 
     def __init__(self, spec: FederationSpec):

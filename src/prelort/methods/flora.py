@@ -64,7 +64,7 @@ class FLoRA(Method):
         "Wang et al., FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank Adaptations, "
         "arXiv:2409.05976"
     )
-    sum_aggregatable = False  # stacking needs each client's factors, not a sum of them
+    sum_rule = None  # stacking needs each client's factors, not a sum of them
     dense_state = True
 
     def init_state(self, generator: torch.Generator) -> GlobalState:
@@ -81,6 +81,14 @@ class FLoRA(Method):
     def plan(self, rank: int) -> TrainPlan:
         rank = check_rank(self.spec, rank)
         return TrainPlan(rank=rank, truncations=(rank,), mode="off")
+
+    def export_adapter(self, state: GlobalState, t: int) -> dict[str, Tensor]:
+        """A client gets the full merged delta, which no rank-t LoRA holds: the export is its best rank-t
+        approximation (SVD, Eckart-Young), the factorisation FlexLoRA broadcasts."""
+        from .flexlora import FlexLoRA
+
+        merged = self.tier(state, t).base_delta
+        return FlexLoRA(self.spec).broadcast(GlobalState(tensors=merged), t).adapter
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         out = copy_state(state)

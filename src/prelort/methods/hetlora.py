@@ -7,14 +7,24 @@ arXiv:2401.06432 (no official code; the rule below is the paper's, docs/design.m
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from . import register
 from ._common import client_factors
-from .base import ClientUpdate, FederationSpec, GlobalState, PrunePlan, TrainPlan
+from .base import ClientUpdate, FederationSpec, GlobalState, MethodOptions, PrunePlan, TrainPlan
 from .zeropad import ZeroPadding
+
+
+class HetLoRAOptions(MethodOptions):
+    """Config section ``hetlora``; ``spec.options`` carries them as ``hetlora_<field>``."""
+
+    prune: bool = Field(False, description="HetLoRA rank self-pruning.")
+    gamma: float = Field(0.99, gt=0, le=1, description="Pruning keeps ceil(gamma * r) dimensions.")
+    lam: float = Field(1e-3, ge=0, description="Strength of the tail-norm regulariser.")
 
 
 def lora_product_norm(factors: list[tuple[str, Tensor, Tensor]]) -> float:
@@ -40,8 +50,8 @@ class HetLoRA(ZeroPadding):
     where ||B_k A_k||_F is taken over the whole adapter (sqrt of the sum of squares over modules).
     If every norm is zero the round carries no signal and the state is kept.
 
-    Self-pruning (``options["hetlora_prune"]``): a client of rank r regularises its tail dimensions
-    [ceil(gamma r), r) with lam * ||B[:, tail]|| * ||A[tail, :]|| (done by the trainer, from the
+    Self-pruning (option ``prune``, ``spec.options["hetlora_prune"]``): a client of rank r regularises its
+    tail dimensions [ceil(gamma r), r) with lam * ||B[:, tail]|| * ||A[tail, :]|| (done by the trainer, from the
     plan's PrunePlan); an update whose meta says ``"pruned_to": r'`` counts at rank r' and that
     client trains at rank r' from then on (``state.meta["client_ranks"]``, keys = client ids as str).
     """
@@ -51,15 +61,17 @@ class HetLoRA(ZeroPadding):
     reference = (
         "Cho et al., Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models, arXiv:2401.06432"
     )
-    sum_aggregatable = True
     dense_state = False
+    sum_rule = "padded"
+    weight_depends_on_update = True  # ||B_k A_k||_F
+    options_model = HetLoRAOptions
+    options_prefix = "hetlora_"
 
     def __init__(self, spec: FederationSpec):
         super().__init__(spec)
-        opts = spec.options
-        self.prune = bool(opts.get("hetlora_prune", False))
-        self.gamma = float(opts.get("hetlora_gamma", 0.99))
-        self.lam = float(opts.get("hetlora_lam", 1e-3))
+        self.prune = bool(self.option("prune"))
+        self.gamma = float(self.option("gamma"))
+        self.lam = float(self.option("lam"))
         if not 0 < self.gamma <= 1:
             raise ValueError(f"options.hetlora_gamma must be in (0, 1], got {self.gamma}")
         if not (math.isfinite(self.lam) and self.lam >= 0):
@@ -93,7 +105,7 @@ class HetLoRA(ZeroPadding):
             raise ValueError(f"extra.pruned_to = {pruned!r}: HetLoRA needs an integer in [1, {update.rank}] "
                              "(the update's rank)")
 
-    def _factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
+    def contributed_factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
         factors = list(client_factors(self.spec, update, max_rank=self.spec.max_rank))
         pruned = update.meta.get("pruned_to")
         if pruned is None:
@@ -103,10 +115,16 @@ class HetLoRA(ZeroPadding):
         # The pruned tail is gone: the client's adapter counts at rank r' in the average.
         return [(m, a[:pruned], b[:, :pruned]) for m, a, b in factors]
 
-    def _weight(self, update: ClientUpdate, factors: list[tuple[str, Tensor, Tensor]]) -> float:
+    def client_weight(self, update: ClientUpdate, factors: list[tuple[str, Tensor, Tensor]]) -> float:
         return lora_product_norm(factors)
 
-    def _after(self, out: GlobalState, seen: list[tuple[int, dict]]) -> None:
+    def weight_bound(self, total_examples: int, max_update_norm: float | None) -> float | None:
+        """w_k = sqrt(sum_m ||B_m A_m||_F^2) <= sum_m ||B_m||_F ||A_m||_F <= sum_m (||A_m||_F^2 + ||B_m||_F^2) / 2
+        = ||update||^2 / 2 <= ``max_update_norm``^2 / 2, which the client enforces on its own update
+        (``validation.max_update_norm``) before it encodes it; None without that bound."""
+        return None if max_update_norm is None else float(max_update_norm) ** 2 / 2.0
+
+    def after_round(self, out: GlobalState, seen: list[tuple[int, dict[str, Any]]]) -> None:
         ranks = dict(out.meta.get("client_ranks", {}))
         for client, meta in seen:
             if meta.get("pruned_to") is not None:

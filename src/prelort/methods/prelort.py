@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydantic import Field
 
 from ..nested import nested_truncations
 from . import register
-from ._common import PrefixLoRA, NESTED_MODES, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
-from .base import ClientUpdate, FederationSpec, GlobalState, TrainPlan
+from ._common import PrefixLoRA, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
+from .base import NESTED_MODES, ClientUpdate, FederationSpec, GlobalState, MethodOptions, NestedMode, TrainPlan
+
+
+class PreLortOptions(MethodOptions):
+    """Config section ``prelort``."""
+
+    nested: NestedMode = Field(
+        "all",
+        description="Prefix-nested objective: all truncations each step, sample one, sandwich (own rank + one), "
+        "or off (plain LoRA; segment-wise aggregation only). A step changes only the dimensions its "
+        "truncations reach (AdamW moments included). sample_width (a variant, not one of the quality "
+        "study's pre-registered arms): one truncation per step, drawn with probability proportional to its "
+        "segment's width (the segment of a uniformly drawn rank dimension), so the top segment trains more "
+        "often: a rank-16 client of ranks 2/4/8/16 draws t = 16 on half its steps instead of a quarter.",
+    )
 
 
 @register
@@ -27,12 +42,13 @@ class PreLort(PrefixLoRA):
     name = "prelort"
     summary = "Prefix-nested LoRA: clients train nested truncations; segment-wise weighted mean of the prefixes."
     reference = "PreLort (this project); docs/design.md section 2"
-    sum_aggregatable = True
     dense_state = False
+    sum_rule = "segment"
+    options_model = PreLortOptions
 
     def __init__(self, spec: FederationSpec):
         super().__init__(spec)
-        self.mode = spec.options.get("nested", "all")
+        self.mode = self.option("nested")
         if self.mode not in NESTED_MODES:
             raise ValueError(f"options.nested must be one of {', '.join(NESTED_MODES)}, got {self.mode!r}")
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torch import Tensor
-
 from . import register
-from ._common import PrefixLoRA, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
+from ._common import PrefixLoRA, add_factors, check_rank, copy_state, empty_factor_sums, lora_shapes
 from .base import ClientUpdate, GlobalState, TrainPlan
 
 
@@ -25,35 +23,24 @@ class ZeroPadding(PrefixLoRA):
     name = "zeropad"
     summary = "Zero-padding FedAvg: pad every client's LoRA to rank R with zeros, average over all clients."
     reference = "Zero-padding baseline as in Cho et al., HetLoRA, arXiv:2401.06432 and FLoRA, arXiv:2409.05976"
-    sum_aggregatable = True
     dense_state = False
+    sum_rule = "padded"
 
     def plan(self, rank: int) -> TrainPlan:
         rank = check_rank(self.spec, rank)
         return TrainPlan(rank=rank, truncations=(rank,), mode="off")
 
-    # -- hooks HetLoRA overrides ---------------------------------------------------------------
-    def _factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
-        """(module, A_k, B_k) of one update, checked, as they enter the average."""
-        return list(client_factors(self.spec, update, max_rank=self.spec.max_rank))
-
-    def _weight(self, update: ClientUpdate, factors: list[tuple[str, Tensor, Tensor]]) -> float:
-        """Unnormalised weight of one client (normalised by the sum over the round)."""
-        return data_weight(update)
-
-    def _after(self, out: GlobalState, seen: list[tuple[int, dict]]) -> None:
-        """Method-specific bookkeeping on the new state from (client, update meta) pairs (none here)."""
-
+    # -- the interface's hooks HetLoRA overrides (contributed_factors, client_weight, after_round) ----------
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
         seen: list[tuple[int, dict]] = []
         for update in updates:
-            factors = self._factors(update)
-            w = self._weight(update, factors)
+            factors = self.contributed_factors(update)
+            w = self.client_weight(update, factors)
             add_factors(sums, factors, w)
             # Keep only the small metadata; the tensors are folded into the sums and can be freed.
             seen.append((update.client, dict(update.meta)))
         # num / total: dimensions beyond a client's rank count as zeros for it (the dilution).
         out = copy_state(state, {name: acc.padded_mean(state.tensors[name]) for name, acc in sums.items()})
-        self._after(out, seen)
+        self.after_round(out, seen)
         return out
