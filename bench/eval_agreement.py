@@ -26,7 +26,7 @@ from _common import environment, write_json  # noqa: E402
 
 from prelort import config as config_mod  # noqa: E402
 from prelort.runner import Session  # noqa: E402
-from prelort.simulation import InProcessEngine  # noqa: E402
+from prelort.engines.inprocess import InProcessEngine  # noqa: E402
 
 
 def compare(session: Session, evaluate) -> dict[str, Any]:

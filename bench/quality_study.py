@@ -95,7 +95,7 @@ def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides:
 def run_inprocess(cfg: Config, run_dir: Path) -> None:
     """One federation in this process (the model is loaded once per run)."""
     from prelort.runner import Session
-    from prelort.simulation import InProcessEngine
+    from prelort.engines.inprocess import InProcessEngine
 
     session = Session(cfg, run_dir, verbose=False)
     session.run(InProcessEngine(session, progress=False))

@@ -14,10 +14,11 @@ pytest.importorskip("dp_accounting")
 
 from prelort import config as config_mod  # noqa: E402
 from prelort.client import broadcast_rank  # noqa: E402
-from prelort.federation import Federation, SecureAggregate, adapter_prefix  # noqa: E402
+from prelort.federation import Federation, adapter_prefix  # noqa: E402
 from prelort.secure_sums import WEIGHT_UNITS, SecAggLayout, encode_for_secagg  # noqa: E402
 from prelort.methods import ClientUpdate  # noqa: E402
 from prelort.privacy import clip_update  # noqa: E402
+from prelort.protocol import SecureAggregate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}

@@ -75,7 +75,8 @@ def test_a_secure_round_is_finished_from_the_sums_and_fails_when_too_few_are_in_
     method's plain aggregate; a halted protocol or too few clients in the sum fails the round; a Federation
     under secure aggregation refuses individual updates."""
     pytest.importorskip("numpy")
-    from prelort.federation import RoundFailed, SecureAggregate
+    from prelort.federation import RoundFailed
+    from prelort.protocol import SecureAggregate
     from prelort.secure_sums import WEIGHT_UNITS, SecAggLayout, encode_for_secagg, weight_units
 
     secure = ("engine=flower-sim", "privacy.secure_aggregation=true", "clients.min_per_round=3")

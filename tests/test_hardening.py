@@ -32,10 +32,10 @@ from prelort import config as config_mod
 from prelort import rundir
 from prelort.checkpoint import CheckpointError, latest_intact_round, load_checkpoint, save_checkpoint
 from prelort.cli import app
-from prelort.federation import ClientTask, RawUpdate
+from prelort.engines.inprocess import InProcessEngine
 from prelort.methods.base import GlobalState
+from prelort.protocol import ClientTask, RawUpdate
 from prelort.runner import Session
-from prelort.simulation import InProcessEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"

@@ -25,10 +25,11 @@ from safetensors.torch import save as st_save
 
 from prelort import config as config_mod
 from prelort.client import ClientRunner, broadcast_rank
-from prelort.federation import ROUND_REASONS, ClientTask, Federation, RawUpdate, RoundFailed
+from prelort.engines.inprocess import InProcessEngine
+from prelort.federation import ROUND_REASONS, Federation, RoundFailed
 from prelort.methods import ClientUpdate
+from prelort.protocol import ClientTask, RawUpdate
 from prelort.runner import Session
-from prelort.simulation import InProcessEngine
 from prelort.updates import REASONS, encode_update
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 
 from prelort import config as config_mod
 from prelort import runner
-from prelort.federation import MetricsLog
+from prelort.rundir import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"

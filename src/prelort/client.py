@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from .adapters import apply_broadcast
 from .config import Config
-from .federation import ClientTask
+from .protocol import ClientTask
 from .methods import ClientUpdate
 from .train import train_client
 

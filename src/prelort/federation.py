@@ -5,12 +5,13 @@ broadcast each client its rank-r_k state, collect updates, validate each (a reje
 with its reason and the round goes on), optionally clip, aggregate with the method's rule, evaluate
 every ``eval.every`` rounds per rank tier, and checkpoint atomically.
 
-Engines (in-process simulation, Flower) drive it through :meth:`Federation.run_round` (or
+Engines (:mod:`prelort.engines`: in-process, Flower) drive it through :meth:`Federation.run_round` (or
 :meth:`Federation.begin_round` and :meth:`Federation.end_round`); the client side is
-:class:`prelort.client.ClientRunner`.
+:class:`prelort.client.ClientRunner`. The messages between them are in :mod:`prelort.protocol`.
 
-What an engine returns per task (:data:`EngineResult`) is untrusted: a :class:`RawUpdate` (the wire
-format, decoded here), a decoded :class:`ClientUpdate`, an :class:`UpdateRejected` from the engine's own
+What an engine returns per task (:data:`~prelort.protocol.EngineResult`) is untrusted: a
+:class:`~prelort.protocol.RawUpdate` (the wire format, decoded here with
+:func:`~prelort.protocol.decode_raw`), a decoded :class:`ClientUpdate`, an :class:`UpdateRejected` from the engine's own
 decoding (with ``.client`` set), or any other exception (the client failed). Nothing a client sends can
 crash the round: every problem becomes a rejection ("rejected update from client K: <reason>: <message>"
 in run.log) or a failure, and the round completes when at least ``clients.min_per_round`` updates were
@@ -31,18 +32,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch
 
 from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
-from .methods import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan
+from .methods import ClientUpdate, FederationSpec, GlobalState, Method
 from .privacy import add_dp_noise, check_dp, check_secure_aggregation, clip_update, dp_aggregate
 from .secure_sums import (
-    SECAGG_CLIPPING_RANGE,
-    SECAGG_QUANTIZATION_RANGE,
     WEIGHT_UNITS,
     SecAggLayout,
     aggregation_rule,
@@ -50,7 +49,8 @@ from .secure_sums import (
     finish_secagg,
     quantisation_bound,
 )
-from .updates import UpdateRejected, decode_update, max_payload_bytes, save_update, server_check
+from .protocol import ClientTask, EngineResult, RawUpdate, SecureAggregate, decode_raw
+from .updates import UpdateRejected, max_payload_bytes, save_update, server_check
 
 log = logging.getLogger("prelort")
 
@@ -81,67 +81,8 @@ ROUND_REASONS: dict[str, str] = {
 }
 
 
-@dataclass
-class RawUpdate:
-    """A client's reply as it came over the wire: safetensors bytes and the metadata (JSON text, bytes or
-    an already parsed object), with ``client`` the id of the client the engine sent the task to (the
-    sender, which the metadata's declared client must match)."""
-
-    client: int
-    payload: bytes
-    meta: bytes | str | dict[str, Any]
-
-
-EngineResult = Union[ClientUpdate, RawUpdate, Exception]
-"""What an engine returns for one task; see the module docstring."""
-
-
 # A per-entry quantisation bound on SecAgg+'s sums above this is worth a warning in run.log.
 SECAGG_PRECISION_WARNING = 1e-3
-
-
-@dataclass
-class SecureAggregate:
-    """What a secure-aggregation engine returns for a whole round instead of per-task results
-    (``privacy.secure_aggregation``; :class:`prelort.flower.secagg_engine.SecAggGridEngine`).
-
-    ``arrays``: SecAgg+'s weighted mean of the clients' uploads, (N', D') in the order of
-    :class:`prelort.secure_sums.SecAggLayout` (None when the protocol halted: too many clients dropped);
-    ``clients``: (client, metadata sent in the clear) of every client aggregated; ``weight_units``: their
-    integer SecAgg+ weights n_k (rho_k = n_k / 2**16); ``failed``: client -> why it is not in the sum
-    (its ClientApp raised - e.g. it rejected its own update -, timed out, or no node holds it);
-    ``clipping_range`` / ``quantization_range``: SecAgg+'s c and Q (for the quantisation bound).
-    """
-
-    arrays: list[Any] | None
-    clients: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    weight_units: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
-    clipping_range: float = SECAGG_CLIPPING_RANGE
-    quantization_range: int = SECAGG_QUANTIZATION_RANGE
-
-
-def decode_raw(raw: RawUpdate, max_bytes: int | None = None) -> ClientUpdate:
-    """Decode a wire-format reply; raises :class:`UpdateRejected` with ``.client`` = the sender.
-
-    Any failure of the decoder on hostile bytes is a rejection, never a crash of the round. ``max_bytes``:
-    a longer payload is refused unparsed.
-    """
-    try:
-        update = decode_update(raw.payload, raw.meta, max_bytes)
-    except UpdateRejected as e:
-        e.client = raw.client  # type: ignore[attr-defined]
-        raise
-    except Exception as e:  # defence in depth: a decoder bug on hostile input rejects the update
-        rejection = UpdateRejected("not_safetensors", f"could not decode the update: {type(e).__name__}: {e}")
-        rejection.client = raw.client  # type: ignore[attr-defined]
-        raise rejection from None
-    if update.client != raw.client:
-        rejection = UpdateRejected("client_mismatch",
-                                   f"update sent by client {raw.client} declares client {update.client!r}")
-        rejection.client = raw.client  # type: ignore[attr-defined]
-        raise rejection
-    return update
 
 
 def derived_seed(seed: int, *parts: int) -> int:
@@ -157,18 +98,6 @@ def spec_from_config(cfg: Config, modules: dict[str, tuple[int, int]]) -> Federa
         alpha=cfg.lora.alpha,
         options=methods_registry.spec_options(cfg.method_options),  # each method names its own options
     )
-
-
-@dataclass
-class ClientTask:
-    """What one sampled client must do this round."""
-
-    round: int
-    client: int
-    rank: int
-    broadcast: Broadcast
-    plan: TrainPlan
-    seed: int
 
 
 @dataclass
@@ -654,34 +583,3 @@ def _mean_loss(metas: Sequence[Any]) -> float | None:
               and not isinstance(m.get("loss"), bool)]
     return float(sum(losses) / len(losses)) if losses else None
 
-
-class MetricsLog:
-    """metrics.jsonl: append one JSON object per line (flushed, so a crash loses at most one line)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def truncate_after(self, round_: int) -> None:
-        """On resume, drop records of rounds after the last checkpoint (they will be recomputed)."""
-        if not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("round", 0) <= round_:
-                keep.append(json.dumps(rec))
-        self.path.write_text("".join(k + "\n" for k in keep))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0

@@ -10,6 +10,7 @@
 * ``--resume`` compares the whole resolved config with the run's ``config.yaml``; only the sections in
   :data:`SAFE_TO_CHANGE` may differ. Without ``config.yaml`` the config given again is checked against
   what the latest checkpoint records (method, seed, ranks, alpha, options).
+* ``metrics.jsonl`` is appended one record a line through :class:`MetricsLog`.
 """
 
 from __future__ import annotations
@@ -253,3 +254,29 @@ def prepare(run_dir: str | Path, cfg: Config, resume: bool) -> Path:
         raise
     (d / "config.yaml").write_text(cfg.to_yaml())
     return d
+
+
+class MetricsLog:
+    """metrics.jsonl: append one JSON object per line (flushed, so a crash loses at most one line)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def truncate_after(self, round_: int) -> None:
+        """On resume, drop records of rounds after the last checkpoint (they will be recomputed)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("round", 0) <= round_:
+                keep.append(json.dumps(rec))
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()

@@ -2,7 +2,8 @@
 
 ``Session`` loads the base model and data, owns the run directory (config.yaml, run.log, metrics.jsonl,
 checkpoints, adapters, report) and evaluates the global model per rank tier. An engine only has to turn a
-round's :class:`~prelort.federation.ClientTask` list into updates (or exceptions).
+round's :class:`~prelort.protocol.ClientTask` list into updates (or exceptions). The model and data come
+from :mod:`prelort.recipe`, the same recipe every Flower ClientApp follows.
 """
 
 from __future__ import annotations
@@ -14,25 +15,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from . import adapters
 from .config import Config
-from .data import load_records, partition, tokenize_for_training
 from .evaluate import evaluate_examples, truncation_tiers
-from .federation import ClientTask, Federation, MetricsLog, RoundFailed, check_privacy
-from .methods import Broadcast, ClientUpdate
+from .federation import Federation, RoundFailed, check_privacy
+from .methods import Broadcast
 from .model_names import hub_id
-from .models import load_model
+from .protocol import Engine
+from .recipe import client_examples, load_data, load_federation_model, quiet_libraries
+from .rundir import MetricsLog
 
 log = logging.getLogger("prelort")
-
-
-class Engine(Protocol):
-    def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]: ...
 
 
 def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
@@ -114,41 +112,6 @@ def adapter_rank(adapter: dict[str, torch.Tensor]) -> int:
     return int(a.shape[0])
 
 
-def quiet_libraries() -> None:
-    """Keep the console for prelort's own bars and lines: library progress bars (datasets' index
-    flattening, transformers' weight loading) and a transformers-5 deprecation warning PEFT triggers
-    on every forward say nothing a user can act on."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def load_federation_model(cfg: Config):
-    """``(base_model, tokenizer, model)``: the base model with the federation's rank-R LoRA attached.
-
-    The one recipe for the server and for every client process (Flower ClientApps call it too), so all
-    of them hold the same weights for the same config.
-    """
-    quiet_libraries()
-    torch.manual_seed(cfg.seed)
-    base_model, tokenizer = load_model(cfg.model)
-    model = adapters.attach_lora(base_model, cfg.model.target_modules, max(cfg.clients.ranks),
-                                 cfg.lora.alpha, cfg.lora.dropout)
-    return base_model, tokenizer, model
-
-
-def load_data(cfg: Config) -> tuple[Any, Any, list[Any]]:
-    """``(train, test, partitions)``: the record datasets and the per-client split (partitions[k] = client k's)."""
-    train, test = load_records(cfg.data, cfg.seed)
-    parts = partition(train, cfg.data.partition, cfg.clients.num, cfg.seed)
-    return train, test, parts
-
-
 class Session:
     """Model, data and run directory of one run. Engines call :meth:`run` with their executor."""
 
@@ -172,7 +135,7 @@ class Session:
         model_seconds = time.perf_counter() - t0
         self.modules = adapters.adapted_modules(self.model)
         self.test_records = test
-        self.partitions = [tokenize_for_training(p, self.tokenizer, cfg.data.max_length) for p in parts]
+        self.partitions = [client_examples(cfg, self.tokenizer, p) for p in parts]
         if not read_only:
             self._prepare_dir()
             setup_logging(self.run_dir, verbose)
@@ -525,7 +488,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, verbose: bool = T
     if resume and run_is_complete(cfg, out):
         return Path(out)
     if cfg.engine == "inprocess":
-        from .simulation import InProcessEngine
+        from .engines.inprocess import InProcessEngine
 
         session = Session(cfg, out, resume=resume, verbose=verbose)
         return session.run(InProcessEngine(session, progress=verbose))

@@ -16,7 +16,7 @@ client computes itself) over the factors it contributes (HetLoRA drops a pruned 
 Under secure aggregation each client uploads fixed-shape arrays - every factor zero-padded to the global shape,
 plus its padded weight mask 1_{r_k} (length R) - and SecAgg+ reveals only their weighted sums to the server.
 Flower 1.42 has SecAgg+ only in its legacy API (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod``
-around a ``NumPyClient`` on the client; :mod:`prelort.flower.secagg_engine`). The workflow gives the strategy
+around a ``NumPyClient`` on the client; :mod:`prelort.engines.flower_secagg`). The workflow gives the strategy
 the weighted MEAN of what the clients sent, with weights rho_k = n_k / 2**16 where n_k = round(w_k / W * 2**16)
 is the integer weight the client reports (W = ``max_weight``, a public bound on the weights;
 :func:`weight_units`, :func:`max_weight_bound`):

@@ -12,11 +12,10 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E402
 
 from prelort.config import from_dict  # noqa: E402
-from prelort.federation import ClientTask  # noqa: E402
+from prelort.engines.flower import GridEngine  # noqa: E402
 from prelort.flower import records  # noqa: E402
-from prelort.flower.engine import GridEngine  # noqa: E402
 from prelort.methods import Broadcast, ClientUpdate, PrunePlan, TrainPlan  # noqa: E402
-from prelort.simulation import ClientFailed  # noqa: E402
+from prelort.protocol import ClientFailed, ClientTask  # noqa: E402
 from prelort.updates import UpdateRejected  # noqa: E402
 
 MOD = "model.layers.0.self_attn.q_proj"

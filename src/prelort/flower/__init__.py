@@ -4,11 +4,11 @@
 simulation runtime on this machine) or ``engine: flower`` (a deployed SuperLink and SuperNodes; see
 docs/deployment.md). Flower is imported lazily: ``import prelort`` works without it.
 
-Modules: :mod:`.records` (messages as Flower records), :mod:`.engine` (the Grid-backed engine),
-:mod:`.serverapp` / :mod:`.clientapp` (the Flower components), :mod:`.launch` (starting runs),
-:mod:`.certs` (test TLS certificates and SuperNode keys), :mod:`.secagg` (one SecAgg+ aggregation in the
-simulation runtime, for tests and benchmarks; the encoding itself is :mod:`prelort.secure_sums`) and
-:mod:`.secagg_engine` (rounds through SecAgg+ with ``privacy.secure_aggregation``).
+Modules: :mod:`.records` (messages as Flower records), :mod:`.serverapp` / :mod:`.clientapp` (the Flower
+components), :mod:`.launch` (starting runs), :mod:`.certs` (test TLS certificates and SuperNode keys) and
+:mod:`.secagg` (one SecAgg+ aggregation in the simulation runtime, for tests and benchmarks; the
+encoding itself is :mod:`prelort.secure_sums`). The engines that carry rounds over the grid are
+:mod:`prelort.engines.flower` and, with ``privacy.secure_aggregation``, :mod:`prelort.engines.flower_secagg`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A node holds one partition (node_config ``partition-id``, the prelort client id; ``num-partitions``,
 the number of clients). On a TRAIN message it decodes its task (records.py), builds - once per
-process - the federation's model and its own partition from the config that came with the task, runs
+process - the federation's model and its own partition from the config that came with the task (the
+recipe of :mod:`prelort.recipe`, which the in-process runner follows too), runs
 :class:`prelort.client.ClientRunner` (the same local training as the in-process engine) and replies
 with the update in prelort's wire format. A QUERY ``prelort.hello`` is answered with the node's
 partition, which is how the ServerApp learns which node holds which client.
@@ -51,8 +52,7 @@ def client_state(config: dict[str, Any], partition_id: int):
     """``(cfg, model, examples)`` for this node: built on first use, then reused while the config's
     model/data sections stay the same."""
     from ..config import from_dict
-    from ..data import tokenize_for_training
-    from ..runner import load_data, load_federation_model
+    from ..recipe import client_examples, load_data, load_federation_model
 
     cfg = from_dict(config)
     model_key = _key(config, ("seed", "model", "lora", "clients"))
@@ -72,15 +72,15 @@ def client_state(config: dict[str, Any], partition_id: int):
         if not 0 <= partition_id < len(parts):
             raise ValueError(f"partition-id {partition_id} is not a client of this federation "
                              f"(clients.num = {len(parts)})")
-        _PARTITION_CACHE[(data_key, partition_id)] = tokenize_for_training(
-            parts[partition_id], _MODEL_CACHE["tokenizer"], cfg.data.max_length)
+        _PARTITION_CACHE[(data_key, partition_id)] = client_examples(cfg, _MODEL_CACHE["tokenizer"],
+                                                                     parts[partition_id])
     return cfg, _MODEL_CACHE["model"], _PARTITION_CACHE[(data_key, partition_id)]
 
 
 def run_task(task: records.DecodedTask, partition_id: int):
     """Train this node's client on ``task``; returns the ClientUpdate."""
     from ..client import ClientRunner
-    from ..federation import ClientTask
+    from ..protocol import ClientTask
 
     if task.client != partition_id:
         raise ValueError(f"this SuperNode holds partition {partition_id} but the task is for client {task.client}")

@@ -8,10 +8,10 @@ resume - already lives in :class:`prelort.federation.Federation` driven by
 :meth:`prelort.runner.Session.run`, and the in-process engine runs exactly that code. A Strategy would
 have to override ``start``, ``configure_train``, ``aggregate_train`` and both evaluate hooks, i.e. all of
 it, and keep the real state outside its ArrayRecord. So the ServerApp runs ``Session.run`` with a
-:class:`~prelort.flower.engine.GridEngine`: the only engine-specific part is how tasks reach the clients.
+:class:`~prelort.engines.flower.GridEngine`: the only engine-specific part is how tasks reach the clients.
 
 With ``privacy.secure_aggregation`` the engine is a
-:class:`~prelort.flower.secagg_engine.SecAggGridEngine`: each round's tasks go through Flower's legacy
+:class:`~prelort.engines.flower_secagg.SecAggGridEngine`: each round's tasks go through Flower's legacy
 SecAgg+ workflow on the same grid, and the round is finished from the secure sums.
 
 Settings arrive in ``context.run_config`` (written by :func:`prelort.flower.launch.run_on_flower` into
@@ -28,7 +28,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .engine import GridEngine
+from ..engines.flower import GridEngine
 
 log = logging.getLogger("prelort")
 
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
 def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session):
     from ..methods import GlobalState
     from ..secure_sums import SecAggLayout, max_weight_bound
-    from .secagg_engine import SecAggGridEngine
+    from ..engines.flower_secagg import SecAggGridEngine
 
     fed = session.federation
     # W for data-size weights: the federation's number of training examples (what the clients' partitions

@@ -1,11 +1,10 @@
-"""The in-process engine (the embedded default): clients run in turn on one in-memory model.
+"""The in-process engine (``engine: inprocess``, the embedded default): clients run in turn on one in-memory model.
 
 Each client's update crosses the same wire format as on Flower (safetensors bytes + JSON metadata,
-:func:`prelort.updates.encode_update`): the engine returns :class:`~prelort.federation.RawUpdate`
+:func:`prelort.updates.encode_update`): the engine returns :class:`~prelort.protocol.RawUpdate`
 replies and the server decodes and validates them (:meth:`prelort.federation.Federation.end_round`),
 so an in-process run exercises exactly the server path that untrusted remote clients meet.
 """
-
 from __future__ import annotations
 
 import json
@@ -14,19 +13,11 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from .client import ClientRunner
-from .federation import ClientTask, EngineResult, RawUpdate
-from .updates import encode_update
+from ..client import ClientRunner
+from ..protocol import ClientFailed, ClientTask, EngineResult, RawUpdate
+from ..updates import encode_update
 
 log = logging.getLogger("prelort")
-
-
-class ClientFailed(RuntimeError):
-    """A client raised during local training (or never replied); the round goes on without it."""
-
-    def __init__(self, client: int, message: str):
-        super().__init__(message)
-        self.client = client
 
 
 class InProcessEngine:

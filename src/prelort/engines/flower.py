@@ -1,4 +1,6 @@
-"""A prelort engine whose clients are Flower SuperNodes, reached through a ServerApp's ``Grid``.
+"""The Flower engine (``engine: flower-sim`` and ``engine: flower``): clients are Flower SuperNodes, reached
+through a ServerApp's ``Grid`` (:mod:`prelort.flower.serverapp`). flwr is imported only where a message is
+built, so importing this module (and the in-process path) never imports flwr.
 
 ``GridEngine.execute(tasks)`` is what :meth:`prelort.runner.Session.run` calls each round: it sends each
 sampled client's task to the node holding that client's partition (one TRAIN message each, records.py),
@@ -18,11 +20,10 @@ import time
 from collections.abc import Iterable, Sequence
 
 from ..config import Config
-from ..federation import ClientTask
+from ..flower import records
 from ..methods import ClientUpdate
-from ..simulation import ClientFailed
+from ..protocol import ClientFailed, ClientTask
 from ..updates import UpdateRejected
-from . import records
 
 log = logging.getLogger("prelort")
 

@@ -1,4 +1,5 @@
-"""Rounds under secure aggregation (``privacy.secure_aggregation``): a round's tasks run through Flower's SecAgg+.
+"""The Flower engine under secure aggregation (``engine: flower-sim`` / ``flower`` with
+``privacy.secure_aggregation``): a round's tasks run through Flower's SecAgg+.
 
 Flower 1.42 has SecAgg+ only in its legacy API, so :meth:`SecAggGridEngine.execute` runs, per prelort round,
 one ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with ``ServerConfig(num_rounds=1)`` on the
@@ -14,10 +15,10 @@ its own:
 The client side (:mod:`prelort.flower.clientapp`, behind ``secaggplus_mod``) trains with the usual
 :func:`~prelort.flower.clientapp.run_task`, validates and clips its own update, and uploads
 :func:`prelort.secure_sums.encode_for_secagg`. ``execute`` returns a
-:class:`~prelort.federation.SecureAggregate`, which :meth:`prelort.federation.Federation.end_round_secure`
+:class:`~prelort.protocol.SecureAggregate`, which :meth:`prelort.federation.Federation.end_round_secure`
 finishes with :func:`prelort.secure_sums.finish_secagg`.
 
-Which node is which client comes from the :class:`~prelort.flower.engine.NodeDirectory` (the node's own
+Which node is which client comes from the :class:`~prelort.engines.flower.NodeDirectory` (the node's own
 ``partition-id``), never from what a client claims in its metrics.
 """
 
@@ -33,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..federation import ClientTask, SecureAggregate
-from . import records
-from .engine import GridEngine
+from ..flower import records
+from ..protocol import ClientTask, SecureAggregate
 from ..secure_sums import SECAGG_CLIPPING_RANGE, SECAGG_QUANTIZATION_RANGE, WEIGHT_UNITS, SecAggLayout
+from .flower import GridEngine
 
 log = logging.getLogger("prelort")
 

@@ -1,0 +1,57 @@
+"""The model and data recipe of a federation: what the server and every client build from one config.
+
+The in-process runner (:class:`prelort.runner.Session`) and each Flower ClientApp
+(:mod:`prelort.flower.clientapp`) follow it, so for the same config they hold the same base model with the
+same rank-R LoRA attached, the same per-client split of the training records and the same tokenized examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import adapters
+from .config import Config
+from .data import load_records, partition, tokenize_for_training
+from .models import load_model
+
+
+def quiet_libraries() -> None:
+    """Keep the console for prelort's own bars and lines: library progress bars (datasets' index
+    flattening, transformers' weight loading) and a transformers-5 deprecation warning PEFT triggers
+    on every forward say nothing a user can act on."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def load_federation_model(cfg: Config):
+    """``(base_model, tokenizer, model)``: the base model with the federation's rank-R LoRA attached.
+
+    The one recipe for the server and for every client process (Flower ClientApps call it too), so all
+    of them hold the same weights for the same config.
+    """
+    quiet_libraries()
+    torch.manual_seed(cfg.seed)
+    base_model, tokenizer = load_model(cfg.model)
+    model = adapters.attach_lora(base_model, cfg.model.target_modules, max(cfg.clients.ranks),
+                                 cfg.lora.alpha, cfg.lora.dropout)
+    return base_model, tokenizer, model
+
+
+def load_data(cfg: Config) -> tuple[Any, Any, list[Any]]:
+    """``(train, test, partitions)``: the record datasets and the per-client split (partitions[k] = client k's)."""
+    train, test = load_records(cfg.data, cfg.seed)
+    parts = partition(train, cfg.data.partition, cfg.clients.num, cfg.seed)
+    return train, test, parts
+
+
+def client_examples(cfg: Config, tokenizer: Any, records: Any) -> list[dict]:
+    """One client's training examples: its partition of the records, tokenized as local training reads them."""
+    return tokenize_for_training(records, tokenizer, cfg.data.max_length)
