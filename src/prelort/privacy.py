@@ -42,7 +42,8 @@ from torch import Tensor
 
 from .methods import ClientUpdate, GlobalState, Method, split_key
 from .methods._common import add_factors, client_factors, copy_state, data_weight, empty_factor_sums
-from .nested import FactorSums, mean_from_sums, rank_dim
+from .factor_sums import FactorSums, mean_from_sums
+from .rank_geometry import rank_dim
 
 if TYPE_CHECKING:
     from .config import Config, PrivacyConfig

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..nested import FactorSums
+    from ..factor_sums import FactorSums
 
 import torch
 from torch import Tensor
@@ -115,9 +115,10 @@ def zero_dense_state(spec: FederationSpec) -> dict[str, Tensor]:
 
 
 def empty_factor_sums(shapes: "Mapping[str, Sequence[int]]", device=None) -> "FactorSums":
-    """Zero :class:`~prelort.nested.FactorSums` over the global LoRA factors; ``shapes``: tensor name
+    """Zero :class:`~prelort.factor_sums.FactorSums` over the global LoRA factors; ``shapes``: tensor name
     (``<module>.lora_A`` / ``.lora_B``) -> the global factor's shape."""
-    from ..nested import FactorSums, rank_dim
+    from ..factor_sums import FactorSums
+    from ..rank_geometry import rank_dim
 
     dims = {name: rank_dim(name.rpartition(".")[2]) for name in shapes}
     return FactorSums(shapes, dims, device=device)

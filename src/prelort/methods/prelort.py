@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-from ..nested import nested_truncations
+from ..rank_geometry import nested_truncations
 from . import register
 from ._common import PrefixLoRA, NESTED_MODES, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
 from .base import ClientUpdate, FederationSpec, GlobalState, TrainPlan
