@@ -50,6 +50,7 @@ from .privacy import (
     dp_aggregate,
     finish_from_sums,
 )
+from .rank_geometry import adapter_prefix
 from .updates import UpdateRejected, decode_update, max_payload_bytes, save_update, server_check
 
 log = logging.getLogger("prelort")
@@ -653,11 +654,6 @@ def stratified_sample(ranks: Sequence[int], k: int, rng: random.Random) -> list[
     for r in order:
         chosen += rng.sample(tiers[r], quota[r])
     return sorted(chosen)
-
-
-def adapter_prefix(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """The first ``rank`` dimensions of an adapter: A[:rank], B[:, :rank]."""
-    return {k: v[:rank] if k.endswith("lora_A") else v[:, :rank] for k, v in adapter.items()}
 
 
 def _mean_loss(metas: Sequence[Any]) -> float | None:

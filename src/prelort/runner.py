@@ -27,6 +27,7 @@ from .federation import ClientTask, Federation, MetricsLog, RoundFailed, check_p
 from .methods import Broadcast, ClientUpdate
 from .model_names import hub_id
 from .models import load_model
+from .rank_geometry import adapter_rank
 
 log = logging.getLogger("prelort")
 
@@ -107,11 +108,6 @@ class _GracefulStop:
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def adapter_rank(adapter: dict[str, torch.Tensor]) -> int:
-    a = next(v for k, v in adapter.items() if k.endswith(".lora_A"))
-    return int(a.shape[0])
 
 
 def quiet_libraries() -> None:

@@ -106,8 +106,9 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     ``metrics`` travel in the clear: the client id, its training loss and HetLoRA's ``pruned_to`` only.
     """
     from .. import adapters, methods
-    from ..federation import adapter_prefix, spec_from_config
+    from ..federation import spec_from_config
     from ..privacy import clip_update
+    from ..rank_geometry import adapter_prefix
     from ..updates import server_check
     from .secagg import SecAggLayout, encode_for_secagg, weight_units
 

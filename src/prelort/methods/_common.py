@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 import torch
 from torch import Tensor
 
+from ..rank_geometry import adapter_prefix, factor_shape
 from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, key, lora_init
 
 NESTED_MODES = ("all", "sample", "sandwich", "off", "sample_width")
@@ -74,25 +75,23 @@ def client_factors(
         for name in (name_a, name_b):
             if name not in update.tensors:
                 raise ValueError(f"client {update.client}: update has no tensor {name!r}")
-        a, b = update.tensors[name_a], update.tensors[name_b]
-        if tuple(a.shape) != (rank, d_in):
-            raise ValueError(f"client {update.client}: {name_a} has shape {tuple(a.shape)}, expected {(rank, d_in)}")
-        if tuple(b.shape) != (d_out, rank):
-            raise ValueError(f"client {update.client}: {name_b} has shape {tuple(b.shape)}, expected {(d_out, rank)}")
-        yield module, a, b
+        for name, kind in ((name_a, "lora_A"), (name_b, "lora_B")):
+            shape, expected = tuple(update.tensors[name].shape), factor_shape(kind, rank, d_out, d_in)
+            if shape != expected:
+                raise ValueError(f"client {update.client}: {name} has shape {shape}, expected {expected}")
+        yield module, update.tensors[name_a], update.tensors[name_b]
 
 
 def prefix_adapter(spec: FederationSpec, state: GlobalState, rank: int) -> dict[str, Tensor]:
     """The first ``rank`` dimensions of the global factors (copies: the client may train them in place)."""
-    out: dict[str, Tensor] = {}
+    factors: dict[str, Tensor] = {}
     for module in spec.modules:
         a = state_factor(state, module, "lora_A")
         b = state_factor(state, module, "lora_B")
         if rank > a.shape[0]:
             raise ValueError(f"cannot take rank {rank} from a global adapter of rank {a.shape[0]}")
-        out[key(module, "lora_A")] = a[:rank].to(torch.float32).clone()
-        out[key(module, "lora_B")] = b[:, :rank].to(torch.float32).clone()
-    return out
+        factors[key(module, "lora_A")], factors[key(module, "lora_B")] = a, b
+    return {name: x.to(torch.float32).clone() for name, x in adapter_prefix(factors, rank).items()}
 
 
 def module_lora_init(
