@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from .factor_sums import FactorSums, mean_from_sums
 from .methods import ClientUpdate, GlobalState, Method, split_key
 from .methods._common import add_factors, client_factors, copy_state, data_weight, empty_factor_sums
-from .factor_sums import FactorSums, mean_from_sums
 from .rank_geometry import rank_dim
 
 if TYPE_CHECKING:

@@ -543,15 +543,14 @@ def _check_dtypes_and_shapes(update: ClientUpdate, spec: FederationSpec, who: st
             got = t.dtype if isinstance(t, Tensor) else type(t).__name__
             raise UpdateRejected("wrong_dtype", f"{who}: tensor {name!r} has dtype {got}; float32 expected")
     for module, (d_out, d_in) in spec.modules.items():
-        a, b = update.tensors[f"{module}.lora_A"], update.tensors[f"{module}.lora_B"]
-        rank_a = factor_rank("lora_A", a, d_out, d_in)
-        if rank_a is None:
-            raise UpdateRejected("shape_model_mismatch",
-                                 f"{who}: {module}.lora_A has shape {tuple(a.shape)}; expected (r, {d_in}) for this layer")
-        rank_b = factor_rank("lora_B", b, d_out, d_in)
-        if rank_b is None:
-            raise UpdateRejected("shape_model_mismatch",
-                                 f"{who}: {module}.lora_B has shape {tuple(b.shape)}; expected ({d_out}, r) for this layer")
+        ranks = {}
+        for kind, expected in (("lora_A", f"(r, {d_in})"), ("lora_B", f"({d_out}, r)")):
+            x = update.tensors[f"{module}.{kind}"]
+            ranks[kind] = factor_rank(kind, x, d_out, d_in)
+            if ranks[kind] is None:
+                raise UpdateRejected("shape_model_mismatch", f"{who}: {module}.{kind} has shape {tuple(x.shape)}; "
+                                                             f"expected {expected} for this layer")
+        rank_a, rank_b = ranks["lora_A"], ranks["lora_B"]
         if rank_a != rank_b:
             raise UpdateRejected("ab_rank_mismatch",
                                  f"{who}: {module}.lora_A has rank {rank_a} but {module}.lora_B has rank {rank_b}")
