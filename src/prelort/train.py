@@ -295,8 +295,8 @@ def _guarded_adamw_step(optimizer: torch.optim.Optimizer, pairs: list[tuple[Tens
 
 @dataclass
 class _LocalOptimizer:
-    """AdamW over the LoRA factors (``params``; ``pairs``: the (A, B) of each adapted module, fresh for each
-    call of :func:`train_client`) and its learning-rate schedule."""
+    """One client's optimizer, created afresh by each :func:`train_client` call: AdamW over the LoRA factors
+    (``params``; ``pairs``: the (A, B) of each adapted module) and its learning-rate schedule."""
 
     params: list[Tensor]
     pairs: list[tuple[Tensor, Tensor]]
