@@ -17,7 +17,7 @@ shapes (random tensors, shapes only), this measures per method:
   in a fresh process per case. It counts everything the call holds at its peak: the output state,
   the aggregator's sums and temporaries, whatever updates it retains, and the generator's current
   update. PreLort, zero-padding, HetLoRA and FedIT stream into two sums through a bounded buffer
-  (``nested.FactorSums``: flushed, module-major, at 8 updates or 64 MiB), so their peak does
+  (``factor_sums.FactorSums``: flushed, module-major, at 8 updates or 64 MiB), so their peak does
   not grow with N.
 * the round's fixed cost: ``aggregate()`` with no update at all (allocating the sums, writing the
   new state); it scales with the global state, not with N, and is printed beside the bandwidth.
@@ -65,10 +65,10 @@ from _common import (  # noqa: E402
 )
 
 from prelort.methods import ClientUpdate, FederationSpec, build, key  # noqa: E402
-from prelort.nested import FactorSums  # noqa: E402
+from prelort.factor_sums import FactorSums  # noqa: E402
 
 RESULT_MARKER = "@@AGGREGATION-RESULT@@ "
-# The streaming methods' buffer (nested.FactorSums defaults): it may hold this much whatever N is.
+# The streaming methods' buffer (factor_sums.FactorSums defaults): it may hold this much whatever N is.
 _BUFFER_DEFAULTS = inspect.signature(FactorSums).parameters
 BUFFER_CLIENTS = _BUFFER_DEFAULTS["buffer_clients"].default
 BUFFER_BYTES = _BUFFER_DEFAULTS["buffer_bytes"].default

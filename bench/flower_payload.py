@@ -125,32 +125,14 @@ def adapter_bytes(shapes: dict[str, tuple[int, int]], rank: int) -> int:
 
 
 def write_app(app_dir: Path, shapes: dict[str, tuple[int, int]], rank: int, result: Path) -> None:
-    app_dir.mkdir(parents=True, exist_ok=True)
+    """The benchmark's Flower app: APP_MODULE beside a pyproject.toml from prelort's own app template."""
+    from prelort.flower.launch import write_app_pyproject
+
+    write_app_pyproject(app_dir, name="prelort-payload-bench", version="1.0.0",
+                        description="prelort large-update benchmark", serverapp="prelort_payload_app:server",
+                        clientapp="prelort_payload_app:client",
+                        config={"shapes": json.dumps(shapes), "rank": rank, "result": str(result)})
     (app_dir / "prelort_payload_app.py").write_text(APP_MODULE)
-    (app_dir / "pyproject.toml").write_text(f"""\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "prelort-payload-bench"
-version = "1.0.0"
-description = "prelort large-update benchmark"
-license = "Apache-2.0"
-dependencies = ["flwr>=1.42,<1.43"]
-
-[tool.flwr.app]
-publisher = "prelort"
-
-[tool.flwr.app.components]
-serverapp = "prelort_payload_app:server"
-clientapp = "prelort_payload_app:client"
-
-[tool.flwr.app.config]
-shapes = {json.dumps(json.dumps(shapes))}
-rank = {rank}
-result = {json.dumps(str(result))}
-""")
 
 
 def run(model: str = "1b", rank: int = 64, layers: int | None = None, verbose: bool = False) -> dict:

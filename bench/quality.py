@@ -58,8 +58,9 @@ from prelort.data import tokenize_for_training  # noqa: E402
 from prelort.evaluate import _pad_id, evaluate_examples, perplexity, select_examples, truncation_tiers  # noqa: E402
 from prelort.methods import available  # noqa: E402
 from prelort.report import compare_runs, mean_std, read_run  # noqa: E402
-from prelort.runner import Session, adapter_rank  # noqa: E402
 from prelort.engines.inprocess import InProcessEngine  # noqa: E402
+from prelort.rank_geometry import adapter_rank  # noqa: E402
+from prelort.runner import Session  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")

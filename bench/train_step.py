@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from prelort import adapters, nested
+from prelort import adapters, rank_geometry
 from prelort.config import ModelConfig, TrainConfig
 from prelort.methods.base import FederationSpec, TrainPlan, lora_init
 from prelort.models import load_model
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ranks = sorted({int(r) for r in args.ranks.split(",")})
     rank = ranks[-1]
-    truncations = nested.nested_truncations(rank, ranks)
+    truncations = rank_geometry.nested_truncations(rank, ranks)
     t0 = time.perf_counter()
     base, tok = load_model(ModelConfig(name=args.model, device=args.device))
     load_s = time.perf_counter() - t0

@@ -24,10 +24,10 @@ from prelort.accounting import (  # noqa: E402
     epsilon_after,
     resolve_noise_multiplier,
 )
-from prelort.client import broadcast_rank  # noqa: E402
 from prelort.config import ConfigError  # noqa: E402
 from prelort.federation import Federation, RoundFailed, check_privacy  # noqa: E402
 from prelort.methods import ClientUpdate  # noqa: E402
+from prelort.rank_geometry import adapter_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -80,11 +80,10 @@ def test_sampled_epsilon_equals_the_library_rdp_accountant_for_sampling_without_
 
 def test_which_bound_a_config_gets():
     from prelort import methods
-    from prelort.federation import spec_from_config
 
     def plan(*o):
         c = cfg("privacy.dp=true", "privacy.noise_multiplier=1", *o)
-        return accounting_plan(c, methods.build(c.method, spec_from_config(c, {})))
+        return accounting_plan(c, methods.build(c.method, c.federation_spec({})))
 
     assert plan().bound == "gaussian" and plan().sampling_rate == 1.0
     sampled = ("clients.num=20", "clients.per_round=5", "privacy.neighbouring=replace_one")
@@ -153,7 +152,8 @@ def _results(fed: Federation, round_: int, attempt: int = 0) -> list[ClientUpdat
         gen = torch.Generator().manual_seed(100 * round_ + task.client)
         tensors = {k: (v + 0.01 * torch.randn(tuple(v.shape), generator=gen)).contiguous()
                    for k, v in task.broadcast.adapter.items()}
-        out.append(ClientUpdate(task.client, broadcast_rank(task), 10, tensors, task.round, fed.cfg.method, {}))
+        rank = adapter_rank(task.broadcast.adapter)
+        out.append(ClientUpdate(task.client, rank, 10, tensors, task.round, fed.cfg.method, {}))
     return out
 
 

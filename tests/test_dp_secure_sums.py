@@ -13,12 +13,12 @@ import torch
 pytest.importorskip("dp_accounting")
 
 from prelort import config as config_mod  # noqa: E402
-from prelort.client import broadcast_rank  # noqa: E402
-from prelort.federation import Federation, adapter_prefix  # noqa: E402
-from prelort.secure_sums import WEIGHT_UNITS, SecAggLayout, encode_for_secagg  # noqa: E402
+from prelort.federation import Federation  # noqa: E402
 from prelort.methods import ClientUpdate  # noqa: E402
 from prelort.privacy import clip_update  # noqa: E402
 from prelort.protocol import SecureAggregate  # noqa: E402
+from prelort.rank_geometry import adapter_prefix, adapter_rank  # noqa: E402
+from prelort.secure_sums import WEIGHT_UNITS, SecAggLayout, encode_for_secagg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
@@ -36,7 +36,8 @@ def updates(fed: Federation) -> list[ClientUpdate]:
         # client k moves by 0.01 * k-ish: some above the clip norm 0.05, some below
         tensors = {k: (v + 0.004 * (1 + task.client) * torch.randn(tuple(v.shape), generator=gen)).contiguous()
                    for k, v in task.broadcast.adapter.items()}
-        out.append(ClientUpdate(task.client, broadcast_rank(task), 10 + task.client, tensors, 1, fed.cfg.method,
+        rank = adapter_rank(task.broadcast.adapter)
+        out.append(ClientUpdate(task.client, rank, 10 + task.client, tensors, 1, fed.cfg.method,
                                 {"loss": 1.0}))
     return out
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from prelort import config as config_mod
-from prelort.client import broadcast_rank
 from prelort.config import ConfigError
 from prelort.federation import Federation
 from prelort.methods import ClientUpdate
 from prelort.privacy import PrivacyError
+from prelort.rank_geometry import adapter_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
@@ -27,7 +27,7 @@ def one_round(fed: Federation, scale: float = 0.01) -> dict[str, torch.Tensor]:
     fed.start()
     results = []
     for task in fed.begin_round(1):
-        r = broadcast_rank(task)
+        r = adapter_rank(task.broadcast.adapter)
         gen = torch.Generator().manual_seed(100 + task.client)
         tensors = {k: (v + scale * torch.randn(tuple(v.shape), generator=gen)).contiguous()
                    for k, v in task.broadcast.adapter.items()}
@@ -91,7 +91,8 @@ def test_a_secure_round_is_finished_from_the_sums_and_fails_when_too_few_are_in_
         gen = torch.Generator().manual_seed(100 + task.client)
         tensors = {k: (v + 0.01 * torch.randn(tuple(v.shape), generator=gen)).contiguous()
                    for k, v in task.broadcast.adapter.items()}
-        updates.append(ClientUpdate(task.client, broadcast_rank(task), 8 * (task.client + 1), tensors, 1, "prelort",
+        rank = adapter_rank(task.broadcast.adapter)
+        updates.append(ClientUpdate(task.client, rank, 8 * (task.client + 1), tensors, 1, "prelort",
                                     {"loss": 1.0 + task.client}))
     layout = SecAggLayout.of(fed.state)
     uploads = [encode_for_secagg(fed.method, u, layout) for u in updates]

@@ -21,8 +21,8 @@ from prelort.config import Config
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # the layers from the bottom up, as module-name patterns
-ALGORITHMS = ["prelort.methods", "prelort.methods.*", "prelort.nested*", "prelort.privacy", "prelort.accounting",
-              "prelort.updates"]
+ALGORITHMS = ["prelort.methods", "prelort.methods.*", "prelort.rank_geometry", "prelort.factor_sums", "prelort.secure_sums",
+              "prelort.privacy", "prelort.accounting", "prelort.updates"]
 FLOWER_APPS = ["prelort.flower.serverapp", "prelort.flower.clientapp", "prelort.flower.launch"]
 TOP = ["prelort.runner", "prelort.cli", "prelort.__main__"]
 ROUND_LOOP = ["prelort.federation"]
@@ -51,16 +51,6 @@ RULES: list[tuple[list[str], list[str], str]] = [
      "a ClientApp trains from the recipe and the client side, never from the server's run"),
     (["prelort", "prelort.*", "!prelort.__main__"], ["prelort.cli"], "only `python -m prelort` imports the command line"),
 ]
-
-# Upward imports known on this branch, each moved away by another part of issue 13; the lead removes an entry
-# once that part is merged.
-KNOWN = {
-    ("prelort.federation", "prelort.flower.secagg"): "wt13a moves the secagg finish",
-    ("prelort.accounting", "prelort.federation"): "wt13a moves spec_from_config (method options) out of federation",
-    ("prelort.flower.clientapp", "prelort.federation"):
-        "wt13a moves spec_from_config out of federation, wt13c merges adapter_prefix into one definition",
-}
-
 
 def _module_name(path: Path) -> tuple[str, list[str]]:
     """``(dotted name, package parts)`` of a file under src/."""
@@ -123,15 +113,8 @@ def test_the_graph_sees_the_imports_the_layers_are_made_of():
 
 
 def test_no_import_runs_back_up():
-    found = [f"{a} imports {b}: {why}" for a, b, why in violations() if (a, b) not in KNOWN]
+    found = [f"{a} imports {b}: {why}" for a, b, why in violations()]
     assert not found, "upward imports:\n" + "\n".join(found)
-
-
-@pytest.mark.parametrize("pair", sorted(KNOWN), ids=lambda p: f"{p[0]}->{p[1]}")
-def test_known_upward_import_is_gone(pair):
-    """An upward import another part of issue 13 removes; xfail until that part is merged."""
-    if pair in {(a, b) for a, b, _ in violations()}:
-        pytest.xfail(KNOWN[pair])
 
 
 def test_engine_modules_are_named_after_the_config_values():

@@ -24,11 +24,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from prelort import config as config_mod
-from prelort.client import ClientRunner, broadcast_rank
+from prelort.client import ClientRunner
 from prelort.engines.inprocess import InProcessEngine
 from prelort.federation import ROUND_REASONS, Federation, RoundFailed
 from prelort.methods import ClientUpdate
 from prelort.protocol import ClientTask, RawUpdate
+from prelort.rank_geometry import adapter_rank
 from prelort.runner import Session
 from prelort.updates import REASONS, encode_update
 
@@ -420,7 +421,7 @@ def _aggregate(method: str, tmp: Path, hostile_scale: float,
     fed.start()
     results, honest_change = [], 0.0
     for task in fed.begin_round(1):
-        r = broadcast_rank(task)
+        r = adapter_rank(task.broadcast.adapter)
         gen = torch.Generator().manual_seed(100 + task.client)
         step = {k: torch.randn(tuple(v.shape), generator=gen) for k, v in task.broadcast.adapter.items()}
         scale = hostile_scale if task.client == HOSTILE else 0.01
@@ -467,7 +468,7 @@ def _fuzz_federation(tmp: Path) -> tuple[Federation, list[ClientTask], RawUpdate
     fed.start()
     tasks = fed.begin_round(1)
     t = tasks[0]
-    update = ClientUpdate(t.client, broadcast_rank(t), 5, dict(t.broadcast.adapter), 1, "prelort")
+    update = ClientUpdate(t.client, adapter_rank(t.broadcast.adapter), 5, dict(t.broadcast.adapter), 1, "prelort")
     payload, meta = encode_update(update)
     return fed, tasks, RawUpdate(tasks[1].client, payload, json.dumps(dict(meta, client=tasks[1].client)))
 
@@ -502,7 +503,8 @@ def test_fuzzed_replies_are_rejected_and_the_round_goes_on(tmp_path):
                                                        st.one_of(st.integers(-3, 20), st.text(max_size=5),
                                                                  st.none(), st.floats()))))
         fed.begin_round(1)
-        good = ClientUpdate(honest.client, broadcast_rank(honest), 5, dict(honest.broadcast.adapter), 1, "prelort")
+        good = ClientUpdate(honest.client, adapter_rank(honest.broadcast.adapter), 5, dict(honest.broadcast.adapter), 1,
+                            "prelort")
         outcome = fed.end_round(1, [good, RawUpdate(template.client, payload, meta)])
         assert outcome.accepted[0] == honest.client
         if len(outcome.accepted) == 1:  # the mutated reply was rejected with a known reason

@@ -195,10 +195,9 @@ def _resolve(cfg_key: str) -> tuple[float, AccountingPlan]:
 
     from . import methods
     from .config import ConfigError, from_dict
-    from .federation import spec_from_config
 
     cfg = from_dict(json.loads(cfg_key))
-    method = methods.build(cfg.method, spec_from_config(cfg, {}))
+    method = methods.build(cfg.method, cfg.federation_spec({}))
     plan = accounting_plan(cfg, method)
     target = cfg.privacy.target_epsilon
     if target is None:

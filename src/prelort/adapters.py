@@ -29,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prelort import nested
+from prelort import rank_geometry
 from prelort.methods.base import Broadcast, key, split_key
 
 __all__ = [
@@ -69,7 +69,8 @@ class _NestedState:
         k = (like.dtype, like.device)
         m = self.masks.get(k)
         if m is None:
-            m = self.masks[k] = nested.rank_mask(self.truncation, self.max_rank, dtype=like.dtype, device=like.device)
+            m = self.masks[k] = rank_geometry.rank_mask(self.truncation, self.max_rank, dtype=like.dtype,
+                                                        device=like.device)
         return m
 
 
@@ -211,11 +212,9 @@ def _check_adapter_tensors(st: _NestedState, tensors: Mapping[str, Tensor], rank
         d_out, d_in = layer.out_features, layer.in_features
         if x.dim() != 2:
             raise ValueError(f"{name}: expected a matrix, got shape {tuple(x.shape)}")
-        have = x.shape[nested.rank_dim(kind)]
-        other = x.shape[1 - nested.rank_dim(kind)]
-        want_other = d_in if kind == "lora_A" else d_out
-        if other != want_other or have < rank:
-            want = f"({rank}, {d_in})" if kind == "lora_A" else f"({d_out}, {rank})"
+        have = rank_geometry.factor_rank(kind, x, d_out, d_in)
+        if have is None or have < rank:
+            want = rank_geometry.factor_shape(kind, rank, d_out, d_in)
             raise ValueError(f"{name}: shape {tuple(x.shape)} does not fit rank {rank}: expected {want}")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name}: contains NaN or inf")

@@ -8,13 +8,8 @@ from .adapters import apply_broadcast
 from .config import Config
 from .protocol import ClientTask
 from .methods import ClientUpdate
+from .rank_geometry import adapter_rank
 from .train import train_client
-
-
-def broadcast_rank(task: ClientTask) -> int:
-    """The rank of the adapter a client received (FedIT sends r_min even to larger clients)."""
-    a = next(v for k, v in task.broadcast.adapter.items() if k.endswith(".lora_A"))
-    return int(a.shape[0])
 
 
 class ClientRunner:
@@ -34,7 +29,8 @@ class ClientRunner:
         examples = self.partitions[task.client]
         if not examples:
             raise ValueError(f"client {task.client} has no training examples")
-        apply_broadcast(self.model, task.broadcast, broadcast_rank(task))
+        # the rank of the adapter received, not task.rank: FedIT sends r_min even to larger clients
+        apply_broadcast(self.model, task.broadcast, adapter_rank(task.broadcast.adapter))
         result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress)
         return ClientUpdate(
             client=task.client,

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .methods import FederationSpec
 
 
 class ConfigError(ValueError):
@@ -372,6 +375,14 @@ class Config(_Section):
     def method_options(self) -> dict[str, BaseModel]:
         """Every registered method's validated options section, by method name."""
         return dict(self._method_options)
+
+    def federation_spec(self, modules: dict[str, tuple[int, int]]) -> "FederationSpec":
+        """What every method is built from: the adapted modules' (d_out, d_in), the client ranks, alpha and
+        the methods' options (each method names its own, :func:`prelort.methods.spec_options`)."""
+        from .methods import FederationSpec, spec_options
+
+        return FederationSpec(modules=dict(modules), client_ranks=tuple(self.clients.all_ranks()),
+                              alpha=self.lora.alpha, options=spec_options(self.method_options))
 
     def to_dict(self) -> dict[str, Any]:
         plain = self.model_dump(mode="json")

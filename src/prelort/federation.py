@@ -39,7 +39,7 @@ import torch
 from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
-from .methods import ClientUpdate, FederationSpec, GlobalState, Method
+from .methods import ClientUpdate, GlobalState, Method
 from .privacy import add_dp_noise, check_dp, check_secure_aggregation, clip_update, dp_aggregate
 from .secure_sums import (
     WEIGHT_UNITS,
@@ -50,6 +50,7 @@ from .secure_sums import (
     quantisation_bound,
 )
 from .protocol import ClientTask, EngineResult, RawUpdate, SecureAggregate, decode_raw
+from .rank_geometry import adapter_prefix
 from .updates import UpdateRejected, max_payload_bytes, save_update, server_check
 
 log = logging.getLogger("prelort")
@@ -89,15 +90,6 @@ def derived_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed derived from the run seed and (round, client, ...): every random choice of a round
     depends only on these numbers, so a resumed run repeats it exactly."""
     return random.Random(":".join(str(p) for p in (seed, *parts))).getrandbits(63)
-
-
-def spec_from_config(cfg: Config, modules: dict[str, tuple[int, int]]) -> FederationSpec:
-    return FederationSpec(
-        modules=dict(modules),
-        client_ranks=tuple(cfg.clients.all_ranks()),
-        alpha=cfg.lora.alpha,
-        options=methods_registry.spec_options(cfg.method_options),  # each method names its own options
-    )
 
 
 @dataclass
@@ -167,7 +159,7 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
     """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
     if method is None:
-        method = methods_registry.build(cfg.method, spec_from_config(cfg, {}))
+        method = methods_registry.build(cfg.method, cfg.federation_spec({}))
     if cfg.privacy.dp:
         check_dp(method)
     check_privacy_budget(cfg)
@@ -198,7 +190,7 @@ class Federation:
     def __init__(self, cfg: Config, run_dir: Path, modules: dict[str, tuple[int, int]]):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.spec = spec_from_config(cfg, modules)
+        self.spec = cfg.federation_spec(modules)
         self.method: Method = methods_registry.build(cfg.method, self.spec)
         check_privacy(cfg, self.method)
         self.noise_multiplier: float | None = None  # z the rounds use (privacy.dp; calibrated for a target_epsilon)
@@ -571,11 +563,6 @@ def stratified_sample(ranks: Sequence[int], k: int, rng: random.Random) -> list[
     for r in order:
         chosen += rng.sample(tiers[r], quota[r])
     return sorted(chosen)
-
-
-def adapter_prefix(adapter: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """The first ``rank`` dimensions of an adapter: A[:rank], B[:, :rank]."""
-    return {k: v[:rank] if k.endswith("lora_A") else v[:, :rank] for k, v in adapter.items()}
 
 
 def _mean_loss(metas: Sequence[Any]) -> float | None:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from . import adapters
@@ -29,6 +28,7 @@ from .model_names import hub_id
 from .protocol import Engine
 from .recipe import client_examples, load_data, load_federation_model, quiet_libraries
 from .rundir import MetricsLog
+from .rank_geometry import adapter_rank
 
 log = logging.getLogger("prelort")
 
@@ -107,9 +107,6 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def adapter_rank(adapter: dict[str, torch.Tensor]) -> int:
-    a = next(v for k, v in adapter.items() if k.endswith(".lora_A"))
-    return int(a.shape[0])
 
 
 class Session:

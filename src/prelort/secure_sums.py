@@ -45,7 +45,7 @@ import torch
 
 from .methods import ClientUpdate, GlobalState, Method, SumRule
 from .methods._common import add_factors, empty_factor_sums
-from .nested import FactorSums
+from .factor_sums import FactorSums
 
 # SecAgg+'s clipping range c and quantisation range Q as prelort runs them (Flower's defaults). Defined here,
 # with no Flower import, so the engine-independent federation code and prelort.flower share one value.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +44,11 @@ from torch import Tensor
 
 from prelort import adapters
 from prelort.config import TrainConfig
-from prelort.methods.base import NESTED_MODES, TrainPlan
+from prelort.data.prompts import IGNORE_INDEX
+from prelort.methods.base import NESTED_MODES, PrunePlan, TrainPlan
 
-__all__ = ["IGNORE_INDEX", "TrainResult", "collate", "lr_factor", "response_loss", "tail_norm_product", "train_client"]
+__all__ = ["TrainResult", "collate", "lr_factor", "response_loss", "tail_norm_product", "train_client"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -232,6 +232,115 @@ class _Cycler:
         return out
 
 
+class _PruningHook:
+    """HetLoRA self-pruning (``plan.prune``; a no-op when it is None): the tail norm product
+    sum_modules ||B[:, start:r]||_F * ||A[start:r, :]||_F measured when the round starts and ends, its
+    penalty ``lam`` times it added to every step's gradient, and the decision at the end: the update is
+    truncated to rank ``start`` when the product ended smaller than it started."""
+
+    def __init__(self, prune: PrunePlan | None, rank: int):
+        self.prune = prune
+        self.rank = rank
+        self.tail_start: float | None = None
+        self.tail_end: float | None = None
+
+    @property
+    def penalises_tail(self) -> bool:
+        """Whether the penalty puts the tail dimensions in every step's objective (whatever t was drawn)."""
+        return self.prune is not None and self.prune.lam > 0
+
+    def _tail_norm(self, model: PeftModel) -> float | None:
+        if self.prune is None:
+            return None
+        with torch.no_grad():
+            return float(tail_norm_product(model, self.prune.start, self.rank))
+
+    def round_starts(self, model: PeftModel) -> None:
+        self.tail_start = self._tail_norm(model)
+
+    def add_penalty_gradient(self, model: PeftModel) -> None:
+        if self.penalises_tail:
+            reg = self.prune.lam * tail_norm_product(model, self.prune.start, self.rank)
+            reg.backward()
+
+    def round_ends(self, model: PeftModel) -> None:
+        self.tail_end = self._tail_norm(model)
+
+    def final_rank(self, meta: dict[str, Any]) -> int:
+        """The rank the update is sent at; records the tail norms (and ``pruned_to``) in ``meta``."""
+        if self.prune is None:
+            return self.rank
+        meta["tail_norm_start"] = self.tail_start
+        meta["tail_norm_end"] = self.tail_end
+        if self.tail_end < self.tail_start:
+            meta["pruned_to"] = self.prune.start
+            return self.prune.start
+        return self.rank
+
+
+def _guarded_adamw_step(optimizer: torch.optim.Optimizer, pairs: list[tuple[Tensor, Tensor]], top: int, rank: int,
+                        tail_in_objective: bool, dim_steps: list[int]) -> None:
+    """``optimizer.step()`` with the lazy-Adam guard (module doc): when the step's largest truncation ``top``
+    is below ``rank`` and nothing else reaches the tail, dimensions >= top and their AdamW moments are
+    restored afterwards. Counts in ``dim_steps`` each dimension the step changed."""
+    # the pruning penalty reaches the tail dims whatever t was drawn: they are in the objective
+    frozen = _snapshot_inactive(optimizer, pairs, top) if top < rank and not tail_in_objective else None
+    for i in range(top if frozen is not None else rank):
+        dim_steps[i] += 1
+    optimizer.step()
+    if frozen is not None:
+        _restore_inactive(optimizer, frozen)
+
+
+@dataclass
+class _LocalOptimizer:
+    """One client's optimizer, created afresh by each :func:`train_client` call: AdamW over the LoRA factors
+    (``params``; ``pairs``: the (A, B) of each adapted module) and its learning-rate schedule."""
+
+    params: list[Tensor]
+    pairs: list[tuple[Tensor, Tensor]]
+    adamw: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @classmethod
+    def of(cls, model: PeftModel, cfg: TrainConfig) -> "_LocalOptimizer":
+        params = adapters.lora_parameters(model)
+        pairs = _factor_pairs(model)
+        for p in params:
+            p.requires_grad_(True)
+        adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            adamw, lambda s: lr_factor(s, cfg.local_steps, cfg.schedule, cfg.warmup_steps)
+        )
+        return cls(params, pairs, adamw, scheduler)
+
+
+def _train_step(model: PeftModel, next_batch: Callable[[], dict[str, Tensor]], step_ts: list[int], plan: TrainPlan,
+                cfg: TrainConfig, optim: _LocalOptimizer, pruning: _PruningHook, counts: dict[int, int],
+                dim_steps: list[int]) -> float:
+    """One optimizer step of the nested objective: ``cfg.grad_accum`` micro-batches, each with one
+    forward/backward per truncation in ``step_ts`` (weights summing to 1), then the pruning penalty, gradient
+    clipping and the guarded AdamW step. Returns the step's loss (the weighted mean over those passes)."""
+    weight = 1.0 / (len(step_ts) * cfg.grad_accum)
+    step_loss = 0.0
+    for _ in range(cfg.grad_accum):
+        batch = next_batch()
+        for t in step_ts:
+            counts[t] += 1
+            adapters.set_truncation(model, t)
+            loss = batch_response_loss(model, batch)
+            (loss * weight).backward()
+            step_loss += float(loss.detach()) * weight
+    adapters.set_truncation(model, plan.rank)
+    pruning.add_penalty_gradient(model)
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(optim.params, cfg.max_grad_norm)
+    _guarded_adamw_step(optim.adamw, optim.pairs, max(step_ts), plan.rank, pruning.penalises_tail, dim_steps)
+    optim.scheduler.step()
+    optim.adamw.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def train_client(
     model: PeftModel,
     examples: Sequence[dict],
@@ -254,19 +363,15 @@ def train_client(
     if pad_id is None:
         pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
-    params = adapters.lora_parameters(model)
-    pairs = _factor_pairs(model)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.local_steps, cfg.schedule, cfg.warmup_steps)
-    )
+    optim = _LocalOptimizer.of(model, cfg)
     data_gen = torch.Generator().manual_seed(seed)
     cycler = _Cycler(len(examples), data_gen)
     pick = random.Random(seed)
-    prune = plan.prune
-    tail_start = tail_end = None
+    pruning = _PruningHook(plan.prune, plan.rank)
+
+    def next_batch() -> dict[str, Tensor]:
+        batch = collate([examples[i] for i in cycler.take(cfg.batch_size)], pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
 
     losses: list[float] = []
     counts = {t: 0 for t in ts}
@@ -283,55 +388,23 @@ def train_client(
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)  # LoRA dropout draws from the global RNG
             model.train()
-            if prune is not None:
-                with torch.no_grad():
-                    tail_start = float(tail_norm_product(model, prune.start, plan.rank))
+            pruning.round_starts(model)
             for step in range(cfg.local_steps):
                 step_ts = _step_truncations(plan.mode, ts, plan.rank, pick)
-                weight = 1.0 / (len(step_ts) * cfg.grad_accum)
-                step_loss = 0.0
-                for _ in range(cfg.grad_accum):
-                    batch = collate([examples[i] for i in cycler.take(cfg.batch_size)], pad_id)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    for t in step_ts:
-                        counts[t] += 1
-                        adapters.set_truncation(model, t)
-                        loss = batch_response_loss(model, batch)
-                        (loss * weight).backward()
-                        step_loss += float(loss.detach()) * weight
-                adapters.set_truncation(model, plan.rank)
-                if prune is not None and prune.lam > 0:
-                    reg = prune.lam * tail_norm_product(model, prune.start, plan.rank)
-                    reg.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                top = max(step_ts)
-                # the pruning penalty reaches the tail dims whatever t was drawn: they are in the objective
-                frozen = (_snapshot_inactive(optimizer, pairs, top)
-                          if top < plan.rank and (prune is None or prune.lam == 0) else None)
-                for i in range(top if frozen is not None else plan.rank):
-                    dim_steps[i] += 1
-                optimizer.step()
-                if frozen is not None:
-                    _restore_inactive(optimizer, frozen)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                step_loss = _train_step(model, next_batch, step_ts, plan, cfg, optim, pruning, counts, dim_steps)
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"training loss became {step_loss} at step {step} (lower train.lr?)")
                 losses.append(step_loss)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}")
-            if prune is not None:
-                with torch.no_grad():
-                    tail_end = float(tail_norm_product(model, prune.start, plan.rank))
+            pruning.round_ends(model)
     finally:
         if bar is not None:
             bar.close()
         adapters.set_truncation(model, plan.rank)
         model.train(was_training)
 
-    final_rank = plan.rank
     meta: dict[str, Any] = {
         "loss": losses[-1],
         "mean_loss": sum(losses) / len(losses),
@@ -344,12 +417,7 @@ def train_client(
         "dim_steps": dim_steps,
         "seconds": time.perf_counter() - started,
     }
-    if prune is not None:
-        meta["tail_norm_start"] = tail_start
-        meta["tail_norm_end"] = tail_end
-        if tail_end < tail_start:
-            final_rank = prune.start
-            meta["pruned_to"] = prune.start
+    final_rank = pruning.final_rank(meta)
     return TrainResult(
         tensors=adapters.read_adapter_state(model, final_rank),
         rank=final_rank,

@@ -32,6 +32,7 @@ from safetensors.torch import save as _st_save
 from torch import Tensor
 
 from .methods.base import ClientUpdate, FederationSpec, Method, split_key
+from .rank_geometry import factor_rank
 
 # Header of a LoRA update: ~150 bytes per tensor; 16 MiB allows ~100k tensors and stops a header
 # that claims gigabytes before anything is allocated.
@@ -471,13 +472,31 @@ def validate_update(
     per round rejects a second update from the same client. ``max_norm``: bound on :func:`update_norm`.
     A client may send a rank below its configured one (HetLoRA pruning, FedIT's common rank) but
     never above it.
+
+    The checks run in this order, the first failure raising: the metadata, the tensor names, the
+    dtypes and shapes, the values (finite, within the norm bounds), the method's own fields.
     """
-    client, rank = update.client, update.rank
-    who = f"client {client}"
+    who = f"client {update.client}"
     method_impl = method if isinstance(method, Method) else None
     if method_impl is not None:
         method = method_impl.name
-    # -- metadata --------------------------------------------------------------------------------
+    _check_update_metadata(update, spec, who, method=method, round_=round_, seen_clients=seen_clients)
+    _check_tensor_names(update, spec, who)
+    _check_dtypes_and_shapes(update, spec, who)
+    _check_values(update, who, max_norm=max_norm, max_rms=max_rms)
+    if method_impl is not None:
+        try:
+            method_impl.check_update(update)
+        except ValueError as e:
+            raise UpdateRejected("bad_method_field", f"{who}: {e}") from None
+    if seen_clients is not None:
+        seen_clients.add(update.client)
+
+
+def _check_update_metadata(update: ClientUpdate, spec: FederationSpec, who: str, *, method: str | None,
+                           round_: int | None, seen_clients: set[int] | None) -> None:
+    """Round, method, client id, num_examples, ``extra`` and the declared rank against the federation."""
+    client, rank = update.client, update.rank
     if round_ is not None and update.round != round_:
         raise UpdateRejected("round_mismatch", f"{who}: update is for round {update.round}, the server is at round {round_}")
     if method is not None and update.method != method:
@@ -500,7 +519,10 @@ def validate_update(
     if rank > spec.client_ranks[client]:
         raise UpdateRejected("rank_above_client",
                              f"{who}: declared rank {rank} exceeds its configured rank {spec.client_ranks[client]}")
-    # -- tensor names -------------------------------------------------------------------------------
+
+
+def _check_tensor_names(update: ClientUpdate, spec: FederationSpec, who: str) -> None:
+    """Exactly ``<module>.lora_A`` and ``<module>.lora_B`` of every adapted module."""
     for name in sorted(update.tensors):
         module, kind = split_key(name)
         if kind not in FACTOR_KINDS or not module:
@@ -511,26 +533,34 @@ def validate_update(
         for kind in FACTOR_KINDS:
             if f"{module}.{kind}" not in update.tensors:
                 raise UpdateRejected("missing_module", f"{who}: no tensor {module}.{kind}")
-    # -- dtypes, shapes, values ------------------------------------------------------------------
+
+
+def _check_dtypes_and_shapes(update: ClientUpdate, spec: FederationSpec, who: str) -> None:
+    """float32 tensors; per module, factors that fit the base model's layer, one rank for A and B, the declared one."""
     for name in sorted(update.tensors):
         t = update.tensors[name]
         if not isinstance(t, Tensor) or t.dtype != torch.float32:
             got = t.dtype if isinstance(t, Tensor) else type(t).__name__
             raise UpdateRejected("wrong_dtype", f"{who}: tensor {name!r} has dtype {got}; float32 expected")
     for module, (d_out, d_in) in spec.modules.items():
-        a, b = update.tensors[f"{module}.lora_A"], update.tensors[f"{module}.lora_B"]
-        if a.ndim != 2 or a.shape[1] != d_in:
-            raise UpdateRejected("shape_model_mismatch",
-                                 f"{who}: {module}.lora_A has shape {tuple(a.shape)}; expected (r, {d_in}) for this layer")
-        if b.ndim != 2 or b.shape[0] != d_out:
-            raise UpdateRejected("shape_model_mismatch",
-                                 f"{who}: {module}.lora_B has shape {tuple(b.shape)}; expected ({d_out}, r) for this layer")
-        if a.shape[0] != b.shape[1]:
+        ranks = {}
+        for kind, expected in (("lora_A", f"(r, {d_in})"), ("lora_B", f"({d_out}, r)")):
+            x = update.tensors[f"{module}.{kind}"]
+            ranks[kind] = factor_rank(kind, x, d_out, d_in)
+            if ranks[kind] is None:
+                raise UpdateRejected("shape_model_mismatch", f"{who}: {module}.{kind} has shape {tuple(x.shape)}; "
+                                                             f"expected {expected} for this layer")
+        rank_a, rank_b = ranks["lora_A"], ranks["lora_B"]
+        if rank_a != rank_b:
             raise UpdateRejected("ab_rank_mismatch",
-                                 f"{who}: {module}.lora_A has rank {a.shape[0]} but {module}.lora_B has rank {b.shape[1]}")
-        if a.shape[0] != rank:
+                                 f"{who}: {module}.lora_A has rank {rank_a} but {module}.lora_B has rank {rank_b}")
+        if rank_a != update.rank:
             raise UpdateRejected("shape_rank_mismatch",
-                                 f"{who}: {module} factors have rank {a.shape[0]}, declared rank is {rank}")
+                                 f"{who}: {module} factors have rank {rank_a}, declared rank is {update.rank}")
+
+
+def _check_values(update: ClientUpdate, who: str, *, max_norm: float | None, max_rms: float | None) -> None:
+    """Finite entries only; the update's norm within ``max_norm`` and ``max_rms`` x sqrt(entries)."""
     for name in sorted(update.tensors):
         t = update.tensors[name]
         bad = ~torch.isfinite(t)
@@ -555,13 +585,6 @@ def validate_update(
                                  f"{who}: update norm {norm:.6g} exceeds the bound {max_rms * math.sqrt(entries):.6g} "
                                  f"(validation.max_update_rms={max_rms:g} x sqrt({entries} entries); root-mean-square "
                                  f"entry {norm / math.sqrt(max(entries, 1)):.6g})")
-    if method_impl is not None:
-        try:
-            method_impl.check_update(update)
-        except ValueError as e:
-            raise UpdateRejected("bad_method_field", f"{who}: {e}") from None
-    if seen_clients is not None:
-        seen_clients.add(client)
 
 
 def server_check(update: ClientUpdate, spec: FederationSpec, method: Method, validation: Any, *,

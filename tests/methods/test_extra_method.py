@@ -14,7 +14,7 @@ from prelort import methods
 from prelort.check import check_run_dir
 from prelort.checkpoint import load_checkpoint
 from prelort.config import ConfigError, load
-from prelort.federation import check_privacy, spec_from_config
+from prelort.federation import check_privacy
 from prelort.methods import ClientUpdate, FederationSpec, key
 from prelort.privacy import PrivacyError
 from prelort.runner import run
@@ -49,7 +49,7 @@ def test_its_options_come_from_its_own_model_and_privacy_asks_its_flag(trimmed):
     cfg = load(TINY, ["method=trimmed", "trimmed.trim=2"])
     assert cfg.trimmed.trim == 2 and cfg.to_dict()["trimmed"] == {"trim": 2}
     assert load(TINY, ["method=trimmed"]).trimmed.trim == 1  # its model's default
-    options = spec_from_config(cfg, {}).options
+    options = cfg.federation_spec({}).options
     assert options["trimmed_trim"] == 2 and options["nested"] == "all"  # the built-in methods' options stay
     with pytest.raises(ConfigError, match="trimmed.trim: Input should be greater than or equal to 0"):
         load(TINY, ["method=trimmed", "trimmed.trim=-1"])

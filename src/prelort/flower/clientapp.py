@@ -106,15 +106,15 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     ``metrics`` travel in the clear: the client id, its training loss and HetLoRA's ``pruned_to`` only.
     """
     from .. import adapters, methods
-    from ..federation import adapter_prefix, spec_from_config
     from ..privacy import clip_update
+    from ..rank_geometry import adapter_prefix
     from ..updates import server_check
     from ..secure_sums import SecAggLayout, encode_for_secagg, weight_units
 
     task = secagg_task.task
     update = run_task(task, partition_id)
     cfg, model, _ = client_state(task.config, partition_id)
-    spec = spec_from_config(cfg, adapters.adapted_modules(model))
+    spec = cfg.federation_spec(adapters.adapted_modules(model))
     server_check(update, spec, methods.build(cfg.method, spec), cfg.validation, round_=task.round)
     # privacy.dp: clip to privacy.clip_norm (the DP sensitivity; it replaces robust clipping, as on the server)
     clip_norm = cfg.privacy.clip_norm if cfg.privacy.dp else cfg.robust.clip_norm

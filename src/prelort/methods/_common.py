@@ -11,11 +11,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..nested import FactorSums
+    from ..factor_sums import FactorSums
 
 import torch
 from torch import Tensor
 
+from ..rank_geometry import adapter_prefix, factor_shape
 from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, SumRule, key, lora_init, split_key
 
 
@@ -72,25 +73,23 @@ def client_factors(
         for name in (name_a, name_b):
             if name not in update.tensors:
                 raise ValueError(f"client {update.client}: update has no tensor {name!r}")
-        a, b = update.tensors[name_a], update.tensors[name_b]
-        if tuple(a.shape) != (rank, d_in):
-            raise ValueError(f"client {update.client}: {name_a} has shape {tuple(a.shape)}, expected {(rank, d_in)}")
-        if tuple(b.shape) != (d_out, rank):
-            raise ValueError(f"client {update.client}: {name_b} has shape {tuple(b.shape)}, expected {(d_out, rank)}")
-        yield module, a, b
+        for name, kind in ((name_a, "lora_A"), (name_b, "lora_B")):
+            shape, expected = tuple(update.tensors[name].shape), factor_shape(kind, rank, d_out, d_in)
+            if shape != expected:
+                raise ValueError(f"client {update.client}: {name} has shape {shape}, expected {expected}")
+        yield module, update.tensors[name_a], update.tensors[name_b]
 
 
 def prefix_adapter(spec: FederationSpec, state: GlobalState, rank: int) -> dict[str, Tensor]:
     """The first ``rank`` dimensions of the global factors (copies: the client may train them in place)."""
-    out: dict[str, Tensor] = {}
+    factors: dict[str, Tensor] = {}
     for module in spec.modules:
         a = state_factor(state, module, "lora_A")
         b = state_factor(state, module, "lora_B")
         if rank > a.shape[0]:
             raise ValueError(f"cannot take rank {rank} from a global adapter of rank {a.shape[0]}")
-        out[key(module, "lora_A")] = a[:rank].to(torch.float32).clone()
-        out[key(module, "lora_B")] = b[:, :rank].to(torch.float32).clone()
-    return out
+        factors[key(module, "lora_A")], factors[key(module, "lora_B")] = a, b
+    return {name: x.to(torch.float32).clone() for name, x in adapter_prefix(factors, rank).items()}
 
 
 def module_lora_init(
@@ -113,9 +112,10 @@ def zero_dense_state(spec: FederationSpec) -> dict[str, Tensor]:
 
 
 def empty_factor_sums(shapes: "Mapping[str, Sequence[int]]", device=None) -> "FactorSums":
-    """Zero :class:`~prelort.nested.FactorSums` over the global LoRA factors; ``shapes``: tensor name
+    """Zero :class:`~prelort.factor_sums.FactorSums` over the global LoRA factors; ``shapes``: tensor name
     (``<module>.lora_A`` / ``.lora_B``) -> the global factor's shape."""
-    from ..nested import FactorSums, rank_dim
+    from ..factor_sums import FactorSums
+    from ..rank_geometry import rank_dim
 
     dims = {name: rank_dim(name.rpartition(".")[2]) for name in shapes}
     return FactorSums(shapes, dims, device=device)
@@ -137,7 +137,8 @@ def finish_from_sums(rule: SumRule, state: GlobalState, num: Mapping[str, Tensor
     ``segment``: mean_from_sums(N, D) (uncovered dimensions keep their previous value);
     ``padded``:  N / D_0 (every client covers dimension 0, so D_0 = sum_k p_k); previous if D_0 = 0.
     """
-    from ..nested import mean_from_sums, rank_dim
+    from ..factor_sums import mean_from_sums
+    from ..rank_geometry import rank_dim
 
     out: dict[str, Tensor] = {}
     for name, previous in state.tensors.items():

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from pydantic import Field
 
-from ..nested import nested_truncations
+from ..rank_geometry import nested_truncations
 from . import register
 from ._common import PrefixLoRA, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
 from .base import NESTED_MODES, ClientUpdate, FederationSpec, GlobalState, MethodOptions, NestedMode, TrainPlan

@@ -1,25 +1,18 @@
-"""Prefix-nested LoRA math: truncation = rank-t adapter, segment-wise mean, the two-sums and streaming forms."""
+"""Streaming padded sums: the segment-wise mean from the two sums and the streaming forms, against
+independent test oracles (a per-dimension mean, a direct segment-by-segment mean)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
-from prelort.nested import (
-    FactorSums,
-    PaddedSums,
-    mean_from_sums,
-    nested_truncations,
-    pad,
-    padded_weighted_sums,
-    rank_dim,
-    rank_mask,
-    segment_weighted_mean,
-    segments,
-    truncate,
-)
+from prelort.factor_sums import FactorSums, PaddedSums, mean_from_sums
+from prelort.rank_geometry import rank_dim, segments
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -28,98 +21,62 @@ def _rand(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-# -- segments and truncation sets ------------------------------------------------------------------
+# -- test oracles: the two sums and the segment-wise mean computed directly, not streamed -------------------
 
 
-def test_segments_cut_at_distinct_sorted_ranks():
-    assert segments([4, 2, 8, 2]) == [(0, 2), (2, 4), (4, 8)]
-    assert segments([3]) == [(0, 3)]
+def padded_weighted_sums(
+    factors: Sequence[Tensor], weights: Sequence[float], r: int, dim: int
+) -> tuple[Tensor, Tensor]:
+    """The two plain sums segment-wise averaging needs (secure-aggregation friendly).
+
+        numerator   N = sum_k p_k * pad(X_k, R)                 (same shape as the global factor)
+        denominator D = sum_k p_k * pad(1_{r_k}, R)             (length R: D_i = sum_{k: r_k > i} p_k)
+
+    Each term has a fixed shape, so a server (or SecAgg) only ever sees sums.
+    """
+    if len(factors) != len(weights):
+        raise ValueError(f"{len(factors)} factors but {len(weights)} weights")
+    if not factors:
+        raise ValueError("no factors to sum")
+    shape = list(factors[0].shape)
+    shape[dim] = r
+    sums = PaddedSums(shape, dim)
+    for x, p in zip(factors, weights):
+        sums.add(x, p)
+    return sums.num, sums.den
 
 
-def test_nested_truncations_are_boundaries_up_to_own_rank():
-    assert nested_truncations(4, [1, 2, 4, 8]) == [1, 2, 4]
-    assert nested_truncations(8, [1, 2, 4, 8]) == [1, 2, 4, 8]
-    assert nested_truncations(1, [1, 2, 4, 8]) == [1]
-    # a rank that is not a boundary is still included itself
-    assert nested_truncations(3, [2, 4]) == [2, 3]
+def segment_weighted_mean(
+    factors: Sequence[Tensor], weights: Sequence[float], previous: Tensor, dim: int
+) -> Tensor:
+    """Segment-wise weighted mean of factors of different ranks (PreLort aggregation).
 
+    For every segment seg_j = [r(j-1), r(j)) with covering clients C_j = {k : r_k >= r(j)}:
 
-@pytest.mark.parametrize("bad", [[], [0, 2], [-1]])
-def test_segments_reject_bad_ranks(bad):
-    with pytest.raises(ValueError):
-        segments(bad)
+        X_new[seg_j] = sum_{k in C_j} p_k X_k[seg_j] / sum_{k in C_j} p_k
 
-
-def test_rank_dim_names_the_rank_axis():
-    assert rank_dim("lora_A") == 0 and rank_dim("lora_B") == 1
-    with pytest.raises(ValueError, match="unknown LoRA factor kind"):
-        rank_dim("delta")
-
-
-def test_truncate_is_a_view_and_pad_adds_zeros():
-    a = _rand(0, 4, 3)
-    t = truncate(a, 2, 0)
-    assert t.data_ptr() == a.data_ptr()  # no copy
-    assert torch.equal(t, a[:2])
-    b = _rand(1, 3, 2)
-    p = pad(b, 5, 1)
-    assert p.shape == (3, 5) and torch.equal(p[:, :2], b) and not p[:, 2:].any()
-    with pytest.raises(ValueError):
-        pad(b, 1, 1)
-    with pytest.raises(ValueError):
-        truncate(a, 5, 0)
-
-
-# -- truncation computes the rank-t function ------------------------------------------------------
-
-
-@FAST
-@given(
-    d_in=st.integers(1, 5),
-    d_out=st.integers(1, 5),
-    R=st.integers(1, 6),
-    data=st.data(),
-    seed=st.integers(0, 10_000),
-)
-def test_truncation_is_the_rank_t_adapter_with_the_same_prefix(d_in, d_out, R, data, seed):
-    t = data.draw(st.integers(0, R))
-    alpha = 7.0
-    s = alpha / R  # ONE scale for every rank, never alpha / t
-    A = _rand(seed, R, d_in)
-    B = _rand(seed + 1, d_out, R)
-    x = _rand(seed + 2, 3, d_in)
-
-    # a rank-t client's own adapter: independent copies of the prefix, same constant scale
-    A_t, B_t = A[:t].clone(), B[:, :t].clone()
-    y_client = s * (x @ A_t.T) @ B_t.T
-
-    y_truncate = s * (x @ truncate(A, t, rank_dim("lora_A")).T) @ truncate(B, t, rank_dim("lora_B")).T
-    y_mask = s * ((x @ A.T) * rank_mask(t, R, dtype=torch.float64)) @ B.T
-    torch.testing.assert_close(y_truncate, y_client, rtol=0, atol=1e-12)
-    torch.testing.assert_close(y_mask, y_client, rtol=0, atol=1e-12)
-
-    dW = lambda k: s * B[:, :k] @ A[:k]  # noqa: E731
-    tail = s * B[:, t:] @ A[t:]
-    torch.testing.assert_close(dW(R), dW(t) + tail, rtol=0, atol=1e-12)
-    torch.testing.assert_close(dW(t), s * B_t @ A_t, rtol=0, atol=1e-12)
-
-
-def test_mask_blocks_gradients_beyond_the_truncation():
-    R, t = 5, 2
-    A = _rand(0, R, 3).requires_grad_()
-    B = _rand(1, 4, R).requires_grad_()
-    x = _rand(2, 6, 3)
-    y = ((x @ A.T) * rank_mask(t, R, dtype=torch.float64)) @ B.T
-    y.square().sum().backward()
-    assert not A.grad[t:].any() and not B.grad[:, t:].any()
-    assert A.grad[:t].abs().sum() > 0 and B.grad[:, :t].abs().sum() > 0
-
-
-def test_rank_mask_values_and_bounds():
-    assert rank_mask(2, 4).tolist() == [1, 1, 0, 0]
-    assert rank_mask(0, 3).tolist() == [0, 0, 0]
-    with pytest.raises(ValueError):
-        rank_mask(5, 4)
+    i.e. dimension i is the p-weighted mean over the clients with r_k > i; a
+    segment no client covers keeps ``previous``. ``dim`` is the rank axis
+    (0 for lora_A, 1 for lora_B). Computed directly, segment by segment; it
+    equals ``mean_from_sums(*padded_weighted_sums(...))``.
+    """
+    if len(factors) != len(weights):
+        raise ValueError(f"{len(factors)} factors but {len(weights)} weights")
+    R = previous.shape[dim]
+    out = previous.clone()
+    if not factors:
+        return out
+    ranks = [x.shape[dim] for x in factors]
+    if max(ranks) > R:
+        raise ValueError(f"factor of rank {max(ranks)} exceeds global rank {R}")
+    for lo, hi in segments(ranks):
+        members = [(x, p) for x, p in zip(factors, weights) if x.shape[dim] >= hi]
+        total = sum(float(p) for _, p in members)
+        if total <= 0:
+            continue  # only zero-weight clients: nothing to average, keep the previous value
+        acc = sum(float(p) * x.narrow(dim, lo, hi - lo).to(torch.float64) for x, p in members)
+        out.narrow(dim, lo, hi - lo).copy_((acc / total).to(out.dtype))
+    return out
 
 
 # -- segment-wise weighted mean -----------------------------------------------------------------------
