@@ -299,6 +299,17 @@ def method_sections() -> dict[str, type[BaseModel]]:
     return sections
 
 
+def _check_method(name: str) -> None:
+    """A ValidationError at ``method`` unless ``name`` is a registered method (the message lists them)."""
+    from . import methods
+
+    known = methods.available()
+    if name not in known:
+        error = ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(known))}")
+        raise ValidationError.from_exception_data("Config", [{"type": "value_error", "loc": ("method",),
+                                                              "input": name, "ctx": {"error": error}}])
+
+
 def _error_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     """pydantic's error dicts as ValidationError.from_exception_data takes them, their paths under ``prefix``."""
     return [{"type": e["type"], "loc": (*prefix, *e["loc"]), "input": e.get("input"),
@@ -328,37 +339,34 @@ class Config(_Section):
     # the registered methods' option sections (method_sections()), validated; read as cfg.<method name>
     _method_options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
 
-    @field_validator("method")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        from . import methods
-
-        known = methods.available()
-        if v not in known:
-            raise ValueError(f"unknown method {v!r}; registered methods: {', '.join(sorted(known))}")
-        return v
-
     @model_validator(mode="wrap")
     @classmethod
     def _with_method_sections(cls, data: Any, handler: Any) -> "Config":
-        """Validate each method's section with the method's options model (its defaults when absent), the rest
-        of the config as declared above; every error of both under its dotted path."""
+        """The declared keys first, then ``method`` against the registry and each registered method's section
+        (validated by its options model; its defaults when absent); any other top-level key is unknown.
+
+        The registry imports the method modules, and with them torch: only a config whose declared keys are
+        valid asks it, so a mistyped or out-of-range declared key fails fast (no model library imported).
+        """
         if not isinstance(data, dict):
-            return handler(data)  # an existing Config (e.g. validate_assignment): its sections stay
+            cfg = handler(data)  # an existing Config (validate_assignment): its sections stay
+            _check_method(cfg.method)
+            return cfg
+        cfg = handler({k: v for k, v in data.items() if k in cls.model_fields})
         models = method_sections()
-        sections: dict[str, BaseModel] = {}
         errors: list[dict[str, Any]] = []
+        try:
+            _check_method(cfg.method)
+        except ValidationError as e:
+            errors += _error_details(e.errors())
+        errors += [{"type": "extra_forbidden", "loc": (k,), "input": v} for k, v in data.items()
+                   if k not in cls.model_fields and k not in models]
+        sections: dict[str, BaseModel] = {}
         for name, model in models.items():
             try:
                 sections[name] = model.model_validate(data.get(name, {}))
             except ValidationError as e:
                 errors += _error_details(e.errors(), (name,))
-        try:
-            cfg = handler({k: v for k, v in data.items() if k not in models})
-        except ValidationError as e:
-            if not errors:
-                raise
-            raise ValidationError.from_exception_data(cls.__name__, _error_details(e.errors()) + errors) from None
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         cfg._method_options = sections
