@@ -378,13 +378,7 @@ class Federation:
                                   min_per_round=self.cfg.clients.min_per_round, attempts=self._attempt + 1,
                                   completed=self.round)
             self.state = new_state
-        self.round = round_
-        outcome.seconds = seconds
-        outcome.attempts = self._attempt + 1
-        # the outcome without its wall time: a checkpoint's bytes depend only on the run's inputs
-        kept = {k: v for k, v in outcome.summary().items() if k != "seconds"}
-        ckpt.save_checkpoint(self.run_dir, round_, self.state, {**self.checkpoint_info(), "outcome": kept})
-        return outcome
+        return self._commit_round(round_, outcome, seconds)
 
     def end_round_secure(self, round_: int, agg: SecureAggregate, seconds: float = 0.0) -> RoundOutcome:
         """Finish a round from SecAgg+'s output (:class:`SecureAggregate`) instead of from updates.
@@ -431,6 +425,10 @@ class Federation:
             log.warning("round %d: SecAgg+ recovered the sums only to +-%.3g per entry: the clients' weights are small "
                         "against the public bound W (sum rho = %.3g); a tighter W (hetlora: a lower "
                         "validation.max_update_norm) restores precision", round_, bound, rho_total)
+        return self._commit_round(round_, outcome, seconds)
+
+    def _commit_round(self, round_: int, outcome: RoundOutcome, seconds: float) -> RoundOutcome:
+        """The round is done: checkpoint the new state with its outcome (both ways of ending a round)."""
         self.round = round_
         outcome.seconds = seconds
         outcome.attempts = self._attempt + 1
