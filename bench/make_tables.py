@@ -1,6 +1,6 @@
 """Rewrite the README's results section from the benchmarks' JSON files.
 
-Reads ``quality.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
+Reads ``quality.json``, ``quality_pilot.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
 results directory (each written by ``bench/<name>.py --json``; a missing one is named as not run yet)
 and replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
 Markdown tables, each with the command that made it and the machine it ran on. Without the markers, a
@@ -286,6 +286,43 @@ def _link(path_text: str, readme_dir: Path) -> str:
         return path.as_posix()
 
 
+def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    """The quality study's pilot gate (docs/quality-study.md): one row per task size, budget and seed tried."""
+    gate = data.get("gate") or {}
+    out = ["### Quality study pilot gate: is the `facts` task rank-sensitive?", ""]
+    verdict = "**holds**" if gate.get("holds") else "**does not hold** (in any configuration tried so far)"
+    out.append(f"Gate ({gate.get('rule', 'rule not recorded')}): {verdict}. The study runs only once it holds "
+               "at the study's budget on the pilot seed (docs/quality-study.md).")
+    out += ["", "| facts (entities x attributes), LoRA targets | optimizer steps x batch | seed | rank 16 (lr) "
+                "| rank 2 (lr) | 16 - 2 | queries | gate |", "|---|---|---|---|---|---|---|---|"]
+    for entry in data.get("configurations", {}).values():
+        task, budget = entry["task"], entry["budget"]
+        best = entry.get("best_by_rank") or {}
+
+        def cell(rank: str) -> str:
+            b = best.get(rank)
+            if b is None:
+                return "skipped" if rank == "2" and entry.get("skipped") else "-"
+            return f"{b['accuracy']:.3f} ({b['lr']:g})"
+
+        gap = entry.get("gap_16_minus_2")
+        n = min((b["n"] for b in best.values()), default=0)
+        passes = entry.get("passes")
+        out.append(f"| {task['entities'] * task['attributes']} ({task['entities']} x {task['attributes']}), "
+                   f"{task['targets']} | {budget['optimizer_steps']} x {budget['batch_size']} | {entry['seed']} | "
+                   f"{cell('16')} | {cell('2')} | {'-' if gap is None else f'{gap:+.3f}'} | {n} | "
+                   f"{'pass' if passes else ('fail' if passes is False else 'running')} |")
+    out.append("")
+    out.append("Each row: `python bench/quality_pilot.py --entities E --attributes A --phrasings P --targets T "
+               "--ranks 16,2 --lrs <grid> --rounds R --steps S --batch B --seed SEED` (centralised LoRA: one client "
+               "holding all the training data; best lr per rank; teacher-forced exact match on every held-out "
+               "query).")
+    if data.get("note"):
+        out += ["", str(data["note"])]
+    out += ["", f"Machine: {machine(data.get('environment'))}"]
+    return "\n".join(out)
+
+
 def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
     """The pre-registered study (docs/quality-study.md): verdict, paired differences, cost, diagnostics."""
     settings = data.get("settings") or {}
@@ -399,6 +436,7 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
 
 SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
     "quality.json": quality_section,
+    "quality_pilot.json": quality_pilot_section,
     "quality_study.json": quality_study_section,
     "aggregation.json": aggregation_section,
     "communication.json": communication_section,

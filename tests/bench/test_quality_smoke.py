@@ -208,7 +208,8 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
     assert "Command: `python bench/quality.py --seeds 0,1`" in text
     assert "Machine: Test CPU (2 cores), 2 torch thread(s), torch 2.13.0+cpu, Linux-test" in text
     assert "| sample | 1 | 4.20 s | 1.05 | 7.70 s | 1.03 |" in text
-    assert "Not run yet: `bench/quality_study.py --json results/quality_study.json`, " \
+    assert "Not run yet: `bench/quality_pilot.py --json results/quality_pilot.json`, " \
+           "`bench/quality_study.py --json results/quality_study.json`, " \
            "`bench/aggregation.py --json results/aggregation.json`, " \
            "`bench/communication.py --json results/communication.json`." in text
     assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
@@ -264,3 +265,27 @@ def test_quality_merge_with_transferred_lrs(tiny_quality, tmp_path):
     assert "Seeds [1] (one seed: no std)." in text
     with pytest.raises(SystemExit, match="records no lr for prelort"):
         quality.main(TINY_ARGS + ["--lr-from", "nonexistent", "--json", str(target), "--estimate-only"])
+
+
+def test_make_tables_reports_the_pilot_gate_row_by_row(tmp_path):
+    tables = load_bench("make_tables")
+    results = tmp_path / "results"
+    _write_results(results)
+    entry = lambda e, steps, r16, r2, passes: {  # noqa: E731
+        "task": {"entities": e, "attributes": 3, "phrasings": 3, "targets": "all", "max_length": 64},
+        "budget": {"rounds": 10, "local_steps": steps // 10, "batch_size": 8, "optimizer_steps": steps},
+        "seed": 2000, "runs": {},
+        "best_by_rank": {"16": {"accuracy": r16, "lr": 0.001, "n": e * 3},
+                         **({"2": {"accuracy": r2, "lr": 0.003, "n": e * 3}} if r2 is not None else {})},
+        **({"gap_16_minus_2": r16 - r2, "passes": passes} if r2 is not None else
+           {"gap_16_minus_2": None, "passes": False, "skipped": {"r2-lr0.001": "..."}})}
+    pilot = {"gate": {"rule": "best-lr accuracy(rank 16) - best-lr accuracy(rank 2) >= 0.1 on >= 300 queries",
+                      "holds": False},
+             "configurations": {"a": entry(100, 240, 0.57, 0.567, False), "b": entry(200, 240, 0.05, None, False)},
+             "note": "No size tried holds."}
+    (results / "quality_pilot.json").write_text(json.dumps(pilot))
+    text = tables.render(results, tmp_path)
+    assert "**does not hold** (in any configuration tried so far)" in text
+    assert "| 300 (100 x 3), all | 240 x 8 | 2000 | 0.570 (0.001) | 0.567 (0.003) | +0.003 | 300 | fail |" in text
+    assert "| 600 (200 x 3), all | 240 x 8 | 2000 | 0.050 (0.001) | skipped | - | 600 | fail |" in text
+    assert "No size tried holds." in text and "Not run yet: `bench/quality_study.py" in text
