@@ -43,6 +43,9 @@ def _central_from(secure_run: Path, round_: int, tmp: Path) -> Path:
         if int(later.name.split("-")[1]) >= round_:
             shutil.rmtree(later)
     cfg = config_mod.load(TINY, [*SMALL, *DP, f"rounds={round_}"])
+    # a different run continued from the secure run's state: its own config (--resume refuses a changed engine
+    # or secure_aggregation in a run's config.yaml, as it should for a user)
+    (central / "config.yaml").write_text(cfg.to_yaml())
     return runner.run(cfg, central, resume=True, verbose=False)
 
 

@@ -131,7 +131,8 @@ def test_a_client_whose_update_fails_its_own_validation_uploads_nothing_and_the_
     log_text = (run / "run.log").read_text()
     assert [m.groups()[:3] for m in LOG_LINE.finditer(log_text)] == [("1", "3", "0, 1, 2")], log_text
     assert re.search(r"WARNING round 1: client 3 is not in the secure sum: client 3 did not upload to SecAgg\+: "
-                     r"UpdateRejected: norm_too_large: client 3: update norm [\d.]+ exceeds the bound 4\n", log_text)
+                     r"UpdateRejected: norm_too_large: client 3: update norm [\d.]+ exceeds the bound 4 "
+                     r"\(validation\.max_update_norm\)\n", log_text)
     assert "dropped/failed clients: [3]" in log_text
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert [(t["round"], t["accepted"], t["failed"]) for t in train] == [(1, 3, 1)]
