@@ -21,9 +21,10 @@ the verdict - PARTIAL until every run is done), and the plot of the paired diffe
     python bench/quality_study.py --max-runs 4                      # at most 4 runs this session
     python bench/quality_study.py --arms prelort-sample,zeropad --seeds 0,1 --lrs 1e-3
 
-The arms ``prelort-sandwich`` and ``prelort-all`` are evaluated after every round (``eval.every=1``) so that
-they can be compared with the single-pass arms at equal forward/backward passes, not only at equal
-optimizer steps; evaluating does not change training.
+On the reported seeds the arms ``prelort-sandwich`` and ``prelort-all`` are evaluated after every round
+(``eval.every=1``) so that they can be compared with the single-pass arms at equal forward/backward passes,
+not only at equal optimizer steps; evaluating does not change training. Their selection runs are evaluated
+after the last round only, like every other run: the lr selection reads nothing else.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ EXTRA_ARMS: dict[str, tuple[str, str | None]] = {
 }
 VERDICT_ARM = "prelort-sample"  # fixed in docs/quality-study.md: the nested mode with the baselines' cost
 BASELINES = ("zeropad", "hetlora", "flexlora", "flora", "fedit")
-MULTI_PASS_ARMS = ("prelort-sandwich", "prelort-all")  # evaluated every round, for the equal-passes comparison
+MULTI_PASS_ARMS = ("prelort-sandwich", "prelort-all")  # reported runs evaluated every round (equal passes)
 STUDY_SETTINGS = ["clients.sampling=stratified"]  # every tier trains every round (the protocol)
 DONE = "study-run.json"
 ALPHA = 0.05
@@ -78,9 +79,12 @@ POWER = 0.8
 # ------------------------------------------------------------------------------------------ configs and runs
 
 
-def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides: Sequence[str]) -> Config:
+def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides: Sequence[str],
+                phase: str = "report") -> Config:
     """One run's config: the base config, the arm, the study's settings, the seed, the lr, the overrides; the
-    evaluation runs after the last round (every arm) and after every round (multi-pass arms)."""
+    evaluation runs after the last round (every arm) and, on the reported seeds, after every round (multi-pass
+    arms: the equal-passes comparison reads those rounds; the lr selection reads only the last one); the base
+    model (round 0) is evaluated in the verdict arm's runs only."""
     data = json.loads(json.dumps(base))
     method, nested = {**ARMS, **EXTRA_ARMS}[arm]
     data.update(method=method, seed=seed)
@@ -89,7 +93,10 @@ def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides:
         data.setdefault("prelort", {})["nested"] = nested
     sets = [*STUDY_SETTINGS, *overrides]
     rounds = config_mod.from_dict(data, sets).rounds
-    return config_mod.from_dict(data, [*sets, f"eval.every={1 if arm in MULTI_PASS_ARMS else rounds}"])
+    every_round = arm in MULTI_PASS_ARMS and phase == "report"
+    # the untrained model is the same for every arm of a seed: the verdict arm's runs evaluate it, once per seed
+    return config_mod.from_dict(data, [*sets, f"eval.every={1 if every_round else rounds}",
+                                       f"eval.base={str(arm == VERDICT_ARM).lower()}"])
 
 
 def run_inprocess(cfg: Config, run_dir: Path) -> None:
@@ -524,7 +531,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     def one(key: str, arm: str, seed: int, lr: float, phase: str) -> dict[str, Any] | None:
         nonlocal ran, stopped
         run_dir = args.runs_dir / key
-        cfg = make_config(args.base, arm, seed, lr, args.overrides)
+        cfg = make_config(args.base, arm, seed, lr, args.overrides, phase)
         finished = (run_dir / DONE).is_file()
         if not finished and args.max_runs is not None and ran >= args.max_runs:
             stopped = True

@@ -96,7 +96,13 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
 
     cfg = yaml.safe_load((tmp_path / "runs" / "report" / "prelort-all" / "seed-2" / "config.yaml").read_text())
     assert cfg["clients"]["sampling"] == "stratified" and cfg["prelort"]["nested"] == "all" and cfg["seed"] == 2
-    assert cfg["eval"]["every"] == 1
+    assert cfg["eval"]["every"] == 1 and cfg["eval"]["base"] is False
+    # the lr selection reads the last round only: the multi-pass arms' selection runs are evaluated then only
+    sel_all = yaml.safe_load((tmp_path / "runs" / "select" / "prelort-all" / "lr-0.001" / "config.yaml").read_text())
+    assert sel_all["eval"]["every"] == 4
+    # the base model (the same for every arm of a seed) is evaluated in the verdict arm's runs only
+    assert yaml.safe_load((tmp_path / "runs" / "report" / "prelort-sample" / "seed-2" / "config.yaml").read_text()
+                          )["eval"]["base"] is True
     off = yaml.safe_load((tmp_path / "runs" / "select" / "prelort-off" / "lr-0.001" / "config.yaml").read_text())
     assert off["method"] == "prelort" and off["prelort"]["nested"] == "off" and off["seed"] == 1000
     assert yaml.safe_load((tmp_path / "runs" / "report" / "zeropad" / "seed-0" / "config.yaml").read_text()
