@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     })
     with tempfile.TemporaryDirectory(prefix="eval-agreement-") as tmp:
         session = Session(cfg, Path(tmp) / "run", verbose=False)
-        zero_shot = compare(session, session._evaluate_base)
+        zero_shot = compare(session, session.evaluate_base_examples)
         print("zero-shot:", json.dumps({k: v for k, v in zero_shot.items() if k != "disagreeing_predictions"}),
               flush=True)
         cfg_before = session.cfg.eval.mode
         session.run(InProcessEngine(session, progress=False))
         session.cfg.eval.mode = cfg_before
-        trained = compare(session, lambda: session._evaluate_tier(args.rank))
+        trained = compare(session, lambda: session.evaluate_tier_examples(args.rank))
         print("trained:", json.dumps({k: v for k, v in trained.items() if k != "disagreeing_predictions"}),
               flush=True)
     out_path = Path(args.json)

@@ -365,7 +365,7 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
         mdd = analysis.get("mdd") or {}
         out.append(f"Minimum detectable difference ({mdd.get('how')}): against the best baseline per tier "
                    + ", ".join(f"tier {t}: {v:.3f}" for t, v in (mdd.get("best_baseline_per_tier") or {}).items())
-                   + f"; strictest Holm level: "
+                   + "; strictest Holm level: "
                    + ", ".join(f"tier {t}: {v:.3f}" for t, v in
                                (mdd.get("best_baseline_per_tier_strictest") or {}).items())
                    + f"; median over all tests {_num(mdd.get('median_all'), 3)}.")

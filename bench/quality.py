@@ -171,7 +171,7 @@ class BenchSession(Session):
         self.cache_hits = 0
         super().__init__(*args, **kwargs)
 
-    def _evaluate_tier(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate_tier_examples(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         fed = self.federation
         broadcast = fed.method.tier(fed.state, t)
         cache_key = (fed.round, broadcast_digest(broadcast))

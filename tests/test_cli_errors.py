@@ -154,7 +154,7 @@ def test_check_accepts_a_run_and_lists_the_problems_of_a_damaged_one(finished_ru
     assert "no adapters/rank-T" in problems
     assert any(re.fullmatch(rf"metrics.jsonl line {len(lines) + 1} repeats line {len(lines)} .*", p) for p in problems)
     assert f"metrics.jsonl line {len(lines) + 2}: accuracy=2.0 not in [0, 1]" in problems
-    assert res.stderr.strip().endswith(f"does not follow the run-directory contract")
+    assert res.stderr.strip().endswith("does not follow the run-directory contract")
 
 
 def test_eval_writes_nothing_into_the_run_folder(finished_run, tmp_path):

@@ -71,14 +71,14 @@ def interrupt_on_call(monkeypatch, cls, name: str, when) -> list[int]:
 def test_an_interrupted_and_resumed_run_has_the_uninterrupted_records(tmp_path, monkeypatch, reference, where):
     d = tmp_path / "run"
     if where == "round 2 tier evaluation":  # after round 2's tier-2 record: tiers 4 and 8 missing
-        interrupt_on_call(monkeypatch, runner.Session, "_evaluate_tier", lambda n, t: n == 5)
+        interrupt_on_call(monkeypatch, runner.Session, "evaluate_tier_examples", lambda n, t: n == 5)
         completed = 2
     elif where == "round 2 training record":  # round 2 is checkpointed, none of its records written
         interrupt_on_call(monkeypatch, MetricsLog, "write",
                           lambda n, rec: rec.get("kind") == "train" and rec.get("round") == 2)
         completed = 2
     else:  # the curve's t = 1, the only t that is not a tier
-        interrupt_on_call(monkeypatch, runner.Session, "_evaluate_tier", lambda n, t: n == 10)
+        interrupt_on_call(monkeypatch, runner.Session, "evaluate_tier_examples", lambda n, t: n == 10)
         completed = 3
     with pytest.raises(runner.RunInterrupted) as info:
         runner.run(cfg(), d, verbose=False)
@@ -104,13 +104,13 @@ def test_the_truncation_curve_reuses_the_tier_records_of_its_round(reference):
 
 def test_the_curve_evaluates_only_the_t_that_are_no_tier(tmp_path, monkeypatch):
     evaluated = []
-    real = runner.Session._evaluate_tier
+    real = runner.Session.evaluate_tier_examples
 
     def spy(self, t):
         evaluated.append((self.federation.round, t))
         return real(self, t)
 
-    monkeypatch.setattr(runner.Session, "_evaluate_tier", spy)
+    monkeypatch.setattr(runner.Session, "evaluate_tier_examples", spy)
     runner.run(cfg("rounds=1"), tmp_path / "run", verbose=False)
     assert evaluated == [(1, 2), (1, 4), (1, 8), (1, 1)]
     # the reused tiers' per-example records are the curve's too (eval/round-1.jsonl)

@@ -170,21 +170,20 @@ class Session:
         return evaluate_examples(self.model, self.tokenizer, self.test_records, self.cfg.eval,
                                  self.cfg.data.max_length, progress=self.verbose, desc=desc)
 
-    def _evaluate_tier(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate_tier_examples(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(metrics, per-example records)`` of the global model served at rank ``t``."""
         fed = self.federation
         self._load_tier(fed.method.tier(fed.state, t))
         return self._evaluate(f"eval rank {t}")
 
-    def _evaluate_base(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate_base_examples(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(metrics, per-example records)`` of the untrained base model (adapters off)."""
         adapters.set_base_delta(self.model, None)
         with self.model.disable_adapter():
             return self._evaluate("eval base")
 
     def evaluate_tier(self, t: int) -> dict[str, Any]:
-        return self._evaluate_tier(t)[0]
-
-    def evaluate_base(self) -> dict[str, Any]:
-        return self._evaluate_base()[0]
+        return self.evaluate_tier_examples(t)[0]
 
     def _record(self, round_: int, rank: Any, kind: str, result: tuple[dict[str, Any], list[dict[str, Any]]]
                 ) -> dict[str, Any]:
@@ -197,11 +196,11 @@ class Session:
 
     def evaluate_round(self, round_: int, skip: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Tier records of ``round_`` (the tiers in ``skip`` are already in metrics.jsonl)."""
-        return [self._record(round_, t, "tier", self._evaluate_tier(t)) for t in self.federation.tiers()
+        return [self._record(round_, t, "tier", self.evaluate_tier_examples(t)) for t in self.federation.tiers()
                 if t not in skip]
 
     def _record_base(self) -> None:
-        r = self._record(0, "base", "base", self._evaluate_base())
+        r = self._record(0, "base", "base", self.evaluate_base_examples())
         log.info("round 0 base model: accuracy=%.3f rougeL=%s ppl=%.2f", r["accuracy"], _fmt(r["rougeL"], 3),
                  r["perplexity"])
 
@@ -288,7 +287,7 @@ class Session:
                 tier = have.get(("tier", t))
                 result = ((({k: v for k, v in tier.items() if k not in _RECORD_KEYS}),
                            read_eval_examples(self.run_dir, fed.round, "tier", t)) if tier is not None
-                          else self._evaluate_tier(t))
+                          else self.evaluate_tier_examples(t))
                 self._record(fed.round, t, "curve", result)
         export_adapters(self, self.run_dir / "adapters")
         from .report import write_run_report

@@ -7,8 +7,6 @@ report relies on, with values that follow from the shapes (bytes are exact, time
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch

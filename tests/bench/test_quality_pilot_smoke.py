@@ -4,7 +4,6 @@ every configuration and run, the gate summary, and a rerun reads finished runs i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from bench_scripts import load_bench
 

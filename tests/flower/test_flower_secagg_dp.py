@@ -7,46 +7,20 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 pytest.importorskip("dp_accounting")
 
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
+from secagg_runs import RANKS, SECAGG, SMALL, TINY, adapter, in_process_round  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "examples" / "tiny.yaml"
-SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
-         "eval.max_new_tokens=2", "eval.truncation_curve=false"]
 # update norms on this config are 1.6 - 4.6: C = 2 clips most clients; z = 0.3 (noise std 0.6 on the sums)
 DP = ["privacy.dp=true", "privacy.clip_norm=2", "privacy.noise_multiplier=0.3"]
-SECAGG = ["engine=flower-sim", "privacy.secure_aggregation=true", "flower.round_timeout=120"]
-RANKS = (1, 2, 4, 8)
-
-
-def _adapter(run: Path, round_: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"round-{round_}" / "adapter.safetensors"))
-
-
-def _central_from(secure_run: Path, round_: int, tmp: Path) -> Path:
-    """Central DP's round ``round_`` (in-process: the server clips and noises) from the secure run's state after
-    round ``round_ - 1``: the clients train as they did under SecAgg+, and the noise is drawn from (seed, round)."""
-    central = tmp / f"central-{round_}"
-    shutil.copytree(secure_run, central)
-    for later in (central / "checkpoints").glob("round-*"):
-        if int(later.name.split("-")[1]) >= round_:
-            shutil.rmtree(later)
-    cfg = config_mod.load(TINY, [*SMALL, *DP, f"rounds={round_}"])
-    # a different run continued from the secure run's state: its own config (--resume refuses a changed engine
-    # or secure_aggregation in a run's config.yaml, as it should for a user)
-    (central / "config.yaml").write_text(cfg.to_yaml())
-    return runner.run(cfg, central, resume=True, verbose=False)
 
 
 def _trains(run: Path) -> list[dict]:
@@ -76,9 +50,9 @@ def test_dp_with_secure_aggregation_equals_central_dp_within_the_quantisation_bo
     den = torch.tensor([sum(1 for r in RANKS if r > i) for i in range(max(RANKS))], dtype=torch.float64)
     worst = []
     for round_ in (1, 2):
-        central_run = _central_from(run, round_, tmp_path)
+        central_run = in_process_round(run, round_, tmp_path / f"central-{round_}", DP)
         assert _trains(central_run)[-1]["dp_epsilon"] == secure_eps[round_ - 1][1]
-        central, secure = _adapter(central_run, round_), _adapter(run, round_)
+        central, secure = adapter(central_run, round_), adapter(run, round_)
         assert central.keys() == secure.keys() and len(central) == 16
         for name, x in central.items():
             d = den.view(-1, 1) if name.endswith("lora_A") else den.view(1, -1)
@@ -90,5 +64,5 @@ def test_dp_with_secure_aggregation_equals_central_dp_within_the_quantisation_bo
     assert max(worst) <= 1.0
     # the noise is there: far above the quantisation bound, the state moved from the initial one by noise std
     # 0.3 * 2 / D_i
-    first, last = _adapter(run, 0), _adapter(run, 1)
+    first, last = adapter(run, 0), adapter(run, 1)
     assert max(float((last[k] - first[k]).abs().max()) for k in first) > 0.1

@@ -5,50 +5,20 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
 from prelort.config import ConfigError  # noqa: E402
+from secagg_runs import RANKS, SECAGG, SMALL, TINY, adapter, in_process_round  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "examples" / "tiny.yaml"
-SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
-         "eval.max_new_tokens=2", "eval.truncation_curve=false"]
-# round_timeout bounds every SecAgg+ stage: a stuck protocol fails the round instead of hanging the test
-SECAGG = ["engine=flower-sim", "privacy.secure_aggregation=true", "flower.round_timeout=120"]
-# tiny.yaml: 4 clients of ranks 1, 2, 4, 8, all sampled; SMALL: 64 training examples, 16 per client.
-RANKS = (1, 2, 4, 8)
-EXAMPLES = (16, 16, 16, 16)
+EXAMPLES = (16, 16, 16, 16)  # SMALL: 64 training examples, 16 per client
 LOG_LINE = re.compile(r"round (\d+): secure aggregation \(SecAgg\+\): (\d+) clients aggregated \[([\d, ]*)\]; "
                       r"quantisation bound ([\d.e+-]+) per entry")
-
-
-def _adapter(run: Path, round_: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"round-{round_}" / "adapter.safetensors"))
-
-
-def _plain_from(secagg_run: Path, round_: int, tmp: Path, extra: list[str]) -> Path:
-    """The plain in-process round ``round_`` started from the SecAgg run's state after round ``round_ - 1``
-    (a copy of its run directory resumed by the in-process engine): the clients train exactly as they did
-    under SecAgg+, so the two states differ only by SecAgg+'s quantisation."""
-    plain = tmp / f"plain-{round_}"
-    shutil.copytree(secagg_run, plain)
-    for later in (plain / "checkpoints").glob("round-*"):
-        if int(later.name.split("-")[1]) >= round_:
-            shutil.rmtree(later)
-    # --resume refuses a changed engine / privacy section; without config.yaml the config given is checked
-    # against the checkpoint (method, seed, ranks, options) instead, which is what this comparison keeps
-    (plain / "config.yaml").unlink()
-    cfg = config_mod.load(TINY, [*SMALL, *extra, f"rounds={round_}"])
-    return runner.run(cfg, plain, resume=True, verbose=False)
 
 
 def _bound_per_entry(method: str, plain: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
@@ -87,8 +57,8 @@ def test_secagg_run_on_flower_sim_equals_the_plain_run_within_the_quantisation_b
 
     worst = []
     for round_ in (1, 2):
-        plain = _adapter(_plain_from(run, round_, tmp_path, [f"method={method}"]), round_)
-        secure = _adapter(run, round_)
+        plain = adapter(in_process_round(run, round_, tmp_path / f"plain-{round_}", [f"method={method}"]), round_)
+        secure = adapter(run, round_)
         assert plain.keys() == secure.keys() and len(plain) == 16
         tol = _bound_per_entry(method, plain, eps)
         for name in plain:
@@ -102,8 +72,8 @@ def test_secagg_run_on_flower_sim_equals_the_plain_run_within_the_quantisation_b
         assert any(not torch.equal(secure[n], plain[n]) for n in plain)
     assert max(worst) <= 1.0
     # training moved the adapter, so the comparison is not between two initial states
-    first = _adapter(run, 0)
-    assert any(float((_adapter(run, 2)[k] - first[k]).abs().max()) > 1e-5 for k in first)
+    first = adapter(run, 0)
+    assert any(float((adapter(run, 2)[k] - first[k]).abs().max()) > 1e-5 for k in first)
 
 
 @pytest.mark.parametrize("overrides, needle", [
