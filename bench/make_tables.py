@@ -323,6 +323,33 @@ def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     return "\n".join(out)
 
 
+def _study_selection(data: dict[str, Any]) -> list[str]:
+    """The learning-rate selection runs (selection seed, never reported), finished ones only: accuracy per tier,
+    the selection score (mean over tiers), cost, and which lr each arm chose (flagged at the grid's edge)."""
+    settings, arms = data.get("settings") or {}, data.get("arms") or {}
+    order = {a: i for i, a in enumerate(settings.get("arms") or [])}
+    runs = sorted((r for r in (data.get("runs") or {}).values() if r.get("phase") == "select"),
+                  key=lambda r: (order.get(r.get("arm"), len(order)), r.get("lr") or 0))
+    if not runs:
+        return []
+    tiers = sorted({int(t) for r in runs for t in r.get("tiers", {})})
+    rows = []
+    for r in runs:
+        accs = {int(t): sum(c == "1" for c in v["correct"]) / len(v["correct"])
+                for t, v in r.get("tiers", {}).items() if v.get("correct")}
+        chosen = arms.get(r["arm"], {}).get("lr")
+        mark = ("chosen" + (" (grid edge)" if arms[r["arm"]].get("at_grid_edge") else "")) if chosen == r["lr"] else (
+            "" if chosen is not None else "grid unfinished")
+        rows.append([r["arm"], f"{r['lr']:g}"] + [_num(accs.get(t), 3) for t in tiers]
+                    + [_num(sum(accs.values()) / len(accs) if accs else None, 3),
+                       _num((r.get("cost") or {}).get("passes"), 0),
+                       "n/a" if r.get("wall_seconds") is None else f"{r['wall_seconds'] / 60:.1f} min", mark])
+    return [f"Learning-rate selection on seed {settings.get('selection_seed')} (never reported; the lr with the "
+            "highest mean accuracy over the tiers is chosen per arm; wall time on a shared machine, so other work "
+            "running alongside can inflate it, passes cannot):", "",
+            markdown(["arm", "lr"] + [f"tier {t}" for t in tiers] + ["mean", "passes", "wall", ""], rows), ""]
+
+
 def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
     """The pre-registered study (docs/quality-study.md): verdict, paired differences, cost, diagnostics."""
     settings = data.get("settings") or {}
@@ -427,6 +454,7 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
             out.append(markdown(["arm", "tier", "difference", "95% CI",
                                  "passes ratio" if key == "equal_steps" else "rounds compared"], rows))
             out.append("")
+    out.extend(_study_selection(data))
     for plot in data.get("plots") or []:
         out.append(f"![paired differences per tier]({_link(plot, readme_dir)})")
         out.append("")

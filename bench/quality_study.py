@@ -551,7 +551,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
 
     # phase 1: learning rate per arm on the selection seed
     for arm in args.arms:
-        grid = []
+        grid, ran_before = [], ran
         for lr in args.lrs:
             rec = one(f"select/{arm}/lr-{lr:g}", arm, args.selection_seed, lr, "select")
             if rec is not None:
@@ -562,6 +562,8 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             best = max(grid, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
             entry.update(lr=best["lr"], at_grid_edge=len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs)))
         payload["arms"][arm] = entry
+        if "lr" in entry and ran > ran_before:
+            save()  # the choice is in the JSON as soon as the grid is done, not only after the next run
     # phase 2: the reported seeds, seed by seed so partial results cover every arm
     for seed in args.seeds:
         for arm in args.arms:

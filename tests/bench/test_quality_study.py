@@ -246,3 +246,14 @@ def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
     text = tables.render(results, tmp_path)
     assert ("**No verdict yet**: no reported seed has finished PreLort and every baseline yet. "
             "**PARTIAL: 3 of 6 runs done.**") in text
+    # the selection runs done so far, each with its tiers and mean; the finished grid's choice is marked
+    grid = {g["lr"]: g["mean_accuracy"] for g in payload["arms"]["prelort-sample"]["grid"]}
+    chosen = payload["arms"]["prelort-sample"]["lr"]
+    sample_rows = [line for line in text.splitlines() if line.startswith("| prelort-sample | 0.00")]
+    assert len(sample_rows) == 2 and [r.split(" | ")[1] for r in sample_rows] == ["0.001", "0.003"]
+    for row in sample_rows:
+        cells = row.strip("|").split(" | ")
+        assert float(cells[6]) == pytest.approx(grid[float(cells[1])], abs=5e-4)
+        assert cells[-1].strip().startswith("chosen (grid edge)") == (float(cells[1]) == chosen)
+    assert [line for line in text.splitlines() if line.startswith("| zeropad | 0.001 |")][0].endswith(
+        "| grid unfinished |")
