@@ -80,7 +80,7 @@ POWER = 0.8
 
 
 def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides: Sequence[str],
-                phase: str = "report") -> Config:
+                phase: str) -> Config:
     """One run's config: the base config, the arm, the study's settings, the seed, the lr, the overrides; the
     evaluation runs after the last round (every arm) and, on the reported seeds, after every round (multi-pass
     arms: the equal-passes comparison reads those rounds; the lr selection reads only the last one); the base
