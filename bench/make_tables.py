@@ -325,25 +325,21 @@ def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: P
 
 def _study_selection(data: dict[str, Any]) -> list[str]:
     """The learning-rate selection runs (selection seed, never reported), finished ones only: accuracy per tier,
-    the selection score (mean over tiers), cost, and which lr each arm chose (flagged at the grid's edge)."""
-    settings, arms = data.get("settings") or {}, data.get("arms") or {}
-    order = {a: i for i, a in enumerate(settings.get("arms") or [])}
-    runs = sorted((r for r in (data.get("runs") or {}).values() if r.get("phase") == "select"),
-                  key=lambda r: (order.get(r.get("arm"), len(order)), r.get("lr") or 0))
-    if not runs:
+    the selection score (mean over tiers), cost, and which lr each arm chose (flagged at the grid's edge). Every
+    figure is the study's own (its ``arms[...].grid``); nothing is recomputed here."""
+    settings, arms, runs = data.get("settings") or {}, data.get("arms") or {}, data.get("runs") or {}
+    grids = [(arm, g) for arm in settings.get("arms") or [] for g in (arms.get(arm) or {}).get("grid") or []]
+    if not grids:
         return []
-    tiers = sorted({int(t) for r in runs for t in r.get("tiers", {})})
+    tiers = sorted({int(t) for _, g in grids for t in g.get("tier_accuracy") or {}})
     rows = []
-    for r in runs:
-        accs = {int(t): sum(c == "1" for c in v["correct"]) / len(v["correct"])
-                for t, v in r.get("tiers", {}).items() if v.get("correct")}
-        chosen = arms.get(r["arm"], {}).get("lr")
-        mark = ("chosen" + (" (grid edge)" if arms[r["arm"]].get("at_grid_edge") else "")) if chosen == r["lr"] else (
+    for arm, g in grids:
+        run, chosen = runs.get(g.get("run")) or {}, arms[arm].get("lr")
+        mark = ("chosen" + (" (grid edge)" if arms[arm].get("at_grid_edge") else "")) if chosen == g["lr"] else (
             "" if chosen is not None else "grid unfinished")
-        rows.append([r["arm"], f"{r['lr']:g}"] + [_num(accs.get(t), 3) for t in tiers]
-                    + [_num(sum(accs.values()) / len(accs) if accs else None, 3),
-                       _num((r.get("cost") or {}).get("passes"), 0),
-                       "n/a" if r.get("wall_seconds") is None else f"{r['wall_seconds'] / 60:.1f} min", mark])
+        rows.append([arm, f"{g['lr']:g}"] + [_num((g.get("tier_accuracy") or {}).get(str(t)), 3) for t in tiers]
+                    + [_num(g.get("mean_accuracy"), 3), _num((run.get("cost") or {}).get("passes"), 0),
+                       "n/a" if run.get("wall_seconds") is None else f"{run['wall_seconds'] / 60:.1f} min", mark])
     return [f"Learning-rate selection on seed {settings.get('selection_seed')} (never reported; the lr with the "
             "highest mean accuracy over the tiers is chosen per arm; wall time on a shared machine, so other work "
             "running alongside can inflate it, passes cannot):", "",

@@ -92,22 +92,14 @@ PROFILES: dict[str, ModelProfile] = {
 DEFAULT_PROFILE = ModelProfile(rounds=4, step_seconds=2.0, eval_seconds_per_example=0.25, load_seconds=5)
 
 
+# --quick: the same pipeline, smaller (a smoke run, never a published figure)
+QUICK_OVERRIDES = ("clients.num=4", "clients.per_round=2", "data.num_train=400", "data.num_test=64",
+                   "train.local_steps=2", "train.batch_size=4", "eval.max_examples=16", "eval.max_new_tokens=6")
+
+
 def base_settings(model: str, quick: bool) -> dict[str, Any]:
     """The config shared by every method and seed (method, seed, rounds and lr are filled in per run)."""
-    if quick:
-        return {
-            "engine": "inprocess", "audit": False,
-            "model": {"name": model},
-            "lora": {"alpha": 32},
-            "clients": {"num": 4, "per_round": 2, "ranks": [2, 4, 8, 16]},
-            "prelort": {"nested": "sample"},
-            "data": {"source": "builtin", "num_train": 400, "num_test": 64, "max_length": 96,
-                     "partition": {"kind": "dirichlet", "by": "category", "alpha": 0.5, "min_partition_size": 4}},
-            "train": {"local_steps": 2, "batch_size": 4, "schedule": "constant"},
-            "eval": {"max_examples": 16, "batch_size": 16, "max_new_tokens": 6, "truncation_curve": True,
-                     "mode": "generate"},  # this benchmark's published numbers include ROUGE-L
-        }
-    return {
+    settings = {
         "engine": "inprocess", "audit": False,
         "model": {"name": model},
         "lora": {"alpha": 32},
@@ -120,6 +112,9 @@ def base_settings(model: str, quick: bool) -> dict[str, Any]:
         "eval": {"max_examples": 64, "batch_size": 16, "max_new_tokens": 8, "truncation_curve": True,
                  "mode": "generate"},  # this benchmark's published numbers include ROUGE-L
     }
+    for assignment in QUICK_OVERRIDES if quick else ():
+        config_mod.apply_override(settings, assignment)
+    return settings
 
 
 def make_config(settings: dict[str, Any], method: str, seed: int, rounds: int, lr: float, *, base_eval: bool,

@@ -540,7 +540,12 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         ran += did_run
         rec = {"arm": arm, "seed": seed, "lr": lr, "phase": phase, "wall_seconds": wall, "run_dir": _rel(run_dir),
                **collect_run(run_dir)}
+        rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
         payload["runs"][key] = rec
+        if phase == "select":  # in the grid before the save, so the JSON always lists every finished lr
+            acc, ll = selection_score(rec)
+            payload["arms"][arm]["grid"].append({"lr": lr, "run": key, "tier_accuracy": rec["accuracy"],
+                                                 "mean_accuracy": acc, "mean_loglik": round(ll, 5)})
         tiers = " ".join(f"r{t}={accuracy(v['correct']):.3f}" for t, v in rec["tiers"].items())
         print(f"[{progress()['text']}] {key}: lr={lr:g} {'ran' if did_run else 'finished earlier'} "
               f"({wall:.0f} s; {rec['cost']['passes']} passes, {rec['cost']['optimizer_steps']} steps) {tiers}",
@@ -551,17 +556,13 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
 
     # phase 1: learning rate per arm on the selection seed
     for arm in args.arms:
-        grid, ran_before = [], ran
+        entry: dict[str, Any] = {"grid": []}
+        payload["arms"][arm], ran_before, grid = entry, ran, entry["grid"]
         for lr in args.lrs:
-            rec = one(f"select/{arm}/lr-{lr:g}", arm, args.selection_seed, lr, "select")
-            if rec is not None:
-                acc, ll = selection_score(rec)
-                grid.append({"lr": lr, "mean_accuracy": acc, "mean_loglik": round(ll, 5)})
-        entry: dict[str, Any] = {"grid": grid}
+            one(f"select/{arm}/lr-{lr:g}", arm, args.selection_seed, lr, "select")
         if len(grid) == len(args.lrs):
             best = max(grid, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
             entry.update(lr=best["lr"], at_grid_edge=len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs)))
-        payload["arms"][arm] = entry
         if "lr" in entry and ran > ran_before:
             save()  # the choice is in the JSON as soon as the grid is done, not only after the next run
     # phase 2: the reported seeds, seed by seed so partial results cover every arm

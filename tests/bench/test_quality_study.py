@@ -240,6 +240,13 @@ def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
     payload = qs.main(args + ["--max-runs", "3"], execute=FakeFederation())
     assert payload["progress"]["text"] == "3 of 6 runs done" and payload["analysis"]["verdict"] is None
     assert "lr" not in payload["arms"]["zeropad"]  # its grid is not finished: no reported run yet
+    # ... but the lr it has finished is in the grid already, with its accuracy per tier
+    [partial] = payload["arms"]["zeropad"]["grid"]
+    run = payload["runs"]["select/zeropad/lr-0.001"]
+    assert partial["run"] == "select/zeropad/lr-0.001" and partial["lr"] == 1e-3
+    assert partial["tier_accuracy"] == run["accuracy"] and set(run["accuracy"]) == {"2", "4", "8", "16"}
+    assert run["accuracy"]["8"] == pytest.approx(run["tiers"]["8"]["correct"].count("1") / N_EXAMPLES)
+    assert partial["mean_accuracy"] == pytest.approx(sum(run["accuracy"].values()) / 4)
     results = tmp_path / "results"
     results.mkdir()
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
