@@ -326,18 +326,19 @@ def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: P
 def _study_selection(data: dict[str, Any]) -> list[str]:
     """The learning-rate selection runs (selection seed, never reported), finished ones only: accuracy per tier,
     the selection score (mean over tiers), cost, and which lr each arm chose (flagged at the grid's edge). Every
-    figure is the study's own (its ``arms[...].grid``); nothing is recomputed here."""
+    figure is the study's own (``arms[...].grid`` and its runs' ``accuracy``); nothing is recomputed here."""
     settings, arms, runs = data.get("settings") or {}, data.get("arms") or {}, data.get("runs") or {}
-    grids = [(arm, g) for arm in settings.get("arms") or [] for g in (arms.get(arm) or {}).get("grid") or []]
+    grids = [(arm, g, runs.get(g.get("run")) or {})
+             for arm in settings.get("arms") or [] for g in (arms.get(arm) or {}).get("grid") or []]
     if not grids:
         return []
-    tiers = sorted({int(t) for _, g in grids for t in g.get("tier_accuracy") or {}})
+    tiers = sorted({int(t) for _, _, run in grids for t in run.get("accuracy") or {}})
     rows = []
-    for arm, g in grids:
-        run, chosen = runs.get(g.get("run")) or {}, arms[arm].get("lr")
+    for arm, g, run in grids:
+        chosen = arms[arm].get("lr")
         mark = ("chosen" + (" (grid edge)" if arms[arm].get("at_grid_edge") else "")) if chosen == g["lr"] else (
             "" if chosen is not None else "grid unfinished")
-        rows.append([arm, f"{g['lr']:g}"] + [_num((g.get("tier_accuracy") or {}).get(str(t)), 3) for t in tiers]
+        rows.append([arm, f"{g['lr']:g}"] + [_num((run.get("accuracy") or {}).get(str(t)), 3) for t in tiers]
                     + [_num(g.get("mean_accuracy"), 3), _num((run.get("cost") or {}).get("passes"), 0),
                        "n/a" if run.get("wall_seconds") is None else f"{run['wall_seconds'] / 60:.1f} min", mark])
     return [f"Learning-rate selection on seed {settings.get('selection_seed')} (never reported; the lr with the "

@@ -544,9 +544,9 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         payload["runs"][key] = rec
         if phase == "select":  # in the grid before the save, so the JSON always lists every finished lr
             acc, ll = selection_score(rec)
-            payload["arms"][arm]["grid"].append({"lr": lr, "run": key, "tier_accuracy": rec["accuracy"],
-                                                 "mean_accuracy": acc, "mean_loglik": round(ll, 5)})
-        tiers = " ".join(f"r{t}={accuracy(v['correct']):.3f}" for t, v in rec["tiers"].items())
+            payload["arms"][arm]["grid"].append({"lr": lr, "run": key, "mean_accuracy": acc,
+                                                 "mean_loglik": round(ll, 5)})
+        tiers = " ".join(f"r{t}={a:.3f}" for t, a in rec["accuracy"].items())
         print(f"[{progress()['text']}] {key}: lr={lr:g} {'ran' if did_run else 'finished earlier'} "
               f"({wall:.0f} s; {rec['cost']['passes']} passes, {rec['cost']['optimizer_steps']} steps) {tiers}",
               flush=True)
@@ -556,8 +556,9 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
 
     # phase 1: learning rate per arm on the selection seed
     for arm in args.arms:
-        entry: dict[str, Any] = {"grid": []}
-        payload["arms"][arm], ran_before, grid = entry, ran, entry["grid"]
+        entry: dict[str, Any] = {"grid": []}  # one() appends each finished lr
+        payload["arms"][arm] = entry
+        grid, ran_before = entry["grid"], ran
         for lr in args.lrs:
             one(f"select/{arm}/lr-{lr:g}", arm, args.selection_seed, lr, "select")
         if len(grid) == len(args.lrs):
