@@ -11,7 +11,9 @@ Phases:
 
 Every run is a run directory under ``--runs-dir`` (``select/ARM/lr-X`` and ``report/ARM/seed-S``); a finished
 one (``study-run.json`` beside a matching config.yaml) is never redone, an unfinished one (killed) is deleted
-and started over. After every run the results JSON (``--json``) is rewritten with every finished run's
+and started over. The run directories are not committed (they hold adapters): where one is missing, a run the
+results JSON already records is taken from there when its config (rebuilt from the JSON's base config,
+overrides and study settings) equals this run's, so a fresh clone resumes the study where its JSON stops. After every run the results JSON (``--json``) is rewritten with every finished run's
 per-example records (per tier, the verdicts as a "0"/"1" string and the log-likelihoods in a fixed example
 order), its cost (forward/backward passes, optimizer steps, wall time, steps per rank dimension), "k of M runs
 done", and the analysis of bench/study_stats.py (paired bootstrap CIs, Holm, minimum detectable difference,
@@ -111,6 +113,29 @@ def run_inprocess(cfg: Config, run_dir: Path) -> None:
 def config_matches(run_dir: Path, cfg: Config) -> bool:
     path = run_dir / "config.yaml"
     return path.is_file() and yaml.safe_load(path.read_text()) == cfg.to_dict()
+
+
+def recorded_runs(path: Path, args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """``{key: (record, its config)}`` of the runs an earlier results JSON holds (empty if there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        base, overrides = old["config"], old["settings"]["overrides"]
+        study_settings, runs = old["settings"]["study_settings"], old["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a results JSON of this study ({type(e).__name__}: {e}); move it away or pass "
+                         "another --json") from None
+    if study_settings != STUDY_SETTINGS:  # the rebuilt configs would not be the ones those runs had
+        return {}
+    out = {}
+    for key, rec in runs.items():
+        try:
+            cfg = make_config(base, rec["arm"], rec["seed"], rec["lr"], overrides, rec["phase"])
+        except (KeyError, config_mod.ConfigError):
+            continue
+        out[key] = (rec, cfg.to_dict())
+    return out
 
 
 def ensure_run(cfg: Config, run_dir: Path, execute: Callable[[Config, Path], None]) -> tuple[bool, float]:
@@ -507,6 +532,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
                      "runs_dir": _rel(args.runs_dir)},
         "config": args.base, "environment": environment(), "arms": {}, "runs": {},
     }
+    recorded = recorded_runs(args.json, args)
     ran = 0
     stopped = False
 
@@ -536,10 +562,14 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         if not finished and args.max_runs is not None and ran >= args.max_runs:
             stopped = True
             return None
-        did_run, wall = ensure_run(cfg, run_dir, execute)
+        earlier = recorded.get(key)
+        if not run_dir.exists() and earlier is not None and earlier[1] == cfg.to_dict():
+            rec, did_run, wall = earlier[0], False, earlier[0]["wall_seconds"]  # its directory is gone, its record is not
+        else:
+            did_run, wall = ensure_run(cfg, run_dir, execute)
+            rec = {"arm": arm, "seed": seed, "lr": lr, "phase": phase, "wall_seconds": wall,
+                   "run_dir": _rel(run_dir), **collect_run(run_dir)}
         ran += did_run
-        rec = {"arm": arm, "seed": seed, "lr": lr, "phase": phase, "wall_seconds": wall, "run_dir": _rel(run_dir),
-               **collect_run(run_dir)}
         rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
         payload["runs"][key] = rec
         if phase == "select":  # in the grid before the save, so the JSON always lists every finished lr

@@ -155,6 +155,34 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(tmp_path):
     assert third.calls == []
 
 
+def test_a_fresh_clone_resumes_from_the_results_json_without_the_run_directories(tmp_path):
+    import shutil
+
+    args = study_args(tmp_path, "--arms", "prelort-sample,zeropad", "--seeds", "0,1", "--lrs", "1e-3")
+    first = qs.main(args + ["--max-runs", "4"], execute=FakeFederation())
+    shutil.rmtree(tmp_path / "runs")  # the run directories are not committed: a clone has the JSON only
+    again = FakeFederation()
+    payload = qs.main(args, execute=again)
+    # the 4 recorded runs are taken from the JSON, the 2 missing ones run
+    assert [c.relative_to(tmp_path / "runs").as_posix() for c in again.calls] == [
+        "report/prelort-sample/seed-1", "report/zeropad/seed-1"]
+    assert payload["progress"]["text"] == "6 of 6 runs done"
+    for key, rec in first["runs"].items():
+        assert payload["runs"][key]["tiers"] == rec["tiers"] and payload["runs"][key]["wall_seconds"] == rec["wall_seconds"]
+    assert payload["cpu_seconds"] == round(sum(r["wall_seconds"] for r in payload["runs"].values()), 1)
+    # another config (here: another round count) rebuilds other configs: nothing recorded is reused
+    shutil.rmtree(tmp_path / "runs")
+    other = FakeFederation()
+    qs.main(args + ["--set", "rounds=3"], execute=other)
+    assert len(other.calls) == 6
+
+
+def test_a_results_json_of_something_else_is_refused(tmp_path):
+    (tmp_path / "study.json").write_text('{"benchmark": "other"}')
+    with pytest.raises(SystemExit, match="not a results JSON of this study"):
+        qs.main(study_args(tmp_path, "--arms", "zeropad", "--seeds", "0", "--lrs", "1e-3"), execute=FakeFederation())
+
+
 def test_max_runs_stops_and_the_readme_says_partial(tmp_path):
     args = study_args(tmp_path, "--arms", "prelort-sample,zeropad", "--seeds", "0,1", "--lrs", "1e-3")
     payload = qs.main(args + ["--max-runs", "4"], execute=FakeFederation())
