@@ -405,6 +405,10 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
                                   if str(t) in a.get("tiers", {}) else "n/a" for t in tiers]
                         + [len(a.get("seeds", [])), _num(cost.get("passes"), 0), _num(cost.get("optimizer_steps"), 0),
                            fmt_seconds(cost.get("wall_seconds"))])
+        base = analysis.get("base_model")
+        if base:  # one adapter-free model: the same value in every tier
+            cell = f"{base['accuracy']:.3f} {_ci_text(base['ci95'], False)}"
+            rows.append(["untrained model (reference)"] + [cell] * len(tiers) + [len(base["seeds"]), 0, 0, "-"])
         out.append("Accuracy per arm and tier with 95% CI; cost per run (forward/backward passes, optimizer steps, "
                    "wall time; means over seeds):")
         out.append("")

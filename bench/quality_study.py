@@ -298,6 +298,12 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
             entry["dim_steps_mean"] = [round(float(np.mean([d[i] for d in dims])), 2) for i in range(len(dims[0]))]
         summary[arm] = entry
     out["arms"] = summary
+    # the untrained model (evaluated once per seed, in the verdict arm's runs): what training adds to
+    base = {s: r["base"] for s, r in reported.get(VERDICT_ARM, {}).items() if r.get("base")}
+    if base:
+        v = [verdicts(base[s]["correct"]) for s in sorted(base)]
+        out["base_model"] = {"seeds": sorted(base), "accuracy": round(st.pooled_mean(v), 5),
+                             "ci95": _ci(resampler(v).means(v))}
 
     # the tests: PreLort minus each baseline per tier, on the seeds every verdict arm has finished
     verdict_arms = [VERDICT_ARM, *[b for b in BASELINES if b in arms]]

@@ -57,6 +57,11 @@ class FakeFederation:
                     cfg.prelort.nested if cfg.method == "prelort" else "", 1), "optimizer_steps": steps,
                     "dim_steps": [steps if i < 2 else 1 for i in range(top)], "dim_clients": [1] * top}) + "\n")
         (run_dir / "eval").mkdir()
+        if cfg.eval.base:  # the untrained model, round 0: right on every 10th example
+            (run_dir / "eval" / "round-0.jsonl").write_text("".join(
+                json.dumps({"round": 0, "rank": "base", "kind": "base", "id": f"q{i:03d}", "category": f"g{i % 4}",
+                            "correct": int(i % 10 == 0), "loglik": -5.0, "n_tokens": 2, "prediction": None}) + "\n"
+                for i in range(N_EXAMPLES)))
         for r in range(1, cfg.rounds + 1):
             if r % cfg.eval.every and r != cfg.rounds:
                 continue
@@ -132,6 +137,14 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     assert a["equal_passes"]["prelort-all"]["rounds"] == {"0": 1, "1": 1, "2": 1}
     assert a["arms"]["zeropad"]["dim_steps_mean"][:3] == [48, 48, 4]
     assert (tmp_path / "study" / "paired_differences.png").stat().st_size > 1000
+    # the untrained model, evaluated in the verdict arm's runs, is the accuracy table's reference row
+    assert a["base_model"]["seeds"] == [0, 1, 2] and a["base_model"]["accuracy"] == 0.1
+    assert a["base_model"]["ci95"][0] <= 0.1 <= a["base_model"]["ci95"][1]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
+    cell = f"0.100 {tables._ci_text(a['base_model']['ci95'], False)}"
+    assert f"| untrained model (reference) | {cell} | {cell} | {cell} | {cell} | 3 | 0 | 0 | - |" in tables.render(results, tmp_path)
     assert "[25 of 25 runs done] report/flora/seed-2" in capsys.readouterr().out
 
 
