@@ -13,7 +13,8 @@ Every run is a run directory under ``--runs-dir`` (``select/ARM/lr-X`` and ``rep
 one (``study-run.json`` beside a matching config.yaml) is never redone, an unfinished one (killed) is deleted
 and started over. The run directories are not committed (they hold adapters): where one is missing, a run the
 results JSON already records is taken from there when its config (rebuilt from the JSON's base config,
-overrides and study settings) equals this run's, so a fresh clone resumes the study where its JSON stops. After every run the results JSON (``--json``) is rewritten with every finished run's
+overrides and study settings) equals this run's, so a fresh clone resumes the study where its JSON stops.
+After every run the results JSON (``--json``) is rewritten with every finished run's
 per-example records (per tier, the verdicts as a "0"/"1" string and the log-likelihoods in a fixed example
 order), its cost (forward/backward passes, optimizer steps, wall time, steps per rank dimension), "k of M runs
 done", and the analysis of bench/study_stats.py (paired bootstrap CIs, Holm, minimum detectable difference,
@@ -115,7 +116,7 @@ def config_matches(run_dir: Path, cfg: Config) -> bool:
     return path.is_file() and yaml.safe_load(path.read_text()) == cfg.to_dict()
 
 
-def recorded_runs(path: Path, args: argparse.Namespace) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+def recorded_runs(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """``{key: (record, its config)}`` of the runs an earlier results JSON holds (empty if there is none)."""
     if not path.is_file():
         return {}
@@ -538,7 +539,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
                      "runs_dir": _rel(args.runs_dir)},
         "config": args.base, "environment": environment(), "arms": {}, "runs": {},
     }
-    recorded = recorded_runs(args.json, args)
+    recorded = recorded_runs(args.json)
     ran = 0
     stopped = False
 
@@ -564,13 +565,15 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         nonlocal ran, stopped
         run_dir = args.runs_dir / key
         cfg = make_config(args.base, arm, seed, lr, args.overrides, phase)
-        finished = (run_dir / DONE).is_file()
+        earlier = recorded.get(key)
+        # its directory is gone (not committed), its record is not
+        from_json = not run_dir.exists() and earlier is not None and earlier[1] == cfg.to_dict()
+        finished = from_json or (run_dir / DONE).is_file()
         if not finished and args.max_runs is not None and ran >= args.max_runs:
             stopped = True
             return None
-        earlier = recorded.get(key)
-        if not run_dir.exists() and earlier is not None and earlier[1] == cfg.to_dict():
-            rec, did_run, wall = earlier[0], False, earlier[0]["wall_seconds"]  # its directory is gone, its record is not
+        if from_json:
+            rec, did_run, wall = earlier[0], False, earlier[0]["wall_seconds"]
         else:
             did_run, wall = ensure_run(cfg, run_dir, execute)
             rec = {"arm": arm, "seed": seed, "lr": lr, "phase": phase, "wall_seconds": wall,

@@ -174,6 +174,9 @@ def test_a_fresh_clone_resumes_from_the_results_json_without_the_run_directories
     args = study_args(tmp_path, "--arms", "prelort-sample,zeropad", "--seeds", "0,1", "--lrs", "1e-3")
     first = qs.main(args + ["--max-runs", "4"], execute=FakeFederation())
     shutil.rmtree(tmp_path / "runs")  # the run directories are not committed: a clone has the JSON only
+    none = FakeFederation()  # reusing a recorded run is a skip: it does not count against --max-runs
+    assert qs.main(args + ["--max-runs", "0"], execute=none)["progress"]["text"] == "4 of 6 runs done"
+    assert none.calls == []
     again = FakeFederation()
     payload = qs.main(args, execute=again)
     # the 4 recorded runs are taken from the JSON, the 2 missing ones run
