@@ -356,10 +356,15 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     complete = progress.get("done") is not None and progress.get("done") == progress.get("total")
     out = ["### Quality study: PreLort against the baselines per rank tier", ""]
     status = "" if complete else f" **PARTIAL: {progress.get('text', 'progress not recorded')}.**"
-    if verdict:
-        out.append(f"**Verdict: {str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}).{status} "
-                   f"Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); \"PreLort\" "
-                   f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}.")
+    protocol = (f"Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); \"PreLort\" "
+                f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}.")
+    if verdict and complete:
+        out.append(f"**Verdict: {str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). {protocol}")
+    elif verdict:
+        # a partial study's reading is interim: seeds still to come can move any CI across the rule's bounds
+        out.append(f"{status.strip()} Interim reading of the decision rule on the seeds finished so far, not the "
+                   f"study's verdict: **{str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). "
+                   f"{protocol}")
     else:
         why = analysis.get("note") or (f"the analysis failed: {analysis['error']}" if analysis.get("error")
                                        else "no analysis")

@@ -209,7 +209,8 @@ def test_max_runs_stops_and_the_readme_says_partial(tmp_path):
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
     text = tables.render(results, tmp_path)
     assert "### Quality study" in text and "**PARTIAL: 4 of 6 runs done.**" in text
-    assert "**Verdict: " in text and "| 16 | zeropad ★ |" in text
+    assert "Interim reading of the decision rule on the seeds finished so far, not the study's verdict: **" in text
+    assert "**Verdict: " not in text and "| 16 | zeropad ★ |" in text
     payload = qs.main(args, execute=FakeFederation())
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
     text = tables.render(results, tmp_path)
