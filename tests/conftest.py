@@ -8,6 +8,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Restore torch's intra-op thread count after each test: a bench main run inline sets it (``--threads``),
+    and a different count splits float reductions differently, so later bit-for-bit comparisons would drift."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """``(model, tokenizer)`` of the ``tiny-llama`` alias, loaded once per session.
