@@ -460,6 +460,14 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
             out.append(markdown(["arm", "tier", "difference", "95% CI",
                                  "passes ratio" if key == "equal_steps" else "rounds compared"], rows))
             out.append("")
+    rows = [[name, t, c["baseline"], f"{c['diff']:+.3f}", _ci_text(c["ci95"])]
+            for name, e in (analysis.get("exploratory") or {}).items() for t, c in e.items()]
+    if rows:
+        out.append("Exploratory, after the runs (not one of the tests, not in the verdict, no multiplicity "
+                   "correction): the other PreLort arms minus the tier's best baseline:")
+        out.append("")
+        out.append(markdown(["arm", "tier", "best baseline", "difference", "95% CI"], rows))
+        out.append("")
     out.extend(_study_selection(data))
     for plot in data.get("plots") or []:
         out.append(f"![paired differences per tier]({_link(plot, readme_dir)})")

@@ -357,6 +357,26 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
             for b in verdict_arms[1:] if t in reported[b][common[0]]["curve"]}
         for t in curve_t}
     out["equal_steps"], out["equal_passes"] = _multi_pass(reported, arms, tiers, values, resampler)
+    out["exploratory"] = _exploratory(reported, arms, tiers, best, values, resampler)
+    return out
+
+
+def _exploratory(reported, arms, tiers, best, values, resampler) -> dict[str, Any]:
+    """Post hoc, outside the tests and the verdict: each other PreLort arm minus the tier's best baseline (the
+    verdict's), 95% CI without multiplicity correction, so a reader sees how another nesting mode compares."""
+    out: dict[str, Any] = {}
+    others = [a for a in arms if {**ARMS, **EXTRA_ARMS}[a][0] == "prelort" and a != VERDICT_ARM]
+    for arm in others:
+        entry: dict[str, Any] = {}
+        for t in tiers:
+            b = best[t]
+            ss = sorted(set(reported[arm]) & set(reported[b]))
+            if any(reported[arm][s]["examples"]["ids"] != reported[b][s]["examples"]["ids"] for s in ss):
+                raise ValueError(f"{arm} and {b} evaluated different held-out examples; cannot pair them")
+            if ss:
+                entry[t] = {"baseline": b, "seeds": ss, **_ci_entry(values(arm, ss, t), values(b, ss, t), resampler)}
+        if entry:
+            out[arm] = entry
     return out
 
 

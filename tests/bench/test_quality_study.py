@@ -274,10 +274,21 @@ def test_the_extra_arm_runs_only_when_asked_and_stays_out_of_the_verdict(tmp_pat
     assert payload["settings"]["extra_arms"] == ["prelort-sample_width"]
     assert {c["baseline"] for c in payload["analysis"]["comparisons"]} == {"zeropad"}
     assert "prelort-sample_width" in payload["analysis"]["equal_steps"]
+    # outside the verdict, it is compared with the tier's best baseline (the verdict's), paired on the same seeds
+    explore = payload["analysis"]["exploratory"]["prelort-sample_width"]
+    assert set(explore) == set(payload["analysis"]["best_baseline"])
+    tier_8 = explore["8"]
+    assert tier_8["baseline"] == payload["analysis"]["best_baseline"]["8"] == "zeropad" and tier_8["seeds"] == [0]
+    extra = payload["runs"]["report/prelort-sample_width/seed-0"]["tiers"]["8"]["correct"]
+    base = payload["runs"]["report/zeropad/seed-0"]["tiers"]["8"]["correct"]
+    want = (extra.count("1") - base.count("1")) / len(base)
+    assert tier_8["diff"] == pytest.approx(want, abs=1e-5) and tier_8["ci95"][0] <= tier_8["diff"] <= tier_8["ci95"][1]
     results = tmp_path / "results"
     results.mkdir()
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
-    assert "| prelort-sample_width (extra, not pre-registered) |" in tables.render(results, tmp_path)
+    rendered = tables.render(results, tmp_path)
+    assert "| prelort-sample_width (extra, not pre-registered) |" in rendered
+    assert f"| prelort-sample_width | 8 | zeropad | {tier_8['diff']:+.3f} |" in rendered
 
 
 def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
