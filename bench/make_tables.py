@@ -353,13 +353,17 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     progress = data.get("progress") or {}
     analysis = data.get("analysis") or {}
     verdict = analysis.get("verdict") or {}
-    complete = progress.get("done") is not None and progress.get("done") == progress.get("total")
+    # the verdict needs the pre-registered arms only; an extra arm still running is said, not a partial verdict
+    done = progress.get("pre_registered_done", progress.get("done"))
+    complete = done is not None and done == progress.get("pre_registered_total", progress.get("total"))
     out = ["### Quality study: PreLort against the baselines per rank tier", ""]
     status = "" if complete else f" **PARTIAL: {progress.get('text', 'progress not recorded')}.**"
+    if complete and progress.get("done") != progress.get("total"):
+        status = f" Extra arms still running: {progress.get('text')}."
     protocol = (f"Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); \"PreLort\" "
                 f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}.")
     if verdict and complete:
-        out.append(f"**Verdict: {str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). {protocol}")
+        out.append(f"**Verdict: {str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). {protocol}{status}")
     elif verdict:
         # a partial study's reading is interim: seeds still to come can move any CI across the rule's bounds
         out.append(f"{status.strip()} Interim reading of the decision rule on the seeds finished so far, not the "

@@ -563,13 +563,21 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     ran = 0
     stopped = False
 
+    # the verdict is complete when the pre-registered arms' runs are: an extra arm still running leaves it so
+    registered_total = sum(a in ARMS for a in args.arms) * (len(args.lrs) + len(args.seeds))
+
     def progress() -> dict[str, Any]:
         done = len(payload["runs"])
-        return {"done": done, "total": total, "text": f"{done} of {total} runs done"}
+        registered = sum(r["arm"] in ARMS for r in payload["runs"].values())
+        text = f"{done} of {total} runs done"
+        if registered_total != total:
+            text += f" (pre-registered arms: {registered} of {registered_total})"
+        return {"done": done, "total": total, "text": text, "pre_registered_done": registered,
+                "pre_registered_total": registered_total}
 
     def save() -> None:
         payload["progress"] = progress()
-        complete = payload["progress"]["done"] == total
+        complete = payload["progress"]["pre_registered_done"] == registered_total
         payload["cpu_seconds"] = round(sum(r["wall_seconds"] for r in payload["runs"].values()), 1)
         try:
             payload["analysis"] = analyse(payload["runs"], args.arms, args.seeds, replicates=args.bootstrap,

@@ -93,7 +93,9 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     payload = qs.main(study_args(tmp_path, "--arms", ARMS, "--seeds", "0,1,2", "--lrs", "1e-3,3e-3"), execute=fake)
     total = 5 * (2 + 3)
     assert len(fake.calls) == total and payload["progress"] == {"done": total, "total": total,
-                                                                "text": f"{total} of {total} runs done"}
+                                                                "text": f"{total} of {total} runs done",
+                                                                "pre_registered_done": total,
+                                                                "pre_registered_total": total}
     data = json.loads((tmp_path / "study.json").read_text())
     assert data["settings"]["verdict_arm"] == "prelort-sample" and data["settings"]["selection_seed"] == 1000
     # every run directory's config: stratified sampling, its arm, its seed, its lr; per-round evaluation for `all`
@@ -322,3 +324,20 @@ def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
         assert cells[-1].strip().startswith("chosen (grid edge)") == (float(cells[1]) == chosen)
     assert [line for line in text.splitlines() if line.startswith("| zeropad | 0.001 |")][0].endswith(
         "| grid unfinished |")
+
+
+def test_an_unfinished_extra_arm_leaves_the_verdict_complete(tmp_path):
+    # the extra arm last: the three selection runs come first, then each arm's reported seed in --arms order
+    args = study_args(tmp_path, "--arms", "prelort-sample,zeropad,prelort-sample_width", "--seeds", "0", "--lrs", "1e-3")
+    payload = qs.main(args + ["--max-runs", "4"], execute=FakeFederation())
+    assert payload["progress"]["text"] == "4 of 6 runs done (pre-registered arms: 3 of 4)"
+    assert payload["analysis"]["complete"] is False
+    payload = qs.main(args + ["--max-runs", "1"], execute=FakeFederation())
+    assert payload["progress"]["text"] == "5 of 6 runs done (pre-registered arms: 4 of 4)"
+    assert payload["analysis"]["complete"] is True and payload["analysis"]["verdict"]["partial"] is False
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
+    rendered = tables.render(results, tmp_path)
+    assert "**Verdict: " in rendered and "PARTIAL" not in rendered
+    assert "Extra arms still running: 5 of 6 runs done (pre-registered arms: 4 of 4)." in rendered
