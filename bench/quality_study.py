@@ -589,14 +589,18 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         payload["plots"] = [_rel(plot)] if plot else []
         write_json(args.json, payload)
 
-    def one(key: str, arm: str, seed: int, lr: float, phase: str) -> dict[str, Any] | None:
+    def one(key: str, arm: str, seed: int, lr: float, phase: str, reuse_only: bool) -> dict[str, Any] | None:
         nonlocal ran, stopped
+        if key in payload["runs"]:  # taken in the reuse sweep
+            return payload["runs"][key]
         run_dir = args.runs_dir / key
         cfg = make_config(args.base, arm, seed, lr, args.overrides, phase)
         earlier = recorded.get(key)
         # its directory is gone (not committed), its record is not
         from_json = not run_dir.exists() and earlier is not None and earlier[1] == cfg.to_dict()
         finished = from_json or (run_dir / DONE).is_file()
+        if not finished and reuse_only:
+            return None
         if not finished and args.max_runs is not None and ran >= args.max_runs:
             stopped = True
             return None
@@ -621,26 +625,34 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             save()
         return rec
 
-    # phase 1: learning rate per arm on the selection seed
-    for arm in args.arms:
-        entry: dict[str, Any] = {"grid": []}  # one() appends each finished lr
-        payload["arms"][arm] = entry
-        grid, ran_before = entry["grid"], ran
-        for lr in args.lrs:
-            one(f"select/{arm}/lr-{lr:g}", arm, args.selection_seed, lr, "select")
-        if len(grid) == len(args.lrs):
-            best = max(grid, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
-            entry.update(lr=best["lr"], at_grid_edge=len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs)))
-        if "lr" in entry and ran > ran_before:
-            save()  # the choice is in the JSON as soon as the grid is done, not only after the next run
-    # phase 2: the reported seeds, seed by seed so partial results cover every arm
-    for seed in args.seeds:
+    def sweep(reuse_only: bool) -> None:
+        nonlocal stopped
+        # phase 1: learning rate per arm on the selection seed
         for arm in args.arms:
-            lr = payload["arms"][arm].get("lr")
-            if lr is None:
-                stopped = True
-                continue
-            one(f"report/{arm}/seed-{seed}", arm, seed, lr, "report")
+            entry: dict[str, Any] = payload["arms"].setdefault(arm, {"grid": []})  # one() appends each finished lr
+            grid, ran_before = entry["grid"], ran
+            for lr in args.lrs:
+                one(f"select/{arm}/lr-{lr:g}", arm, args.selection_seed, lr, "select", reuse_only)
+            if "lr" not in entry and len(grid) == len(args.lrs):
+                grid.sort(key=lambda g: g["lr"])  # the grid's order, whichever sweep found each point
+                best = max(grid, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
+                entry.update(lr=best["lr"],
+                             at_grid_edge=len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs)))
+            if "lr" in entry and ran > ran_before:
+                save()  # the choice is in the JSON as soon as the grid is done, not only after the next run
+        # phase 2: the reported seeds, seed by seed so partial results cover every arm
+        for seed in args.seeds:
+            for arm in args.arms:
+                lr = payload["arms"][arm].get("lr")
+                if lr is None:
+                    stopped = stopped or not reuse_only
+                    continue
+                one(f"report/{arm}/seed-{seed}", arm, seed, lr, "report", reuse_only)
+
+    # every finished run first, so each save while the rest runs keeps them all (an arm added to a finished
+    # study would otherwise write a JSON without the runs it has not revisited yet); then what is left
+    sweep(reuse_only=True)
+    sweep(reuse_only=False)
     save()
     verdict = (payload["analysis"].get("verdict") or {})
     print(f"{payload['progress']['text']}" + (" (stopped at --max-runs)" if stopped else "")

@@ -341,3 +341,23 @@ def test_an_unfinished_extra_arm_leaves_the_verdict_complete(tmp_path):
     rendered = tables.render(results, tmp_path)
     assert "**Verdict: " in rendered and "PARTIAL" not in rendered
     assert "Extra arms still running: 5 of 6 runs done (pre-registered arms: 4 of 4)." in rendered
+
+
+def test_adding_an_arm_to_a_finished_study_keeps_every_run_in_each_save(tmp_path):
+    args = study_args(tmp_path, "--arms", "prelort-sample,zeropad", "--seeds", "0", "--lrs", "1e-3")
+    assert qs.main(args, execute=FakeFederation())["progress"]["text"] == "4 of 4 runs done"
+    fake, saved_before = FakeFederation(), []
+
+    def execute(cfg, run_dir):  # what a kill before this run would leave in the JSON
+        saved_before.append(sorted(json.loads((tmp_path / "study.json").read_text())["runs"]))
+        fake(cfg, run_dir)
+
+    extra = study_args(tmp_path, "--arms", "prelort-sample,zeropad,prelort-sample_width", "--seeds", "0",
+                       "--lrs", "1e-3")
+    payload = qs.main(extra, execute=execute)
+    assert len(fake.calls) == 2  # the extra arm's selection and reported runs; the 4 finished runs are reused
+    finished = ["report/prelort-sample/seed-0", "report/zeropad/seed-0", "select/prelort-sample/lr-0.001",
+                "select/zeropad/lr-0.001"]
+    assert saved_before == [finished, sorted([*finished, "select/prelort-sample_width/lr-0.001"])]
+    assert payload["progress"]["text"] == "6 of 6 runs done (pre-registered arms: 4 of 4)"
+    assert payload["analysis"]["verdict"]["partial"] is False
