@@ -314,9 +314,10 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
         out["verdict"] = None
         out["note"] = "no reported seed has finished PreLort and every baseline yet"
         return out
-    for s in common:
-        ids = {a: reported[a][s]["examples"]["ids"] for a in verdict_arms}
-        if any(v != ids[VERDICT_ARM] for v in ids.values()):
+    # every comparison below (tests, equal steps/passes, exploratory) pairs arms on a seed's examples
+    for s in sorted({s for runs_of in reported.values() for s in runs_of}):
+        ids = [runs_of[s]["examples"]["ids"] for runs_of in reported.values() if s in runs_of]
+        if any(v != ids[0] for v in ids):
             raise ValueError(f"seed {s}: the arms evaluated different held-out examples; cannot pair them")
     tiers = sorted(reported[VERDICT_ARM][common[0]]["tiers"], key=int)
     comparisons = []
@@ -371,8 +372,6 @@ def _exploratory(reported, arms, tiers, best, values, resampler) -> dict[str, An
         for t in tiers:
             b = best[t]
             ss = sorted(set(reported[arm]) & set(reported[b]))
-            if any(reported[arm][s]["examples"]["ids"] != reported[b][s]["examples"]["ids"] for s in ss):
-                raise ValueError(f"{arm} and {b} evaluated different held-out examples; cannot pair them")
             if ss:
                 entry[t] = {"baseline": b, "seeds": ss, **_ci_entry(values(arm, ss, t), values(b, ss, t), resampler)}
         if entry:
