@@ -344,19 +344,19 @@ def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
     from .rundir import RunDir
     from .updates import UpdateRejected, load_update, max_payload_bytes, server_check, update_norm
 
-    run = RunDir(run_dir)
+    directory = RunDir(run_dir)
     try:
-        spec, method = run.checkpoint_spec()
+        spec, method = directory.checkpoint_spec()
         method_impl = methods.build(method, spec)
     except (CheckpointError, ValueError, KeyError) as e:
         _fail(f"{run_dir} is not a usable run directory: {e}", 1)
     validation = config_mod.ValidationConfig()  # the defaults, as a run without config.yaml would use
-    if run.config_file.is_file():
+    if directory.config_file.is_file():
         try:
-            validation = run.load_config().validation
+            validation = directory.load_config().validation
         except config_mod.ConfigError as e:
             _fail(str(e), 1)
-    expected_round = round_ if round_ is not None else run.latest_intact_round() + 1
+    expected_round = round_ if round_ is not None else directory.latest_intact_round() + 1
     try:
         update = load_update(file, max_payload_bytes(spec))
         server_check(update, spec, method_impl, validation, round_=expected_round)  # what the round loop runs

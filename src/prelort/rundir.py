@@ -404,7 +404,8 @@ class RunDir:
         try:
             _, doc = self.checkpoint_state()
         except CheckpointError as e:
-            raise ConfigError(f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: {e}") from None
+            raise ConfigError(f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: "
+                              f"{e}") from None
         expected = {"method": cfg.method, "seed": cfg.seed, "client_ranks": cfg.clients.all_ranks(),
                     "alpha": cfg.lora.alpha, "options": methods.spec_options(cfg.method_options)}
         differ = [k for k, v in expected.items() if k in doc and doc[k] != v]

@@ -2,9 +2,8 @@
 
 ``Session`` loads the base model and data, writes its run directory through :class:`~prelort.rundir.RunDir`
 (config.yaml, run.log, metrics.jsonl, eval/, checkpoints, adapters, report) and evaluates the global model per
-rank tier. An engine only has to turn a
-round's :class:`~prelort.protocol.ClientTask` list into updates (or exceptions). The model and data come
-from :mod:`prelort.recipe`, the same recipe every Flower ClientApp follows.
+rank tier. An engine only has to turn a round's :class:`~prelort.protocol.ClientTask` list into updates (or
+exceptions). The model and data come from :mod:`prelort.recipe`, the same recipe every Flower ClientApp follows.
 """
 
 from __future__ import annotations
@@ -146,8 +145,9 @@ class Session:
     @classmethod
     def open(cls, run_dir: str | Path, verbose: bool = False) -> "Session":
         """An existing run, at its latest checkpoint, for evaluation (nothing in the run directory changes)."""
-        cfg = RunDir(run_dir).load_config()
-        if not RunDir(run_dir).checkpoint_rounds():  # start() would write an initial checkpoint
+        directory = RunDir(run_dir)
+        cfg = directory.load_config()
+        if not directory.checkpoint_rounds():  # start() would write an initial checkpoint
             raise FileNotFoundError(f"{run_dir} has no checkpoints/round-N yet: nothing to evaluate "
                                     "(start the run with prelort run first)")
         s = cls(cfg, run_dir, read_only=True, verbose=verbose)
@@ -328,8 +328,9 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 def open_federation(run_dir: str | Path) -> tuple[Config, Federation]:
     """The run's config and federation at its latest checkpoint, without loading the model or data."""
-    cfg = RunDir(run_dir).load_config()
-    spec, _ = RunDir(run_dir).checkpoint_spec()
+    directory = RunDir(run_dir)
+    cfg = directory.load_config()
+    spec, _ = directory.checkpoint_spec()
     fed = Federation(cfg, Path(run_dir), spec.modules)
     fed.start(resume=True)
     return cfg, fed
