@@ -196,16 +196,10 @@ def distinct_evaluations(method: str, ranks: list[int]) -> int:
 
 
 def _config_matches(run_dir: Path, cfg: Config) -> bool:
-    import yaml
+    from prelort.rundir import RunDir
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return False
-    prev = yaml.safe_load(path.read_text())
-    now = cfg.to_dict()
-    for d in (prev, now):
-        d.get("eval", {}).pop("base", None)  # who evaluates the shared base model may change on resume
-    return prev == now
+    # who evaluates the shared base model may change on resume
+    return RunDir(run_dir).config_matches(cfg, ignore=("eval.base",))
 
 
 def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -216,7 +210,9 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
             raise SystemExit(f"{run_dir} holds a finished run with a different config; delete it or pass another "
                              "--runs-dir")
         return {**json.loads(marker.read_text()), "run_dir": _rel(run_dir)}
-    resume = (run_dir / "checkpoints" / "round-0").is_dir() and _config_matches(run_dir, cfg)
+    from prelort.rundir import RunDir
+
+    resume = RunDir(run_dir).checkpoint_dir(0).is_dir() and _config_matches(run_dir, cfg)
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # an interrupted run that cannot be resumed: start over
     t0 = time.perf_counter()

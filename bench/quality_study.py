@@ -112,8 +112,9 @@ def run_inprocess(cfg: Config, run_dir: Path) -> None:
 
 
 def config_matches(run_dir: Path, cfg: Config) -> bool:
-    path = run_dir / "config.yaml"
-    return path.is_file() and yaml.safe_load(path.read_text()) == cfg.to_dict()
+    from prelort.rundir import RunDir
+
+    return RunDir(run_dir).config_matches(cfg)
 
 
 def recorded_runs(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -165,17 +166,12 @@ def _id_key(x: Any) -> tuple[int, Any]:
 
 def read_eval_records(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
     """``{round: records}`` of ``eval/round-N.jsonl`` (one JSON object per evaluated example and tier)."""
-    files = sorted((run_dir / "eval").glob("round-*.jsonl"))
-    if not files:
+    from prelort.rundir import RunDir
+
+    out = RunDir(run_dir).read_eval_records()
+    if not out:
         raise SystemExit(f"{run_dir}: no per-example evaluation records (eval/round-N.jsonl); the study needs "
                          "prelort's per-example evaluation (issue 12 part A)")
-    out = {}
-    for f in files:
-        try:
-            round_ = int(f.stem.split("-", 1)[1])
-        except ValueError:
-            continue
-        out[round_] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return out
 
 
@@ -193,7 +189,9 @@ def compact(records: list[dict[str, Any]], ids: list[Any], loglik: bool) -> dict
 
 def collect_run(run_dir: Path) -> dict[str, Any]:
     """The compact record of a finished run: per-example verdicts per tier, cost and per-dimension steps."""
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from prelort.rundir import RunDir
+
+    metrics = RunDir(run_dir).metrics.records()
     train = sorted((r for r in metrics if r.get("kind") == "train"), key=lambda r: r["round"])
     evals = read_eval_records(run_dir)
     final = max(evals)

@@ -174,22 +174,6 @@ def test_resume_after_round_1_is_bit_identical(tmp_path, check_run):
         assert len(keys) == len(set(keys)), f.name
 
 
-def test_eval_examples_are_replaced_not_appended_and_dropped_after_the_checkpoint(tmp_path):
-    from prelort.runner import drop_eval_examples_after, eval_examples_path, write_eval_examples
-
-    ex = [{"id": "a", "category": "c", "correct": 1, "loglik": -0.5, "n_tokens": 2, "prediction": None},
-          {"id": "b", "category": "c", "correct": 0, "loglik": -3.0, "n_tokens": 2, "prediction": None}]
-    write_eval_examples(tmp_path, 2, 4, "tier", ex)
-    write_eval_examples(tmp_path, 2, 8, "tier", ex)
-    write_eval_examples(tmp_path, 2, 4, "tier", ex[:1])  # a re-evaluation (resume) of the same tier
-    lines = [json.loads(l) for l in eval_examples_path(tmp_path, 2).read_text().splitlines()]
-    assert [(x["rank"], x["id"]) for x in lines] == [(8, "a"), (8, "b"), (4, "a")]
-    assert lines[0] == {"round": 2, "rank": 8, "kind": "tier", **ex[0]}
-    write_eval_examples(tmp_path, 3, 4, "tier", ex)
-    drop_eval_examples_after(tmp_path, 2)
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["round-2.jsonl"]
-
-
 def test_new_run_refuses_to_overwrite(tmp_path):
     d = tmp_path / "r"
     run(tiny_cfg("rounds=1", "eval.truncation_curve=false", "eval.base=false"), d, verbose=False)

@@ -310,13 +310,13 @@ def test_root_home_and_current_directory_are_refused(where, tmp_path, monkeypatc
 
 def test_marker_is_written_and_an_existing_run_needs_resume(tmp_path):
     cfg = tiny_cfg()
-    d = rundir.prepare(tmp_path / "run", cfg, resume=False)
+    d = rundir.RunDir(tmp_path / "run").prepare(cfg, resume=False).path
     assert json.loads((d / rundir.MARKER).read_text())["prelort"]
     assert (d / "config.yaml").is_file()
-    rundir.prepare(d, cfg, resume=False)  # marked, no checkpoint yet: may be reused
+    rundir.RunDir(d).prepare(cfg, resume=False)  # marked, no checkpoint yet: may be reused
     (d / "checkpoints").mkdir()
     with pytest.raises(rundir.RunDirError, match="already holds a run; use --resume"):
-        rundir.prepare(d, cfg, resume=False)
+        rundir.RunDir(d).prepare(cfg, resume=False)
 
 
 def _lock_held_by(run_dir: Path, pid: int) -> None:
@@ -334,7 +334,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
     try:
         _lock_held_by(d, holder.pid)
         with pytest.raises(rundir.RunDirError, match=f"in use by another prelort run \\(PID {holder.pid}"):
-            rundir.prepare(d, tiny_cfg(), resume=False)
+            rundir.RunDir(d).prepare(tiny_cfg(), resume=False)
         res = _cli("run", str(TINY), "--out", str(d), "--set", "seed=1")
         assert res.returncode != 0 and f"PID {holder.pid}" in res.stderr
         assert not (d / "config.yaml").exists()  # the refused run wrote nothing
@@ -351,7 +351,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     gone.wait()
     _lock_held_by(d, gone.pid)
     with prelort_log() as lines:
-        rundir.prepare(d, tiny_cfg(), resume=False)
+        rundir.RunDir(d).prepare(tiny_cfg(), resume=False)
     assert any("stale lock" in x for x in lines)
     assert json.loads((d / rundir.LOCK).read_text())["pid"] == os.getpid()
 
@@ -370,7 +370,7 @@ def test_the_lock_is_released_when_the_run_exits(tmp_path):
 def made_run(tmp_path):
     """A run directory with config.yaml and a round-0 checkpoint (no model needed)."""
     cfg = tiny_cfg()
-    d = rundir.prepare(tmp_path / "run", cfg, resume=False)
+    d = rundir.RunDir(tmp_path / "run").prepare(cfg, resume=False).path
     state = GlobalState(tensors={"m.lora_A": torch.zeros(8, 4), "m.lora_B": torch.zeros(4, 8)})
     info = {"method": cfg.method, "modules": {"m": [4, 4]}, "client_ranks": cfg.clients.all_ranks(),
             "alpha": cfg.lora.alpha, "seed": cfg.seed,
@@ -385,23 +385,23 @@ def made_run(tmp_path):
 def test_resume_refuses_any_change_outside_the_safe_sections(made_run, override):
     key = override.split("=")[0]
     with pytest.raises(config_mod.ConfigError, match=f"differs from the run's config.yaml in {key}"):
-        rundir.prepare(made_run, tiny_cfg(override), resume=True)
+        rundir.RunDir(made_run).prepare(tiny_cfg(override), resume=True)
     assert config_mod.load(made_run / "config.yaml") == tiny_cfg()  # config.yaml not rewritten
 
 
 @pytest.mark.parametrize("override", ["eval.max_examples=5", "rounds=9", "audit=true", "flower.round_timeout=5",
                                       "model.device=cpu"])
 def test_resume_accepts_changes_to_the_safe_sections(made_run, override):
-    rundir.prepare(made_run, tiny_cfg(override), resume=True)
+    rundir.RunDir(made_run).prepare(tiny_cfg(override), resume=True)
     assert config_mod.load(made_run / "config.yaml") == tiny_cfg(override)
 
 
 def test_resume_without_config_yaml_checks_the_config_against_the_checkpoint(made_run):
     (made_run / "config.yaml").unlink()
     with pytest.raises(config_mod.ConfigError, match=r"no config.yaml .*\(seed: run 0, given 7\)"):
-        rundir.prepare(made_run, tiny_cfg("seed=7"), resume=True)
+        rundir.RunDir(made_run).prepare(tiny_cfg("seed=7"), resume=True)
     assert not (made_run / "config.yaml").exists()
-    rundir.prepare(made_run, tiny_cfg(), resume=True)  # the same config given again: resumes
+    rundir.RunDir(made_run).prepare(tiny_cfg(), resume=True)  # the same config given again: resumes
     assert config_mod.load(made_run / "config.yaml") == tiny_cfg()
 
 

@@ -20,7 +20,7 @@ import torch
 
 from prelort import config as config_mod
 from prelort import runner
-from prelort.rundir import MetricsLog
+from prelort.rundir import MetricsLog, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -85,13 +85,13 @@ def test_an_interrupted_and_resumed_run_has_the_uninterrupted_records(tmp_path, 
         runner.run(cfg(), d, verbose=False)
     assert info.value.completed == completed
     monkeypatch.undo()
-    assert not runner.run_is_complete(cfg(), d)
+    assert not RunDir(d).is_complete(cfg())
     runner.run(cfg(), d, resume=True, verbose=False)
     assert records(d) == records(reference)
     for t in (2, 4, 8):
         rel = f"adapters/rank-{t}/adapter_model.safetensors"
         assert (d / rel).read_bytes() == (reference / rel).read_bytes()
-    assert runner.run_is_complete(cfg(), d)
+    assert RunDir(d).is_complete(cfg())
 
 
 def test_the_truncation_curve_reuses_the_tier_records_of_its_round(reference):

@@ -5,7 +5,8 @@ It checks names, shapes and fields, not whether any number is right: the files a
 record's fields and ranges (no record twice), every checkpoint (round-0 first; safetensors keys
 ``<module>.lora_A|lora_B|delta``, finite values, matching A/B ranks; state.json), every audited update
 (JSON beside it, declared rank = the tensors' rank dimension) and the exported PEFT adapters.
-Nothing is unpickled: safetensors, JSON and YAML only.
+Nothing is unpickled: safetensors, JSON and YAML only. The files are found and read through
+:class:`~prelort.rundir.RunDir`; what is checked in them is this module's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from .rundir import RunDir
 
 CONFIG_KEYS = ("method", "seed", "rounds", "audit", "engine", "model.name", "lora.alpha", "clients.num",
                "clients.per_round", "clients.ranks")
@@ -37,7 +40,8 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    run = Path(run_dir)
+    directory = RunDir(run_dir)
+    run = directory.path
     if not run.is_dir():
         return [f"{run} is not a directory"]
     problems: list[str] = []
@@ -54,14 +58,14 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             problems.append(f"{path.relative_to(run)} is not a readable safetensors file: {e}")
             return None
 
-    for name in ("config.yaml", "metrics.jsonl", "summary.csv", "run.log"):
-        need((run / name).is_file(), f"missing {name}")
-    need(any((run / "plots").glob("*.png")), "no plots/*.png")
+    for path in (directory.config_file, directory.metrics_file, directory.summary_csv, directory.log_file):
+        need(path.is_file(), f"missing {path.name}")
+    need(any(directory.plots_dir.glob("*.png")), "no plots/*.png")
 
     cfg: Any = {}
-    if (run / "config.yaml").is_file():
+    if directory.config_file.is_file():
         try:
-            cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+            cfg = directory.read_config_data() or {}
         except yaml.YAMLError as e:
             problems.append(f"config.yaml is not YAML: {e}")
     if not need(isinstance(cfg, dict), "config.yaml is not a mapping"):
@@ -72,8 +76,8 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             node = node.get(part) if isinstance(node, dict) else None
         need(node is not None, f"config.yaml lacks {dotted}")
 
-    if (run / "metrics.jsonl").is_file():
-        lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if directory.metrics_file.is_file():
+        lines = [line for line in directory.metrics.read_text().splitlines() if line.strip()]
         need(lines, "metrics.jsonl is empty")
         seen: dict[tuple[Any, ...], int] = {}
         for i, line in enumerate(lines, 1):
@@ -100,7 +104,7 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
                 else:
                     seen[key] = i
 
-    ckpts = sorted((p for p in (run / "checkpoints").glob("round-*") if _round_of(p) is not None), key=_round_of)
+    ckpts = sorted((p for p in directory.checkpoints_dir.glob("round-*") if _round_of(p) is not None), key=_round_of)
     need(ckpts and ckpts[0].name == "round-0", "no checkpoints/round-0 (the initial global adapter)")
     for c in ckpts:
         f = c / "adapter.safetensors"
@@ -118,7 +122,7 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
                     need(x.ndim == 2 and b.ndim == 2 and x.shape[0] == b.shape[1],
                          f"{c.name}: {mod} A rows {x.shape[0]} != B cols {b.shape[-1]}")
 
-    for u in sorted((run / "updates").glob("round-*/client-*.safetensors")):
+    for u in directory.update_files():
         m = u.with_suffix(".json")
         if not need(m.is_file(), f"{u.relative_to(run)} has no {m.name}"):
             continue
@@ -137,17 +141,18 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             dim = x.shape[0] if kind == "lora_A" else x.shape[1] if kind == "lora_B" and x.ndim == 2 else None
             need(dim == rank, f"{u.relative_to(run)}: {key} rank dim {dim} != declared rank {rank}")
 
-    for a in sorted((run / "adapters").glob("rank-*")):
+    for a in directory.adapter_dirs():
         need((a / "adapter_config.json").is_file() and (a / "adapter_model.safetensors").is_file(),
              f"{a.relative_to(run)} is not a PEFT adapter directory")
-    need(any((run / "adapters").glob("rank-*")), "no adapters/rank-T")
+    need(directory.adapter_dirs(), "no adapters/rank-T")
     return problems
 
 
 def summary(run_dir: str | Path) -> str:
     """One line for a run that follows the contract."""
-    run = Path(run_dir)
-    rounds = sorted(r for p in (run / "checkpoints").glob("round-*") if (r := _round_of(p)) is not None)
-    adapters = sorted(p.name for p in (run / "adapters").glob("rank-*"))
+    directory = RunDir(run_dir)
+    run = directory.path
+    rounds = sorted(r for p in directory.checkpoints_dir.glob("round-*") if (r := _round_of(p)) is not None)
+    adapters = sorted(p.name for p in directory.adapter_dirs())
     return (f"{run} follows the run-directory contract: checkpoints of rounds {rounds[0]}..{rounds[-1]}, "
             f"adapters {', '.join(adapters)}")

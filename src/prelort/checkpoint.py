@@ -1,7 +1,10 @@
-"""Atomic save / resume of the server state (docs/design.md sections 7-8).
+"""Atomic save / resume of the server state (docs/design.md sections 7-8): the checkpoint format.
 
 Layout: ``RUN_DIR/checkpoints/round-N/adapter.safetensors`` (the global state's tensors) and
-``RUN_DIR/checkpoints/round-N/state.json`` (``{"round": N, **info, "method_meta": state.meta}``).
+``RUN_DIR/checkpoints/round-N/state.json`` (``{"round": N, **info, "method_meta": state.meta}``). This module
+sits below :class:`prelort.rundir.RunDir`, the run directory's owner: code outside the two asks RunDir for
+checkpoint paths and rounds (``checkpoint_dir``, ``checkpoint_rounds``, ``latest_intact_round``), and the
+round loop saves and loads through the functions here.
 
 Atomicity: a round is written into a temporary sibling directory ``.round-N.tmp-*``, its files are
 fsynced, and only then is it renamed to ``round-N``. A crash therefore never leaves a half-written

@@ -191,14 +191,14 @@ def run_cmd(
     resume_cmd = shlex.join(["prelort", "run", str(config), "--out", str(out),
                              *[a for s in (set_ or []) for a in ("--set", s)], "--resume"])
     with _expected_failures("run"):
-        from . import rundir
-        from .runner import RunInterrupted, run, run_is_complete
+        from .rundir import RunDir, check_out
+        from .runner import RunInterrupted, run
 
         # read-only checks of --out (and of what --resume may change) before the model loads: fail in seconds
-        rundir.check_out(out, resume)
+        check_out(out, resume)
         if resume:
-            rundir.check_resume_config(Path(out), cfg)
-        if resume and run_is_complete(cfg, out):
+            RunDir(out).check_resume_config(cfg)
+        if resume and RunDir(out).is_complete(cfg):
             typer.echo(f"{out} is a finished run ({cfg.rounds} rounds, every record written): nothing to do")
             return
         try:
@@ -206,7 +206,7 @@ def run_cmd(
         except RunInterrupted as e:
             _fail(f"interrupted after round {e.completed}; resume with: {resume_cmd}", EXIT_INTERRUPTED)
         except KeyboardInterrupt:  # outside the round loop (model loading, Flower)
-            _fail(f"interrupted; resume with: {resume_cmd}" if (Path(out) / "checkpoints").is_dir()
+            _fail(f"interrupted; resume with: {resume_cmd}" if RunDir(out).checkpoints_dir.is_dir()
                   else "interrupted before the first checkpoint; start again", EXIT_INTERRUPTED)
     typer.echo(f"run directory: {out}")
 
@@ -271,8 +271,9 @@ def report_cmd(
 
 def _report(run_dirs: List[Path], out: Optional[Path]) -> None:
     from . import report
+    from .rundir import RunDir
 
-    missing = [d for d in run_dirs if not (d / "metrics.jsonl").is_file()]
+    missing = [d for d in run_dirs if not RunDir(d).metrics_file.is_file()]
     if missing:
         _fail("report: " + "; ".join(f"{d} " + ("does not exist" if not d.exists() else
                                                 "has no metrics.jsonl (not a prelort run directory?)")
@@ -339,22 +340,23 @@ def check_cmd(
 def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
     from . import config as config_mod
     from . import methods
-    from .checkpoint import CheckpointError, latest_intact_round, spec_from_checkpoint
+    from .checkpoint import CheckpointError
+    from .rundir import RunDir
     from .updates import UpdateRejected, load_update, max_payload_bytes, server_check, update_norm
 
+    directory = RunDir(run_dir)
     try:
-        spec, method = spec_from_checkpoint(run_dir)
+        spec, method = directory.checkpoint_spec()
         method_impl = methods.build(method, spec)
     except (CheckpointError, ValueError, KeyError) as e:
         _fail(f"{run_dir} is not a usable run directory: {e}", 1)
     validation = config_mod.ValidationConfig()  # the defaults, as a run without config.yaml would use
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
+    if directory.config_file.is_file():
         try:
-            validation = config_mod.load(config_path).validation
+            validation = directory.load_config().validation
         except config_mod.ConfigError as e:
             _fail(str(e), 1)
-    expected_round = round_ if round_ is not None else latest_intact_round(run_dir) + 1
+    expected_round = round_ if round_ is not None else directory.latest_intact_round() + 1
     try:
         update = load_update(file, max_payload_bytes(spec))
         server_check(update, spec, method_impl, validation, round_=expected_round)  # what the round loop runs

@@ -360,8 +360,10 @@ class Federation:
         outcome.train_loss = _mean_loss([u.meta for u in accepted])
         self._diagnose(outcome, [(u.client, u.rank, u.meta) for u in accepted])
         if self.cfg.audit:
+            from .rundir import RunDir
+
             for u in accepted:
-                save_update(self.run_dir / "updates" / f"round-{round_}" / f"client-{u.client}", u)
+                save_update(RunDir(self.run_dir).update_stem(round_, u.client), u)
         if self.cfg.privacy.dp:
             references = {u.client: self.received(u.client, u.rank) for u in accepted}
             gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, round_, -2))

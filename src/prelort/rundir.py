@@ -1,16 +1,28 @@
-"""Run directories: what may become one, who may write it, and what ``--resume`` may change.
+"""The run directory's owner: its files (docs/design.md section 7), who may write them, what ``--resume`` may
+change, and when a run is complete.
 
-* A run directory is marked as prelort's by :data:`MARKER` (written before anything else). ``prelort run``
-  only writes into a directory that is new, empty, or already marked; it never takes ``/``, the home
+:class:`RunDir` names every file of a run directory and reads and writes them; everything else (the runner,
+the report, ``prelort check``, the CLI, the benchmarks) goes through it instead of joining paths itself:
+
+* ``.prelort-run`` (:data:`MARKER`, written before anything else). ``prelort run`` only writes into a
+  directory that is new, empty, or already marked (:func:`check_out`); it never takes ``/``, the home
   directory or the current directory themselves, so a mistyped ``--out`` cannot mix a run into (or
   overwrite) a user's own files.
-* One process at a time: :func:`acquire_lock` creates :data:`LOCK` exclusively, holding the writer's PID
-  and process start time. It is removed when the process exits; a lock whose process is gone (killed) is
-  stale and taken over.
-* ``--resume`` compares the whole resolved config with the run's ``config.yaml``; only the sections in
-  :data:`SAFE_TO_CHANGE` may differ. Without ``config.yaml`` the config given again is checked against
-  what the latest checkpoint records (method, seed, ranks, alpha, options).
-* ``metrics.jsonl`` is appended one record a line through :class:`MetricsLog`.
+* ``.prelort.lock`` (:data:`LOCK`): one process at a time. :meth:`RunDir.acquire_lock` creates it
+  exclusively, holding the writer's PID and process start time. It is removed when the process exits; a
+  lock whose process is gone (killed) is stale and taken over.
+* ``config.yaml``: the resolved config. ``--resume`` compares the whole config given with it; only the
+  sections in :data:`SAFE_TO_CHANGE` may differ. Without ``config.yaml`` the config given again is checked
+  against what the latest checkpoint records (method, seed, ranks, alpha, options).
+* ``metrics.jsonl``: one record a line (:func:`train_record`, :meth:`RunDir.write_evaluation`), appended
+  through :class:`MetricsLog`; ``eval/round-N.jsonl``: one line per evaluated example and tier, rewritten
+  atomically, a tier's lines replaced (never appended to) when it is evaluated again.
+* ``run.log``, ``summary.csv``, ``plots/``, ``adapters/rank-T/``, ``updates/round-N/``: their paths.
+* ``checkpoints/round-N/``: the format (atomic writes, checksums, state.json) is :mod:`prelort.checkpoint`'s,
+  below this module; :class:`RunDir` hands out its paths and rounds to everyone else.
+
+A run is complete (:meth:`RunDir.is_complete`) when the last round's checkpoint is intact, every record
+of that round is in metrics.jsonl, and the per-tier adapters and summary.csv exist.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +42,412 @@ log = logging.getLogger("prelort")
 
 MARKER = ".prelort-run"
 LOCK = ".prelort.lock"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "run.log"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.csv"
+PLOTS_DIR = "plots"
+EVAL_DIR = "eval"
+ADAPTERS_DIR = "adapters"
+UPDATES_DIR = "updates"
 # Keys (dotted prefixes) a resumed run may change: they decide how and when the global model is evaluated,
 # where the rounds run (Flower addresses, timeouts, the device), whether accepted updates are kept, and how
 # many rounds there are (a resumed run may be extended) - never what a round computes.
 SAFE_TO_CHANGE = ("eval", "rounds", "audit", "flower", "model.device")
+# the keys of a metrics.jsonl record that say which evaluation it is, not what it measured
+RECORD_KEYS = ("round", "rank", "kind", "method", "seed")
 
 
 class RunDirError(FileExistsError):
     """A directory prelort must not use as this run's directory; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the records of metrics.jsonl
+# ----------------------------------------------------------------------------------------------
+DIAGNOSTIC_KEYS = ("dim_clients", "dim_steps", "passes", "optimizer_steps", "diagnostics_reported")
+
+
+def train_record(cfg: Config, round_: int, summary: dict[str, Any],
+                 privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A round's training record: the outcome's summary, its per-dimension diagnostics and (privacy.dp) the
+    accounted epsilon. Training records carry the contract's fields too (no tier evaluated: rank and metrics null)."""
+    return {"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None, "perplexity": None,
+            "train_loss": summary.get("train_loss"), "accepted": summary.get("accepted"),
+            "rejected": summary.get("rejected"), "failed": summary.get("failed"), "seconds": summary.get("seconds"),
+            "method": cfg.method, **{k: summary.get(k) for k in DIAGNOSTIC_KEYS}, **(privacy or {})}
+
+
+def expected_records(cfg: Config, round_: int) -> list[tuple[str, Any]]:
+    """The (kind, rank) records a finished round ``round_`` has in metrics.jsonl (the last one: with its curve)."""
+    from .evaluate import truncation_tiers
+
+    if round_ == 0:
+        return [("base", "base")] if cfg.eval.base else []
+    tiers = sorted(set(cfg.clients.all_ranks()))
+    keys: list[tuple[str, Any]] = [("train", None)]
+    if round_ % cfg.eval.every == 0 or round_ == cfg.rounds:
+        keys += [("tier", t) for t in tiers]
+    if round_ == cfg.rounds and cfg.eval.truncation_curve:
+        keys += [("curve", t) for t in truncation_tiers(max(tiers))]
+    return keys
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines text; a line cut by a crash (or anything not an object) is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl: append one JSON object per line (flushed, so a crash loses at most one line)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read_text(self) -> str:
+        """The whole file as written (FileNotFoundError when there is none)."""
+        return self.path.read_text(encoding="utf-8")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in file order; lines cut by a crash are skipped; none when there is no file."""
+        return _json_lines(self.read_text()) if self.path.is_file() else []
+
+    def records_by_key(self, round_: int) -> dict[tuple[str, Any], dict[str, Any]]:
+        """The records of ``round_`` by (kind, rank), the first of each; lines cut by a crash are skipped."""
+        out: dict[tuple[str, Any], dict[str, Any]] = {}
+        for rec in self.records():
+            if rec.get("round") == round_:
+                out.setdefault((rec.get("kind"), rec.get("rank")), rec)
+        return out
+
+    def truncate_after(self, round_: int) -> None:
+        """On resume, drop records of rounds after the last checkpoint (they will be recomputed)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("round", 0) <= round_:
+                keep.append(json.dumps(rec))
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# the run directory
+# ----------------------------------------------------------------------------------------------
+class RunDir:
+    """One run directory: the path of each of its files, their reading and writing, completeness, the lock.
+
+    Constructing one touches nothing; :meth:`prepare` makes (or reopens) the directory for writing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- the files --------------------------------------------------------------------------------------
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / PLOTS_DIR
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / EVAL_DIR
+
+    def eval_file(self, round_: int) -> Path:
+        return self.eval_dir / f"round-{round_}.jsonl"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.path / ADAPTERS_DIR
+
+    def adapter_dir(self, rank: int) -> Path:
+        """``adapters/rank-T/``: the PEFT adapter of rank tier ``rank``."""
+        return self.adapters_dir / f"rank-{rank}"
+
+    def adapter_dirs(self) -> list[Path]:
+        """The ``adapters/rank-*`` present, sorted by name."""
+        return sorted(self.adapters_dir.glob("rank-*"))
+
+    @property
+    def updates_dir(self) -> Path:
+        return self.path / UPDATES_DIR
+
+    def update_stem(self, round_: int, client: int) -> Path:
+        """``updates/round-N/client-K``: an audited update is this path + ``.safetensors`` and ``.json``."""
+        return self.updates_dir / f"round-{round_}" / f"client-{client}"
+
+    def update_files(self) -> list[Path]:
+        """Every audited update's ``.safetensors`` file, sorted."""
+        return sorted(self.updates_dir.glob("round-*/client-*.safetensors"))
+
+    # -- checkpoints/ (the format is prelort.checkpoint's; it sits below this module) ------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        from . import checkpoint
+
+        return checkpoint.checkpoints_dir(self.path)
+
+    def checkpoint_dir(self, round_: int) -> Path:
+        from . import checkpoint
+
+        return checkpoint.round_dir(self.path, round_)
+
+    def checkpoint_rounds(self) -> list[int]:
+        """The rounds with a ``checkpoints/round-N`` directory, ascending."""
+        from . import checkpoint
+
+        return checkpoint.available_rounds(self.path)
+
+    def latest_intact_round(self) -> int | None:
+        """The last round whose checkpoint is complete and matches its checksums (see prelort.checkpoint)."""
+        from . import checkpoint
+
+        return checkpoint.latest_intact_round(self.path)
+
+    def checkpoint_state(self, round_: int | None = None) -> tuple[int, dict[str, Any]]:
+        """``(round, state.json)`` of a checkpoint (default: the latest intact one)."""
+        from . import checkpoint
+
+        return checkpoint.read_state_json(self.path, round_)
+
+    def checkpoint_spec(self, round_: int | None = None) -> tuple[Any, str]:
+        """``(FederationSpec, method name)`` a checkpoint records (default: the latest intact one)."""
+        from . import checkpoint
+
+        return checkpoint.spec_from_checkpoint(self.path, round_)
+
+    # -- config.yaml --------------------------------------------------------------------------------------
+    def read_config_data(self) -> Any:
+        """config.yaml as parsed YAML, unvalidated (None when there is no config.yaml); raises yaml.YAMLError."""
+        import yaml
+
+        if not self.config_file.is_file():
+            return None
+        return yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+
+    def load_config(self) -> Config:
+        """config.yaml as a validated Config; FileNotFoundError when there is none, ConfigError when invalid."""
+        from . import config as config_mod
+
+        if not self.config_file.is_file():
+            raise FileNotFoundError(f"{self.path} is not a prelort run directory (no config.yaml)")
+        return config_mod.load(self.config_file)
+
+    def write_config(self, cfg: Config) -> None:
+        self.config_file.write_text(cfg.to_yaml())
+
+    def config_matches(self, cfg: Config, ignore: Sequence[str] = ()) -> bool:
+        """Whether config.yaml holds ``cfg`` (as data; the dotted keys in ``ignore`` may differ)."""
+        if not self.config_file.is_file():
+            return False
+        saved, given = self.read_config_data(), cfg.to_dict()
+        for data in (saved, given):
+            for dotted in ignore:
+                *parents, leaf = dotted.split(".")
+                node = data
+                for part in parents:
+                    node = node.get(part, {})
+                node.pop(leaf, None)
+        return saved == given
+
+    # -- metrics.jsonl ------------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> MetricsLog:
+        return MetricsLog(self.metrics_file)
+
+    def write_evaluation(self, round_: int, rank: Any, kind: str, metrics: dict[str, Any],
+                         examples: Sequence[dict[str, Any]], method: str, seed: int) -> dict[str, Any]:
+        """One evaluation: its record (appended to metrics.jsonl, returned) and its examples (eval/round-N.jsonl)."""
+        rec = {"round": round_, "rank": rank, "kind": kind, **metrics, "method": method, "seed": seed}
+        self.metrics.write(rec)
+        self.write_eval_examples(round_, rank, kind, examples)
+        return rec
+
+    # -- eval/round-N.jsonl -------------------------------------------------------------------------------
+    def write_eval_examples(self, round_: int, rank: Any, kind: str, examples: Sequence[dict[str, Any]]) -> Path:
+        """Put one evaluation's examples into ``eval/round-N.jsonl``, one JSON line per example:
+        {"round", "rank", "kind", "id", "category", "correct", "loglik", "n_tokens", "prediction"}.
+
+        Lines of the same (kind, rank) already in the file are replaced, not appended to (a resumed run
+        re-evaluating a round leaves no duplicate), and the file is rewritten atomically (temporary file +
+        rename), so a crash leaves either the old or the new file.
+        """
+        path = self.eval_file(round_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    old = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (old.get("kind"), old.get("rank")) != (kind, rank):
+                    kept.append(line)
+        new = [json.dumps({"round": round_, "rank": rank, "kind": kind, **ex}) for ex in examples]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept + new))
+        os.replace(tmp, path)
+        return path
+
+    def read_eval_examples(self, round_: int, kind: str, rank: Any) -> list[dict[str, Any]]:
+        """The examples of one evaluation (kind, rank) in ``eval/round-N.jsonl``, without their round/rank/kind
+        (what :meth:`write_eval_examples` takes), e.g. to copy a tier's examples to the truncation curve."""
+        path = self.eval_file(round_)
+        if not path.is_file():
+            return []
+        return [{k: v for k, v in rec.items() if k not in ("round", "rank", "kind")}
+                for rec in _json_lines(path.read_text()) if (rec.get("kind"), rec.get("rank")) == (kind, rank)]
+
+    def _eval_files(self) -> list[tuple[int, Path]]:
+        """``(round, eval/round-N.jsonl)`` in file-name order; a file whose N is no number is left out."""
+        out = []
+        for path in sorted(self.eval_dir.glob("round-*.jsonl")):
+            try:
+                out.append((int(path.stem.split("-", 1)[1]), path))
+            except ValueError:
+                continue
+        return out
+
+    def read_eval_records(self) -> dict[int, list[dict[str, Any]]]:
+        """``{round: every line of eval/round-N.jsonl}`` (one record per evaluated example and evaluation), in
+        file-name order; empty when there is none."""
+        return {round_: _json_lines(path.read_text()) for round_, path in self._eval_files()}
+
+    def drop_eval_after(self, round_: int) -> None:
+        """On resume: remove eval/round-N.jsonl of rounds after the checkpoint (they are evaluated again)."""
+        for n, path in self._eval_files():
+            if n > round_:
+                path.unlink()
+
+    # -- completeness -------------------------------------------------------------------------------------
+    def is_complete(self, cfg: Config) -> bool:
+        """Whether this directory holds ``cfg``'s finished run: the last round's checkpoint (intact), every
+        record of that round (truncation curve included), the per-tier adapters and summary.csv. Reads no model."""
+        from .checkpoint import CheckpointError
+
+        try:
+            if self.latest_intact_round() != cfg.rounds:  # a damaged last round is redone, not "complete"
+                return False
+        except CheckpointError:  # every checkpoint damaged: resume says so itself
+            return False
+        have = self.metrics.records_by_key(cfg.rounds)
+        if any(k not in have for k in expected_records(cfg, cfg.rounds)):
+            return False
+        tiers = sorted(set(cfg.clients.all_ranks()))
+        return self.summary_csv.is_file() and all(
+            (self.adapter_dir(t) / "adapter_model.safetensors").is_file() for t in tiers)
+
+    # -- writing: the lock, --resume, prepare -------------------------------------------------------------
+    def acquire_lock(self) -> Path:
+        """Take the lock for this process (again, if it holds it already); raises :class:`RunDirError` while
+        another live process holds it. Released when the process exits."""
+        return _acquire_lock(self.path)
+
+    def load_saved_config(self) -> Config:
+        """--resume: config.yaml as a validated Config; :class:`ConfigError` (one line) when it is not one."""
+        try:
+            return self.load_config()
+        except ConfigError as e:
+            reason = " ".join(str(e).split())  # one line, whatever the YAML parser's message looked like
+            raise ConfigError(f"--resume: the run's config.yaml is not a valid prelort config ({reason}); restore it "
+                              "or start a new run") from None
+
+    def check_against_checkpoint(self, cfg: Config) -> None:
+        """Without config.yaml: the config given must match what the latest checkpoint recorded."""
+        from . import methods
+        from .checkpoint import CheckpointError
+
+        run_dir = self.path
+        try:
+            _, doc = self.checkpoint_state()
+        except CheckpointError as e:
+            raise ConfigError(f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: "
+                              f"{e}") from None
+        expected = {"method": cfg.method, "seed": cfg.seed, "client_ranks": cfg.clients.all_ranks(),
+                    "alpha": cfg.lora.alpha, "options": methods.spec_options(cfg.method_options)}
+        differ = [k for k, v in expected.items() if k in doc and doc[k] != v]
+        if differ:
+            shown = ", ".join(f"{k}: run {doc[k]!r}, given {expected[k]!r}" for k in differ)
+            raise ConfigError(f"--resume: {run_dir} has no config.yaml and the config given differs from its "
+                              f"checkpoint ({shown}); a resumed run must keep them")
+
+    def check_resume_config(self, cfg: Config) -> None:
+        """Refuse a resume whose config changes anything but :data:`SAFE_TO_CHANGE` (one-line ConfigError)."""
+        if not self.config_file.is_file():
+            self.check_against_checkpoint(cfg)
+            log.warning("--resume: %s had no config.yaml; using the config given (it matches the checkpoint's "
+                        "method, seed, ranks and options)", self.path)
+            return
+        changed = config_changes(self.load_saved_config(), cfg)
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            raise ConfigError(f"--resume: the config differs from the run's config.yaml in {shown}; a resumed run "
+                              f"may change only {', '.join(SAFE_TO_CHANGE)}")
+
+    def prepare(self, cfg: Config, resume: bool) -> RunDir:
+        """Make (or reopen) the directory for writing: checks, marker first, lock, resume comparison,
+        config.yaml. Returns itself."""
+        from . import __version__
+
+        check_out(self.path, resume)
+        if resume:
+            self.check_resume_config(cfg)  # read-only; before the lock so a refused resume changes nothing
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.marker.is_file():
+            self.marker.write_text(json.dumps({"prelort": __version__}) + "\n")
+        lock = self.acquire_lock()
+        try:  # again under the lock: another run may have finished in this directory meanwhile
+            check_out(self.path, resume)
+            if resume:
+                self.check_resume_config(cfg)
+        except BaseException:
+            _release(lock.resolve())
+            raise
+        self.write_config(cfg)
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,11 +466,6 @@ def _protected(path: Path) -> str | None:
     return None
 
 
-def is_run_dir(path: Path) -> bool:
-    """A directory prelort made: it holds the marker, or (run directories of earlier versions) checkpoints/."""
-    return (path / MARKER).is_file() or (path / "checkpoints").is_dir()
-
-
 def check_out(path: str | Path, resume: bool) -> Path:
     """Refuse an ``--out`` prelort must not write (nothing is created here); returns the path."""
     path = Path(path)
@@ -68,14 +474,15 @@ def check_out(path: str | Path, resume: bool) -> Path:
         raise RunDirError(f"--out {path} is {protected}; give a new directory for the run, e.g. --out runs/NAME")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path} exists and is not a directory")
+    checkpoints = RunDir(path).checkpoints_dir
     if resume:
-        if not (path / "checkpoints").is_dir():
+        if not checkpoints.is_dir():
             raise FileNotFoundError(f"--resume: {path} has no checkpoints/ to resume from")
         return path
     if path.is_dir():
-        if (path / "checkpoints").exists():
+        if checkpoints.exists():
             raise RunDirError(f"{path} already holds a run; use --resume to continue it or choose another --out")
-        if not (path / MARKER).is_file() and any(path.iterdir()):
+        if not RunDir(path).marker.is_file() and any(path.iterdir()):
             raise RunDirError(f"{path} is not empty and is not a prelort run directory; prelort will not write "
                               "into it (choose a new or empty --out)")
     return path
@@ -134,9 +541,7 @@ def _release(lock: Path) -> None:
         pass
 
 
-def acquire_lock(run_dir: Path) -> Path:
-    """Take ``run_dir``'s lock for this process (again, if it holds it already); raises :class:`RunDirError`
-    while another live process holds it. Released when the process exits."""
+def _acquire_lock(run_dir: Path) -> Path:
     lock = run_dir / LOCK
     key = lock.resolve()
     if key in _held:
@@ -184,99 +589,3 @@ def config_changes(old: Config, new: Config) -> list[str]:
     """Dotted keys whose value differs between two configs, except those :data:`SAFE_TO_CHANGE`."""
     a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _safe(k))
-
-
-def load_saved_config(run_dir: Path) -> Config:
-    """The run's config.yaml as a validated Config; :class:`ConfigError` (one line) when it is not one."""
-    from . import config as config_mod
-
-    try:
-        return config_mod.load(run_dir / "config.yaml")
-    except ConfigError as e:
-        reason = " ".join(str(e).split())  # one line, whatever the YAML parser's message looked like
-        raise ConfigError(f"--resume: the run's config.yaml is not a valid prelort config ({reason}); restore it or "
-                          "start a new run") from None
-
-
-def check_against_checkpoint(run_dir: Path, cfg: Config) -> None:
-    """Without config.yaml: the config given must match what the latest checkpoint recorded."""
-    from . import checkpoint as ckpt
-
-    try:
-        _, doc = ckpt.read_state_json(run_dir)
-    except ckpt.CheckpointError as e:
-        raise ConfigError(f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: {e}") from None
-    from . import methods
-
-    expected = {"method": cfg.method, "seed": cfg.seed, "client_ranks": cfg.clients.all_ranks(),
-                "alpha": cfg.lora.alpha, "options": methods.spec_options(cfg.method_options)}
-    differ = [k for k, v in expected.items() if k in doc and doc[k] != v]
-    if differ:
-        shown = ", ".join(f"{k}: run {doc[k]!r}, given {expected[k]!r}" for k in differ)
-        raise ConfigError(f"--resume: {run_dir} has no config.yaml and the config given differs from its checkpoint "
-                          f"({shown}); a resumed run must keep them")
-
-
-def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """Refuse a resume whose config changes anything but :data:`SAFE_TO_CHANGE` (one-line ConfigError)."""
-    if not (run_dir / "config.yaml").is_file():
-        check_against_checkpoint(run_dir, cfg)
-        log.warning("--resume: %s had no config.yaml; using the config given (it matches the checkpoint's method, "
-                    "seed, ranks and options)", run_dir)
-        return
-    changed = config_changes(load_saved_config(run_dir), cfg)
-    if changed:
-        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-        raise ConfigError(f"--resume: the config differs from the run's config.yaml in {shown}; a resumed run may "
-                          f"change only {', '.join(SAFE_TO_CHANGE)}")
-
-
-# ----------------------------------------------------------------------------------------------
-# all of it
-# ----------------------------------------------------------------------------------------------
-def prepare(run_dir: str | Path, cfg: Config, resume: bool) -> Path:
-    """Make (or reopen) ``run_dir`` for writing: checks, marker first, lock, resume comparison, config.yaml."""
-    from . import __version__
-
-    d = check_out(run_dir, resume)
-    if resume:
-        check_resume_config(d, cfg)  # read-only; before the lock so a refused resume changes nothing
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / MARKER).is_file():
-        (d / MARKER).write_text(json.dumps({"prelort": __version__}) + "\n")
-    lock = acquire_lock(d)
-    try:  # again under the lock: another run may have finished in this directory meanwhile
-        check_out(d, resume)
-        if resume:
-            check_resume_config(d, cfg)
-    except BaseException:
-        _release(lock.resolve())
-        raise
-    (d / "config.yaml").write_text(cfg.to_yaml())
-    return d
-
-
-class MetricsLog:
-    """metrics.jsonl: append one JSON object per line (flushed, so a crash loses at most one line)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def truncate_after(self, round_: int) -> None:
-        """On resume, drop records of rounds after the last checkpoint (they will be recomputed)."""
-        if not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("round", 0) <= round_:
-                keep.append(json.dumps(rec))
-        self.path.write_text("".join(k + "\n" for k in keep))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()

@@ -1,16 +1,14 @@
 """A run directory from start to finish, for any engine.
 
-``Session`` loads the base model and data, owns the run directory (config.yaml, run.log, metrics.jsonl,
-checkpoints, adapters, report) and evaluates the global model per rank tier. An engine only has to turn a
-round's :class:`~prelort.protocol.ClientTask` list into updates (or exceptions). The model and data come
-from :mod:`prelort.recipe`, the same recipe every Flower ClientApp follows.
+``Session`` loads the base model and data, writes its run directory through :class:`~prelort.rundir.RunDir`
+(config.yaml, run.log, metrics.jsonl, eval/, checkpoints, adapters, report) and evaluates the global model per
+rank tier. An engine only has to turn a round's :class:`~prelort.protocol.ClientTask` list into updates (or
+exceptions). The model and data come from :mod:`prelort.recipe`, the same recipe every Flower ClientApp follows.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +25,7 @@ from .methods import Broadcast
 from .model_names import hub_id
 from .protocol import Engine
 from .recipe import client_examples, load_data, load_federation_model, quiet_libraries
-from .rundir import MetricsLog
+from .rundir import RECORD_KEYS, RunDir, train_record
 from .rank_geometry import adapter_rank
 
 log = logging.getLogger("prelort")
@@ -44,7 +42,7 @@ def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
             logger.removeHandler(h)
             h.close()
     if run_dir is not None:
-        fh = logging.FileHandler(run_dir / "run.log")
+        fh = logging.FileHandler(RunDir(run_dir).log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         fh._prelort = True  # type: ignore[attr-defined]
         logger.addHandler(fh)
@@ -116,6 +114,7 @@ class Session:
                  read_only: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.dir = RunDir(run_dir)
         self.resume = resume or read_only
         self.verbose = verbose
         check_privacy(cfg)  # a refused setting must not leave a half-made run directory behind
@@ -141,15 +140,14 @@ class Session:
         log.info("model %s loaded in %.1f s; data: %d train / %d test records; client sizes %s", cfg.model.name,
                  model_seconds, len(train), len(test), [len(p) for p in self.partitions])
         self.federation = Federation(cfg, self.run_dir, self.modules)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = self.dir.metrics
 
     @classmethod
     def open(cls, run_dir: str | Path, verbose: bool = False) -> "Session":
         """An existing run, at its latest checkpoint, for evaluation (nothing in the run directory changes)."""
-        from . import checkpoint as ckpt
-
-        cfg = load_run_config(run_dir)
-        if ckpt.latest_round(run_dir) is None:  # start() would write an initial checkpoint
+        directory = RunDir(run_dir)
+        cfg = directory.load_config()
+        if not directory.checkpoint_rounds():  # start() would write an initial checkpoint
             raise FileNotFoundError(f"{run_dir} has no checkpoints/round-N yet: nothing to evaluate "
                                     "(start the run with prelort run first)")
         s = cls(cfg, run_dir, read_only=True, verbose=verbose)
@@ -158,9 +156,7 @@ class Session:
 
     # -- run directory ------------------------------------------------------------------------------------
     def _prepare_dir(self) -> None:
-        from .rundir import prepare  # checks, marker, lock, resume comparison, config.yaml (rundir.py)
-
-        prepare(self.run_dir, self.cfg, self.resume)
+        self.dir.prepare(self.cfg, self.resume)  # checks, marker, lock, resume comparison, config.yaml
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def _load_tier(self, broadcast: Broadcast) -> None:
@@ -188,11 +184,7 @@ class Session:
     def _record(self, round_: int, rank: Any, kind: str, result: tuple[dict[str, Any], list[dict[str, Any]]]
                 ) -> dict[str, Any]:
         metrics, examples = result
-        rec = {"round": round_, "rank": rank, "kind": kind, **metrics, "method": self.cfg.method,
-               "seed": self.cfg.seed}
-        self.metrics.write(rec)
-        write_eval_examples(self.run_dir, round_, rank, kind, examples)
-        return rec
+        return self.dir.write_evaluation(round_, rank, kind, metrics, examples, self.cfg.method, self.cfg.seed)
 
     def evaluate_round(self, round_: int, skip: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Tier records of ``round_`` (the tiers in ``skip`` are already in metrics.jsonl)."""
@@ -207,15 +199,13 @@ class Session:
     def _complete_round(self, round_: int) -> None:
         """On resume: write the records the last completed round lacks (an interruption after its checkpoint
         and before its last record), in the order an uninterrupted run writes them."""
-        have = records_by_key(self.metrics.path, round_)
+        have = self.metrics.records_by_key(round_)
         if round_ == 0:
             if self.cfg.eval.base and ("base", "base") not in have:
                 self._record_base()
             return
         if ("train", None) not in have:
-            from . import checkpoint as ckpt
-
-            _, doc = ckpt.read_state_json(self.run_dir, round_)
+            _, doc = self.dir.checkpoint_state(round_)
             if isinstance(doc.get("outcome"), dict):
                 self.metrics.write(train_record(self.cfg, round_, doc["outcome"], self.federation.privacy_record(round_)))
             else:  # a checkpoint written before round outcomes were kept in state.json
@@ -234,7 +224,7 @@ class Session:
             try:
                 if self.resume:
                     self.metrics.truncate_after(fed.round)
-                    drop_eval_examples_after(self.run_dir, fed.round)
+                    self.dir.drop_eval_after(fed.round)
                     self._complete_round(fed.round)
                 elif cfg.eval.base:
                     self._record_base()
@@ -280,28 +270,28 @@ class Session:
         """
         cfg, fed = self.cfg, self.federation
         if cfg.eval.truncation_curve:
-            have = records_by_key(self.metrics.path, fed.round)
+            have = self.metrics.records_by_key(fed.round)
             for t in truncation_tiers(fed.spec.max_rank):
                 if ("curve", t) in have:
                     continue
                 tier = have.get(("tier", t))
-                result = ((({k: v for k, v in tier.items() if k not in _RECORD_KEYS}),
-                           read_eval_examples(self.run_dir, fed.round, "tier", t)) if tier is not None
+                result = ((({k: v for k, v in tier.items() if k not in RECORD_KEYS}),
+                           self.dir.read_eval_examples(fed.round, "tier", t)) if tier is not None
                           else self.evaluate_tier_examples(t))
                 self._record(fed.round, t, "curve", result)
-        export_adapters(self, self.run_dir / "adapters")
+        export_adapters(self)
         from .report import write_run_report
 
         write_run_report(self.run_dir)
         log.info("done: %s (metrics.jsonl, summary.csv, plots/, checkpoints/, adapters/)", self.run_dir)
 
 
-def export_adapters(session: Session, out: Path, tiers: Sequence[int] | None = None) -> list[Path]:
+def export_adapters(session: Session, tiers: Sequence[int] | None = None) -> list[Path]:
     """adapters/rank-T/ for every tier: standard PEFT adapters of the global model as a rank-T client gets it."""
     fed = session.federation
     paths = []
     for t in tiers or fed.tiers():
-        paths.append(export_tier(fed, t, session.cfg, out / f"rank-{t}"))
+        paths.append(export_tier(fed, t, session.cfg, session.dir.adapter_dir(t)))
     return paths
 
 
@@ -332,148 +322,15 @@ def log_privacy(fed: Federation, round_: int) -> None:
              rec["dp_delta"], round_, rec["dp_noise_multiplier"], plan.per_round, plan.num_clients, plan.bound)
 
 
-_RECORD_KEYS = ("round", "rank", "kind", "method", "seed")
-DIAGNOSTIC_KEYS = ("dim_clients", "dim_steps", "passes", "optimizer_steps", "diagnostics_reported")
-
-
-def train_record(cfg: Config, round_: int, summary: dict[str, Any],
-                 privacy: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A round's training record: the outcome's summary, its per-dimension diagnostics and (privacy.dp) the
-    accounted epsilon. Training records carry the contract's fields too (no tier evaluated: rank and metrics null)."""
-    return {"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None, "perplexity": None,
-            "train_loss": summary.get("train_loss"), "accepted": summary.get("accepted"),
-            "rejected": summary.get("rejected"), "failed": summary.get("failed"), "seconds": summary.get("seconds"),
-            "method": cfg.method, **{k: summary.get(k) for k in DIAGNOSTIC_KEYS}, **(privacy or {})}
-
-
-def records_by_key(path: Path, round_: int) -> dict[tuple[str, Any], dict[str, Any]]:
-    """metrics.jsonl's records of ``round_`` by (kind, rank); lines cut by a crash are skipped."""
-    out: dict[tuple[str, Any], dict[str, Any]] = {}
-    if not Path(path).is_file():
-        return out
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("round") == round_:
-            out.setdefault((rec.get("kind"), rec.get("rank")), rec)
-    return out
-
-
-def expected_keys(cfg: Config, round_: int) -> list[tuple[str, Any]]:
-    """The (kind, rank) records a finished round ``round_`` has in metrics.jsonl (the last one: with its curve)."""
-    if round_ == 0:
-        return [("base", "base")] if cfg.eval.base else []
-    tiers = sorted(set(cfg.clients.all_ranks()))
-    keys: list[tuple[str, Any]] = [("train", None)]
-    if round_ % cfg.eval.every == 0 or round_ == cfg.rounds:
-        keys += [("tier", t) for t in tiers]
-    if round_ == cfg.rounds and cfg.eval.truncation_curve:
-        keys += [("curve", t) for t in truncation_tiers(max(tiers))]
-    return keys
-
-
-def run_is_complete(cfg: Config, out: str | Path) -> bool:
-    """Whether ``out`` holds this config's finished run: the last round's checkpoint, every record of that
-    round (truncation curve included), the per-tier adapters and summary.csv. Reads no model."""
-    from . import checkpoint as ckpt
-
-    out = Path(out)
-    try:
-        if ckpt.latest_intact_round(out) != cfg.rounds:  # a damaged last round is redone, not "complete"
-            return False
-    except ckpt.CheckpointError:  # every checkpoint damaged: resume says so itself
-        return False
-    have = records_by_key(out / "metrics.jsonl", cfg.rounds)
-    if any(k not in have for k in expected_keys(cfg, cfg.rounds)):
-        return False
-    tiers = sorted(set(cfg.clients.all_ranks()))
-    return (out / "summary.csv").is_file() and all(
-        (out / "adapters" / f"rank-{t}" / "adapter_model.safetensors").is_file() for t in tiers)
-
-
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-# -- per-example evaluation records ---------------------------------------------------------------------------
-EVAL_DIR = "eval"
-
-
-def eval_examples_path(run_dir: Path, round_: int) -> Path:
-    return Path(run_dir) / EVAL_DIR / f"round-{round_}.jsonl"
-
-
-def write_eval_examples(run_dir: Path, round_: int, rank: Any, kind: str, examples: Sequence[dict[str, Any]]) -> Path:
-    """Put one evaluation's examples into ``eval/round-N.jsonl``, one JSON line per example:
-    {"round", "rank", "kind", "id", "category", "correct", "loglik", "n_tokens", "prediction"}.
-
-    Lines of the same (kind, rank) already in the file are replaced, not appended to (a resumed run
-    re-evaluating a round leaves no duplicate), and the file is rewritten atomically (temporary file +
-    rename), so a crash leaves either the old or the new file.
-    """
-    path = eval_examples_path(run_dir, round_)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                old = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (old.get("kind"), old.get("rank")) != (kind, rank):
-                kept.append(line)
-    new = [json.dumps({"round": round_, "rank": rank, "kind": kind, **ex}) for ex in examples]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept + new))
-    os.replace(tmp, path)
-    return path
-
-
-def read_eval_examples(run_dir: Path, round_: int, kind: str, rank: Any) -> list[dict[str, Any]]:
-    """The examples of one evaluation (kind, rank) in ``eval/round-N.jsonl``, without their round/rank/kind
-    (what :func:`write_eval_examples` takes), e.g. to copy a tier's examples to the truncation curve."""
-    path = eval_examples_path(run_dir, round_)
-    out: list[dict[str, Any]] = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and (rec.get("kind"), rec.get("rank")) == (kind, rank):
-            out.append({k: v for k, v in rec.items() if k not in ("round", "rank", "kind")})
-    return out
-
-
-def drop_eval_examples_after(run_dir: Path, round_: int) -> None:
-    """On resume: remove eval/round-N.jsonl of rounds after the checkpoint (they are evaluated again)."""
-    for path in (Path(run_dir) / EVAL_DIR).glob("round-*.jsonl"):
-        try:
-            n = int(path.stem.split("-", 1)[1])
-        except ValueError:
-            continue
-        if n > round_:
-            path.unlink()
-
-
-def load_run_config(run_dir: str | Path) -> Config:
-    from . import config as config_mod
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a prelort run directory (no config.yaml)")
-    return config_mod.load(path)
-
-
 def open_federation(run_dir: str | Path) -> tuple[Config, Federation]:
     """The run's config and federation at its latest checkpoint, without loading the model or data."""
-    from . import checkpoint as ckpt
-
-    cfg = load_run_config(run_dir)
-    spec, _ = ckpt.spec_from_checkpoint(run_dir)
+    directory = RunDir(run_dir)
+    cfg = directory.load_config()
+    spec, _ = directory.checkpoint_spec()
     fed = Federation(cfg, Path(run_dir), spec.modules)
     fed.start(resume=True)
     return cfg, fed
@@ -481,7 +338,7 @@ def open_federation(run_dir: str | Path) -> tuple[Config, Federation]:
 
 def run(cfg: Config, out: str | Path, *, resume: bool = False, verbose: bool = True) -> Path:
     """Run a whole federation with the engine named in the config (``resume`` on a finished run: nothing to do)."""
-    if resume and run_is_complete(cfg, out):
+    if resume and RunDir(out).is_complete(cfg):
         return Path(out)
     if cfg.engine == "inprocess":
         from .engines.inprocess import InProcessEngine

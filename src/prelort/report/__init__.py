@@ -24,6 +24,7 @@ from .plots import (
     _plot_train_loss,
     _plot_truncation,
 )
+from ..rundir import RunDir
 from .reading import EVAL_KINDS, METRICS, EvalRecord, ReportError, RunMetrics, TrainRecord, read_run
 from .tables import (
     COMPARISON_COLUMNS,
@@ -75,13 +76,13 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     run = read_run(run_dir)
     run_path = run.run_dir
     messages = list(run.warnings)
-    summary = run_path / "summary.csv"
+    summary = RunDir(run_path).summary_csv
     _write_csv(
         summary,
         SUMMARY_COLUMNS,
         ([r.method, r.seed, r.round, r.rank, r.kind, r.accuracy, r.rougeL, r.perplexity, r.n] for r in run.evals),
     )
-    plots_dir = run_path / "plots"
+    plots_dir = RunDir(run_path).plots_dir
     plots_dir.mkdir(exist_ok=True)
     plots: list[Path] = []
     if run.evals:

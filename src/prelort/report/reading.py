@@ -11,6 +11,7 @@ A run directory holds ``config.yaml`` and ``metrics.jsonl``; the latter has one 
 
 A resumed run may write the same ``(round, rank, kind)`` (or the same training round) twice: the last
 line wins. :func:`read_run` returns a :class:`RunMetrics`; a file it cannot read raises :class:`ReportError`.
+The files are found and read through :class:`~prelort.rundir.RunDir`; parsing them into records is this module's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..rundir import RunDir
 
 METRICS: tuple[str, ...] = ("accuracy", "rougeL", "perplexity")
 EVAL_KINDS: tuple[str, ...] = ("base", "tier", "curve")
@@ -210,12 +213,10 @@ def _parse_train(rec: dict[str, Any], method: str, where: str) -> TrainRecord:
     )
 
 
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
+def _read_config(run: RunDir) -> dict[str, Any]:
+    path = run.config_file
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = run.read_config_data()
     except yaml.YAMLError as exc:
         raise ReportError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -232,18 +233,19 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunMetrics:
     unknown kinds are skipped with a warning; a final line cut short (a run being written) is skipped too.
     Raises :class:`ReportError` when ``metrics.jsonl`` is missing or a line is not a valid record.
     """
-    run_path = Path(run_dir)
-    metrics_path = run_path / "metrics.jsonl"
+    run = RunDir(run_dir)
+    run_path = run.path
+    metrics_path = run.metrics_file
     if not metrics_path.is_file():
         raise ReportError(
             f"{run_path}: no metrics.jsonl (not a prelort run directory, or the run has not evaluated yet)"
         )
-    config = _read_config(run_path)
+    config = _read_config(run)
     method = str(config.get("method") or run_path.resolve().name)
     seed_value = config.get("seed")
-    seed = _optional_int(seed_value, "seed", str(run_path / "config.yaml"))
+    seed = _optional_int(seed_value, "seed", str(run.config_file))
 
-    text = metrics_path.read_text(encoding="utf-8")
+    text = run.metrics.read_text()
     lines = text.splitlines()
     evals: dict[tuple[int, int | str, str], EvalRecord] = {}
     trains: dict[int, TrainRecord] = {}
