@@ -11,7 +11,8 @@ import torch
 
 from prelort import adapters
 from prelort.config import TrainConfig
-from prelort.methods.base import FederationSpec, PrunePlan, TrainPlan, lora_init
+from prelort.methods.base import FederationSpec, TrainPlan, lora_init
+from prelort.methods.hetlora import SelfPruning
 from prelort.train import batch_response_loss, collate, lr_factor, response_loss, train_client
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -173,13 +174,15 @@ def test_hetlora_pruning_shrinks_when_the_tail_shrinks(tiny_model):
     with torch.no_grad():  # nonzero B so the tail product starts > 0
         for p in adapters.lora_parameters(model)[1::2]:
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=10.0)), cfg, seed=0)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0,
+                       local=SelfPruning(start=6, lam=10.0, rank=R))
     assert res.meta["tail_norm_end"] < res.meta["tail_norm_start"]
     assert res.meta["pruned_to"] == 6 and res.rank == 6
     assert res.tensors["model.layers.0.self_attn.q_proj.lora_A"].shape == (6, 64)
     # from B = 0 the tail product starts at 0 and can only grow: no pruning
     model = fresh_lora(base)
-    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=1e-3)), cfg, seed=0)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0,
+                       local=SelfPruning(start=6, lam=1e-3, rank=R))
     assert res.meta["tail_norm_start"] == 0.0 and "pruned_to" not in res.meta and res.rank == R
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .adapters import apply_broadcast
+from . import methods
+from .adapters import adapted_modules, apply_broadcast
 from .config import Config
 from .protocol import ClientTask
-from .methods import ClientUpdate
+from .methods import ClientUpdate, Method
 from .rank_geometry import adapter_rank
 from .train import train_client
 
@@ -16,7 +17,8 @@ class ClientRunner:
     """Trains clients on one in-memory model (a PeftModel with the federation's rank-R LoRA attached).
 
     ``partitions[k]`` holds client k's tokenized training examples. Only adapter state is swapped
-    between clients; the base model is never reloaded.
+    between clients; the base model is never reloaded. The method (built from the same config as the
+    server's) adds its part to the local training (:meth:`Method.local_training` of the task's plan).
     """
 
     def __init__(self, cfg: Config, model, partitions: Sequence[Sequence[dict]], progress: bool = False):
@@ -24,14 +26,23 @@ class ClientRunner:
         self.model = model
         self.partitions = partitions
         self.progress = progress
+        self._method: Method | None = None
+
+    @property
+    def method(self) -> Method:
+        if self._method is None:
+            self._method = methods.build(self.cfg.method, self.cfg.federation_spec(adapted_modules(self.model)))
+        return self._method
 
     def run(self, task: ClientTask) -> ClientUpdate:
         examples = self.partitions[task.client]
         if not examples:
             raise ValueError(f"client {task.client} has no training examples")
-        # the rank of the adapter received, not task.rank: FedIT sends r_min even to larger clients
+        # the rank of the adapter received, not task.rank: a method may send a smaller one (a common rank)
         apply_broadcast(self.model, task.broadcast, adapter_rank(task.broadcast.adapter))
-        result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress)
+        local = self.method.local_training(task.plan)
+        result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress,
+                              local=local)
         return ClientUpdate(
             client=task.client,
             rank=result.rank,

@@ -14,7 +14,7 @@ from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E4
 from prelort.config import from_dict  # noqa: E402
 from prelort.engines.flower import GridEngine  # noqa: E402
 from prelort.flower import records  # noqa: E402
-from prelort.methods import Broadcast, ClientUpdate, PrunePlan, TrainPlan  # noqa: E402
+from prelort.methods import Broadcast, ClientUpdate, TrainPlan  # noqa: E402
 from prelort.protocol import ClientFailed, ClientTask  # noqa: E402
 from prelort.updates import UpdateRejected  # noqa: E402
 
@@ -32,7 +32,7 @@ def _update(client: int = 1, rank: int = 2, round_: int = 3) -> ClientUpdate:
 
 
 def test_task_round_trip_keeps_every_field_and_value():
-    plan = TrainPlan(rank=4, truncations=(1, 2, 4), mode="sandwich", prune=PrunePlan(start=3, lam=0.01))
+    plan = TrainPlan(rank=4, truncations=(1, 2, 4), mode="sandwich", extra={"prune_start": 3, "prune_lam": 0.01})
     delta = {f"{MOD}.delta": torch.randn(5, 6)}
     cfg_json = json.dumps({"method": "prelort", "seed": 7})
     content = records.encode_task(5, 2, 4, 2**62 + 11, plan, Broadcast(_adapter(4), delta), cfg_json)
