@@ -11,9 +11,9 @@ import torch
 
 from prelort import adapters
 from prelort.config import TrainConfig
-from prelort.methods.base import FederationSpec, TrainPlan, lora_init
+from prelort.methods.base import NESTED_MODES, FederationSpec, TrainPlan, lora_init
 from prelort.methods.hetlora import SelfPruning
-from prelort.train import batch_response_loss, collate, lr_factor, response_loss, train_client
+from prelort.train import _step_truncations, batch_response_loss, collate, lr_factor, response_loss, train_client
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 R = 8
@@ -152,6 +152,20 @@ def test_rank_below_global_trains_only_its_prefix(tiny_model):
     for k, v in whole.items():
         tail = v[2:] if k.endswith("lora_A") else v[:, 2:]
         assert torch.count_nonzero(tail) == 0, k
+
+
+def test_every_nested_mode_is_named_and_an_unknown_one_is_refused():
+    """_step_truncations handles each mode of NESTED_MODES by name; an unknown mode is an error, not sandwich."""
+    ts, rank = [1, 2, 4, 8], 8
+    expected = {"off": lambda st: st == [8], "all": lambda st: st == ts, "sample": lambda st: len(st) == 1,
+                "sample_width": lambda st: len(st) == 1, "sandwich": lambda st: st[0] == 8 and len(st) == 2}
+    assert set(expected) == set(NESTED_MODES)
+    for mode in NESTED_MODES:
+        step_ts = _step_truncations(mode, ts, rank, random.Random(0))
+        assert set(step_ts) <= set(ts) and expected[mode](step_ts), mode
+    for mode in ("Sandwich", "", "nested"):
+        with pytest.raises(ValueError, match=rf"unknown nested mode {mode!r}; expected one of all, sample"):
+            _step_truncations(mode, ts, rank, random.Random(0))
 
 
 def test_plan_validation(tiny_model):

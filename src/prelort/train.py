@@ -187,6 +187,8 @@ def _restore_inactive(optimizer: torch.optim.Optimizer, saved: list) -> None:
 
 
 def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -> list[int]:
+    """The truncations one optimizer step takes its loss at under nested ``mode`` (module doc); ``ts`` sorted,
+    ending at ``rank``. Every mode of :data:`NESTED_MODES` is named here; any other is refused."""
     if mode == "off":
         return [rank]
     if mode == "all":
@@ -197,8 +199,10 @@ def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -
         # P(t) = (t - previous boundary) / rank: the segment of a uniformly drawn dimension
         widths = [t - prev for prev, t in zip([0, *ts[:-1]], ts)]
         return rng.choices(ts, weights=widths)
-    rest = [t for t in ts if t != rank]
-    return [rank, rng.choice(rest)] if rest else [rank]
+    if mode == "sandwich":
+        rest = [t for t in ts if t != rank]
+        return [rank, rng.choice(rest)] if rest else [rank]
+    raise ValueError(f"unknown nested mode {mode!r}; expected one of {', '.join(NESTED_MODES)}")
 
 
 class _Cycler:
