@@ -29,8 +29,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prelort import rank_geometry
-from prelort.methods.base import Broadcast, key, split_key
+from . import rank_geometry
+from .methods.base import Broadcast, key, split_key
 
 __all__ = [
     "ADAPTER_NAME",

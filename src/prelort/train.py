@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
-from prelort import adapters
-from prelort.config import TrainConfig
-from prelort.data.prompts import IGNORE_INDEX
-from prelort.methods.base import NESTED_MODES, LocalTraining, TrainPlan
+from . import adapters
+from .config import TrainConfig
+from .data.prompts import IGNORE_INDEX
+from .methods.base import NESTED_MODES, LocalTraining, TrainPlan
 
 __all__ = ["TrainResult", "collate", "lr_factor", "response_loss", "train_client"]
 
