@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import methods
-from .adapters import adapted_modules, apply_broadcast
+from .adapters import LoraAdapter
 from .config import Config
 from .protocol import ClientTask
 from .methods import ClientUpdate, Method
@@ -24,22 +24,17 @@ class ClientRunner:
     def __init__(self, cfg: Config, model, partitions: Sequence[Sequence[dict]], progress: bool = False):
         self.cfg = cfg
         self.model = model
+        self.adapter = LoraAdapter(model)
         self.partitions = partitions
         self.progress = progress
-        self._method: Method | None = None
-
-    @property
-    def method(self) -> Method:
-        if self._method is None:
-            self._method = methods.build(self.cfg.method, self.cfg.federation_spec(adapted_modules(self.model)))
-        return self._method
+        self.method: Method = methods.build(cfg.method, cfg.federation_spec(self.adapter.modules))
 
     def run(self, task: ClientTask) -> ClientUpdate:
         examples = self.partitions[task.client]
         if not examples:
             raise ValueError(f"client {task.client} has no training examples")
         # the rank of the adapter received, not task.rank: a method may send a smaller one (a common rank)
-        apply_broadcast(self.model, task.broadcast, adapter_rank(task.broadcast.adapter))
+        self.adapter.apply_broadcast(task.broadcast, adapter_rank(task.broadcast.adapter))
         local = self.method.local_training(task.plan)
         result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress,
                               local=local)

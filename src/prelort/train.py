@@ -1,6 +1,6 @@
 """One client's local training: the prefix-nested objective over a PEFT LoRA of the global rank.
 
-With T = plan.truncations and the adapter masked to t (prelort.adapters.set_truncation), each optimizer
+With T = plan.truncations and the adapter masked to t (``LoraAdapter.set_truncation``), each optimizer
 step minimises (docs/design.md section 2)
 
     all:       L = (1/|T|) * sum_{t in T} loss_t              (|T| forward/backward passes)
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
-from . import adapters
+from .adapters import LoraAdapter
 from .config import TrainConfig
 from .data.prompts import IGNORE_INDEX
 from .methods.base import NESTED_MODES, LocalTraining, TrainPlan
@@ -138,19 +138,14 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r} (constant or cosine)")
 
 
-def _factor_pairs(model: PeftModel):
-    params = adapters.lora_parameters(model)
-    return list(zip(params[0::2], params[1::2]))
-
-
-def _check_plan(model: PeftModel, plan: TrainPlan) -> list[int]:
+def _check_plan(adapter: LoraAdapter, plan: TrainPlan) -> list[int]:
     if plan.mode not in NESTED_MODES:
         raise ValueError(f"unknown nested mode {plan.mode!r}; expected one of {', '.join(NESTED_MODES)}")
-    loaded = adapters.active_rank(model)
+    loaded = adapter.active_rank
     if plan.rank != loaded:
         raise ValueError(
             f"plan.rank is {plan.rank} but the model's adapter is loaded at rank {loaded}; "
-            "load the starting adapter at plan.rank first (load_adapter_state / apply_broadcast)"
+            "load the starting adapter at plan.rank first (LoraAdapter.load_state / apply_broadcast)"
         )
     ts = sorted({int(t) for t in plan.truncations} | {plan.rank})
     bad = [t for t in ts if not 1 <= t <= plan.rank]
@@ -247,9 +242,9 @@ class _LocalOptimizer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     @classmethod
-    def of(cls, model: PeftModel, cfg: TrainConfig) -> "_LocalOptimizer":
-        params = adapters.lora_parameters(model)
-        pairs = _factor_pairs(model)
+    def of(cls, adapter: LoraAdapter, cfg: TrainConfig) -> "_LocalOptimizer":
+        params = adapter.parameters()
+        pairs = adapter.factor_pairs()
         for p in params:
             p.requires_grad_(True)
         adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -259,7 +254,7 @@ class _LocalOptimizer:
         return cls(params, pairs, adamw, scheduler)
 
 
-def _train_step(model: PeftModel, next_batch: Callable[[], dict[str, Tensor]], step_ts: list[int], plan: TrainPlan,
+def _train_step(adapter: LoraAdapter, next_batch: Callable[[], dict[str, Tensor]], step_ts: list[int], plan: TrainPlan,
                 cfg: TrainConfig, optim: _LocalOptimizer, local: LocalTraining, counts: dict[int, int],
                 dim_steps: list[int]) -> float:
     """One optimizer step of the nested objective: ``cfg.grad_accum`` micro-batches, each with one
@@ -271,11 +266,11 @@ def _train_step(model: PeftModel, next_batch: Callable[[], dict[str, Tensor]], s
         batch = next_batch()
         for t in step_ts:
             counts[t] += 1
-            adapters.set_truncation(model, t)
-            loss = batch_response_loss(model, batch)
+            adapter.set_truncation(t)
+            loss = batch_response_loss(adapter.model, batch)
             (loss * weight).backward()
             step_loss += float(loss.detach()) * weight
-    adapters.set_truncation(model, plan.rank)
+    adapter.set_truncation(plan.rank)
     penalty = local.penalty(optim.pairs)
     if penalty is not None:
         penalty.backward()
@@ -305,13 +300,14 @@ def train_client(
     """
     if len(examples) == 0:
         raise ValueError("client has no training examples")
-    ts = _check_plan(model, plan)
-    device = next(iter(adapters.lora_parameters(model))).device
+    adapter = LoraAdapter(model)
+    ts = _check_plan(adapter, plan)
+    device = next(iter(adapter.parameters())).device
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
-    optim = _LocalOptimizer.of(model, cfg)
+    optim = _LocalOptimizer.of(adapter, cfg)
     data_gen = torch.Generator().manual_seed(seed)
     cycler = _Cycler(len(examples), data_gen)
     pick = random.Random(seed)
@@ -339,7 +335,7 @@ def train_client(
             local.round_starts(optim.pairs)
             for step in range(cfg.local_steps):
                 step_ts = _step_truncations(plan.mode, ts, plan.rank, pick)
-                step_loss = _train_step(model, next_batch, step_ts, plan, cfg, optim, local, counts, dim_steps)
+                step_loss = _train_step(adapter, next_batch, step_ts, plan, cfg, optim, local, counts, dim_steps)
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"training loss became {step_loss} at step {step} (lower train.lr?)")
                 losses.append(step_loss)
@@ -350,7 +346,7 @@ def train_client(
     finally:
         if bar is not None:
             bar.close()
-        adapters.set_truncation(model, plan.rank)
+        adapter.set_truncation(plan.rank)
         model.train(was_training)
 
     meta: dict[str, Any] = {
@@ -369,7 +365,7 @@ def train_client(
     if type(final_rank) is not int or not 1 <= final_rank <= plan.rank:
         raise ValueError(f"the method's local training sends rank {final_rank!r}, not in [1, {plan.rank}]")
     return TrainResult(
-        tensors=adapters.read_adapter_state(model, final_rank),
+        tensors=adapter.read_state(final_rank),
         rank=final_rank,
         num_examples=len(examples),
         losses=losses,

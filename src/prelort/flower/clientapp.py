@@ -114,7 +114,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     task = secagg_task.task
     update = run_task(task, partition_id)
     cfg, model, _ = client_state(task.config, partition_id)
-    spec = cfg.federation_spec(adapters.adapted_modules(model))
+    spec = cfg.federation_spec(adapters.LoraAdapter(model).modules)
     server_check(update, spec, methods.build(cfg.method, spec), cfg.validation, round_=task.round)
     # privacy.dp: clip to privacy.clip_norm (the DP sensitivity; it replaces robust clipping, as on the server)
     clip_norm = cfg.privacy.clip_norm if cfg.privacy.dp else cfg.robust.clip_norm
