@@ -309,7 +309,7 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
     """One rank-t PEFT adapter of the global state: the global model as a rank-t client receives it.
 
     The method says which factors (:meth:`prelort.methods.Method.export_adapter`): by default exactly what a
-    rank-t client gets; FLoRA, whose clients get a merged base-weight delta, exports its best rank-t
+    rank-t client gets; a method whose clients get a merged base-weight delta exports its best rank-t
     approximation.
     """
     tensors = fed.method.export_adapter(fed.state, t)

@@ -7,7 +7,7 @@ Server -> client, one TRAIN message per sampled client (its own task):
   ClientApp needs no file of its own and works where ``context.run_config`` is empty);
 * ``prelort.adapter`` (ArrayRecord): the broadcast prefix, ``<module>.lora_A`` (r x d_in) and
   ``<module>.lora_B`` (d_out x r), one ``Array(ndarray)`` each, float32;
-* ``prelort.base_delta`` (ArrayRecord, only for methods that send one, e.g. FLoRA): ``<module>.delta``.
+* ``prelort.base_delta`` (ArrayRecord, only for methods whose broadcast has one): ``<module>.delta``.
 
 Client -> server, the reply carries the update in prelort's wire format (docs/design.md section 7), so the
 server decodes it with :func:`prelort.updates.decode_update` and validates it exactly like an update
