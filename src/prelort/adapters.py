@@ -174,7 +174,8 @@ class LoraAdapter:
         """Mask the rank dimension to the first ``t`` dims (1 <= t <= active rank). No weights change."""
         st = self._st
         if not 1 <= t <= st.rank:
-            raise ValueError(f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, global rank {st.max_rank})")
+            raise ValueError(f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, "
+                             f"global rank {st.max_rank})")
         if t != st.truncation:
             st.truncation = int(t)
             st.masks.clear()
@@ -197,7 +198,8 @@ class LoraAdapter:
         missing = sorted(expected - tensors.keys())
         unknown = sorted(set(tensors) - expected)
         if unknown:
-            raise ValueError(f"adapter tensors name unknown modules/factors: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+            more = " ..." if len(unknown) > 5 else ""
+            raise ValueError(f"adapter tensors name unknown modules/factors: {unknown[:5]}{more}")
         if missing:
             raise ValueError(f"adapter tensors miss {len(missing)} entries, e.g. {missing[:5]}")
         for name, x in tensors.items():

@@ -126,8 +126,9 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
     ``meta["dim_steps"][i]`` (optimizer steps of that client that changed dimension i). ``passes`` and
     ``optimizer_steps``: sums of ``meta["passes"]`` and ``meta["steps"]``. A client's report is only
     diagnostics, never trusted for aggregation: one that is not a list of ``rank`` (or more: a client
-    that pruned its rank reports before pruning, at most R) integers in [0, local_steps], with steps in [0, local_steps] and passes
-    in [0, local_steps * grad_accum * R], is left out of the step sums (logged) and its update stays accepted.
+    that pruned its rank reports before pruning, at most R) integers in [0, local_steps], with steps in
+    [0, local_steps] and passes in [0, local_steps * grad_accum * R], is left out of the step sums (logged)
+    and its update stays accepted.
     """
 
     def whole(x: Any, hi: int) -> bool:

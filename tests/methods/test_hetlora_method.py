@@ -77,7 +77,8 @@ def test_prune_plan(make_spec):
     assert method.plan(2).extra == {"prune_start": 1, "prune_lam": 0.01}
     assert method.plan(1).extra == {}  # ceil(0.5) = 1: no tail to prune
     assert method.plan(8).mode == "off" and method.plan(8).truncations == (8,)
-    assert HetLoRA(make_spec(ranks=(1, 8), options={"hetlora_prune": True, "hetlora_gamma": 0.7})).plan(8).extra["prune_start"] == 6
+    pruning_07 = HetLoRA(make_spec(ranks=(1, 8), options={"hetlora_prune": True, "hetlora_gamma": 0.7}))
+    assert pruning_07.plan(8).extra["prune_start"] == 6
     assert HetLoRA(spec=make_spec(ranks=(1, 8))).plan(8).extra == {}  # pruning off by default
     with pytest.raises(ValueError, match="hetlora_gamma"):
         HetLoRA(make_spec(options={"hetlora_prune": True, "hetlora_gamma": 0}))
