@@ -45,6 +45,23 @@ def test_task_round_trip_keeps_every_field_and_value():
     assert torch.equal(task.broadcast.base_delta[f"{MOD}.delta"], delta[f"{MOD}.delta"])
 
 
+def test_a_plans_method_extra_survives_the_wire_and_drives_the_client_side():
+    """HetLoRA's pruning instructions travel in TrainPlan.extra; the client builds the same SelfPruning from them."""
+    from prelort.methods import FederationSpec
+    from prelort.methods.hetlora import HetLoRA, SelfPruning
+
+    spec = FederationSpec(modules={MOD: (5, 6)}, client_ranks=(2, 8), alpha=16.0,
+                          options={"hetlora_prune": True, "hetlora_gamma": 0.5, "hetlora_lam": 0.01})
+    method = HetLoRA(spec)
+    plan = method.plan(8)
+    decoded = records.plan_from_json(records.plan_to_json(plan))
+    assert decoded == plan
+    local = method.local_training(decoded)
+    assert isinstance(local, SelfPruning) and (local.start, local.lam, local.rank) == (4, 0.01, 8)
+    with pytest.raises(records.BadTask, match="not a TrainPlan"):
+        records.plan_from_json(json.dumps({"rank": 2, "truncations": [2], "extra": [1]}))
+
+
 def test_task_without_base_delta_decodes_to_none():
     content = records.encode_task(1, 0, 2, 1, TrainPlan(2, (2,)), Broadcast(_adapter(2)), "{}")
     assert records.BASE_DELTA not in content.array_records
