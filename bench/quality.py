@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_json  # noqa: E402
 
 from prelort import config as config_mod  # noqa: E402
-from prelort.adapters import apply_broadcast  # noqa: E402
+from prelort.adapters import LoraAdapter  # noqa: E402
 from prelort.config import Config  # noqa: E402
 from prelort.data import tokenize_for_training  # noqa: E402
 from prelort.evaluate import _pad_id, evaluate_examples, perplexity, select_examples, truncation_tiers  # noqa: E402
@@ -174,7 +174,7 @@ class BenchSession(Session):
             self.cache_hits += 1
             metrics, examples = self.eval_cache[cache_key]
             return dict(metrics), [dict(ex) for ex in examples]
-        apply_broadcast(self.model, broadcast, adapter_rank(broadcast.adapter))
+        LoraAdapter(self.model).apply_broadcast(broadcast, adapter_rank(broadcast.adapter))
         metrics, examples = evaluate_examples(self.model, self.tokenizer, self.test_records, self.cfg.eval,
                                               self.cfg.data.max_length)
         self.evaluations += 1
@@ -247,7 +247,7 @@ def selection_score(cfg: Config, run_dir: Path) -> dict[str, Any]:
     per_tier = {}
     for t in fed.tiers():
         broadcast = fed.method.tier(fed.state, t)
-        apply_broadcast(session.model, broadcast, adapter_rank(broadcast.adapter))
+        LoraAdapter(session.model).apply_broadcast(broadcast, adapter_rank(broadcast.adapter))
         per_tier[str(t)] = perplexity(session.model, examples, cfg.eval.batch_size, pad)
     score = sum(math.log(p) for p in per_tier.values()) / len(per_tier)
     result = {"lr": cfg.train.lr, "perplexity_per_tier": per_tier, "score_mean_log_ppl": score,

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from prelort import adapters, rank_geometry
+from prelort.adapters import LoraAdapter
 from prelort.config import ModelConfig, TrainConfig
 from prelort.methods.base import FederationSpec, TrainPlan, lora_init
 from prelort.models import load_model
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     base, tok = load_model(ModelConfig(name=args.model, device=args.device))
     load_s = time.perf_counter() - t0
     model = adapters.attach_lora(base, ["q_proj", "k_proj", "v_proj", "o_proj"], rank, alpha=2.0 * rank)
-    spec = FederationSpec(modules=adapters.adapted_modules(model), client_ranks=tuple(ranks), alpha=2.0 * rank)
+    spec = FederationSpec(modules=LoraAdapter(model).modules, client_ranks=tuple(ranks), alpha=2.0 * rank)
     start = lora_init(spec, rank, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     for k in start:  # nonzero B, as in any round after the first
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def measure(mode: str, steps: int) -> tuple[float, float]:
         """(wall, process CPU) seconds per optimizer step of one train_client call."""
-        adapters.load_adapter_state(model, start, rank)
+        LoraAdapter(model).load_state(start, rank)
         cfg = TrainConfig(local_steps=steps, batch_size=args.batch_size, lr=1e-4)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from prelort import adapters
+from prelort.adapters import LoraAdapter
 from prelort import config as config_mod
 from prelort.config import TrainConfig
 from prelort.federation import round_diagnostics
@@ -37,8 +38,8 @@ def examples(n: int = 16) -> list[dict]:
 
 def fresh_lora(base, rank: int = R):
     model = adapters.attach_lora(copy.deepcopy(base), TARGETS, R, 16.0)
-    spec = FederationSpec(modules=adapters.adapted_modules(model), client_ranks=(2, R), alpha=16.0)
-    adapters.load_adapter_state(model, lora_init(spec, rank, torch.Generator().manual_seed(0)), rank)
+    spec = FederationSpec(modules=LoraAdapter(model).modules, client_ranks=(2, R), alpha=16.0)
+    LoraAdapter(model).load_state(lora_init(spec, rank, torch.Generator().manual_seed(0)), rank)
     return model
 
 
@@ -66,7 +67,7 @@ def test_sample_mode_counts_match_the_draws_and_the_dimensions_that_moved(tiny_m
     assert res.meta["dim_steps"] == [sum(c for t, c in counts.items() if t > i) for i in range(R)]
     assert res.meta["dim_steps"][:2] == [4, 4] and res.meta["dim_steps"][4:] == [0] * 4
     assert 1 <= res.meta["dim_steps"][2] <= 3
-    start = adapters.read_adapter_state(fresh_lora(base), R)
+    start = LoraAdapter(fresh_lora(base)).read_state(R)
     for name, value in res.tensors.items():
         if name.endswith("lora_B"):
             moved = [not torch.equal(value[:, i], start[name][:, i]) for i in range(R)]

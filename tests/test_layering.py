@@ -109,7 +109,7 @@ def test_the_graph_sees_the_imports_the_layers_are_made_of():
     assert "prelort.flower.records" in graph["prelort.engines.flower"]  # `from ..flower import records`
     assert "prelort.recipe" in graph["prelort.flower.clientapp"]  # an import inside a function counts
     assert "prelort.recipe" in graph["prelort.runner"]
-    assert "prelort.adapters" in graph["prelort.train"]  # `from prelort import adapters`
+    assert "prelort.adapters" in graph["prelort.recipe"]  # `from . import adapters`
 
 
 def test_no_import_runs_back_up():

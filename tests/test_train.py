@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from prelort import adapters
+from prelort.adapters import LoraAdapter
 from prelort.config import TrainConfig
-from prelort.methods.base import FederationSpec, PrunePlan, TrainPlan, lora_init
-from prelort.train import batch_response_loss, collate, lr_factor, response_loss, train_client
+from prelort.methods.base import NESTED_MODES, FederationSpec, TrainPlan, lora_init
+from prelort.methods.hetlora import SelfPruning
+from prelort.train import _step_truncations, batch_response_loss, collate, lr_factor, response_loss, train_client
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 R = 8
@@ -35,14 +37,14 @@ EXAMPLES = pattern_examples(16, 0)
 
 def fresh_lora(base, rank: int = R, alpha: float = 16.0, start_rank: int = R, seed: int = 0, dropout: float = 0.0):
     model = adapters.attach_lora(copy.deepcopy(base), TARGETS, rank, alpha, dropout=dropout)
-    spec = FederationSpec(modules=adapters.adapted_modules(model), client_ranks=(2, rank), alpha=alpha)
-    adapters.load_adapter_state(model, lora_init(spec, start_rank, torch.Generator().manual_seed(seed)), start_rank)
+    spec = FederationSpec(modules=LoraAdapter(model).modules, client_ranks=(2, rank), alpha=alpha)
+    LoraAdapter(model).load_state(lora_init(spec, start_rank, torch.Generator().manual_seed(seed)), start_rank)
     return model
 
 
 def batch_loss(model, examples, t: int) -> float:
     b = collate(examples, 0)
-    with torch.no_grad(), adapters.truncated(model, t):
+    with torch.no_grad(), LoraAdapter(model).truncated(t):
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         return float(response_loss(out, b["labels"]))
 
@@ -89,14 +91,14 @@ def test_training_lowers_the_loss_and_reports(tiny_model):
     assert after < before - 0.3
     assert res.rank == R and res.num_examples == len(EXAMPLES) and len(res.losses) == 8
     assert res.meta["steps"] == 8 and res.meta["loss"] == res.losses[-1]
-    assert set(res.tensors) == set(adapters.read_adapter_state(model, R))
+    assert set(res.tensors) == set(LoraAdapter(model).read_state(R))
     a = res.tensors["model.layers.0.self_attn.q_proj.lora_A"]
     assert a.shape == (R, 64) and a.dtype == torch.float32 and not a.requires_grad
     # base weights never train
     for name, p in model.named_parameters():
         if "lora_" not in name:
             assert torch.equal(p, dict(base.named_parameters())[name.replace("base_model.model.", "").replace(".base_layer", "")])
-    assert adapters.get_truncation(model) == R and not model.training
+    assert LoraAdapter(model).truncation == R and not model.training
 
 
 def test_nested_all_makes_the_prefix_useful_where_off_does_not(tiny_model):
@@ -146,11 +148,25 @@ def test_rank_below_global_trains_only_its_prefix(tiny_model):
     model = fresh_lora(base, start_rank=2)
     res = train_client(model, EXAMPLES, TrainPlan(rank=2, truncations=(2,), mode="off"),
                        TrainConfig(local_steps=2, batch_size=4, lr=1e-2, weight_decay=0.1), seed=0)
-    whole = adapters.read_adapter_state(model, R)
+    whole = LoraAdapter(model).read_state(R)
     assert res.tensors["model.layers.1.self_attn.o_proj.lora_A"].shape == (2, 64)
     for k, v in whole.items():
         tail = v[2:] if k.endswith("lora_A") else v[:, 2:]
         assert torch.count_nonzero(tail) == 0, k
+
+
+def test_every_nested_mode_is_named_and_an_unknown_one_is_refused():
+    """_step_truncations handles each mode of NESTED_MODES by name; an unknown mode is an error, not sandwich."""
+    ts, rank = [1, 2, 4, 8], 8
+    expected = {"off": lambda st: st == [8], "all": lambda st: st == ts, "sample": lambda st: len(st) == 1,
+                "sample_width": lambda st: len(st) == 1, "sandwich": lambda st: st[0] == 8 and len(st) == 2}
+    assert set(expected) == set(NESTED_MODES)
+    for mode in NESTED_MODES:
+        step_ts = _step_truncations(mode, ts, rank, random.Random(0))
+        assert set(step_ts) <= set(ts) and expected[mode](step_ts), mode
+    for mode in ("Sandwich", "", "nested"):
+        with pytest.raises(ValueError, match=rf"unknown nested mode {mode!r}; expected one of all, sample"):
+            _step_truncations(mode, ts, rank, random.Random(0))
 
 
 def test_plan_validation(tiny_model):
@@ -171,15 +187,17 @@ def test_hetlora_pruning_shrinks_when_the_tail_shrinks(tiny_model):
     # a strong regulariser shrinks the tail product from its random start
     model = fresh_lora(base)
     with torch.no_grad():  # nonzero B so the tail product starts > 0
-        for p in adapters.lora_parameters(model)[1::2]:
+        for p in LoraAdapter(model).parameters()[1::2]:
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=10.0)), cfg, seed=0)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0,
+                       local=SelfPruning(start=6, lam=10.0, rank=R))
     assert res.meta["tail_norm_end"] < res.meta["tail_norm_start"]
     assert res.meta["pruned_to"] == 6 and res.rank == 6
     assert res.tensors["model.layers.0.self_attn.q_proj.lora_A"].shape == (6, 64)
     # from B = 0 the tail product starts at 0 and can only grow: no pruning
     model = fresh_lora(base)
-    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,), prune=PrunePlan(start=6, lam=1e-3)), cfg, seed=0)
+    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0,
+                       local=SelfPruning(start=6, lam=1e-3, rank=R))
     assert res.meta["tail_norm_start"] == 0.0 and "pruned_to" not in res.meta and res.rank == R
 
 
@@ -189,10 +207,10 @@ def test_response_positions_only_loss_equals_the_full_logits_loss(tiny_model):
     examples = pattern_examples(6, seed=3)
     batch = collate(examples, pad_id=0)
     fast = batch_response_loss(model, batch)
-    (g_fast,) = torch.autograd.grad(fast, [adapters.lora_parameters(model)[1]])
+    (g_fast,) = torch.autograd.grad(fast, [LoraAdapter(model).parameters()[1]])
     full = response_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                          batch["labels"])
-    (g_full,) = torch.autograd.grad(full, [adapters.lora_parameters(model)[1]])
+    (g_full,) = torch.autograd.grad(full, [LoraAdapter(model).parameters()[1]])
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=1e-5)
 
@@ -209,7 +227,7 @@ def test_sample_mode_leaves_dims_outside_the_drawn_truncation_untouched(tiny_mod
     one = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(local_steps=1, **cfg), seed=seed)
     four = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(local_steps=4, **cfg), seed=seed)
     assert four.meta["passes_per_truncation"] == {"2": 3, "8": 1}
-    start = adapters.read_adapter_state(fresh_lora(base), R)
+    start = LoraAdapter(fresh_lora(base)).read_state(R)
     for name in one.tensors:
         tail = (slice(2, None), slice(None)) if name.endswith("lora_A") else (slice(None), slice(2, None))
         head = (slice(0, 2), slice(None)) if name.endswith("lora_A") else (slice(None), slice(0, 2))

@@ -18,11 +18,11 @@ accountants assume. The bound reported (:func:`accounting_plan`, ``AccountingPla
     Poisson sampling under add-or-remove), for q = 1, and where the release reveals who took part.
 
 ``rdp-sampled-without-replacement`` - ``replace_one`` with q < 1 and a release that does not reveal who was
-    sampled (the padded rule of zeropad/hetlora, or every client at the same rank): the library's RDP
+    sampled (the padded sum rule, or every client at the same rank): the library's RDP
     accountant with ``SampledWithoutReplacementDpEvent(N, K, GaussianDpEvent(z / 2))`` (Wang, Balle and
     Kasiviswanathan 2019, Theorem 27: fixed-size sampling without replacement, N public).
 
-Why PreLort's segment rule with heterogeneous ranks gets no amplification: dimension i of the new state is
+Why the segment sum rule with heterogeneous ranks gets no amplification: dimension i of the new state is
 N_i / D_i and keeps its previous value where no sampled client covered it, so the released state shows
 which rank tiers were sampled; a client whose rank is rare is seen taking part, and amplification by
 subsampling needs the sample to stay hidden.

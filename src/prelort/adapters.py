@@ -14,6 +14,9 @@ without copying weights; gradients reach dimension i only from truncations t > i
 Names: ``<module>`` is a module's full name in the BASE model (``model.layers.0.self_attn.q_proj``),
 never with PEFT's ``base_model.model.`` prefix; tensors are ``<module>.lora_A`` (r x d_in),
 ``<module>.lora_B`` (d_out x r) and ``<module>.delta`` (d_out x d_in), as in prelort.methods.base.key.
+
+:func:`attach_lora` makes the PeftModel; :class:`LoraAdapter` (``LoraAdapter(model)``) reads and sets its
+ranks, truncation, factors and base deltas.
 """
 
 from __future__ import annotations
@@ -29,25 +32,10 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from prelort import rank_geometry
-from prelort.methods.base import Broadcast, key, split_key
+from . import rank_geometry
+from .methods.base import Broadcast, key, split_key
 
-__all__ = [
-    "ADAPTER_NAME",
-    "active_rank",
-    "adapted_modules",
-    "apply_broadcast",
-    "attach_lora",
-    "export_peft_adapter",
-    "get_truncation",
-    "global_rank",
-    "load_adapter_state",
-    "lora_parameters",
-    "read_adapter_state",
-    "set_base_delta",
-    "set_truncation",
-    "truncated",
-]
+__all__ = ["ADAPTER_NAME", "LoraAdapter", "attach_lora", "export_peft_adapter"]
 
 ADAPTER_NAME = "default"
 _PEFT_PREFIX = "base_model.model."
@@ -72,13 +60,6 @@ class _NestedState:
             m = self.masks[k] = rank_geometry.rank_mask(self.truncation, self.max_rank, dtype=like.dtype,
                                                         device=like.device)
         return m
-
-
-def _state(peft_model: nn.Module) -> _NestedState:
-    st = getattr(peft_model, "_prelort_state", None)
-    if st is None:
-        raise ValueError("model has no prelort LoRA adapter; create it with prelort.adapters.attach_lora")
-    return st
 
 
 def _lora_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
@@ -143,158 +124,170 @@ def _mask_hook(module: nn.Module, inputs, output: Tensor):
     return output * st.mask(output)
 
 
-def global_rank(peft_model: PeftModel) -> int:
-    """R, the rank of the attached adapter."""
-    return _state(peft_model).max_rank
-
-
-def active_rank(peft_model: PeftModel) -> int:
-    """The rank last loaded with :func:`load_adapter_state` (R right after attach_lora)."""
-    return _state(peft_model).rank
-
-
-def get_truncation(peft_model: PeftModel) -> int:
-    return _state(peft_model).truncation
-
-
-def adapted_modules(peft_model: PeftModel) -> dict[str, tuple[int, int]]:
-    """Adapted module name (base-model naming) -> (d_out, d_in)."""
-    return {name: (layer.out_features, layer.in_features) for name, layer in _state(peft_model).layers.items()}
-
-
-def lora_parameters(peft_model: PeftModel) -> list[nn.Parameter]:
-    """The trainable LoRA factors (A and B of every adapted module), in a fixed order."""
-    out = []
-    for layer in _state(peft_model).layers.values():
-        out.append(layer.lora_A[ADAPTER_NAME].weight)
-        out.append(layer.lora_B[ADAPTER_NAME].weight)
-    return out
-
-
 def _factors(layer: LoraLayer) -> tuple[Tensor, Tensor]:
     return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
 
 
-def set_truncation(peft_model: PeftModel, t: int) -> None:
-    """Mask the rank dimension to the first ``t`` dims (1 <= t <= active rank). No weights change."""
-    st = _state(peft_model)
-    if not 1 <= t <= st.rank:
-        raise ValueError(f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, global rank {st.max_rank})")
-    if t != st.truncation:
-        st.truncation = int(t)
+class LoraAdapter:
+    """The prelort LoRA adapter of a model made by :func:`attach_lora`: its ranks, truncation, factors and base
+    deltas. ``LoraAdapter(model)`` is a light handle on the bookkeeping the model carries (handles on one
+    model share it); ``model`` is the PeftModel itself (forward passes, generation)."""
+
+    def __init__(self, peft_model: nn.Module):
+        st = getattr(peft_model, "_prelort_state", None)
+        if st is None:
+            raise ValueError("model has no prelort LoRA adapter; create it with prelort.adapters.attach_lora")
+        self.model = peft_model
+        self._st: _NestedState = st
+
+    @property
+    def global_rank(self) -> int:
+        """R, the rank of the attached adapter."""
+        return self._st.max_rank
+
+    @property
+    def active_rank(self) -> int:
+        """The rank last loaded with :meth:`load_state` (R right after attach_lora)."""
+        return self._st.rank
+
+    @property
+    def truncation(self) -> int:
+        return self._st.truncation
+
+    @property
+    def modules(self) -> dict[str, tuple[int, int]]:
+        """Adapted module name (base-model naming) -> (d_out, d_in)."""
+        return {name: (layer.out_features, layer.in_features) for name, layer in self._st.layers.items()}
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable LoRA factors (A and B of every adapted module), in a fixed order."""
+        out = []
+        for layer in self._st.layers.values():
+            out.extend(_factors(layer))
+        return out
+
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(A, B) of every adapted module, in the order of :meth:`parameters`."""
+        return [_factors(layer) for layer in self._st.layers.values()]
+
+    def set_truncation(self, t: int) -> None:
+        """Mask the rank dimension to the first ``t`` dims (1 <= t <= active rank). No weights change."""
+        st = self._st
+        if not 1 <= t <= st.rank:
+            raise ValueError(f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, "
+                             f"global rank {st.max_rank})")
+        if t != st.truncation:
+            st.truncation = int(t)
+            st.masks.clear()
+
+    @contextmanager
+    def truncated(self, t: int) -> Iterator[PeftModel]:
+        """``with adapter.truncated(t): ...`` runs the body at truncation t and restores the previous one."""
+        previous = self.truncation
+        self.set_truncation(t)
+        try:
+            yield self.model
+        finally:
+            st = self._st
+            st.truncation = min(previous, st.rank)  # the body may have loaded a smaller rank
+            st.masks.clear()
+
+    def _check_tensors(self, tensors: Mapping[str, Tensor], rank: int) -> None:
+        layers = self._st.layers
+        expected = {key(m, k) for m in layers for k in ("lora_A", "lora_B")}
+        missing = sorted(expected - tensors.keys())
+        unknown = sorted(set(tensors) - expected)
+        if unknown:
+            more = " ..." if len(unknown) > 5 else ""
+            raise ValueError(f"adapter tensors name unknown modules/factors: {unknown[:5]}{more}")
+        if missing:
+            raise ValueError(f"adapter tensors miss {len(missing)} entries, e.g. {missing[:5]}")
+        for name, x in tensors.items():
+            module, kind = split_key(name)
+            layer = layers[module]
+            d_out, d_in = layer.out_features, layer.in_features
+            if x.dim() != 2:
+                raise ValueError(f"{name}: expected a matrix, got shape {tuple(x.shape)}")
+            have = rank_geometry.factor_rank(kind, x, d_out, d_in)
+            if have is None or have < rank:
+                want = rank_geometry.factor_shape(kind, rank, d_out, d_in)
+                raise ValueError(f"{name}: shape {tuple(x.shape)} does not fit rank {rank}: expected {want}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name}: contains NaN or inf")
+
+    def load_state(self, tensors: Mapping[str, Tensor], rank: int) -> None:
+        """Write the rank-``rank`` prefix of ``tensors`` into dims [0, rank), zero dims [rank, R),
+        and set the active rank and truncation to ``rank``.
+
+        ``tensors`` has ``<module>.lora_A`` (>= rank x d_in) and ``<module>.lora_B`` (d_out x >= rank) for
+        every adapted module; a larger rank is truncated to its prefix.
+        """
+        st = self._st
+        if not 1 <= rank <= st.max_rank:
+            raise ValueError(f"rank {rank} outside [1, {st.max_rank}] (the adapter's global rank)")
+        self._check_tensors(tensors, rank)
+        with torch.no_grad():
+            for module, layer in st.layers.items():
+                a, b = _factors(layer)
+                a.zero_()
+                b.zero_()
+                a[:rank].copy_(tensors[key(module, "lora_A")][:rank])
+                b[:, :rank].copy_(tensors[key(module, "lora_B")][:, :rank])
+        st.rank = int(rank)
+        st.truncation = int(rank)
         st.masks.clear()
 
-
-@contextmanager
-def truncated(peft_model: PeftModel, t: int) -> Iterator[PeftModel]:
-    """``with truncated(model, t): ...`` runs the body at truncation t and restores the previous one."""
-    previous = get_truncation(peft_model)
-    set_truncation(peft_model, t)
-    try:
-        yield peft_model
-    finally:
-        st = _state(peft_model)
-        st.truncation = min(previous, st.rank)  # the body may have loaded a smaller rank
-        st.masks.clear()
-
-
-def _check_adapter_tensors(st: _NestedState, tensors: Mapping[str, Tensor], rank: int) -> None:
-    expected = {key(m, k) for m in st.layers for k in ("lora_A", "lora_B")}
-    missing = sorted(expected - tensors.keys())
-    unknown = sorted(set(tensors) - expected)
-    if unknown:
-        raise ValueError(f"adapter tensors name unknown modules/factors: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    if missing:
-        raise ValueError(f"adapter tensors miss {len(missing)} entries, e.g. {missing[:5]}")
-    for name, x in tensors.items():
-        module, kind = split_key(name)
-        layer = st.layers[module]
-        d_out, d_in = layer.out_features, layer.in_features
-        if x.dim() != 2:
-            raise ValueError(f"{name}: expected a matrix, got shape {tuple(x.shape)}")
-        have = rank_geometry.factor_rank(kind, x, d_out, d_in)
-        if have is None or have < rank:
-            want = rank_geometry.factor_shape(kind, rank, d_out, d_in)
-            raise ValueError(f"{name}: shape {tuple(x.shape)} does not fit rank {rank}: expected {want}")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name}: contains NaN or inf")
-
-
-def load_adapter_state(peft_model: PeftModel, tensors: Mapping[str, Tensor], rank: int) -> None:
-    """Write the rank-``rank`` prefix of ``tensors`` into dims [0, rank), zero dims [rank, R),
-    and set the active rank and truncation to ``rank``.
-
-    ``tensors`` has ``<module>.lora_A`` (>= rank x d_in) and ``<module>.lora_B`` (d_out x >= rank) for
-    every adapted module; a larger rank is truncated to its prefix.
-    """
-    st = _state(peft_model)
-    if not 1 <= rank <= st.max_rank:
-        raise ValueError(f"rank {rank} outside [1, {st.max_rank}] (the adapter's global rank)")
-    _check_adapter_tensors(st, tensors, rank)
-    with torch.no_grad():
+    def read_state(self, rank: int) -> dict[str, Tensor]:
+        """Detached float32 CPU copies of the rank-``rank`` prefix: ``<module>.lora_A`` (rank x d_in),
+        ``<module>.lora_B`` (d_out x rank)."""
+        st = self._st
+        if not 1 <= rank <= st.max_rank:
+            raise ValueError(f"rank {rank} outside [1, {st.max_rank}] (the adapter's global rank)")
+        out: dict[str, Tensor] = {}
         for module, layer in st.layers.items():
             a, b = _factors(layer)
-            a.zero_()
-            b.zero_()
-            a[:rank].copy_(tensors[key(module, "lora_A")][:rank])
-            b[:, :rank].copy_(tensors[key(module, "lora_B")][:, :rank])
-    st.rank = int(rank)
-    st.truncation = int(rank)
-    st.masks.clear()
+            out[key(module, "lora_A")] = a.detach()[:rank].to(device="cpu", dtype=torch.float32).clone()
+            out[key(module, "lora_B")] = b.detach()[:, :rank].to(device="cpu", dtype=torch.float32).clone()
+        return out
 
+    def set_base_delta(self, deltas: Mapping[str, Tensor] | None) -> None:
+        """Set the frozen base weight of each adapted module to W = W0 + delta (``<module>.delta``,
+        d_out x d_in); modules not named, and every module when ``deltas`` is None, get W0 back exactly.
 
-def read_adapter_state(peft_model: PeftModel, rank: int) -> dict[str, Tensor]:
-    """Detached float32 CPU copies of the rank-``rank`` prefix: ``<module>.lora_A`` (rank x d_in),
-    ``<module>.lora_B`` (d_out x rank)."""
-    st = _state(peft_model)
-    if not 1 <= rank <= st.max_rank:
-        raise ValueError(f"rank {rank} outside [1, {st.max_rank}] (the adapter's global rank)")
-    out: dict[str, Tensor] = {}
-    for module, layer in st.layers.items():
-        a, b = _factors(layer)
-        out[key(module, "lora_A")] = a.detach()[:rank].to(device="cpu", dtype=torch.float32).clone()
-        out[key(module, "lora_B")] = b.detach()[:, :rank].to(device="cpu", dtype=torch.float32).clone()
-    return out
+        W0 of the adapted modules is copied the first time this is called (other weights never are).
+        """
+        st = self._st
+        if deltas:
+            unknown = sorted(name for name in deltas
+                             if split_key(name)[1] != "delta" or split_key(name)[0] not in st.layers)
+            if unknown:
+                raise ValueError(f"base deltas must be `<adapted module>.delta`; unknown: {unknown[:5]}")
+            for name, d in deltas.items():
+                layer = st.layers[split_key(name)[0]]
+                want = (layer.out_features, layer.in_features)
+                if tuple(d.shape) != want:
+                    raise ValueError(f"{name}: shape {tuple(d.shape)}, expected {want}")
+                if not torch.isfinite(d).all():
+                    raise ValueError(f"{name}: contains NaN or inf")
+        if st.base_w0 is None:
+            if not deltas:
+                return  # never changed: W is W0 already
+            st.base_w0 = {m: layer.get_base_layer().weight.detach().clone() for m, layer in st.layers.items()}
+        deltas = deltas or {}
+        with torch.no_grad():
+            for module, layer in st.layers.items():
+                w = layer.get_base_layer().weight
+                w0 = st.base_w0[module]
+                d = deltas.get(key(module, "delta"))
+                if d is None:
+                    w.copy_(w0)
+                else:
+                    w.copy_((w0.to(torch.float32) + d.to(device=w0.device, dtype=torch.float32)).to(w.dtype))
 
-
-def set_base_delta(peft_model: PeftModel, deltas: Mapping[str, Tensor] | None) -> None:
-    """Set the frozen base weight of each adapted module to W = W0 + delta (``<module>.delta``,
-    d_out x d_in); modules not named, and every module when ``deltas`` is None, get W0 back exactly.
-
-    W0 of the adapted modules is copied the first time this is called (other weights never are).
-    """
-    st = _state(peft_model)
-    if deltas:
-        unknown = sorted(name for name in deltas if split_key(name)[1] != "delta" or split_key(name)[0] not in st.layers)
-        if unknown:
-            raise ValueError(f"base deltas must be `<adapted module>.delta`; unknown: {unknown[:5]}")
-        for name, d in deltas.items():
-            layer = st.layers[split_key(name)[0]]
-            want = (layer.out_features, layer.in_features)
-            if tuple(d.shape) != want:
-                raise ValueError(f"{name}: shape {tuple(d.shape)}, expected {want}")
-            if not torch.isfinite(d).all():
-                raise ValueError(f"{name}: contains NaN or inf")
-    if st.base_w0 is None:
-        if not deltas:
-            return  # never changed: W is W0 already
-        st.base_w0 = {m: layer.get_base_layer().weight.detach().clone() for m, layer in st.layers.items()}
-    deltas = deltas or {}
-    with torch.no_grad():
-        for module, layer in st.layers.items():
-            w = layer.get_base_layer().weight
-            w0 = st.base_w0[module]
-            d = deltas.get(key(module, "delta"))
-            if d is None:
-                w.copy_(w0)
-            else:
-                w.copy_((w0.to(torch.float32) + d.to(device=w0.device, dtype=torch.float32)).to(w.dtype))
-
-
-def apply_broadcast(peft_model: PeftModel, broadcast: Broadcast, rank: int) -> None:
-    """Start from what a method broadcasts: base delta (or W0) plus the rank-``rank`` adapter."""
-    set_base_delta(peft_model, broadcast.base_delta)
-    load_adapter_state(peft_model, broadcast.adapter, rank)
+    def apply_broadcast(self, broadcast: Broadcast, rank: int) -> None:
+        """Start from what a method broadcasts: base delta (or W0) plus the rank-``rank`` adapter."""
+        self.set_base_delta(broadcast.base_delta)
+        self.load_state(broadcast.adapter, rank)
 
 
 def export_peft_adapter(

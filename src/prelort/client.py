@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .adapters import apply_broadcast
+from . import methods
+from .adapters import LoraAdapter
 from .config import Config
 from .protocol import ClientTask
-from .methods import ClientUpdate
+from .methods import ClientUpdate, Method
 from .rank_geometry import adapter_rank
 from .train import train_client
 
@@ -16,22 +17,27 @@ class ClientRunner:
     """Trains clients on one in-memory model (a PeftModel with the federation's rank-R LoRA attached).
 
     ``partitions[k]`` holds client k's tokenized training examples. Only adapter state is swapped
-    between clients; the base model is never reloaded.
+    between clients; the base model is never reloaded. The method (built from the same config as the
+    server's) adds its part to the local training (:meth:`Method.local_training` of the task's plan).
     """
 
     def __init__(self, cfg: Config, model, partitions: Sequence[Sequence[dict]], progress: bool = False):
         self.cfg = cfg
         self.model = model
+        self.adapter = LoraAdapter(model)
         self.partitions = partitions
         self.progress = progress
+        self.method: Method = methods.build(cfg.method, cfg.federation_spec(self.adapter.modules))
 
     def run(self, task: ClientTask) -> ClientUpdate:
         examples = self.partitions[task.client]
         if not examples:
             raise ValueError(f"client {task.client} has no training examples")
-        # the rank of the adapter received, not task.rank: FedIT sends r_min even to larger clients
-        apply_broadcast(self.model, task.broadcast, adapter_rank(task.broadcast.adapter))
-        result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress)
+        # the rank of the adapter received, not task.rank: a method may send a smaller one (a common rank)
+        self.adapter.apply_broadcast(task.broadcast, adapter_rank(task.broadcast.adapter))
+        local = self.method.local_training(task.plan)
+        result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress,
+                              local=local)
         return ClientUpdate(
             client=task.client,
             rank=result.rank,

@@ -125,9 +125,10 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
     ``dim_clients[i]``: clients whose update has rank > i. ``dim_steps[i]``: the sum of the clients'
     ``meta["dim_steps"][i]`` (optimizer steps of that client that changed dimension i). ``passes`` and
     ``optimizer_steps``: sums of ``meta["passes"]`` and ``meta["steps"]``. A client's report is only
-    diagnostics, never trusted for aggregation: one that is not a list of ``rank`` (or more: HetLoRA
-    reports before pruning, at most R) integers in [0, local_steps], with steps in [0, local_steps] and passes
-    in [0, local_steps * grad_accum * R], is left out of the step sums (logged) and its update stays accepted.
+    diagnostics, never trusted for aggregation: one that is not a list of ``rank`` (or more: a client
+    that pruned its rank reports before pruning, at most R) integers in [0, local_steps], with steps in
+    [0, local_steps] and passes in [0, local_steps * grad_accum * R], is left out of the step sums (logged)
+    and its update stays accepted.
     """
 
     def whole(x: Any, hi: int) -> bool:
@@ -293,7 +294,7 @@ class Federation:
         return tasks
 
     def received(self, client: int, rank: int) -> dict[str, torch.Tensor]:
-        """The adapter ``client`` received this round, cut to ``rank`` (a HetLoRA client may return fewer dims)."""
+        """The adapter ``client`` received this round, cut to ``rank`` (a client may return fewer dims)."""
         return adapter_prefix(self._tasks[client].broadcast.adapter, rank)
 
     def accept(self, update: ClientUpdate, seen: set[int]) -> ClientUpdate:
@@ -407,7 +408,7 @@ class Federation:
                                           "dropped or failed" + ("; the protocol halted" if agg.arrays is None else "")
                                           + ")")
         outcome.train_loss = _mean_loss([m for _, m in clients])
-        self._diagnose(outcome, [(c, self._clear_meta(c, m).get("pruned_to") or self._tasks[c].rank, m)
+        self._diagnose(outcome, [(c, self.method.counted_rank(self._clear_meta(c, m), self._tasks[c].rank), m)
                                  for c, m in clients])
         layout = SecAggLayout.of(self.state)
         rho_total = sum(agg.weight_units) / WEIGHT_UNITS
@@ -425,8 +426,8 @@ class Federation:
                  agg.clipping_range, agg.quantization_range, sorted(outcome.failed) or "none")
         if bound > SECAGG_PRECISION_WARNING:
             log.warning("round %d: SecAgg+ recovered the sums only to +-%.3g per entry: the clients' weights are small "
-                        "against the public bound W (sum rho = %.3g); a tighter W (hetlora: a lower "
-                        "validation.max_update_norm) restores precision", round_, bound, rho_total)
+                        "against the public bound W (sum rho = %.3g); a tighter W (a weight that depends on "
+                        "the update: a lower validation.max_update_norm) restores precision", round_, bound, rho_total)
         return self._commit_round(round_, outcome, seconds)
 
     def _commit_round(self, round_: int, outcome: RoundOutcome, seconds: float) -> RoundOutcome:
@@ -464,19 +465,18 @@ class Federation:
         return out
 
     def _clear_meta(self, client: int, meta: Any) -> dict[str, Any]:
-        """The clear metadata a client sent with its upload, as the method's bookkeeping may use it: only a
-        ``pruned_to`` within [1, the client's rank] survives (the update itself was never seen)."""
+        """The clear metadata a client sent with its upload, as the method's bookkeeping may use it: a field the
+        method finds invalid for the client's rank (:meth:`Method.check_clear_meta`) is dropped with a warning
+        (the update itself was never seen)."""
         if not isinstance(meta, dict):
             return {}
-        pruned = meta.get("pruned_to")
-        if pruned is None:
+        task = self._tasks[client]
+        invalid = self.method.check_clear_meta(meta, task.rank)
+        if not invalid:
             return meta
-        rank = self._tasks[client].rank
-        if isinstance(pruned, bool) or not isinstance(pruned, int) or not 1 <= pruned <= rank:
-            log.warning("round %d: ignoring client %d's pruned_to %r (outside [1, %d])", self._tasks[client].round,
-                        client, pruned, rank)
-            return {k: v for k, v in meta.items() if k != "pruned_to"}
-        return meta
+        for reason in invalid.values():
+            log.warning("round %d: ignoring client %d's %s", task.round, client, reason)
+        return {k: v for k, v in meta.items() if k not in invalid}
 
     def _diagnose(self, outcome: RoundOutcome, clients: Sequence[tuple[int, int, Any]]) -> None:
         diag = round_diagnostics(clients, self.spec.max_rank, self.cfg.train.local_steps, self.cfg.train.grad_accum)

@@ -29,8 +29,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from prelort.config import ModelConfig
-from prelort.model_names import ALIASES, QWEN, SMOLLM2, TINY, check_model_name, hub_load_failed, hub_reachable
+from .config import ModelConfig
+from .model_names import ALIASES, QWEN, SMOLLM2, TINY, check_model_name, hub_load_failed, hub_reachable
 
 __all__ = [
     "ALIASES",

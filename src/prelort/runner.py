@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import adapters
+from .adapters import LoraAdapter, export_peft_adapter
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
 from .federation import Federation, RoundFailed, check_privacy
@@ -129,7 +129,7 @@ class Session:
             log.info("loading model %s ...", cfg.model.name)
         self.base_model, self.tokenizer, self.model = load_federation_model(cfg)
         model_seconds = time.perf_counter() - t0
-        self.modules = adapters.adapted_modules(self.model)
+        self.modules = LoraAdapter(self.model).modules
         self.test_records = test
         self.partitions = [client_examples(cfg, self.tokenizer, p) for p in parts]
         if not read_only:
@@ -160,7 +160,7 @@ class Session:
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def _load_tier(self, broadcast: Broadcast) -> None:
-        adapters.apply_broadcast(self.model, broadcast, adapter_rank(broadcast.adapter))
+        LoraAdapter(self.model).apply_broadcast(broadcast, adapter_rank(broadcast.adapter))
 
     def _evaluate(self, desc: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         return evaluate_examples(self.model, self.tokenizer, self.test_records, self.cfg.eval,
@@ -174,7 +174,7 @@ class Session:
 
     def evaluate_base_examples(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(metrics, per-example records)`` of the untrained base model (adapters off)."""
-        adapters.set_base_delta(self.model, None)
+        LoraAdapter(self.model).set_base_delta(None)
         with self.model.disable_adapter():
             return self._evaluate("eval base")
 
@@ -299,14 +299,14 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
     """One rank-t PEFT adapter of the global state: the global model as a rank-t client receives it.
 
     The method says which factors (:meth:`prelort.methods.Method.export_adapter`): by default exactly what a
-    rank-t client gets; FLoRA, whose clients get a merged base-weight delta, exports its best rank-t
+    rank-t client gets; a method whose clients get a merged base-weight delta exports its best rank-t
     approximation.
     """
     tensors = fed.method.export_adapter(fed.state, t)
     rank = min(t, adapter_rank(tensors))
     # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
-    adapters.export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules,
-                                 out_dir)
+    export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules,
+                        out_dir)
     return out_dir
 
 

@@ -1,6 +1,6 @@
 """One client's local training: the prefix-nested objective over a PEFT LoRA of the global rank.
 
-With T = plan.truncations and the adapter masked to t (prelort.adapters.set_truncation), each optimizer
+With T = plan.truncations and the adapter masked to t (``LoraAdapter.set_truncation``), each optimizer
 step minimises (docs/design.md section 2)
 
     all:       L = (1/|T|) * sum_{t in T} loss_t              (|T| forward/backward passes)
@@ -11,12 +11,9 @@ step minimises (docs/design.md section 2)
     off:       L = loss_r                                      (plain LoRA at the client's rank)
 
 where loss_t is the mean cross-entropy over response tokens (labels != -100) of the micro-batch with the
-adapter truncated to t. HetLoRA self-pruning (plan.prune) adds
-
-    lam * sum_modules ||B[:, start:r]||_F * ||A[start:r, :]||_F
-
-and the update is truncated to rank ``start`` when that tail norm product ends the round smaller than
-it started.
+adapter truncated to t. The method's part (:meth:`Method.local_training`, a
+:class:`~prelort.methods.LocalTraining` built from the plan) may add a penalty to every step's objective,
+and decides at the end the rank the update is sent at and the metadata fields it adds.
 
 Only the LoRA factors are optimised (AdamW, fresh each call); the base model stays frozen.
 
@@ -42,12 +39,12 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
-from prelort import adapters
-from prelort.config import TrainConfig
-from prelort.data.prompts import IGNORE_INDEX
-from prelort.methods.base import NESTED_MODES, PrunePlan, TrainPlan
+from .adapters import LoraAdapter
+from .config import TrainConfig
+from .data.prompts import IGNORE_INDEX
+from .methods.base import NESTED_MODES, LocalTraining, TrainPlan
 
-__all__ = ["TrainResult", "collate", "lr_factor", "response_loss", "tail_norm_product", "train_client"]
+__all__ = ["TrainResult", "collate", "lr_factor", "response_loss", "train_client"]
 
 
 
@@ -141,35 +138,19 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r} (constant or cosine)")
 
 
-def tail_norm_product(model: PeftModel, start: int, rank: int) -> Tensor:
-    """sum over adapted modules of ||B[:, start:rank]||_F * ||A[start:rank, :]||_F (differentiable)."""
-    total = None
-    for a, b in _factor_pairs(model):
-        term = torch.linalg.vector_norm(b[:, start:rank].float()) * torch.linalg.vector_norm(a[start:rank].float())
-        total = term if total is None else total + term
-    return total
-
-
-def _factor_pairs(model: PeftModel):
-    params = adapters.lora_parameters(model)
-    return list(zip(params[0::2], params[1::2]))
-
-
-def _check_plan(model: PeftModel, plan: TrainPlan) -> list[int]:
+def _check_plan(adapter: LoraAdapter, plan: TrainPlan) -> list[int]:
     if plan.mode not in NESTED_MODES:
         raise ValueError(f"unknown nested mode {plan.mode!r}; expected one of {', '.join(NESTED_MODES)}")
-    loaded = adapters.active_rank(model)
+    loaded = adapter.active_rank
     if plan.rank != loaded:
         raise ValueError(
             f"plan.rank is {plan.rank} but the model's adapter is loaded at rank {loaded}; "
-            "load the starting adapter at plan.rank first (load_adapter_state / apply_broadcast)"
+            "load the starting adapter at plan.rank first (LoraAdapter.load_state / apply_broadcast)"
         )
     ts = sorted({int(t) for t in plan.truncations} | {plan.rank})
     bad = [t for t in ts if not 1 <= t <= plan.rank]
     if bad:
         raise ValueError(f"truncations {bad} outside [1, {plan.rank}] (plan.rank)")
-    if plan.prune is not None and not 0 < plan.prune.start < plan.rank:
-        raise ValueError(f"prune.start {plan.prune.start} must lie in (0, {plan.rank})")
     return ts
 
 
@@ -201,6 +182,8 @@ def _restore_inactive(optimizer: torch.optim.Optimizer, saved: list) -> None:
 
 
 def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -> list[int]:
+    """The truncations one optimizer step takes its loss at under nested ``mode`` (module doc); ``ts`` sorted,
+    ending at ``rank``. Every mode of :data:`NESTED_MODES` is named here; any other is refused."""
     if mode == "off":
         return [rank]
     if mode == "all":
@@ -211,8 +194,10 @@ def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -
         # P(t) = (t - previous boundary) / rank: the segment of a uniformly drawn dimension
         widths = [t - prev for prev, t in zip([0, *ts[:-1]], ts)]
         return rng.choices(ts, weights=widths)
-    rest = [t for t in ts if t != rank]
-    return [rank, rng.choice(rest)] if rest else [rank]
+    if mode == "sandwich":
+        rest = [t for t in ts if t != rank]
+        return [rank, rng.choice(rest)] if rest else [rank]
+    raise ValueError(f"unknown nested mode {mode!r}; expected one of {', '.join(NESTED_MODES)}")
 
 
 class _Cycler:
@@ -232,59 +217,13 @@ class _Cycler:
         return out
 
 
-class _PruningHook:
-    """HetLoRA self-pruning (``plan.prune``; a no-op when it is None): the tail norm product
-    sum_modules ||B[:, start:r]||_F * ||A[start:r, :]||_F measured when the round starts and ends, its
-    penalty ``lam`` times it added to every step's gradient, and the decision at the end: the update is
-    truncated to rank ``start`` when the product ended smaller than it started."""
-
-    def __init__(self, prune: PrunePlan | None, rank: int):
-        self.prune = prune
-        self.rank = rank
-        self.tail_start: float | None = None
-        self.tail_end: float | None = None
-
-    @property
-    def penalises_tail(self) -> bool:
-        """Whether the penalty puts the tail dimensions in every step's objective (whatever t was drawn)."""
-        return self.prune is not None and self.prune.lam > 0
-
-    def _tail_norm(self, model: PeftModel) -> float | None:
-        if self.prune is None:
-            return None
-        with torch.no_grad():
-            return float(tail_norm_product(model, self.prune.start, self.rank))
-
-    def round_starts(self, model: PeftModel) -> None:
-        self.tail_start = self._tail_norm(model)
-
-    def add_penalty_gradient(self, model: PeftModel) -> None:
-        if self.penalises_tail:
-            reg = self.prune.lam * tail_norm_product(model, self.prune.start, self.rank)
-            reg.backward()
-
-    def round_ends(self, model: PeftModel) -> None:
-        self.tail_end = self._tail_norm(model)
-
-    def final_rank(self, meta: dict[str, Any]) -> int:
-        """The rank the update is sent at; records the tail norms (and ``pruned_to``) in ``meta``."""
-        if self.prune is None:
-            return self.rank
-        meta["tail_norm_start"] = self.tail_start
-        meta["tail_norm_end"] = self.tail_end
-        if self.tail_end < self.tail_start:
-            meta["pruned_to"] = self.prune.start
-            return self.prune.start
-        return self.rank
-
-
 def _guarded_adamw_step(optimizer: torch.optim.Optimizer, pairs: list[tuple[Tensor, Tensor]], top: int, rank: int,
-                        tail_in_objective: bool, dim_steps: list[int]) -> None:
+                        all_dims_in_objective: bool, dim_steps: list[int]) -> None:
     """``optimizer.step()`` with the lazy-Adam guard (module doc): when the step's largest truncation ``top``
-    is below ``rank`` and nothing else reaches the tail, dimensions >= top and their AdamW moments are
-    restored afterwards. Counts in ``dim_steps`` each dimension the step changed."""
-    # the pruning penalty reaches the tail dims whatever t was drawn: they are in the objective
-    frozen = _snapshot_inactive(optimizer, pairs, top) if top < rank and not tail_in_objective else None
+    is below ``rank`` and nothing else reaches the tail (the method's penalty may: ``all_dims_in_objective``),
+    dimensions >= top and their AdamW moments are restored afterwards. Counts in ``dim_steps`` each dimension
+    the step changed."""
+    frozen = _snapshot_inactive(optimizer, pairs, top) if top < rank and not all_dims_in_objective else None
     for i in range(top if frozen is not None else rank):
         dim_steps[i] += 1
     optimizer.step()
@@ -303,9 +242,9 @@ class _LocalOptimizer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     @classmethod
-    def of(cls, model: PeftModel, cfg: TrainConfig) -> "_LocalOptimizer":
-        params = adapters.lora_parameters(model)
-        pairs = _factor_pairs(model)
+    def of(cls, adapter: LoraAdapter, cfg: TrainConfig) -> "_LocalOptimizer":
+        params = adapter.parameters()
+        pairs = adapter.factor_pairs()
         for p in params:
             p.requires_grad_(True)
         adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -315,11 +254,11 @@ class _LocalOptimizer:
         return cls(params, pairs, adamw, scheduler)
 
 
-def _train_step(model: PeftModel, next_batch: Callable[[], dict[str, Tensor]], step_ts: list[int], plan: TrainPlan,
-                cfg: TrainConfig, optim: _LocalOptimizer, pruning: _PruningHook, counts: dict[int, int],
+def _train_step(adapter: LoraAdapter, next_batch: Callable[[], dict[str, Tensor]], step_ts: list[int], plan: TrainPlan,
+                cfg: TrainConfig, optim: _LocalOptimizer, local: LocalTraining, counts: dict[int, int],
                 dim_steps: list[int]) -> float:
     """One optimizer step of the nested objective: ``cfg.grad_accum`` micro-batches, each with one
-    forward/backward per truncation in ``step_ts`` (weights summing to 1), then the pruning penalty, gradient
+    forward/backward per truncation in ``step_ts`` (weights summing to 1), then the method's penalty, gradient
     clipping and the guarded AdamW step. Returns the step's loss (the weighted mean over those passes)."""
     weight = 1.0 / (len(step_ts) * cfg.grad_accum)
     step_loss = 0.0
@@ -327,15 +266,17 @@ def _train_step(model: PeftModel, next_batch: Callable[[], dict[str, Tensor]], s
         batch = next_batch()
         for t in step_ts:
             counts[t] += 1
-            adapters.set_truncation(model, t)
-            loss = batch_response_loss(model, batch)
+            adapter.set_truncation(t)
+            loss = batch_response_loss(adapter.model, batch)
             (loss * weight).backward()
             step_loss += float(loss.detach()) * weight
-    adapters.set_truncation(model, plan.rank)
-    pruning.add_penalty_gradient(model)
+    adapter.set_truncation(plan.rank)
+    penalty = local.penalty(optim.pairs)
+    if penalty is not None:
+        penalty.backward()
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(optim.params, cfg.max_grad_norm)
-    _guarded_adamw_step(optim.adamw, optim.pairs, max(step_ts), plan.rank, pruning.penalises_tail, dim_steps)
+    _guarded_adamw_step(optim.adamw, optim.pairs, max(step_ts), plan.rank, local.penalty_moves_all_dims, dim_steps)
     optim.scheduler.step()
     optim.adamw.zero_grad(set_to_none=True)
     return step_loss
@@ -348,8 +289,10 @@ def train_client(
     cfg: TrainConfig,
     seed: int,
     progress: bool = False,
+    local: LocalTraining | None = None,
 ) -> TrainResult:
     """Run ``cfg.local_steps`` AdamW steps of the nested objective on ``examples``; see the module doc.
+    ``local``: the method's part (:meth:`Method.local_training` of ``plan``; None: nothing added).
 
     The caller has loaded the starting adapter at ``plan.rank``. Deterministic for a given seed (data
     order, sampled truncations and dropout all derive from it). Leaves the model at truncation
@@ -357,17 +300,18 @@ def train_client(
     """
     if len(examples) == 0:
         raise ValueError("client has no training examples")
-    ts = _check_plan(model, plan)
-    device = next(iter(adapters.lora_parameters(model))).device
+    adapter = LoraAdapter(model)
+    ts = _check_plan(adapter, plan)
+    device = next(iter(adapter.parameters())).device
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
-    optim = _LocalOptimizer.of(model, cfg)
+    optim = _LocalOptimizer.of(adapter, cfg)
     data_gen = torch.Generator().manual_seed(seed)
     cycler = _Cycler(len(examples), data_gen)
     pick = random.Random(seed)
-    pruning = _PruningHook(plan.prune, plan.rank)
+    local = local if local is not None else LocalTraining()
 
     def next_batch() -> dict[str, Tensor]:
         batch = collate([examples[i] for i in cycler.take(cfg.batch_size)], pad_id)
@@ -388,21 +332,21 @@ def train_client(
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(seed)  # LoRA dropout draws from the global RNG
             model.train()
-            pruning.round_starts(model)
+            local.round_starts(optim.pairs)
             for step in range(cfg.local_steps):
                 step_ts = _step_truncations(plan.mode, ts, plan.rank, pick)
-                step_loss = _train_step(model, next_batch, step_ts, plan, cfg, optim, pruning, counts, dim_steps)
+                step_loss = _train_step(adapter, next_batch, step_ts, plan, cfg, optim, local, counts, dim_steps)
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"training loss became {step_loss} at step {step} (lower train.lr?)")
                 losses.append(step_loss)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}")
-            pruning.round_ends(model)
+            local.round_ends(optim.pairs)
     finally:
         if bar is not None:
             bar.close()
-        adapters.set_truncation(model, plan.rank)
+        adapter.set_truncation(plan.rank)
         model.train(was_training)
 
     meta: dict[str, Any] = {
@@ -417,9 +361,11 @@ def train_client(
         "dim_steps": dim_steps,
         "seconds": time.perf_counter() - started,
     }
-    final_rank = pruning.final_rank(meta)
+    final_rank = local.finish(plan.rank, meta)
+    if type(final_rank) is not int or not 1 <= final_rank <= plan.rank:
+        raise ValueError(f"the method's local training sends rank {final_rank!r}, not in [1, {plan.rank}]")
     return TrainResult(
-        tensors=adapters.read_adapter_state(model, final_rank),
+        tensors=adapter.read_state(final_rank),
         rank=final_rank,
         num_examples=len(examples),
         losses=losses,

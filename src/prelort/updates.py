@@ -5,7 +5,7 @@ An update is two parts:
 * tensors: safetensors bytes holding, per adapted module, ``<module>.lora_A`` (r x d_in) and
   ``<module>.lora_B`` (d_out x r), float32;
 * metadata: a JSON object ``{"rank", "num_examples", "method", "round", "client", "extra"}``
-  (``extra`` carries :attr:`ClientUpdate.meta`, e.g. HetLoRA's pruned rank; it may be omitted).
+  (``extra`` carries :attr:`ClientUpdate.meta`, e.g. a method's own fields; it may be omitted).
 
 On disk the parts are ``NAME.safetensors`` and ``NAME.json`` side by side. Untrusted bytes are never
 unpickled: the safetensors header is parsed and bounds-checked here, with the standard library, before
@@ -87,7 +87,7 @@ REASONS: dict[str, str] = {
     "client_out_of_range": "the client id is not a client of this federation",
     "duplicate_client": "a second update from the same client in one round",
     "bad_num_examples": f"num_examples is not an integer in [1, {MAX_NUM_EXAMPLES}]",
-    "bad_method_field": "a method-specific field (e.g. HetLoRA's extra.pruned_to) is invalid for the method",
+    "bad_method_field": "a method-specific field in extra (Method.check_update) is invalid for the method",
     "too_large": "the update is larger than any update of this federation can be (refused before reading it)",
     # raised by the round loop (federation.py), not here
     "not_sampled": "the client was not sampled this round",
@@ -466,11 +466,11 @@ def validate_update(
 
     ``method`` / ``round_``: what the server expects (None skips that check); given a :class:`Method`
     (what the round loop and ``verify-update`` pass, via :func:`server_check`), its own
-    :meth:`Method.check_update` runs too (e.g. HetLoRA's ``pruned_to``). ``max_rms``: bound on the
+    :meth:`Method.check_update` runs too (the method's own fields in ``extra``). ``max_rms``: bound on the
     update's root-mean-square entry, :func:`update_norm` / sqrt(number of entries). ``seen_clients``: the
     clients already accepted this round; on acceptance ``update.client`` is ADDED to it, so one set
     per round rejects a second update from the same client. ``max_norm``: bound on :func:`update_norm`.
-    A client may send a rank below its configured one (HetLoRA pruning, FedIT's common rank) but
+    A client may send a rank below its configured one (a method's pruning or common rank) but
     never above it.
 
     The checks run in this order, the first failure raising: the metadata, the tensor names, the

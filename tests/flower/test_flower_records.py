@@ -14,7 +14,7 @@ from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E4
 from prelort.config import from_dict  # noqa: E402
 from prelort.engines.flower import GridEngine  # noqa: E402
 from prelort.flower import records  # noqa: E402
-from prelort.methods import Broadcast, ClientUpdate, PrunePlan, TrainPlan  # noqa: E402
+from prelort.methods import Broadcast, ClientUpdate, TrainPlan  # noqa: E402
 from prelort.protocol import ClientFailed, ClientTask  # noqa: E402
 from prelort.updates import UpdateRejected  # noqa: E402
 
@@ -32,7 +32,7 @@ def _update(client: int = 1, rank: int = 2, round_: int = 3) -> ClientUpdate:
 
 
 def test_task_round_trip_keeps_every_field_and_value():
-    plan = TrainPlan(rank=4, truncations=(1, 2, 4), mode="sandwich", prune=PrunePlan(start=3, lam=0.01))
+    plan = TrainPlan(rank=4, truncations=(1, 2, 4), mode="sandwich", extra={"prune_start": 3, "prune_lam": 0.01})
     delta = {f"{MOD}.delta": torch.randn(5, 6)}
     cfg_json = json.dumps({"method": "prelort", "seed": 7})
     content = records.encode_task(5, 2, 4, 2**62 + 11, plan, Broadcast(_adapter(4), delta), cfg_json)
@@ -43,6 +43,23 @@ def test_task_round_trip_keeps_every_field_and_value():
     for k, v in _adapter(4).items():
         assert torch.equal(task.broadcast.adapter[k], v) and task.broadcast.adapter[k].dtype == torch.float32
     assert torch.equal(task.broadcast.base_delta[f"{MOD}.delta"], delta[f"{MOD}.delta"])
+
+
+def test_a_plans_method_extra_survives_the_wire_and_drives_the_client_side():
+    """HetLoRA's pruning instructions travel in TrainPlan.extra; the client builds the same SelfPruning from them."""
+    from prelort.methods import FederationSpec
+    from prelort.methods.hetlora import HetLoRA, SelfPruning
+
+    spec = FederationSpec(modules={MOD: (5, 6)}, client_ranks=(2, 8), alpha=16.0,
+                          options={"hetlora_prune": True, "hetlora_gamma": 0.5, "hetlora_lam": 0.01})
+    method = HetLoRA(spec)
+    plan = method.plan(8)
+    decoded = records.plan_from_json(records.plan_to_json(plan))
+    assert decoded == plan
+    local = method.local_training(decoded)
+    assert isinstance(local, SelfPruning) and (local.start, local.lam, local.rank) == (4, 0.01, 8)
+    with pytest.raises(records.BadTask, match="not a TrainPlan"):
+        records.plan_from_json(json.dumps({"rank": 2, "truncations": [2], "extra": [1]}))
 
 
 def test_task_without_base_delta_decodes_to_none():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from prelort.methods import Broadcast, GlobalState, Method, available, build, get, key
+from prelort.methods import Broadcast, GlobalState, LocalTraining, Method, TrainPlan, available, build, get, key
 
 # The methods prelort ships; every test below that means "every method" runs over the registry instead.
 SHIPPED = {"prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"}
@@ -109,6 +109,25 @@ def test_state_plan_broadcast_and_tier_shapes_at_every_rank(name, make_spec, mak
             assert set(exported) == set(tier.adapter)
             if tier.base_delta is None:  # what a rank-r client receives (FLoRA: tests/methods/test_flora_method.py)
                 assert all(torch.equal(exported[n], tier.adapter[n]) for n in exported)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_plan_has_a_client_side(name, make_spec):
+    """The client builds the method's part of local training from any plan the server sends, and the plan
+    travels as JSON; a plain method adds nothing, checks no clear metadata and counts an update at its rank."""
+    spec = make_spec(ranks=(1, 2, 4, 4, 3), options={"hetlora_prune": True})
+    method = build(name, spec)
+    for r in range(1, spec.max_rank + 1):
+        plan = method.plan(r)
+        json.dumps(plan.extra)
+        assert isinstance(method.local_training(plan), LocalTraining)
+    if type(method).local_training is Method.local_training:
+        assert all(not method.plan(r).extra for r in range(1, spec.max_rank + 1))
+        with pytest.raises(ValueError, match="takes no plan extra"):
+            method.local_training(TrainPlan(rank=1, truncations=(1,), extra={"x": 1}))
+    if not method.clear_meta_fields:
+        assert method.check_clear_meta({"loss": 1.0, "pruned_to": 0}, 2) == {}
+        assert method.counted_rank({"pruned_to": 1}, 2) == 2
 
 
 @pytest.mark.parametrize("name", REGISTERED)

@@ -15,7 +15,7 @@ def test_every_client_trains_at_min_rank(make_spec):
     state = method.init_state(torch.Generator().manual_seed(0))
     assert [method.client_rank(k, state) for k in range(4)] == [2, 2, 2, 2]
     plan = method.plan(method.client_rank(2, state))
-    assert (plan.rank, plan.truncations, plan.mode, plan.prune) == (2, (2,), "off", None)
+    assert (plan.rank, plan.truncations, plan.mode, plan.extra) == (2, (2,), "off", {})
     # the global adapter is rank r_min, PEFT default init
     for name, t in lora_init(spec, 2, torch.Generator().manual_seed(0)).items():
         assert torch.equal(state.tensors[name], t)

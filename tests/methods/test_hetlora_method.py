@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from prelort.methods import PrunePlan, key
-from prelort.methods.hetlora import HetLoRA, lora_product_norm
+from prelort.methods import LocalTraining, TrainPlan, key
+from prelort.methods.hetlora import HetLoRA, SelfPruning, lora_product_norm
 
 
 def _product_norm(spec, update, rank=None):
@@ -73,12 +73,13 @@ def test_all_zero_products_keep_state(make_spec, make_update):
 def test_prune_plan(make_spec):
     spec = make_spec(ranks=(1, 2, 8), options={"hetlora_prune": True, "hetlora_gamma": 0.5, "hetlora_lam": 0.01})
     method = HetLoRA(spec)
-    assert method.plan(8).prune == PrunePlan(start=4, lam=0.01)
-    assert method.plan(2).prune == PrunePlan(start=1, lam=0.01)
-    assert method.plan(1).prune is None  # ceil(0.5) = 1: no tail to prune
+    assert method.plan(8).extra == {"prune_start": 4, "prune_lam": 0.01}
+    assert method.plan(2).extra == {"prune_start": 1, "prune_lam": 0.01}
+    assert method.plan(1).extra == {}  # ceil(0.5) = 1: no tail to prune
     assert method.plan(8).mode == "off" and method.plan(8).truncations == (8,)
-    assert HetLoRA(make_spec(ranks=(1, 8), options={"hetlora_prune": True, "hetlora_gamma": 0.7})).plan(8).prune.start == 6
-    assert HetLoRA(spec=make_spec(ranks=(1, 8))).plan(8).prune is None  # pruning off by default
+    pruning_07 = HetLoRA(make_spec(ranks=(1, 8), options={"hetlora_prune": True, "hetlora_gamma": 0.7}))
+    assert pruning_07.plan(8).extra["prune_start"] == 6
+    assert HetLoRA(spec=make_spec(ranks=(1, 8))).plan(8).extra == {}  # pruning off by default
     with pytest.raises(ValueError, match="hetlora_gamma"):
         HetLoRA(make_spec(options={"hetlora_prune": True, "hetlora_gamma": 0}))
 
@@ -111,3 +112,45 @@ def test_bad_pruned_to_is_rejected(make_spec, make_update):
     state = method.init_state(torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"client 1: pruned_to 5 outside \[1, 4\]"):
         method.aggregate(state, [make_update(spec, 1, 4, meta={"pruned_to": 5})])
+
+
+def test_local_training_follows_the_plan(make_spec):
+    """The client side: the plan's extra becomes HetLoRA's SelfPruning; a plain plan adds nothing."""
+    spec = make_spec(ranks=(1, 8), options={"hetlora_prune": True, "hetlora_gamma": 0.5, "hetlora_lam": 0.01})
+    method = HetLoRA(spec)
+    local = method.local_training(method.plan(8))
+    assert isinstance(local, SelfPruning) and (local.start, local.lam, local.rank) == (4, 0.01, 8)
+    assert local.penalty_moves_all_dims
+    assert type(method.local_training(method.plan(1))) is LocalTraining
+    for extra, match in [({"prune_start": 8, "prune_lam": 0.1}, r"prune.start 8 must lie in \(0, 8\)"),
+                         ({"prune_start": 4, "prune_lam": -1.0}, "prune.lam"),
+                         ({"prune_start": 4}, "prune_start and prune_lam")]:
+        with pytest.raises(ValueError, match=match):
+            method.local_training(TrainPlan(rank=8, truncations=(8,), extra=extra))
+
+
+def test_self_pruning_decides_the_rank_and_its_metadata():
+    a, b = torch.ones(4, 3), torch.ones(5, 4)
+    pruning = SelfPruning(start=2, lam=0.5, rank=4)
+    pruning.round_starts([(a, b)])
+    assert pruning.tail_start == pytest.approx(math.sqrt(10) * math.sqrt(6))
+    assert torch.allclose(pruning.penalty([(a, b)]), torch.tensor(0.5 * math.sqrt(10) * math.sqrt(6)))
+    pruning.round_ends([(a * 0.5, b)])
+    meta = {}
+    assert pruning.finish(4, meta) == 2 and meta["pruned_to"] == 2
+    assert list(meta) == ["tail_norm_start", "tail_norm_end", "pruned_to"]
+    grown = SelfPruning(start=2, lam=0.0, rank=4)
+    grown.round_starts([(a * 0.5, b)])
+    grown.round_ends([(a, b)])
+    meta = {}
+    assert grown.finish(4, meta) == 4 and "pruned_to" not in meta and grown.penalty([(a, b)]) is None
+    assert not grown.penalty_moves_all_dims
+
+
+def test_clear_metadata_is_checked_and_counted(make_spec):
+    method = HetLoRA(make_spec(ranks=(2, 4)))
+    assert method.clear_meta_fields == ("pruned_to",)
+    assert method.check_clear_meta({"loss": 1.0, "pruned_to": 2}, 4) == {}
+    assert method.check_clear_meta({"pruned_to": 5}, 4) == {"pruned_to": "pruned_to 5 (outside [1, 4])"}
+    assert method.check_clear_meta({"pruned_to": True}, 4) == {"pruned_to": "pruned_to True (outside [1, 4])"}
+    assert method.counted_rank({"pruned_to": 2}, 4) == 2 and method.counted_rank({}, 4) == 4

@@ -26,7 +26,7 @@ def test_plan_truncations_per_mode(make_spec):
         assert plan.mode == mode and plan.truncations == (1, 2, 4, 8)
     off = PreLort(make_spec(ranks=(1, 2, 4, 8), options={"nested": "off"})).plan(4)
     assert off.truncations == (4,) and off.mode == "off" and off.rank == 4
-    assert method.plan(4).prune is None
+    assert method.plan(4).extra == {}
 
 
 def test_unknown_nested_mode_is_rejected(make_spec):

@@ -10,7 +10,7 @@ its own:
   (broadcast prefix, TrainPlan, seed; :func:`prelort.flower.records.encode_secagg_task`) plus the public
   upload layout, the weight bound W and SecAgg+'s clipping range;
 * ``aggregate_fit`` receives SecAgg+'s weighted mean of the uploads (the same arrays in every FitRes) and
-  each client's clear metrics (its id, training loss and HetLoRA's ``pruned_to``), and keeps them.
+  each client's clear metrics (its id, training loss and the method's ``clear_meta_fields``), and keeps them.
 
 The client side (:mod:`prelort.flower.clientapp`, behind ``secaggplus_mod``) trains with the usual
 :func:`~prelort.flower.clientapp.run_task`, validates and clips its own update, and uploads

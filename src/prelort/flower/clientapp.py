@@ -103,7 +103,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     received (:func:`prelort.privacy.clip_update`), and encoded in the public layout
     (:func:`prelort.secure_sums.encode_for_secagg`, which refuses values SecAgg+ would clip). Any failure
     raises, so nothing is uploaded and the round goes on without this client.
-    ``metrics`` travel in the clear: the client id, its training loss and HetLoRA's ``pruned_to`` only.
+    ``metrics`` travel in the clear: the client id, its training loss and the method's ``clear_meta_fields`` only.
     """
     from .. import adapters, methods
     from ..privacy import clip_update
@@ -114,7 +114,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     task = secagg_task.task
     update = run_task(task, partition_id)
     cfg, model, _ = client_state(task.config, partition_id)
-    spec = cfg.federation_spec(adapters.adapted_modules(model))
+    spec = cfg.federation_spec(adapters.LoraAdapter(model).modules)
     server_check(update, spec, methods.build(cfg.method, spec), cfg.validation, round_=task.round)
     # privacy.dp: clip to privacy.clip_norm (the DP sensitivity; it replaces robust clipping, as on the server)
     clip_norm = cfg.privacy.clip_norm if cfg.privacy.dp else cfg.robust.clip_norm
@@ -128,7 +128,7 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     arrays, weight = encode_for_secagg(method, update, layout, clipping_range=secagg_task.clipping_range,
                                        uniform_weight=cfg.privacy.dp)
     units = weight_units(weight, secagg_task.max_weight)
-    clear = {k: update.meta[k] for k in ("loss", "pruned_to") if k in update.meta}
+    clear = {k: update.meta[k] for k in ("loss", *method.clear_meta_fields) if k in update.meta}
     return arrays, units, {"client": task.client, "meta": json.dumps(clear)}
 
 

@@ -7,7 +7,7 @@ Server -> client, one TRAIN message per sampled client (its own task):
   ClientApp needs no file of its own and works where ``context.run_config`` is empty);
 * ``prelort.adapter`` (ArrayRecord): the broadcast prefix, ``<module>.lora_A`` (r x d_in) and
   ``<module>.lora_B`` (d_out x r), one ``Array(ndarray)`` each, float32;
-* ``prelort.base_delta`` (ArrayRecord, only for methods that send one, e.g. FLoRA): ``<module>.delta``.
+* ``prelort.base_delta`` (ArrayRecord, only for methods whose broadcast has one): ``<module>.delta``.
 
 Client -> server, the reply carries the update in prelort's wire format (docs/design.md section 7), so the
 server decodes it with :func:`prelort.updates.decode_update` and validates it exactly like an update
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..methods import Broadcast, ClientUpdate, PrunePlan, TrainPlan
+from ..methods import Broadcast, ClientUpdate, TrainPlan
 from ..updates import UpdateRejected, decode_update, encode_update
 
 if TYPE_CHECKING:  # flwr is imported lazily: prelort imports without it
@@ -103,9 +103,11 @@ def plan_to_json(plan: TrainPlan) -> str:
 def plan_from_json(text: str) -> TrainPlan:
     try:
         d = json.loads(text)
-        prune = PrunePlan(int(d["prune"]["start"]), float(d["prune"]["lam"])) if d.get("prune") else None
+        extra = d.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra is a {type(extra).__name__}, not an object")
         return TrainPlan(rank=int(d["rank"]), truncations=tuple(int(t) for t in d["truncations"]),
-                         mode=d.get("mode", "off"), prune=prune)
+                         mode=d.get("mode", "off"), extra=extra)
     except (ValueError, KeyError, TypeError) as e:
         raise BadTask(f"task plan is not a TrainPlan: {e}") from None
 

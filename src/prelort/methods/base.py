@@ -15,6 +15,11 @@ depends on the update (``weight_depends_on_update``, ``weight_bound``), what hap
 (``after_round``), how a tier is exported as a PEFT adapter (``export_adapter``) and whether every client
 trains one rank (``trains_one_rank``). The local objective modes are :data:`NESTED_MODES`.
 
+The client side is the method's too: what a client adds to its local training and the metadata it reports
+(``local_training``, a :class:`LocalTraining`, from the plan's ``extra``), how the server checks that metadata
+(``check_update``; sent in the clear under secure aggregation: ``clear_meta_fields``, ``check_clear_meta``) and
+at which rank it counts an update from it (``counted_rank``).
+
 Tensor naming follows the wire/checkpoint format (docs/design.md section 7):
 ``<module>.lora_A`` (r x d_in), ``<module>.lora_B`` (d_out x r), ``<module>.delta`` (d_out x d_in),
 where <module> is the module's full name in the base model.
@@ -121,22 +126,44 @@ class Broadcast:
 
 
 @dataclass(frozen=True)
-class PrunePlan:
-    """HetLoRA self-pruning: regularise the tail dimensions [start, rank) with strength ``lam``;
-    if the tail norm product ends the round smaller than it started, shrink the rank to ``start``."""
-
-    start: int
-    lam: float
-
-
-@dataclass(frozen=True)
 class TrainPlan:
-    """What a client trains: its rank, the truncations its loss is taken at, and how."""
+    """What a client trains: its rank, the truncations its loss is taken at, and how.
+
+    ``extra``: the method's own instructions to its client side (JSON values, read by
+    :meth:`Method.local_training`; e.g. HetLoRA's pruning); empty: plain local training."""
 
     rank: int
     truncations: tuple[int, ...]
     mode: NestedMode = "off"
-    prune: PrunePlan | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalTraining:
+    """A method's part in one client's local training (:meth:`Method.local_training`; the default adds nothing).
+
+    The trainer calls it with the adapter's trainable factors, ``[(A_m, B_m)]`` per adapted module (A: r x d_in,
+    B: d_out x r, r the plan's rank): ``round_starts`` before the first step, ``penalty`` at every optimizer
+    step (its gradient is added to the step's), ``round_ends`` after the last step, then ``finish``, which
+    decides the rank the update is sent at and adds the method's fields to the update's metadata."""
+
+    # Whether ``penalty`` reaches dimensions above a step's truncations, so those move on every step: the
+    # trainer's lazy-Adam guard (which restores dimensions outside a step's objective) then stays off.
+    penalty_moves_all_dims: bool = False
+
+    def round_starts(self, factors: list[tuple[Tensor, Tensor]]) -> None:
+        """Before the first optimizer step."""
+
+    def penalty(self, factors: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+        """A differentiable term added to every step's objective, or None (nothing to add)."""
+        return None
+
+    def round_ends(self, factors: list[tuple[Tensor, Tensor]]) -> None:
+        """After the last optimizer step."""
+
+    def finish(self, rank: int, meta: dict[str, Any]) -> int:
+        """The rank (at most ``rank``, the rank trained) the update is sent at; adds the method's fields to the
+        update's metadata ``meta`` (in place; the server checks them with :meth:`Method.check_update`)."""
+        return rank
 
 
 class MethodOptions(BaseModel):
@@ -224,6 +251,30 @@ class Method(ABC):
         """Whether every client trains the same rank (default: all configured ranks are equal), so a round's
         new state does not show which rank tiers were sampled (privacy accounting)."""
         return len(set(self.spec.client_ranks)) == 1
+
+    # -- the client side: local training and the metadata it reports ------------------------------------
+    # Fields of an update's metadata a client sends in the clear with a secure-aggregation upload (besides its
+    # loss), for the method's bookkeeping (``after_round``); the update itself is never seen.
+    clear_meta_fields: ClassVar[tuple[str, ...]] = ()
+
+    def local_training(self, plan: TrainPlan) -> LocalTraining:
+        """What a client adds to its local training under ``plan`` (the plan the server sent, ``plan.extra``
+        included), built on the client from the run's config; ValueError for an ``extra`` it cannot carry out
+        (default: nothing, and ``extra`` must be empty)."""
+        if plan.extra:
+            raise ValueError(f"method {self.name!r} takes no plan extra, got {sorted(plan.extra)}")
+        return LocalTraining()
+
+    def check_clear_meta(self, meta: Mapping[str, Any], rank: int) -> dict[str, str]:
+        """The fields of the clear metadata ``meta`` of a client that trained at ``rank`` that the method's
+        bookkeeping must ignore, each with a one-line reason (the server logs it and drops the field; default:
+        none)."""
+        return {}
+
+    def counted_rank(self, meta: Mapping[str, Any], rank: int) -> int:
+        """The rank an update counts at, from the (checked) metadata of a client that trained at ``rank``
+        (default: ``rank``)."""
+        return rank
 
     # -- the three questions --------------------------------------------------------------------
     @abstractmethod
