@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..methods import ClientUpdate, GlobalState, Method
-from ..secure_sums import (
+from prelort.methods import ClientUpdate, GlobalState, Method
+from prelort.secure_sums import (
     SECAGG_CLIPPING_RANGE,
     SECAGG_QUANTIZATION_RANGE,
     WEIGHT_UNITS,
