@@ -2,10 +2,12 @@
 
 An engine implements :class:`prelort.protocol.Engine` (``execute(tasks)``) and imports only the protocol
 (:mod:`prelort.protocol`), never the round loop. Each value of the config's ``engine:`` is one
-:class:`EngineSpec` in this registry, which says how a run on it starts and what it supports. Everything that
-depends on the engine reads the table: ``config.py`` validates ``engine:`` against it, :func:`prelort.runner.run`
-starts the run the entry says, ``privacy.py`` asks it whether the engine runs secure aggregation, and
-``tests/test_layering.py`` checks the modules the entries name. The built-in entries:
+:class:`EngineSpec` in this registry, which says how a run on it starts and what it supports: ``config.py``
+validates ``engine:`` against it, :func:`prelort.runner.run` (the one place a config's engine is chosen) starts
+the run the entry says, ``privacy.py`` asks it whether the engine runs secure aggregation, and
+``tests/test_layering.py`` checks the modules the entries name. (Flower's launcher and ServerApp still tell
+``flower-sim`` from ``flower``: which Flower runtime to start, once the table has chosen Flower.) The built-in
+entries:
 
 * ``inprocess``: :class:`~.inprocess.InProcessEngine` (:mod:`.inprocess`), the clients in turn in this process;
 * ``flower-sim`` and ``flower``: launched by :func:`prelort.apps.launch.run_on_flower`, whose ServerApp
