@@ -6,7 +6,7 @@ same shapes (random tensors, seeded), and replies in prelort's wire format (``re
 safetensors bytes in one Array, the upload). The server decodes and validates the reply and checks it
 bit for bit against a checksum the client put in the update's metadata.
 
-Flower path: the flower-sim launcher of ``prelort.flower.launch`` (a private ``flower-superlink
+Flower path: the flower-sim launcher of ``prelort.apps.launch`` (a private ``flower-superlink
 --simulation`` on loopback + ``flwr run``), so the ServerApp runs in its own process and its messages
 cross the SuperLink's ServerAppIo gRPC API in Flower's 5 MiB array chunks, as in deployment.
 
@@ -126,7 +126,7 @@ def adapter_bytes(shapes: dict[str, tuple[int, int]], rank: int) -> int:
 
 def write_app(app_dir: Path, shapes: dict[str, tuple[int, int]], rank: int, result: Path) -> None:
     """The benchmark's Flower app: APP_MODULE beside a pyproject.toml from prelort's own app template."""
-    from prelort.flower.launch import write_app_pyproject
+    from prelort.apps.launch import write_app_pyproject
 
     write_app_pyproject(app_dir, name="prelort-payload-bench", version="1.0.0",
                         description="prelort large-update benchmark", serverapp="prelort_payload_app:server",
@@ -137,7 +137,7 @@ def write_app(app_dir: Path, shapes: dict[str, tuple[int, int]], rank: int, resu
 
 def run(model: str = "1b", rank: int = 64, layers: int | None = None, verbose: bool = False) -> dict:
     """One round trip in a real Flower run (flower-sim launcher); returns the measurements."""
-    from prelort.flower.launch import CONNECTION, SimulationSuperLink, submit_and_follow, write_connection
+    from prelort.apps.launch import CONNECTION, SimulationSuperLink, submit_and_follow, write_connection
 
     shapes = module_shapes(model, layers)
     with tempfile.TemporaryDirectory(prefix="prelort-payload-") as tmp_name:

@@ -12,7 +12,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from prelort import methods
+from prelort import engines, methods
 from prelort.config import METHOD_SECTIONS_AFTER, Config, method_sections
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -34,8 +34,11 @@ def _row(field, key: str):
     """(key, type, default, help) of one leaf field."""
     ann = field.annotation
     default = field.get_default(call_default_factory=True)
-    if (field.json_schema_extra or {}).get("choices") == "registered methods":
+    choices = (field.json_schema_extra or {}).get("choices")
+    if choices == "registered methods":
         kind = "one of " + ", ".join(f"`{n}`" for n in sorted(methods.available()))
+    elif choices == "registered engines":  # the engine table's order: the built-in ones first
+        kind = "one of " + ", ".join(f"`{n}`" for n in engines.available())
     elif get_origin(ann) is Literal:
         kind = "one of " + ", ".join(f"`{a}`" for a in get_args(ann))
     else:

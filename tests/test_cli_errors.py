@@ -45,7 +45,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path):
-    code = ("import sys\nfrom prelort.cli import app\n"
+    code = ("import sys\nfrom prelort.apps.cli import app\n"
             f"try:\n    app(['run', {TINY!r}, '--out', {str(tmp_path / 'r')!r}, '--set', 'train.lr_rate=0.1'])\n"
             "except SystemExit as e:\n"
             "    print(e.code, *(m in sys.modules for m in ('torch', 'transformers', 'peft')))\n")
@@ -212,10 +212,10 @@ def test_failures_while_working_exit_1_bad_input_exits_2_with_what_to_do():
     import errno
 
     from prelort.checkpoint import CheckpointError
-    from prelort.cli import EXIT_FAILED, EXIT_USAGE, _classify
+    from prelort.apps.cli import EXIT_FAILED, EXIT_USAGE, _classify
     from prelort.data import DataError
     from prelort.federation import RoundFailed
-    from prelort.flower.launch import FlowerRunError
+    from prelort.apps.launch import FlowerRunError
 
     failed = RoundFailed("round 2: 0 accepted update(s)", round_=2, accepted=0, min_per_round=1, attempts=1,
                          completed=1)

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from prelort import config as config_mod
 from prelort import rundir
 from prelort.checkpoint import CheckpointError, latest_intact_round, load_checkpoint, save_checkpoint
-from prelort.cli import app
+from prelort.apps.cli import app
 from prelort.engines.inprocess import InProcessEngine
 from prelort.methods.base import GlobalState
 from prelort.protocol import ClientTask, RawUpdate
@@ -508,7 +508,7 @@ def test_out_of_range_values_are_refused_before_the_run_directory_exists(tmp_pat
 ])
 def test_an_insecure_flower_deployment_is_refused_unless_allowed(overrides, gaps, tmp_path, capsys):
     pytest.importorskip("flwr")
-    from prelort.flower.launch import FlowerRunError, check_deployment
+    from prelort.apps.launch import FlowerRunError, check_deployment
     from prelort.runner import run
 
     cfg = tiny_cfg("engine=flower", *overrides)
@@ -523,7 +523,7 @@ def test_an_insecure_flower_deployment_is_refused_unless_allowed(overrides, gaps
 
 def test_a_secure_flower_deployment_and_an_insecure_named_connection(tmp_path, monkeypatch):
     pytest.importorskip("flwr")
-    from prelort.flower.launch import FlowerRunError, check_deployment, deployment_gaps
+    from prelort.apps.launch import FlowerRunError, check_deployment, deployment_gaps
 
     assert deployment_gaps(tiny_cfg("engine=flower", "flower.supernode_auth=true")) == []
     check_deployment(tiny_cfg("engine=flower-sim"))  # a private loopback simulation: nothing to refuse

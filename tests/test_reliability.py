@@ -327,7 +327,7 @@ def test_dropouts_retry_failed_round_and_resume(tmp_path, monkeypatch, check_run
     after the cause is fixed, --resume finishes the run."""
     from typer.testing import CliRunner
 
-    from prelort.cli import app
+    from prelort.apps.cli import app
 
     run_dir = tmp_path / "run"
     sets = [*FAST, "rounds=3", "data.num_train=32", "clients.min_per_round=2", "clients.max_round_retries=1"]

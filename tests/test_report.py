@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prelort import report
-from prelort.cli import app
+from prelort.apps.cli import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANKS = [1, 2, 4]

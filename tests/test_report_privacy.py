@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prelort import report
-from prelort.cli import app
+from prelort.apps.cli import app
 
 
 def dp_run(root: Path, epsilons: list[float | None], target: float | None = 9.0) -> Path:

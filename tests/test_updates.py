@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 from typer.testing import CliRunner
 
 from prelort.checkpoint import save_checkpoint
-from prelort.cli import app
+from prelort.apps.cli import app
 from prelort.config import Config
 from prelort.methods.base import ClientUpdate, FederationSpec, GlobalState
 from prelort.methods.hetlora import HetLoRA

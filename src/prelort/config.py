@@ -1,7 +1,8 @@
 """One validated configuration object (pydantic), loadable from YAML/TOML, overridable with ``--set``.
 
 Every key carries its help text. Unknown keys and bad values are rejected with the dotted path
-and the reason (:class:`ConfigError`). ``method`` names a registered method (:mod:`prelort.methods`); each
+and the reason (:class:`ConfigError`). ``engine`` names an entry of the engine table (:mod:`prelort.engines`).
+``method`` names a registered method (:mod:`prelort.methods`); each
 registered method with options has a section named after it (``prelort: {nested: all}``,
 ``hetlora: {gamma: 0.9}``), validated by the options model declared in the method's own file.
 """
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from .methods import FederationSpec
@@ -325,7 +327,8 @@ class Config(_Section):
                       description="Seeds sampling, init, data order and partitioning (0 .. 2**63-1).")
     rounds: int = Field(3, ge=1, le=1_000_000, description="Federated rounds.")
     audit: bool = Field(False, description="Keep every accepted update under updates/round-N/.")
-    engine: Literal["inprocess", "flower-sim", "flower"] = Field("inprocess", description="Who runs the rounds.")
+    engine: str = Field("inprocess", description="Who runs the rounds.",
+                        json_schema_extra={"choices": "registered engines"})
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
@@ -338,6 +341,20 @@ class Config(_Section):
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     # the registered methods' option sections (method_sections()), validated; read as cfg.<method name>
     _method_options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _registered_engine(cls, name: Any) -> str:
+        """``engine`` names an entry of the engine table (:mod:`prelort.engines`; light, so it is checked with
+        the other declared keys), with pydantic's wording for a choice: "Input should be 'a', 'b' or 'c'"."""
+        from . import engines
+
+        known = list(engines.available())
+        if not isinstance(name, str) or name not in known:
+            choices = [repr(n) for n in known]
+            expected = " or ".join([", ".join(choices[:-1]), choices[-1]] if len(choices) > 1 else choices)
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return name
 
     @model_validator(mode="wrap")
     @classmethod

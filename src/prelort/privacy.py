@@ -73,14 +73,15 @@ def check_secure_aggregation(cfg: "Config") -> None:
     """Refuse ``privacy.secure_aggregation: true`` where it cannot run; a :class:`~prelort.config.ConfigError`.
 
     Secure aggregation needs (a) a method whose aggregate is a function of plain sums of fixed-shape
-    padded tensors (``Method.sum_aggregatable``, the flag the SecAgg+ finish asks too) and (b) a Flower engine
-    (SecAgg+ is Flower's protocol; the in-process engine has no separate parties to hide updates from). It
+    padded tensors (``Method.sum_aggregatable``, the flag the SecAgg+ finish asks too) and (b) an engine whose
+    entry in the engine table says ``secure_aggregation`` (Flower's; SecAgg+ is Flower's protocol, and the
+    in-process engine has no separate parties to hide updates from). It
     also refuses ``audit`` (stores the individual updates) and a method whose weights depend on the update
     (``Method.weight_depends_on_update``: HetLoRA) without ``validation.max_update_norm`` (no public bound on
     its weights) unless ``privacy.dp`` makes every weight 1. With ``privacy.dp`` the clients clip and the server
     noises the secure sums (:meth:`prelort.federation.Federation.end_round_secure`).
     """
-    from . import methods
+    from . import engines, methods
     from .config import ConfigError
 
     if not cfg.privacy.secure_aggregation:
@@ -92,9 +93,12 @@ def check_secure_aggregation(cfg: "Config") -> None:
             "needs each client's own tensors, not sums of padded ones; methods that can: "
             + ", ".join(sorted(n for n, c in methods.available().items() if c.sum_aggregatable))
         )
-    if cfg.engine == "inprocess":
-        raise ConfigError("privacy.secure_aggregation: needs engine flower-sim or flower (Flower's SecAgg+ protocol); "
-                          "engine inprocess has no separate parties to hide updates from")
+    engine = engines.get(cfg.engine)
+    if not engine.secure_aggregation:
+        able = " or ".join(name for name, e in engines.available().items() if e.secure_aggregation)
+        raise ConfigError(f"privacy.secure_aggregation: needs engine {able} (Flower's SecAgg+ protocol); engine "
+                          f"{cfg.engine} " + ("has no separate parties to hide updates from" if engine.in_process
+                                              else "does not run secure aggregation"))
     if cfg.clients.per_round < 3:
         raise ConfigError(f"privacy.secure_aggregation: SecAgg+ needs at least 3 clients per round to hide one "
                           f"client's update (clients.per_round = {cfg.clients.per_round})")

@@ -1,7 +1,7 @@
 """The model and data recipe of a federation: what the server and every client build from one config.
 
 The in-process runner (:class:`prelort.runner.Session`) and each Flower ClientApp
-(:mod:`prelort.flower.clientapp`) follow it, so for the same config they hold the same base model with the
+(:mod:`prelort.apps.clientapp`) follow it, so for the same config they hold the same base model with the
 same rank-R LoRA attached, the same per-client split of the training records and the same tokenized examples.
 """
 

@@ -340,13 +340,10 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, verbose: bool = T
     """Run a whole federation with the engine named in the config (``resume`` on a finished run: nothing to do)."""
     if resume and RunDir(out).is_complete(cfg):
         return Path(out)
-    if cfg.engine == "inprocess":
-        from .engines.inprocess import InProcessEngine
+    from . import engines
 
+    spec = engines.get(cfg.engine)  # the one place a config's engine is chosen (the table in prelort.engines)
+    if spec.in_process:
         session = Session(cfg, out, resume=resume, verbose=verbose)
-        return session.run(InProcessEngine(session, progress=verbose))
-    if cfg.engine in ("flower-sim", "flower"):
-        from .flower import run_on_flower  # type: ignore[attr-defined]
-
-        return run_on_flower(cfg, Path(out), resume=resume, verbose=verbose)
-    raise ValueError(f"unknown engine {cfg.engine!r}")
+        return session.run(spec.builder()(session, progress=verbose))
+    return spec.launcher()(cfg, Path(out), resume=resume, verbose=verbose)  # e.g. Flower: the ServerApp runs it

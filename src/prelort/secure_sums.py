@@ -1,7 +1,7 @@
 """The two padded sums of a round, their SecAgg+ encoding and how a round finishes from them.
 
 Engine-independent and Flower-free: the round loop (:mod:`prelort.federation`), client-level DP
-(:mod:`prelort.privacy`) and the Flower apps (:mod:`prelort.flower`) all import it; it imports only the
+(:mod:`prelort.privacy`) and the Flower apps (:mod:`prelort.apps`) all import it; it imports only the
 methods and the rank geometry below it.
 
 A sum-aggregatable method (``Method.sum_aggregatable``: it declares a ``sum_rule``) needs, per global tensor,

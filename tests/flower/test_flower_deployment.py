@@ -22,7 +22,7 @@ pytest.importorskip("cryptography")
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
 from prelort.flower.certs import make_certificates  # noqa: E402
-from prelort.flower.launch import (  # noqa: E402
+from prelort.apps.launch import (  # noqa: E402
     flower_env,
     flwr_executable,
     free_port,

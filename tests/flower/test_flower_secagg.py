@@ -14,7 +14,7 @@ from prelort.privacy import PrivacyError
 
 pytest.importorskip("flwr")
 
-from prelort.flower.secagg import secagg_aggregate_simulation  # noqa: E402
+from secagg_simulation import secagg_aggregate_simulation  # noqa: E402
 from prelort.secure_sums import (  # noqa: E402
     WEIGHT_UNITS,
     SecAggLayout,

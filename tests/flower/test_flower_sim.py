@@ -62,7 +62,7 @@ def test_flower_sim_refuses_an_existing_run_dir_before_starting_flower(tmp_path)
 
 @pytest.mark.slow
 def test_a_failing_serverapp_raises_with_the_root_cause(tmp_path):
-    from prelort.flower.launch import FlowerRunError
+    from prelort.apps.launch import FlowerRunError
 
     cfg = config_mod.load(TINY, [*SMALL, "engine=flower-sim", f"data.source={tmp_path / 'missing.jsonl'}"])
     with pytest.raises(FlowerRunError, match=r"finished:failed.*DataError: data.source .*missing.jsonl"):

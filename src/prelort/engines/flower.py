@@ -1,5 +1,5 @@
 """The Flower engine (``engine: flower-sim`` and ``engine: flower``): clients are Flower SuperNodes, reached
-through a ServerApp's ``Grid`` (:mod:`prelort.flower.serverapp`). flwr is imported only where a message is
+through a ServerApp's ``Grid`` (:mod:`prelort.apps.serverapp`). flwr is imported only where a message is
 built, so importing this module (and the in-process path) never imports flwr.
 
 ``GridEngine.execute(tasks)`` is what :meth:`prelort.runner.Session.run` calls each round: it sends each

@@ -12,8 +12,8 @@ its own:
 * ``aggregate_fit`` receives SecAgg+'s weighted mean of the uploads (the same arrays in every FitRes) and
   each client's clear metrics (its id, training loss and the method's ``clear_meta_fields``), and keeps them.
 
-The client side (:mod:`prelort.flower.clientapp`, behind ``secaggplus_mod``) trains with the usual
-:func:`~prelort.flower.clientapp.run_task`, validates and clips its own update, and uploads
+The client side (:mod:`prelort.apps.clientapp`, behind ``secaggplus_mod``) trains with the usual
+:func:`~prelort.apps.clientapp.run_task`, validates and clips its own update, and uploads
 :func:`prelort.secure_sums.encode_for_secagg`. ``execute`` returns a
 :class:`~prelort.protocol.SecureAggregate`, which :meth:`prelort.federation.Federation.end_round_secure`
 finishes with :func:`prelort.secure_sums.finish_secagg`.

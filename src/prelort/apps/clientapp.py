@@ -31,7 +31,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
-from . import records
+from ..flower import records
 
 log = logging.getLogger("prelort")
 

@@ -14,7 +14,7 @@ With ``privacy.secure_aggregation`` the engine is a
 :class:`~prelort.engines.flower_secagg.SecAggGridEngine`: each round's tasks go through Flower's legacy
 SecAgg+ workflow on the same grid, and the round is finished from the secure sums.
 
-Settings arrive in ``context.run_config`` (written by :func:`prelort.flower.launch.run_on_flower` into
+Settings arrive in ``context.run_config`` (written by :func:`prelort.apps.launch.run_on_flower` into
 the app's ``[tool.flwr.app.config]``): ``prelort-config`` (the resolved config as JSON), ``run-dir``
 (absolute path, on the host that runs this ServerApp), ``resume`` and ``verbose``.
 """

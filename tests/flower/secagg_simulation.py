@@ -1,4 +1,5 @@
-"""One SecAgg+ aggregation of given updates in Flower's simulation runtime (tests, benchmarks).
+"""One SecAgg+ aggregation of given updates in Flower's simulation runtime, for tests/flower/test_flower_secagg.py
+(a test helper: it moved here from prelort.flower, where nothing else used it).
 
 The encoding, decoding and finish of the two padded sums are Flower-free and live in
 :mod:`prelort.secure_sums` (with the quantisation analysis); this module adds only the Flower apps that carry
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..methods import ClientUpdate, GlobalState, Method
-from ..secure_sums import (
+from prelort.methods import ClientUpdate, GlobalState, Method
+from prelort.secure_sums import (
     SECAGG_CLIPPING_RANGE,
     SECAGG_QUANTIZATION_RANGE,
     WEIGHT_UNITS,

@@ -61,7 +61,7 @@ def _version() -> str:
     try:
         return version("prelort")
     except PackageNotFoundError:
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
@@ -160,7 +160,7 @@ def _expected_failures(what: str) -> Iterator[None]:
 @app.command("methods")
 def methods_cmd() -> None:
     """List the federated methods with a one-line description each (in the README's order)."""
-    from . import methods
+    from .. import methods
 
     found = methods.available()
     readme_order = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
@@ -180,19 +180,19 @@ def run_cmd(
 
     Nothing is written to --out before the config, the data and the model have loaded. Ctrl-C stops after the round under way (a second Ctrl-C at once); --resume then continues, redoing whatever the last complete round's records lack. --resume on a finished run says so and does nothing.
     """
-    from . import config as config_mod  # light: pydantic + yaml; the model libraries come after validation
+    from .. import config as config_mod  # light: pydantic + yaml; the model libraries come after validation
 
     with _expected_failures("config"):
         cfg = config_mod.load(config, set_ or [])
     with _expected_failures("model"):
-        from .model_names import check_model_name  # a mistyped alias fails here, before torch is imported
+        from ..model_names import check_model_name  # a mistyped alias fails here, before torch is imported
 
         check_model_name(cfg.model.name, cfg.model.gguf_file)
     resume_cmd = shlex.join(["prelort", "run", str(config), "--out", str(out),
                              *[a for s in (set_ or []) for a in ("--set", s)], "--resume"])
     with _expected_failures("run"):
-        from .rundir import RunDir, check_out
-        from .runner import RunInterrupted, run
+        from ..rundir import RunDir, check_out
+        from ..runner import RunInterrupted, run
 
         # read-only checks of --out (and of what --resume may change) before the model loads: fail in seconds
         check_out(out, resume)
@@ -220,7 +220,7 @@ def eval_cmd(
     import json
 
     with _expected_failures("eval"):
-        from .runner import Session
+        from ..runner import Session
 
         session = Session.open(run_dir)
         fed = session.federation
@@ -243,7 +243,7 @@ def export_cmd(
     A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions.
     """
     with _expected_failures("export"):
-        from .runner import export_tier, open_federation
+        from ..runner import export_tier, open_federation
 
         cfg, fed = open_federation(run_dir)
         if not 1 <= rank <= fed.spec.max_rank:
@@ -270,8 +270,8 @@ def report_cmd(
 
 
 def _report(run_dirs: List[Path], out: Optional[Path]) -> None:
-    from . import report
-    from .rundir import RunDir
+    from .. import report
+    from ..rundir import RunDir
 
     missing = [d for d in run_dirs if not RunDir(d).metrics_file.is_file()]
     if missing:
@@ -326,7 +326,7 @@ def check_cmd(
     Checks the files a finished run leaves, config.yaml's key settings, every metrics.jsonl record (fields, ranges, no record twice), every checkpoint, audited update and exported adapter. Names, shapes and fields only: not whether a number is right.
     """
     with _expected_failures("check"):
-        from .check import check_run_dir, summary
+        from ..check import check_run_dir, summary
 
         problems = check_run_dir(run_dir)
     if problems:
@@ -338,11 +338,11 @@ def check_cmd(
 
 
 def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
-    from . import config as config_mod
-    from . import methods
-    from .checkpoint import CheckpointError
-    from .rundir import RunDir
-    from .updates import UpdateRejected, load_update, max_payload_bytes, server_check, update_norm
+    from .. import config as config_mod
+    from .. import methods
+    from ..checkpoint import CheckpointError
+    from ..rundir import RunDir
+    from ..updates import UpdateRejected, load_update, max_payload_bytes, server_check, update_norm
 
     directory = RunDir(run_dir)
     try:
