@@ -19,7 +19,6 @@ import torch
 
 # The rank menu of the benchmarks (issue 6): every client draws one of these.
 RANK_CHOICES: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
-METHOD_ORDER: tuple[str, ...] = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
 # lora_alpha of the benchmark federation (any positive value: it sets s = alpha / R, not the cost).
 ALPHA = 16.0
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -98,6 +97,20 @@ def parse_ints(text: str, flag: str, *, minimum: int = 1) -> list[int]:
     if not values or any(v < minimum for v in values):
         raise SystemExit(f"{flag}: expected integers >= {minimum}, got {text!r}")
     return values
+
+
+def method_order() -> list[str]:
+    """The registered methods in the registry's listing order (``prelort.methods.available``): the order of the
+    README and ``prelort methods``, which every benchmark table follows."""
+    from prelort.methods import available
+
+    return list(available())
+
+
+def method_sort_key(name: str) -> tuple[int, str]:
+    """Sorts methods into :func:`method_order`; a name not registered (e.g. from an older JSON) after them, by name."""
+    order = method_order()
+    return (order.index(name) if name in order else len(order), name)
 
 
 def parse_methods(text: str) -> list[str]:

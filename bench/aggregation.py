@@ -27,7 +27,10 @@ stacks them) are measured on the first ``--max-clients-slow`` clients of the sam
 larger; the JSON says how many clients were measured, and any figure at N derived from them is
 marked as extrapolated.
 
-Run:  python bench/aggregation.py [--quick] [--json results/aggregation.json]
+Measuring returns data (:func:`run_benchmark`, one :func:`run_case` per case, :func:`summarise` for the goals);
+the text is made by :func:`format_model_report`; only :func:`main` prints and writes the JSON.
+
+Run:  python -m bench.aggregation [--quick] [--json results/aggregation.json]
 """
 
 from __future__ import annotations
@@ -41,15 +44,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from _common import (  # noqa: E402
+from prelort.factor_sums import FactorSums
+from prelort.methods import ClientUpdate, FederationSpec, build, key
+
+from ._common import (
     ALPHA,
-    METHOD_ORDER,
     MODELS,
     RANK_CHOICES,
     draw_examples,
@@ -57,6 +62,8 @@ from _common import (  # noqa: E402
     environment,
     fmt_bytes,
     fmt_seconds,
+    method_order,
+    method_sort_key,
     parse_ints,
     parse_methods,
     parse_models,
@@ -64,9 +71,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from prelort.methods import ClientUpdate, FederationSpec, build, key  # noqa: E402
-from prelort.factor_sums import FactorSums  # noqa: E402
-
+# The repository root: the worker of a case runs there as ``python -m bench.aggregation``.
+ROOT = Path(__file__).resolve().parents[1]
 RESULT_MARKER = "@@AGGREGATION-RESULT@@ "
 # The streaming methods' buffer (factor_sums.FactorSums defaults): it may hold this much whatever N is.
 _BUFFER_DEFAULTS = inspect.signature(FactorSums).parameters
@@ -100,6 +106,47 @@ BANDWIDTH_NOTE = (
     "Tensor.copy_ into preallocated buffers, best of --repeats passes; memcpy_GBps = bytes / copy time (memcpy_cpu_GBps: CPU time). A method's bandwidth = bytes of "
     "the updates it reads / aggregate_s. memcpy_bulk_GBps is one 256 MiB buffer copy, for scale."
 )
+
+
+# --------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """What one run of the benchmark measures (``settings_from_args`` makes it from the command line, whose
+    help says what each field means)."""
+
+    models: tuple[str, ...]  # keys of _common.MODELS
+    clients: tuple[int, ...]  # the N of each round measured
+    methods: tuple[str, ...]
+    slow_methods: frozenset[str]  # measured on at most max_clients_slow clients
+    max_clients_slow: int  # 0: all
+    bcast_layers: int
+    seed: int
+    repeats: int
+    threads: int  # 0: torch's choice
+    isolation: str  # "process" (a fresh Python process per case) or "inline"
+    case_timeout: float
+    quick: bool
+    argv: tuple[str, ...]  # the command line, recorded in the results
+
+    def record(self) -> dict:
+        """The ``settings`` of the results JSON."""
+        return {
+            "models": list(self.models),
+            "clients": list(self.clients),
+            "methods": list(self.methods),
+            "rank_choices": list(RANK_CHOICES),
+            "seed": self.seed,
+            "alpha": ALPHA,
+            "max_clients_slow": self.max_clients_slow,
+            "slow_methods": sorted(self.slow_methods),
+            "bcast_layers": self.bcast_layers,
+            "isolation": self.isolation,
+            "threads": self.threads,
+            "repeats": self.repeats,
+            "federation": "the N participants plus one idle client per rank choice (R = 64, r_min = 2 for every N)",
+            "quick": self.quick,
+            "argv": list(self.argv),
+        }
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -358,25 +405,25 @@ def run_case(case: dict) -> dict:
     return result
 
 
-def make_case(model: str, method: str, n_clients: int, args: argparse.Namespace, slow: set[str]) -> dict:
+def make_case(model: str, method: str, n_clients: int, settings: Settings) -> dict:
     return {
         "model": model,
         "method": method,
         "n_clients": n_clients,
-        "seed": args.seed,
-        "max_clients": args.max_clients_slow if method in slow else 0,
-        "bcast_layers": args.bcast_layers,
+        "seed": settings.seed,
+        "max_clients": settings.max_clients_slow if method in settings.slow_methods else 0,
+        "bcast_layers": settings.bcast_layers,
         "memcpy": method == "prelort",
-        "threads": args.threads,
-        "repeats": args.repeats,
+        "threads": settings.threads,
+        "repeats": settings.repeats,
     }
 
 
 def run_isolated(case: dict, timeout: float | None) -> dict:
     """Run one case in a fresh Python process (clean allocator state: honest peak memory)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(case)]
+    cmd = [sys.executable, "-m", "bench.aggregation", "--worker", json.dumps(case)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {**_case_id(case), "error": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -388,6 +435,83 @@ def run_isolated(case: dict, timeout: float | None) -> dict:
 
 def _case_id(case: dict) -> dict:
     return {"model": case["model"], "method": case["method"], "n_clients": case["n_clients"]}
+
+
+# --------------------------------------------------------------------------------------------- the benchmark
+def measure_model(model: str, settings: Settings, on_case: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """Every (N, method) case of one model, in that order; ``on_case(model, result)`` after each (progress)."""
+    cases = []
+    done: dict[tuple[str, int], dict] = {}  # (method, clients measured) -> result
+    for n in settings.clients:
+        for method in settings.methods:
+            case = make_case(model, method, n, settings)
+            n_measured = min(n, case["max_clients"]) if case["max_clients"] else n
+            if (method, n_measured) in done and n_measured < n:
+                # The first n_measured clients of every draw are the same clients (seeded prefix):
+                # the capped case is the measurement already taken; reuse it, labelled.
+                earlier = done[(method, n_measured)]
+                result = {**earlier, "n_clients": n, "subset": True, "reused_from_n_clients": earlier["n_clients"]}
+            elif settings.isolation == "process":
+                result = run_isolated(case, settings.case_timeout)
+            else:
+                result = run_case(case)
+            if "error" not in result:
+                done.setdefault((method, result["n_measured"]), result)
+            cases.append(result)
+            if on_case is not None:
+                on_case(model, result)
+    return cases
+
+
+def model_record(model_key: str, cases: list[dict], n_list: Sequence[int]) -> dict:
+    """One model's entry of the results JSON: its shapes, its cases and their summary."""
+    model = MODELS[model_key]
+    return {
+        "label": model.label,
+        "modules": len(model.module_shapes()),
+        "shapes": {p: list(s) for p, s in zip(("q_proj", "k_proj", "v_proj", "o_proj"), model.module_shapes(1).values())},
+        "cases": cases,
+        "summary": summarise(model_key, cases, list(n_list)),
+    }
+
+
+def run_benchmark(settings: Settings, on_case: Callable[[str, dict], None] | None = None,
+                  on_model: Callable[[str, dict], None] | None = None) -> dict:
+    """Measure every case of ``settings``; the results (what ``--json`` writes). ``on_case(model, result)`` after
+    each case and ``on_model(model, record)`` after each model let a caller report progress."""
+    started = time.perf_counter()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    results: dict = {
+        "benchmark": "aggregation",
+        "settings": settings.record(),
+        "environment": environment(),
+        "notes": {"time": TIME_NOTE, "memory": MEMORY_NOTE, "bandwidth": BANDWIDTH_NOTE},
+        "goals": {"speedup_vs_flexlora": SPEEDUP_GOAL, "bandwidth_fraction_of_memcpy": BANDWIDTH_GOAL},
+        "models": {},
+    }
+    if settings.isolation == "inline":
+        results["notes"]["memory"] += (
+            " INLINE RUN: all cases share one process, so memory freed by an earlier case can be reused "
+            "without raising the resident set; peak figures can under-count."
+        )
+    for model in settings.models:
+        record = model_record(model, measure_model(model, settings, on_case), settings.clients)
+        results["models"][model] = record
+        if on_model is not None:
+            on_model(model, record)
+    results["elapsed_s"] = time.perf_counter() - started
+    return results
+
+
+def load_results(path: str | Path) -> dict:
+    """A results JSON this script wrote, its summaries recomputed from its cases (no measurement)."""
+    results = json.loads(Path(path).read_text())
+    if results.get("benchmark") != "aggregation":
+        raise SystemExit(f"--report: {path} is not a JSON written by bench/aggregation.py")
+    for model, entry in results["models"].items():
+        entry["summary"] = summarise(model, entry["cases"], results["settings"]["clients"])
+    return results
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -437,7 +561,7 @@ def summarise(model: str, cases: list[dict], n_list: list[int]) -> dict:
                     "prelort_streaming_GBps": streaming,
                     "streaming_fraction": streaming / pre["memcpy_cpu_GBps"],
                 })
-    methods = sorted({c["method"] for c in by.values()}, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    methods = sorted({c["method"] for c in by.values()}, key=method_sort_key)
     for m in methods:
         rows = sorted((c for c in by.values() if c["method"] == m), key=lambda c: c["n_measured"])
         if not rows:
@@ -493,15 +617,30 @@ def summarise(model: str, cases: list[dict], n_list: list[int]) -> dict:
     return out
 
 
-def print_model_report(model_key: str, cases: list[dict], summary: dict, args: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------------------------- printing
+def format_case_line(model: str, result: dict) -> str:
+    """The progress line of one measured case."""
+    if "error" in result:
+        return f"  {model} {result['method']} N={result['n_clients']}: ERROR {result['error']}"
+    return (
+        f"  {model:<8} {result['method']:<9} N={result['n_clients']:<5} measured {result['n_measured']:<5} "
+        f"aggregate {fmt_seconds(result['aggregate_s']):>9}  peak RSS rise "
+        f"{fmt_bytes(result['peak_rss_rise_bytes'])}"
+    )
+
+
+def format_model_report(model_key: str, cases: list[dict], summary: dict, max_clients_slow: int,
+                        bcast_layers: int) -> str:
+    """One model's report: the table of cases, the goals' figures and verdicts (the text main prints)."""
     model = MODELS[model_key]
-    print(f"\n=== {model.describe()}; {len(model.module_shapes())} modules")
-    print(
+    out: list[str] = []
+    out.append(f"\n=== {model.describe()}; {len(model.module_shapes())} modules")
+    out.append(
         f"    one rank dimension = {fmt_bytes(model.lora_floats_per_rank() * 4)} of float32 factors; "
         f"dense deltas = {fmt_bytes(model.dense_floats() * 4)}"
     )
     rows = []
-    for c in sorted(cases, key=lambda c: (c["n_clients"], METHOD_ORDER.index(c["method"]) if c["method"] in METHOD_ORDER else 99)):
+    for c in sorted(cases, key=lambda c: (c["n_clients"], method_sort_key(c["method"]))):
         if "error" in c:
             rows.append([c["method"], c["n_clients"], "ERROR", c["error"][:60]] + [""] * 7)
             continue
@@ -521,7 +660,7 @@ def print_model_report(model_key: str, cases: list[dict], summary: dict, args: a
                 fmt_bytes(c["peak_rss_rise_bytes"]),
             ]
         )
-    print(
+    out.append(
         table(
             ["method", "N", "measured", "updates read", "aggregate CPU", "(wall)", "CPU/client", "GB/s", "bcast prep CPU",
              "server round CPU", "peak RSS rise"],
@@ -530,54 +669,55 @@ def print_model_report(model_key: str, cases: list[dict], summary: dict, args: a
     )
     notes = []
     if any(c.get("subset") for c in cases):
-        notes.append(f"* measured on the first {args.max_clients_slow} clients of the same draw (slow method)")
+        notes.append(f"* measured on the first {max_clients_slow} clients of the same draw (slow method)")
     if any(c.get("bcast_layers_measured", model.layers) < model.layers for c in cases if "error" not in c):
-        notes.append(f"~ broadcast timed on {min(args.bcast_layers, model.layers)} of {model.layers} layers, scaled (identical shapes)")
+        notes.append(f"~ broadcast timed on {min(bcast_layers, model.layers)} of {model.layers} layers, scaled (identical shapes)")
     for n in notes:
-        print("   " + n)
+        out.append("   " + n)
 
-    print("\n  PreLort vs FlexLoRA (goal: >= 100x); CPU time (wall time in brackets)")
+    out.append("\n  PreLort vs FlexLoRA (goal: >= 100x); CPU time (wall time in brackets)")
     for s in summary["speedup_vs_flexlora"]:
         tag = f"  (FlexLoRA aggregate extrapolated from {s['flexlora_n_measured']} clients)" if s["flexlora_extrapolated"] else ""
-        print(
+        out.append(
             f"    N={s['n_clients']:>5}: aggregate {s['aggregate_speedup']:7.1f}x [{s['aggregate_speedup_wall']:7.1f}x] per client;"
             f"  server round incl. broadcast prep (SVDs) {s['server_round_speedup']:7.1f}x [{s['server_round_speedup_wall']:7.1f}x]{tag}"
         )
         if "aggregate_speedup_at_memcpy_speed" in s:
-            print(f"             ceiling (PreLort at memcpy speed of its bytes): {s['aggregate_speedup_at_memcpy_speed']:.0f}x")
-    print("  PreLort bandwidth vs memcpy of the same bytes (goal: >= 30%); CPU time (wall time in brackets)")
+            out.append(f"             ceiling (PreLort at memcpy speed of its bytes): {s['aggregate_speedup_at_memcpy_speed']:.0f}x")
+    out.append("  PreLort bandwidth vs memcpy of the same bytes (goal: >= 30%); CPU time (wall time in brackets)")
     for b in summary["bandwidth_vs_memcpy"]:
-        print(
+        out.append(
             f"    N={b['n_clients']:>5}: {b['prelort_GBps']:.2f} GB/s vs memcpy {b['memcpy_GBps']:.2f} GB/s "
             f"= {100 * b['fraction']:.0f}%  [{b['prelort_GBps_wall']:.2f} vs {b['memcpy_GBps_wall']:.2f} GB/s = "
             f"{100 * b['fraction_wall']:.0f}%; one 256 MiB memcpy: {b['memcpy_bulk_GBps_wall']:.1f} GB/s]"
         )
         if "streaming_fraction" in b:
-            print(
+            out.append(
                 f"             of which the round's fixed cost (aggregate with no update) {fmt_seconds(b['fixed_round_cpu_s'])}; "
                 f"the per-client work alone: {b['prelort_streaming_GBps']:.2f} GB/s = {100 * b['streaming_fraction']:.0f}% of memcpy"
             )
-    print("  Peak RSS rise during aggregate() by clients measured (flat = streaming)")
+    out.append("  Peak RSS rise during aggregate() by clients measured (flat = streaming)")
     for m, e in summary["peak_memory"].items():
         series = ", ".join(f"N={n}: {fmt_bytes(v)}" for n, v in e["by_clients_measured"].items())
         frac = e.get("retained_fraction_of_extra_bytes")
         extra = f"   retained {100 * frac:.0f}% of the extra bytes streamed" if frac is not None else ""
-        print(f"    {m:<9} {series}{extra}")
-    print("  Goals:")
+        out.append(f"    {m:<9} {series}{extra}")
+    out.append("  Goals:")
     for name, g in summary["goals"].items():
         value = g.get("value", g.get("growth_bytes"))
         shown = fmt_bytes(value) if name == "prelort_memory_flat" else f"{value:.3g}"
-        print(f"    {name:<28} {'MET' if g['met'] else 'NOT MET':<8} ({g['criterion']}: {shown})")
+        out.append(f"    {name:<28} {'MET' if g['met'] else 'NOT MET':<8} ({g['criterion']}: {shown})")
+    return "\n".join(out)
 
 
-# --------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and N (a check, < 1 minute)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODELS) + " (default smollm2,1b)")
     p.add_argument("--clients", default=None, help="comma list of N (default 10,100,1000)")
-    p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma list of methods (default: all six)")
+    p.add_argument("--methods", default=",".join(method_order()), help="comma list of methods (default: all registered)")
     p.add_argument("--max-clients-slow", type=int, default=None, help="measure slow methods on at most this many clients (default 100; 0 = all)")
     p.add_argument("--slow-methods", default=SLOW_METHODS_DEFAULT, help="methods limited by --max-clients-slow")
     p.add_argument("--bcast-layers", type=int, default=None, help="layers on which broadcast preparation is timed (default 2)")
@@ -610,110 +750,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def report_from_json(args: argparse.Namespace) -> dict:
-    """Recompute the summaries of a saved run from its cases (no measurement) and print the report."""
-    payload = json.loads(Path(args.report).read_text())
-    if payload.get("benchmark") != "aggregation":
-        raise SystemExit(f"--report: {args.report} is not a JSON written by bench/aggregation.py")
-    args.max_clients_slow = payload["settings"]["max_clients_slow"]
-    args.bcast_layers = payload["settings"]["bcast_layers"]
-    for key_, entry in payload["models"].items():
-        entry["summary"] = summarise(key_, entry["cases"], payload["settings"]["clients"])
-        print_model_report(key_, entry["cases"], entry["summary"], args)
-    if args.json:
-        print(f"wrote {write_json(args.json, payload)}")
-    return payload
+def settings_from_args(args: argparse.Namespace, argv: list[str] | None) -> Settings:
+    """The run ``args`` ask for; a bad model, method or N list exits with its message."""
+    return Settings(
+        models=tuple(m.key for m in parse_models(args.models)),
+        clients=tuple(parse_ints(args.clients, "--clients")),
+        methods=tuple(parse_methods(args.methods)),
+        slow_methods=frozenset(parse_methods(args.slow_methods)) if args.slow_methods else frozenset(),
+        max_clients_slow=args.max_clients_slow,
+        bcast_layers=args.bcast_layers,
+        seed=args.seed,
+        repeats=args.repeats,
+        threads=args.threads,
+        isolation=args.isolation,
+        case_timeout=args.case_timeout,
+        quick=args.quick,
+        argv=tuple(sys.argv[1:] if argv is None else argv),
+    )
+
+
+def print_report(results: dict) -> None:
+    """Every model's report of a results JSON (measured now or read back)."""
+    settings = results["settings"]
+    for model, entry in results["models"].items():
+        print(format_model_report(model, entry["cases"], entry["summary"], settings["max_clients_slow"],
+                                  settings["bcast_layers"]))
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark as the command line asks: print its report, write its JSON; returns the results."""
     args = parse_args(argv)
     if args.worker:
         result = run_case(json.loads(args.worker))
         print(RESULT_MARKER + json.dumps(result), flush=True)
         return result
     if args.report:
-        return report_from_json(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    models = parse_models(args.models)
-    n_list = parse_ints(args.clients, "--clients")
-    methods = parse_methods(args.methods)
-    slow = set(parse_methods(args.slow_methods)) if args.slow_methods else set()
-    started = time.perf_counter()
-    print(f"Server aggregation benchmark: ranks drawn (seed {args.seed}) from {set(RANK_CHOICES)}; "
-          f"N = {n_list}; isolation = {args.isolation}")
-    payload: dict = {
-        "benchmark": "aggregation",
-        "settings": {
-            "models": [m.key for m in models],
-            "clients": n_list,
-            "methods": methods,
-            "rank_choices": list(RANK_CHOICES),
-            "seed": args.seed,
-            "alpha": ALPHA,
-            "max_clients_slow": args.max_clients_slow,
-            "slow_methods": sorted(slow),
-            "bcast_layers": args.bcast_layers,
-            "isolation": args.isolation,
-            "threads": args.threads,
-            "repeats": args.repeats,
-            "federation": "the N participants plus one idle client per rank choice (R = 64, r_min = 2 for every N)",
-            "quick": args.quick,
-            "argv": sys.argv[1:] if argv is None else list(argv),
-        },
-        "environment": environment(),
-        "notes": {"time": TIME_NOTE, "memory": MEMORY_NOTE, "bandwidth": BANDWIDTH_NOTE},
-        "goals": {"speedup_vs_flexlora": SPEEDUP_GOAL, "bandwidth_fraction_of_memcpy": BANDWIDTH_GOAL},
-        "models": {},
-    }
-    if args.isolation == "inline":
-        payload["notes"]["memory"] += (
-            " INLINE RUN: all cases share one process, so memory freed by an earlier case can be reused "
-            "without raising the resident set; peak figures can under-count."
+        results = load_results(args.report)
+        print_report(results)
+    else:
+        settings = settings_from_args(args, argv)
+        print(f"Server aggregation benchmark: ranks drawn (seed {settings.seed}) from {set(RANK_CHOICES)}; "
+              f"N = {list(settings.clients)}; isolation = {settings.isolation}")
+        results = run_benchmark(
+            settings,
+            on_case=lambda model, result: print(format_case_line(model, result), flush=True),
+            on_model=lambda model, record: print(format_model_report(
+                model, record["cases"], record["summary"], settings.max_clients_slow, settings.bcast_layers)),
         )
-    for model in models:
-        cases = []
-        done: dict[tuple[str, int], dict] = {}  # (method, clients measured) -> result
-        for n in n_list:
-            for method in methods:
-                case = make_case(model.key, method, n, args, slow)
-                n_measured = min(n, case["max_clients"]) if case["max_clients"] else n
-                if (method, n_measured) in done and n_measured < n:
-                    # The first n_measured clients of every draw are the same clients (seeded prefix):
-                    # the capped case is the measurement already taken; reuse it, labelled.
-                    earlier = done[(method, n_measured)]
-                    result = {**earlier, "n_clients": n, "subset": True, "reused_from_n_clients": earlier["n_clients"]}
-                elif args.isolation == "process":
-                    result = run_isolated(case, args.case_timeout)
-                else:
-                    result = run_case(case)
-                if "error" not in result:
-                    done.setdefault((method, result["n_measured"]), result)
-                cases.append(result)
-                if "error" in result:
-                    print(f"  {model.key} {method} N={n}: ERROR {result['error']}", flush=True)
-                else:
-                    print(
-                        f"  {model.key:<8} {method:<9} N={n:<5} measured {result['n_measured']:<5} "
-                        f"aggregate {fmt_seconds(result['aggregate_s']):>9}  peak RSS rise "
-                        f"{fmt_bytes(result['peak_rss_rise_bytes'])}",
-                        flush=True,
-                    )
-        summary = summarise(model.key, cases, n_list)
-        payload["models"][model.key] = {
-            "label": model.label,
-            "modules": len(model.module_shapes()),
-            "shapes": {p: list(s) for p, s in zip(("q_proj", "k_proj", "v_proj", "o_proj"), model.module_shapes(1).values())},
-            "cases": cases,
-            "summary": summary,
-        }
-        print_model_report(model.key, cases, summary, args)
-    payload["elapsed_s"] = time.perf_counter() - started
-    print(f"\nnotes: {TIME_NOTE}\n       {MEMORY_NOTE}\n       {BANDWIDTH_NOTE}")
-    print(f"elapsed {payload['elapsed_s']:.0f} s")
+        print(f"\nnotes: {TIME_NOTE}\n       {MEMORY_NOTE}\n       {BANDWIDTH_NOTE}")
+        print(f"elapsed {results['elapsed_s']:.0f} s")
     if args.json:
-        print(f"wrote {write_json(args.json, payload)}")
-    return payload
+        print(f"wrote {write_json(args.json, results)}")
+    return results
 
 
 if __name__ == "__main__":

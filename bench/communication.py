@@ -13,7 +13,7 @@ tensors, shapes only):
   this implementation broadcasts instead (whose size does not depend on N);
 * per-round server totals for N clients with ranks drawn (seeded) from {2, ..., 64}.
 
-Run:  python bench/communication.py [--quick] [--json results/communication.json]
+Run:  python -m bench.communication [--quick] [--json results/communication.json]
 """
 
 from __future__ import annotations
@@ -22,31 +22,29 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from safetensors.torch import save as safetensors_save
 
-import torch  # noqa: E402
-from _common import (  # noqa: E402
+from prelort.methods import ClientUpdate, FederationSpec, build, key
+from prelort.methods.flora import stack_factors
+from prelort.updates import encode_update
+
+from ._common import (
     ALPHA,
-    METHOD_ORDER,
     MODELS,
     RANK_CHOICES,
     ModelShape,
     draw_ranks,
     environment,
     fmt_bytes,
+    method_order,
     parse_ints,
     parse_methods,
     parse_models,
     table,
     write_json,
 )
-from safetensors.torch import save as safetensors_save  # noqa: E402
-
-from prelort.methods import ClientUpdate, FederationSpec, build, key  # noqa: E402
-from prelort.methods.flora import stack_factors  # noqa: E402
-from prelort.updates import encode_update  # noqa: E402
 
 NOTES = {
     "download": "method.broadcast(state, r) at round 0 (state = method.init_state): adapter tensors + base_delta; "
@@ -218,7 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODELS) + " (default smollm2,1b)")
     p.add_argument("--clients", default=None, help="comma list of N for FLoRA's stacking and round totals (default 10,100)")
-    p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma list of methods (default: all six)")
+    p.add_argument("--methods", default=",".join(method_order()), help="comma list of methods (default: all registered)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.models is None:

@@ -7,8 +7,8 @@ the share of examples on which the two verdicts agree, the disagreements by dire
 each evaluation took (generate mode = generation + the teacher-forced pass that gives the log-likelihoods,
 so the speed-up is what a user saves per evaluation).
 
-    python bench/eval_agreement.py                                   # builtin multitask suite, SmolLM2
-    python bench/eval_agreement.py --suite facts --json results/eval_agreement.json
+    python -m bench.eval_agreement                                   # builtin multitask suite, SmolLM2
+    python -m bench.eval_agreement --suite facts --json results/eval_agreement.json
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_json  # noqa: E402
+from prelort import config as config_mod
+from prelort.engines.inprocess import InProcessEngine
+from prelort.runner import Session
 
-from prelort import config as config_mod  # noqa: E402
-from prelort.runner import Session  # noqa: E402
-from prelort.engines.inprocess import InProcessEngine  # noqa: E402
+from ._common import environment, write_json
 
 
 def compare(session: Session, evaluate) -> dict[str, Any]:
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.json)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results[f"{args.model}/{args.suite}"] = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "bench.eval_agreement", *(argv if argv is not None else sys.argv[1:])]),
         "training": {"rank": args.rank, "rounds": args.rounds, "local_steps": args.steps, "batch_size": 8,
                      "lr": args.lr, "clients": 1},
         "zero_shot": zero_shot, "trained": trained, "environment": environment(),

@@ -10,21 +10,18 @@ Flower path: the flower-sim launcher of ``prelort.apps.launch`` (a private ``flo
 --simulation`` on loopback + ``flwr run``), so the ServerApp runs in its own process and its messages
 cross the SuperLink's ServerAppIo gRPC API in Flower's 5 MiB array chunks, as in deployment.
 
-Run:  python bench/flower_payload.py [--model 1b] [--rank 64] [--json results/flower_payload.json]
+Run:  python -m bench.flower_payload [--model 1b] [--rank 64] [--json results/flower_payload.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import MODELS, environment, fmt_bytes  # noqa: E402
+from ._common import MODELS, environment, fmt_bytes
 
 # The app's components, written next to its pyproject.toml (the FAB carries them to the SuperLink).
 APP_MODULE = '''\

@@ -1,14 +1,14 @@
 """Rewrite the README's results section from the benchmarks' JSON files.
 
 Reads ``quality.json``, ``quality_pilot.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
-results directory (each written by ``bench/<name>.py --json``; a missing one is named as not run yet)
+results directory (each written by ``python -m bench.<name> --json``; a missing one is named as not run yet)
 and replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
 Markdown tables, each with the command that made it and the machine it ran on. Without the markers, a
 ``## Results`` section holding them is appended. The output depends only on the JSON files, so
 ``--check`` can tell whether the README is up to date.
 
-    python bench/make_tables.py            # rewrite README.md from results/
-    python bench/make_tables.py --check    # exit 1 if README.md's section is out of date
+    python -m bench.make_tables            # rewrite README.md from results/
+    python -m bench.make_tables --check    # exit 1 if README.md's section is out of date
 """
 
 from __future__ import annotations
@@ -17,18 +17,17 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402  (the size/time formatting the benchmarks print with)
+from . import _common  # the size/time formatting the benchmarks print with
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
-METHOD_ORDER = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
 
 
 class TablesError(ValueError):
@@ -82,13 +81,20 @@ def machine(env: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def runnable(command: str) -> str:
+    """A recorded command as it runs today: the JSON keeps what was typed, ``python bench/NAME.py ...`` before
+    bench/ became a package; that is ``python -m bench.NAME ...`` now."""
+    match = re.match(r"python bench/(\w+)\.py\b", command)
+    return f"python -m bench.{match[1]}{command[match.end():]}" if match else command
+
+
 def command_of(data: dict[str, Any], script: str) -> str:
     if data.get("command"):
-        return str(data["command"])
+        return runnable(str(data["command"]))
     argv = (data.get("settings") or {}).get("argv")
     if argv is not None:
-        return " ".join(["python", f"bench/{script}.py", *map(str, argv)])
-    return f"python bench/{script}.py (arguments not recorded in the JSON)"
+        return " ".join(["python", "-m", f"bench.{script}", *map(str, argv)])
+    return f"python -m bench.{script} (arguments not recorded in the JSON)"
 
 
 def provenance(data: dict[str, Any], script: str, env: dict[str, Any] | None = None) -> str:
@@ -96,7 +102,7 @@ def provenance(data: dict[str, Any], script: str, env: dict[str, Any] | None = N
 
 
 def _ordered(names: Sequence[str]) -> list[str]:
-    return sorted(names, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    return sorted(names, key=_common.method_sort_key)
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -131,7 +137,7 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
             notes.append(f"No learning-rate selection for this model: each method uses the lr selected for "
                          f"{m['lr_transferred_from']}.")
         if m.get("command"):
-            notes.append(f"Command: `{m['command']}`.")
+            notes.append(f"Command: `{runnable(m['command'])}`.")
         if notes:
             out[-1] += " " + " ".join(notes)
         out.append("")
@@ -313,7 +319,7 @@ def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: P
                    f"{cell('16')} | {cell('2')} | {'-' if gap is None else f'{gap:+.3f}'} | {n} | "
                    f"{'pass' if passes else ('fail' if passes is False else 'running')} |")
     out.append("")
-    out.append("Each row: `python bench/quality_pilot.py --entities E --attributes A --phrasings P --targets T "
+    out.append("Each row: `python -m bench.quality_pilot --entities E --attributes A --phrasings P --targets T "
                "--ranks 16,2 --lrs <grid> --rounds R --steps S --batch B --seed SEED` (centralised LoRA: one client "
                "holding all the training data; best lr per rank; teacher-forced exact match on every held-out "
                "query).")
@@ -493,7 +499,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
 def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[str] = ROOT) -> str:
     """The Markdown of the results section (without the markers)."""
     results = Path(results_dir)
-    parts = ["_Generated by `python bench/make_tables.py` from `results/*.json`; do not edit by hand._", ""]
+    parts = ["_Generated by `python -m bench.make_tables` from `results/*.json`; do not edit by hand._", ""]
     missing = []
     for name, section in SECTIONS.items():
         path = results / name
@@ -511,7 +517,7 @@ def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[st
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TablesError(f"{path}: unexpected structure ({type(exc).__name__}: {exc})") from None
     if missing:
-        scripts = ", ".join(f"`bench/{n[:-5]}.py --json results/{n}`" for n in missing)
+        scripts = ", ".join(f"`python -m bench.{n[:-5]} --json results/{n}`" for n in missing)
         parts += [f"Not run yet: {scripts}.", ""]
     return "\n".join(parts).rstrip() + "\n"
 
@@ -542,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"make_tables: {exc}") from None
     if args.check:
         if updated != current:
-            print(f"{args.readme}: the results section is out of date; run python bench/make_tables.py")
+            print(f"{args.readme}: the results section is out of date; run python -m bench.make_tables")
             return 1
         print(f"{args.readme}: results section up to date")
         return 0

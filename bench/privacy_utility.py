@@ -10,9 +10,9 @@ Every run: ``clients.num`` clients all sampled each round (q = 1), ranks cycled 
 data, learning rate and clip norm; evaluation of every tier after the last round only. Epsilon is the
 run's own accounted ``dp_epsilon`` (metrics.jsonl) at delta = min(1e-5, N**-1.1).
 
-    python bench/privacy_utility.py                                   # tiny model, z in 0 (no DP), 0.01, 0.05, 0.2, 1
-    python bench/privacy_utility.py --model smollm2-135m-instruct --noise 0,0.01,0.1 --rounds 2
-    python bench/privacy_utility.py --json results/privacy_utility.json
+    python -m bench.privacy_utility                                   # tiny model, z in 0 (no DP), 0.01, 0.05, 0.2, 1
+    python -m bench.privacy_utility --model smollm2-135m-instruct --noise 0,0.01,0.1 --rounds 2
+    python -m bench.privacy_utility --json results/privacy_utility.json
 
 Resumable: a run directory with ``bench-complete.json`` under --runs-dir is reused.
 """
@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_json  # noqa: E402
+from prelort import config as config_mod
+from prelort import runner
 
-from prelort import config as config_mod  # noqa: E402
-from prelort import runner  # noqa: E402
+from ._common import environment, write_json
 
 COMPLETE = "bench-complete.json"
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     tiers = [str(t) for t in sorted(set(args.ranks))]
     results = {
-        "command": "python bench/privacy_utility.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": "python -m bench.privacy_utility " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "settings": settings(args), "clip_norm": args.clip_norm, "environment": environment(),
         "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
     }

@@ -17,11 +17,11 @@ by all methods of that seed: it does not depend on the method). Evaluation happe
 round; a model that two evaluation points share (same round, same broadcast tensors: e.g. a tier and the
 same t on the truncation curve, or FLoRA whose tiers all get the same merged model) is evaluated once.
 
-    python bench/quality.py                                      # SmolLM2, 6 methods x 3 seeds (~60-90 min, 2 cores)
-    python bench/quality.py --quick                              # 1 seed, 2 rounds, tiny eval (smoke)
-    python bench/quality.py --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct
-    python bench/quality.py --methods prelort,fedit --seeds 0,1 --rounds 3 --json out.json
-    python bench/quality.py --models qwen2.5-coder-0.5b-instruct --seeds 0 --merge --lr-from smollm2-135m-instruct
+    python -m bench.quality                                      # SmolLM2, 6 methods x 3 seeds (~60-90 min, 2 cores)
+    python -m bench.quality --quick                              # 1 seed, 2 rounds, tiny eval (smoke)
+    python -m bench.quality --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct
+    python -m bench.quality --methods prelort,fedit --seeds 0,1 --rounds 3 --json out.json
+    python -m bench.quality --models qwen2.5-coder-0.5b-instruct --seeds 0 --merge --lr-from smollm2-135m-instruct
 
 ``--merge`` adds the models of this invocation to an existing ``--json`` file (each model keeps the command,
 seeds and settings it ran with); ``--lr-from MODEL`` skips the selection runs and reuses the learning rate
@@ -48,8 +48,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_json  # noqa: E402
+from ._common import environment, write_json
 
 from prelort import config as config_mod  # noqa: E402
 from prelort.adapters import LoraAdapter  # noqa: E402
@@ -496,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m bench.quality " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     print(f"Quality benchmark: models {args.models}; methods {args.methods}; seeds {args.seeds}; "
           f"lr grid {args.lrs} (selection seed {args.select_seed}, "
           f"{args.select_rounds or 'the full budget of'} round(s))")

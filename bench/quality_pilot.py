@@ -14,8 +14,8 @@ result: the study selects them on a separate seed).
 Every configuration tried is recorded in the JSON, passing or not. Resumable: each run lives in
 ``--runs-dir/<key>`` and a finished one (its final tier record in metrics.jsonl) is read, not rerun.
 
-    python bench/quality_pilot.py                                  # the default grid
-    python bench/quality_pilot.py --entities 100 --attributes 3 --phrasings 3 --lrs 1e-3,3e-3 \\
+    python -m bench.quality_pilot                                  # the default grid
+    python -m bench.quality_pilot --entities 100 --attributes 3 --phrasings 3 --lrs 1e-3,3e-3 \\
         --targets attn,mlp --steps 6 --rounds 10
 """
 
@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_json  # noqa: E402
+from prelort import config as config_mod
+from prelort.runner import run as run_federation
 
-from prelort import config as config_mod  # noqa: E402
-from prelort.runner import run as run_federation  # noqa: E402
+from ._common import environment, write_json
 
 GATE = 0.10
 MIN_QUERIES = 300

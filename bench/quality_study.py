@@ -20,9 +20,9 @@ order), its cost (forward/backward passes, optimizer steps, wall time, steps per
 done", and the analysis of bench/study_stats.py (paired bootstrap CIs, Holm, minimum detectable difference,
 the verdict - PARTIAL until every run is done), and the plot of the paired differences.
 
-    python bench/quality_study.py                                   # the whole study (resumable)
-    python bench/quality_study.py --max-runs 4                      # at most 4 runs this session
-    python bench/quality_study.py --arms prelort-sample,zeropad --seeds 0,1 --lrs 1e-3
+    python -m bench.quality_study                                   # the whole study (resumable)
+    python -m bench.quality_study --max-runs 4                      # at most 4 runs this session
+    python -m bench.quality_study --arms prelort-sample,zeropad --seeds 0,1 --lrs 1e-3
 
 On the reported seeds the arms ``prelort-sandwich`` and ``prelort-all`` are evaluated after every round
 (``eval.every=1``) so that they can be compared with the single-pass arms at equal forward/backward passes,
@@ -46,9 +46,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study_stats as st  # noqa: E402
-from _common import environment, write_json  # noqa: E402
+from . import study_stats as st
+from ._common import environment, write_json
 
 from prelort import config as config_mod  # noqa: E402
 from prelort.config import Config  # noqa: E402
@@ -544,7 +543,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         import torch
 
         torch.set_num_threads(args.threads)
-    command = "python bench/quality_study.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
+    command = "python -m bench.quality_study " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                     else argv))
     total = len(args.arms) * (len(args.lrs) + len(args.seeds))
     payload: dict[str, Any] = {

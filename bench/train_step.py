@@ -7,9 +7,9 @@ and each mode's median seconds per optimizer step is divided by that of `off` (p
 
 Expected: sample ~ 1.0x (one pass, plus a mask multiply), sandwich ~ 2x, all ~ |T_k|x.
 
-    python bench/train_step.py                 # SmolLM2, 8 x 128 tokens, 3 rounds x 2 steps
-    python bench/train_step.py --quick         # smaller batch, 2 rounds x 1 step
-    python bench/train_step.py --model tiny-llama --json out.json
+    python -m bench.train_step                 # SmolLM2, 8 x 128 tokens, 3 rounds x 2 steps
+    python -m bench.train_step --quick         # smaller batch, 2 rounds x 1 step
+    python -m bench.train_step --model tiny-llama --json out.json
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{m:<9} {passes[m]:>11} {median[m]:>9.3f} {ratio[m]:>7.2f} {cpu_median[m]:>11.3f} {cpu_ratio[m]:>10.2f}")
     print(f"|T_k| = {len(truncations)}; goal: sample <= 1.05x, all ~ {len(truncations)}x")
     result = {
-        "command": " ".join(["python", "bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "-m", "bench.train_step", *(sys.argv[1:] if argv is None else argv)]),
         "environment": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                         "platform": platform.platform()},

@@ -18,10 +18,7 @@ METHODS = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
 
 @pytest.fixture(scope="module")
 def common():
-    load_bench("aggregation")  # puts bench/ on sys.path
-    import _common
-
-    return _common
+    return load_bench("_common")
 
 
 def test_model_shapes_match_the_real_models(common):
@@ -85,6 +82,24 @@ def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
     # --report recomputes the same summary from the saved cases, without measuring.
     again = agg.main(["--report", str(out)])
     assert again["models"]["tiny"]["summary"] == json.loads(json.dumps(summary))
+
+
+def test_aggregation_measures_without_printing_and_reports_in_the_registry_order(capsys, common):
+    agg = load_bench("aggregation")
+    assert common.method_order() == list(METHODS)  # the registry's listing order, the README's
+    settings = agg.Settings(models=("tiny",), clients=(8,), methods=("flexlora", "prelort"), slow_methods=frozenset(),
+                            max_clients_slow=0, bcast_layers=1, seed=0, repeats=1, threads=1, isolation="inline",
+                            case_timeout=60.0, quick=True, argv=())
+    seen = []
+    results = agg.run_benchmark(settings, on_case=lambda model, result: seen.append((model, result["method"])))
+    assert capsys.readouterr().out == ""  # measuring prints nothing; main prints
+    assert seen == [("tiny", "flexlora"), ("tiny", "prelort")]
+    assert results["settings"]["methods"] == ["flexlora", "prelort"]
+    record = results["models"]["tiny"]
+    assert list(record["summary"]["peak_memory"]) == ["prelort", "flexlora"]
+    text = agg.format_model_report("tiny", record["cases"], record["summary"], 0, 1)
+    assert text.index("\nprelort ") < text.index("\nflexlora ")  # the table in the registry's order
+    assert "Goals:" in text and "speedup_ge_100x" in text
 
 
 def test_aggregation_process_isolation_sees_flora_retain_updates(tmp_path):

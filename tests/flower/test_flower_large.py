@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE  # noqa: E402
 from prelort.flower import records  # noqa: E402
 from prelort.methods import Broadcast, ClientUpdate, TrainPlan  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 # meta-llama/Llama-3.2-1B: hidden 2048, 16 layers, q/o 2048x2048, k/v 512x2048 (8 kv heads x 64)
 LLAMA_1B = {f"model.layers.{i}.self_attn.{p}": shape for i in range(16)
             for p, shape in (("q_proj", (2048, 2048)), ("k_proj", (512, 2048)), ("v_proj", (512, 2048)),
@@ -68,11 +65,8 @@ def test_1b_rank64_broadcast_round_trips_through_the_task():
 @pytest.mark.slow
 def test_payload_bench_round_trip_in_a_real_flower_run(tmp_path):
     """bench/flower_payload.py at tiny shapes: task down, update up, bit-exact (a ~30 s Flower run)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import flower_payload
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench import flower_payload
+
     out = tmp_path / "payload.json"
     assert flower_payload.main(["--model", "tiny", "--rank", "8", "--json", str(out)]) == 0
     res = json.loads(out.read_text())

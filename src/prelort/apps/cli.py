@@ -162,10 +162,8 @@ def methods_cmd() -> None:
     """List the federated methods with a one-line description each (in the README's order)."""
     from .. import methods
 
-    found = methods.available()
-    readme_order = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
-    for name in [n for n in readme_order if n in found] + [n for n in found if n not in readme_order]:
-        typer.echo(f"{name:10s} {found[name].summary}")
+    for name, cls in methods.available().items():  # the registry's listing order, the README's
+        typer.echo(f"{name:10s} {cls.summary}")
 
 
 @app.command("run")

@@ -31,6 +31,9 @@ from .base import (
 )
 
 _REGISTRY: dict[str, type[Method]] = {}
+# The one order methods are listed in (`prelort methods`, the README, the benchmarks' tables): PreLort, then the
+# baselines as the README presents them; a method not named here follows them in registration order.
+LISTING_ORDER: tuple[str, ...] = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -58,13 +61,14 @@ _DISCOVERED = False
 
 
 def available() -> dict[str, type[Method]]:
-    """All registered methods, by name, in registration order of discovery."""
+    """All registered methods, by name, in :data:`LISTING_ORDER` (then any other in registration order)."""
     global _DISCOVERED
     # A flag, not "registry empty": importing one method module first must not hide the others.
     if not _DISCOVERED:
         _discover()
         _DISCOVERED = True
-    return dict(_REGISTRY)
+    listed = [name for name in LISTING_ORDER if name in _REGISTRY]
+    return {name: _REGISTRY[name] for name in [*listed, *(n for n in _REGISTRY if n not in LISTING_ORDER)]}
 
 
 def get(name: str) -> type[Method]:
