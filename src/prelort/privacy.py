@@ -33,6 +33,7 @@ aggregate with every ``num_examples`` set to 1.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -42,7 +43,6 @@ import torch
 from torch import Tensor
 
 from .methods import ClientUpdate, GlobalState, Method, SumRule, split_key
-from .methods._common import copy_state
 from .secure_sums import PrivacyError, aggregation_rule, factor_sums
 
 if TYPE_CHECKING:
@@ -171,12 +171,13 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
         upd, _, was = clip_update(update, references[update.client], clip)
         n_clipped += int(was)
         clipped.append(dataclasses.replace(upd, num_examples=1))
-    # Validation and method bookkeeping (HetLoRA's pruned ranks) from the method itself; tensors from the sums.
-    out = copy_state(method.aggregate(state, clipped))
+    # The sums check every update (the method's contributed_factors) and weigh each 1; the method's own finish
+    # and bookkeeping (HetLoRA's pruned ranks), as in its plain round (the sum-rule template).
     sums = factor_sums(method, {n: t.shape for n, t in state.tensors.items()}, clipped, [1.0] * len(clipped))
     den = {k: s.den for k, s in sums.items()}
     num, info = add_dp_noise(rule, {k: s.num for k, s in sums.items()}, den, clip, z, generator)
-    out.tensors.update(method.finish_sums(state, num, den))
+    out = GlobalState(tensors=method.finish_sums(state, num, den), meta=copy.deepcopy(state.meta))
+    method.after_round(out, [(u.client, dict(u.meta)) for u in clipped])
     info.update(clients=len(clipped), clients_clipped=n_clipped)
     return out, info
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .methods import ClientUpdate, GlobalState, Method, SumRule
-from .methods._common import add_factors, empty_factor_sums
+from .methods.toolkit import add_factors, empty_factor_sums
 from .factor_sums import FactorSums
 
 # SecAgg+'s clipping range c and quantisation range Q as prelort runs them (Flower's defaults). Defined here,

@@ -50,7 +50,7 @@ def unregister(name: str) -> type[Method]:
 
 def _discover() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base",) and not info.name.startswith("_"):
+        if info.name not in ("base", "toolkit") and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from ._common import (
+from .toolkit import (
     check_rank,
     client_factors,
     copy_state,

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor
 
 from . import register
-from ._common import client_factors
+from .toolkit import client_factors
 from .base import ClientUpdate, FederationSpec, GlobalState, MethodOptions, PrunePlan, TrainPlan
 from .zeropad import ZeroPadding
 

@@ -1,23 +1,64 @@
-"""Helpers shared by the method files: state copies, update checks, prefix adapters.
+"""The toolkit for writing a method: what the built-in methods are made of, public for any method author.
 
-Private (leading underscore): the registry's auto-discovery skips this module.
+``from prelort.methods.toolkit import ...`` (a method file outside prelort, e.g. tests/methods/trimmed_mean.py,
+uses exactly these). Three kinds of thing:
+
+* checks and weights of an update: :func:`check_rank` (a rank in [1, R]), :func:`client_factors` (an update's
+  (module, A_k, B_k) after checking names and shapes), :func:`data_weight` (p_k = number of examples);
+* the global state: :func:`copy_state`, :func:`state_factor`, :func:`prefix_adapter` (what a rank-r client
+  receives of a rank-R LoRA), :func:`lora_init` / :func:`module_lora_init` (PEFT's init),
+  :func:`zero_dense_state`, :func:`default_generator`, :func:`key` / :func:`split_key` / :func:`rank_dim`
+  (tensor names and rank axes);
+* the two padded sums and the templates: :func:`empty_factor_sums`, :func:`add_factors`, :func:`lora_shapes`;
+  :class:`PrefixLoRA` (a rank-R LoRA whose prefix a client receives: ``init_state`` and ``broadcast``) and
+  :class:`SumRuleMethod` (``aggregate`` from the method's ``sum_rule``: declare the rule, inherit the round).
+
+Registered methods are found by the registry's discovery, which skips this module (it registers none).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..factor_sums import FactorSums
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..rank_geometry import adapter_prefix, factor_shape
-from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, SumRule, key, lora_init, split_key
+from ..factor_sums import FactorSums
+from ..rank_geometry import adapter_prefix, rank_dim
+from .base import (
+    Broadcast,
+    ClientUpdate,
+    FederationSpec,
+    GlobalState,
+    Method,
+    client_factors,
+    data_weight,
+    key,
+    lora_init,
+    split_key,
+)
+
+__all__ = [
+    "PrefixLoRA",
+    "SumRuleMethod",
+    "add_factors",
+    "check_rank",
+    "client_factors",
+    "copy_state",
+    "data_weight",
+    "default_generator",
+    "empty_factor_sums",
+    "key",
+    "lora_init",
+    "lora_shapes",
+    "module_lora_init",
+    "prefix_adapter",
+    "rank_dim",
+    "split_key",
+    "state_factor",
+    "zero_dense_state",
+]
 
 
 def copy_state(state: GlobalState, replaced: Mapping[str, Tensor] | None = None) -> GlobalState:
@@ -43,41 +84,12 @@ def check_rank(spec: FederationSpec, rank: int) -> int:
     return rank
 
 
-def data_weight(update: ClientUpdate) -> float:
-    """p_k = the client's number of training examples (>= 0)."""
-    n = update.num_examples
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
-        raise ValueError(f"client {update.client}: num_examples must be a number >= 0, got {n!r}")
-    return float(n)
-
-
 def state_factor(state: GlobalState, module: str, kind: str) -> Tensor:
+    """The global tensor ``<module>.<kind>``; KeyError naming it if the state has none."""
     name = key(module, kind)
     if name not in state.tensors:
         raise KeyError(f"global state has no tensor {name!r}")
     return state.tensors[name]
-
-
-def client_factors(
-    spec: FederationSpec, update: ClientUpdate, *, max_rank: int
-) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """(module, A_k, B_k) for every adapted module, after checking names and shapes.
-
-    A_k is (r_k x d_in), B_k is (d_out x r_k) with r_k = ``update.rank`` in [1, max_rank].
-    """
-    rank = update.rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(f"client {update.client}: rank {rank!r} outside [1, {max_rank}]")
-    for module, (d_out, d_in) in spec.modules.items():
-        name_a, name_b = key(module, "lora_A"), key(module, "lora_B")
-        for name in (name_a, name_b):
-            if name not in update.tensors:
-                raise ValueError(f"client {update.client}: update has no tensor {name!r}")
-        for name, kind in ((name_a, "lora_A"), (name_b, "lora_B")):
-            shape, expected = tuple(update.tensors[name].shape), factor_shape(kind, rank, d_out, d_in)
-            if shape != expected:
-                raise ValueError(f"client {update.client}: {name} has shape {shape}, expected {expected}")
-        yield module, update.tensors[name_a], update.tensors[name_b]
 
 
 def prefix_adapter(spec: FederationSpec, state: GlobalState, rank: int) -> dict[str, Tensor]:
@@ -111,51 +123,20 @@ def zero_dense_state(spec: FederationSpec) -> dict[str, Tensor]:
     return {key(module, "delta"): torch.zeros(d_out, d_in) for module, (d_out, d_in) in spec.modules.items()}
 
 
-def empty_factor_sums(shapes: "Mapping[str, Sequence[int]]", device=None) -> "FactorSums":
+def empty_factor_sums(shapes: Mapping[str, Sequence[int]], device=None) -> FactorSums:
     """Zero :class:`~prelort.factor_sums.FactorSums` over the global LoRA factors; ``shapes``: tensor name
     (``<module>.lora_A`` / ``.lora_B``) -> the global factor's shape."""
-    from ..factor_sums import FactorSums
-    from ..rank_geometry import rank_dim
-
-    dims = {name: rank_dim(name.rpartition(".")[2]) for name in shapes}
+    dims = {name: rank_dim(split_key(name)[1]) for name in shapes}
     return FactorSums(shapes, dims, device=device)
 
 
-def add_factors(sums: "FactorSums", factors: "Iterable[tuple[str, Tensor, Tensor]]", weight: float) -> None:
+def add_factors(sums: FactorSums, factors: Iterable[tuple[str, Tensor, Tensor]], weight: float) -> None:
     """Fold one client's (module, A_k, B_k) factors into the sums with weight ``weight``."""
     tensors: dict[str, Tensor] = {}
     for module, a, b in factors:
         tensors[key(module, "lora_A")] = a
         tensors[key(module, "lora_B")] = b
     sums.add(tensors, weight)
-
-
-def finish_from_sums(rule: SumRule, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
-                     ) -> dict[str, Tensor]:
-    """The new global tensors from the (possibly noised or securely aggregated) sums.
-
-    ``segment``: mean_from_sums(N, D) (uncovered dimensions keep their previous value);
-    ``padded``:  N / D_0 (every client covers dimension 0, so D_0 = sum_k p_k); previous if D_0 = 0.
-    """
-    from ..factor_sums import mean_from_sums
-    from ..rank_geometry import rank_dim
-
-    out: dict[str, Tensor] = {}
-    for name, previous in state.tensors.items():
-        if name not in num or name not in den:
-            raise ValueError(f"sums lack global tensor {name!r}")
-        n, d = num[name].to(torch.float64), den[name].to(torch.float64)
-        _, kind = split_key(name)
-        if tuple(n.shape) != tuple(previous.shape) or d.shape != (previous.shape[rank_dim(kind)],):
-            raise ValueError(f"sums of {name!r} have shapes {tuple(n.shape)}, {tuple(d.shape)}; the global tensor "
-                             f"has {tuple(previous.shape)}")
-        if rule == "segment":
-            out[name] = mean_from_sums(n, d, previous, rank_dim(kind))
-        elif float(d[0]) > 0:
-            out[name] = (n / d[0]).to(previous.dtype)
-        else:
-            out[name] = previous.clone()
-    return out
 
 
 def lora_shapes(state: GlobalState) -> dict[str, tuple[int, ...]]:
@@ -171,3 +152,35 @@ class PrefixLoRA(Method):
 
     def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
         return Broadcast(adapter=prefix_adapter(self.spec, state, check_rank(self.spec, rank)))
+
+
+class SumRuleMethod(Method):
+    """The template of a method whose round is a function of the two padded sums: declare ``sum_rule``
+    (``"segment"`` or ``"padded"``) and inherit ``aggregate``:
+
+        fold each update's ``contributed_factors`` with weight ``client_weight`` into the sums,
+        finish them with ``finish_sums`` (the rule), then ``after_round`` on the updates' metadata.
+
+    A plain round, client-level DP (``prelort.privacy``) and the SecAgg+ finish (``prelort.secure_sums``) call the
+    same hooks, so overriding one (HetLoRA: the factors a pruned client contributes, its norm weight, its pruned
+    ranks) changes every path alike. Memory is flat in the number of clients: an update is folded in and dropped.
+    """
+
+    def __init__(self, spec: FederationSpec):
+        if self.sum_rule is None:
+            raise TypeError(f"{type(self).__name__}: a SumRuleMethod declares its sum_rule ('segment' or 'padded')")
+        super().__init__(spec)
+
+    def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
+        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
+        seen: list[tuple[int, dict]] = []
+        for update in updates:  # one pass: each update is folded in and can be dropped
+            factors = self.contributed_factors(update)
+            add_factors(sums, factors, self.client_weight(update, factors))
+            seen.append((update.client, dict(update.meta)))  # only the small metadata is kept
+        # compact numerators: dimensions beyond the largest rank seen are zero and never built
+        num = {name: acc.compact_num for name, acc in sums.items()}
+        den = {name: acc.den for name, acc in sums.items()}
+        out = copy_state(state, self.finish_sums(state, num, den))
+        self.after_round(out, seen)
+        return out
