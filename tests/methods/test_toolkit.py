@@ -13,7 +13,7 @@ import torch
 import prelort.methods as methods_pkg
 from prelort import factor_sums
 from prelort.config import PrivacyConfig
-from prelort.methods import ClientUpdate, available, get
+from prelort.methods import available, get
 from prelort.methods.toolkit import SumRuleMethod, empty_factor_sums, lora_shapes
 from prelort.privacy import dp_aggregate
 

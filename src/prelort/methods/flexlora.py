@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import register
+from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan, key
 from .toolkit import (
     check_rank,
     client_factors,
@@ -25,7 +26,6 @@ from .toolkit import (
     state_factor,
     zero_dense_state,
 )
-from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan, key
 
 
 @register

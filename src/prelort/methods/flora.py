@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import register
+from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
 from .toolkit import (
     check_rank,
     client_factors,
@@ -24,7 +25,6 @@ from .toolkit import (
     state_factor,
     zero_dense_state,
 )
-from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
 
 
 def stack_factors(factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
