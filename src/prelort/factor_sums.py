@@ -154,7 +154,7 @@ class PaddedSums:
             running += at_rank[i]
             den[i - 1] = running
         if den:
-            den[0] = self._covering  # the same sum, in arrival order: the padded rule divides by ``total``
+            den[0] = self._covering  # D_0 in arrival order: the padded rule's divisor is the float ``total`` is
         return torch.tensor(den, dtype=torch.float64, device=self._num.device)
 
     def _check_previous(self, previous: Tensor) -> None:

@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from .methods import ClientUpdate, GlobalState, Method, SumRule, split_key
-from .secure_sums import PrivacyError, aggregation_rule, factor_sums
+from .methods.toolkit import fold_updates
+from .secure_sums import PrivacyError, aggregation_rule
 
 if TYPE_CHECKING:
     from .config import Config, PrivacyConfig
@@ -171,13 +172,14 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
         upd, _, was = clip_update(update, references[update.client], clip)
         n_clipped += int(was)
         clipped.append(dataclasses.replace(upd, num_examples=1))
-    # The sums check every update (the method's contributed_factors) and weigh each 1; the method's own finish
-    # and bookkeeping (HetLoRA's pruned ranks), as in its plain round (the sum-rule template).
-    sums = factor_sums(method, {n: t.shape for n, t in state.tensors.items()}, clipped, [1.0] * len(clipped))
+    # The method's plain round (the sum-rule template) with every weight 1 and noise on N: the same fold (which
+    # checks every update), finish and bookkeeping (HetLoRA's pruned ranks).
+    shapes = {n: t.shape for n, t in state.tensors.items()}
+    sums, seen = fold_updates(method, shapes, clipped, [1.0] * len(clipped))
     den = {k: s.den for k, s in sums.items()}
     num, info = add_dp_noise(rule, {k: s.num for k, s in sums.items()}, den, clip, z, generator)
     out = GlobalState(tensors=method.finish_sums(state, num, den), meta=copy.deepcopy(state.meta))
-    method.after_round(out, [(u.client, dict(u.meta)) for u in clipped])
+    method.after_round(out, seen)
     info.update(clients=len(clipped), clients_clipped=n_clipped)
     return out, info
 

@@ -9,8 +9,8 @@ uses exactly these). Three kinds of thing:
   receives of a rank-R LoRA), :func:`lora_init` / :func:`module_lora_init` (PEFT's init),
   :func:`zero_dense_state`, :func:`default_generator`, :func:`key` / :func:`split_key` / :func:`rank_dim`
   (tensor names and rank axes);
-* the two padded sums and the templates: :func:`empty_factor_sums`, :func:`add_factors`, :func:`lora_shapes`;
-  :class:`PrefixLoRA` (a rank-R LoRA whose prefix a client receives: ``init_state`` and ``broadcast``) and
+* the two padded sums and the templates: :func:`fold_updates` (a round's sums through the method's hooks),
+  :func:`empty_factor_sums`, :func:`add_factors`, :func:`lora_shapes`; :class:`PrefixLoRA` (a rank-R LoRA whose prefix a client receives: ``init_state`` and ``broadcast``) and
   :class:`SumRuleMethod` (``aggregate`` from the method's ``sum_rule``: declare the rule, inherit the round).
 
 Registered methods are found by the registry's discovery, which skips this module (it registers none).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +50,7 @@ __all__ = [
     "data_weight",
     "default_generator",
     "empty_factor_sums",
+    "fold_updates",
     "key",
     "lora_init",
     "lora_shapes",
@@ -139,6 +141,23 @@ def add_factors(sums: FactorSums, factors: Iterable[tuple[str, Tensor, Tensor]],
     sums.add(tensors, weight)
 
 
+def fold_updates(method: Method, shapes: Mapping[str, Sequence[int]], updates: Iterable[ClientUpdate],
+                 weights: Sequence[float] | None = None, *, device=None
+                 ) -> tuple[FactorSums, list[tuple[int, dict[str, Any]]]]:
+    """A round's two padded sums over the global factors ``shapes`` (name -> shape): each update's
+    ``method.contributed_factors`` (which checks it) folded in with weight ``method.client_weight`` - or, given
+    ``weights`` (one per update), with those (client-level DP: 1) - and the (client, metadata) pairs
+    ``method.after_round`` reads. One pass: an update can be dropped once it is folded in."""
+    sums = empty_factor_sums(shapes, device=device)
+    seen: list[tuple[int, dict[str, Any]]] = []
+    given = iter(weights) if weights is not None else None
+    for update in updates:
+        factors = method.contributed_factors(update)
+        add_factors(sums, factors, method.client_weight(update, factors) if given is None else next(given))
+        seen.append((update.client, dict(update.meta)))  # only the small metadata is kept
+    return sums, seen
+
+
 def lora_shapes(state: GlobalState) -> dict[str, tuple[int, ...]]:
     """name -> shape of the state's LoRA factors."""
     return {name: tuple(t.shape) for name, t in state.tensors.items() if name.endswith((".lora_A", ".lora_B"))}
@@ -172,12 +191,8 @@ class SumRuleMethod(Method):
         super().__init__(spec)
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
-        seen: list[tuple[int, dict]] = []
-        for update in updates:  # one pass: each update is folded in and can be dropped
-            factors = self.contributed_factors(update)
-            add_factors(sums, factors, self.client_weight(update, factors))
-            seen.append((update.client, dict(update.meta)))  # only the small metadata is kept
+        device = next(iter(state.tensors.values())).device
+        sums, seen = fold_updates(self, lora_shapes(state), updates, device=device)
         # compact numerators: dimensions beyond the largest rank seen are zero and never built
         num = {name: acc.compact_num for name, acc in sums.items()}
         den = {name: acc.den for name, acc in sums.items()}
