@@ -6,26 +6,37 @@ A server folds each client's factors X_k (rank r_k <= R along the rank axis, see
     N   = sum_k p_k * pad(X_k, R)          the global factor's shape (float64)
     D_i = sum_{k: r_k > i} p_k             length R: the padded weight masks
 
-and finishes the round from them: the segment-wise mean N_i / D_i (PreLort; a dimension no client
-covered keeps its previous value, :func:`mean_from_sums`) or the padded mean N / sum_k p_k
-(zero-padding FedAvg). :class:`PaddedSums` holds the sums of one factor, :class:`FactorSums` those of a
-whole adapter, fed a client at a time with memory flat in the number of clients.
+and finishes the round from them by a sum rule (:data:`SumRule`): the segment-wise mean N_i / D_i
+(PreLort; a dimension no client covered keeps its previous value) or the padded mean N / D_0 = N / sum_k p_k
+(zero-padding FedAvg). :func:`mean_from_sums` is the one place either mean is taken - a plain round, client-level
+DP and the SecAgg+ finish all end there (:func:`finish_from_sums` for a whole state). :class:`PaddedSums` holds
+the sums of one factor, :class:`FactorSums` those of a whole adapter, fed a client at a time with memory flat in
+the number of clients.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from .rank_geometry import rank_dim
+
 __all__ = [
+    "SumRule",
     "mean_from_sums",
+    "finish_from_sums",
     "PaddedSums",
     "FactorSums",
     "check_weight",
 ]
+
+# How a round finishes the two padded sums N = sum_k w_k pad(X_k), D_i = sum_{k: r_k > i} w_k:
+# "segment": dimension i = N_i / D_i (where D_i > 0); "padded": every dimension = N / D_0.
+SumRule = Literal["segment", "padded"]
 
 
 class PaddedSums:
@@ -42,11 +53,11 @@ class PaddedSums:
     kept compact because they cost more than the adds themselves at small shapes (measured in
     bench/aggregation.py): the numerator is only allocated up to the largest rank seen so far
     (``allocated``; beyond it every term is zero padding), and ``den`` is built from the per-rank
-    totals when read. ``num`` is the full-size tensor (built on demand when ``allocated < R``).
-    From the sums:
+    totals when read. ``num`` is the full-size tensor (built on demand when ``allocated < R``),
+    ``compact_num`` its allocated prefix. From the sums (both by :func:`mean_from_sums`):
 
         segment_mean: dimension i = num_i / den_i (PreLort; previous value where den_i = 0)
-        padded_mean:  every dimension = num / total (zero-padding FedAvg: the dilution)
+        padded_mean:  every dimension = num / den_0 = num / total (zero-padding FedAvg: the dilution)
     """
 
     def __init__(self, shape: Sequence[int], dim: int, *, device: torch.device | str | None = None):
@@ -59,6 +70,9 @@ class PaddedSums:
         self.allocated = 0  # numerator dimensions held: [0, allocated); the rest is zero
         self._num = torch.zeros(self._shape_at(0), dtype=torch.float64, device=device)
         self.total = 0.0
+        # D_0, the weight of the clients of rank >= 1, summed in arrival order like ``total`` (so with real
+        # clients it is the very same float, whatever order the per-rank totals below would add up in)
+        self._covering = 0.0
         self.count = 0
         self._rank_weight: dict[int, float] = {}  # client rank -> sum of the weights of clients of that rank
 
@@ -110,6 +124,8 @@ class PaddedSums:
         """Book one client of rank ``k`` and weight ``w`` (its numerator term is added by the caller)."""
         self._rank_weight[k] = self._rank_weight.get(k, 0.0) + w
         self.total += w
+        if k > 0:
+            self._covering += w
         self.count += 1
 
     @property
@@ -122,6 +138,12 @@ class PaddedSums:
         return full
 
     @property
+    def compact_num(self) -> Tensor:
+        """num's first ``allocated`` dimensions (beyond them every term was zero padding): what
+        :func:`mean_from_sums` reads, without building the full tensor."""
+        return self._num
+
+    @property
     def den(self) -> Tensor:
         """den_i = sum of the weights of the clients of rank > i (float64, length R)."""
         at_rank = [0.0] * (self.rank + 1)
@@ -131,6 +153,8 @@ class PaddedSums:
         for i in range(self.rank, 0, -1):  # den_{i-1} = sum of the weights of ranks >= i
             running += at_rank[i]
             den[i - 1] = running
+        if den:
+            den[0] = self._covering  # D_0 in arrival order: the padded rule's divisor is the float ``total`` is
         return torch.tensor(den, dtype=torch.float64, device=self._num.device)
 
     def _check_previous(self, previous: Tensor) -> None:
@@ -140,19 +164,12 @@ class PaddedSums:
     def segment_mean(self, previous: Tensor) -> Tensor:
         """num_i / den_i per dimension; an uncovered dimension keeps ``previous`` (dtype of ``previous``)."""
         self._check_previous(previous)
-        den = self.den
-        # den is non-increasing in i: the covered dimensions are [0, c), and c <= allocated
-        return _divide_covered_prefix(self._num, den, previous, self.dim, int((den > 0).sum()))
+        return mean_from_sums(self._num, self.den, previous, self.dim, "segment")
 
     def padded_mean(self, previous: Tensor) -> Tensor:
         """num / total: zero-padded FedAvg over all clients; ``previous`` unchanged if total weight is 0."""
         self._check_previous(previous)
-        if self.total <= 0:
-            return previous.clone()
-        out = torch.empty_like(previous)
-        torch.div(self._num, self.total, out=out.narrow(self.dim, 0, self.allocated))
-        out.narrow(self.dim, self.allocated, self.rank - self.allocated).zero_()
-        return out
+        return mean_from_sums(self._num, self.den, previous, self.dim, "padded")
 
 
 def check_weight(weight: float) -> float:
@@ -263,23 +280,67 @@ class FactorSums(Mapping[str, PaddedSums]):
                 torch._foreach_add_(views[lo:hi], xs[lo:hi], alpha=w)
 
 
-def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int) -> Tensor:
-    """Finish the segment-wise mean from the two sums: N_i / D_i where D_i > 0, else ``previous``_i.
+def _fits(num: Tensor, previous: Tensor, dim: int) -> bool:
+    """``num`` has ``previous``'s shape, except that it may stop early on the rank axis ``dim``."""
+    return (num.dim() == previous.dim() and num.shape[dim] <= previous.shape[dim]
+            and all(n == p for j, (n, p) in enumerate(zip(num.shape, previous.shape)) if j != dim))
 
-    A dimension no client covered this round keeps its previous global value.
+
+def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int, rule: SumRule = "segment") -> Tensor:
+    """One factor's new value from its two sums by the sum rule ``rule``: the one place a round's mean is taken.
+
+    ``segment``: N_i / D_i where D_i > 0, else ``previous``_i (a dimension no client covered this round keeps
+    its previous global value); ``padded``: N / D_0 (every client covers dimension 0, so D_0 = sum_k w_k),
+    ``previous`` if D_0 = 0.
+
+    ``dim`` is the rank axis; ``num`` may stop early on it (:attr:`PaddedSums.compact_num`): the dimensions it
+    lacks are zero. The result has ``previous``'s dtype and is divided straight into it.
     """
-    if previous.shape != num.shape:
+    if not _fits(num, previous, dim):
         raise ValueError(f"previous global factor has shape {tuple(previous.shape)}, sums have {tuple(num.shape)}")
+    if rule == "padded":
+        total = float(den[0]) if den.numel() else 0.0
+        if not total > 0:
+            return previous.clone()
+        held = num.shape[dim]
+        out = torch.empty_like(previous)
+        torch.div(num, total, out=out.narrow(dim, 0, held))
+        out.narrow(dim, held, previous.shape[dim] - held).zero_()
+        return out
+    if rule != "segment":
+        raise ValueError(f"unknown sum rule {rule!r} (expected segment or padded)")
     covered = den > 0
     c = int(covered.sum())
-    if bool(covered[:c].all()):
+    if bool(covered[:c].all()) and c <= num.shape[dim]:
         # The usual case (D_i is non-increasing in i for sums of real clients): a covered prefix.
         return _divide_covered_prefix(num, den, previous, dim, c)
+    if num.shape[dim] < previous.shape[dim]:  # spell out the zeros the compact numerator leaves implicit
+        full = num.new_zeros(previous.shape)
+        full.narrow(dim, 0, num.shape[dim]).copy_(num)
+        num = full
     shape = [1] * num.dim()
     shape[dim] = num.shape[dim]
     d, covered = den.view(shape), covered.view(shape)
     mean = num / torch.where(covered, d, torch.ones_like(d))
     return torch.where(covered, mean, previous.to(torch.float64)).to(previous.dtype)
+
+
+def finish_from_sums(rule: SumRule, previous: Mapping[str, Tensor], num: Mapping[str, Tensor],
+                     den: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The new global tensors (name -> tensor, for every name of ``previous``: the global LoRA factors
+    ``<module>.lora_A`` / ``.lora_B``) from their sums (plain, noised or securely aggregated), each by
+    :func:`mean_from_sums`. ``num[name]`` may stop early on the rank axis; ``den[name]`` has length R."""
+    out: dict[str, Tensor] = {}
+    for name, prev in previous.items():
+        if name not in num or name not in den:
+            raise ValueError(f"sums lack global tensor {name!r}")
+        n, d = num[name].to(torch.float64), den[name].to(torch.float64)
+        dim = rank_dim(name.rpartition(".")[2])
+        if not _fits(n, prev, dim) or d.shape != (prev.shape[dim],):
+            raise ValueError(f"sums of {name!r} have shapes {tuple(n.shape)}, {tuple(d.shape)}; the global tensor "
+                             f"has {tuple(prev.shape)}")
+        out[name] = mean_from_sums(n, d, prev, dim, rule)
+    return out
 
 
 def _divide_covered_prefix(num: Tensor, den: Tensor, previous: Tensor, dim: int, c: int) -> Tensor:

@@ -33,6 +33,7 @@ aggregate with every ``num_examples`` set to 1.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -42,8 +43,8 @@ import torch
 from torch import Tensor
 
 from .methods import ClientUpdate, GlobalState, Method, SumRule, split_key
-from .methods._common import copy_state
-from .secure_sums import PrivacyError, aggregation_rule, factor_sums
+from .methods.toolkit import fold_updates
+from .secure_sums import PrivacyError, aggregation_rule
 
 if TYPE_CHECKING:
     from .config import Config, PrivacyConfig
@@ -175,12 +176,14 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
         upd, _, was = clip_update(update, references[update.client], clip)
         n_clipped += int(was)
         clipped.append(dataclasses.replace(upd, num_examples=1))
-    # Validation and method bookkeeping (HetLoRA's pruned ranks) from the method itself; tensors from the sums.
-    out = copy_state(method.aggregate(state, clipped))
-    sums = factor_sums(method, {n: t.shape for n, t in state.tensors.items()}, clipped, [1.0] * len(clipped))
+    # The method's plain round (the sum-rule template) with every weight 1 and noise on N: the same fold (which
+    # checks every update), finish and bookkeeping (HetLoRA's pruned ranks).
+    shapes = {n: t.shape for n, t in state.tensors.items()}
+    sums, seen = fold_updates(method, shapes, clipped, [1.0] * len(clipped))
     den = {k: s.den for k, s in sums.items()}
     num, info = add_dp_noise(rule, {k: s.num for k, s in sums.items()}, den, clip, z, generator)
-    out.tensors.update(method.finish_sums(state, num, den))
+    out = GlobalState(tensors=method.finish_sums(state, num, den), meta=copy.deepcopy(state.meta))
+    method.after_round(out, seen)
     info.update(clients=len(clipped), clients_clipped=n_clipped)
     return out, info
 

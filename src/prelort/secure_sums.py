@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .methods import ClientUpdate, GlobalState, Method, SumRule
-from .methods._common import add_factors, empty_factor_sums
 from .factor_sums import FactorSums
+from .methods import ClientUpdate, GlobalState, Method, SumRule
+from .methods.toolkit import fold_updates
 
 # SecAgg+'s clipping range c and quantisation range Q as prelort runs them (Flower's defaults). Defined here,
 # with no Flower import, so the engine-independent federation code and prelort.flower share one value.
@@ -95,10 +95,7 @@ def factor_sums(method: Method, shapes: Mapping[str, Sequence[int]], updates: Se
     N = sum_k w_k pad(X_k) and D_i = sum_{k: r_k > i} w_k, over the factors each client contributes."""
     if len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
-    sums = empty_factor_sums(shapes)
-    for update, w in zip(updates, weights):
-        add_factors(sums, method.contributed_factors(update), w)
-    return sums
+    return fold_updates(method, shapes, updates, weights)[0]
 
 
 # -- SecAgg+ encoding and finish ----------------------------------------------------------------------------

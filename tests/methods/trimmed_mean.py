@@ -6,7 +6,9 @@ their values are dropped first (at most (n - 1) // 2 each way, so one value alwa
 robust rule against a few outlying clients. A dimension no client covered keeps its value. Not a function of
 plain sums (no ``sum_rule``), so differential privacy and secure aggregation refuse it.
 
-tests/methods/test_extra_method.py loads this file, which registers the method, and runs it end to end.
+tests/methods/test_extra_method.py loads this file, which registers the method, and runs it end to end. It
+builds only on prelort's public API: the interface (``prelort.methods``) and the method authors' toolkit
+(``prelort.methods.toolkit``: the rank check, the prefix a rank-r client receives, the rank axes).
 """
 
 from __future__ import annotations
@@ -16,17 +18,8 @@ from collections.abc import Iterable
 import torch
 from pydantic import Field
 
-from prelort.methods import (
-    Broadcast,
-    ClientUpdate,
-    GlobalState,
-    Method,
-    MethodOptions,
-    TrainPlan,
-    key,
-    lora_init,
-    register,
-)
+from prelort.methods import ClientUpdate, GlobalState, MethodOptions, TrainPlan, register
+from prelort.methods.toolkit import PrefixLoRA, check_rank, copy_state, rank_dim, split_key
 
 
 class TrimmedOptions(MethodOptions):
@@ -36,7 +29,7 @@ class TrimmedOptions(MethodOptions):
 
 
 @register
-class TrimmedMean(Method):
+class TrimmedMean(PrefixLoRA):  # a rank-R LoRA; a rank-r client receives its prefix
     name = "trimmed"
     summary = "Segment-wise coordinate-wise trimmed mean of the clients' LoRA prefixes (a test-suite method)."
     reference = "tests/methods/trimmed_mean.py"
@@ -47,35 +40,17 @@ class TrimmedMean(Method):
         super().__init__(spec)
         self.trim = int(self.option("trim"))
 
-    def _rank(self, rank: int) -> int:
-        if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= self.spec.max_rank:
-            raise ValueError(f"rank {rank!r} outside [1, {self.spec.max_rank}]")
-        return int(rank)
-
-    def init_state(self, generator: torch.Generator) -> GlobalState:
-        return GlobalState(tensors=lora_init(self.spec, self.spec.max_rank, generator))
-
-    def broadcast(self, state: GlobalState, rank: int, generator: torch.Generator | None = None) -> Broadcast:
-        rank = self._rank(rank)
-        adapter = {}
-        for module in self.spec.modules:
-            adapter[key(module, "lora_A")] = state.tensors[key(module, "lora_A")][:rank].float().clone()
-            adapter[key(module, "lora_B")] = state.tensors[key(module, "lora_B")][:, :rank].float().clone()
-        return Broadcast(adapter=adapter)
-
     def plan(self, rank: int) -> TrainPlan:
-        rank = self._rank(rank)
+        rank = check_rank(self.spec, rank)
         return TrainPlan(rank=rank, truncations=(rank,), mode="off")
 
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         updates = list(updates)
-        out = GlobalState(tensors={n: t.clone() for n, t in state.tensors.items()}, meta=dict(state.meta))
-        for update in updates:
-            for name in out.tensors:
-                if name not in update.tensors:
-                    raise ValueError(f"client {update.client}: update has no tensor {name!r}")
+        for update in updates:  # the interface's check of names, shapes and rank, before anything is averaged
+            self.contributed_factors(update)
+        out = copy_state(state)
         for name, previous in state.tensors.items():
-            dim = 0 if name.endswith(".lora_A") else 1  # rank dimension: rows of A, columns of B
+            dim = rank_dim(split_key(name)[1])  # rows of A, columns of B
             for i in range(previous.shape[dim]):
                 values = [u.tensors[name].select(dim, i) for u in updates if u.rank > i]
                 if not values:

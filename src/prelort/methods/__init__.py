@@ -2,7 +2,9 @@
 
 Adding a method is adding one file in this package that defines a :class:`Method` subclass
 decorated with :func:`register` (and, if it has options, their :class:`MethodOptions` model:
-the config then takes a section named after the method). Everything else - config validation,
+the config then takes a section named after the method), built from the public toolkit
+:mod:`prelort.methods.toolkit` (a method whose round is a function of the two padded sums declares its
+``sum_rule`` and inherits ``aggregate`` from ``toolkit.SumRuleMethod``). Everything else - config validation,
 privacy, secure aggregation, export, resume - asks the registry and the :class:`Method` interface.
 """
 
@@ -53,7 +55,7 @@ def unregister(name: str) -> type[Method]:
 
 def _discover() -> None:
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base",) and not info.name.startswith("_"):
+        if info.name not in ("base", "toolkit") and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

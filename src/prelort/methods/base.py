@@ -10,7 +10,8 @@ Everything outside methods/ asks a method through this interface, never by its n
 options (``options_model``, a pydantic model in the method's own file, read from the YAML section named
 after the method), how a client is weighted (``client_weight``), which factors it contributes
 (``contributed_factors``), how the two padded sums finish (``sum_rule`` / ``finish_sums``: what
-differential privacy and secure aggregation need; ``sum_aggregatable`` follows from it), whether a weight
+differential privacy and secure aggregation need; ``sum_aggregatable`` follows from it; a method with a sum
+rule inherits its ``aggregate`` from :class:`prelort.methods.toolkit.SumRuleMethod`), whether a weight
 depends on the update (``weight_depends_on_update``, ``weight_bound``), what happens after a round
 (``after_round``), how a tier is exported as a PEFT adapter (``export_adapter``) and whether every client
 trains one rank (``trains_one_rank``). The local objective modes are :data:`NESTED_MODES`.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
@@ -37,14 +38,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+# SumRule (how a method finishes the two padded sums: segment or padded) is defined with the sums
+from ..factor_sums import SumRule, finish_from_sums
+from ..rank_geometry import factor_shape
+
 # How a client's local loss covers its nested truncations (docs/design.md section 2; train.py runs them):
 # the one definition of the modes; config (PreLort's options), methods and the trainer read it from here.
 NestedMode = Literal["all", "sample", "sandwich", "off", "sample_width"]
 NESTED_MODES: tuple[str, ...] = get_args(NestedMode)
-
-# How a method finishes the two padded sums N = sum_k w_k pad(X_k), D_i = sum_{k: r_k > i} w_k:
-# "segment": dimension i = N_i / D_i (where D_i > 0); "padded": every dimension = N / D_0.
-SumRule = Literal["segment", "padded"]
 
 
 def key(module: str, kind: str) -> str:
@@ -186,6 +187,36 @@ def lora_init(spec: FederationSpec, rank: int, generator: torch.Generator) -> di
     return out
 
 
+def client_factors(
+    spec: FederationSpec, update: ClientUpdate, *, max_rank: int
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """(module, A_k, B_k) for every adapted module, after checking names and shapes.
+
+    A_k is (r_k x d_in), B_k is (d_out x r_k) with r_k = ``update.rank`` in [1, max_rank].
+    """
+    rank = update.rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(f"client {update.client}: rank {rank!r} outside [1, {max_rank}]")
+    for module, (d_out, d_in) in spec.modules.items():
+        name_a, name_b = key(module, "lora_A"), key(module, "lora_B")
+        for name in (name_a, name_b):
+            if name not in update.tensors:
+                raise ValueError(f"client {update.client}: update has no tensor {name!r}")
+        for name, kind in ((name_a, "lora_A"), (name_b, "lora_B")):
+            shape, expected = tuple(update.tensors[name].shape), factor_shape(kind, rank, d_out, d_in)
+            if shape != expected:
+                raise ValueError(f"client {update.client}: {name} has shape {shape}, expected {expected}")
+        yield module, update.tensors[name_a], update.tensors[name_b]
+
+
+def data_weight(update: ClientUpdate) -> float:
+    """p_k = the client's number of training examples (>= 0)."""
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+        raise ValueError(f"client {update.client}: num_examples must be a number >= 0, got {n!r}")
+    return float(n)
+
+
 class Method(ABC):
     """Base class of a federated method. Subclass, set the class attributes, implement the three methods."""
 
@@ -307,15 +338,11 @@ class Method(ABC):
     def contributed_factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
         """(module, A_k, B_k) of one update as they enter the sums, checked against the federation's modules
         (default: the whole adapter, rank at most R)."""
-        from ._common import client_factors
-
         return list(client_factors(self.spec, update, max_rank=self.spec.max_rank))
 
     def client_weight(self, update: ClientUpdate, factors: list[tuple[str, Tensor, Tensor]]) -> float:
         """The client's unnormalised aggregation weight w_k, given its :meth:`contributed_factors` (default: its
         number of training examples). A client computes it itself before secure aggregation."""
-        from ._common import data_weight
-
         return data_weight(update)
 
     def weight_bound(self, total_examples: int, max_update_norm: float | None) -> float | None:
@@ -325,14 +352,14 @@ class Method(ABC):
 
     def finish_sums(self, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
                     ) -> dict[str, Tensor]:
-        """The new global tensors from the (possibly noised or securely aggregated) sums, by :attr:`sum_rule`:
+        """The new global tensors from the (plain, noised or securely aggregated) sums, by :attr:`sum_rule`
+        (:func:`prelort.factor_sums.finish_from_sums`, the one finish of a plain round, DP and SecAgg+):
         ``segment``: N_i / D_i where D_i > 0, else the previous value; ``padded``: N / D_0 (previous if D_0 = 0).
-        Invariant to a common factor of N and D. ValueError for a method without a sum rule."""
+        ``num[name]`` may stop early on the rank axis (zeros beyond). Invariant to a common factor of N and D.
+        ValueError for a method without a sum rule."""
         if self.sum_rule is None:
             raise ValueError(f"method {self.name!r} has no sum rule: its aggregate is not a function of the sums")
-        from ._common import finish_from_sums
-
-        return finish_from_sums(self.sum_rule, state, num, den)
+        return finish_from_sums(self.sum_rule, state.tensors, num, den)
 
     # -- evaluation and export --------------------------------------------------------------------------
     def tier(self, state: GlobalState, t: int) -> Broadcast:

@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
+from torch import Tensor
 
 from . import register
-from ._common import add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes, prefix_adapter
-from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, lora_init
+from .base import Broadcast, ClientUpdate, GlobalState, TrainPlan, lora_init
+from .toolkit import SumRuleMethod, check_rank, client_factors, prefix_adapter
 
 
 @register
-class FedIT(Method):
+class FedIT(SumRuleMethod):
     """Every client trains rank r_min = min_k r_k (the rank all of them can run).
 
         A_new = sum_k p_k A_k / sum_k p_k,   B_new = sum_k p_k B_k / sum_k p_k,   p_k = number of examples
 
     A and B are averaged separately. The global state is rank r_min; a tier or client of rank t
-    gets its first min(t, r_min) dimensions.
+    gets its first min(t, r_min) dimensions. ``aggregate`` is the sum-rule template's.
     """
 
     name = "fedit"
     summary = "FedIT: every client at the smallest rank; FedAvg of A and B separately (homogeneous floor)."
     reference = "Zhang et al., Towards Building the Federated GPT: Federated Instruction Tuning, arXiv:2305.05644"
     dense_state = False
-    sum_rule = "segment"  # every rank is r_min: the segment-wise mean is plain FedAvg
+    # every rank is r_min: the segment-wise mean is plain FedAvg (and keeps the state if all p_k = 0)
+    sum_rule = "segment"
 
     @property
     def rank(self) -> int:
@@ -52,15 +52,10 @@ class FedIT(Method):
         if update.rank != self.rank:
             raise ValueError(f"FedIT trains every client at rank {self.rank}; the update has rank {update.rank}")
 
-    def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
-        for update in updates:
-            if update.rank != self.rank:
-                raise ValueError(
-                    f"client {update.client}: FedIT trains rank {self.rank}, update has rank {update.rank}"
-                )
-            p = data_weight(update)
-            add_factors(sums, client_factors(self.spec, update, max_rank=self.rank), p)
-        # All ranks equal r_min: the segment-wise mean is plain FedAvg (and keeps the state if all p_k = 0).
-        out = copy_state(state, {name: acc.segment_mean(state.tensors[name]) for name, acc in sums.items()})
-        return out
+    def contributed_factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
+        """The whole adapter, which must be at rank r_min."""
+        if update.rank != self.rank:
+            raise ValueError(
+                f"client {update.client}: FedIT trains rank {self.rank}, update has rank {update.rank}"
+            )
+        return list(client_factors(self.spec, update, max_rank=self.rank))

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import register
-from ._common import (
+from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan, key
+from .toolkit import (
     check_rank,
     client_factors,
     copy_state,
@@ -25,7 +26,6 @@ from ._common import (
     state_factor,
     zero_dense_state,
 )
-from .base import Broadcast, ClientUpdate, FederationSpec, GlobalState, Method, TrainPlan, key
 
 
 @register

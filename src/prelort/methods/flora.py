@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import register
-from ._common import (
+from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
+from .toolkit import (
     check_rank,
     client_factors,
     copy_state,
@@ -24,7 +25,6 @@ from ._common import (
     state_factor,
     zero_dense_state,
 )
-from .base import Broadcast, ClientUpdate, GlobalState, Method, TrainPlan, key, lora_init
 
 
 def stack_factors(factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float]) -> tuple[Tensor, Tensor]:

@@ -15,8 +15,8 @@ from pydantic import Field
 from torch import Tensor
 
 from . import register
-from ._common import client_factors
 from .base import ClientUpdate, FederationSpec, GlobalState, LocalTraining, MethodOptions, TrainPlan
+from .toolkit import client_factors
 from .zeropad import ZeroPadding
 
 

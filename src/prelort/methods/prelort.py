@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from pydantic import Field
 
 from ..rank_geometry import nested_truncations
 from . import register
-from ._common import PrefixLoRA, add_factors, check_rank, client_factors, copy_state, data_weight, empty_factor_sums, lora_shapes
-from .base import NESTED_MODES, ClientUpdate, FederationSpec, GlobalState, MethodOptions, NestedMode, TrainPlan
+from .base import NESTED_MODES, FederationSpec, MethodOptions, NestedMode, TrainPlan
+from .toolkit import PrefixLoRA, SumRuleMethod, check_rank
 
 
 class PreLortOptions(MethodOptions):
@@ -27,7 +25,7 @@ class PreLortOptions(MethodOptions):
 
 
 @register
-class PreLort(PrefixLoRA):
+class PreLort(PrefixLoRA, SumRuleMethod):
     """Global adapter A (R x d_in), B (d_out x R); client k trains the prefix of rank r_k.
 
     Aggregation, per segment seg_j with covering clients C_j = {k : r_k >= r(j)}:
@@ -36,7 +34,7 @@ class PreLort(PrefixLoRA):
 
     p_k = number of examples. Computed from two streamed sums (numerator, padded weight masks),
     so server memory does not grow with the number of clients; a dimension no client covered
-    this round keeps its previous value.
+    this round keeps its previous value. ``aggregate`` is the sum-rule template's (the segment rule).
     """
 
     name = "prelort"
@@ -59,11 +57,3 @@ class PreLort(PrefixLoRA):
         else:
             truncations = tuple(nested_truncations(rank, self.spec.client_ranks))
         return TrainPlan(rank=rank, truncations=truncations, mode=self.mode)
-
-    def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
-        for update in updates:  # one pass: each update is folded in and can be dropped
-            p = data_weight(update)
-            add_factors(sums, client_factors(self.spec, update, max_rank=self.spec.max_rank), p)
-        out = copy_state(state, {name: acc.segment_mean(state.tensors[name]) for name, acc in sums.items()})
-        return out

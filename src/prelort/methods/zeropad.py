@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from . import register
-from ._common import PrefixLoRA, add_factors, check_rank, copy_state, empty_factor_sums, lora_shapes
-from .base import ClientUpdate, GlobalState, TrainPlan
+from .base import TrainPlan
+from .toolkit import PrefixLoRA, SumRuleMethod, check_rank
 
 
 @register
-class ZeroPadding(PrefixLoRA):
+class ZeroPadding(PrefixLoRA, SumRuleMethod):
     """Pad every client's A and B to rank R with zeros and average over ALL the round's clients:
 
         A_new = sum_k w_k pad(A_k, R),   B_new = sum_k w_k pad(B_k, R),   w_k = p_k / sum_j p_j
 
     with p_k = number of examples. Dimension i of a rank-r_k client with r_k <= i counts as zero,
     so a dimension covered by clients holding a fraction f of the weight shrinks to f times their
-    mean (the dilution). Clients receive the truncation to their rank.
+    mean (the dilution). Clients receive the truncation to their rank. ``aggregate`` is the sum-rule
+    template's (the padded rule: dimensions beyond a client's rank count as zeros for it); HetLoRA overrides
+    the template's hooks (``contributed_factors``, ``client_weight``, ``after_round``).
     """
 
     name = "zeropad"
@@ -29,18 +29,3 @@ class ZeroPadding(PrefixLoRA):
     def plan(self, rank: int) -> TrainPlan:
         rank = check_rank(self.spec, rank)
         return TrainPlan(rank=rank, truncations=(rank,), mode="off")
-
-    # -- the interface's hooks HetLoRA overrides (contributed_factors, client_weight, after_round) ----------
-    def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
-        sums = empty_factor_sums(lora_shapes(state), device=next(iter(state.tensors.values())).device)
-        seen: list[tuple[int, dict]] = []
-        for update in updates:
-            factors = self.contributed_factors(update)
-            w = self.client_weight(update, factors)
-            add_factors(sums, factors, w)
-            # Keep only the small metadata; the tensors are folded into the sums and can be freed.
-            seen.append((update.client, dict(update.meta)))
-        # num / total: dimensions beyond a client's rank count as zeros for it (the dilution).
-        out = copy_state(state, {name: acc.padded_mean(state.tensors[name]) for name, acc in sums.items()})
-        self.after_round(out, seen)
-        return out
