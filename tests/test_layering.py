@@ -33,7 +33,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["prelort.rank_geometry", "prelort.factor_sums", "prelort.model_names", "prelort.metrics",
                      "prelort.metrics.*"]),  # pure helpers and the metric table: no other prelort import
-    ("method interface", ["prelort.methods.base", "prelort.methods._common", "prelort.methods.toolkit"]),
+    ("method interface", ["prelort.methods.base", "prelort.methods.toolkit"]),
     ("method registry", ["prelort.methods"]),
     ("methods", ["prelort.methods.*"]),  # one file per method
     ("engine table", ["prelort.engines"]),  # engines/__init__.py: name -> how a run on it starts
