@@ -23,6 +23,8 @@ from . import adapters
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
 from .federation import Federation, RoundFailed, check_privacy
+from .metrics import available as available_metrics
+from .metrics import names as metric_names
 from .methods import Broadcast
 from .model_names import hub_id
 from .protocol import Engine
@@ -201,8 +203,7 @@ class Session:
 
     def _record_base(self) -> None:
         r = self._record(0, "base", "base", self.evaluate_base_examples())
-        log.info("round 0 base model: accuracy=%.3f rougeL=%s ppl=%.2f", r["accuracy"], _fmt(r["rougeL"], 3),
-                 r["perplexity"])
+        log.info("round 0 base model: %s", " ".join(f"{m.short}={m.format(r[m.name])}" for m in available_metrics()))
 
     def _complete_round(self, round_: int) -> None:
         """On resume: write the records the last completed round lacks (an interruption after its checkpoint
@@ -263,8 +264,8 @@ class Session:
                         f"{len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
                 if fed.eval_due(round_):
                     recs = self.evaluate_round(round_)
-                    line += " | " + " ".join(f"r{r['rank']}: acc={r['accuracy']:.3f} rL={_fmt(r['rougeL'], 3)} "
-                                             f"ppl={r['perplexity']:.2f}" for r in recs)
+                    line += " | " + " ".join(f"r{r['rank']}: " + " ".join(f"{m.short}={m.format(r[m.name])}"
+                                                                          for m in available_metrics()) for r in recs)
                 log.info("%s", line)
                 if stop.requested and round_ < cfg.rounds:  # a safe point: the round and its records are on disk
                     raise RunInterrupted(round_)
@@ -340,7 +341,7 @@ def train_record(cfg: Config, round_: int, summary: dict[str, Any],
                  privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """A round's training record: the outcome's summary, its per-dimension diagnostics and (privacy.dp) the
     accounted epsilon. Training records carry the contract's fields too (no tier evaluated: rank and metrics null)."""
-    return {"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None, "perplexity": None,
+    return {"round": round_, "rank": None, "kind": "train", **dict.fromkeys(metric_names()),
             "train_loss": summary.get("train_loss"), "accepted": summary.get("accepted"),
             "rejected": summary.get("rejected"), "failed": summary.get("failed"), "seconds": summary.get("seconds"),
             "method": cfg.method, **{k: summary.get(k) for k in DIAGNOSTIC_KEYS}, **(privacy or {})}
