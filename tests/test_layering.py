@@ -49,7 +49,7 @@ RULES: list[tuple[list[str], list[str], str]] = [
      "Flower's message codecs sit below the engines that use them"),
     (["prelort.flower.clientapp"], [*ROUND_LOOP, *ENGINES, "prelort.flower.serverapp", "prelort.flower.launch", *TOP],
      "a ClientApp trains from the recipe and the client side, never from the server's run"),
-    (["prelort.metrics*"], ["prelort", "prelort.*", "!prelort.metrics*"], "the metric registry stands alone: evaluation, reports, checks and the runner read it"),
+    (["prelort.metrics*"], ["prelort", "prelort.*", "!prelort.metrics*"], "a metric needs no other prelort module"),
     (["prelort", "prelort.*", "!prelort.__main__"], ["prelort.cli"], "only `python -m prelort` imports the command line"),
 ]
 

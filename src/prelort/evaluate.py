@@ -271,8 +271,8 @@ def evaluate_examples(
     """``(metrics, examples)`` of ``model`` on (a fixed subset of) ``records``.
 
     metrics: every registered metric (:func:`prelort.metrics.names`: "accuracy", "rougeL" (None under
-    teacher_forced), "perplexity", ...), then "n", "mode", "category_accuracy" ({category: accuracy}); examples: one dict per evaluated record in subset order,
-    {"id", "category", "correct", "loglik", "n_tokens", "prediction" (None under teacher_forced)}.
+    teacher_forced), "perplexity", ...), then "n", "mode", "category_accuracy" ({category: accuracy});
+    examples: one dict per evaluated record in subset order, {"id", "category", "correct", "loglik", "n_tokens", "prediction" (None under teacher_forced)}.
     The model is put in eval mode for the evaluation (its train/eval mode is restored after); any
     truncation mask the caller set stays as it is. ``progress``: a tqdm bar over the examples.
     """

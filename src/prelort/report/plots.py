@@ -89,7 +89,8 @@ def _plot_metrics_by_round(run: RunMetrics, path: Path) -> Path:
             _base_line(ax, run.base.metric(metric.name))
         ax.set_xlabel("round")
         ax.set_title(metric.title)
-        _metric_axis(ax, metric, [r.metric(metric.name) for r in tiers] + ([run.base.metric(metric.name)] if run.base else []))
+        _metric_axis(ax, metric, [r.metric(metric.name) for r in tiers]
+                     + ([run.base.metric(metric.name)] if run.base else []))
         ax.grid(alpha=0.3)
         _integer_x(ax)
     axes[0].legend(fontsize="small")
@@ -107,7 +108,8 @@ def _plot_truncation(run: RunMetrics, records: list[EvalRecord], source: str, pa
         _log2_x(ax, ts)
         ax.set_xlabel("rank t (prefix kept)")
         ax.set_title(metric.title)
-        _metric_axis(ax, metric, [r.metric(metric.name) for r in records] + ([run.base.metric(metric.name)] if run.base else []))
+        _metric_axis(ax, metric, [r.metric(metric.name) for r in records]
+                     + ([run.base.metric(metric.name)] if run.base else []))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{run.label}: {source}")

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..metrics import names as metric_names
+
 EVAL_KINDS: tuple[str, ...] = ("base", "tier", "curve")
 _KIND_ORDER = {kind: i for i, kind in enumerate(EVAL_KINDS)}
 
