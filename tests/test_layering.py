@@ -86,6 +86,7 @@ RULES: list[tuple[list[str], list[str], str]] = [
      "Flower's message codecs sit below the engines that use them"),
     (["prelort.apps.clientapp"], [*ROUND_LOOP, *ENGINES, "prelort.apps.serverapp", "prelort.apps.launch", *TOP],
      "a ClientApp trains from the recipe and the client side, never from the server's run"),
+    (["prelort.metrics*"], ["prelort", "prelort.*", "!prelort.metrics*"], "a metric needs no other prelort module"),
     (["prelort", "prelort.*", "!prelort.__main__"], ["prelort.apps.cli"],
      "only `python -m prelort` imports the command line"),
 ]

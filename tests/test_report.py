@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from prelort import report
+from prelort import metrics, report
 from prelort.apps.cli import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,7 +79,7 @@ def test_summary_csv_equals_records_with_last_line_winning(tmp_path):
     result = report.write_run_report(run)
 
     rows = read_csv(run / "summary.csv")
-    assert list(rows[0].keys()) == list(report.SUMMARY_COLUMNS)
+    assert list(rows[0].keys()) == list(report.summary_columns())
     assert len(rows) == 1 + 2 * len(RANKS) + len(RANKS)  # base + tiers + curve, duplicate dropped
     assert result["n_eval_records"] == len(rows)
     assert result["n_train_records"] == 2
@@ -98,7 +98,7 @@ def test_summary_csv_equals_records_with_last_line_winning(tmp_path):
     for row in rows:
         rec = expected[(int(row["round"]), row["rank"], row["kind"])]
         assert row["method"] == "prelort" and row["seed"] == "0" and row["n"] == "20"
-        for metric in report.METRICS:
+        for metric in metrics.names():
             assert float(row[metric]) == rec[metric]
     r24 = next(r for r in rows if (r["round"], r["rank"], r["kind"]) == ("2", "4", "tier"))
     assert (float(r24["accuracy"]), float(r24["rougeL"]), float(r24["perplexity"])) == (0.99, 0.88, 1.5)
@@ -131,7 +131,7 @@ def test_partial_run_base_and_one_round(tmp_path):
 def test_empty_metrics_does_not_crash(tmp_path):
     run = make_run(tmp_path, "run", "prelort", 0, [])
     result = report.write_run_report(run)
-    assert (run / "summary.csv").read_text().strip() == ",".join(report.SUMMARY_COLUMNS)
+    assert (run / "summary.csv").read_text().strip() == ",".join(report.summary_columns())
     assert result["plots"] == [] and result["final_round"] is None
     assert any("no evaluation records" in m for m in result["messages"])
 
@@ -169,7 +169,7 @@ def test_compare_runs_mean_and_std_over_seeds(tmp_path):
     table = report.compare_runs(runs, out)
 
     rows = read_csv(out / "comparison.csv")
-    assert list(rows[0].keys()) == list(report.COMPARISON_COLUMNS)
+    assert list(rows[0].keys()) == list(report.comparison_columns())
     assert [(r["method"], r["rank"]) for r in rows] == [("base", "base")] + [
         (m, str(t)) for m in ("prelort", "fedit") for t in RANKS
     ]
@@ -193,7 +193,7 @@ def test_compare_runs_mean_and_std_over_seeds(tmp_path):
     assert "| fedit | 1 | 2 | 0 | 0.200 |" in table
     assert table.splitlines()[0].startswith("| method | tier |")
     assert table in (out / "comparison.md").read_text()
-    for metric in report.METRICS:
+    for metric in metrics.names():
         assert_png(out / "plots" / f"comparison_{metric}.png")
     assert_png(out / "plots" / "comparison_truncation.png")
 

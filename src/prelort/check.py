@@ -12,10 +12,11 @@ Nothing is unpickled: safetensors, JSON and YAML only. The files are found and r
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from .metrics import available as available_metrics
+from .metrics import names as metric_names
 from .rundir import RunDir
 
 CONFIG_KEYS = ("method", "seed", "rounds", "audit", "engine", "model.name", "lora.alpha", "clients.num",
@@ -88,14 +89,12 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
                 continue
             if not need(isinstance(rec, dict), f"metrics.jsonl line {i} is not a JSON object"):
                 continue
-            if "accuracy" in rec or "rougeL" in rec or "perplexity" in rec:
-                for key in ("round", "rank", "accuracy", "rougeL", "perplexity"):
+            if any(m in rec for m in metric_names()):
+                for key in ("round", "rank", *metric_names()):
                     need(key in rec, f"metrics.jsonl line {i} lacks {key!r}")
-                for key in ("accuracy", "rougeL"):
-                    v = rec.get(key)
-                    need(v is None or (_number(v) and 0 <= v <= 1), f"metrics.jsonl line {i}: {key}={v!r} not in [0, 1]")
-                v = rec.get("perplexity")
-                need(v is None or (_number(v) and math.isfinite(v) and v >= 1), f"metrics.jsonl line {i}: perplexity={v!r}")
+                for metric in available_metrics():
+                    problem = metric.check(rec.get(metric.name))
+                    need(problem is None, f"metrics.jsonl line {i}: {problem}")
             key = (rec.get("kind"), rec.get("round"), json.dumps(rec.get("rank")))
             if rec.get("kind") is not None:
                 if key in seen:

@@ -1,10 +1,11 @@
-"""Evaluation (docs/design.md section 4): exact match, ROUGE-L F1, perplexity on held-out responses, rank tiers.
+"""Evaluation (docs/design.md section 4): every registered metric (:mod:`prelort.metrics`: exact match,
+ROUGE-L F1, perplexity) on held-out responses, rank tiers.
 
-- exact match: ``normalize_answer(prediction) == normalize_answer(reference)`` (SQuAD-style: lower case,
-  accents folded, punctuation and the articles a/an/the removed, whitespace collapsed);
-- ROUGE-L F1 (``rouge_score``): with LCS the longest common subsequence of the token lists,
-  P = LCS / len(prediction), R = LCS / len(reference), F1 = 2 P R / (P + R);
-- perplexity: exp( sum of response-token NLL / number of response tokens ), pooled over the whole set.
+- exact match, each example's ``correct`` verdict: ``normalize_answer(prediction) == normalize_answer(reference)``
+  (SQuAD-style: lower case, accents folded, punctuation and the articles a/an/the removed, whitespace collapsed);
+- the metrics are computed from the per-example results by :func:`prelort.metrics.compute` (accuracy: the
+  share correct; ROUGE-L F1: :func:`rouge_l` averaged; perplexity: exp( sum of response-token NLL / number
+  of response tokens ), pooled over the whole set).
 
 Two modes (``eval.mode``, docs/evaluation.md): ``generate`` decodes greedily and scores the text;
 ``teacher_forced`` scores exact match from one forward pass over prompt + reference: an example is correct
@@ -29,15 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .data.prompts import IGNORE_INDEX, format_prompt, prompt_token_ids, tokenize_for_training
+from .metrics import EvalResults
+from .metrics import compute as compute_metrics
+from .metrics.rouge_l import rouge_l  # noqa: F401  (kept importable from here, beside exact_match)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 SUBSET_SEED = 0  # the evaluation subset is the same every round and tier
 SHORT_ANSWER_TOKENS = 8  # eval.mode auto: teacher-forced when every reference has at most this many tokens
 
@@ -54,11 +56,6 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 if the normalised strings are equal, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of ``prediction`` against ``reference`` (0.0 when either has no token)."""
-    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
 
 
 @contextmanager
@@ -273,9 +270,9 @@ def evaluate_examples(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(metrics, examples)`` of ``model`` on (a fixed subset of) ``records``.
 
-    metrics: {"accuracy", "rougeL" (None under teacher_forced), "perplexity", "n", "mode",
-    "category_accuracy" ({category: accuracy})}; examples: one dict per evaluated record in subset order,
-    {"id", "category", "correct", "loglik", "n_tokens", "prediction" (None under teacher_forced)}.
+    metrics: every registered metric (:func:`prelort.metrics.names`: "accuracy", "rougeL" (None under
+    teacher_forced), "perplexity", ...), then "n", "mode", "category_accuracy" ({category: accuracy});
+    examples: one dict per evaluated record in subset order, {"id", "category", "correct", "loglik", "n_tokens", "prediction" (None under teacher_forced)}.
     The model is put in eval mode for the evaluation (its train/eval mode is restored after); any
     truncation mask the caller set stays as it is. ``progress``: a tqdm bar over the examples.
     """
@@ -290,20 +287,15 @@ def evaluate_examples(
         scores = score_examples(model, tokenized, cfg.batch_size, _pad_id(tokenizer), _eos_ids(model, tokenizer),
                                 progress=bar)
         predictions: list[str | None] = [None] * len(chosen)
-        references = [str(r["output"]) for r in chosen]
-        rouge: float | None = None
         if mode == "generate":
             prompts = [format_prompt(r, tokenizer) for r in chosen]
             predictions = list(generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, progress=bar))
-            for score, p, r in zip(scores, predictions, references):
-                score["correct"] = int(exact_match(p or "", r))
-            rouge = sum(rouge_l(p or "", r) for p, r in zip(predictions, references)) / len(chosen)
+            for score, p, r in zip(scores, predictions, chosen):
+                score["correct"] = int(exact_match(p or "", str(r["output"])))
     finally:
         bar.close()
-    total_tokens = sum(s["n_tokens"] for s in scores)
-    if total_tokens == 0:
+    if sum(s["n_tokens"] for s in scores) == 0:
         raise ValueError("no response token to score (every label is -100)")
-    ppl = math.exp(-sum(s["loglik"] for s in scores) / total_tokens)
     examples = [
         {"id": example_id(r), "category": str(r.get("category") or ""), "correct": s["correct"],
          "loglik": s["loglik"], "n_tokens": s["n_tokens"], "prediction": p}
@@ -313,9 +305,7 @@ def evaluate_examples(
     for ex in examples:
         by_category.setdefault(ex["category"], []).append(ex["correct"])
     metrics = {
-        "accuracy": sum(ex["correct"] for ex in examples) / len(examples),
-        "rougeL": rouge,
-        "perplexity": ppl,
+        **compute_metrics(EvalResults(mode=mode, records=chosen, examples=examples)),
         "n": len(examples),
         "mode": mode,
         "category_accuracy": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
@@ -326,8 +316,8 @@ def evaluate_examples(
 def evaluate_model(
     model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int
 ) -> dict[str, Any]:
-    """The metrics of :func:`evaluate_examples` ({"accuracy", "rougeL", "perplexity", "n", "mode",
-    "category_accuracy"}) without the per-example verdicts."""
+    """The metrics of :func:`evaluate_examples` (every registered metric, "n", "mode", "category_accuracy")
+    without the per-example verdicts."""
     return evaluate_examples(model, tokenizer, records, cfg, max_length)[0]
 
 

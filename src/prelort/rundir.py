@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError
+from .metrics import names as metric_names
 
 log = logging.getLogger("prelort")
 
@@ -72,7 +73,7 @@ def train_record(cfg: Config, round_: int, summary: dict[str, Any],
                  privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """A round's training record: the outcome's summary, its per-dimension diagnostics and (privacy.dp) the
     accounted epsilon. Training records carry the contract's fields too (no tier evaluated: rank and metrics null)."""
-    return {"round": round_, "rank": None, "kind": "train", "accuracy": None, "rougeL": None, "perplexity": None,
+    return {"round": round_, "rank": None, "kind": "train", **dict.fromkeys(metric_names()),
             "train_loss": summary.get("train_loss"), "accepted": summary.get("accepted"),
             "rejected": summary.get("rejected"), "failed": summary.get("failed"), "seconds": summary.get("seconds"),
             "method": cfg.method, **{k: summary.get(k) for k in DIAGNOSTIC_KEYS}, **(privacy or {})}

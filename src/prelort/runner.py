@@ -21,6 +21,7 @@ from .adapters import LoraAdapter, export_peft_adapter
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
 from .federation import Federation, RoundFailed, check_privacy
+from .metrics import available as available_metrics
 from .methods import Broadcast
 from .model_names import hub_id
 from .protocol import Engine
@@ -193,8 +194,7 @@ class Session:
 
     def _record_base(self) -> None:
         r = self._record(0, "base", "base", self.evaluate_base_examples())
-        log.info("round 0 base model: accuracy=%.3f rougeL=%s ppl=%.2f", r["accuracy"], _fmt(r["rougeL"], 3),
-                 r["perplexity"])
+        log.info("round 0 base model: %s", " ".join(f"{m.short}={m.format(r[m.name])}" for m in available_metrics()))
 
     def _complete_round(self, round_: int) -> None:
         """On resume: write the records the last completed round lacks (an interruption after its checkpoint
@@ -253,8 +253,8 @@ class Session:
                         f"{len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
                 if fed.eval_due(round_):
                     recs = self.evaluate_round(round_)
-                    line += " | " + " ".join(f"r{r['rank']}: acc={r['accuracy']:.3f} rL={_fmt(r['rougeL'], 3)} "
-                                             f"ppl={r['perplexity']:.2f}" for r in recs)
+                    line += " | " + " ".join(f"r{r['rank']}: " + " ".join(f"{m.short}={m.format(r[m.name])}"
+                                                                          for m in available_metrics()) for r in recs)
                 log.info("%s", line)
                 if stop.requested and round_ < cfg.rounds:  # a safe point: the round and its records are on disk
                     raise RunInterrupted(round_)

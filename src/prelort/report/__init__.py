@@ -15,8 +15,8 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+from ..metrics import available as available_metrics
 from .plots import (
-    METRIC_TITLES,
     _plot_comparison_bars,
     _plot_comparison_truncation,
     _plot_epsilon,
@@ -25,26 +25,22 @@ from .plots import (
     _plot_truncation,
 )
 from ..rundir import RunDir
-from .reading import EVAL_KINDS, METRICS, EvalRecord, ReportError, RunMetrics, TrainRecord, read_run
+from .reading import EVAL_KINDS, EvalRecord, ReportError, RunMetrics, TrainRecord, read_run
 from .tables import (
-    COMPARISON_COLUMNS,
-    SUMMARY_COLUMNS,
     ComparisonRow,
     _write_csv,
     category_table,
+    comparison_columns,
     comparison_markdown,
     comparison_rows,
     final_round_table,
     mean_std,
     privacy_line,
+    summary_columns,
 )
 
 __all__ = [
-    "COMPARISON_COLUMNS",
     "EVAL_KINDS",
-    "METRICS",
-    "METRIC_TITLES",
-    "SUMMARY_COLUMNS",
     "ComparisonRow",
     "EvalRecord",
     "ReportError",
@@ -52,12 +48,14 @@ __all__ = [
     "TrainRecord",
     "category_table",
     "compare_runs",
+    "comparison_columns",
     "comparison_markdown",
     "comparison_rows",
     "final_round_table",
     "mean_std",
     "privacy_line",
     "read_run",
+    "summary_columns",
     "write_run_report",
 ]
 
@@ -66,7 +64,7 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Write ``summary.csv`` and ``plots/*.png`` into ``run_dir``.
 
     ``summary.csv`` has one row per evaluation record after deduplication (columns
-    :data:`SUMMARY_COLUMNS`), sorted by round, kind (base, tier, curve) and rank. Plots, each drawn when
+    :func:`summary_columns`), sorted by round, kind (base, tier, curve) and rank. Plots, each drawn when
     its data exist: ``metrics_by_round.png``, ``truncation_curve.png`` (from "curve" records, else the
     final round's tiers), ``train_loss.png``, ``privacy_epsilon.png`` (``privacy.dp`` runs: epsilon per round).
 
@@ -79,8 +77,9 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     summary = RunDir(run_path).summary_csv
     _write_csv(
         summary,
-        SUMMARY_COLUMNS,
-        ([r.method, r.seed, r.round, r.rank, r.kind, r.accuracy, r.rougeL, r.perplexity, r.n] for r in run.evals),
+        summary_columns(),
+        ([r.method, r.seed, r.round, r.rank, r.kind, *(r.metric(m.name) for m in available_metrics()),
+         r.n] for r in run.evals),
     )
     plots_dir = RunDir(run_path).plots_dir
     plots_dir.mkdir(exist_ok=True)
@@ -117,7 +116,7 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def compare_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]) -> str:
     """Compare the final round of several runs; return the Markdown table.
 
-    Writes into ``out_dir``: ``comparison.csv`` (columns :data:`COMPARISON_COLUMNS`, std is the sample
+    Writes into ``out_dir``: ``comparison.csv`` (columns :func:`comparison_columns`, std is the sample
     std over the runs sharing a method, empty with a single run), ``comparison.md``,
     ``plots/comparison_<metric>.png`` (grouped bars: rank tiers x methods, error bars = std) and
     ``plots/comparison_truncation.png`` (every method's truncation curve).
@@ -130,11 +129,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
     (out / "plots").mkdir(parents=True, exist_ok=True)
     _write_csv(
         out / "comparison.csv",
-        COMPARISON_COLUMNS,
+        comparison_columns(),
         (
             [row.method, row.kind, row.rank, ";".join(map(str, row.rounds)), row.n_runs,
              ";".join("" if s is None else str(s) for s in row.seeds)]
-            + [v for m in METRICS for v in (row.mean[m], row.std[m])]
+            + [v for m in available_metrics() for v in (row.mean[m.name], row.std[m.name])]
             for row in rows
         ),
     )
@@ -152,8 +151,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
     tmp.write_text("\n".join(md), encoding="utf-8")
     os.replace(tmp, out / "comparison.md")
     if any(row.kind == "tier" for row in rows):
-        for metric in METRICS:
-            _plot_comparison_bars(rows, metric, out / "plots" / f"comparison_{metric}.png")
+        for metric in available_metrics():
+            _plot_comparison_bars(rows, metric, out / "plots" / f"comparison_{metric.name}.png")
     if any(run.truncation()[0] for run in runs):
         base = next((r for r in rows if r.kind == "base"), None)
         _plot_comparison_truncation(runs, base, out / "plots" / "comparison_truncation.png")

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
+from ..metrics import names as metric_names
 from ..rundir import RunDir
 
-METRICS: tuple[str, ...] = ("accuracy", "rougeL", "perplexity")
 EVAL_KINDS: tuple[str, ...] = ("base", "tier", "curve")
 _KIND_ORDER = {kind: i for i, kind in enumerate(EVAL_KINDS)}
 
@@ -45,14 +45,17 @@ class EvalRecord:
     round: int
     rank: int | str  # an int tier, or "base"
     kind: str  # "base" | "tier" | "curve"
-    accuracy: float  # NaN when the record did not carry it
-    rougeL: float
-    perplexity: float
+    values: tuple[tuple[str, float], ...]  # (metric, value) of every registered metric; NaN when not carried
     n: int | None
     categories: tuple[tuple[str, float], ...] = ()  # (category, accuracy) pairs, when the record has them
 
     def metric(self, name: str) -> float:
-        return float(getattr(self, name))
+        return dict(self.values).get(name, math.nan)
+
+    def __getattr__(self, name: str) -> float:  # rec.accuracy, rec.perplexity, ...: a registered metric's value
+        if name != "values" and name in metric_names():
+            return self.metric(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def sort_key(self) -> tuple[int, int, int]:
         return (self.round, _KIND_ORDER[self.kind], -1 if self.rank == "base" else int(self.rank))
@@ -157,7 +160,7 @@ def _record_kind(rec: dict[str, Any]) -> str | None:
         return str(kind)
     if "train_loss" in rec:
         return "train"
-    if any(m in rec for m in METRICS):
+    if any(m in rec for m in metric_names()):
         return "base" if rec.get("rank") == "base" else "tier"
     return None
 
@@ -181,9 +184,7 @@ def _parse_eval(rec: dict[str, Any], kind: str, method: str, seed: int | None, w
         round=_as_int(rec["round"], "round", where),
         rank=rank,
         kind=kind,
-        accuracy=_as_float(rec.get("accuracy"), "accuracy", where),
-        rougeL=_as_float(rec.get("rougeL"), "rougeL", where),
-        perplexity=_as_float(rec.get("perplexity"), "perplexity", where),
+        values=tuple((m, _as_float(rec.get(m), m, where)) for m in metric_names()),
         n=_optional_int(rec.get("n"), "n", where),
         categories=_parse_categories(rec.get("category_accuracy"), where),
     )

@@ -11,16 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .reading import METRICS, EvalRecord, RunMetrics
+from ..metrics import Metric
+from ..metrics import available as available_metrics
+from ..metrics import get as get_metric
+from .reading import EvalRecord, RunMetrics
 
-SUMMARY_COLUMNS: tuple[str, ...] = (
-    "method", "seed", "round", "rank", "kind", "accuracy", "rougeL", "perplexity", "n",
-)
-COMPARISON_COLUMNS: tuple[str, ...] = (
-    "method", "kind", "rank", "rounds", "n_runs", "seeds",
-    "accuracy_mean", "accuracy_std", "rougeL_mean", "rougeL_std", "perplexity_mean", "perplexity_std",
-)
 _BASE_LABEL = "base (zero-shot)"
+
+
+def summary_columns() -> tuple[str, ...]:
+    """summary.csv's columns: the record's keys with every registered metric (registry order) before ``n``."""
+    return ("method", "seed", "round", "rank", "kind", *(m.name for m in available_metrics()), "n")
+
+
+def comparison_columns() -> tuple[str, ...]:
+    """comparison.csv's columns: ``<metric>_mean``, ``<metric>_std`` of every registered metric."""
+    return ("method", "kind", "rank", "rounds", "n_runs", "seeds",
+            *(f"{m.name}_{stat}" for m in available_metrics() for stat in ("mean", "std")))
 
 
 def _cell(value: Any) -> str:
@@ -42,16 +49,10 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     os.replace(tmp, path)
 
 
-def _fmt(value: float, metric: str) -> str:
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.2f}" if metric == "perplexity" else f"{value:.3f}"
-
-
-def _fmt_mean_std(mean: float, std: float, metric: str) -> str:
+def _fmt_mean_std(mean: float, std: float, metric: Metric) -> str:
     if math.isnan(mean) or math.isnan(std):
-        return _fmt(mean, metric)
-    return f"{_fmt(mean, metric)} ± {_fmt(std, metric)}"
+        return metric.format(mean)
+    return f"{metric.format(mean)} ± {metric.format(std)}"
 
 
 def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -66,9 +67,9 @@ def final_round_table(run: RunMetrics) -> str:
     records = ([run.base] if run.base is not None else []) + run.final_tiers()
     for rec in records:
         tier = _BASE_LABEL if rec.kind == "base" else str(rec.rank)
-        rows.append([tier, str(rec.round)] + [_fmt(rec.metric(m), m) for m in METRICS]
+        rows.append([tier, str(rec.round)] + [m.format(rec.metric(m.name)) for m in available_metrics()]
                     + ["" if rec.n is None else str(rec.n)])
-    table = _markdown(["tier", "round", "accuracy", "ROUGE-L", "perplexity", "n"], rows)
+    table = _markdown(["tier", "round", *(m.header for m in available_metrics()), "n"], rows)
     privacy = privacy_line(run)
     return table if privacy is None else table + "\n\n" + privacy
 
@@ -91,11 +92,12 @@ def category_table(run: RunMetrics) -> str:
     if not records:
         return ""
     categories = sorted({c for r in records for c, _ in r.categories})
+    accuracy = get_metric("accuracy")  # category_accuracy: the accuracy metric within each category
     rows = []
     for rec in records:
         acc = dict(rec.categories)
         rows.append([_BASE_LABEL if rec.kind == "base" else str(rec.rank), str(rec.round)]
-                    + [_fmt(acc.get(c, math.nan), "accuracy") for c in categories])
+                    + [accuracy.format(acc.get(c, math.nan)) for c in categories])
     return _markdown(["tier", "round", *categories], rows)
 
 
@@ -135,8 +137,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def _aggregate(method: str, kind: str, rank: int | str, records: list[EvalRecord]) -> ComparisonRow:
     means, stds = {}, {}
-    for metric in METRICS:
-        means[metric], stds[metric] = mean_std([r.metric(metric) for r in records])
+    for metric in available_metrics():
+        means[metric.name], stds[metric.name] = mean_std([r.metric(metric.name) for r in records])
     return ComparisonRow(
         method=method, kind=kind, rank=rank,
         rounds=tuple(sorted({r.round for r in records})),
@@ -166,9 +168,7 @@ def comparison_rows(runs: Sequence[RunMetrics]) -> list[ComparisonRow]:
         for seed, recs in base_by_seed.items():
             per_seed.append(EvalRecord(
                 method="base", seed=seed, round=recs[0].round, rank="base", kind="base",
-                accuracy=mean_std([r.accuracy for r in recs])[0],
-                rougeL=mean_std([r.rougeL for r in recs])[0],
-                perplexity=mean_std([r.perplexity for r in recs])[0],
+                values=tuple((m.name, mean_std([r.metric(m.name) for r in recs])[0]) for m in available_metrics()),
                 n=recs[0].n,
             ))
         rows.append(_aggregate("base", "base", "base", per_seed))
@@ -192,5 +192,5 @@ def comparison_markdown(rows: Sequence[ComparisonRow]) -> str:
         rounds = ",".join(str(r) for r in row.rounds)
         seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
         table.append([row.method, tier, rounds, seeds]
-                     + [_fmt_mean_std(row.mean[m], row.std[m], m) for m in METRICS])
-    return _markdown(["method", "tier", "round", "seeds", "accuracy", "ROUGE-L", "perplexity"], table)
+                     + [_fmt_mean_std(row.mean[m.name], row.std[m.name], m) for m in available_metrics()])
+    return _markdown(["method", "tier", "round", "seeds", *(m.header for m in available_metrics())], table)
