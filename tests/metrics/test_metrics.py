@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from prelort import metrics
 from prelort.check import check_run_dir
-from prelort.cli import app
+from prelort.apps.cli import app
 from prelort.config import load
 from prelort.metrics import EvalResults, Metric
 from prelort.runner import run

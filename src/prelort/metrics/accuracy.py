@@ -3,7 +3,7 @@ decoding's normalised exact match, or its teacher-forced equivalent; see :mod:`p
 
 from __future__ import annotations
 
-from . import EvalResults, Metric, register
+from .base import EvalResults, Metric, register
 
 
 def _accuracy(results: EvalResults) -> float:

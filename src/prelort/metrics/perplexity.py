@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from . import EvalResults, Metric, register
+from .base import EvalResults, Metric, register
 
 
 def _perplexity(results: EvalResults) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rouge_score import rouge_scorer
 
-from . import EvalResults, Metric, register
+from .base import EvalResults, Metric, register
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
