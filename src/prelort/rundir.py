@@ -108,7 +108,8 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.jsonl: append one JSON object per line (flushed, so a crash loses at most one line)."""
+    """metrics.jsonl: one JSON object per line, appended (flushed, so a crash loses at most one line) and read
+    back by round and (kind, rank); :meth:`truncate_after` drops the rounds a resume recomputes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
