@@ -3,8 +3,8 @@
 Every key carries its help text. Unknown keys and bad values are rejected with the dotted path
 and the reason (:class:`ConfigError`). ``engine`` names an entry of the engine table (:mod:`prelort.engines`).
 ``method`` names a registered method (:mod:`prelort.methods`); each
-registered method with options has a section named after it (``prelort: {nested: all}``,
-``hetlora: {gamma: 0.9}``), validated by the options model declared in the method's own file.
+registered method with options has a section named after it (``METHOD: {OPTION: value}``),
+validated by the options model declared in the method's own file.
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ class Config(_Section):
         return cfg
 
     def __getattr__(self, name: str) -> Any:
-        # cfg.prelort, cfg.hetlora, ...: a registered method's options section
+        # cfg.METHOD: a registered method's options section
         try:
             return object.__getattribute__(self, "__pydantic_private__")["_method_options"][name]
         except (AttributeError, KeyError, TypeError):

@@ -7,7 +7,7 @@ A server folds each client's factors X_k (rank r_k <= R along the rank axis, see
     D_i = sum_{k: r_k > i} p_k             length R: the padded weight masks
 
 and finishes the round from them by a sum rule (:data:`SumRule`): the segment-wise mean N_i / D_i
-(PreLort; a dimension no client covered keeps its previous value) or the padded mean N / D_0 = N / sum_k p_k
+(a dimension no client covered keeps its previous value) or the padded mean N / D_0 = N / sum_k p_k
 (zero-padding FedAvg). :func:`mean_from_sums` is the one place either mean is taken - a plain round, client-level
 DP and the SecAgg+ finish all end there (:func:`finish_from_sums` for a whole state). :class:`PaddedSums` holds
 the sums of one factor, :class:`FactorSums` those of a whole adapter, fed a client at a time with memory flat in
@@ -56,7 +56,7 @@ class PaddedSums:
     totals when read. ``num`` is the full-size tensor (built on demand when ``allocated < R``),
     ``compact_num`` its allocated prefix. From the sums (both by :func:`mean_from_sums`):
 
-        segment_mean: dimension i = num_i / den_i (PreLort; previous value where den_i = 0)
+        segment_mean: dimension i = num_i / den_i (previous value where den_i = 0)
         padded_mean:  every dimension = num / den_0 = num / total (zero-padding FedAvg: the dilution)
     """
 

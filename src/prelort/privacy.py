@@ -17,13 +17,13 @@ client k received ``ref_k`` (its broadcast adapter) and sent ``X_k``; its update
 3. finish with the method's sum rule (``Method.sum_rule``, ``Method.finish_sums``) on the noised sums
    (the sums themselves: :mod:`prelort.secure_sums`):
 
-   * prelort, fedit (segment-wise mean):  new_i = N_i / D_i where D_i > 0, else previous_i
+   * ``sum_rule = "segment"`` (segment-wise mean):  new_i = N_i / D_i where D_i > 0, else previous_i
      (per-entry noise std on the new state z C / D_i);
-   * zeropad, hetlora (padded mean over all K clients):  new = N / K  (noise std z C / K).
-     Under DP HetLoRA's norm-based weights become uniform (a weight proportional to the update's
-     own norm has no bounded sensitivity); its rank self-pruning still applies.
+   * ``sum_rule = "padded"`` (padded mean over all K clients):  new = N / K  (noise std z C / K).
+     Under DP a norm-based weight becomes uniform (a weight proportional to the update's own norm has
+     no bounded sensitivity); a method's ``after_round`` (e.g. pruned ranks) still applies.
 
-Methods without a sum rule are refused (FlexLoRA, FLoRA: their aggregate is a mean of dense products s B_k A_k, whose change
+Methods without a sum rule are refused (e.g. an aggregate that is a mean of dense products s B_k A_k, whose change
 under a clip in factor space depends on the broadcast factors' norms, so no noise calibrated to
 C alone protects it; :class:`PrivacyError`).
 
@@ -78,7 +78,7 @@ def check_secure_aggregation(cfg: "Config") -> None:
     entry in the engine table says ``secure_aggregation`` (Flower's; SecAgg+ is Flower's protocol, and the
     in-process engine has no separate parties to hide updates from). It
     also refuses ``audit`` (stores the individual updates) and a method whose weights depend on the update
-    (``Method.weight_depends_on_update``: HetLoRA) without ``validation.max_update_norm`` (no public bound on
+    (``Method.weight_depends_on_update``) without ``validation.max_update_norm`` (no public bound on
     its weights) unless ``privacy.dp`` makes every weight 1. With ``privacy.dp`` the clients clip and the server
     noises the secure sums (:meth:`prelort.federation.Federation.end_round_secure`).
     """
@@ -107,11 +107,11 @@ def check_secure_aggregation(cfg: "Config") -> None:
         raise ConfigError("privacy.secure_aggregation and audit: true cannot be combined: the audit stores every "
                           "client's update under updates/, which secure aggregation exists to hide from the server; "
                           "turn one of them off")
-    # under privacy.dp every weight is 1 (W = 1), so HetLoRA's norm weights need no public bound
+    # under privacy.dp every weight is 1 (W = 1), so weights that depend on the update need no public bound
     if cls.weight_depends_on_update and cfg.validation.max_update_norm is None and not cfg.privacy.dp:
         raise ConfigError(f"privacy.secure_aggregation with method {cfg.method} needs validation.max_update_norm: "
-                          "SecAgg+ needs a public bound on weights that depend on the update (HetLoRA's norm "
-                          "weights ||B A||_F <= max_update_norm**2 / 2, see docs/privacy.md)")
+                          "SecAgg+ needs a public bound on weights that depend on the update (the method's "
+                          "weight_bound derives it from max_update_norm, see docs/privacy.md)")
 
 
 # -- clipping -----------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
         n_clipped += int(was)
         clipped.append(dataclasses.replace(upd, num_examples=1))
     # The method's plain round (the sum-rule template) with every weight 1 and noise on N: the same fold (which
-    # checks every update), finish and bookkeeping (HetLoRA's pruned ranks).
+    # checks every update), finish and bookkeeping (``after_round``, e.g. pruned ranks).
     shapes = {n: t.shape for n, t in state.tensors.items()}
     sums, seen = fold_updates(method, shapes, clipped, [1.0] * len(clipped))
     den = {k: s.den for k, s in sums.items()}

@@ -9,8 +9,8 @@ only the numerator and denominator sums (docs/design.md section 2)
 
     N = sum_k w_k pad(X_k, R)        D = sum_k w_k pad(1_{r_k}, R)
 
-with w_k the method's client weight (:func:`client_weight`: number of examples; HetLoRA: ||B_k A_k||_F, which a
-client computes itself) over the factors it contributes (HetLoRA drops a pruned tail); the method's
+with w_k the method's client weight (:func:`client_weight`: number of examples, or a norm of the update, which a
+client computes itself) over the factors it contributes (``contributed_factors``: e.g. without a pruned tail); the method's
 ``finish_sums`` turns them into the new state (segment: N_i / D_i; padded: N / D_0).
 
 Under secure aggregation each client uploads fixed-shape arrays - every factor zero-padded to the global shape,
@@ -65,8 +65,8 @@ class PrivacyError(ValueError):
 def aggregation_rule(method: Method) -> SumRule:
     """The method's ``sum_rule``: how it turns the two padded sums (N, D) into its new state.
 
-    ``segment``: dimension i = N_i / D_i (PreLort; FedIT, where every rank is r_min);
-    ``padded``: every dimension = N / D_0 = N / sum_k p_k (zero-padding FedAvg, HetLoRA).
+    ``segment``: dimension i = N_i / D_i (prefix-nested segments; one rank for everyone is its special case);
+    ``padded``: every dimension = N / D_0 = N / sum_k p_k (zero-padding FedAvg).
     Raises :class:`PrivacyError` for a method whose aggregate is not a function of these sums.
     """
     if method.sum_rule is not None:
@@ -77,15 +77,15 @@ def aggregation_rule(method: Method) -> SumRule:
     raise PrivacyError(
         f"method {method.name!r} does not aggregate plain sums of padded LoRA factors "
         f"(sum_aggregatable={method.sum_aggregatable}, dense_state={method.dense_state}): its aggregate needs "
-        "each client's own tensors (flexlora: the SVD of a mean of dense products s*B_k A_k; flora: stacked "
+        "each client's own tensors (for example an SVD of a mean of dense products s*B_k A_k, or the stacked "
         f"factors), so neither client-level DP on the sums nor secure aggregation applies; use {', '.join(able)}"
     )
 
 
 # -- the two sums --------------------------------------------------------------------------------------------
 def client_weight(method: Method, update: ClientUpdate) -> float:
-    """The client's unnormalised aggregation weight as the method defines it (HetLoRA: ||B_k A_k||_F;
-    the others: number of examples). A client computes it itself before secure aggregation."""
+    """The client's unnormalised aggregation weight as the method defines it (number of examples,
+    or a norm of the update where ``weight_depends_on_update``). A client computes it itself before secure aggregation."""
     return float(method.client_weight(update, method.contributed_factors(update)))
 
 
@@ -134,7 +134,7 @@ def encode_for_secagg(method: Method, update: ClientUpdate, layout: SecAggLayout
                       ) -> tuple[list[np.ndarray], float]:
     """What client k uploads through SecAgg+: ``([pad(X_k) per layout name..., 1_{r_k}], w_k)``.
 
-    ``w_k`` is the method's weight (number of examples; HetLoRA: ||B_k A_k||_F), or 1 with
+    ``w_k`` is the method's weight (number of examples, or a norm of the update), or 1 with
     ``uniform_weight`` (client-level DP). A value outside [-clipping_range, clipping_range] raises
     :class:`PrivacyError` (SecAgg+ would clip it silently).
     """
@@ -169,8 +169,8 @@ def decode_secagg_mean(arrays: Sequence[np.ndarray], layout: SecAggLayout
 
 def finish_secagg(method: Method, state: GlobalState, arrays: Sequence[np.ndarray], layout: SecAggLayout,
                   client_meta: Sequence[tuple[int, dict[str, Any]]] = ()) -> GlobalState:
-    """The new global state from SecAgg+'s output. ``client_meta``: (client, meta) sent in the clear (HetLoRA's
-    ``pruned_to``: a rank is public anyway), for the method's bookkeeping."""
+    """The new global state from SecAgg+'s output. ``client_meta``: (client, meta) sent in the clear (the
+    method's ``clear_meta_fields``, e.g. a pruned rank: a rank is public anyway), for the method's bookkeeping."""
     aggregation_rule(method)  # a method without a sum rule fails here, with the reason
     num, den = decode_secagg_mean(arrays, layout)
     out = GlobalState(tensors=method.finish_sums(state, num, den), meta=dict(state.meta))
@@ -193,9 +193,9 @@ def max_weight_bound(method: Method, total_examples: int, max_update_norm: float
     """W, the public bound on every client's weight w_k that SecAgg+ divides by (:func:`weight_units`), from the
     method's ``weight_bound``.
 
-    * Data-size weights (prelort, fedit, zeropad): w_k = n_k <= the federation's number of training
+    * Data-size weights (``data_weight``): w_k = n_k <= the federation's number of training
       examples, so W = ``total_examples`` (a client can hold at most all of them).
-    * A weight that depends on the update (``weight_depends_on_update``; HetLoRA's norm ||B_k A_k||_F <=
+    * A weight that depends on the update (``weight_depends_on_update``; e.g. a norm ||B_k A_k||_F <=
       ``max_update_norm``^2 / 2) is bounded through ``validation.max_update_norm``, which the client enforces on
       its own update before it encodes it.
 
@@ -207,8 +207,8 @@ def max_weight_bound(method: Method, total_examples: int, max_update_norm: float
     bound = method.weight_bound(total_examples, max_update_norm)
     if bound is None:
         raise PrivacyError(f"method {method.name!r} weighs a client by its update: secure aggregation needs "
-                           "validation.max_update_norm to bound the weight (HetLoRA: ||B A||_F <= "
-                           "max_update_norm**2 / 2)")
+                           "validation.max_update_norm to bound the weight (the method's weight_bound derives the "
+                           "public bound from it)")
     return float(bound)
 
 

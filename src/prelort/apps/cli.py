@@ -307,7 +307,7 @@ def verify_update_cmd(
 ) -> None:
     """Check a client update as the run's server would; exit 0 if accepted, 2 (reason printed) if rejected.
 
-    Runs exactly the checks of the run's round loop: the safetensors + JSON format (nothing is unpickled; sizes and header checked before the data is read), bounded metadata, method, round, client id, rank bounds, modules, shapes, float32, finite values, the method's own fields (HetLoRA's pruned_to), and validation.max_update_norm / max_update_rms from RUN_DIR/config.yaml.
+    Runs exactly the checks of the run's round loop: the safetensors + JSON format (nothing is unpickled; sizes and header checked before the data is read), bounded metadata, method, round, client id, rank bounds, modules, shapes, float32, finite values, the method's own metadata fields, and validation.max_update_norm / max_update_rms from RUN_DIR/config.yaml.
 
     The metadata must carry its round, which must be the round the run collects next (latest checkpoint + 1); pass --round N to check, e.g., an audited update of round N.
     """

@@ -69,7 +69,7 @@ def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session)
 
     fed = session.federation
     # W for data-size weights: the federation's number of training examples (what the clients' partitions
-    # add up to, derived from the config the clients share); HetLoRA: max_update_norm**2 / 2 (its weight_bound).
+    # add up to, derived from the config the clients share); a weight that depends on the update: the method's weight_bound.
     total = sum(len(p) for p in session.partitions)
     if cfg.privacy.dp:  # every client uploads with weight 1 (client-level DP), so rho_k = 1 exactly
         max_weight, why = 1.0, "privacy.dp: uniform weights"
