@@ -51,9 +51,7 @@ class ModelShape:
             "v_proj": (kv_out, self.hidden),
             "o_proj": (self.hidden, q_out),
         }
-        return {
-            f"model.layers.{i}.self_attn.{proj}": per_layer[proj] for i in range(n) for proj in PROJECTIONS
-        }
+        return {f"model.layers.{i}.self_attn.{proj}": per_layer[proj] for i in range(n) for proj in PROJECTIONS}
 
     def lora_floats_per_rank(self) -> int:
         """Floats of one rank dimension over all modules: sum_m (d_in + d_out)."""
@@ -120,7 +118,9 @@ def parse_methods(text: str) -> list[str]:
     known = available()
     unknown = [n for n in names if n not in known]
     if not names or unknown:
-        raise SystemExit(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}")
+        raise SystemExit(
+            f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}"
+        )
     return names
 
 

@@ -218,7 +218,9 @@ class PeakRss:
 
 
 # --------------------------------------------------------------------------------------------- updates
-def make_templates(modules: dict[str, tuple[int, int]], ranks: set[int], seed: int) -> dict[int, dict[str, torch.Tensor]]:
+def make_templates(
+    modules: dict[str, tuple[int, int]], ranks: set[int], seed: int
+) -> dict[int, dict[str, torch.Tensor]]:
     """One random update per distinct rank: A (r x d_in), B (d_out x r), float32, small values."""
     g = torch.Generator().manual_seed(seed)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -261,8 +263,9 @@ class UpdateStream:
             del update
 
 
-def memcpy_reference(templates: dict[int, dict[str, torch.Tensor]], ranks: list[int], examples: list[int],
-                     repeats: int = 3) -> dict:
+def memcpy_reference(
+    templates: dict[int, dict[str, torch.Tensor]], ranks: list[int], examples: list[int], repeats: int = 3
+) -> dict:
     """Copy exactly the tensors an aggregator reads into preallocated buffers; time the copies only
     (best of ``repeats`` passes, as for the aggregate)."""
     dst = {(r, name): torch.empty_like(t) for r, tensors in templates.items() for name, t in tensors.items()}
@@ -428,7 +431,7 @@ def run_isolated(case: dict, timeout: float | None) -> dict:
         return {**_case_id(case), "error": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     return {**_case_id(case), "error": f"worker exited with {proc.returncode}: " + " | ".join(tail)}
 
@@ -469,14 +472,19 @@ def model_record(model_key: str, cases: list[dict], n_list: Sequence[int]) -> di
     return {
         "label": model.label,
         "modules": len(model.module_shapes()),
-        "shapes": {p: list(s) for p, s in zip(("q_proj", "k_proj", "v_proj", "o_proj"), model.module_shapes(1).values())},
+        "shapes": {
+            p: list(s) for p, s in zip(("q_proj", "k_proj", "v_proj", "o_proj"), model.module_shapes(1).values())
+        },
         "cases": cases,
         "summary": summarise(model_key, cases, list(n_list)),
     }
 
 
-def run_benchmark(settings: Settings, on_case: Callable[[str, dict], None] | None = None,
-                  on_model: Callable[[str, dict], None] | None = None) -> dict:
+def run_benchmark(
+    settings: Settings,
+    on_case: Callable[[str, dict], None] | None = None,
+    on_model: Callable[[str, dict], None] | None = None,
+) -> dict:
     """Measure every case of ``settings``; the results (what ``--json`` writes). ``on_case(model, result)`` after
     each case and ``on_model(model, record)`` after each model let a caller report progress."""
     started = time.perf_counter()
@@ -556,11 +564,13 @@ def summarise(model: str, cases: list[dict], n_list: list[int]) -> dict:
                 # What the per-client work alone reaches once the round's fixed cost (sized by the global
                 # state, paid even with no client) is set aside. Reported beside the goal, not instead of it.
                 streaming = pre["bytes_read"] / (pre["aggregate_cpu_s"] - fixed) / 1e9
-                out["bandwidth_vs_memcpy"][-1].update({
-                    "fixed_round_cpu_s": fixed,
-                    "prelort_streaming_GBps": streaming,
-                    "streaming_fraction": streaming / pre["memcpy_cpu_GBps"],
-                })
+                out["bandwidth_vs_memcpy"][-1].update(
+                    {
+                        "fixed_round_cpu_s": fixed,
+                        "prelort_streaming_GBps": streaming,
+                        "streaming_fraction": streaming / pre["memcpy_cpu_GBps"],
+                    }
+                )
     methods = sorted({c["method"] for c in by.values()}, key=method_sort_key)
     for m in methods:
         rows = sorted((c for c in by.values() if c["method"] == m), key=lambda c: c["n_measured"])
@@ -572,9 +582,9 @@ def summarise(model: str, cases: list[dict], n_list: list[int]) -> dict:
         first, last = rows[0], rows[-1]
         if last["bytes_read"] > first["bytes_read"]:
             # ~0: memory flat in N (streaming); ~1: every update's bytes retained.
-            entry["retained_fraction_of_extra_bytes"] = (
-                last["peak_rss_rise_bytes"] - first["peak_rss_rise_bytes"]
-            ) / (last["bytes_read"] - first["bytes_read"])
+            entry["retained_fraction_of_extra_bytes"] = (last["peak_rss_rise_bytes"] - first["peak_rss_rise_bytes"]) / (
+                last["bytes_read"] - first["bytes_read"]
+            )
         out["peak_memory"][m] = entry
 
     goals: dict = {}
@@ -607,7 +617,7 @@ def summarise(model: str, cases: list[dict], n_list: list[int]) -> dict:
         allowance = largest + buffer + 0.1 * first["peak_rss_rise_bytes"]
         goals["prelort_memory_flat"] = {
             "criterion": "peak(N_max) - peak(N_min) <= one largest update + the sums' buffer bound "
-                         f"(min({BUFFER_CLIENTS} largest updates, {BUFFER_BYTES // 2**20} MiB + one)) + 10% of peak(N_min)",
+            f"(min({BUFFER_CLIENTS} largest updates, {BUFFER_BYTES // 2**20} MiB + one)) + 10% of peak(N_min)",
             "growth_bytes": growth,
             "allowance_bytes": allowance,
             "bytes_streamed_growth": last["bytes_read"] - first["bytes_read"],
@@ -629,8 +639,9 @@ def format_case_line(model: str, result: dict) -> str:
     )
 
 
-def format_model_report(model_key: str, cases: list[dict], summary: dict, max_clients_slow: int,
-                        bcast_layers: int) -> str:
+def format_model_report(
+    model_key: str, cases: list[dict], summary: dict, max_clients_slow: int, bcast_layers: int
+) -> str:
     """One model's report: the table of cases, the goals' figures and verdicts (the text main prints)."""
     model = MODELS[model_key]
     out: list[str] = []
@@ -662,8 +673,19 @@ def format_model_report(model_key: str, cases: list[dict], summary: dict, max_cl
         )
     out.append(
         table(
-            ["method", "N", "measured", "updates read", "aggregate CPU", "(wall)", "CPU/client", "GB/s", "bcast prep CPU",
-             "server round CPU", "peak RSS rise"],
+            [
+                "method",
+                "N",
+                "measured",
+                "updates read",
+                "aggregate CPU",
+                "(wall)",
+                "CPU/client",
+                "GB/s",
+                "bcast prep CPU",
+                "server round CPU",
+                "peak RSS rise",
+            ],
             rows,
         )
     )
@@ -671,19 +693,27 @@ def format_model_report(model_key: str, cases: list[dict], summary: dict, max_cl
     if any(c.get("subset") for c in cases):
         notes.append(f"* measured on the first {max_clients_slow} clients of the same draw (slow method)")
     if any(c.get("bcast_layers_measured", model.layers) < model.layers for c in cases if "error" not in c):
-        notes.append(f"~ broadcast timed on {min(bcast_layers, model.layers)} of {model.layers} layers, scaled (identical shapes)")
+        notes.append(
+            f"~ broadcast timed on {min(bcast_layers, model.layers)} of {model.layers} layers, scaled (identical shapes)"
+        )
     for n in notes:
         out.append("   " + n)
 
     out.append("\n  PreLort vs FlexLoRA (goal: >= 100x); CPU time (wall time in brackets)")
     for s in summary["speedup_vs_flexlora"]:
-        tag = f"  (FlexLoRA aggregate extrapolated from {s['flexlora_n_measured']} clients)" if s["flexlora_extrapolated"] else ""
+        tag = (
+            f"  (FlexLoRA aggregate extrapolated from {s['flexlora_n_measured']} clients)"
+            if s["flexlora_extrapolated"]
+            else ""
+        )
         out.append(
             f"    N={s['n_clients']:>5}: aggregate {s['aggregate_speedup']:7.1f}x [{s['aggregate_speedup_wall']:7.1f}x] per client;"
             f"  server round incl. broadcast prep (SVDs) {s['server_round_speedup']:7.1f}x [{s['server_round_speedup_wall']:7.1f}x]{tag}"
         )
         if "aggregate_speedup_at_memcpy_speed" in s:
-            out.append(f"             ceiling (PreLort at memcpy speed of its bytes): {s['aggregate_speedup_at_memcpy_speed']:.0f}x")
+            out.append(
+                f"             ceiling (PreLort at memcpy speed of its bytes): {s['aggregate_speedup_at_memcpy_speed']:.0f}x"
+            )
     out.append("  PreLort bandwidth vs memcpy of the same bytes (goal: >= 30%); CPU time (wall time in brackets)")
     for b in summary["bandwidth_vs_memcpy"]:
         out.append(
@@ -712,25 +742,52 @@ def format_model_report(model_key: str, cases: list[dict], summary: dict, max_cl
 
 # --------------------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small shapes and N (a check, < 1 minute)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODELS) + " (default smollm2,1b)")
     p.add_argument("--clients", default=None, help="comma list of N (default 10,100,1000)")
-    p.add_argument("--methods", default=",".join(method_order()), help="comma list of methods (default: all registered)")
-    p.add_argument("--max-clients-slow", type=int, default=None, help="measure slow methods on at most this many clients (default 100; 0 = all)")
+    p.add_argument(
+        "--methods", default=",".join(method_order()), help="comma list of methods (default: all registered)"
+    )
+    p.add_argument(
+        "--max-clients-slow",
+        type=int,
+        default=None,
+        help="measure slow methods on at most this many clients (default 100; 0 = all)",
+    )
     p.add_argument("--slow-methods", default=SLOW_METHODS_DEFAULT, help="methods limited by --max-clients-slow")
-    p.add_argument("--bcast-layers", type=int, default=None, help="layers on which broadcast preparation is timed (default 2)")
+    p.add_argument(
+        "--bcast-layers", type=int, default=None, help="layers on which broadcast preparation is timed (default 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="runs of aggregate() per case; the best is reported (default 3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared machine, multi-threaded BLAS calls stall when another "
-                   "process holds a core; 0 = torch's choice)")
-    p.add_argument("--isolation", choices=("process", "inline"), default="process",
-                   help="process: a fresh Python process per case (honest peak memory, default); "
-                   "inline: all cases in this process (faster; memory figures then include reuse of freed memory)")
-    p.add_argument("--case-timeout", type=float, default=900.0, help="seconds before a case is abandoned (process isolation)")
-    p.add_argument("--report", metavar="PATH", help="re-print (and with --json rewrite) the summary of a JSON this script wrote, without measuring")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of aggregate() per case; the best is reported (default 3)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, multi-threaded BLAS calls stall when another "
+        "process holds a core; 0 = torch's choice)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("process", "inline"),
+        default="process",
+        help="process: a fresh Python process per case (honest peak memory, default); "
+        "inline: all cases in this process (faster; memory figures then include reuse of freed memory)",
+    )
+    p.add_argument(
+        "--case-timeout", type=float, default=900.0, help="seconds before a case is abandoned (process isolation)"
+    )
+    p.add_argument(
+        "--report",
+        metavar="PATH",
+        help="re-print (and with --json rewrite) the summary of a JSON this script wrote, without measuring",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.models is None:
@@ -773,8 +830,11 @@ def print_report(results: dict) -> None:
     """Every model's report of a results JSON (measured now or read back)."""
     settings = results["settings"]
     for model, entry in results["models"].items():
-        print(format_model_report(model, entry["cases"], entry["summary"], settings["max_clients_slow"],
-                                  settings["bcast_layers"]))
+        print(
+            format_model_report(
+                model, entry["cases"], entry["summary"], settings["max_clients_slow"], settings["bcast_layers"]
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -789,13 +849,18 @@ def main(argv: list[str] | None = None) -> dict:
         print_report(results)
     else:
         settings = settings_from_args(args, argv)
-        print(f"Server aggregation benchmark: ranks drawn (seed {settings.seed}) from {set(RANK_CHOICES)}; "
-              f"N = {list(settings.clients)}; isolation = {settings.isolation}")
+        print(
+            f"Server aggregation benchmark: ranks drawn (seed {settings.seed}) from {set(RANK_CHOICES)}; "
+            f"N = {list(settings.clients)}; isolation = {settings.isolation}"
+        )
         results = run_benchmark(
             settings,
             on_case=lambda model, result: print(format_case_line(model, result), flush=True),
-            on_model=lambda model, record: print(format_model_report(
-                model, record["cases"], record["summary"], settings.max_clients_slow, settings.bcast_layers)),
+            on_model=lambda model, record: print(
+                format_model_report(
+                    model, record["cases"], record["summary"], settings.max_clients_slow, settings.bcast_layers
+                )
+            ),
         )
         print(f"\nnotes: {TIME_NOTE}\n       {MEMORY_NOTE}\n       {BANDWIDTH_NOTE}")
         print(f"elapsed {results['elapsed_s']:.0f} s")

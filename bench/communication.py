@@ -177,7 +177,16 @@ def print_model_report(model: ModelShape, entry: dict) -> None:
     print("  Per client per round (download = what broadcast() returns; upload = the update at the trained rank)")
     print(
         table(
-            ["method", "client rank", "trains", "down raw", "down safetensors", "up raw", "up safetensors", "+ meta JSON"],
+            [
+                "method",
+                "client rank",
+                "trains",
+                "down raw",
+                "down safetensors",
+                "up raw",
+                "up safetensors",
+                "+ meta JSON",
+            ],
             rows,
         )
     )
@@ -194,7 +203,12 @@ def print_model_report(model: ModelShape, entry: dict) -> None:
             ]
             for s in entry["flora_stacked"]
         ]
-        print(table(["N", "stacked rank", "stacked raw", "stacked safetensors", "dense delta (sent here)", "stacked/dense"], rows))
+        print(
+            table(
+                ["N", "stacked rank", "stacked raw", "stacked safetensors", "dense delta (sent here)", "stacked/dense"],
+                rows,
+            )
+        )
     print("\n  Per round, N clients with drawn ranks: server egress (down) / ingress (up), safetensors bytes")
     rows = [
         [t["method"], t["n_clients"], fmt_bytes(t["server_egress_bytes"]), fmt_bytes(t["server_ingress_bytes"])]
@@ -204,7 +218,13 @@ def print_model_report(model: ModelShape, entry: dict) -> None:
     if "ratios_at_rank" in entry:
         print("\n  Download / upload per client relative to PreLort at the same client rank (safetensors bytes)")
         rows = [
-            [m, *[f"{entry['ratios_at_rank'][m][str(r)]['down']:.2f} / {entry['ratios_at_rank'][m][str(r)]['up']:.2f}" for r in RANK_CHOICES]]
+            [
+                m,
+                *[
+                    f"{entry['ratios_at_rank'][m][str(r)]['down']:.2f} / {entry['ratios_at_rank'][m][str(r)]['up']:.2f}"
+                    for r in RANK_CHOICES
+                ],
+            ]
             for m in entry["ratios_at_rank"]
         ]
         print(table(["method"] + [f"r={r}" for r in RANK_CHOICES], rows))
@@ -215,8 +235,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes and N (a check, seconds)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODELS) + " (default smollm2,1b)")
-    p.add_argument("--clients", default=None, help="comma list of N for FLoRA's stacking and round totals (default 10,100)")
-    p.add_argument("--methods", default=",".join(method_order()), help="comma list of methods (default: all registered)")
+    p.add_argument(
+        "--clients", default=None, help="comma list of N for FLoRA's stacking and round totals (default 10,100)"
+    )
+    p.add_argument(
+        "--methods", default=",".join(method_order()), help="comma list of methods (default: all registered)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.models is None:

@@ -66,36 +66,63 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="results/eval_agreement.json")
     args = ap.parse_args(argv)
 
-    data: dict[str, Any] = {"source": "builtin", "suite": args.suite, "max_length": 64,
-                            "num_train": 400, "num_test": args.examples}
+    data: dict[str, Any] = {
+        "source": "builtin",
+        "suite": args.suite,
+        "max_length": 64,
+        "num_train": 400,
+        "num_test": args.examples,
+    }
     if args.suite == "facts":
         data["facts"] = {"num_entities": max(1, args.examples // 3), "attributes": 3, "groups": 1}
-    cfg = config_mod.from_dict({
-        "method": "prelort", "seed": 0, "rounds": args.rounds, "model": {"name": args.model},
-        "clients": {"num": 1, "per_round": 1, "ranks": [args.rank]}, "prelort": {"nested": "off"},
-        "lora": {"alpha": float(args.rank)}, "data": data,
-        "train": {"local_steps": args.steps, "batch_size": 8, "lr": args.lr},
-        "eval": {"every": args.rounds, "max_examples": args.examples, "batch_size": 32, "max_new_tokens": 8,
-                 "mode": "teacher_forced", "truncation_curve": False, "base": False},
-    })
+    cfg = config_mod.from_dict(
+        {
+            "method": "prelort",
+            "seed": 0,
+            "rounds": args.rounds,
+            "model": {"name": args.model},
+            "clients": {"num": 1, "per_round": 1, "ranks": [args.rank]},
+            "prelort": {"nested": "off"},
+            "lora": {"alpha": float(args.rank)},
+            "data": data,
+            "train": {"local_steps": args.steps, "batch_size": 8, "lr": args.lr},
+            "eval": {
+                "every": args.rounds,
+                "max_examples": args.examples,
+                "batch_size": 32,
+                "max_new_tokens": 8,
+                "mode": "teacher_forced",
+                "truncation_curve": False,
+                "base": False,
+            },
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="eval-agreement-") as tmp:
         session = Session(cfg, Path(tmp) / "run", verbose=False)
         zero_shot = compare(session, session.evaluate_base_examples)
-        print("zero-shot:", json.dumps({k: v for k, v in zero_shot.items() if k != "disagreeing_predictions"}),
-              flush=True)
+        print(
+            "zero-shot:", json.dumps({k: v for k, v in zero_shot.items() if k != "disagreeing_predictions"}), flush=True
+        )
         cfg_before = session.cfg.eval.mode
         session.run(InProcessEngine(session, progress=False))
         session.cfg.eval.mode = cfg_before
         trained = compare(session, lambda: session.evaluate_tier_examples(args.rank))
-        print("trained:", json.dumps({k: v for k, v in trained.items() if k != "disagreeing_predictions"}),
-              flush=True)
+        print("trained:", json.dumps({k: v for k, v in trained.items() if k != "disagreeing_predictions"}), flush=True)
     out_path = Path(args.json)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results[f"{args.model}/{args.suite}"] = {
         "command": " ".join(["python", "-m", "bench.eval_agreement", *(argv if argv is not None else sys.argv[1:])]),
-        "training": {"rank": args.rank, "rounds": args.rounds, "local_steps": args.steps, "batch_size": 8,
-                     "lr": args.lr, "clients": 1},
-        "zero_shot": zero_shot, "trained": trained, "environment": environment(),
+        "training": {
+            "rank": args.rank,
+            "rounds": args.rounds,
+            "local_steps": args.steps,
+            "batch_size": 8,
+            "lr": args.lr,
+            "clients": 1,
+        },
+        "zero_shot": zero_shot,
+        "trained": trained,
+        "environment": environment(),
     }
     write_json(out_path, results)
     return 0

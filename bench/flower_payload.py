@@ -125,10 +125,15 @@ def write_app(app_dir: Path, shapes: dict[str, tuple[int, int]], rank: int, resu
     """The benchmark's Flower app: APP_MODULE beside a pyproject.toml from prelort's own app template."""
     from prelort.apps.launch import write_app_pyproject
 
-    write_app_pyproject(app_dir, name="prelort-payload-bench", version="1.0.0",
-                        description="prelort large-update benchmark", serverapp="prelort_payload_app:server",
-                        clientapp="prelort_payload_app:client",
-                        config={"shapes": json.dumps(shapes), "rank": rank, "result": str(result)})
+    write_app_pyproject(
+        app_dir,
+        name="prelort-payload-bench",
+        version="1.0.0",
+        description="prelort large-update benchmark",
+        serverapp="prelort_payload_app:server",
+        clientapp="prelort_payload_app:client",
+        config={"shapes": json.dumps(shapes), "rank": rank, "result": str(result)},
+    )
     (app_dir / "prelort_payload_app.py").write_text(APP_MODULE)
 
 
@@ -145,12 +150,22 @@ def run(model: str = "1b", rank: int = 64, layers: int | None = None, verbose: b
         t0 = time.perf_counter()
         with SimulationSuperLink(home, tmp / "superlink.log") as link:
             write_connection(home, CONNECTION, link.address, insecure=True)
-            submit_and_follow(tmp / "app", CONNECTION, home, verbose=verbose, federation_config=[
-                "num-supernodes=1", "client-resources-num-cpus=1", "client-resources-num-gpus=0.0"])
+            submit_and_follow(
+                tmp / "app",
+                CONNECTION,
+                home,
+                verbose=verbose,
+                federation_config=["num-supernodes=1", "client-resources-num-cpus=1", "client-resources-num-gpus=0.0"],
+            )
         total = time.perf_counter() - t0
         result = json.loads(result_file.read_text())
-    result.update(model=MODELS[model].label, rank=rank, modules=len(shapes), expected_bytes=adapter_bytes(shapes, rank),
-                  flower_run_total_s=total)
+    result.update(
+        model=MODELS[model].label,
+        rank=rank,
+        modules=len(shapes),
+        expected_bytes=adapter_bytes(shapes, rank),
+        flower_run_total_s=total,
+    )
     return result
 
 
@@ -167,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args.model, args.rank, args.layers, args.verbose)
     res["environment"] = environment()
     print(f"{res['model']} rank {res['rank']}: {res['modules']} modules, adapter {fmt_bytes(res['expected_bytes'])}")
-    print(f"  download (task ArrayRecord) {fmt_bytes(res['download_bytes'])}, upload (safetensors Array) "
-          f"{fmt_bytes(res['upload_bytes'])}, bit-exact: {res['bit_exact']}")
+    print(
+        f"  download (task ArrayRecord) {fmt_bytes(res['download_bytes'])}, upload (safetensors Array) "
+        f"{fmt_bytes(res['upload_bytes'])}, bit-exact: {res['bit_exact']}"
+    )
     ct = res["client_timings"]
-    print(f"  server round trip {res['round_trip_s']:.2f} s (send task, client decode {ct['decode_task_s']:.2f} s + "
-          f"encode {ct['encode_reply_s']:.2f} s, reply); server encode {res['encode_task_s']:.2f} s, decode "
-          f"{res['decode_reply_s']:.2f} s; whole Flower run {res['flower_run_total_s']:.1f} s")
+    print(
+        f"  server round trip {res['round_trip_s']:.2f} s (send task, client decode {ct['decode_task_s']:.2f} s + "
+        f"encode {ct['encode_reply_s']:.2f} s, reply); server encode {res['encode_task_s']:.2f} s, decode "
+        f"{res['decode_reply_s']:.2f} s; whole Flower run {res['flower_run_total_s']:.1f} s"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))

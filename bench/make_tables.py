@@ -85,7 +85,7 @@ def runnable(command: str) -> str:
     """A recorded command as it runs today: the JSON keeps what was typed, ``python bench/NAME.py ...`` before
     bench/ became a package; that is ``python -m bench.NAME ...`` now."""
     match = re.match(r"python bench/(\w+)\.py\b", command)
-    return f"python -m bench.{match[1]}{command[match.end():]}" if match else command
+    return f"python -m bench.{match[1]}{command[match.end() :]}" if match else command
 
 
 def command_of(data: dict[str, Any], script: str) -> str:
@@ -112,47 +112,69 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
     out = ["### Quality (accuracy, ROUGE-L, perplexity per rank tier)", ""]
     settings = data.get("settings", {})
     seeds = settings.get("seeds", [])
-    out.append(f"Mean ± sample std over seeds {seeds}; learning rate chosen per method from "
-               f"{settings.get('lr_grid')} by the same procedure: "
-               f"{(data.get('protocol') or {}).get('lr_selection', 'see quality.json')}.")
+    out.append(
+        f"Mean ± sample std over seeds {seeds}; learning rate chosen per method from "
+        f"{settings.get('lr_grid')} by the same procedure: "
+        f"{(data.get('protocol') or {}).get('lr_selection', 'see quality.json')}."
+    )
     out.append("")
     for model, m in data.get("models", {}).items():
         cfg = m.get("config", {})
         clients = cfg.get("clients", {})
         train = cfg.get("train", {})
         partition = (cfg.get("data") or {}).get("partition", {})
-        out.append(f"**{model}**: {m.get('rounds')} rounds x {clients.get('per_round')} of {clients.get('num')} "
-                   f"clients (ranks {clients.get('ranks')}) x {train.get('local_steps')} local steps of batch "
-                   f"{train.get('batch_size')}; {partition.get('kind')} non-IID (alpha {partition.get('alpha')}) over "
-                   f"task categories; {(cfg.get('eval') or {}).get('max_examples')} held-out examples; "
-                   f"compute time {(m.get('compute_seconds') or m.get('wall_seconds') or 0) / 60:.0f} min."
-                   + (f" {m['rounds_note']}." if m.get("rounds_note") else ""))
+        out.append(
+            f"**{model}**: {m.get('rounds')} rounds x {clients.get('per_round')} of {clients.get('num')} "
+            f"clients (ranks {clients.get('ranks')}) x {train.get('local_steps')} local steps of batch "
+            f"{train.get('batch_size')}; {partition.get('kind')} non-IID (alpha {partition.get('alpha')}) over "
+            f"task categories; {(cfg.get('eval') or {}).get('max_examples')} held-out examples; "
+            f"compute time {(m.get('compute_seconds') or m.get('wall_seconds') or 0) / 60:.0f} min."
+            + (f" {m['rounds_note']}." if m.get("rounds_note") else "")
+        )
         notes = []
         if m.get("select_rounds"):
-            notes.append(f"Learning rates selected with {m['select_rounds']}-round runs on seed "
-                         f"{settings.get('select_seed')}.")
+            notes.append(
+                f"Learning rates selected with {m['select_rounds']}-round runs on seed {settings.get('select_seed')}."
+            )
         if m.get("seeds") and m["seeds"] != seeds:
             notes.append(f"Seeds {m['seeds']}" + (" (one seed: no std)." if len(m["seeds"]) == 1 else "."))
         if m.get("lr_transferred_from"):
-            notes.append(f"No learning-rate selection for this model: each method uses the lr selected for "
-                         f"{m['lr_transferred_from']}.")
+            notes.append(
+                f"No learning-rate selection for this model: each method uses the lr selected for "
+                f"{m['lr_transferred_from']}."
+            )
         if m.get("command"):
             notes.append(f"Command: `{runnable(m['command'])}`.")
         if notes:
             out[-1] += " " + " ".join(notes)
         out.append("")
         base = m.get("base", {})
-        rows = [["base (zero-shot)", "-", "-", mean_std(base.get("accuracy"), 3), mean_std(base.get("rougeL"), 3),
-                 mean_std(base.get("perplexity"), 2)]]
+        rows = [
+            [
+                "base (zero-shot)",
+                "-",
+                "-",
+                mean_std(base.get("accuracy"), 3),
+                mean_std(base.get("rougeL"), 3),
+                mean_std(base.get("perplexity"), 2),
+            ]
+        ]
         methods = m.get("methods", {})
         edge = {name for name, sel in (m.get("lr_selection") or {}).items() if sel.get("at_grid_edge")}
         for name in _ordered(list(methods)):
             meth = methods[name]
             lr = "n/a" if meth.get("lr") is None else f"{meth['lr']:g}" + (" †" if name in edge else "")
             for tier, st in sorted(meth.get("tiers", {}).items(), key=lambda kv: int(kv[0])):
-                rows.append([name, lr, tier,
-                             mean_std(st.get("accuracy"), 3), mean_std(st.get("rougeL"), 3),
-                             mean_std(st.get("perplexity"), 2)])
+                rows.append(
+                    [
+                        name,
+                        lr,
+                        tier,
+                        mean_std(st.get("accuracy"), 3),
+                        mean_std(st.get("rougeL"), 3),
+                        mean_std(st.get("perplexity"), 2),
+                    ]
+                )
         out.append(markdown(["method", "lr", "rank tier", "accuracy", "ROUGE-L", "perplexity"], rows))
         out.append("")
         if edge:
@@ -162,8 +184,10 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
         if ts:
             out.append("Truncation curve (accuracy of the global model truncated to its first t dimensions):")
             out.append("")
-            curve_rows = [[name] + [mean_std(methods[name].get("curve", {}).get(str(t), {}).get("accuracy"), 3)
-                                    for t in ts] for name in _ordered(list(methods))]
+            curve_rows = [
+                [name] + [mean_std(methods[name].get("curve", {}).get(str(t), {}).get("accuracy"), 3) for t in ts]
+                for name in _ordered(list(methods))
+            ]
             out.append(markdown(["method"] + [f"t={t}" for t in ts], curve_rows))
             out.append("")
         plot = next((p for p in m.get("plots", []) if p.endswith("comparison_truncation.png")), None)
@@ -181,9 +205,11 @@ def quality_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -
 
 def aggregation_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
     out = ["### Server aggregation time", ""]
-    out.append("CPU seconds per round of the server's aggregation of N client updates (ranks drawn from "
-               f"{(data.get('settings') or {}).get('rank_choices')}); `*` = measured on a subset of the clients "
-               "and scaled (see aggregation.json).")
+    out.append(
+        "CPU seconds per round of the server's aggregation of N client updates (ranks drawn from "
+        f"{(data.get('settings') or {}).get('rank_choices')}); `*` = measured on a subset of the clients "
+        "and scaled (see aggregation.json)."
+    )
     out.append("")
     for model, m in data.get("models", {}).items():
         cases = [c for c in m.get("cases", []) if "error" not in c]
@@ -208,8 +234,11 @@ def aggregation_section(data: dict[str, Any], results_dir: Path, readme_dir: Pat
         out.append("")
         speed = (m.get("summary") or {}).get("speedup_vs_flexlora") or []
         if speed:
-            out.append("PreLort's speed-up over FlexLoRA (aggregation CPU time per client; goal >= 100x): "
-                       + ", ".join(f"N={s['n_clients']}: {s['aggregate_speedup']:.1f}x" for s in speed) + ".")
+            out.append(
+                "PreLort's speed-up over FlexLoRA (aggregation CPU time per client; goal >= 100x): "
+                + ", ".join(f"N={s['n_clients']}: {s['aggregate_speedup']:.1f}x" for s in speed)
+                + "."
+            )
             out.append("")
         bandwidth = (m.get("summary") or {}).get("bandwidth_vs_memcpy") or []
         if bandwidth:
@@ -217,16 +246,23 @@ def aggregation_section(data: dict[str, Any], results_dir: Path, readme_dir: Pat
             for b in bandwidth:
                 part = f"N={b['n_clients']}: {100 * b['fraction']:.0f}%"
                 if "streaming_fraction" in b:
-                    part += (f" (fixed round cost {fmt_seconds(b['fixed_round_cpu_s'])}; per-client work alone "
-                             f"{100 * b['streaming_fraction']:.0f}%)")
+                    part += (
+                        f" (fixed round cost {fmt_seconds(b['fixed_round_cpu_s'])}; per-client work alone "
+                        f"{100 * b['streaming_fraction']:.0f}%)"
+                    )
                 parts.append(part)
-            out.append("PreLort's bandwidth (bytes of the updates / aggregation CPU time) as a fraction of a memcpy of "
-                       "the same tensors (goal >= 30%): " + ", ".join(parts) + ".")
+            out.append(
+                "PreLort's bandwidth (bytes of the updates / aggregation CPU time) as a fraction of a memcpy of "
+                "the same tensors (goal >= 30%): " + ", ".join(parts) + "."
+            )
             out.append("")
         memory = ((m.get("summary") or {}).get("peak_memory") or {}).get("prelort")
         if memory:
-            out.append("PreLort's peak server memory during aggregation (rise of the resident set; goal: flat in N): "
-                       + ", ".join(f"N={n}: {fmt_bytes(v)}" for n, v in memory["by_clients_measured"].items()) + ".")
+            out.append(
+                "PreLort's peak server memory during aggregation (rise of the resident set; goal: flat in N): "
+                + ", ".join(f"N={n}: {fmt_bytes(v)}" for n, v in memory["by_clients_measured"].items())
+                + "."
+            )
             out.append("")
     out.append(provenance(data, "aggregation"))
     return "\n".join(out)
@@ -244,9 +280,12 @@ def communication_section(data: dict[str, Any], results_dir: Path, readme_dir: P
             cells = [meth]
             for r in ranks:
                 row = per_method[meth].get(r)
-                cells.append("n/a" if row is None else
-                             f"{fmt_bytes(row.get('upload_safetensors_bytes'))} / "
-                             f"{fmt_bytes(row.get('download_safetensors_bytes'))}")
+                cells.append(
+                    "n/a"
+                    if row is None
+                    else f"{fmt_bytes(row.get('upload_safetensors_bytes'))} / "
+                    f"{fmt_bytes(row.get('download_safetensors_bytes'))}"
+                )
             rows.append(cells)
         out.append(f"**{m.get('label', model)}**")
         out.append("")
@@ -258,17 +297,25 @@ def communication_section(data: dict[str, Any], results_dir: Path, readme_dir: P
 
 def train_step_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
     out = ["### Cost of the prefix-nested objective (local training step)", ""]
-    out.append(f"{data.get('model')}, batch {data.get('batch_size')} x {data.get('seq_len')} tokens, a client of "
-               f"rank {data.get('client_rank')} with truncations {data.get('truncations')}; median over "
-               f"{data.get('rounds')} rounds.")
+    out.append(
+        f"{data.get('model')}, batch {data.get('batch_size')} x {data.get('seq_len')} tokens, a client of "
+        f"rank {data.get('client_rank')} with truncations {data.get('truncations')}; median over "
+        f"{data.get('rounds')} rounds."
+    )
     out.append("")
     rows = []
     passes = data.get("passes_per_step", {})
     for mode in data.get("seconds_per_step", {}):
-        rows.append([mode, passes.get(mode, "n/a"), fmt_seconds(data["seconds_per_step"].get(mode)),
-                     _num((data.get("ratio_to_off") or {}).get(mode), 2),
-                     fmt_seconds((data.get("cpu_seconds_per_step") or {}).get(mode)),
-                     _num((data.get("cpu_ratio_to_off") or {}).get(mode), 2)])
+        rows.append(
+            [
+                mode,
+                passes.get(mode, "n/a"),
+                fmt_seconds(data["seconds_per_step"].get(mode)),
+                _num((data.get("ratio_to_off") or {}).get(mode), 2),
+                fmt_seconds((data.get("cpu_seconds_per_step") or {}).get(mode)),
+                _num((data.get("cpu_ratio_to_off") or {}).get(mode), 2),
+            ]
+        )
     out.append(markdown(["mode", "passes/step", "s/step", "x off", "CPU s/step", "CPU x off"], rows))
     out.append("")
     env = data.get("environment") or {k: data[k] for k in ("cpu", "torch_threads") if k in data}
@@ -297,10 +344,16 @@ def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     gate = data.get("gate") or {}
     out = ["### Quality study pilot gate: is the `facts` task rank-sensitive?", ""]
     verdict = "**holds**" if gate.get("holds") else "**does not hold** (in any configuration tried so far)"
-    out.append(f"Gate ({gate.get('rule', 'rule not recorded')}): {verdict}. The study runs only once it holds "
-               "at the study's budget on the pilot seed (docs/quality-study.md).")
-    out += ["", "| facts (entities x attributes), LoRA targets | optimizer steps x batch | seed | rank 16 (lr) "
-                "| rank 2 (lr) | 16 - 2 | queries | gate |", "|---|---|---|---|---|---|---|---|"]
+    out.append(
+        f"Gate ({gate.get('rule', 'rule not recorded')}): {verdict}. The study runs only once it holds "
+        "at the study's budget on the pilot seed (docs/quality-study.md)."
+    )
+    out += [
+        "",
+        "| facts (entities x attributes), LoRA targets | optimizer steps x batch | seed | rank 16 (lr) "
+        "| rank 2 (lr) | 16 - 2 | queries | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for entry in data.get("configurations", {}).values():
         task, budget = entry["task"], entry["budget"]
         best = entry.get("best_by_rank") or {}
@@ -314,15 +367,19 @@ def quality_pilot_section(data: dict[str, Any], results_dir: Path, readme_dir: P
         gap = entry.get("gap_16_minus_2")
         n = min((b["n"] for b in best.values()), default=0)
         passes = entry.get("passes")
-        out.append(f"| {task['entities'] * task['attributes']} ({task['entities']} x {task['attributes']}), "
-                   f"{task['targets']} | {budget['optimizer_steps']} x {budget['batch_size']} | {entry['seed']} | "
-                   f"{cell('16')} | {cell('2')} | {'-' if gap is None else f'{gap:+.3f}'} | {n} | "
-                   f"{'pass' if passes else ('fail' if passes is False else 'running')} |")
+        out.append(
+            f"| {task['entities'] * task['attributes']} ({task['entities']} x {task['attributes']}), "
+            f"{task['targets']} | {budget['optimizer_steps']} x {budget['batch_size']} | {entry['seed']} | "
+            f"{cell('16')} | {cell('2')} | {'-' if gap is None else f'{gap:+.3f}'} | {n} | "
+            f"{'pass' if passes else ('fail' if passes is False else 'running')} |"
+        )
     out.append("")
-    out.append("Each row: `python -m bench.quality_pilot --entities E --attributes A --phrasings P --targets T "
-               "--ranks 16,2 --lrs <grid> --rounds R --steps S --batch B --seed SEED` (centralised LoRA: one client "
-               "holding all the training data; best lr per rank; teacher-forced exact match on every held-out "
-               "query).")
+    out.append(
+        "Each row: `python -m bench.quality_pilot --entities E --attributes A --phrasings P --targets T "
+        "--ranks 16,2 --lrs <grid> --rounds R --steps S --batch B --seed SEED` (centralised LoRA: one client "
+        "holding all the training data; best lr per rank; teacher-forced exact match on every held-out "
+        "query)."
+    )
     if data.get("note"):
         out += ["", str(data["note"])]
     out += ["", f"Machine: {machine(data.get('environment'))}"]
@@ -334,23 +391,40 @@ def _study_selection(data: dict[str, Any]) -> list[str]:
     the selection score (mean over tiers), cost, and which lr each arm chose (flagged at the grid's edge). Every
     figure is the study's own (``arms[...].grid`` and its runs' ``accuracy``); nothing is recomputed here."""
     settings, arms, runs = data.get("settings") or {}, data.get("arms") or {}, data.get("runs") or {}
-    grids = [(arm, g, runs.get(g.get("run")) or {})
-             for arm in settings.get("arms") or [] for g in (arms.get(arm) or {}).get("grid") or []]
+    grids = [
+        (arm, g, runs.get(g.get("run")) or {})
+        for arm in settings.get("arms") or []
+        for g in (arms.get(arm) or {}).get("grid") or []
+    ]
     if not grids:
         return []
     tiers = sorted({int(t) for _, _, run in grids for t in run.get("accuracy") or {}})
     rows = []
     for arm, g, run in grids:
         chosen = arms[arm].get("lr")
-        mark = ("chosen" + (" (grid edge)" if arms[arm].get("at_grid_edge") else "")) if chosen == g["lr"] else (
-            "" if chosen is not None else "grid unfinished")
-        rows.append([arm, f"{g['lr']:g}"] + [_num((run.get("accuracy") or {}).get(str(t)), 3) for t in tiers]
-                    + [_num(g.get("mean_accuracy"), 3), _num((run.get("cost") or {}).get("passes"), 0),
-                       "n/a" if run.get("wall_seconds") is None else f"{run['wall_seconds'] / 60:.1f} min", mark])
-    return [f"Learning-rate selection on seed {settings.get('selection_seed')} (never reported; the lr with the "
-            "highest mean accuracy over the tiers is chosen per arm; wall time on a shared machine, so other work "
-            "running alongside can inflate it, passes cannot):", "",
-            markdown(["arm", "lr"] + [f"tier {t}" for t in tiers] + ["mean", "passes", "wall", ""], rows), ""]
+        mark = (
+            ("chosen" + (" (grid edge)" if arms[arm].get("at_grid_edge") else ""))
+            if chosen == g["lr"]
+            else ("" if chosen is not None else "grid unfinished")
+        )
+        rows.append(
+            [arm, f"{g['lr']:g}"]
+            + [_num((run.get("accuracy") or {}).get(str(t)), 3) for t in tiers]
+            + [
+                _num(g.get("mean_accuracy"), 3),
+                _num((run.get("cost") or {}).get("passes"), 0),
+                "n/a" if run.get("wall_seconds") is None else f"{run['wall_seconds'] / 60:.1f} min",
+                mark,
+            ]
+        )
+    return [
+        f"Learning-rate selection on seed {settings.get('selection_seed')} (never reported; the lr with the "
+        "highest mean accuracy over the tiers is chosen per arm; wall time on a shared machine, so other work "
+        "running alongside can inflate it, passes cannot):",
+        "",
+        markdown(["arm", "lr"] + [f"tier {t}" for t in tiers] + ["mean", "passes", "wall", ""], rows),
+        "",
+    ]
 
 
 def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
@@ -366,48 +440,68 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     status = "" if complete else f" **PARTIAL: {progress.get('text', 'progress not recorded')}.**"
     if complete and progress.get("done") != progress.get("total"):
         status = f" Extra arms still running: {progress.get('text')}."
-    protocol = (f"Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); \"PreLort\" "
-                f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}.")
+    protocol = (
+        f'Protocol: [docs/quality-study.md](docs/quality-study.md) (fixed before the runs); "PreLort" '
+        f"is `{settings.get('verdict_arm')}`; seeds compared: {analysis.get('seeds_compared')}."
+    )
     if verdict and complete:
         out.append(f"**Verdict: {str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). {protocol}{status}")
     elif verdict:
         # a partial study's reading is interim: seeds still to come can move any CI across the rule's bounds
-        out.append(f"{status.strip()} Interim reading of the decision rule on the seeds finished so far, not the "
-                   f"study's verdict: **{str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). "
-                   f"{protocol}")
+        out.append(
+            f"{status.strip()} Interim reading of the decision rule on the seeds finished so far, not the "
+            f"study's verdict: **{str(verdict.get('verdict')).upper()}** ({verdict.get('reason')}). "
+            f"{protocol}"
+        )
     else:
-        why = analysis.get("note") or (f"the analysis failed: {analysis['error']}" if analysis.get("error")
-                                       else "no analysis")
+        why = analysis.get("note") or (
+            f"the analysis failed: {analysis['error']}" if analysis.get("error") else "no analysis"
+        )
         out.append(f"**No verdict yet**: {why}.{status}")
     cfg = data.get("config") or {}
     clients, train = cfg.get("clients") or {}, cfg.get("train") or {}
     out.append("")
-    out.append(f"{cfg.get('model', {}).get('name')}, data `{(cfg.get('data') or {}).get('source')}`; "
-               f"{cfg.get('rounds')} rounds x {clients.get('per_round')} of {clients.get('num')} clients (ranks "
-               f"{clients.get('ranks')}, stratified sampling) x {train.get('local_steps')} local steps of batch "
-               f"{train.get('batch_size')}; reported seeds {settings.get('seeds')}, lr per arm from "
-               f"{settings.get('lr_grid')} on selection seed {settings.get('selection_seed')}; compute "
-               f"{(data.get('cpu_seconds') or 0) / 3600:.1f} h of run wall time.")
+    out.append(
+        f"{cfg.get('model', {}).get('name')}, data `{(cfg.get('data') or {}).get('source')}`; "
+        f"{cfg.get('rounds')} rounds x {clients.get('per_round')} of {clients.get('num')} clients (ranks "
+        f"{clients.get('ranks')}, stratified sampling) x {train.get('local_steps')} local steps of batch "
+        f"{train.get('batch_size')}; reported seeds {settings.get('seeds')}, lr per arm from "
+        f"{settings.get('lr_grid')} on selection seed {settings.get('selection_seed')}; compute "
+        f"{(data.get('cpu_seconds') or 0) / 3600:.1f} h of run wall time."
+    )
     out.append("")
     comps = analysis.get("comparisons") or []
     if comps:
-        out.append("Paired difference of accuracy, PreLort minus each baseline (bootstrap over seeds, then examples; "
-                   "Holm-corrected over all tests; ★ = the tier's best baseline, whose Holm CI the verdict uses):")
+        out.append(
+            "Paired difference of accuracy, PreLort minus each baseline (bootstrap over seeds, then examples; "
+            "Holm-corrected over all tests; ★ = the tier's best baseline, whose Holm CI the verdict uses):"
+        )
         out.append("")
-        rows = [[c["tier"], c["baseline"] + (" ★" if c.get("best") else ""), f"{c['diff']:+.3f}", _ci_text(c["ci95"]),
-                 _ci_text(c["ci_holm"]), _num(c["p_holm"], 4), "yes" if c.get("significant") else "no",
-                 _num(c.get("mdd"), 3)]
-                for c in sorted(comps, key=lambda c: (c["tier"], _ordered([c["baseline"]])[0]))]
-        out.append(markdown(["tier", "baseline", "difference", "95% CI", "Holm CI", "Holm p", "significant",
-                             "MDD"], rows))
+        rows = [
+            [
+                c["tier"],
+                c["baseline"] + (" ★" if c.get("best") else ""),
+                f"{c['diff']:+.3f}",
+                _ci_text(c["ci95"]),
+                _ci_text(c["ci_holm"]),
+                _num(c["p_holm"], 4),
+                "yes" if c.get("significant") else "no",
+                _num(c.get("mdd"), 3),
+            ]
+            for c in sorted(comps, key=lambda c: (c["tier"], _ordered([c["baseline"]])[0]))
+        ]
+        out.append(
+            markdown(["tier", "baseline", "difference", "95% CI", "Holm CI", "Holm p", "significant", "MDD"], rows)
+        )
         out.append("")
         mdd = analysis.get("mdd") or {}
-        out.append(f"Minimum detectable difference ({mdd.get('how')}): against the best baseline per tier "
-                   + ", ".join(f"tier {t}: {v:.3f}" for t, v in (mdd.get("best_baseline_per_tier") or {}).items())
-                   + "; strictest Holm level: "
-                   + ", ".join(f"tier {t}: {v:.3f}" for t, v in
-                               (mdd.get("best_baseline_per_tier_strictest") or {}).items())
-                   + f"; median over all tests {_num(mdd.get('median_all'), 3)}.")
+        out.append(
+            f"Minimum detectable difference ({mdd.get('how')}): against the best baseline per tier "
+            + ", ".join(f"tier {t}: {v:.3f}" for t, v in (mdd.get("best_baseline_per_tier") or {}).items())
+            + "; strictest Holm level: "
+            + ", ".join(f"tier {t}: {v:.3f}" for t, v in (mdd.get("best_baseline_per_tier_strictest") or {}).items())
+            + f"; median over all tests {_num(mdd.get('median_all'), 3)}."
+        )
         out.append("")
     arms = analysis.get("arms") or {}
     if arms:
@@ -416,16 +510,29 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
         for name, a in arms.items():
             cost = a.get("cost") or {}
             extra = " (extra, not pre-registered)" if name in (settings.get("extra_arms") or []) else ""
-            rows.append([name + extra] + [f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'], False)}"
-                                  if str(t) in a.get("tiers", {}) else "n/a" for t in tiers]
-                        + [len(a.get("seeds", [])), _num(cost.get("passes"), 0), _num(cost.get("optimizer_steps"), 0),
-                           fmt_seconds(cost.get("wall_seconds"))])
+            rows.append(
+                [name + extra]
+                + [
+                    f"{a['tiers'][str(t)]['accuracy']:.3f} {_ci_text(a['tiers'][str(t)]['ci95'], False)}"
+                    if str(t) in a.get("tiers", {})
+                    else "n/a"
+                    for t in tiers
+                ]
+                + [
+                    len(a.get("seeds", [])),
+                    _num(cost.get("passes"), 0),
+                    _num(cost.get("optimizer_steps"), 0),
+                    fmt_seconds(cost.get("wall_seconds")),
+                ]
+            )
         base = analysis.get("base_model")
         if base:  # one adapter-free model: the same value in every tier
             cell = f"{base['accuracy']:.3f} {_ci_text(base['ci95'], False)}"
             rows.append(["untrained model (reference)"] + [cell] * len(tiers) + [len(base["seeds"]), 0, 0, "-"])
-        out.append("Accuracy per arm and tier with 95% CI; cost per run (forward/backward passes, optimizer steps, "
-                   "wall time; means over seeds):")
+        out.append(
+            "Accuracy per arm and tier with 95% CI; cost per run (forward/backward passes, optimizer steps, "
+            "wall time; means over seeds):"
+        )
         out.append("")
         out.append(markdown(["arm"] + [f"tier {t}" for t in tiers] + ["seeds", "passes", "steps", "wall"], rows))
         out.append("")
@@ -433,10 +540,21 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
         if ts:
             out.append("Truncation curve (accuracy of the global model truncated to t, 95% CI):")
             out.append("")
-            out.append(markdown(["arm"] + [f"t={t}" for t in ts],
-                                [[name] + [f"{a['curve'][str(t)]['accuracy']:.3f} {_ci_text(a['curve'][str(t)]['ci95'], False)}"
-                                           if str(t) in a.get("curve", {}) else "n/a" for t in ts]
-                                 for name, a in arms.items()]))
+            out.append(
+                markdown(
+                    ["arm"] + [f"t={t}" for t in ts],
+                    [
+                        [name]
+                        + [
+                            f"{a['curve'][str(t)]['accuracy']:.3f} {_ci_text(a['curve'][str(t)]['ci95'], False)}"
+                            if str(t) in a.get("curve", {})
+                            else "n/a"
+                            for t in ts
+                        ]
+                        for name, a in arms.items()
+                    ],
+                )
+            )
             out.append("")
         dims = {name: a["dim_steps_mean"] for name, a in arms.items() if a.get("dim_steps_mean")}
         if dims:
@@ -447,34 +565,66 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
                 if b > lo:
                     spans.append((lo, b))
                     lo = b
-            out.append("Optimizer steps that reached each rank segment over a run (mean over its dimensions and seeds; "
-                       "the under-trained-top-tier diagnostic):")
+            out.append(
+                "Optimizer steps that reached each rank segment over a run (mean over its dimensions and seeds; "
+                "the under-trained-top-tier diagnostic):"
+            )
             out.append("")
-            out.append(markdown(["arm"] + [f"dims {a}-{b - 1}" for a, b in spans],
-                                [[name] + [_num(sum(v[a:b]) / max(1, len(v[a:b])), 1) if a < len(v) else "n/a"
-                                           for a, b in spans] for name, v in dims.items()]))
+            out.append(
+                markdown(
+                    ["arm"] + [f"dims {a}-{b - 1}" for a, b in spans],
+                    [
+                        [name] + [_num(sum(v[a:b]) / max(1, len(v[a:b])), 1) if a < len(v) else "n/a" for a, b in spans]
+                        for name, v in dims.items()
+                    ],
+                )
+            )
             out.append("")
-    for key, title in (("equal_steps", "at equal optimizer steps (final round)"),
-                       ("equal_passes", "at equal forward/backward passes (last round within prelort-sample's "
-                                        "passes)")):
+    for key, title in (
+        ("equal_steps", "at equal optimizer steps (final round)"),
+        ("equal_passes", "at equal forward/backward passes (last round within prelort-sample's passes)"),
+    ):
         block = analysis.get(key) or {}
         rows = []
         for name, e in block.items():
             for t, c in (e.get("tiers") or {}).items():
-                rows.append([name, t, f"{c['diff']:+.3f}", _ci_text(c["ci95"]),
-                             _num(e.get("passes_ratio"), 2) if key == "equal_steps" else
-                             ", ".join(f"seed {s}: round {r}" for s, r in (e.get("rounds") or {}).items())])
+                rows.append(
+                    [
+                        name,
+                        t,
+                        f"{c['diff']:+.3f}",
+                        _ci_text(c["ci95"]),
+                        _num(e.get("passes_ratio"), 2)
+                        if key == "equal_steps"
+                        else ", ".join(f"seed {s}: round {r}" for s, r in (e.get("rounds") or {}).items()),
+                    ]
+                )
         if rows:
             out.append(f"The other PreLort arms minus `{settings.get('verdict_arm')}` {title}:")
             out.append("")
-            out.append(markdown(["arm", "tier", "difference", "95% CI",
-                                 "passes ratio" if key == "equal_steps" else "rounds compared"], rows))
+            out.append(
+                markdown(
+                    [
+                        "arm",
+                        "tier",
+                        "difference",
+                        "95% CI",
+                        "passes ratio" if key == "equal_steps" else "rounds compared",
+                    ],
+                    rows,
+                )
+            )
             out.append("")
-    rows = [[name, t, c["baseline"], f"{c['diff']:+.3f}", _ci_text(c["ci95"])]
-            for name, e in (analysis.get("exploratory") or {}).items() for t, c in e.items()]
+    rows = [
+        [name, t, c["baseline"], f"{c['diff']:+.3f}", _ci_text(c["ci95"])]
+        for name, e in (analysis.get("exploratory") or {}).items()
+        for t, c in e.items()
+    ]
     if rows:
-        out.append("Exploratory, after the runs (not one of the tests, not in the verdict, no multiplicity "
-                   "correction): the other PreLort arms minus the tier's best baseline:")
+        out.append(
+            "Exploratory, after the runs (not one of the tests, not in the verdict, no multiplicity "
+            "correction): the other PreLort arms minus the tier's best baseline:"
+        )
         out.append("")
         out.append(markdown(["arm", "tier", "best baseline", "difference", "95% CI"], rows))
         out.append("")
@@ -530,7 +680,7 @@ def replace_section(readme: str, body: str) -> str:
         return readme.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
     if begin == -1 or end == -1 or end < begin or readme.count(BEGIN) > 1 or readme.count(END) > 1:
         raise TablesError(f"the README must hold exactly one {BEGIN} followed by one {END}")
-    return readme[:begin] + block + readme[end + len(END):]
+    return readme[:begin] + block + readme[end + len(END) :]
 
 
 def main(argv: list[str] | None = None) -> int:

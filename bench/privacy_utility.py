@@ -37,16 +37,30 @@ COMPLETE = "bench-complete.json"
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "engine": "inprocess", "audit": False, "seed": args.seed, "rounds": args.rounds,
+        "engine": "inprocess",
+        "audit": False,
+        "seed": args.seed,
+        "rounds": args.rounds,
         "model": {"name": args.model},
         "lora": {"alpha": 16},
         "clients": {"num": args.clients, "per_round": args.clients, "ranks": args.ranks},
         "prelort": {"nested": "all"},
-        "data": {"source": "builtin", "num_train": args.num_train, "num_test": args.eval_examples, "max_length": 64,
-                 "partition": {"kind": "iid"}},
+        "data": {
+            "source": "builtin",
+            "num_train": args.num_train,
+            "num_test": args.eval_examples,
+            "max_length": 64,
+            "partition": {"kind": "iid"},
+        },
         "train": {"local_steps": args.local_steps, "batch_size": 4, "lr": args.lr},
-        "eval": {"every": args.rounds, "max_examples": args.eval_examples, "batch_size": 16, "max_new_tokens": 8,
-                 "truncation_curve": False, "base": False},
+        "eval": {
+            "every": args.rounds,
+            "max_examples": args.eval_examples,
+            "batch_size": 16,
+            "max_new_tokens": 8,
+            "truncation_curve": False,
+            "base": False,
+        },
     }
 
 
@@ -71,11 +85,19 @@ def run_one(cfg: config_mod.Config, run_dir: Path) -> dict[str, Any]:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     last = max(r["round"] for r in records)
     trains = [r for r in records if r.get("kind") == "train"]
-    tiers = {str(r["rank"]): {"accuracy": r["accuracy"], "perplexity": r["perplexity"]}
-             for r in records if r.get("kind") == "tier" and r["round"] == last}
-    out = {"dp_epsilon": trains[-1].get("dp_epsilon"), "dp_delta": trains[-1].get("dp_delta"),
-           "noise_multiplier": trains[-1].get("dp_noise_multiplier"), "tiers": tiers,
-           "train_loss": [t["train_loss"] for t in trains], "seconds": round(time.perf_counter() - t0, 1)}
+    tiers = {
+        str(r["rank"]): {"accuracy": r["accuracy"], "perplexity": r["perplexity"]}
+        for r in records
+        if r.get("kind") == "tier" and r["round"] == last
+    }
+    out = {
+        "dp_epsilon": trains[-1].get("dp_epsilon"),
+        "dp_delta": trains[-1].get("dp_delta"),
+        "noise_multiplier": trains[-1].get("dp_noise_multiplier"),
+        "tiers": tiers,
+        "train_loss": [t["train_loss"] for t in trains],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_json(marker, out)
     return out
 
@@ -126,13 +148,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_for(args, method, z)
             res = run_one(cfg, runs / f"{method}-z{z:g}")
             rows.append({"method": method, "z": z, **res})
-            print(f"{method} z={z:g}: epsilon={res['dp_epsilon']} tiers={res['tiers']} ({res['seconds']} s)",
-                  flush=True)
+            print(
+                f"{method} z={z:g}: epsilon={res['dp_epsilon']} tiers={res['tiers']} ({res['seconds']} s)", flush=True
+            )
     tiers = [str(t) for t in sorted(set(args.ranks))]
     results = {
         "command": "python -m bench.privacy_utility " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "settings": settings(args), "clip_norm": args.clip_norm, "environment": environment(),
-        "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
+        "settings": settings(args),
+        "clip_norm": args.clip_norm,
+        "environment": environment(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
     }
     results["markdown"] = markdown(results, tiers)
     write_json(args.json, results)

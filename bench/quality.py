@@ -48,18 +48,18 @@ from typing import Any
 
 import torch
 
-from ._common import environment, write_json
-
 from prelort import config as config_mod  # noqa: E402
 from prelort.adapters import LoraAdapter  # noqa: E402
 from prelort.config import Config  # noqa: E402
 from prelort.data import tokenize_for_training  # noqa: E402
+from prelort.engines.inprocess import InProcessEngine  # noqa: E402
 from prelort.evaluate import _pad_id, evaluate_examples, perplexity, select_examples, truncation_tiers  # noqa: E402
 from prelort.methods import available  # noqa: E402
-from prelort.report import compare_runs, mean_std, read_run  # noqa: E402
-from prelort.engines.inprocess import InProcessEngine  # noqa: E402
 from prelort.rank_geometry import adapter_rank  # noqa: E402
+from prelort.report import compare_runs, mean_std, read_run  # noqa: E402
 from prelort.runner import Session  # noqa: E402
+
+from ._common import environment, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
@@ -82,42 +82,70 @@ class ModelProfile:
 PROFILES: dict[str, ModelProfile] = {
     "smollm2-135m-instruct": ModelProfile(rounds=3, step_seconds=2.0, eval_seconds_per_example=0.25, load_seconds=5),
     "qwen2.5-coder-0.5b-instruct": ModelProfile(
-        rounds=2, step_seconds=8.0, eval_seconds_per_example=1.0, load_seconds=10,
+        rounds=2,
+        step_seconds=8.0,
+        eval_seconds_per_example=1.0,
+        load_seconds=10,
         note="~4x slower per step than SmolLM2: 2 rounds instead of 3 (same rounds for every method)",
     ),
-    "tiny-llama": ModelProfile(rounds=1, step_seconds=0.02, eval_seconds_per_example=0.005, load_seconds=0.5,
-                               note="random tiny Llama: a plumbing check, its numbers mean nothing"),
+    "tiny-llama": ModelProfile(
+        rounds=1,
+        step_seconds=0.02,
+        eval_seconds_per_example=0.005,
+        load_seconds=0.5,
+        note="random tiny Llama: a plumbing check, its numbers mean nothing",
+    ),
 }
 DEFAULT_PROFILE = ModelProfile(rounds=4, step_seconds=2.0, eval_seconds_per_example=0.25, load_seconds=5)
 
 
 # --quick: the same pipeline, smaller (a smoke run, never a published figure)
-QUICK_OVERRIDES = ("clients.num=4", "clients.per_round=2", "data.num_train=400", "data.num_test=64",
-                   "train.local_steps=2", "train.batch_size=4", "eval.max_examples=16", "eval.max_new_tokens=6")
+QUICK_OVERRIDES = (
+    "clients.num=4",
+    "clients.per_round=2",
+    "data.num_train=400",
+    "data.num_test=64",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "eval.max_examples=16",
+    "eval.max_new_tokens=6",
+)
 
 
 def base_settings(model: str, quick: bool) -> dict[str, Any]:
     """The config shared by every method and seed (method, seed, rounds and lr are filled in per run)."""
     settings = {
-        "engine": "inprocess", "audit": False,
+        "engine": "inprocess",
+        "audit": False,
         "model": {"name": model},
         "lora": {"alpha": 32},
         "clients": {"num": 8, "per_round": 4, "ranks": [2, 4, 8, 16]},
         "prelort": {"nested": "sample"},
-        "data": {"source": "builtin", "num_train": 2000, "num_test": 200, "max_length": 96,
-                 "partition": {"kind": "dirichlet", "by": "category", "alpha": 0.5, "min_partition_size": 4}},
+        "data": {
+            "source": "builtin",
+            "num_train": 2000,
+            "num_test": 200,
+            "max_length": 96,
+            "partition": {"kind": "dirichlet", "by": "category", "alpha": 0.5, "min_partition_size": 4},
+        },
         "train": {"local_steps": 4, "batch_size": 8, "schedule": "constant"},
         # answers are a word or a number: 8 new tokens cover them and keep greedy generation cheap
-        "eval": {"max_examples": 64, "batch_size": 16, "max_new_tokens": 8, "truncation_curve": True,
-                 "mode": "generate"},  # this benchmark's published numbers include ROUGE-L
+        "eval": {
+            "max_examples": 64,
+            "batch_size": 16,
+            "max_new_tokens": 8,
+            "truncation_curve": True,
+            "mode": "generate",
+        },  # this benchmark's published numbers include ROUGE-L
     }
     for assignment in QUICK_OVERRIDES if quick else ():
         config_mod.apply_override(settings, assignment)
     return settings
 
 
-def make_config(settings: dict[str, Any], method: str, seed: int, rounds: int, lr: float, *, base_eval: bool,
-                overrides: list[str]) -> Config:
+def make_config(
+    settings: dict[str, Any], method: str, seed: int, rounds: int, lr: float, *, base_eval: bool, overrides: list[str]
+) -> Config:
     data = json.loads(json.dumps(settings))
     data.update(method=method, seed=seed, rounds=rounds)
     data["train"]["lr"] = lr
@@ -174,8 +202,9 @@ class BenchSession(Session):
             metrics, examples = self.eval_cache[cache_key]
             return dict(metrics), [dict(ex) for ex in examples]
         LoraAdapter(self.model).apply_broadcast(broadcast, adapter_rank(broadcast.adapter))
-        metrics, examples = evaluate_examples(self.model, self.tokenizer, self.test_records, self.cfg.eval,
-                                              self.cfg.data.max_length)
+        metrics, examples = evaluate_examples(
+            self.model, self.tokenizer, self.test_records, self.cfg.eval, self.cfg.data.max_length
+        )
         self.evaluations += 1
         self.eval_cache[cache_key] = (dict(metrics), [dict(ex) for ex in examples])
         return metrics, examples
@@ -206,8 +235,9 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
     marker = run_dir / COMPLETE
     if marker.is_file():
         if not _config_matches(run_dir, cfg):
-            raise SystemExit(f"{run_dir} holds a finished run with a different config; delete it or pass another "
-                             "--runs-dir")
+            raise SystemExit(
+                f"{run_dir} holds a finished run with a different config; delete it or pass another --runs-dir"
+            )
         return {**json.loads(marker.read_text()), "run_dir": _rel(run_dir)}
     from prelort.rundir import RunDir
 
@@ -218,9 +248,15 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
     session = BenchSession(cfg, run_dir, resume=resume, verbose=False)
     session.run(InProcessEngine(session, progress=False))
     record = {
-        "run_dir": _rel(run_dir), "method": cfg.method, "seed": cfg.seed, "lr": cfg.train.lr, "rounds": cfg.rounds,
-        "wall_seconds": round(time.perf_counter() - t0, 1), "resumed": resume,
-        "evaluations": session.evaluations, "evaluations_shared": session.cache_hits,
+        "run_dir": _rel(run_dir),
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "lr": cfg.train.lr,
+        "rounds": cfg.rounds,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "resumed": resume,
+        "evaluations": session.evaluations,
+        "evaluations_shared": session.cache_hits,
     }
     write_json(marker, record)
     return record
@@ -249,8 +285,13 @@ def selection_score(cfg: Config, run_dir: Path) -> dict[str, Any]:
         LoraAdapter(session.model).apply_broadcast(broadcast, adapter_rank(broadcast.adapter))
         per_tier[str(t)] = perplexity(session.model, examples, cfg.eval.batch_size, pad)
     score = sum(math.log(p) for p in per_tier.values()) / len(per_tier)
-    result = {"lr": cfg.train.lr, "perplexity_per_tier": per_tier, "score_mean_log_ppl": score,
-              "n": len(examples), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    result = {
+        "lr": cfg.train.lr,
+        "perplexity_per_tier": per_tier,
+        "score_mean_log_ppl": score,
+        "n": len(examples),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
     write_json(marker, result)
     return result
 
@@ -292,8 +333,10 @@ def summarise_base(run_dirs: list[Path]) -> dict[str, Any]:
         if base is not None and base.seed not in per_seed:
             per_seed[int(base.seed)] = {m: base.metric(m) for m in METRICS} | {"n": base.n}
     seeds = sorted(per_seed)
-    return {"per_seed": {str(s): per_seed[s] for s in seeds},
-            **{m: stats([per_seed[s][m] for s in seeds]) for m in METRICS}}
+    return {
+        "per_seed": {str(s): per_seed[s] for s in seeds},
+        **{m: stats([per_seed[s][m] for s in seeds]) for m in METRICS},
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -310,27 +353,53 @@ def parse_list(text: str, flag: str, cast: type) -> list:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="smollm2-135m-instruct",
-                   help="comma list of model aliases/paths (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, tiny-llama)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        default="smollm2-135m-instruct",
+        help="comma list of model aliases/paths (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, tiny-llama)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all six)")
     p.add_argument("--seeds", default=None, help="comma list of seeds (default 0,1,2; --quick: 0)")
     p.add_argument("--rounds", type=int, default=None, help="rounds for every model (default: per model, see PROFILES)")
     p.add_argument("--lrs", default=None, help="learning-rate grid (default 3e-3,1e-2; --quick: 1e-3,3e-3)")
     p.add_argument("--select-seed", type=int, default=1000, help="seed of the lr-selection runs (not a reported seed)")
-    p.add_argument("--select-rounds", type=int, default=None,
-                   help="rounds of each lr-selection run (default: the reported runs' rounds)")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the other models already recorded in the --json file (add or replace these)")
-    p.add_argument("--lr-from", default=None, metavar="MODEL",
-                   help="no lr selection: reuse each method's lr chosen for MODEL in the --json file")
+    p.add_argument(
+        "--select-rounds",
+        type=int,
+        default=None,
+        help="rounds of each lr-selection run (default: the reported runs' rounds)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other models already recorded in the --json file (add or replace these)",
+    )
+    p.add_argument(
+        "--lr-from",
+        default=None,
+        metavar="MODEL",
+        help="no lr selection: reuse each method's lr chosen for MODEL in the --json file",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, 4 clients x 2 steps, 16 eval examples")
     p.add_argument("--runs-dir", type=Path, default=None, help="run directories (default results/runs/quality[-quick])")
     p.add_argument("--json", type=Path, default=None, help="summary JSON (default results/quality[-quick].json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every run (recorded in the JSON)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice; 1 avoids thrashing on cores shared with other jobs)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied to every run (recorded in the JSON)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice; 1 avoids thrashing on cores shared with other jobs)",
+    )
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and exit")
     args = p.parse_args(argv)
     args.models = parse_list(args.models, "--models", str)
@@ -349,8 +418,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.select_rounds is not None and args.select_rounds < 1:
         raise SystemExit(f"--select-rounds: must be >= 1, got {args.select_rounds}")
     if args.select_seed in args.seeds:
-        raise SystemExit(f"--select-seed {args.select_seed} is also a reported seed; lr selection must not see "
-                         "the reported seeds' test sets")
+        raise SystemExit(
+            f"--select-seed {args.select_seed} is also a reported seed; lr selection must not see "
+            "the reported seeds' test sets"
+        )
     suffix = "-quick" if args.quick else ""
     args.runs_dir = args.runs_dir or ROOT / "results" / "runs" / f"quality{suffix}"
     args.json = args.json or ROOT / "results" / f"quality{suffix}.json"
@@ -387,13 +458,28 @@ def estimate_seconds(model: str, args: argparse.Namespace) -> dict[str, float]:
     batch_factor = s["train"]["batch_size"] / 8
     ranks = s["clients"]["ranks"]
     n_eval = s["eval"]["max_examples"]
-    select = 0.0 if args.lr_from else len(args.methods) * len(args.lrs) * (
-        prof.load_seconds + select_rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor
-        + len(set(ranks)) * n_eval * prof.eval_seconds_per_example * 0.3)  # perplexity only
-    train = len(args.methods) * len(args.seeds) * (
-        prof.load_seconds + rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor)
-    evals = len(args.seeds) * (1 + sum(distinct_evaluations(m, ranks) for m in args.methods)) * n_eval \
+    select = (
+        0.0
+        if args.lr_from
+        else len(args.methods)
+        * len(args.lrs)
+        * (
+            prof.load_seconds
+            + select_rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor
+            + len(set(ranks)) * n_eval * prof.eval_seconds_per_example * 0.3
+        )
+    )  # perplexity only
+    train = (
+        len(args.methods)
+        * len(args.seeds)
+        * (prof.load_seconds + rounds_for(model, args) * steps_per_round * prof.step_seconds * batch_factor)
+    )
+    evals = (
+        len(args.seeds)
+        * (1 + sum(distinct_evaluations(m, ranks) for m in args.methods))
+        * n_eval
         * prof.eval_seconds_per_example
+    )
     return {"lr_selection": select, "training": train, "evaluation": evals, "total": select + train + evals}
 
 
@@ -405,18 +491,26 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
     # -- learning rate, one procedure for every method
     selection: dict[str, Any] = {}
     for method in args.methods if args.lr_from else ():
-        selection[method] = {"chosen_lr": args.transferred_lrs[method], "at_grid_edge": False,
-                             "transferred_from": args.lr_from, "grid": []}
+        selection[method] = {
+            "chosen_lr": args.transferred_lrs[method],
+            "at_grid_edge": False,
+            "transferred_from": args.lr_from,
+            "grid": [],
+        }
     for method in () if args.lr_from else args.methods:
         scores = []
         for lr in args.lrs:
             select_rounds = select_rounds_for(model, args)
-            cfg = make_config(settings, method, args.select_seed, select_rounds, lr, base_eval=False,
-                              overrides=args.overrides)
+            cfg = make_config(
+                settings, method, args.select_seed, select_rounds, lr, base_eval=False, overrides=args.overrides
+            )
             res = selection_score(cfg, model_dir / "lr-select" / method / f"lr-{lr:g}-rounds-{select_rounds}")
             scores.append(res)
-            print(f"  [{model}] lr-select {method:<8} lr={lr:<8g} mean log-ppl {res['score_mean_log_ppl']:.4f} "
-                  f"({res['wall_seconds']:.0f} s)", flush=True)
+            print(
+                f"  [{model}] lr-select {method:<8} lr={lr:<8g} mean log-ppl {res['score_mean_log_ppl']:.4f} "
+                f"({res['wall_seconds']:.0f} s)",
+                flush=True,
+            )
         best = min(scores, key=lambda r: r["score_mean_log_ppl"])
         # a choice at the end of the grid may mean the best lr lies beyond it: flagged, not hidden
         edge = len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs))
@@ -430,21 +524,41 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
         for method in args.methods:
             run_dir = model_dir / method / f"seed-{seed}"
             base_owner = method == args.methods[0]
-            cfg = make_config(settings, method, seed, rounds, selection[method]["chosen_lr"], base_eval=base_owner,
-                              overrides=args.overrides)
+            cfg = make_config(
+                settings,
+                method,
+                seed,
+                rounds,
+                selection[method]["chosen_lr"],
+                base_eval=base_owner,
+                overrides=args.overrides,
+            )
             rec = run_federation(cfg, run_dir)
             records.append(rec)
             runs[method].append(run_dir)
             final = {r.rank: r for r in read_run(run_dir).final_tiers()}
             top = final.get(max(final)) if final else None
-            print(f"  [{model}] {method:<8} seed {seed} lr={cfg.train.lr:g}: {rec['wall_seconds']:.0f} s"
-                  + (f", rank {top.rank}: acc {top.accuracy:.3f} rougeL {top.rougeL:.3f} ppl {top.perplexity:.2f}"
-                     if top else ""), flush=True)
+            print(
+                f"  [{model}] {method:<8} seed {seed} lr={cfg.train.lr:g}: {rec['wall_seconds']:.0f} s"
+                + (
+                    f", rank {top.rank}: acc {top.accuracy:.3f} rougeL {top.rougeL:.3f} ppl {top.perplexity:.2f}"
+                    if top
+                    else ""
+                ),
+                flush=True,
+            )
     all_dirs = [d for m in args.methods for d in runs[m]]
     out_dir = summary_dir / model.replace("/", "_")
     table = compare_runs(all_dirs, out_dir)
-    resolved = make_config(settings, args.methods[0], args.seeds[0], rounds,
-                           selection[args.methods[0]]["chosen_lr"], base_eval=True, overrides=args.overrides).to_dict()
+    resolved = make_config(
+        settings,
+        args.methods[0],
+        args.seeds[0],
+        rounds,
+        selection[args.methods[0]]["chosen_lr"],
+        base_eval=True,
+        overrides=args.overrides,
+    ).to_dict()
     resolved.update(method="<per run>", seed="<per run>")
     resolved["train"]["lr"] = "<selected per method>"
     return {
@@ -463,8 +577,11 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
         "plots": sorted(_rel(p) for p in (out_dir / "plots").glob("*.png")),
         "wall_seconds": round(time.perf_counter() - t_model, 1),
         # the time the runs took when they ran (a resumed benchmark's wall_seconds leaves out skipped runs)
-        "compute_seconds": round(sum(g["wall_seconds"] for sel in selection.values() for g in sel["grid"])
-                                 + sum(r["wall_seconds"] for r in records), 1),
+        "compute_seconds": round(
+            sum(g["wall_seconds"] for sel in selection.values() for g in sel["grid"])
+            + sum(r["wall_seconds"] for r in records),
+            1,
+        ),
     }
 
 
@@ -477,14 +594,14 @@ def _rel(p: Path) -> str:
 
 PROTOCOL = {
     "budget": "every method: the same federation (clients, ranks, sampling, data split), rounds, local steps, "
-              "batch size and schedule; one forward/backward pass per local step (PreLort: nested=sample)",
+    "batch size and schedule; one forward/backward pass per local step (PreLort: nested=sample)",
     "lr_selection": "per method, the lr in the grid with the lowest mean over rank tiers of log held-out "
-                    "perplexity after a run of select_rounds rounds (default: the full budget) on the "
-                    "selection seed; the reported seeds "
-                    "are never used for selection",
+    "perplexity after a run of select_rounds rounds (default: the full budget) on the "
+    "selection seed; the reported seeds "
+    "are never used for selection",
     "evaluation": "after the last round only: every rank tier (final round) and the truncation curve "
-                  "t = 1, 2, 4, ..., R on a fixed subset of the held-out split; identical models are "
-                  "evaluated once",
+    "t = 1, 2, 4, ..., R on a fixed subset of the held-out split; identical models are "
+    "evaluated once",
     "base": "the zero-shot base model, evaluated once per seed (in that seed's first method run) and shared",
     "statistics": "mean and sample standard deviation (ddof=1) over seeds; std is null with one seed",
 }
@@ -496,26 +613,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     command = "python -m bench.quality " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    print(f"Quality benchmark: models {args.models}; methods {args.methods}; seeds {args.seeds}; "
-          f"lr grid {args.lrs} (selection seed {args.select_seed}, "
-          f"{args.select_rounds or 'the full budget of'} round(s))")
+    print(
+        f"Quality benchmark: models {args.models}; methods {args.methods}; seeds {args.seeds}; "
+        f"lr grid {args.lrs} (selection seed {args.select_seed}, "
+        f"{args.select_rounds or 'the full budget of'} round(s))"
+    )
     estimates = {}
     for model in args.models:
         est = estimates[model] = estimate_seconds(model, args)
-        print(f"  estimate for {model} ({rounds_for(model, args)} rounds) on 2 free CPU cores: "
-              f"{est['total'] / 60:.0f} min (lr selection {est['lr_selection'] / 60:.0f}, training "
-              f"{est['training'] / 60:.0f}, evaluation {est['evaluation'] / 60:.0f}); finished runs are skipped",
-              flush=True)
+        print(
+            f"  estimate for {model} ({rounds_for(model, args)} rounds) on 2 free CPU cores: "
+            f"{est['total'] / 60:.0f} min (lr selection {est['lr_selection'] / 60:.0f}, training "
+            f"{est['training'] / 60:.0f}, evaluation {est['evaluation'] / 60:.0f}); finished runs are skipped",
+            flush=True,
+        )
     if args.estimate_only:
         return {"estimates": estimates}
     payload: dict[str, Any] = {
         "benchmark": "quality",
         "command": command,
         "quick": args.quick,
-        "settings": {"models": args.models, "methods": args.methods, "seeds": args.seeds, "lr_grid": args.lrs,
-                     "select_seed": args.select_seed, "select_rounds": args.select_rounds,
-                     "overrides": args.overrides, "runs_dir": _rel(args.runs_dir),
-                     "threads": torch.get_num_threads()},
+        "settings": {
+            "models": args.models,
+            "methods": args.methods,
+            "seeds": args.seeds,
+            "lr_grid": args.lrs,
+            "select_seed": args.select_seed,
+            "select_rounds": args.select_rounds,
+            "overrides": args.overrides,
+            "runs_dir": _rel(args.runs_dir),
+            "threads": torch.get_num_threads(),
+        },
         "protocol": PROTOCOL,
         "environment": environment(),
         "estimate_seconds": estimates,
@@ -528,9 +656,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for model in args.models:
         payload["models"][model] = run_model(model, args, summary_dir)
         if args.merge:
-            payload["models"][model].update(command=command, environment=environment(),
-                                            settings={"lr_grid": None if args.lr_from else args.lrs,
-                                                      "overrides": args.overrides})
+            payload["models"][model].update(
+                command=command,
+                environment=environment(),
+                settings={"lr_grid": None if args.lr_from else args.lrs, "overrides": args.overrides},
+            )
         print(f"\n{model}:\n{payload['models'][model]['comparison_markdown']}\n", flush=True)
     if not args.merge:
         payload["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -42,21 +42,40 @@ TARGETS = {
 }
 
 
-def pilot_config(model: str, rank: int, lr: float, task: dict[str, Any], rounds: int, steps: int, batch: int,
-                 seed: int) -> config_mod.Config:
-    return config_mod.from_dict({
-        "method": "prelort", "seed": seed, "rounds": rounds,
-        "model": {"name": model, "target_modules": TARGETS[task["targets"]]},
-        "lora": {"alpha": float(rank)},  # scale alpha / r = 1, as every tier of the study (alpha = R = 16)
-        "clients": {"num": 1, "per_round": 1, "ranks": [rank]},
-        "prelort": {"nested": "off"},
-        "data": {"source": "builtin", "suite": "facts", "max_length": task["max_length"],
-                 "facts": {"num_entities": task["entities"], "attributes": task["attributes"],
-                           "train_phrasings": task["phrasings"], "groups": 1}},
-        "train": {"local_steps": steps, "batch_size": batch, "lr": lr},
-        "eval": {"every": rounds, "max_examples": 100000, "batch_size": 32, "mode": "teacher_forced",
-                 "truncation_curve": False, "base": False},
-    })
+def pilot_config(
+    model: str, rank: int, lr: float, task: dict[str, Any], rounds: int, steps: int, batch: int, seed: int
+) -> config_mod.Config:
+    return config_mod.from_dict(
+        {
+            "method": "prelort",
+            "seed": seed,
+            "rounds": rounds,
+            "model": {"name": model, "target_modules": TARGETS[task["targets"]]},
+            "lora": {"alpha": float(rank)},  # scale alpha / r = 1, as every tier of the study (alpha = R = 16)
+            "clients": {"num": 1, "per_round": 1, "ranks": [rank]},
+            "prelort": {"nested": "off"},
+            "data": {
+                "source": "builtin",
+                "suite": "facts",
+                "max_length": task["max_length"],
+                "facts": {
+                    "num_entities": task["entities"],
+                    "attributes": task["attributes"],
+                    "train_phrasings": task["phrasings"],
+                    "groups": 1,
+                },
+            },
+            "train": {"local_steps": steps, "batch_size": batch, "lr": lr},
+            "eval": {
+                "every": rounds,
+                "max_examples": 100000,
+                "batch_size": 32,
+                "mode": "teacher_forced",
+                "truncation_curve": False,
+                "base": False,
+            },
+        }
+    )
 
 
 def final_record(run_dir: Path, rounds: int) -> dict[str, Any] | None:
@@ -81,9 +100,13 @@ def one_run(cfg: config_mod.Config, run_dir: Path) -> dict[str, Any]:
         rec = final_record(run_dir, cfg.rounds)
         assert rec is not None, f"{run_dir}: no final tier record"
     seconds = run_dir / "pilot-seconds.txt"
-    return {"accuracy": rec["accuracy"], "perplexity": rec["perplexity"], "n": rec["n"],
-            "category_accuracy": rec.get("category_accuracy"),
-            "seconds": float(seconds.read_text()) if seconds.is_file() else None}
+    return {
+        "accuracy": rec["accuracy"],
+        "perplexity": rec["perplexity"],
+        "n": rec["n"],
+        "category_accuracy": rec.get("category_accuracy"),
+        "seconds": float(seconds.read_text()) if seconds.is_file() else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +138,27 @@ def main(argv: list[str] | None = None) -> int:
         for attributes in (int(x) for x in args.attributes.split(",")):
             for phrasings in (int(x) for x in args.phrasings.split(",")):
                 for targets in args.targets.split(","):
-                    task = {"entities": entities, "attributes": attributes, "phrasings": phrasings,
-                            "targets": targets, "max_length": args.max_length}
-                    budget = {"rounds": args.rounds, "local_steps": args.steps, "batch_size": args.batch,
-                              "optimizer_steps": args.rounds * args.steps, "label": args.budget_label}
-                    key = (f"{args.model}-e{entities}-a{attributes}-p{phrasings}-{targets}-L{args.max_length}"
-                           f"-R{args.rounds}x{args.steps}x{args.batch}-s{args.seed}")
-                    entry = results["configurations"].setdefault(key, {"model": args.model, "task": task,
-                                                                       "budget": budget, "seed": args.seed,
-                                                                       "runs": {}})
+                    task = {
+                        "entities": entities,
+                        "attributes": attributes,
+                        "phrasings": phrasings,
+                        "targets": targets,
+                        "max_length": args.max_length,
+                    }
+                    budget = {
+                        "rounds": args.rounds,
+                        "local_steps": args.steps,
+                        "batch_size": args.batch,
+                        "optimizer_steps": args.rounds * args.steps,
+                        "label": args.budget_label,
+                    }
+                    key = (
+                        f"{args.model}-e{entities}-a{attributes}-p{phrasings}-{targets}-L{args.max_length}"
+                        f"-R{args.rounds}x{args.steps}x{args.batch}-s{args.seed}"
+                    )
+                    entry = results["configurations"].setdefault(
+                        key, {"model": args.model, "task": task, "budget": budget, "seed": args.seed, "runs": {}}
+                    )
                     # rank 16 at every lr first: when none reaches the gap itself, no rank-2 run can
                     # make the gap >= GATE (accuracy >= 0), so the configuration fails without them
                     for rank, lr in sorted(((r, lr) for r in ranks for lr in lrs), key=lambda x: -x[0]):
@@ -133,19 +168,22 @@ def main(argv: list[str] | None = None) -> int:
                         top = [r["accuracy"] for r in entry["runs"].values() if r["rank"] == max(ranks)]
                         if rank != max(ranks) and top and max(top) < GATE:
                             entry.setdefault("skipped", {})[name] = (
-                                f"rank {max(ranks)} reached at most {max(top):.3f} < {GATE}: the gap cannot reach {GATE}")
+                                f"rank {max(ranks)} reached at most {max(top):.3f} < {GATE}: the gap cannot reach {GATE}"
+                            )
                             print(f"{key} {name}: skipped ({entry['skipped'][name]})", flush=True)
                             summarise(entry)
                             results["gate"] = gate_summary(results)
                             write_json(out_path, results)
                             continue
-                        cfg = pilot_config(args.model, rank, lr, task, args.rounds, args.steps, args.batch,
-                                           args.seed)
+                        cfg = pilot_config(args.model, rank, lr, task, args.rounds, args.steps, args.batch, args.seed)
                         res = one_run(cfg, Path(args.runs_dir) / key / name)
                         entry.get("skipped", {}).pop(name, None)
                         entry["runs"][name] = {"rank": rank, "lr": lr, **res}
-                        print(f"{key} {name}: acc={res['accuracy']:.3f} ppl={res['perplexity']:.2f} "
-                              f"n={res['n']} ({res['seconds']} s)", flush=True)
+                        print(
+                            f"{key} {name}: acc={res['accuracy']:.3f} ppl={res['perplexity']:.2f} "
+                            f"n={res['n']} ({res['seconds']} s)",
+                            flush=True,
+                        )
                         summarise(entry)
                         results["gate"] = gate_summary(results)
                         results["environment"] = environment()
@@ -185,9 +223,13 @@ def summarise(entry: dict[str, Any]) -> None:
 def gate_summary(results: dict[str, Any]) -> dict[str, Any]:
     tried = [(k, e) for k, e in results["configurations"].items() if "passes" in e]
     passing = [k for k, e in tried if e["passes"]]
-    return {"rule": f"best-lr accuracy(rank 16) - best-lr accuracy(rank 2) >= {GATE} on >= {MIN_QUERIES} "
-                    "held-out queries, centralised LoRA (1 client), teacher-forced exact match",
-            "configurations_tried": len(tried), "passing": passing, "holds": bool(passing)}
+    return {
+        "rule": f"best-lr accuracy(rank 16) - best-lr accuracy(rank 2) >= {GATE} on >= {MIN_QUERIES} "
+        "held-out queries, centralised LoRA (1 client), teacher-forced exact match",
+        "configurations_tried": len(tried),
+        "passing": passing,
+        "holds": bool(passing),
+    }
 
 
 if __name__ == "__main__":

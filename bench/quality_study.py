@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-
-from . import study_stats as st
-from ._common import environment, write_json
 
 from prelort import config as config_mod  # noqa: E402
 from prelort.config import Config  # noqa: E402
+
+from . import study_stats as st
+from ._common import environment, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm -> (method, prelort.nested); set in the config data directly (a --set string "off" would read as YAML false)
@@ -81,8 +80,7 @@ POWER = 0.8
 # ------------------------------------------------------------------------------------------ configs and runs
 
 
-def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides: Sequence[str],
-                phase: str) -> Config:
+def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides: Sequence[str], phase: str) -> Config:
     """One run's config: the base config, the arm, the study's settings, the seed, the lr, the overrides; the
     evaluation runs after the last round (every arm) and, on the reported seeds, after every round (multi-pass
     arms: the equal-passes comparison reads those rounds; the lr selection reads only the last one); the base
@@ -97,14 +95,15 @@ def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, overrides:
     rounds = config_mod.from_dict(data, sets).rounds
     every_round = arm in MULTI_PASS_ARMS and phase == "report"
     # the untrained model is the same for every arm of a seed: the verdict arm's runs evaluate it, once per seed
-    return config_mod.from_dict(data, [*sets, f"eval.every={1 if every_round else rounds}",
-                                       f"eval.base={str(arm == VERDICT_ARM).lower()}"])
+    return config_mod.from_dict(
+        data, [*sets, f"eval.every={1 if every_round else rounds}", f"eval.base={str(arm == VERDICT_ARM).lower()}"]
+    )
 
 
 def run_inprocess(cfg: Config, run_dir: Path) -> None:
     """One federation in this process (the model is loaded once per run)."""
-    from prelort.runner import Session
     from prelort.engines.inprocess import InProcessEngine
+    from prelort.runner import Session
 
     session = Session(cfg, run_dir, verbose=False)
     session.run(InProcessEngine(session, progress=False))
@@ -125,8 +124,9 @@ def recorded_runs(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]
         base, overrides = old["config"], old["settings"]["overrides"]
         study_settings, runs = old["settings"]["study_settings"], old["runs"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SystemExit(f"{path}: not a results JSON of this study ({type(e).__name__}: {e}); move it away or pass "
-                         "another --json") from None
+        raise SystemExit(
+            f"{path}: not a results JSON of this study ({type(e).__name__}: {e}); move it away or pass another --json"
+        ) from None
     if study_settings != STUDY_SETTINGS:  # the rebuilt configs would not be the ones those runs had
         return {}
     out = {}
@@ -144,8 +144,9 @@ def ensure_run(cfg: Config, run_dir: Path, execute: Callable[[Config, Path], Non
     marker = run_dir / DONE
     if marker.is_file():
         if not config_matches(run_dir, cfg):
-            raise SystemExit(f"{run_dir} holds a finished run with another config; delete it or pass another "
-                             "--runs-dir")
+            raise SystemExit(
+                f"{run_dir} holds a finished run with another config; delete it or pass another --runs-dir"
+            )
         return False, float(json.loads(marker.read_text())["wall_seconds"])
     if run_dir.exists():
         shutil.rmtree(run_dir)  # killed part-way: its records may be incomplete, so it starts over
@@ -169,20 +170,23 @@ def read_eval_records(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
 
     out = RunDir(run_dir).read_eval_records()
     if not out:
-        raise SystemExit(f"{run_dir}: no per-example evaluation records (eval/round-N.jsonl); the study needs "
-                         "prelort's per-example evaluation (issue 12 part A)")
+        raise SystemExit(
+            f"{run_dir}: no per-example evaluation records (eval/round-N.jsonl); the study needs "
+            "prelort's per-example evaluation (issue 12 part A)"
+        )
     return out
 
 
 def compact(records: list[dict[str, Any]], ids: list[Any], loglik: bool) -> dict[str, Any]:
     by_id = {r["id"]: r for r in records}
     if set(by_id) != set(ids):
-        raise SystemExit(f"evaluation records of rank {records[0].get('rank')!r} cover other examples than the run's "
-                         "other tiers: cannot pair them")
+        raise SystemExit(
+            f"evaluation records of rank {records[0].get('rank')!r} cover other examples than the run's "
+            "other tiers: cannot pair them"
+        )
     out: dict[str, Any] = {"correct": "".join("1" if by_id[i]["correct"] else "0" for i in ids)}
     if loglik:
-        out["loglik"] = [None if by_id[i].get("loglik") is None else round(float(by_id[i]["loglik"]), 4)
-                         for i in ids]
+        out["loglik"] = [None if by_id[i].get("loglik") is None else round(float(by_id[i]["loglik"]), 4) for i in ids]
     return out
 
 
@@ -200,7 +204,9 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
     groups: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
     for r in all_records:
         groups.setdefault((int(r["round"]), str(r["kind"]), str(r["rank"])), []).append(r)
-    tiers = {rank: compact(recs, ids, True) for (rd, kind, rank), recs in groups.items() if kind == "tier" and rd == final}
+    tiers = {
+        rank: compact(recs, ids, True) for (rd, kind, rank), recs in groups.items() if kind == "tier" and rd == final
+    }
     curve = {rank: compact(recs, ids, True) for (rd, kind, rank), recs in groups.items() if kind == "curve"}
     per_round: dict[str, dict[str, Any]] = {}
     for (rd, kind, rank), recs in groups.items():
@@ -219,10 +225,13 @@ def collect_run(run_dir: Path) -> dict[str, Any]:
         "curve": dict(sorted(curve.items(), key=lambda kv: int(kv[0]))),
         "per_round": per_round,
         "base": base,
-        "rounds": [{"round": r["round"], "passes": r.get("passes"), "optimizer_steps": r.get("optimizer_steps")}
-                   for r in train],
-        "cost": {"passes": sum(r.get("passes") or 0 for r in train),
-                 "optimizer_steps": sum(r.get("optimizer_steps") or 0 for r in train)},
+        "rounds": [
+            {"round": r["round"], "passes": r.get("passes"), "optimizer_steps": r.get("optimizer_steps")} for r in train
+        ],
+        "cost": {
+            "passes": sum(r.get("passes") or 0 for r in train),
+            "optimizer_steps": sum(r.get("optimizer_steps") or 0 for r in train),
+        },
         "dim_steps": dim_total("dim_steps"),
         "dim_clients": dim_total("dim_clients"),
     }
@@ -261,11 +270,19 @@ class _Resamplers:
         return self.cache[sizes]
 
 
-def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequence[int], *, replicates: int = 10_000,
-            bootstrap_seed: int = 12345, complete: bool = False) -> dict[str, Any]:
+def analyse(
+    runs: dict[str, dict[str, Any]],
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    replicates: int = 10_000,
+    bootstrap_seed: int = 12345,
+    complete: bool = False,
+) -> dict[str, Any]:
     """The study's statistics from the finished reported runs (``runs['report/ARM/seed-S']``)."""
-    reported = {arm: {s: runs[f"report/{arm}/seed-{s}"] for s in seeds if f"report/{arm}/seed-{s}" in runs}
-                for arm in arms}
+    reported = {
+        arm: {s: runs[f"report/{arm}/seed-{s}"] for s in seeds if f"report/{arm}/seed-{s}" in runs} for arm in arms
+    }
     resamplers = _Resamplers(replicates, bootstrap_seed)
     out: dict[str, Any] = {"complete": complete, "replicates": replicates, "bootstrap_seed": bootstrap_seed}
 
@@ -288,8 +305,9 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
                 v = values(arm, ss, tier, where)
                 entry[where][tier] = {"accuracy": round(st.pooled_mean(v), 5), "ci95": _ci(resampler(v).means(v))}
         runs_of = [reported[arm][s] for s in ss]
-        entry["cost"] = {key: round(float(np.mean([r["cost"][key] for r in runs_of])), 1)
-                         for key in ("passes", "optimizer_steps")}
+        entry["cost"] = {
+            key: round(float(np.mean([r["cost"][key] for r in runs_of])), 1) for key in ("passes", "optimizer_steps")
+        }
         entry["cost"]["wall_seconds"] = round(float(np.mean([r["wall_seconds"] for r in runs_of])), 1)
         dims = [r["dim_steps"] for r in runs_of if r.get("dim_steps")]
         if dims:
@@ -300,8 +318,11 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
     base = {s: r["base"] for s, r in reported.get(VERDICT_ARM, {}).items() if r.get("base")}
     if base:
         v = [verdicts(base[s]["correct"]) for s in sorted(base)]
-        out["base_model"] = {"seeds": sorted(base), "accuracy": round(st.pooled_mean(v), 5),
-                             "ci95": _ci(resampler(v).means(v))}
+        out["base_model"] = {
+            "seeds": sorted(base),
+            "accuracy": round(st.pooled_mean(v), 5),
+            "ci95": _ci(resampler(v).means(v)),
+        }
 
     # the tests: PreLort minus each baseline per tier, on the seeds every verdict arm has finished
     verdict_arms = [VERDICT_ARM, *[b for b in BASELINES if b in arms]]
@@ -329,31 +350,53 @@ def analyse(runs: dict[str, dict[str, Any]], arms: Sequence[str], seeds: Sequenc
             reps = rs.means(diff)
             reps_of[(tier, b)] = reps
             se = float(np.std(reps, ddof=1)) if reps.size > 1 else 0.0
-            comparisons.append({"tier": int(tier), "baseline": b, "diff": round(st.pooled_mean(diff), 5),
-                                "ci95": _ci(reps), "p": round(st.bootstrap_p(reps), 5), "se": round(se, 5),
-                                "best": b == best[tier]})
+            comparisons.append(
+                {
+                    "tier": int(tier),
+                    "baseline": b,
+                    "diff": round(st.pooled_mean(diff), 5),
+                    "ci95": _ci(reps),
+                    "p": round(st.bootstrap_p(reps), 5),
+                    "se": round(se, 5),
+                    "best": b == best[tier],
+                }
+            )
     h = st.holm([c["p"] for c in comparisons], ALPHA)
     m = len(comparisons)
     for c, adj, rej, level in zip(comparisons, h["adjusted"], h["reject"], h["level"]):
-        c.update(p_holm=round(adj, 5), significant=rej, holm_level=level,
-                 ci_holm=_ci(reps_of[(str(c["tier"]), c["baseline"])], 1 - level),
-                 mdd=round(st.mdd(c["se"], ALPHA, POWER), 4), mdd_strictest=round(st.mdd(c["se"], ALPHA / m, POWER), 4))
+        c.update(
+            p_holm=round(adj, 5),
+            significant=rej,
+            holm_level=level,
+            ci_holm=_ci(reps_of[(str(c["tier"]), c["baseline"])], 1 - level),
+            mdd=round(st.mdd(c["se"], ALPHA, POWER), 4),
+            mdd_strictest=round(st.mdd(c["se"], ALPHA / m, POWER), 4),
+        )
     out["comparisons"] = comparisons
     out["best_baseline"] = {t: best[t] for t in tiers}
     best_rows = {c["tier"]: c for c in comparisons if c["best"]}
-    out["verdict"] = {**st.decide({t: tuple(best_rows[t]["ci_holm"]) for t in best_rows}),
-                      "partial": not complete, "verdict_arm": VERDICT_ARM}
-    out["mdd"] = {"best_baseline_per_tier": {str(t): best_rows[t]["mdd"] for t in sorted(best_rows)},
-                  "best_baseline_per_tier_strictest": {str(t): best_rows[t]["mdd_strictest"] for t in sorted(best_rows)},
-                  "median_all": round(float(np.median([c["mdd"] for c in comparisons])), 4),
-                  "how": f"(z_(1-a/2) + z_{POWER}) x the bootstrap SE of the paired difference, a = {ALPHA} "
-                         f"(mdd) and a = {ALPHA}/{m} (mdd_strictest, Holm's first step)"}
+    out["verdict"] = {
+        **st.decide({t: tuple(best_rows[t]["ci_holm"]) for t in best_rows}),
+        "partial": not complete,
+        "verdict_arm": VERDICT_ARM,
+    }
+    out["mdd"] = {
+        "best_baseline_per_tier": {str(t): best_rows[t]["mdd"] for t in sorted(best_rows)},
+        "best_baseline_per_tier_strictest": {str(t): best_rows[t]["mdd_strictest"] for t in sorted(best_rows)},
+        "median_all": round(float(np.median([c["mdd"] for c in comparisons])), 4),
+        "how": f"(z_(1-a/2) + z_{POWER}) x the bootstrap SE of the paired difference, a = {ALPHA} "
+        f"(mdd) and a = {ALPHA}/{m} (mdd_strictest, Holm's first step)",
+    }
     # truncation curve: PreLort minus each baseline per t (95% CI, not part of the tests)
     curve_t = sorted(reported[VERDICT_ARM][common[0]]["curve"], key=int)
     out["curve_differences"] = {
-        t: {b: _ci_entry(values(VERDICT_ARM, common, t, "curve"), values(b, common, t, "curve"), resampler)
-            for b in verdict_arms[1:] if t in reported[b][common[0]]["curve"]}
-        for t in curve_t}
+        t: {
+            b: _ci_entry(values(VERDICT_ARM, common, t, "curve"), values(b, common, t, "curve"), resampler)
+            for b in verdict_arms[1:]
+            if t in reported[b][common[0]]["curve"]
+        }
+        for t in curve_t
+    }
     out["equal_steps"], out["equal_passes"] = _multi_pass(reported, arms, tiers, values, resampler)
     out["exploratory"] = _exploratory(reported, arms, tiers, best, values, resampler)
     return out
@@ -392,11 +435,16 @@ def _multi_pass(reported, arms, tiers, values, resampler) -> tuple[dict[str, Any
         ss = sorted(set(reported[arm]) & set(reported[VERDICT_ARM]))
         if not ss:
             continue
-        passes_ratio = float(np.mean([reported[arm][s]["cost"]["passes"] / max(1, reported[VERDICT_ARM][s]["cost"]["passes"])
-                                      for s in ss]))
-        equal_steps[arm] = {"seeds": ss, "passes_ratio": round(passes_ratio, 3),
-                            "tiers": {t: _ci_entry(values(arm, ss, t), values(VERDICT_ARM, ss, t), resampler)
-                                      for t in tiers}}
+        passes_ratio = float(
+            np.mean(
+                [reported[arm][s]["cost"]["passes"] / max(1, reported[VERDICT_ARM][s]["cost"]["passes"]) for s in ss]
+            )
+        )
+        equal_steps[arm] = {
+            "seeds": ss,
+            "passes_ratio": round(passes_ratio, 3),
+            "tiers": {t: _ci_entry(values(arm, ss, t), values(VERDICT_ARM, ss, t), resampler) for t in tiers},
+        }
         if arm not in MULTI_PASS_ARMS:
             continue
         chosen: dict[int, str] = {}
@@ -407,8 +455,9 @@ def _multi_pass(reported, arms, tiers, values, resampler) -> tuple[dict[str, Any
                 total += r["passes"] or 0
                 if total <= budget:
                     pick = r["round"]
-            if pick is None or (str(pick) not in reported[arm][s]["per_round"]
-                                and pick != reported[arm][s]["final_round"]):
+            if pick is None or (
+                str(pick) not in reported[arm][s]["per_round"] and pick != reported[arm][s]["final_round"]
+            ):
                 break
             chosen[s] = str(pick)
         if len(chosen) != len(ss):
@@ -423,9 +472,11 @@ def _multi_pass(reported, arms, tiers, values, resampler) -> tuple[dict[str, Any
                 out.append(verdicts(tiers_then[t]["correct"]))
             return out
 
-        equal_passes[arm] = {"seeds": ss, "rounds": {str(s): int(chosen[s]) for s in ss},
-                             "tiers": {t: _ci_entry(at_budget(t), values(VERDICT_ARM, ss, t), resampler)
-                                       for t in tiers}}
+        equal_passes[arm] = {
+            "seeds": ss,
+            "rounds": {str(s): int(chosen[s]) for s in ss},
+            "tiers": {t: _ci_entry(at_budget(t), values(VERDICT_ARM, ss, t), resampler) for t in tiers},
+        }
     return equal_steps, equal_passes
 
 
@@ -463,8 +514,11 @@ def plot_differences(analysis: dict[str, Any], out: Path) -> Path | None:
     ax.set_xticks(range(len(tiers)), [f"tier {t}" for t in tiers])
     ax.set_ylabel(f"accuracy: {VERDICT_ARM} minus baseline")
     verdict = analysis.get("verdict") or {}
-    ax.set_title(f"paired differences (thin: Holm-adjusted CI, thick: 95% CI); verdict {verdict.get('verdict')}"
-                 + (" (PARTIAL)" if verdict.get("partial") else ""), fontsize=9)
+    ax.set_title(
+        f"paired differences (thin: Holm-adjusted CI, thick: 95% CI); verdict {verdict.get('verdict')}"
+        + (" (PARTIAL)" if verdict.get("partial") else ""),
+        fontsize=9,
+    )
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -487,23 +541,42 @@ def parse_list(text: str, flag: str, cast: type) -> list:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=ROOT / "examples" / "quality_study.yaml",
-                   help="the study's base config (default examples/quality_study.yaml)")
-    p.add_argument("--arms", default=",".join(ARMS),
-                   help=f"comma list of arms (default the pre-registered ones: {', '.join(ARMS)}; extra, not "
-                   f"pre-registered: {', '.join(EXTRA_ARMS)})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "examples" / "quality_study.yaml",
+        help="the study's base config (default examples/quality_study.yaml)",
+    )
+    p.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma list of arms (default the pre-registered ones: {', '.join(ARMS)}; extra, not "
+        f"pre-registered: {', '.join(EXTRA_ARMS)})",
+    )
     p.add_argument("--seeds", default="0,1,2,3,4", help="reported seeds (default 0,1,2,3,4)")
     p.add_argument("--selection-seed", type=int, default=1000, help="seed of the lr-selection runs (default 1000)")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning-rate grid (default 1e-3,3e-3,1e-2)")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "results" / "runs" / "quality_study")
     p.add_argument("--json", type=Path, default=ROOT / "results" / "quality_study.json")
     p.add_argument("--max-runs", type=int, default=None, help="stop after running this many runs (skips don't count)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run (recorded in the JSON)")
-    p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap replicates (default 10000; the smallest bootstrap p is 2 / (B + 1), so Holm over 20 tests "
-                   "needs B >= 800 to reach significance at all)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (recorded in the JSON)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=10_000,
+        help="bootstrap replicates (default 10000; the smallest bootstrap p is 2 / (B + 1), so Holm over 20 tests "
+        "needs B >= 800 to reach significance at all)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     args = p.parse_args(argv)
     args.arms = parse_list(args.arms, "--arms", str)
@@ -515,8 +588,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if any(lr <= 0 for lr in args.lrs):
         raise SystemExit(f"--lrs: learning rates must be positive, got {args.lrs}")
     if args.selection_seed in args.seeds:
-        raise SystemExit(f"--selection-seed {args.selection_seed} is also a reported seed; lr selection must not "
-                         "see the reported seeds' data")
+        raise SystemExit(
+            f"--selection-seed {args.selection_seed} is also a reported seed; lr selection must not "
+            "see the reported seeds' data"
+        )
     if args.max_runs is not None and args.max_runs < 0:
         raise SystemExit(f"--max-runs: must be >= 0, got {args.max_runs}")
     if args.bootstrap < 2:
@@ -543,17 +618,31 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         import torch
 
         torch.set_num_threads(args.threads)
-    command = "python -m bench.quality_study " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
-                                                                                    else argv))
+    command = "python -m bench.quality_study " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     total = len(args.arms) * (len(args.lrs) + len(args.seeds))
     payload: dict[str, Any] = {
-        "benchmark": "quality_study", "command": command, "protocol": "docs/quality-study.md",
-        "settings": {"config": _rel(args.config), "arms": args.arms, "seeds": args.seeds,
-                     "selection_seed": args.selection_seed, "lr_grid": args.lrs, "overrides": args.overrides,
-                     "study_settings": STUDY_SETTINGS,
-                     "extra_arms": [a for a in args.arms if a in EXTRA_ARMS], "verdict_arm": VERDICT_ARM, "baselines": list(BASELINES),
-                     "runs_dir": _rel(args.runs_dir)},
-        "config": args.base, "environment": environment(), "arms": {}, "runs": {},
+        "benchmark": "quality_study",
+        "command": command,
+        "protocol": "docs/quality-study.md",
+        "settings": {
+            "config": _rel(args.config),
+            "arms": args.arms,
+            "seeds": args.seeds,
+            "selection_seed": args.selection_seed,
+            "lr_grid": args.lrs,
+            "overrides": args.overrides,
+            "study_settings": STUDY_SETTINGS,
+            "extra_arms": [a for a in args.arms if a in EXTRA_ARMS],
+            "verdict_arm": VERDICT_ARM,
+            "baselines": list(BASELINES),
+            "runs_dir": _rel(args.runs_dir),
+        },
+        "config": args.base,
+        "environment": environment(),
+        "arms": {},
+        "runs": {},
     }
     recorded = recorded_runs(args.json)
     ran = 0
@@ -568,16 +657,22 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         text = f"{done} of {total} runs done"
         if registered_total != total:
             text += f" (pre-registered arms: {registered} of {registered_total})"
-        return {"done": done, "total": total, "text": text, "pre_registered_done": registered,
-                "pre_registered_total": registered_total}
+        return {
+            "done": done,
+            "total": total,
+            "text": text,
+            "pre_registered_done": registered,
+            "pre_registered_total": registered_total,
+        }
 
     def save() -> None:
         payload["progress"] = progress()
         complete = payload["progress"]["pre_registered_done"] == registered_total
         payload["cpu_seconds"] = round(sum(r["wall_seconds"] for r in payload["runs"].values()), 1)
         try:
-            payload["analysis"] = analyse(payload["runs"], args.arms, args.seeds, replicates=args.bootstrap,
-                                          complete=complete)
+            payload["analysis"] = analyse(
+                payload["runs"], args.arms, args.seeds, replicates=args.bootstrap, complete=complete
+            )
         except (KeyError, ValueError) as e:  # the runs stay recorded; the study goes on
             payload["analysis"] = {"error": f"{type(e).__name__}: {e}", "complete": complete}
             print(f"warning: the analysis failed ({type(e).__name__}: {e}); the runs are recorded", flush=True)
@@ -604,19 +699,29 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             rec, did_run, wall = earlier[0], False, earlier[0]["wall_seconds"]
         else:
             did_run, wall = ensure_run(cfg, run_dir, execute)
-            rec = {"arm": arm, "seed": seed, "lr": lr, "phase": phase, "wall_seconds": wall,
-                   "run_dir": _rel(run_dir), **collect_run(run_dir)}
+            rec = {
+                "arm": arm,
+                "seed": seed,
+                "lr": lr,
+                "phase": phase,
+                "wall_seconds": wall,
+                "run_dir": _rel(run_dir),
+                **collect_run(run_dir),
+            }
         ran += did_run
         rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
         payload["runs"][key] = rec
         if phase == "select":  # in the grid before the save, so the JSON always lists every finished lr
             acc, ll = selection_score(rec)
-            payload["arms"][arm]["grid"].append({"lr": lr, "run": key, "mean_accuracy": acc,
-                                                 "mean_loglik": round(ll, 5)})
+            payload["arms"][arm]["grid"].append(
+                {"lr": lr, "run": key, "mean_accuracy": acc, "mean_loglik": round(ll, 5)}
+            )
         tiers = " ".join(f"r{t}={a:.3f}" for t, a in rec["accuracy"].items())
-        print(f"[{progress()['text']}] {key}: lr={lr:g} {'ran' if did_run else 'finished earlier'} "
-              f"({wall:.0f} s; {rec['cost']['passes']} passes, {rec['cost']['optimizer_steps']} steps) {tiers}",
-              flush=True)
+        print(
+            f"[{progress()['text']}] {key}: lr={lr:g} {'ran' if did_run else 'finished earlier'} "
+            f"({wall:.0f} s; {rec['cost']['passes']} passes, {rec['cost']['optimizer_steps']} steps) {tiers}",
+            flush=True,
+        )
         if did_run:
             save()
         return rec
@@ -632,8 +737,9 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             if "lr" not in entry and len(grid) == len(args.lrs):
                 grid.sort(key=lambda g: g["lr"])  # the grid's order, whichever sweep found each point
                 best = max(grid, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
-                entry.update(lr=best["lr"],
-                             at_grid_edge=len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs)))
+                entry.update(
+                    lr=best["lr"], at_grid_edge=len(args.lrs) > 1 and best["lr"] in (min(args.lrs), max(args.lrs))
+                )
             if "lr" in entry and ran > ran_before:
                 save()  # the choice is in the JSON as soon as the grid is done, not only after the next run
         # phase 2: the reported seeds, seed by seed so partial results cover every arm
@@ -650,10 +756,15 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     sweep(reuse_only=True)
     sweep(reuse_only=False)
     save()
-    verdict = (payload["analysis"].get("verdict") or {})
-    print(f"{payload['progress']['text']}" + (" (stopped at --max-runs)" if stopped else "")
-          + f"; verdict: {verdict.get('verdict', 'n/a')}" + (" (PARTIAL)" if verdict.get("partial") else "")
-          + f"; wrote {args.json}", flush=True)
+    verdict = payload["analysis"].get("verdict") or {}
+    print(
+        f"{payload['progress']['text']}"
+        + (" (stopped at --max-runs)" if stopped else "")
+        + f"; verdict: {verdict.get('verdict', 'n/a')}"
+        + (" (PARTIAL)" if verdict.get("partial") else "")
+        + f"; wrote {args.json}",
+        flush=True,
+    )
     return payload
 
 

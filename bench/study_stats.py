@@ -142,7 +142,7 @@ def decide(cis: Mapping[int, tuple[float, float]]) -> dict[str, Any]:
     if not cis:
         raise ValueError("no tiers to decide on")
     tiers = sorted(int(t) for t in cis)
-    upper = tiers[len(tiers) // 2:]
+    upper = tiers[len(tiers) // 2 :]
     lower = tiers[: len(tiers) // 2]
     below = [t for t in tiers if cis[t][1] < 0]
     if below:
@@ -150,6 +150,8 @@ def decide(cis: Mapping[int, tuple[float, float]]) -> dict[str, Any]:
     if all(-EQUIVALENCE <= cis[t][0] and cis[t][1] <= EQUIVALENCE for t in tiers):
         return {"verdict": "refuted", "reason": f"CI within +-{EQUIVALENCE} at every tier"}
     if all(cis[t][0] > UPPER_MARGIN for t in upper) and all(cis[t][0] > LOWER_MARGIN for t in lower):
-        return {"verdict": "confirmed",
-                "reason": f"CI above 0 at tier(s) {upper} and above {LOWER_MARGIN} at tier(s) {lower}"}
+        return {
+            "verdict": "confirmed",
+            "reason": f"CI above 0 at tier(s) {upper} and above {LOWER_MARGIN} at tier(s) {lower}",
+        }
     return {"verdict": "inconclusive", "reason": "neither confirmed nor refuted by the pre-registered rule"}

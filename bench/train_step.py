@@ -53,8 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds per mode")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per measurement")
-    ap.add_argument("--warmup", choices=["off", "all"], default="all",
-                    help="warm up with one step of every mode (all) or of plain LoRA only (off: cheaper on CPU)")
+    ap.add_argument(
+        "--warmup",
+        choices=["off", "all"],
+        default="all",
+        help="warm up with one step of every mode (all) or of plain LoRA only (off: cheaper on CPU)",
+    )
     ap.add_argument("--quick", action="store_true", help="batch 4 x 64, 2 rounds x 1 step")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -89,15 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
-    print(f"model {args.model} on {device} ({torch.get_num_threads()} threads), loaded in {load_s:.1f}s; "
-          f"batch {args.batch_size} x {args.seq_len}, ranks {ranks}, client rank {rank}, T_k = {truncations}",
-          flush=True)
+    print(
+        f"model {args.model} on {device} ({torch.get_num_threads()} threads), loaded in {load_s:.1f}s; "
+        f"batch {args.batch_size} x {args.seq_len}, ranks {ranks}, client rank {rank}, T_k = {truncations}",
+        flush=True,
+    )
     for mode in MODES if args.warmup == "all" else ("off",):  # warmup: allocator, kernels, caches
         measure(mode, 1)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     cpu_times: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(args.rounds):
-        order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
         for mode in order:
             wall, cpu = measure(mode, args.steps)
             times[mode].append(wall)
@@ -116,9 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"|T_k| = {len(truncations)}; goal: sample <= 1.05x, all ~ {len(truncations)}x")
     result = {
         "command": " ".join(["python", "-m", "bench.train_step", *(sys.argv[1:] if argv is None else argv)]),
-        "environment": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "platform": platform.platform()},
+        "environment": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "model": args.model,
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),

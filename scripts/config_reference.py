@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
 from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel

@@ -70,8 +70,7 @@ def test_known_value_and_monotonicity():
 def test_sampled_epsilon_equals_the_library_rdp_accountant_for_sampling_without_replacement(n, k, z, rounds, delta):
     plan = AccountingPlan("rdp-sampled-without-replacement", "replace_one", n, k, delta, "test")
     acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dpa.SelfComposedDpEvent(
-        dpa.SampledWithoutReplacementDpEvent(n, k, dpa.GaussianDpEvent(z / 2)), rounds))
+    acc.compose(dpa.SelfComposedDpEvent(dpa.SampledWithoutReplacementDpEvent(n, k, dpa.GaussianDpEvent(z / 2)), rounds))
     assert epsilon_after(plan, z, rounds) == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
     # amplification: sampling k of n is cheaper than every client in every round at the same relation
     unsampled = AccountingPlan("gaussian", "replace_one", n, k, delta, "test")
@@ -101,14 +100,19 @@ def test_default_delta():
     assert default_delta(4) == 1e-5
     assert default_delta(10**6) == pytest.approx((10**6) ** -1.1)
     assert resolve_noise_multiplier(cfg("privacy.dp=true", "privacy.noise_multiplier=1"))[1].delta == 1e-5
-    assert resolve_noise_multiplier(cfg("privacy.dp=true", "privacy.noise_multiplier=1",
-                                        "privacy.delta=0.001"))[1].delta == 0.001
+    assert (
+        resolve_noise_multiplier(cfg("privacy.dp=true", "privacy.noise_multiplier=1", "privacy.delta=0.001"))[1].delta
+        == 0.001
+    )
 
 
-@pytest.mark.parametrize("plan", [
-    AccountingPlan("gaussian", "add_or_remove", 4, 4, 1e-5, "q = 1"),
-    AccountingPlan("rdp-sampled-without-replacement", "replace_one", 50, 5, 1e-5, "test"),
-])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        AccountingPlan("gaussian", "add_or_remove", 4, 4, 1e-5, "q = 1"),
+        AccountingPlan("rdp-sampled-without-replacement", "replace_one", 50, 5, 1e-5, "test"),
+    ],
+)
 def test_calibration_meets_the_budget_with_the_smallest_noise(plan):
     z = calibrate_noise_multiplier(plan, 4.0, 20)
     assert epsilon_after(plan, z, 20) <= 4.0
@@ -122,15 +126,22 @@ def test_target_epsilon_sets_the_noise_and_is_logged_with_the_run_settings():
     assert 1 < z < MAX_NOISE_MULTIPLIER
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["privacy.dp=true", "privacy.target_epsilon=0.01", "rounds=1000"],
-     r"privacy\.target_epsilon=0\.01: epsilon 0\.01 cannot be met with a noise multiplier up to 100 \(that gives "
-     r"epsilon [\d.]+\) over rounds=1000 at delta=1e-05 .*; raise target_epsilon, lower rounds, raise "
-     r"privacy\.delta, or sample fewer clients per round"),
-    (["privacy.target_epsilon=5"], r"privacy\.target_epsilon needs privacy\.dp: true"),
-    (["privacy.dp=true", "privacy.target_epsilon=5", "privacy.noise_multiplier=1"],
-     r"both set the noise: the budget calibrates the noise multiplier, so set one of them"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (
+            ["privacy.dp=true", "privacy.target_epsilon=0.01", "rounds=1000"],
+            r"privacy\.target_epsilon=0\.01: epsilon 0\.01 cannot be met with a noise multiplier up to 100 \(that gives "
+            r"epsilon [\d.]+\) over rounds=1000 at delta=1e-05 .*; raise target_epsilon, lower rounds, raise "
+            r"privacy\.delta, or sample fewer clients per round",
+        ),
+        (["privacy.target_epsilon=5"], r"privacy\.target_epsilon needs privacy\.dp: true"),
+        (
+            ["privacy.dp=true", "privacy.target_epsilon=5", "privacy.noise_multiplier=1"],
+            r"both set the noise: the budget calibrates the noise multiplier, so set one of them",
+        ),
+    ],
+)
 def test_a_budget_that_cannot_be_met_is_refused_before_the_run_directory_exists(tmp_path, overrides, needle):
     c = cfg(*overrides)
     with pytest.raises(ConfigError, match=needle):
@@ -150,16 +161,23 @@ def _results(fed: Federation, round_: int, attempt: int = 0) -> list[ClientUpdat
     out = []
     for task in fed.begin_round(round_, attempt):
         gen = torch.Generator().manual_seed(100 * round_ + task.client)
-        tensors = {k: (v + 0.01 * torch.randn(tuple(v.shape), generator=gen)).contiguous()
-                   for k, v in task.broadcast.adapter.items()}
+        tensors = {
+            k: (v + 0.01 * torch.randn(tuple(v.shape), generator=gen)).contiguous()
+            for k, v in task.broadcast.adapter.items()
+        }
         rank = adapter_rank(task.broadcast.adapter)
         out.append(ClientUpdate(task.client, rank, 10, tensors, task.round, fed.cfg.method, {}))
     return out
 
 
 def test_a_retried_and_a_resumed_round_count_once(tmp_path):
-    dp = ("privacy.dp=true", "privacy.target_epsilon=6", "privacy.clip_norm=0.05", "clients.min_per_round=2",
-          "clients.max_round_retries=1")
+    dp = (
+        "privacy.dp=true",
+        "privacy.target_epsilon=6",
+        "privacy.clip_norm=0.05",
+        "clients.min_per_round=2",
+        "clients.max_round_retries=1",
+    )
     straight = Federation(cfg(*dp), tmp_path / "a", MODULES)
     straight.start()
     for r in (1, 2, 3):
@@ -185,6 +203,9 @@ def test_a_resume_that_would_change_the_noise_is_refused(tmp_path):
     fed.start()
     fed.end_round(1, _results(fed, 1))
     longer = Federation(cfg("privacy.dp=true", "privacy.target_epsilon=6", "rounds=6"), tmp_path, MODULES)
-    with pytest.raises(ValueError, match=r"cannot resume: rounds 1-1 ran with noise multiplier [\d.]+ but this "
-                                         r"config gives [\d.]+"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot resume: rounds 1-1 ran with noise multiplier [\d.]+ but this "
+        r"config gives [\d.]+",
+    ):
         longer.start(resume=True)

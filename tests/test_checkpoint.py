@@ -38,8 +38,14 @@ def make_state(seed: int = 0, rank: int = 4) -> GlobalState:
 
 def make_info(**extra) -> dict:
     g = torch.Generator().manual_seed(7)
-    return {"method": "hetlora", "modules": {m: list(s) for m, s in MODULES.items()}, "client_ranks": [1, 2, 4],
-            "alpha": 16.0, "rng": rng_state(g), "options": {"prune": True, "gamma": 0.9}} | extra
+    return {
+        "method": "hetlora",
+        "modules": {m: list(s) for m, s in MODULES.items()},
+        "client_ranks": [1, 2, 4],
+        "alpha": 16.0,
+        "rng": rng_state(g),
+        "options": {"prune": True, "gamma": 0.9},
+    } | extra
 
 
 def assert_same_state(a: GlobalState, b: GlobalState) -> None:
@@ -88,8 +94,9 @@ def test_spec_from_checkpoint(tmp_path):
     save_checkpoint(tmp_path, 0, make_state(), make_info())
     spec, method = spec_from_checkpoint(tmp_path)
     assert method == "hetlora"
-    assert spec == FederationSpec(modules=MODULES, client_ranks=(1, 2, 4), alpha=16.0,
-                                  options={"prune": True, "gamma": 0.9})
+    assert spec == FederationSpec(
+        modules=MODULES, client_ranks=(1, 2, 4), alpha=16.0, options={"prune": True, "gamma": 0.9}
+    )
     assert spec.max_rank == 4 and spec.scale == 4.0
 
 
@@ -174,14 +181,20 @@ def test_bad_arguments_write_nothing(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda d: (d / "state.json").write_text("{not json"), "state.json is not valid JSON"),
-    (lambda d: (d / "state.json").write_text("[1, 2]"), "state.json: expected a JSON object"),
-    (lambda d: (d / "state.json").write_text('{"round": 7, "method": "x"}'), "says round 7"),
-    (lambda d: (d / "state.json").unlink(), "state.json is missing"),
-    (lambda d: (d / "adapter.safetensors").unlink(), "adapter.safetensors is missing"),
-    (lambda d: (d / "adapter.safetensors").write_bytes(b"garbage!garbage!"), "adapter.safetensors is not a readable"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda d: (d / "state.json").write_text("{not json"), "state.json is not valid JSON"),
+        (lambda d: (d / "state.json").write_text("[1, 2]"), "state.json: expected a JSON object"),
+        (lambda d: (d / "state.json").write_text('{"round": 7, "method": "x"}'), "says round 7"),
+        (lambda d: (d / "state.json").unlink(), "state.json is missing"),
+        (lambda d: (d / "adapter.safetensors").unlink(), "adapter.safetensors is missing"),
+        (
+            lambda d: (d / "adapter.safetensors").write_bytes(b"garbage!garbage!"),
+            "adapter.safetensors is not a readable",
+        ),
+    ],
+)
 @pytest.mark.parametrize("checksums", [True, False])
 def test_corrupt_checkpoint_names_the_file(tmp_path, damage, fragment, checksums):
     save_checkpoint(tmp_path, 0, make_state(), make_info())

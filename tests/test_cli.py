@@ -13,9 +13,22 @@ from prelort.apps.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
-FAST = ["--set", "rounds=1", "--set", "train.local_steps=1", "--set", "data.num_train=64", "--set",
-        "data.num_test=8", "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=2", "--set",
-        "eval.truncation_curve=false"]
+FAST = [
+    "--set",
+    "rounds=1",
+    "--set",
+    "train.local_steps=1",
+    "--set",
+    "data.num_train=64",
+    "--set",
+    "data.num_test=8",
+    "--set",
+    "eval.max_examples=4",
+    "--set",
+    "eval.max_new_tokens=2",
+    "--set",
+    "eval.truncation_curve=false",
+]
 
 runner = CliRunner()
 
@@ -53,10 +66,13 @@ def test_bad_config_names_the_key_and_reason(tmp_path, override, needle):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["method=flexlora", "privacy.dp=true"], "privacy.dp"),
-    (["method=flora", "privacy.secure_aggregation=true"], "cannot run under secure aggregation"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method=flexlora", "privacy.dp=true"], "privacy.dp"),
+        (["method=flora", "privacy.secure_aggregation=true"], "cannot run under secure aggregation"),
+    ],
+)
 def test_unsupported_privacy_settings_are_refused_before_the_run_starts(tmp_path, overrides, needle):
     res = runner.invoke(app, ["run", TINY, "--out", str(tmp_path / "r"), *[a for o in overrides for a in ("--set", o)]])
     assert res.exit_code == 2 and needle in res.output

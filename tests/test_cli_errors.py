@@ -14,15 +14,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
-FAST = ["rounds=1", "train.local_steps=1", "data.num_train=32", "data.num_test=4", "eval.max_examples=2",
-        "eval.max_new_tokens=2", "eval.truncation_curve=false"]
+FAST = [
+    "rounds=1",
+    "train.local_steps=1",
+    "data.num_train=32",
+    "data.num_test=4",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=2",
+    "eval.truncation_curve=false",
+]
 
 
 def prelort(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The command as a user runs it: a fresh process (so imports and exit codes are real)."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "prelort", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prelort", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def error_line(res: subprocess.CompletedProcess) -> str:
@@ -45,15 +58,23 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path):
-    code = ("import sys\nfrom prelort.apps.cli import app\n"
-            f"try:\n    app(['run', {TINY!r}, '--out', {str(tmp_path / 'r')!r}, '--set', 'train.lr_rate=0.1'])\n"
-            "except SystemExit as e:\n"
-            "    print(e.code, *(m in sys.modules for m in ('torch', 'transformers', 'peft')))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120)
+    code = (
+        "import sys\nfrom prelort.apps.cli import app\n"
+        f"try:\n    app(['run', {TINY!r}, '--out', {str(tmp_path / 'r')!r}, '--set', 'train.lr_rate=0.1'])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, *(m in sys.modules for m in ('torch', 'transformers', 'peft')))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        timeout=120,
+    )
     assert res.stdout.split() == ["2", "False", "False", "False"], res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [
-        "error: invalid config: train.lr_rate: unknown key; fix the key in the config file or in --set"]
+        "error: invalid config: train.lr_rate: unknown key; fix the key in the config file or in --set"
+    ]
     assert not (tmp_path / "r").exists()
 
 
@@ -68,9 +89,11 @@ def test_a_missing_data_file_is_one_line_and_leaves_no_run_directory(tmp_path):
     out = tmp_path / "r"
     res = prelort("run", TINY, "--out", str(out), "--set", "data.source=no/train.jsonl")
     assert res.returncode == 2
-    assert error_line(res) == ("error: data.source 'no/train.jsonl': no such file or directory; check "
-                               "data.source (builtin, a hub dataset id, or a local json/jsonl/csv/parquet file "
-                               "or directory)")
+    assert error_line(res) == (
+        "error: data.source 'no/train.jsonl': no such file or directory; check "
+        "data.source (builtin, a hub dataset id, or a local json/jsonl/csv/parquet file "
+        "or directory)"
+    )
     assert not out.exists()
 
 
@@ -88,8 +111,9 @@ def test_a_mistyped_alias_offline_names_the_closest_alias_before_loading_anythin
     res = prelort("run", TINY, "--out", str(out), "--set", "model.name=smollm2-135m", env=env, timeout=60)
     assert res.returncode == 2
     line = error_line(res)
-    assert line.startswith("error: model.name 'smollm2-135m' is not an alias, not a local path, and not a "
-                           "hub model in the local cache (")
+    assert line.startswith(
+        "error: model.name 'smollm2-135m' is not an alias, not a local path, and not a hub model in the local cache ("
+    )
     assert line.endswith("did you mean 'smollm2-135m-instruct'?")
     assert ("HF_HUB_OFFLINE is set" in line) == ("HF_HUB_OFFLINE" in env)
     assert not out.exists()
@@ -144,8 +168,12 @@ def test_check_accepts_a_run_and_lists_the_problems_of_a_damaged_one(finished_ru
     for name in ("config.yaml", "run.log", "summary.csv"):
         (damaged / name).write_bytes((finished_run / name).read_bytes())
     lines = (finished_run / "metrics.jsonl").read_text().splitlines()
-    (damaged / "metrics.jsonl").write_text("\n".join(lines + [lines[-1], '{"round": 1, "rank": 2, "kind": "tier", '
-                                                               '"accuracy": 2.0, "rougeL": 0, "perplexity": 1.5}']))
+    (damaged / "metrics.jsonl").write_text(
+        "\n".join(
+            lines
+            + [lines[-1], '{"round": 1, "rank": 2, "kind": "tier", "accuracy": 2.0, "rougeL": 0, "perplexity": 1.5}']
+        )
+    )
     res = prelort("check", str(damaged))
     assert res.returncode == 2
     problems = res.stdout.splitlines()
@@ -177,8 +205,10 @@ def test_eval_writes_nothing_into_the_run_folder(finished_run, tmp_path):
 def test_export_records_the_hub_id_and_says_when_it_truncates(finished_run, tmp_path):
     res = prelort("export", str(finished_run), "--rank", "3", "--out", str(tmp_path / "r3"))
     assert res.returncode == 0, res.stderr
-    assert res.stderr.strip() == ("note: rank 3 is not a client rank tier (1, 2, 4, 8): exporting the global adapter "
-                                  "truncated to its first 3 dimensions")
+    assert res.stderr.strip() == (
+        "note: rank 3 is not a client rank tier (1, 2, 4, 8): exporting the global adapter "
+        "truncated to its first 3 dimensions"
+    )
     assert json.loads((tmp_path / "r3" / "adapter_config.json").read_text())["r"] == 3
     res = prelort("export", str(finished_run), "--rank", "4", "--out", str(tmp_path / "r4"))
     assert res.returncode == 0 and res.stderr == ""
@@ -199,6 +229,7 @@ def test_load_base_model_loads_what_an_export_needs(finished_run, tmp_path):
     from peft import PeftModel
 
     import prelort as prelort_pkg
+
     res = prelort("export", str(finished_run), "--rank", "2", "--out", str(tmp_path / "r2"))
     assert res.returncode == 0, res.stderr
     base, tokenizer = prelort_pkg.load_base_model("tiny-llama")
@@ -211,21 +242,28 @@ def test_load_base_model_loads_what_an_export_needs(finished_run, tmp_path):
 def test_failures_while_working_exit_1_bad_input_exits_2_with_what_to_do():
     import errno
 
-    from prelort.checkpoint import CheckpointError
     from prelort.apps.cli import EXIT_FAILED, EXIT_USAGE, _classify
+    from prelort.apps.launch import FlowerRunError
+    from prelort.checkpoint import CheckpointError
     from prelort.data import DataError
     from prelort.federation import RoundFailed
-    from prelort.apps.launch import FlowerRunError
 
-    failed = RoundFailed("round 2: 0 accepted update(s)", round_=2, accepted=0, min_per_round=1, attempts=1,
-                         completed=1)
+    failed = RoundFailed(
+        "round 2: 0 accepted update(s)", round_=2, accepted=0, min_per_round=1, attempts=1, completed=1
+    )
     assert _classify(failed) == (EXIT_FAILED, "")
-    assert _classify(FlowerRunError("Flower run 7 ended with status 'failed'")) == (EXIT_FAILED, "see docs/deployment.md")
+    assert _classify(FlowerRunError("Flower run 7 ended with status 'failed'")) == (
+        EXIT_FAILED,
+        "see docs/deployment.md",
+    )
     assert _classify(OSError(errno.ENOSPC, "No space left on device")) == (
-        EXIT_FAILED, "free disk space (or choose another --out), then continue with --resume")
+        EXIT_FAILED,
+        "free disk space (or choose another --out), then continue with --resume",
+    )
     assert _classify(DataError("x"))[0] == EXIT_USAGE
     assert _classify(CheckpointError("checkpoint file state.json is missing"))[1].startswith(
-        "the run directory's checkpoints are damaged")
+        "the run directory's checkpoints are damaged"
+    )
     assert _classify(FileExistsError("runs/x already holds a run"))[0] == EXIT_USAGE
     code, todo = _classify(TypeError("boom"))
     assert code == EXIT_FAILED and "prelort --debug" in todo

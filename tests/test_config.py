@@ -23,8 +23,10 @@ def test_examples_load_and_round_trip_through_yaml(tmp_path):
 
 
 def test_overrides_use_yaml_values_and_dotted_paths():
-    cfg = config_mod.load(ROOT / "examples" / "tiny.yaml",
-                          ["train.lr=1e-4", "clients.ranks=[2, 4]", "audit=true", "data.partition.kind=dirichlet"])
+    cfg = config_mod.load(
+        ROOT / "examples" / "tiny.yaml",
+        ["train.lr=1e-4", "clients.ranks=[2, 4]", "audit=true", "data.partition.kind=dirichlet"],
+    )
     assert cfg.train.lr == 1e-4 and cfg.clients.ranks == [2, 4] and cfg.audit is True
     assert cfg.data.partition.kind == "dirichlet"
     assert cfg.clients.all_ranks() == [2, 4, 2, 4]
@@ -42,7 +44,10 @@ def test_toml_file(tmp_path):
     [
         (["train.lrate=1"], "train.lrate: unknown key"),
         (["rounds=0"], "rounds: Input should be greater than or equal to 1"),
-        (["prelort.nested=most"], "prelort.nested: Input should be 'all', 'sample', 'sandwich', 'off' or 'sample_width'"),
+        (
+            ["prelort.nested=most"],
+            "prelort.nested: Input should be 'all', 'sample', 'sandwich', 'off' or 'sample_width'",
+        ),
         (["clients.min_per_round=5"], "min_per_round (5) exceeds per_round (4)"),
         (["rounds"], "is not key.path=value"),
         (["rounds.x=1"], "rounds: is a value"),

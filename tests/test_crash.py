@@ -11,15 +11,23 @@ import sys
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
 
 # Rounds long enough that the kill lands inside round 2's training: 4 clients x 30 steps take ~1.4 s per round
 # on one thread (4 steps took 0.2 s, and a 0.5 s wait once overshot round 2 on CI).
-SETS = ["rounds=3", "train.local_steps=30", "train.batch_size=2", "data.max_length=32", "data.num_train=48",
-        "data.num_test=4", "eval.max_examples=2", "eval.max_new_tokens=2", "eval.truncation_curve=false",
-        "prelort.nested=sample"]
+SETS = [
+    "rounds=3",
+    "train.local_steps=30",
+    "train.batch_size=2",
+    "data.max_length=32",
+    "data.num_train=48",
+    "data.num_test=4",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=2",
+    "eval.truncation_curve=false",
+    "prelort.nested=sample",
+]
 DEADLINE_S = 420  # the whole test, every subprocess included
 
 
@@ -31,8 +39,9 @@ def start_run(out: Path, *extra: str) -> subprocess.Popen:
     # own process group: a failing test kills the run and anything it started
     # one thread each: two runs share the machine, and oversubscribed torch threads slow both tenfold
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -95,8 +104,11 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):
     for run_dir in (reference_dir, crashed_dir):
         check_run(run_dir)
     # the final global adapter, its state and every exported PEFT adapter: identical bytes
-    for rel in ["checkpoints/round-3/adapter.safetensors", "checkpoints/round-3/state.json",
-                *[f"adapters/rank-{t}/adapter_model.safetensors" for t in (1, 2, 4, 8)]]:
+    for rel in [
+        "checkpoints/round-3/adapter.safetensors",
+        "checkpoints/round-3/state.json",
+        *[f"adapters/rank-{t}/adapter_model.safetensors" for t in (1, 2, 4, 8)],
+    ]:
         assert (crashed_dir / rel).read_bytes() == (reference_dir / rel).read_bytes(), rel
     for r in (1, 2):
         rel = f"checkpoints/round-{r}/adapter.safetensors"
@@ -109,6 +121,6 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):
     assert [r["round"] for r in resumed_recs if r.get("kind") == "train"] == [1, 2, 3]
 
     def comparable(recs: list[dict]) -> list[dict]:
-        return sorted((json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True) for r in recs))
+        return sorted(json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True) for r in recs)
 
     assert comparable(resumed_recs) == comparable(reference_recs)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from prelort import adapters
-from prelort.adapters import LoraAdapter
 from prelort import config as config_mod
+from prelort.adapters import LoraAdapter
 from prelort.config import TrainConfig
 from prelort.federation import round_diagnostics
 from prelort.methods.base import FederationSpec, TrainPlan, lora_init
@@ -46,8 +46,13 @@ def fresh_lora(base, rank: int = R):
 @pytest.mark.parametrize("mode, passes", [("all", 3 * 5), ("sandwich", 2 * 5), ("off", 5)])
 def test_modes_that_include_the_own_rank_reach_every_dimension_every_step(tiny_model, mode, passes):
     base, _ = tiny_model
-    res = train_client(fresh_lora(base), examples(), TrainPlan(rank=R, truncations=(2, 4, R), mode=mode),
-                       TrainConfig(local_steps=5, batch_size=4, lr=1e-3), seed=0)
+    res = train_client(
+        fresh_lora(base),
+        examples(),
+        TrainPlan(rank=R, truncations=(2, 4, R), mode=mode),
+        TrainConfig(local_steps=5, batch_size=4, lr=1e-3),
+        seed=0,
+    )
     assert res.meta["dim_steps"] == [5] * R
     assert res.meta["passes"] == passes
 
@@ -55,6 +60,7 @@ def test_modes_that_include_the_own_rank_reach_every_dimension_every_step(tiny_m
 def test_sample_mode_counts_match_the_draws_and_the_dimensions_that_moved(tiny_model):
     base, _ = tiny_model
     plan = TrainPlan(rank=R, truncations=(2, 4, R), mode="sample")
+
     # a seed whose 4 draws from T never reach dims 4..7: their dim_steps are 0 and they must not move
     def draws(s: int) -> list[int]:
         rng = random.Random(s)
@@ -91,17 +97,33 @@ def test_round_diagnostics_sums_the_accepted_clients_and_ignores_bad_reports(cap
     assert diag == {
         "dim_clients": [7, 7, 3, 3, 1, 1, 1, 1],
         "dim_steps": [24, 24, 6, 6, 1, 1, 1, 1],
-        "passes": 30, "optimizer_steps": 24, "diagnostics_reported": 4,
+        "passes": 30,
+        "optimizer_steps": 24,
+        "diagnostics_reported": 4,
     }
     assert "client 4: ignoring its step counts" in caplog.text and "client 5: ignoring" in caplog.text
     assert "client 6" not in caplog.text
 
 
 def test_train_records_carry_the_round_diagnostics(tmp_path):
-    cfg = config_mod.load(ROOT / "examples" / "tiny.yaml", [
-        "rounds=2", "train.local_steps=3", "data.num_train=48", "data.num_test=8", "eval.max_examples=4",
-        "eval.max_new_tokens=2", "eval.truncation_curve=false", "eval.base=false", "prelort.nested=all",
-        "clients.num=8", "clients.per_round=4", "clients.sampling=stratified", "clients.ranks=[1,2,4,8]"])
+    cfg = config_mod.load(
+        ROOT / "examples" / "tiny.yaml",
+        [
+            "rounds=2",
+            "train.local_steps=3",
+            "data.num_train=48",
+            "data.num_test=8",
+            "eval.max_examples=4",
+            "eval.max_new_tokens=2",
+            "eval.truncation_curve=false",
+            "eval.base=false",
+            "prelort.nested=all",
+            "clients.num=8",
+            "clients.per_round=4",
+            "clients.sampling=stratified",
+            "clients.ranks=[1,2,4,8]",
+        ],
+    )
     run(cfg, tmp_path / "run", verbose=False)
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]
@@ -124,8 +146,13 @@ def test_sample_width_draws_truncations_in_proportion_to_segment_width(tiny_mode
     assert share == pytest.approx({2: 2 / 16, 4: 2 / 16, 8: 4 / 16, 16: 8 / 16}, abs=0.02)
     # one pass per step; dims 8..15 (reached by t = 16 only) on about half the steps
     base, _ = tiny_model
-    res = train_client(fresh_lora(base), examples(), TrainPlan(rank=R, truncations=(2, 4, R), mode="sample_width"),
-                       TrainConfig(local_steps=24, batch_size=1, lr=1e-3), seed=3)
+    res = train_client(
+        fresh_lora(base),
+        examples(),
+        TrainPlan(rank=R, truncations=(2, 4, R), mode="sample_width"),
+        TrainConfig(local_steps=24, batch_size=1, lr=1e-3),
+        seed=3,
+    )
     assert res.meta["passes"] == 24 and res.meta["dim_steps"][:2] == [24, 24]
     assert 5 <= res.meta["dim_steps"][4] <= 19  # P(t = 8) = 4/8 here: binomial(24, 1/2)
     cfg = config_mod.from_dict({}, ["method=prelort", "prelort.nested=sample_width"])

@@ -34,11 +34,12 @@ def updates(fed: Federation) -> list[ClientUpdate]:
     for task in fed.begin_round(1):
         gen = torch.Generator().manual_seed(100 + task.client)
         # client k moves by 0.01 * k-ish: some above the clip norm 0.05, some below
-        tensors = {k: (v + 0.004 * (1 + task.client) * torch.randn(tuple(v.shape), generator=gen)).contiguous()
-                   for k, v in task.broadcast.adapter.items()}
+        tensors = {
+            k: (v + 0.004 * (1 + task.client) * torch.randn(tuple(v.shape), generator=gen)).contiguous()
+            for k, v in task.broadcast.adapter.items()
+        }
         rank = adapter_rank(task.broadcast.adapter)
-        out.append(ClientUpdate(task.client, rank, 10 + task.client, tensors, 1, fed.cfg.method,
-                                {"loss": 1.0}))
+        out.append(ClientUpdate(task.client, rank, 10 + task.client, tensors, 1, fed.cfg.method, {"loss": 1.0}))
     return out
 
 
@@ -48,14 +49,16 @@ def secure_sums(fed: Federation, ups: list[ClientUpdate]) -> SecureAggregate:
     layout = SecAggLayout.of(fed.state)
     uploads = []
     for u in ups:
-        clipped, _, _ = clip_update(u, adapter_prefix(fed._tasks[u.client].broadcast.adapter, u.rank),
-                                    fed.cfg.privacy.clip_norm)
+        clipped, _, _ = clip_update(
+            u, adapter_prefix(fed._tasks[u.client].broadcast.adapter, u.rank), fed.cfg.privacy.clip_norm
+        )
         arrays, weight = encode_for_secagg(fed.method, clipped, layout, uniform_weight=True)
         assert weight == 1.0
         uploads.append([a.astype(np.float64) for a in arrays])
     mean = [sum(parts) / len(uploads) for parts in zip(*uploads)]
-    return SecureAggregate(mean, clients=[(u.client, {"loss": 1.0}) for u in ups],
-                           weight_units=[WEIGHT_UNITS] * len(ups))
+    return SecureAggregate(
+        mean, clients=[(u.client, {"loss": 1.0}) for u in ups], weight_units=[WEIGHT_UNITS] * len(ups)
+    )
 
 
 @pytest.mark.parametrize("method", ["prelort", "zeropad", "hetlora"])
@@ -65,8 +68,9 @@ def test_noise_on_the_secure_sums_equals_central_dp(tmp_path, method):
     ups = updates(central)
     central.end_round(1, ups)
 
-    secure = Federation(cfg(*DP, f"method={method}", "engine=flower-sim", "privacy.secure_aggregation=true"),
-                        tmp_path / "s", MODULES)
+    secure = Federation(
+        cfg(*DP, f"method={method}", "engine=flower-sim", "privacy.secure_aggregation=true"), tmp_path / "s", MODULES
+    )
     secure.start()
     secure.begin_round(1)
     secure.end_round_secure(1, secure_sums(secure, ups))

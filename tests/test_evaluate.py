@@ -205,8 +205,9 @@ def test_evaluation_subset_is_fixed_and_bounded(tok):
     assert len({(r["instruction"], r["input"]) for r in first}) == 10
     assert select_examples(test, 100) == [dict(r) for r in test]
     model, _, _ = paris_model(tok)
-    result = evaluate_model(model, tok, test, EvalConfig(max_examples=6, batch_size=4, max_new_tokens=3,
-                                                         mode="generate"), 128)
+    result = evaluate_model(
+        model, tok, test, EvalConfig(max_examples=6, batch_size=4, max_new_tokens=3, mode="generate"), 128
+    )
     assert result["n"] == 6
     assert 0.0 <= result["accuracy"] <= 1.0 and result["perplexity"] > 1.0
 
@@ -240,7 +241,8 @@ def test_teacher_forced_verdicts_and_log_likelihoods_by_hand(tok):
     tokenized = tokenize_for_training(PARIS_RECORDS, tok, max_length=128)
     assert metrics["perplexity"] == pytest.approx(perplexity(model, tokenized, 4, tok.pad_token_id), rel=1e-5)
     assert sum(ex["n_tokens"] for ex in examples) == sum(
-        sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in tokenized)
+        sum(1 for t in ex["labels"] if t != IGNORE_INDEX) for ex in tokenized
+    )
     # ids are stable and distinct
     again = evaluate_examples(model, tok, PARIS_RECORDS, cfg, max_length=128)[1]
     assert [ex["id"] for ex in again] == [ex["id"] for ex in examples]

@@ -46,9 +46,7 @@ def padded_weighted_sums(
     return sums.num, sums.den
 
 
-def segment_weighted_mean(
-    factors: Sequence[Tensor], weights: Sequence[float], previous: Tensor, dim: int
-) -> Tensor:
+def segment_weighted_mean(factors: Sequence[Tensor], weights: Sequence[float], previous: Tensor, dim: int) -> Tensor:
     """Segment-wise weighted mean of factors of different ranks (PreLort aggregation).
 
     For every segment seg_j = [r(j-1), r(j)) with covering clients C_j = {k : r_k >= r(j)}:
@@ -189,8 +187,9 @@ def _adapter_shapes(R: int) -> tuple[dict[str, tuple[int, int]], dict[str, int]]
     return shapes, {name: rank_dim(name.rpartition(".")[2]) for name in shapes}
 
 
-def _client(seed: int, rank: int, shapes: dict[str, tuple[int, int]], dims: dict[str, int],
-            dtype=torch.float32) -> dict[str, torch.Tensor]:
+def _client(
+    seed: int, rank: int, shapes: dict[str, tuple[int, int]], dims: dict[str, int], dtype=torch.float32
+) -> dict[str, torch.Tensor]:
     out = {}
     for i, (name, shape) in enumerate(shapes.items()):
         s = list(shape)
@@ -205,8 +204,10 @@ def test_factor_sums_equal_per_tensor_padded_sums_bit_for_bit(buffer_clients, bl
     # operations across tensors only, never the order of the clients within an entry, so the sums are identical.
     R = 6
     shapes, dims = _adapter_shapes(R)
-    clients = [(_client(k, r, shapes, dims), float(w)) for k, (r, w) in
-               enumerate([(2, 3), (6, 1), (1, 7), (4, 2), (6, 5), (2, 0), (3, 11)])]
+    clients = [
+        (_client(k, r, shapes, dims), float(w))
+        for k, (r, w) in enumerate([(2, 3), (6, 1), (1, 7), (4, 2), (6, 5), (2, 0), (3, 11)])
+    ]
     fused = FactorSums(shapes, dims, buffer_clients=buffer_clients, block_bytes=block_bytes)
     plain = {name: PaddedSums(shape, dims[name]) for name, shape in shapes.items()}
     for factors, w in clients:

@@ -19,14 +19,18 @@ TINY = ROOT / "examples" / "tiny.yaml"
 METHODS = ["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"]
 
 # smaller than tiny.yaml so six methods x a few runs stay fast
-FAST = ["rounds=2", "train.local_steps=2", "data.num_train=96", "data.num_test=16", "eval.max_examples=8",
-        "eval.max_new_tokens=4"]
+FAST = [
+    "rounds=2",
+    "train.local_steps=2",
+    "data.num_train=96",
+    "data.num_test=16",
+    "eval.max_examples=8",
+    "eval.max_new_tokens=4",
+]
 
 
 def tiny_cfg(*overrides: str) -> config_mod.Config:
     return config_mod.load(TINY, [*FAST, *overrides])
-
-
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +65,17 @@ def test_every_method_leaves_the_whole_run_directory(audited_runs, method, check
             assert r["mode"] == "teacher_forced" and r["rougeL"] is None  # builtin answers are short
             assert set(r["category_accuracy"]) <= set(CATEGORIES)
     # every evaluated example, per round and tier: base in round 0, tiers each round, the curve in the last
-    lines = {rd: [json.loads(l) for l in (d / "eval" / f"round-{rd}.jsonl").read_text().splitlines()]
-             for rd in (0, 1, 2)}
+    lines = {
+        rd: [json.loads(l) for l in (d / "eval" / f"round-{rd}.jsonl").read_text().splitlines()] for rd in (0, 1, 2)
+    }
     assert sorted(p.name for p in (d / "eval").iterdir()) == ["round-0.jsonl", "round-1.jsonl", "round-2.jsonl"]
     evals = [r for r in recs if r.get("kind") in ("base", "tier", "curve")]
     for r in evals:
         mine = [x for x in lines[r["round"]] if (x["kind"], x["rank"]) == (r["kind"], r["rank"])]
         assert len(mine) == r["n"] and sum(x["correct"] for x in mine) / r["n"] == pytest.approx(r["accuracy"])
         assert math.exp(-sum(x["loglik"] for x in mine) / sum(x["n_tokens"] for x in mine)) == pytest.approx(
-            r["perplexity"], rel=1e-6)
+            r["perplexity"], rel=1e-6
+        )
     keys = {"round", "rank", "kind", "id", "category", "correct", "loglik", "n_tokens", "prediction"}
     assert all(set(x) == keys and x["prediction"] is None for rd in lines for x in lines[rd])
     ids = [x["id"] for x in lines[1] if x["rank"] == 1]
@@ -107,8 +113,14 @@ def recompute(method: str, prev: dict, ups, alpha: float, R: int) -> dict:
             if method == "hetlora":
                 w = []
                 for _, t in ups:
-                    w.append(math.sqrt(sum(float(((t[f"{mm}.lora_B"].double() @ t[f"{mm}.lora_A"].double()) ** 2).sum())
-                                           for mm in _modules(prev))))
+                    w.append(
+                        math.sqrt(
+                            sum(
+                                float(((t[f"{mm}.lora_B"].double() @ t[f"{mm}.lora_A"].double()) ** 2).sum())
+                                for mm in _modules(prev)
+                            )
+                        )
+                    )
             else:
                 w = [meta["num_examples"] for meta, _ in ups]
             for i in range(A.shape[0]):
@@ -126,7 +138,9 @@ def recompute(method: str, prev: dict, ups, alpha: float, R: int) -> dict:
         else:
             w = [meta["num_examples"] for meta, _ in ups]
             tot = sum(w)
-            avg = sum((p / tot) * s * (t[f"{m}.lora_B"].double() @ t[f"{m}.lora_A"].double()) for p, (_, t) in zip(w, ups))
+            avg = sum(
+                (p / tot) * s * (t[f"{m}.lora_B"].double() @ t[f"{m}.lora_A"].double()) for p, (_, t) in zip(w, ups)
+            )
             if method == "flexlora":
                 out[f"{m}.delta"] = avg.float()
             else:  # flora: stacking == weighted sum of products, merged into the accumulated delta
@@ -163,8 +177,11 @@ def test_resume_after_round_1_is_bit_identical(tmp_path, check_run):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     check_run(part)
-    rounds = [json.loads(l)["round"] for l in (part / "metrics.jsonl").read_text().splitlines()
-              if json.loads(l).get("kind") == "train"]
+    rounds = [
+        json.loads(l)["round"]
+        for l in (part / "metrics.jsonl").read_text().splitlines()
+        if json.loads(l).get("kind") == "train"
+    ]
     assert rounds == [1, 2, 3]
     # per-example records: the resumed run's files equal the uninterrupted run's, without duplicates
     for rd in (2, 3):

@@ -25,14 +25,29 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 SPEC = FederationSpec(modules={"l0.q": (3, 4), "l1.v": (2, 4)}, client_ranks=(1, 2, 2), alpha=4.0)
 _g = torch.Generator().manual_seed(0)
-VALID = ClientUpdate(client=1, rank=2, num_examples=3, round=1, method="prelort",
-                     tensors={"l0.q.lora_A": torch.randn(2, 4, generator=_g), "l0.q.lora_B": torch.randn(3, 2, generator=_g),
-                              "l1.v.lora_A": torch.randn(2, 4, generator=_g), "l1.v.lora_B": torch.randn(2, 2, generator=_g)})
+VALID = ClientUpdate(
+    client=1,
+    rank=2,
+    num_examples=3,
+    round=1,
+    method="prelort",
+    tensors={
+        "l0.q.lora_A": torch.randn(2, 4, generator=_g),
+        "l0.q.lora_B": torch.randn(3, 2, generator=_g),
+        "l1.v.lora_A": torch.randn(2, 4, generator=_g),
+        "l1.v.lora_B": torch.randn(2, 2, generator=_g),
+    },
+)
 VALID_BYTES, VALID_META = encode_update(VALID)
 
-json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda children: st.lists(children, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=20)
+json_scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
 
 
 def decode_or_reject(data: bytes, meta) -> ClientUpdate | None:
@@ -59,8 +74,10 @@ def test_random_bytes(data):
 
 
 @FUZZ
-@given(st.binary(min_size=8, max_size=8) | st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n)),
-       st.binary(max_size=256))
+@given(
+    st.binary(min_size=8, max_size=8) | st.integers(0, 2**64 - 1).map(lambda n: struct.pack("<Q", n)),
+    st.binary(max_size=256),
+)
 def test_random_header_length(prefix, rest):
     decode_or_reject(prefix + rest, VALID_META)
 
@@ -79,21 +96,27 @@ def test_mutated_valid_payload(data):
         elif op == "insert":
             payload[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
         elif op == "delete":
-            del payload[pos:pos + data.draw(st.integers(1, 8))]
+            del payload[pos : pos + data.draw(st.integers(1, 8))]
     decode_or_reject(bytes(payload), VALID_META)
 
 
-header_entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "C64", "XX", ""]) | json_values,
-    "shape": st.lists(st.integers(-2, 2**40), max_size=4) | json_values,
-    "data_offsets": st.lists(st.integers(-2, 2**40), min_size=0, max_size=3) | json_values,
-})
+header_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "C64", "XX", ""]) | json_values,
+        "shape": st.lists(st.integers(-2, 2**40), max_size=4) | json_values,
+        "data_offsets": st.lists(st.integers(-2, 2**40), min_size=0, max_size=3) | json_values,
+    }
+)
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(list(VALID.tensors)) | st.text(max_size=10), header_entries | json_values,
-                       max_size=5),
-       st.binary(max_size=128), st.booleans())
+@given(
+    st.dictionaries(
+        st.sampled_from(list(VALID.tensors)) | st.text(max_size=10), header_entries | json_values, max_size=5
+    ),
+    st.binary(max_size=128),
+    st.booleans(),
+)
 def test_random_headers(header, body, with_metadata):
     if with_metadata:
         header["__metadata__"] = {"format": "pt"}
@@ -144,8 +167,9 @@ def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 # the declared keys and each registered method's options section (prelort.nested, hetlora.gamma, ...)
-KEY_PATHS = _key_paths(Config) + [path for name, options in method_sections().items()
-                                  for path in [name, *_key_paths(options, name + ".")]]
+KEY_PATHS = _key_paths(Config) + [
+    path for name, options in method_sections().items() for path in [name, *_key_paths(options, name + ".")]
+]
 keys = st.sampled_from(KEY_PATHS) | st.text(max_size=10)
 
 
@@ -185,23 +209,41 @@ def test_from_dict_random_top_level(data):
     _config_or_error(config_mod.from_dict, data)
 
 
-override_values = (st.text(max_size=20) | st.sampled_from(["2001-02-30", "[1, 2", "{a: 1", "*x", "!!binary xx",
-                                                           "!!python/object:os.system x", "2001-01-01", "!!set {a}",
-                                                           "1e400", "-.inf", ".nan", "[[[[", "? [a]: 1", "~"]))
+override_values = st.text(max_size=20) | st.sampled_from(
+    [
+        "2001-02-30",
+        "[1, 2",
+        "{a: 1",
+        "*x",
+        "!!binary xx",
+        "!!python/object:os.system x",
+        "2001-01-01",
+        "!!set {a}",
+        "1e400",
+        "-.inf",
+        ".nan",
+        "[[[[",
+        "? [a]: 1",
+        "~",
+    ]
+)
 
 
 @FUZZ
-@given(st.lists(st.tuples(keys, override_values).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=20),
-                max_size=4),
-       st.lists(st.tuples(keys, json_values), max_size=3))
+@given(
+    st.lists(st.tuples(keys, override_values).map(lambda kv: f"{kv[0]}={kv[1]}") | st.text(max_size=20), max_size=4),
+    st.lists(st.tuples(keys, json_values), max_size=3),
+)
 def test_overrides(overrides, pairs):
     _config_or_error(config_mod.from_dict, _nest(pairs), overrides)
 
 
 @FUZZ
-@given(st.text(max_size=200) | st.lists(st.tuples(keys, override_values), max_size=5).map(
-    lambda kvs: "\n".join(f"{k}: {v}" for k, v in kvs)),
-    st.sampled_from([".yaml", ".toml"]))
+@given(
+    st.text(max_size=200)
+    | st.lists(st.tuples(keys, override_values), max_size=5).map(lambda kvs: "\n".join(f"{k}: {v}" for k, v in kvs)),
+    st.sampled_from([".yaml", ".toml"]),
+)
 def test_load_random_files(text, suffix):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"config{suffix}"

@@ -30,8 +30,8 @@ from typer.testing import CliRunner
 
 from prelort import config as config_mod
 from prelort import rundir
-from prelort.checkpoint import CheckpointError, latest_intact_round, load_checkpoint, save_checkpoint
 from prelort.apps.cli import app
+from prelort.checkpoint import CheckpointError, latest_intact_round, load_checkpoint, save_checkpoint
 from prelort.engines.inprocess import InProcessEngine
 from prelort.methods.base import GlobalState
 from prelort.protocol import ClientTask, RawUpdate
@@ -39,9 +39,19 @@ from prelort.runner import Session
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
-FAST = ["train.local_steps=1", "train.batch_size=2", "data.max_length=32", "data.num_test=4", "data.num_train=64",
-        "eval.max_examples=2", "eval.max_new_tokens=1", "eval.truncation_curve=false", "eval.base=false",
-        "eval.every=100", "prelort.nested=sample"]
+FAST = [
+    "train.local_steps=1",
+    "train.batch_size=2",
+    "data.max_length=32",
+    "data.num_test=4",
+    "data.num_train=64",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=1",
+    "eval.truncation_curve=false",
+    "eval.base=false",
+    "eval.every=100",
+    "prelort.nested=sample",
+]
 
 
 def tiny_cfg(*overrides: str) -> config_mod.Config:
@@ -64,8 +74,10 @@ def prelort_log():
 
 def strict_json_lines(path: Path) -> list[dict]:
     """Every line parses as standard JSON (no NaN / Infinity)."""
+
     def refuse(name):
         raise ValueError(f"{name} is not JSON")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
@@ -87,18 +99,21 @@ def _num_examples_raw(raw: str):
 def _all_factors(value: float):
     def corrupt(payload, meta):
         return st_save({k: torch.full_like(v, value) for k, v in st_load(payload).items()}), json.dumps(meta)
+
     return corrupt
 
 
 def _scaled(factor: float):
     def corrupt(payload, meta):
         return st_save({k: v * factor for k, v in st_load(payload).items()}), json.dumps(meta)
+
     return corrupt
 
 
 def _extra(**fields):
     def corrupt(payload, meta):
         return payload, json.dumps(dict(meta, extra=dict(meta.get("extra", {}), **fields)))
+
     return corrupt
 
 
@@ -160,8 +175,9 @@ HONEST = (0, 1, 2, 3)
 def hostile_run(tmp_path_factory):
     """HetLoRA (the method with a method-specific field), 12 clients of ranks 1/2/4/8, 2 rounds, audit on:
     clients 0-3 honest, every hostile kind sent once by one of clients 4-11."""
-    cfg = tiny_cfg("method=hetlora", "rounds=2", "clients.num=12", "clients.per_round=12", "clients.min_per_round=4",
-                   "audit=true")
+    cfg = tiny_cfg(
+        "method=hetlora", "rounds=2", "clients.num=12", "clients.per_round=12", "clients.min_per_round=4", "audit=true"
+    )
     assert cfg.validation.max_update_rms == 10.0 and cfg.validation.max_update_norm is None  # the defaults
     slots = [(r, c) for r in (1, 2) for c in range(len(HONEST), 12)]
     schedule = dict(zip(slots, HOSTILE))
@@ -175,7 +191,7 @@ def hostile_run(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(HOSTILE))
 def test_hostile_reply_is_rejected_with_its_reason_in_run_log(hostile_run, kind):
     run_dir, schedule, _ = hostile_run
-    (rnd, client), = [slot for slot, k in schedule.items() if k == kind]
+    ((rnd, client),) = [slot for slot, k in schedule.items() if k == kind]
     line = f"round {rnd}: rejected update from client {client}: {HOSTILE[kind][1]}: "
     log_lines = [x for x in (run_dir / "run.log").read_text().splitlines() if line in x]
     assert log_lines, f"{kind}: no {line!r} in run.log"
@@ -189,14 +205,16 @@ def test_hostile_run_finishes_with_finite_state_and_strict_json_metrics(hostile_
     records = strict_json_lines(run_dir / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     honest = {rnd: [c for c in range(12) if (rnd, c) not in schedule] for rnd in (1, 2)}
-    assert [(r["round"], r["accepted"], r["rejected"]) for r in train] == \
-        [(rnd, len(honest[rnd]), 12 - len(honest[rnd])) for rnd in (1, 2)]
+    assert [(r["round"], r["accepted"], r["rejected"]) for r in train] == [
+        (rnd, len(honest[rnd]), 12 - len(honest[rnd])) for rnd in (1, 2)
+    ]
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] < 100 for r in train)
     for rnd in (1, 2):
         state = load_file(str(run_dir / f"checkpoints/round-{rnd}/adapter.safetensors"))
         assert all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < 10 for t in state.values())
-        assert sorted(p.name for p in (run_dir / f"updates/round-{rnd}").glob("*.safetensors")) == \
-            sorted(f"client-{c}.safetensors" for c in honest[rnd])
+        assert sorted(p.name for p in (run_dir / f"updates/round-{rnd}").glob("*.safetensors")) == sorted(
+            f"client-{c}.safetensors" for c in honest[rnd]
+        )
 
 
 def _verify(run_dir: Path, path: Path, round_: int):
@@ -230,10 +248,20 @@ def test_verify_update_accepts_what_the_round_accepted(hostile_run):
 def test_overflowing_weights_and_huge_factors_never_reach_the_state(method, tmp_path):
     """Items 1-3 for the data-weighted methods: 10**400 and two 10**308 example counts, and factors of
     3e38, each from its own client; the round completes with the honest clients and a finite, non-zero state."""
-    cfg = tiny_cfg(f"method={method}", "rounds=1", "clients.num=6", "clients.per_round=6",
-                   "clients.ranks=[2, 2, 2, 2, 2, 2]", "clients.min_per_round=2")
-    schedule = {(1, 2): "num_examples_10e400", (1, 3): "num_examples_1e308_a", (1, 4): "num_examples_1e308_b",
-                (1, 5): "factors_3e38"}
+    cfg = tiny_cfg(
+        f"method={method}",
+        "rounds=1",
+        "clients.num=6",
+        "clients.per_round=6",
+        "clients.ranks=[2, 2, 2, 2, 2, 2]",
+        "clients.min_per_round=2",
+    )
+    schedule = {
+        (1, 2): "num_examples_10e400",
+        (1, 3): "num_examples_1e308_a",
+        (1, 4): "num_examples_1e308_b",
+        (1, 5): "factors_3e38",
+    }
     session = Session(cfg, tmp_path / "run", verbose=False)
     session.run(AlteringEngine(InProcessEngine(session, progress=False), schedule))
     text = (tmp_path / "run" / "run.log").read_text()
@@ -263,8 +291,14 @@ def test_a_2_gib_update_file_is_refused_before_it_is_read(hostile_run, tmp_path)
 def test_a_non_finite_aggregate_is_never_checkpointed(tmp_path):
     """With every bound switched off (null), FlexLoRA's product of 3e38 factors overflows: the round fails
     with the state of round 0 kept, instead of a checkpoint full of infinities."""
-    cfg = tiny_cfg("method=flexlora", "rounds=1", "clients.num=2", "clients.per_round=2", "clients.ranks=[2, 2]",
-                   "validation.max_update_rms=null")
+    cfg = tiny_cfg(
+        "method=flexlora",
+        "rounds=1",
+        "clients.num=2",
+        "clients.per_round=2",
+        "clients.ranks=[2, 2]",
+        "validation.max_update_rms=null",
+    )
     session = Session(cfg, tmp_path / "run", verbose=False)
     engine = AlteringEngine(InProcessEngine(session, progress=False), {(1, 1): "factors_3e38"})
     from prelort.federation import RoundFailed
@@ -279,8 +313,14 @@ def test_a_non_finite_aggregate_is_never_checkpointed(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def _cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, "-m", "prelort", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prelort", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )
 
 
 def test_a_directory_of_user_files_is_refused_and_left_untouched(tmp_path):
@@ -322,8 +362,9 @@ def test_marker_is_written_and_an_existing_run_needs_resume(tmp_path):
 def _lock_held_by(run_dir: Path, pid: int) -> None:
     import socket
 
-    (run_dir / rundir.LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
-                                                   "started": rundir._start_time(pid)}))
+    (run_dir / rundir.LOCK).write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname(), "started": rundir._start_time(pid)})
+    )
 
 
 def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
@@ -357,7 +398,9 @@ def test_a_stale_lock_is_taken_over(tmp_path):
 
 
 def test_the_lock_is_released_when_the_run_exits(tmp_path):
-    res = _cli("run", str(TINY), "--out", str(tmp_path / "run"), *[x for s in FAST + ["rounds=1"] for x in ("--set", s)])
+    res = _cli(
+        "run", str(TINY), "--out", str(tmp_path / "run"), *[x for s in FAST + ["rounds=1"] for x in ("--set", s)]
+    )
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "run" / rundir.LOCK).exists()
     assert (tmp_path / "run" / rundir.MARKER).is_file()
@@ -372,16 +415,35 @@ def made_run(tmp_path):
     cfg = tiny_cfg()
     d = rundir.RunDir(tmp_path / "run").prepare(cfg, resume=False).path
     state = GlobalState(tensors={"m.lora_A": torch.zeros(8, 4), "m.lora_B": torch.zeros(4, 8)})
-    info = {"method": cfg.method, "modules": {"m": [4, 4]}, "client_ranks": cfg.clients.all_ranks(),
-            "alpha": cfg.lora.alpha, "seed": cfg.seed,
-            "options": {"nested": cfg.prelort.nested, "hetlora_prune": cfg.hetlora.prune,
-                        "hetlora_gamma": cfg.hetlora.gamma, "hetlora_lam": cfg.hetlora.lam}}
+    info = {
+        "method": cfg.method,
+        "modules": {"m": [4, 4]},
+        "client_ranks": cfg.clients.all_ranks(),
+        "alpha": cfg.lora.alpha,
+        "seed": cfg.seed,
+        "options": {
+            "nested": cfg.prelort.nested,
+            "hetlora_prune": cfg.hetlora.prune,
+            "hetlora_gamma": cfg.hetlora.gamma,
+            "hetlora_lam": cfg.hetlora.lam,
+        },
+    }
     save_checkpoint(d, 0, state, info)
     return d
 
 
-@pytest.mark.parametrize("override", ["privacy.dp=true", "validation.max_update_norm=5", "robust.clip_norm=1",
-                                      "validation.max_update_rms=null", "train.lr=0.1", "seed=7", "engine=flower-sim"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "privacy.dp=true",
+        "validation.max_update_norm=5",
+        "robust.clip_norm=1",
+        "validation.max_update_rms=null",
+        "train.lr=0.1",
+        "seed=7",
+        "engine=flower-sim",
+    ],
+)
 def test_resume_refuses_any_change_outside_the_safe_sections(made_run, override):
     key = override.split("=")[0]
     with pytest.raises(config_mod.ConfigError, match=f"differs from the run's config.yaml in {key}"):
@@ -389,8 +451,9 @@ def test_resume_refuses_any_change_outside_the_safe_sections(made_run, override)
     assert config_mod.load(made_run / "config.yaml") == tiny_cfg()  # config.yaml not rewritten
 
 
-@pytest.mark.parametrize("override", ["eval.max_examples=5", "rounds=9", "audit=true", "flower.round_timeout=5",
-                                      "model.device=cpu"])
+@pytest.mark.parametrize(
+    "override", ["eval.max_examples=5", "rounds=9", "audit=true", "flower.round_timeout=5", "model.device=cpu"]
+)
 def test_resume_accepts_changes_to_the_safe_sections(made_run, override):
     rundir.RunDir(made_run).prepare(tiny_cfg(override), resume=True)
     assert config_mod.load(made_run / "config.yaml") == tiny_cfg(override)
@@ -427,7 +490,7 @@ def _damage_edit_1024_floats(d: Path) -> None:
     p = d / "adapter.safetensors"
     data = bytearray(p.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
-    data[header:header + 4096] = torch.full((1024,), 0.5).numpy().tobytes()
+    data[header : header + 4096] = torch.full((1024,), 0.5).numpy().tobytes()
     p.write_bytes(bytes(data))
 
 
@@ -467,8 +530,13 @@ def test_resume_past_a_damaged_round_recomputes_it_identically(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # items 12-13: config bounds, before any directory exists
 # ----------------------------------------------------------------------------------------------
-BOMB = "\n".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-                 + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]) + "\n"
+BOMB = (
+    "\n".join(
+        ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+        + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    )
+    + "\n"
+)
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
@@ -482,16 +550,19 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
         config_mod.expanded_size({"x": [["y" * 1000] * 1000] * 1000})
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.max_grad_norm=-1", "train.max_grad_norm: Input should be greater than 0"),
-    ("seed=100000000000000000000000", "seed: Input should be less than or equal to 9223372036854775807"),
-    ("seed=-1", "seed: Input should be greater than or equal to 0"),
-    ("train.lr=.inf", "train.lr: Input should be a finite number"),
-    ("privacy.noise_multiplier=.inf", "privacy.noise_multiplier: Input should be a finite number"),
-    ("lora.alpha=.nan", "lora.alpha: Input should be a finite number"),
-    ("clients.ranks=[1000000]", "ranks must be at most 65536"),
-    ("validation.max_update_rms=0", "validation.max_update_rms: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_grad_norm=-1", "train.max_grad_norm: Input should be greater than 0"),
+        ("seed=100000000000000000000000", "seed: Input should be less than or equal to 9223372036854775807"),
+        ("seed=-1", "seed: Input should be greater than or equal to 0"),
+        ("train.lr=.inf", "train.lr: Input should be a finite number"),
+        ("privacy.noise_multiplier=.inf", "privacy.noise_multiplier: Input should be a finite number"),
+        ("lora.alpha=.nan", "lora.alpha: Input should be a finite number"),
+        ("clients.ranks=[1000000]", "ranks must be at most 65536"),
+        ("validation.max_update_rms=0", "validation.max_update_rms: Input should be greater than 0"),
+    ],
+)
 def test_out_of_range_values_are_refused_before_the_run_directory_exists(tmp_path, override, needle):
     res = _cli("run", str(TINY), "--out", str(tmp_path / "run"), "--set", override)
     assert res.returncode != 0 and needle in res.stderr, res.stderr
@@ -501,11 +572,14 @@ def test_out_of_range_values_are_refused_before_the_run_directory_exists(tmp_pat
 # ----------------------------------------------------------------------------------------------
 # item 14: engine flower without TLS or SuperNode authentication
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, gaps", [
-    (["flower.insecure=true", "flower.supernode_auth=true"], ["no TLS"]),
-    (["flower.root_certificates=ca.crt"], ["no SuperNode authentication"]),
-    (["flower.insecure=true"], ["no TLS", "no SuperNode authentication"]),
-])
+@pytest.mark.parametrize(
+    "overrides, gaps",
+    [
+        (["flower.insecure=true", "flower.supernode_auth=true"], ["no TLS"]),
+        (["flower.root_certificates=ca.crt"], ["no SuperNode authentication"]),
+        (["flower.insecure=true"], ["no TLS", "no SuperNode authentication"]),
+    ],
+)
 def test_an_insecure_flower_deployment_is_refused_unless_allowed(overrides, gaps, tmp_path, capsys):
     pytest.importorskip("flwr")
     from prelort.apps.launch import FlowerRunError, check_deployment

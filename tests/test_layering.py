@@ -31,16 +31,20 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # The layers from the bottom up: (name, module names or patterns). A module named exactly belongs to that layer;
 # otherwise to the one layer with a pattern that matches it ("!x" leaves x out of a layer's patterns).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["prelort.rank_geometry", "prelort.factor_sums", "prelort.model_names", "prelort.metrics",
-                     "prelort.metrics.*"]),  # pure helpers and the metric table: no other prelort import
+    (
+        "foundations",
+        ["prelort.rank_geometry", "prelort.factor_sums", "prelort.model_names", "prelort.metrics", "prelort.metrics.*"],
+    ),  # pure helpers and the metric table: no other prelort import
     ("method interface", ["prelort.methods.base", "prelort.methods.toolkit"]),
     ("method registry", ["prelort.methods"]),
     ("methods", ["prelort.methods.*"]),  # one file per method
     ("engine table", ["prelort.engines"]),  # engines/__init__.py: name -> how a run on it starts
     ("config", ["prelort.config"]),  # validates method and engine against the two tables
     ("algorithms", ["prelort.updates", "prelort.secure_sums", "prelort.privacy", "prelort.accounting"]),
-    ("model and data", ["prelort.models", "prelort.adapters", "prelort.data", "prelort.data.*",
-                        "prelort"]),  # the package itself: __version__ and load_base_model
+    (
+        "model and data",
+        ["prelort.models", "prelort.adapters", "prelort.data", "prelort.data.*", "prelort"],
+    ),  # the package itself: __version__ and load_base_model
     ("evaluation", ["prelort.evaluate"]),
     ("recipe", ["prelort.recipe"]),  # the model and data of a config, for the runner and every ClientApp
     ("protocol", ["prelort.protocol"]),
@@ -56,8 +60,16 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 
 # module groups the rules name
-ALGORITHMS = ["prelort.methods", "prelort.methods.*", "prelort.rank_geometry", "prelort.factor_sums", "prelort.secure_sums",
-              "prelort.privacy", "prelort.accounting", "prelort.updates"]
+ALGORITHMS = [
+    "prelort.methods",
+    "prelort.methods.*",
+    "prelort.rank_geometry",
+    "prelort.factor_sums",
+    "prelort.secure_sums",
+    "prelort.privacy",
+    "prelort.accounting",
+    "prelort.updates",
+]
 FLOWER_APPS = ["prelort.apps.serverapp", "prelort.apps.clientapp", "prelort.apps.launch"]
 TOP = ["prelort.runner", "prelort.apps.cli", "prelort.__main__"]
 ROUND_LOOP = ["prelort.federation"]
@@ -67,28 +79,71 @@ FLOWER = ["prelort.flower", "prelort.flower.*"]
 
 # (modules, patterns they must not import, why); a pattern "!x" leaves the modules x out
 RULES: list[tuple[list[str], list[str], str]] = [
-    (ALGORITHMS, ["prelort.protocol", "prelort.client", "prelort.train", "prelort.recipe", *ROUND_LOOP, *ENGINES,
-                  *FLOWER, *TOP], "the algorithms are functions on tensors and know no round, engine or run"),
-    (ENGINE_TABLE, ["prelort", "prelort.*"], "the engine table names engines by module path and imports nothing "
-                                             "of prelort, so the config reads it before any heavy import"),
-    (["prelort.protocol"], ["prelort.client", "prelort.train", "prelort.recipe", "prelort.rundir", "prelort.report*",
-                            "prelort.evaluate", "prelort.models", "prelort.data*", *ROUND_LOOP, *ENGINES, *FLOWER,
-                            *TOP], "the protocol stands on the algorithms alone: engines and the round loop import it"),
-    (["prelort.client", "prelort.train"], ["prelort.recipe", *ROUND_LOOP, *ENGINES, *FLOWER, *TOP],
-     "the client side of a round is shared by every engine and speaks only the protocol"),
-    (ENGINES, ["prelort.recipe", *ROUND_LOOP, *FLOWER_APPS, *TOP],
-     "an engine carries messages: it imports the protocol, not the round loop or the run"),
-    (ROUND_LOOP, ["prelort.client", "prelort.recipe", *ENGINES, *FLOWER, *TOP],
-     "the round loop is the same for every engine"),
-    (["prelort.recipe"], ["prelort.client", *ROUND_LOOP, *ENGINES, *FLOWER, *TOP],
-     "the model/data recipe is what the runner and every ClientApp build on"),
-    (FLOWER, ["prelort.recipe", "prelort.client", "prelort.train", *ROUND_LOOP, *ENGINES, *FLOWER_APPS, *TOP],
-     "Flower's message codecs sit below the engines that use them"),
-    (["prelort.apps.clientapp"], [*ROUND_LOOP, *ENGINES, "prelort.apps.serverapp", "prelort.apps.launch", *TOP],
-     "a ClientApp trains from the recipe and the client side, never from the server's run"),
+    (
+        ALGORITHMS,
+        ["prelort.protocol", "prelort.client", "prelort.train", "prelort.recipe", *ROUND_LOOP, *ENGINES, *FLOWER, *TOP],
+        "the algorithms are functions on tensors and know no round, engine or run",
+    ),
+    (
+        ENGINE_TABLE,
+        ["prelort", "prelort.*"],
+        "the engine table names engines by module path and imports nothing "
+        "of prelort, so the config reads it before any heavy import",
+    ),
+    (
+        ["prelort.protocol"],
+        [
+            "prelort.client",
+            "prelort.train",
+            "prelort.recipe",
+            "prelort.rundir",
+            "prelort.report*",
+            "prelort.evaluate",
+            "prelort.models",
+            "prelort.data*",
+            *ROUND_LOOP,
+            *ENGINES,
+            *FLOWER,
+            *TOP,
+        ],
+        "the protocol stands on the algorithms alone: engines and the round loop import it",
+    ),
+    (
+        ["prelort.client", "prelort.train"],
+        ["prelort.recipe", *ROUND_LOOP, *ENGINES, *FLOWER, *TOP],
+        "the client side of a round is shared by every engine and speaks only the protocol",
+    ),
+    (
+        ENGINES,
+        ["prelort.recipe", *ROUND_LOOP, *FLOWER_APPS, *TOP],
+        "an engine carries messages: it imports the protocol, not the round loop or the run",
+    ),
+    (
+        ROUND_LOOP,
+        ["prelort.client", "prelort.recipe", *ENGINES, *FLOWER, *TOP],
+        "the round loop is the same for every engine",
+    ),
+    (
+        ["prelort.recipe"],
+        ["prelort.client", *ROUND_LOOP, *ENGINES, *FLOWER, *TOP],
+        "the model/data recipe is what the runner and every ClientApp build on",
+    ),
+    (
+        FLOWER,
+        ["prelort.recipe", "prelort.client", "prelort.train", *ROUND_LOOP, *ENGINES, *FLOWER_APPS, *TOP],
+        "Flower's message codecs sit below the engines that use them",
+    ),
+    (
+        ["prelort.apps.clientapp"],
+        [*ROUND_LOOP, *ENGINES, "prelort.apps.serverapp", "prelort.apps.launch", *TOP],
+        "a ClientApp trains from the recipe and the client side, never from the server's run",
+    ),
     (["prelort.metrics*"], ["prelort", "prelort.*", "!prelort.metrics*"], "a metric needs no other prelort module"),
-    (["prelort", "prelort.*", "!prelort.__main__"], ["prelort.apps.cli"],
-     "only `python -m prelort` imports the command line"),
+    (
+        ["prelort", "prelort.*", "!prelort.__main__"],
+        ["prelort.apps.cli"],
+        "only `python -m prelort` imports the command line",
+    ),
 ]
 
 
@@ -151,8 +206,11 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     out = []
     for importer, imported in sorted(graph.items()):
         if importer in layer:
-            out += [f"{importer} ({LAYERS[layer[importer]][0]}) imports {m} ({LAYERS[layer[m]][0]})"
-                    for m in sorted(imported) if layer.get(m, -1) > layer[importer]]
+            out += [
+                f"{importer} ({LAYERS[layer[importer]][0]}) imports {m} ({LAYERS[layer[m]][0]})"
+                for m in sorted(imported)
+                if layer.get(m, -1) > layer[importer]
+            ]
     return out
 
 
@@ -233,13 +291,15 @@ def test_no_import_breaks_a_rule():
 
 def test_no_import_goes_round_in_a_circle():
     found = cycles(import_graph())
-    assert not found, "import circles (modules that import each other, directly or through others):\n" + \
-        "\n".join(" <-> ".join(c) for c in found)
+    assert not found, "import circles (modules that import each other, directly or through others):\n" + "\n".join(
+        " <-> ".join(c) for c in found
+    )
 
 
 def test_the_checks_catch_an_upward_import_and_a_circle():
     assert upward_imports({"prelort.engines": {"prelort.runner"}, "prelort.runner": {"prelort.engines"}}) == [
-        "prelort.engines (engine table) imports prelort.runner (runner)"]
+        "prelort.engines (engine table) imports prelort.runner (runner)"
+    ]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     names = [n for n, _ in LAYERS]
@@ -273,10 +333,11 @@ def test_the_engine_table_is_what_config_runner_and_privacy_read():
 
 def test_the_inprocess_path_never_imports_flwr():
     pytest.importorskip("flwr")  # where flwr is absent it cannot be imported anyway
-    code = ("import sys; import prelort.runner, prelort.engines, prelort.engines.inprocess, prelort.engines.flower, "
-            "prelort.protocol, prelort.recipe, prelort.apps, prelort.apps.launch; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    code = (
+        "import sys; import prelort.runner, prelort.engines, prelort.engines.inprocess, prelort.engines.flower, "
+        "prelort.protocol, prelort.recipe, prelort.apps, prelort.apps.launch; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
-                         env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300, env=env)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -174,8 +174,11 @@ def test_smollm2_loads_from_cache_and_learns():
     assert model.config.num_hidden_layers == 30 and tok.chat_template
 
     def example(a: int, b: int) -> dict:
-        prompt = tok.apply_chat_template([{"role": "user", "content": f"Add {a} and {b}. Reply with the number."}],
-                                         tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": f"Add {a} and {b}. Reply with the number."}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         p, r = tok.encode(prompt), tok.encode(f"{a + b}<|im_end|>")
         return {"input_ids": p + r, "labels": [-100] * len(p) + r}
 
@@ -187,10 +190,18 @@ def test_smollm2_loads_from_cache_and_learns():
     def held_loss() -> float:
         b = collate(held, tok.pad_token_id)
         with torch.no_grad():
-            return float(response_loss(peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                       b["labels"]))
+            return float(
+                response_loss(
+                    peft_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+                )
+            )
 
     before = held_loss()
-    train_client(peft_model, train, TrainPlan(rank=8, truncations=(8,)), TrainConfig(local_steps=24, batch_size=4, lr=1e-3),
-                 seed=0)
+    train_client(
+        peft_model,
+        train,
+        TrainPlan(rank=8, truncations=(8,)),
+        TrainConfig(local_steps=24, batch_size=4, lr=1e-3),
+        seed=0,
+    )
     assert held_loss() < before - 0.1

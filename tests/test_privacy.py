@@ -55,8 +55,7 @@ def test_no_noise_huge_clip_equals_plain_aggregate_with_uniform_weights(method_n
         plain = method.aggregate(state, uniform)
     for name, t in plain.tensors.items():
         torch.testing.assert_close(new.tensors[name], t, rtol=0, atol=1e-6)
-    assert info["clients_clipped"] == 0 and info["clients"] == 3 and info["noise_std"] == {"lora_A": 0.0,
-                                                                                          "lora_B": 0.0}
+    assert info["clients_clipped"] == 0 and info["clients"] == 3 and info["noise_std"] == {"lora_A": 0.0, "lora_B": 0.0}
 
 
 def test_clipping_bounds_each_clients_change():
@@ -167,11 +166,15 @@ def test_check_secure_aggregation():
     # DP with secure aggregation runs (clients clip, the server noises the sums); under DP HetLoRA's weights are 1,
     # so it needs no bound on them
     check_secure_aggregation(from_dict({**ok, "privacy": {"secure_aggregation": True, "dp": True}}))
-    check_secure_aggregation(from_dict({**ok, "method": "hetlora", "privacy": {"secure_aggregation": True,
-                                                                                "dp": True}}))
+    check_secure_aggregation(
+        from_dict({**ok, "method": "hetlora", "privacy": {"secure_aggregation": True, "dp": True}})
+    )
     for name in ("flexlora", "flora"):
-        with pytest.raises(ConfigError, match=rf"method '{name}' cannot run under secure aggregation.*"
-                                              "methods that can: fedit, hetlora, prelort, zeropad"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"method '{name}' cannot run under secure aggregation.*"
+            "methods that can: fedit, hetlora, prelort, zeropad",
+        ):
             check_secure_aggregation(from_dict({**ok, "method": name}))
     with pytest.raises(ConfigError, match="needs engine flower-sim or flower"):
         check_secure_aggregation(from_dict({**ok, "engine": "inprocess"}))

@@ -24,7 +24,10 @@ README = REPO / "README.md"
 # is one of the tests they run).
 ELSEWHERE = (re.compile(r"scripts/install\.sh"), re.compile(r"-m pytest"))
 # Commands on the real SmolLM2 model: the slow suite.
-SLOW = (re.compile(r"examples/demo\.yaml|runs/demo\b"), re.compile(r"examples/compare\.yaml|runs/compare-|runs/report-compare"))
+SLOW = (
+    re.compile(r"examples/demo\.yaml|runs/demo\b"),
+    re.compile(r"examples/compare\.yaml|runs/compare-|runs/report-compare"),
+)
 TIMEOUT_S = 1800
 
 
@@ -90,8 +93,9 @@ def run_block(cmds: list[str], cwd: Path, env: dict[str, str], activated: bool) 
     for i, cmd in enumerate(cmds):
         script.append(f"echo '>>> README command {i}' >&2")
         script.append(cmd)
-    res = subprocess.run(["bash", "-c", "\n".join(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    res = subprocess.run(
+        ["bash", "-c", "\n".join(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     if res.returncode != 0:
         done = re.findall(r">>> README command (\d+)", res.stderr)
         failed = cmds[int(done[-1])] if done else "?"
@@ -140,6 +144,7 @@ def test_readme_commands_on_smollm2_and_python_snippets_run_as_written(sandbox):
             run_block(cmds, cwd, env, activated)
         activated = activated or any(c.strip() == ACTIVATE for c in block)
     for i, snippet in enumerate(fenced_blocks(README.read_text(), "python")):
-        res = subprocess.run([sys.executable, "-c", snippet], cwd=cwd, env=env, capture_output=True, text=True,
-                             timeout=TIMEOUT_S)
+        res = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
         assert res.returncode == 0, f"README Python snippet {i} failed:\n{snippet}\n{res.stderr[-3000:]}"

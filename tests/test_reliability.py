@@ -38,15 +38,22 @@ TINY = ROOT / "examples" / "tiny.yaml"
 METHODS = ["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"]
 
 # small and fast: one local step on a couple of short examples, evaluation only after the last round
-FAST = ["train.local_steps=1", "train.batch_size=2", "data.max_length=32", "data.num_test=4",
-        "eval.max_examples=2", "eval.max_new_tokens=1", "eval.truncation_curve=false", "eval.base=false",
-        "eval.every=100", "prelort.nested=sample"]
+FAST = [
+    "train.local_steps=1",
+    "train.batch_size=2",
+    "data.max_length=32",
+    "data.num_test=4",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=1",
+    "eval.truncation_curve=false",
+    "eval.base=false",
+    "eval.every=100",
+    "prelort.nested=sample",
+]
 
 
 def tiny_cfg(*overrides: str) -> config_mod.Config:
     return config_mod.load(TINY, [*FAST, *overrides])
-
-
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -73,6 +80,7 @@ def _edit_tensors(fn: Callable[[dict[str, torch.Tensor]], None]):
         t = _tensors(payload)
         fn(t)
         return st_save(t), json.dumps(meta)
+
     return corrupt
 
 
@@ -80,12 +88,14 @@ def _edit_meta(fn: Callable[[dict], object]):
     def corrupt(payload: bytes, meta: dict, rank: int):
         out = fn(meta)
         return payload, (json.dumps(meta) if out is None else out)
+
     return corrupt
 
 
 def _set_value(value: float):
     def edit(t):
         t[_first(t, "lora_A")][0, 0] = value
+
     return edit
 
 
@@ -110,6 +120,7 @@ def _declare_rank(new_rank: int):
         t = _tensors(payload)
         _pad_rank(t, new_rank)
         return st_save(t), json.dumps(dict(meta, rank=new_rank))
+
     return corrupt
 
 
@@ -117,6 +128,7 @@ def _cast(dtype: torch.dtype):
     def edit(t):
         name = _first(t, "lora_B")
         t[name] = t[name].to(dtype)
+
     return edit
 
 
@@ -140,18 +152,21 @@ def _scale(factor: float):
     def edit(t):
         for name in t:
             t[name] = t[name] * factor
+
     return edit
 
 
 def _replace_payload(make: Callable[[bytes], bytes]):
     def corrupt(payload: bytes, meta: dict, rank: int):
         return make(payload), json.dumps(meta)
+
     return corrupt
 
 
 def _huge_tensor(payload: bytes) -> bytes:
-    header = json.dumps({"m.lora_A": {"dtype": "F32", "shape": [1 << 30, 1 << 30],
-                                      "data_offsets": [0, 4 << 60]}}).encode()
+    header = json.dumps(
+        {"m.lora_A": {"dtype": "F32", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 4 << 60]}}
+    ).encode()
     return struct.pack("<Q", len(header)) + header + b"\0" * 16
 
 
@@ -172,10 +187,14 @@ CORRUPTIONS: dict[str, tuple[Callable, str]] = {
     "-inf": (_edit_tensors(_set_value(-math.inf)), "non_finite"),
     "float64": (_edit_tensors(_cast(torch.float64)), "wrong_dtype"),
     "float16": (_edit_tensors(_cast(torch.float16)), "wrong_dtype"),
-    "shape_vs_declared_rank": (lambda p, m, r: (_declare_rank(r + 1)(p, m, r)[0], json.dumps(m)),
-                               "shape_rank_mismatch"),
-    "a_b_different_ranks": (lambda p, m, r: _edit_tensors(lambda t: _pad_rank(t, r + 1, only="lora_A"))(p, m, r),
-                            "ab_rank_mismatch"),
+    "shape_vs_declared_rank": (
+        lambda p, m, r: (_declare_rank(r + 1)(p, m, r)[0], json.dumps(m)),
+        "shape_rank_mismatch",
+    ),
+    "a_b_different_ranks": (
+        lambda p, m, r: _edit_tensors(lambda t: _pad_rank(t, r + 1, only="lora_A"))(p, m, r),
+        "ab_rank_mismatch",
+    ),
     "rank_zero": (_edit_meta(lambda m: m.update(rank=0)), "bad_rank"),
     "rank_negative": (_edit_meta(lambda m: m.update(rank=-3)), "bad_rank"),
     "rank_above_max": (_declare_rank(16), "rank_above_max"),
@@ -246,8 +265,15 @@ class CorruptingEngine:
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory) -> tuple[Path, dict[tuple[int, int], str]]:
-    cfg = tiny_cfg("rounds=2", f"clients.num={NUM_CLIENTS}", f"clients.per_round={NUM_CLIENTS}",
-                   "clients.min_per_round=4", "data.num_train=80", "validation.max_update_norm=100", "audit=true")
+    cfg = tiny_cfg(
+        "rounds=2",
+        f"clients.num={NUM_CLIENTS}",
+        f"clients.per_round={NUM_CLIENTS}",
+        "clients.min_per_round=4",
+        "data.num_train=80",
+        "validation.max_update_norm=100",
+        "audit=true",
+    )
     run_dir = tmp_path_factory.mktemp("hostile") / "run"
     schedule = hostile_schedule()
     ranks = cfg.clients.all_ranks()
@@ -263,7 +289,7 @@ def hostile_run(tmp_path_factory) -> tuple[Path, dict[tuple[int, int], str]]:
 def test_every_bad_update_is_rejected_with_its_reason(hostile_run, kind):
     run_dir, schedule = hostile_run
     log_text = (run_dir / "run.log").read_text()
-    (rnd, client), = [slot for slot, k in schedule.items() if k == kind]
+    ((rnd, client),) = [slot for slot, k in schedule.items() if k == kind]
     reason = CORRUPTIONS[kind][1]
     line = f"round {rnd}: rejected update from client {client}: {reason}: "
     assert line in log_text, f"{kind}: no line {line!r} in run.log"
@@ -332,9 +358,19 @@ def test_dropouts_retry_failed_round_and_resume(tmp_path, monkeypatch, check_run
     run_dir = tmp_path / "run"
     sets = [*FAST, "rounds=3", "data.num_train=32", "clients.min_per_round=2", "clients.max_round_retries=1"]
     args = ["run", str(TINY), "--out", str(run_dir), "-q", *[a for s in sets for a in ("--set", s)]]
-    faults = FaultyClients(monkeypatch, {(1, 0): 1, (1, 1): 1, (1, 2): 1,
-                                         (2, 2): FOREVER, (2, 3): FOREVER,
-                                         (3, 1): FOREVER, (3, 2): FOREVER, (3, 3): FOREVER})
+    faults = FaultyClients(
+        monkeypatch,
+        {
+            (1, 0): 1,
+            (1, 1): 1,
+            (1, 2): 1,
+            (2, 2): FOREVER,
+            (2, 3): FOREVER,
+            (3, 1): FOREVER,
+            (3, 2): FOREVER,
+            (3, 3): FOREVER,
+        },
+    )
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1, res.output
     assert "error: round 3 (attempt 2): 1 accepted update(s)" in res.output
@@ -343,11 +379,15 @@ def test_dropouts_retry_failed_round_and_resume(tmp_path, monkeypatch, check_run
     assert faults.calls == [(1, c) for c in range(4)] * 2 + [(2, c) for c in range(4)] + [(3, c) for c in range(4)] * 2
 
     log_text = (run_dir / "run.log").read_text()
-    assert ("round 1: 1 accepted update(s), fewer than clients.min_per_round=2; retrying the round with "
-            "resampled clients (retry 1 of clients.max_round_retries=1)") in log_text
+    assert (
+        "round 1: 1 accepted update(s), fewer than clients.min_per_round=2; retrying the round with "
+        "resampled clients (retry 1 of clients.max_round_retries=1)"
+    ) in log_text
     for client in (2, 3):
-        assert (f"round 2: client {client} failed: ClientFailed: RuntimeError: injected fault: client {client} "
-                "lost power in round 2") in log_text
+        assert (
+            f"round 2: client {client} failed: ClientFailed: RuntimeError: injected fault: client {client} "
+            "lost power in round 2"
+        ) in log_text
     train = train_records(run_dir)
     assert [(r["round"], r["accepted"], r["failed"]) for r in train] == [(1, 4, 0), (2, 2, 2)]
     # the state on disk is the last complete round
@@ -360,8 +400,12 @@ def test_dropouts_retry_failed_round_and_resume(tmp_path, monkeypatch, check_run
     for name in g1:
         old, new = (g1[name], g2[name]) if name.endswith("lora_A") else (g1[name].T, g2[name].T)
         assert torch.equal(old[2:], new[2:]), name
-    assert any(not torch.equal(g1[n][:2] if n.endswith("lora_A") else g1[n][:, :2],
-                               g2[n][:2] if n.endswith("lora_A") else g2[n][:, :2]) for n in g1)
+    assert any(
+        not torch.equal(
+            g1[n][:2] if n.endswith("lora_A") else g1[n][:, :2], g2[n][:2] if n.endswith("lora_A") else g2[n][:, :2]
+        )
+        for n in g1
+    )
 
     faults.faults.clear()  # the cause is fixed
     res = CliRunner().invoke(app, [*args, "--resume"])
@@ -380,8 +424,10 @@ def test_failed_round_without_retries_stops_at_once(tmp_path, monkeypatch):
         session.run(InProcessEngine(session, progress=False))
     e = info.value
     assert (e.round, e.accepted, e.min_per_round, e.attempts, e.completed) == (1, 3, 4, 1, 0)
-    assert str(e).startswith("round 1: 3 accepted update(s) from 4 replies (0 rejected, 1 failed clients), "
-                             "fewer than clients.min_per_round=4")
+    assert str(e).startswith(
+        "round 1: 3 accepted update(s) from 4 replies (0 rejected, 1 failed clients), "
+        "fewer than clients.min_per_round=4"
+    )
     assert faults.calls == [(1, c) for c in range(4)]  # default max_round_retries=0: no second attempt
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["round-0"]
     assert "ERROR round 1: 3 accepted" in (tmp_path / "run/run.log").read_text()
@@ -409,8 +455,9 @@ MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 CLIP, HOSTILE = 0.5, 3
 
 
-def _aggregate(method: str, tmp: Path, hostile_scale: float,
-               clip: float | None) -> tuple[dict[str, torch.Tensor], float]:
+def _aggregate(
+    method: str, tmp: Path, hostile_scale: float, clip: float | None
+) -> tuple[dict[str, torch.Tensor], float]:
     """The round-1 global state when every client moves 0.01 along a random direction from what it
     received, except client HOSTILE, which moves ``hostile_scale``; and the norm of HOSTILE's honest
     (0.01) change."""
@@ -445,8 +492,10 @@ def test_clipping_bounds_a_hostile_update_with_every_method(method, tmp_path, ca
         big, _ = _aggregate(method, tmp_path / "big", 1e2, CLIP)
     huge, _ = _aggregate(method, tmp_path / "huge", 1e6, CLIP)
     unclipped, _ = _aggregate(method, tmp_path / "unclipped", 1e6, None)
-    assert any(f"round 1: clipped client {HOSTILE} update change" in m and m.endswith(f"-> {CLIP:.4g}")
-               for m in caplog.messages), caplog.messages
+    assert any(
+        f"round 1: clipped client {HOSTILE} update change" in m and m.endswith(f"-> {CLIP:.4g}")
+        for m in caplog.messages
+    ), caplog.messages
     assert all(bool(torch.isfinite(t).all()) for t in huge.values())
     # the clipped influence does not grow with the attacker's scale ...
     influence = _distance(huge, honest)
@@ -497,14 +546,20 @@ def test_fuzzed_replies_are_rejected_and_the_round_goes_on(tmp_path):
         elif how == "cut":
             payload = payload[: data.draw(st.integers(0, len(payload) - 1))]
         else:
-            meta = data.draw(st.one_of(st.text(max_size=80), st.binary(max_size=80),
-                                       st.dictionaries(st.sampled_from(["rank", "num_examples", "method", "round",
-                                                                        "client", "extra", "x"]),
-                                                       st.one_of(st.integers(-3, 20), st.text(max_size=5),
-                                                                 st.none(), st.floats()))))
+            meta = data.draw(
+                st.one_of(
+                    st.text(max_size=80),
+                    st.binary(max_size=80),
+                    st.dictionaries(
+                        st.sampled_from(["rank", "num_examples", "method", "round", "client", "extra", "x"]),
+                        st.one_of(st.integers(-3, 20), st.text(max_size=5), st.none(), st.floats()),
+                    ),
+                )
+            )
         fed.begin_round(1)
-        good = ClientUpdate(honest.client, adapter_rank(honest.broadcast.adapter), 5, dict(honest.broadcast.adapter), 1,
-                            "prelort")
+        good = ClientUpdate(
+            honest.client, adapter_rank(honest.broadcast.adapter), 5, dict(honest.broadcast.adapter), 1, "prelort"
+        )
         outcome = fed.end_round(1, [good, RawUpdate(template.client, payload, meta)])
         assert outcome.accepted[0] == honest.client
         if len(outcome.accepted) == 1:  # the mutated reply was rejected with a known reason
@@ -514,4 +569,3 @@ def test_fuzzed_replies_are_rejected_and_the_round_goes_on(tmp_path):
             assert reason != "invalid_update" and "could not decode" not in outcome.rejected[template.client]
 
     check()
-

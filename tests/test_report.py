@@ -29,15 +29,40 @@ def make_run(root: Path, name: str, method: str, seed: int, records: list[dict],
     return run
 
 
-def ev(round_: int, rank, kind: str, acc: float, rouge: float, ppl: float, method: str = "prelort",
-       seed: int = 0, n: int = 20) -> dict:
-    return {"round": round_, "rank": rank, "kind": kind, "accuracy": acc, "rougeL": rouge, "perplexity": ppl,
-            "n": n, "method": method, "seed": seed}
+def ev(
+    round_: int,
+    rank,
+    kind: str,
+    acc: float,
+    rouge: float,
+    ppl: float,
+    method: str = "prelort",
+    seed: int = 0,
+    n: int = 20,
+) -> dict:
+    return {
+        "round": round_,
+        "rank": rank,
+        "kind": kind,
+        "accuracy": acc,
+        "rougeL": rouge,
+        "perplexity": ppl,
+        "n": n,
+        "method": method,
+        "seed": seed,
+    }
 
 
 def train(round_: int, loss: float, rejected: int = 0, method: str = "prelort") -> dict:
-    return {"round": round_, "kind": "train", "train_loss": loss, "accepted": 4 - rejected, "rejected": rejected,
-            "seconds": 1.5, "method": method}
+    return {
+        "round": round_,
+        "kind": "train",
+        "train_loss": loss,
+        "accepted": 4 - rejected,
+        "rejected": rejected,
+        "seconds": 1.5,
+        "method": method,
+    }
 
 
 def full_records(method: str = "prelort", seed: int = 0, shift: float = 0.0) -> list[dict]:
@@ -46,8 +71,18 @@ def full_records(method: str = "prelort", seed: int = 0, shift: float = 0.0) -> 
     for rnd in (1, 2):
         recs.append(train(rnd, 2.0 / rnd, method=method))
         for rank in RANKS:
-            recs.append(ev(rnd, rank, "tier", 0.1 * rnd + 0.05 * rank + shift, 0.3 + 0.01 * rank + shift,
-                           20.0 - rnd - rank - shift, method, seed))
+            recs.append(
+                ev(
+                    rnd,
+                    rank,
+                    "tier",
+                    0.1 * rnd + 0.05 * rank + shift,
+                    0.3 + 0.01 * rank + shift,
+                    20.0 - rnd - rank - shift,
+                    method,
+                    seed,
+                )
+            )
     for t in RANKS:
         recs.append(ev(2, t, "curve", 0.2 + 0.05 * t + shift, 0.3 + 0.01 * t, 18.0 - t, method, seed))
     return recs
@@ -112,9 +147,7 @@ def test_summary_csv_equals_records_with_last_line_winning(tmp_path):
 
 
 def test_partial_run_base_and_one_round(tmp_path):
-    records = [ev(0, "base", "base", 0.1, 0.2, 30.0), train(1, 1.7)] + [
-        ev(1, r, "tier", 0.2, 0.3, 12.0) for r in RANKS
-    ]
+    records = [ev(0, "base", "base", 0.1, 0.2, 30.0), train(1, 1.7)] + [ev(1, r, "tier", 0.2, 0.3, 12.0) for r in RANKS]
     run = make_run(tmp_path, "run", "fedit", 3, records)
     result = report.write_run_report(run)
     assert len(read_csv(run / "summary.csv")) == 4
@@ -145,8 +178,9 @@ def test_train_only_run_draws_train_loss(tmp_path):
 
 
 def test_incomplete_last_line_is_skipped_but_bad_line_is_an_error(tmp_path):
-    run = make_run(tmp_path, "cut", "prelort", 0, [ev(0, "base", "base", 0.1, 0.2, 30.0)],
-                   raw_tail='{"round": 1, "rank": 2, "ki')
+    run = make_run(
+        tmp_path, "cut", "prelort", 0, [ev(0, "base", "base", 0.1, 0.2, 30.0)], raw_tail='{"round": 1, "rank": 2, "ki'
+    )
     result = report.write_run_report(run)
     assert result["n_eval_records"] == 1
     assert any("incomplete last line" in m for m in result["messages"])

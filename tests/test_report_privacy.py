@@ -15,14 +15,40 @@ from prelort.apps.cli import app
 def dp_run(root: Path, epsilons: list[float | None], target: float | None = 9.0) -> Path:
     run = root / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"method": "prelort", "seed": 0, "rounds": len(epsilons),
-                                                     "privacy": {"dp": True, "target_epsilon": target}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"method": "prelort", "seed": 0, "rounds": len(epsilons), "privacy": {"dp": True, "target_epsilon": target}}
+        )
+    )
     recs = []
     for r, eps in enumerate(epsilons, start=1):
-        recs.append({"round": r, "kind": "train", "train_loss": 1.0, "accepted": 4, "rejected": 0, "seconds": 1.0,
-                     "method": "prelort", "dp_epsilon": eps, "dp_delta": 1e-5, "dp_noise_multiplier": 1.04})
-        recs.append({"round": r, "rank": 2, "kind": "tier", "accuracy": 0.5, "rougeL": 0.5, "perplexity": 3.0,
-                     "n": 8, "method": "prelort", "seed": 0})
+        recs.append(
+            {
+                "round": r,
+                "kind": "train",
+                "train_loss": 1.0,
+                "accepted": 4,
+                "rejected": 0,
+                "seconds": 1.0,
+                "method": "prelort",
+                "dp_epsilon": eps,
+                "dp_delta": 1e-5,
+                "dp_noise_multiplier": 1.04,
+            }
+        )
+        recs.append(
+            {
+                "round": r,
+                "rank": 2,
+                "kind": "tier",
+                "accuracy": 0.5,
+                "rougeL": 0.5,
+                "perplexity": 3.0,
+                "n": 8,
+                "method": "prelort",
+                "seed": 0,
+            }
+        )
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
     return run
 

@@ -26,8 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
 # ranks 2/2/4/8: tiers 2, 4, 8 and a truncation curve over t = 1, 2, 4, 8 (t = 1 is no tier); 4 local steps make
 # a round long enough that the Ctrl-C test's signal lands before the last round
-SMALL = ["rounds=3", "clients.ranks=[2, 2, 4, 8]", "train.local_steps=4", "data.num_train=32", "data.num_test=4",
-         "eval.max_examples=2", "eval.max_new_tokens=2", "prelort.nested=sample"]
+SMALL = [
+    "rounds=3",
+    "clients.ranks=[2, 2, 4, 8]",
+    "train.local_steps=4",
+    "data.num_train=32",
+    "data.num_test=4",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=2",
+    "prelort.nested=sample",
+]
 
 
 def cfg(*extra: str) -> config_mod.Config:
@@ -60,7 +68,7 @@ def interrupt_on_call(monkeypatch, cls, name: str, when) -> list[int]:
     def wrapped(self, *args, **kwargs):
         calls[0] += 1
         if calls[0] > 0 and when(calls[0], *args):
-            calls[0] = -10**9  # only once
+            calls[0] = -(10**9)  # only once
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
@@ -75,8 +83,9 @@ def test_an_interrupted_and_resumed_run_has_the_uninterrupted_records(tmp_path, 
         interrupt_on_call(monkeypatch, runner.Session, "evaluate_tier_examples", lambda n, t: n == 5)
         completed = 2
     elif where == "round 2 training record":  # round 2 is checkpointed, none of its records written
-        interrupt_on_call(monkeypatch, MetricsLog, "write",
-                          lambda n, rec: rec.get("kind") == "train" and rec.get("round") == 2)
+        interrupt_on_call(
+            monkeypatch, MetricsLog, "write", lambda n, rec: rec.get("kind") == "train" and rec.get("round") == 2
+        )
         completed = 2
     else:  # the curve's t = 1, the only t that is not a tier
         interrupt_on_call(monkeypatch, runner.Session, "evaluate_tier_examples", lambda n, t: n == 10)
@@ -119,16 +128,32 @@ def test_the_curve_evaluates_only_the_t_that_are_no_tier(tmp_path, monkeypatch):
     for t in (1, 2, 4, 8):
         assert [x for x in lines if x["kind"] == "curve" and x["rank"] == t], t
     for t in (2, 4, 8):
-        strip = lambda kind: [{k: v for k, v in x.items() if k != "kind"} for x in lines  # noqa: E731
-                              if x["kind"] == kind and x["rank"] == t]
+
+        def strip(kind: str, t: int = t) -> list[dict]:
+            return [{k: v for k, v in x.items() if k != "kind"} for x in lines if x["kind"] == kind and x["rank"] == t]
+
         assert strip("curve") == strip("tier")
 
 
 def test_resume_of_a_finished_run_says_so_and_does_nothing(reference, tmp_path):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in reference.rglob("*") if p.is_file()}
-    res = subprocess.run([sys.executable, "-m", "prelort", "run", str(TINY), "--out", str(reference),
-                          *[a for s in SMALL for a in ("--set", s)], "--resume"], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prelort",
+            "run",
+            str(TINY),
+            "--out",
+            str(reference),
+            *[a for s in SMALL for a in ("--set", s)],
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"{reference} is a finished run (3 rounds, every record written): nothing to do"
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in reference.rglob("*") if p.is_file()}
@@ -140,9 +165,19 @@ def test_ctrl_c_stops_after_the_round_with_one_line_and_the_printed_command_resu
     # the reference ran in this process: the runs below use its thread count, since another count splits float
     # reductions differently and the records would differ in the last bits for a reason that is not the resume
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(torch.get_num_threads()))
-    cmd = [sys.executable, "-m", "prelort", "run", str(TINY), "--out", str(d), *[a for s in SMALL for a in ("--set", s)]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "prelort",
+        "run",
+        str(TINY),
+        "--out",
+        str(d),
+        *[a for s in SMALL for a in ("--set", s)],
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 600
         log = d / "run.log"
@@ -164,7 +199,8 @@ def test_ctrl_c_stops_after_the_round_with_one_line_and_the_printed_command_resu
     assert int(m.group(1)) in (1, 2) and f"round-{m.group(1)}" in os.listdir(d / "checkpoints")
     resume = shlex.split(m.group(2))
     assert resume[:2] == ["prelort", "run"]
-    res = subprocess.run([sys.executable, "-m", "prelort", *resume[1:]], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "prelort", *resume[1:]], capture_output=True, text=True, env=env, timeout=600
+    )
     assert res.returncode == 0, res.stderr
     assert records(d) == records(reference)

@@ -19,8 +19,10 @@ from prelort.rundir import RunDir, expected_records, train_record
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
-EXAMPLES = [{"id": "a", "category": "c", "correct": 1, "loglik": -0.5, "n_tokens": 2, "prediction": None},
-            {"id": "b", "category": "c", "correct": 0, "loglik": -3.0, "n_tokens": 2, "prediction": None}]
+EXAMPLES = [
+    {"id": "a", "category": "c", "correct": 1, "loglik": -0.5, "n_tokens": 2, "prediction": None},
+    {"id": "b", "category": "c", "correct": 0, "loglik": -3.0, "n_tokens": 2, "prediction": None},
+]
 
 
 def tiny_cfg(*overrides: str) -> config_mod.Config:
@@ -30,10 +32,17 @@ def tiny_cfg(*overrides: str) -> config_mod.Config:
 def test_the_files_of_a_run_directory(tmp_path):
     run = RunDir(tmp_path)
     named = {
-        run.marker: ".prelort-run", run.lock_file: ".prelort.lock", run.config_file: "config.yaml",
-        run.log_file: "run.log", run.metrics_file: "metrics.jsonl", run.summary_csv: "summary.csv",
-        run.plots_dir: "plots", run.eval_file(3): "eval/round-3.jsonl", run.checkpoints_dir: "checkpoints",
-        run.checkpoint_dir(2): "checkpoints/round-2", run.adapter_dir(4): "adapters/rank-4",
+        run.marker: ".prelort-run",
+        run.lock_file: ".prelort.lock",
+        run.config_file: "config.yaml",
+        run.log_file: "run.log",
+        run.metrics_file: "metrics.jsonl",
+        run.summary_csv: "summary.csv",
+        run.plots_dir: "plots",
+        run.eval_file(3): "eval/round-3.jsonl",
+        run.checkpoints_dir: "checkpoints",
+        run.checkpoint_dir(2): "checkpoints/round-2",
+        run.adapter_dir(4): "adapters/rank-4",
         run.update_stem(1, 7): "updates/round-1/client-7",
     }
     assert {p.relative_to(tmp_path).as_posix(): rel for p, rel in named.items()} == {rel: rel for rel in named.values()}
@@ -61,10 +70,19 @@ def test_eval_examples_are_replaced_not_appended_and_dropped_after_the_checkpoin
 
 def test_an_evaluation_goes_to_metrics_jsonl_and_its_examples_to_the_eval_file(tmp_path):
     run = RunDir(tmp_path)
-    rec = run.write_evaluation(1, 4, "tier", {"accuracy": 0.5, "rougeL": None, "perplexity": 3.0}, EXAMPLES,
-                               "prelort", 0)
-    assert rec == {"round": 1, "rank": 4, "kind": "tier", "accuracy": 0.5, "rougeL": None, "perplexity": 3.0,
-                   "method": "prelort", "seed": 0}
+    rec = run.write_evaluation(
+        1, 4, "tier", {"accuracy": 0.5, "rougeL": None, "perplexity": 3.0}, EXAMPLES, "prelort", 0
+    )
+    assert rec == {
+        "round": 1,
+        "rank": 4,
+        "kind": "tier",
+        "accuracy": 0.5,
+        "rougeL": None,
+        "perplexity": 3.0,
+        "method": "prelort",
+        "seed": 0,
+    }
     assert run.metrics_file.read_text() == json.dumps(rec) + "\n"
     assert run.read_eval_examples(1, "tier", 4) == EXAMPLES
 
@@ -85,8 +103,13 @@ def test_metrics_records_by_key_and_truncation_on_resume(tmp_path):
     assert have[("tier", 4)]["accuracy"] == pytest.approx(0.2)  # the first one
     assert have[("train", None)]["train_loss"] == 0.5 and have[("train", None)]["rank"] is None
     log.truncate_after(2)
-    assert [(r["round"], r["kind"]) for r in log.records()] == [(1, "train"), (1, "tier"), (2, "train"),
-                                                                 (2, "tier"), (2, "tier")]
+    assert [(r["round"], r["kind"]) for r in log.records()] == [
+        (1, "train"),
+        (1, "tier"),
+        (2, "train"),
+        (2, "tier"),
+        (2, "tier"),
+    ]
     assert run.metrics_file.read_text().endswith("}\n")  # the cut line is gone
 
 
@@ -95,8 +118,12 @@ def _finished_run(tmp_path: Path, cfg: config_mod.Config) -> RunDir:
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     state = GlobalState(tensors={"m.lora_A": torch.zeros(8, 4), "m.lora_B": torch.zeros(4, 8)})
-    info = {"method": cfg.method, "modules": {"m": [4, 4]}, "client_ranks": cfg.clients.all_ranks(),
-            "alpha": cfg.lora.alpha}
+    info = {
+        "method": cfg.method,
+        "modules": {"m": [4, 4]},
+        "client_ranks": cfg.clients.all_ranks(),
+        "alpha": cfg.lora.alpha,
+    }
     for round_ in range(cfg.rounds + 1):
         save_checkpoint(run.path, round_, state, info)
         for kind, rank in expected_records(cfg, round_):
@@ -113,8 +140,16 @@ def test_expected_records_of_a_round():
     assert expected_records(cfg, 0) == [("base", "base")]
     assert expected_records(cfg, 1) == [("train", None)]
     assert expected_records(cfg, 2) == [("train", None), ("tier", 2), ("tier", 4), ("tier", 8)]
-    assert expected_records(cfg, 3) == [("train", None), ("tier", 2), ("tier", 4), ("tier", 8), ("curve", 1),
-                                        ("curve", 2), ("curve", 4), ("curve", 8)]
+    assert expected_records(cfg, 3) == [
+        ("train", None),
+        ("tier", 2),
+        ("tier", 4),
+        ("tier", 8),
+        ("curve", 1),
+        ("curve", 2),
+        ("curve", 4),
+        ("curve", 8),
+    ]
     assert expected_records(tiny_cfg("eval.base=false", "eval.truncation_curve=false"), 0) == []
     assert ("curve", 1) not in expected_records(tiny_cfg("eval.truncation_curve=false"), 2)
 

@@ -64,8 +64,9 @@ def test_stratified_is_seeded_by_seed_round_and_attempt(tmp_path):
     b = federation(tmp_path, num=8, per_round=4, ranks=[2, 4, 8, 16], sampling="stratified")  # a resumed run
     assert [a.sample_clients(r) for r in range(1, 21)] == [b.sample_clients(r) for r in range(1, 21)]
     assert [a.sample_clients(r) for r in range(1, 21)] != [a.sample_clients(r, attempt=1) for r in range(1, 21)]
-    other = config_mod.from_dict({"clients": {"num": 8, "per_round": 4, "ranks": [2, 4, 8, 16],
-                                              "sampling": "stratified"}, "seed": 8})
+    other = config_mod.from_dict(
+        {"clients": {"num": 8, "per_round": 4, "ranks": [2, 4, 8, 16], "sampling": "stratified"}, "seed": 8}
+    )
     c = Federation(other, tmp_path, {})
     assert [a.sample_clients(r) for r in range(1, 21)] != [c.sample_clients(r) for r in range(1, 21)]
 

@@ -97,7 +97,9 @@ def test_training_lowers_the_loss_and_reports(tiny_model):
     # base weights never train
     for name, p in model.named_parameters():
         if "lora_" not in name:
-            assert torch.equal(p, dict(base.named_parameters())[name.replace("base_model.model.", "").replace(".base_layer", "")])
+            assert torch.equal(
+                p, dict(base.named_parameters())[name.replace("base_model.model.", "").replace(".base_layer", "")]
+            )
     assert LoraAdapter(model).truncation == R and not model.training
 
 
@@ -136,7 +138,9 @@ def test_modes_run_the_promised_passes(tiny_model):
     counts = {}
     for mode in ("all", "sample", "sandwich", "off"):
         model = fresh_lora(base, start_rank=4)
-        counts[mode] = train_client(model, EXAMPLES, TrainPlan(mode=mode, **plan), cfg, seed=0).meta["passes_per_truncation"]
+        counts[mode] = train_client(model, EXAMPLES, TrainPlan(mode=mode, **plan), cfg, seed=0).meta[
+            "passes_per_truncation"
+        ]
     assert counts["all"] == {"1": 3, "2": 3, "4": 3}
     assert counts["off"] == {"1": 0, "2": 0, "4": 3}
     assert sum(counts["sample"].values()) == 3
@@ -146,8 +150,13 @@ def test_modes_run_the_promised_passes(tiny_model):
 def test_rank_below_global_trains_only_its_prefix(tiny_model):
     base, _ = tiny_model
     model = fresh_lora(base, start_rank=2)
-    res = train_client(model, EXAMPLES, TrainPlan(rank=2, truncations=(2,), mode="off"),
-                       TrainConfig(local_steps=2, batch_size=4, lr=1e-2, weight_decay=0.1), seed=0)
+    res = train_client(
+        model,
+        EXAMPLES,
+        TrainPlan(rank=2, truncations=(2,), mode="off"),
+        TrainConfig(local_steps=2, batch_size=4, lr=1e-2, weight_decay=0.1),
+        seed=0,
+    )
     whole = LoraAdapter(model).read_state(R)
     assert res.tensors["model.layers.1.self_attn.o_proj.lora_A"].shape == (2, 64)
     for k, v in whole.items():
@@ -158,8 +167,13 @@ def test_rank_below_global_trains_only_its_prefix(tiny_model):
 def test_every_nested_mode_is_named_and_an_unknown_one_is_refused():
     """_step_truncations handles each mode of NESTED_MODES by name; an unknown mode is an error, not sandwich."""
     ts, rank = [1, 2, 4, 8], 8
-    expected = {"off": lambda st: st == [8], "all": lambda st: st == ts, "sample": lambda st: len(st) == 1,
-                "sample_width": lambda st: len(st) == 1, "sandwich": lambda st: st[0] == 8 and len(st) == 2}
+    expected = {
+        "off": lambda st: st == [8],
+        "all": lambda st: st == ts,
+        "sample": lambda st: len(st) == 1,
+        "sample_width": lambda st: len(st) == 1,
+        "sandwich": lambda st: st[0] == 8 and len(st) == 2,
+    }
     assert set(expected) == set(NESTED_MODES)
     for mode in NESTED_MODES:
         step_ts = _step_truncations(mode, ts, rank, random.Random(0))
@@ -189,15 +203,17 @@ def test_hetlora_pruning_shrinks_when_the_tail_shrinks(tiny_model):
     with torch.no_grad():  # nonzero B so the tail product starts > 0
         for p in LoraAdapter(model).parameters()[1::2]:
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0,
-                       local=SelfPruning(start=6, lam=10.0, rank=R))
+    res = train_client(
+        model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0, local=SelfPruning(start=6, lam=10.0, rank=R)
+    )
     assert res.meta["tail_norm_end"] < res.meta["tail_norm_start"]
     assert res.meta["pruned_to"] == 6 and res.rank == 6
     assert res.tensors["model.layers.0.self_attn.q_proj.lora_A"].shape == (6, 64)
     # from B = 0 the tail product starts at 0 and can only grow: no pruning
     model = fresh_lora(base)
-    res = train_client(model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0,
-                       local=SelfPruning(start=6, lam=1e-3, rank=R))
+    res = train_client(
+        model, EXAMPLES, TrainPlan(rank=R, truncations=(R,)), cfg, seed=0, local=SelfPruning(start=6, lam=1e-3, rank=R)
+    )
     assert res.meta["tail_norm_start"] == 0.0 and "pruned_to" not in res.meta and res.rank == R
 
 
@@ -208,8 +224,9 @@ def test_response_positions_only_loss_equals_the_full_logits_loss(tiny_model):
     batch = collate(examples, pad_id=0)
     fast = batch_response_loss(model, batch)
     (g_fast,) = torch.autograd.grad(fast, [LoraAdapter(model).parameters()[1]])
-    full = response_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                         batch["labels"])
+    full = response_loss(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     (g_full,) = torch.autograd.grad(full, [LoraAdapter(model).parameters()[1]])
     torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(g_fast, g_full, atol=1e-6, rtol=1e-5)
@@ -220,8 +237,11 @@ def test_sample_mode_leaves_dims_outside_the_drawn_truncation_untouched(tiny_mod
     a step drawing t leaves them (and their moments) exactly as they were."""
     base, _ = tiny_model
     # a seed whose draws from T = (2, 8) begin 8, 2, 2, 2: only the first step trains dims 2..7
-    seed = next(s for s in range(1000) if [(r := random.Random(s)).choice([2, R])] + [r.choice([2, R]) for _ in range(3)]
-                == [R, 2, 2, 2])
+    seed = next(
+        s
+        for s in range(1000)
+        if [(r := random.Random(s)).choice([2, R])] + [r.choice([2, R]) for _ in range(3)] == [R, 2, 2, 2]
+    )
     plan = TrainPlan(rank=R, truncations=(2, R), mode="sample")
     cfg = dict(batch_size=4, lr=1e-2, weight_decay=0.1)
     one = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(local_steps=1, **cfg), seed=seed)

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save as st_save
 from typer.testing import CliRunner
 
-from prelort.checkpoint import save_checkpoint
 from prelort.apps.cli import app
+from prelort.checkpoint import save_checkpoint
 from prelort.config import Config
 from prelort.methods.base import ClientUpdate, FederationSpec, GlobalState
 from prelort.methods.hetlora import HetLoRA
@@ -34,15 +34,30 @@ Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 SPEC = FederationSpec(modules={Q: (6, 5), V: (4, 5)}, client_ranks=(1, 2, 4, 2), alpha=8.0)
 
 
-def make_update(client: int = 2, rank: int = 4, *, seed: int = 0, round_: int = 3, method: str = "prelort",
-                num_examples: int = 10, modules: dict[str, tuple[int, int]] | None = None) -> ClientUpdate:
+def make_update(
+    client: int = 2,
+    rank: int = 4,
+    *,
+    seed: int = 0,
+    round_: int = 3,
+    method: str = "prelort",
+    num_examples: int = 10,
+    modules: dict[str, tuple[int, int]] | None = None,
+) -> ClientUpdate:
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for m, (d_out, d_in) in (modules or SPEC.modules).items():
         tensors[f"{m}.lora_A"] = torch.randn(rank, d_in, generator=g)
         tensors[f"{m}.lora_B"] = torch.randn(d_out, rank, generator=g)
-    return ClientUpdate(client=client, rank=rank, num_examples=num_examples, tensors=tensors, round=round_,
-                        method=method, meta={"pruned_from": 4})
+    return ClientUpdate(
+        client=client,
+        rank=rank,
+        num_examples=num_examples,
+        tensors=tensors,
+        round=round_,
+        method=method,
+        meta={"pruned_from": 4},
+    )
 
 
 def check(update: ClientUpdate, **kwargs) -> None:
@@ -67,11 +82,24 @@ def test_encode_decode_round_trip_is_bit_exact():
     u = make_update()
     u.tensors[f"{Q}.lora_A"][0, 0] = -0.0  # sign of zero survives
     data, meta = encode_update(u)
-    assert meta == {"rank": 4, "num_examples": 10, "method": "prelort", "round": 3, "client": 2,
-                    "extra": {"pruned_from": 4}}
+    assert meta == {
+        "rank": 4,
+        "num_examples": 10,
+        "method": "prelort",
+        "round": 3,
+        "client": 2,
+        "extra": {"pruned_from": 4},
+    }
     for form in (meta, json.dumps(meta), json.dumps(meta).encode()):
         v = decode_update(data, form)
-        assert (v.client, v.rank, v.num_examples, v.round, v.method, v.meta) == (2, 4, 10, 3, "prelort", {"pruned_from": 4})
+        assert (v.client, v.rank, v.num_examples, v.round, v.method, v.meta) == (
+            2,
+            4,
+            10,
+            3,
+            "prelort",
+            {"pruned_from": 4},
+        )
         assert set(v.tensors) == set(u.tensors)
         for name, t in u.tensors.items():
             assert v.tensors[name].dtype == torch.float32 and v.tensors[name].shape == t.shape
@@ -82,8 +110,8 @@ def test_encode_decode_round_trip_is_bit_exact():
 def test_encode_casts_to_contiguous_float32_and_accepts_shared_views():
     full = torch.randn(8, 5, dtype=torch.float64)
     u = make_update()
-    u.tensors[f"{Q}.lora_A"] = full[:4]           # a view sharing storage with ...
-    u.tensors[f"{V}.lora_A"] = full[4:]           # ... this one
+    u.tensors[f"{Q}.lora_A"] = full[:4]  # a view sharing storage with ...
+    u.tensors[f"{V}.lora_A"] = full[4:]  # ... this one
     u.tensors[f"{Q}.lora_B"] = torch.randn(4, 6).t()  # non-contiguous
     v = decode_update(*encode_update(u))
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in v.tensors.values())
@@ -143,18 +171,21 @@ def test_update_norm_is_frobenius_norm_of_all_factors():
 def _set(name: str, i: int, value: float):
     def mutate(u: ClientUpdate) -> None:
         u.tensors[name].view(-1)[i] = value
+
     return mutate
 
 
 def _replace(name: str, tensor: torch.Tensor):
     def mutate(u: ClientUpdate) -> None:
         u.tensors[name] = tensor
+
     return mutate
 
 
 def _attr(field: str, value):
     def mutate(u: ClientUpdate) -> None:
         setattr(u, field, value)
+
     return mutate
 
 
@@ -162,12 +193,14 @@ def _drop(*names: str):
     def mutate(u: ClientUpdate) -> None:
         for n in names:
             del u.tensors[n]
+
     return mutate
 
 
 def _add(**tensors):
     def mutate(u: ClientUpdate) -> None:
         u.tensors.update({k.replace("__", "."): v for k, v in tensors.items()})
+
     return mutate
 
 
@@ -175,6 +208,7 @@ def _rank(client: int, rank: int):
     def mutate(u: ClientUpdate) -> None:
         fresh = make_update(client=client, rank=rank)
         u.client, u.rank, u.tensors = fresh.client, fresh.rank, fresh.tensors
+
     return mutate
 
 
@@ -182,31 +216,61 @@ VALIDATION_CASES = {
     "nan": (_set(f"{Q}.lora_A", 3, float("nan")), {}, "non_finite", [f"{Q}.lora_A", "NaN"]),
     "+inf": (_set(f"{V}.lora_B", 0, float("inf")), {}, "non_finite", [f"{V}.lora_B", "+inf"]),
     "-inf": (_set(f"{Q}.lora_B", 5, float("-inf")), {}, "non_finite", [f"{Q}.lora_B", "-inf"]),
-    "float16": (_replace(f"{Q}.lora_A", torch.zeros(4, 5, dtype=torch.float16)), {}, "wrong_dtype",
-                [f"{Q}.lora_A", "float16"]),
-    "int64": (_replace(f"{V}.lora_B", torch.zeros(4, 4, dtype=torch.int64)), {}, "wrong_dtype", [f"{V}.lora_B", "int64"]),
+    "float16": (
+        _replace(f"{Q}.lora_A", torch.zeros(4, 5, dtype=torch.float16)),
+        {},
+        "wrong_dtype",
+        [f"{Q}.lora_A", "float16"],
+    ),
+    "int64": (
+        _replace(f"{V}.lora_B", torch.zeros(4, 4, dtype=torch.int64)),
+        {},
+        "wrong_dtype",
+        [f"{V}.lora_B", "int64"],
+    ),
     "float64": (_replace(f"{V}.lora_A", torch.zeros(4, 5, dtype=torch.float64)), {}, "wrong_dtype", ["float64"]),
     "shape_vs_declared_rank": (_attr("rank", 2), {}, "shape_rank_mismatch", ["rank 4", "declared rank is 2"]),
-    "A_vs_base_model": (_replace(f"{Q}.lora_A", torch.zeros(4, 7)), {}, "shape_model_mismatch",
-                        [f"{Q}.lora_A", "(4, 7)", "(r, 5)"]),
-    "B_vs_base_model": (_replace(f"{V}.lora_B", torch.zeros(9, 4)), {}, "shape_model_mismatch",
-                        [f"{V}.lora_B", "(9, 4)", "(4, r)"]),
+    "A_vs_base_model": (
+        _replace(f"{Q}.lora_A", torch.zeros(4, 7)),
+        {},
+        "shape_model_mismatch",
+        [f"{Q}.lora_A", "(4, 7)", "(r, 5)"],
+    ),
+    "B_vs_base_model": (
+        _replace(f"{V}.lora_B", torch.zeros(9, 4)),
+        {},
+        "shape_model_mismatch",
+        [f"{V}.lora_B", "(9, 4)", "(4, r)"],
+    ),
     "A_not_2d": (_replace(f"{V}.lora_A", torch.zeros(4, 5, 1)), {}, "shape_model_mismatch", [f"{V}.lora_A"]),
-    "A_B_ranks_differ": (_replace(f"{Q}.lora_B", torch.zeros(6, 3)), {}, "ab_rank_mismatch",
-                         [f"{Q}.lora_A has rank 4", "lora_B has rank 3"]),
+    "A_B_ranks_differ": (
+        _replace(f"{Q}.lora_B", torch.zeros(6, 3)),
+        {},
+        "ab_rank_mismatch",
+        [f"{Q}.lora_A has rank 4", "lora_B has rank 3"],
+    ),
     "rank_zero": (_attr("rank", 0), {}, "bad_rank", ["rank 0"]),
     "rank_negative": (_attr("rank", -2), {}, "bad_rank", ["rank -2"]),
     "rank_above_max": (_rank(2, 8), {}, "rank_above_max", ["rank 8", "R = 4"]),
     "rank_above_client": (_rank(1, 4), {}, "rank_above_client", ["client 1", "rank 4", "configured rank 2"]),
-    "unknown_module": (_add(**{"model__layers__9__mlp__lora_A": torch.zeros(4, 5),
-                               "model__layers__9__mlp__lora_B": torch.zeros(6, 4)}),
-                       {}, "unknown_module", ["model.layers.9.mlp"]),
+    "unknown_module": (
+        _add(
+            **{"model__layers__9__mlp__lora_A": torch.zeros(4, 5), "model__layers__9__mlp__lora_B": torch.zeros(6, 4)}
+        ),
+        {},
+        "unknown_module",
+        ["model.layers.9.mlp"],
+    ),
     "missing_module": (_drop(f"{V}.lora_A", f"{V}.lora_B"), {}, "missing_module", [f"{V}.lora_A"]),
     "missing_B": (_drop(f"{Q}.lora_B"), {}, "missing_module", [f"{Q}.lora_B"]),
     "extra_key_kind": (_add(**{f"{Q}.lora_C".replace(".", "__"): torch.zeros(1)}), {}, "extra_key", [f"{Q}.lora_C"]),
     "extra_key_plain": (_add(bias=torch.zeros(1)), {}, "extra_key", ["'bias'"]),
-    "extra_key_peft_style": (_add(**{f"{Q}.lora_A.weight".replace(".", "__"): torch.zeros(4, 5)}), {}, "extra_key",
-                             [f"{Q}.lora_A.weight"]),
+    "extra_key_peft_style": (
+        _add(**{f"{Q}.lora_A.weight".replace(".", "__"): torch.zeros(4, 5)}),
+        {},
+        "extra_key",
+        [f"{Q}.lora_A.weight"],
+    ),
     "norm_above_bound": (lambda u: None, {"max_norm": 1.0}, "norm_too_large", ["exceeds the bound 1"]),
     "round_mismatch": (_attr("round", 2), {}, "round_mismatch", ["round 2", "round 3"]),
     "method_mismatch": (_attr("method", "flora"), {}, "method_mismatch", ["'flora'", "'prelort'"]),
@@ -215,14 +279,31 @@ VALIDATION_CASES = {
     "duplicate_client": (lambda u: None, {"seen_clients": {0, 2}}, "duplicate_client", ["client 2 already"]),
     "zero_examples": (_attr("num_examples", 0), {}, "bad_num_examples", ["num_examples = 0"]),
     "negative_examples": (_attr("num_examples", -5), {}, "bad_num_examples", ["num_examples = -5"]),
-    "huge_examples": (_attr("num_examples", 10**400), {}, "bad_num_examples", ["num_examples = 1000", "[1, 1000000000]"]),
-    "rms_above_bound": (lambda u: u.tensors[f"{Q}.lora_A"].mul_(1e12), {"max_rms": 10.0}, "norm_too_large",
-                        ["validation.max_update_rms=10", "root-mean-square"]),
+    "huge_examples": (
+        _attr("num_examples", 10**400),
+        {},
+        "bad_num_examples",
+        ["num_examples = 1000", "[1, 1000000000]"],
+    ),
+    "rms_above_bound": (
+        lambda u: u.tensors[f"{Q}.lora_A"].mul_(1e12),
+        {"max_rms": 10.0},
+        "norm_too_large",
+        ["validation.max_update_rms=10", "root-mean-square"],
+    ),
     "non_finite_extra": (_attr("meta", {"loss": float("inf")}), {}, "bad_metadata", ["extra.loss = inf"]),
-    "hetlora_pruned_to_zero": (lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to=0)),
-                               {"method": HetLoRA(SPEC)}, "bad_method_field", ["pruned_to = 0", "[1, 4]"]),
-    "hetlora_pruned_to_text": (lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to="8")),
-                               {"method": HetLoRA(SPEC)}, "bad_method_field", ["pruned_to = '8'"]),
+    "hetlora_pruned_to_zero": (
+        lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to=0)),
+        {"method": HetLoRA(SPEC)},
+        "bad_method_field",
+        ["pruned_to = 0", "[1, 4]"],
+    ),
+    "hetlora_pruned_to_text": (
+        lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to="8")),
+        {"method": HetLoRA(SPEC)},
+        "bad_method_field",
+        ["pruned_to = '8'"],
+    ),
 }
 
 
@@ -273,13 +354,16 @@ def _safetensors_bytes(header: dict, body: bytes = b"") -> bytes:
     return struct.pack("<Q", len(raw)) + raw + body
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (b"", "not_safetensors"),
-    (b"abc", "not_safetensors"),
-    (b"\x00" * 64, "not_safetensors"),  # header length 0: no JSON header
-    (b"hello world, not a tensor file", "header_too_large"),  # "hello wo" read as a length
-    (json.dumps({"a": 1}).encode(), "header_too_large"),
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"", "not_safetensors"),
+        (b"abc", "not_safetensors"),
+        (b"\x00" * 64, "not_safetensors"),  # header length 0: no JSON header
+        (b"hello world, not a tensor file", "header_too_large"),  # "hello wo" read as a length
+        (json.dumps({"a": 1}).encode(), "header_too_large"),
+    ],
+)
 def test_bytes_that_are_not_safetensors(payload, reason, wire):
     assert rejected(decode_update, payload, wire[1]).reason == reason
 
@@ -287,17 +371,31 @@ def test_bytes_that_are_not_safetensors(payload, reason, wire):
 def test_garbage_header_is_not_safetensors(wire):
     err = rejected(decode_update, struct.pack("<Q", 5) + b"nope!", wire[1])
     assert err.reason == "not_safetensors" and "JSON object" in err.message
-    err = rejected(decode_update, _safetensors_bytes({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
-                                                     b"\x00" * 4), wire[1])
+    err = rejected(
+        decode_update,
+        _safetensors_bytes({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\x00" * 4),
+        wire[1],
+    )
     assert err.reason == "not_safetensors" and "'x'" in err.message and "8 bytes" in err.message
     err = rejected(decode_update, wire[0] + b"\x00" * 4, wire[1])  # trailing bytes
     assert err.reason == "not_safetensors" and "unexplained bytes" in err.message
-    err = rejected(decode_update, _safetensors_bytes({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                                                      "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
-                                                     b"\x00" * 4), wire[1])
+    err = rejected(
+        decode_update,
+        _safetensors_bytes(
+            {
+                "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            b"\x00" * 4,
+        ),
+        wire[1],
+    )
     assert err.reason == "not_safetensors" and "starts at byte 0, expected 4" in err.message  # aliasing
-    err = rejected(decode_update, _safetensors_bytes({"x": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}},
-                                                     b"\x00" * 8), wire[1])
+    err = rejected(
+        decode_update,
+        _safetensors_bytes({"x": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\x00" * 8),
+        wire[1],
+    )
     assert err.reason == "wrong_dtype" and "'C64'" in err.message
 
 
@@ -376,15 +474,18 @@ def test_short_real_payload_whose_length_starts_with_0x80_is_truncated_not_pickl
 GOOD_META = {"rank": 4, "num_examples": 10, "method": "prelort", "round": 3, "client": 2}
 
 
-@pytest.mark.parametrize("meta, fragment", [
-    (b"{not json", "not JSON"),
-    ("", "not JSON"),
-    (b"\xff\xfe\x00", "UTF-8"),
-    ("[1, 2]", "JSON object"),
-    ("3", "JSON object"),
-    ('{"rank": NaN, "num_examples": 1, "method": "m", "round": 0, "client": 0}', "NaN"),
-    ([1], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "meta, fragment",
+    [
+        (b"{not json", "not JSON"),
+        ("", "not JSON"),
+        (b"\xff\xfe\x00", "UTF-8"),
+        ("[1, 2]", "JSON object"),
+        ("3", "JSON object"),
+        ('{"rank": NaN, "num_examples": 1, "method": "m", "round": 0, "client": 0}', "NaN"),
+        ([1], "JSON object"),
+    ],
+)
 def test_metadata_not_a_json_object(meta, fragment, wire):
     err = rejected(decode_update, wire[0], meta)
     assert err.reason == "bad_metadata" and fragment in err.message
@@ -397,10 +498,23 @@ def test_metadata_lacking_a_field(field, wire):
     assert err.reason == "bad_metadata" and repr(field) in err.message
 
 
-@pytest.mark.parametrize("field, value", [
-    ("rank", "4"), ("rank", 4.0), ("rank", True), ("rank", None), ("num_examples", 10.5), ("num_examples", [10]),
-    ("round", "3"), ("client", False), ("client", 2.0), ("method", 3), ("method", None), ("extra", [1]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rank", "4"),
+        ("rank", 4.0),
+        ("rank", True),
+        ("rank", None),
+        ("num_examples", 10.5),
+        ("num_examples", [10]),
+        ("round", "3"),
+        ("client", False),
+        ("client", 2.0),
+        ("method", 3),
+        ("method", None),
+        ("extra", [1]),
+    ],
+)
 def test_metadata_with_wrong_types(field, value, wire):
     err = rejected(decode_update, wire[0], GOOD_META | {field: value})
     assert err.reason == "bad_metadata" and repr(field) in err.message
@@ -411,10 +525,17 @@ def test_metadata_with_unknown_field(wire):
     assert err.reason == "bad_metadata" and "'admin'" in err.message
 
 
-@pytest.mark.parametrize("field, value, reason", [
-    ("rank", 0, "bad_rank"), ("rank", -1, "bad_rank"), ("num_examples", 0, "bad_num_examples"),
-    ("num_examples", -4, "bad_num_examples"), ("round", -1, "round_mismatch"), ("client", -3, "client_out_of_range"),
-])
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("rank", 0, "bad_rank"),
+        ("rank", -1, "bad_rank"),
+        ("num_examples", 0, "bad_num_examples"),
+        ("num_examples", -4, "bad_num_examples"),
+        ("round", -1, "round_mismatch"),
+        ("client", -3, "client_out_of_range"),
+    ],
+)
 def test_metadata_values_out_of_range(field, value, reason, wire):
     err = rejected(decode_update, wire[0], GOOD_META | {field: value})
     assert err.reason == reason and f"{field!r} = {value}" in err.message
@@ -428,8 +549,14 @@ def test_payload_above_the_federation_size_is_refused_unread(tmp_path, wire):
 
 def test_every_reason_code_is_exercised():
     exercised = {case[2] for case in VALIDATION_CASES.values()} | {
-        "not_safetensors", "truncated", "header_too_large", "pickle_payload", "bad_metadata", "missing_metadata",
-        "too_large"}  # too_large: test_payload_above_the_federation_size_is_refused_unread
+        "not_safetensors",
+        "truncated",
+        "header_too_large",
+        "pickle_payload",
+        "bad_metadata",
+        "missing_metadata",
+        "too_large",
+    }  # too_large: test_payload_above_the_federation_size_is_refused_unread
     assert exercised == set(REASONS) - {"not_sampled"}  # not_sampled: raised by the round loop
 
 
@@ -439,15 +566,25 @@ def test_every_reason_code_is_exercised():
 def _run_dir(tmp_path: Path, max_norm: float | None = 1000.0, last_round: int = 2) -> Path:
     run = tmp_path / "run"
     g = torch.Generator().manual_seed(1)
-    state = GlobalState(tensors={f"{m}.{k}": torch.randn(*shape, generator=g)
-                                 for m, (d_out, d_in) in SPEC.modules.items()
-                                 for k, shape in (("lora_A", (4, d_in)), ("lora_B", (d_out, 4)))})
-    info = {"method": "prelort", "modules": {m: list(s) for m, s in SPEC.modules.items()},
-            "client_ranks": list(SPEC.client_ranks), "alpha": SPEC.alpha, "rng": ""}
+    state = GlobalState(
+        tensors={
+            f"{m}.{k}": torch.randn(*shape, generator=g)
+            for m, (d_out, d_in) in SPEC.modules.items()
+            for k, shape in (("lora_A", (4, d_in)), ("lora_B", (d_out, 4)))
+        }
+    )
+    info = {
+        "method": "prelort",
+        "modules": {m: list(s) for m, s in SPEC.modules.items()},
+        "client_ranks": list(SPEC.client_ranks),
+        "alpha": SPEC.alpha,
+        "rng": "",
+    }
     for r in range(last_round + 1):
         save_checkpoint(run, r, state, info)
-    cfg = Config.model_validate({"clients": {"num": 4, "ranks": [1, 2, 4, 2]},
-                                 "validation": {"max_update_norm": max_norm}})
+    cfg = Config.model_validate(
+        {"clients": {"num": 4, "ranks": [1, 2, 4, 2]}, "validation": {"max_update_norm": max_norm}}
+    )
     (run / "config.yaml").write_text(cfg.to_yaml())
     return run
 
@@ -465,13 +602,16 @@ def test_verify_update_accepts_a_good_update(tmp_path):
     assert "bound 1000" in result.output
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (_set(f"{Q}.lora_A", 0, float("nan")), "non_finite"),
-    (_rank(1, 4), "rank_above_client"),
-    (_attr("round", 2), "round_mismatch"),
-    (_attr("method", "fedit"), "method_mismatch"),
-    (_drop(f"{V}.lora_A", f"{V}.lora_B"), "missing_module"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (_set(f"{Q}.lora_A", 0, float("nan")), "non_finite"),
+        (_rank(1, 4), "rank_above_client"),
+        (_attr("round", 2), "round_mismatch"),
+        (_attr("method", "fedit"), "method_mismatch"),
+        (_drop(f"{V}.lora_A", f"{V}.lora_B"), "missing_module"),
+    ],
+)
 def test_verify_update_rejects_a_bad_update(tmp_path, mutate, reason):
     run = _run_dir(tmp_path)
     u = make_update(round_=3)

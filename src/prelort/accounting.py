@@ -51,8 +51,16 @@ MAX_NOISE_MULTIPLIER = 100.0
 Bound = Literal["gaussian", "rdp-sampled-without-replacement"]
 Relation = Literal["add_or_remove", "replace_one"]
 
-__all__ = ["AccountingPlan", "MAX_NOISE_MULTIPLIER", "accounting_plan", "calibrate_noise_multiplier",
-           "default_delta", "epsilon_after", "privacy_delta", "resolve_noise_multiplier"]
+__all__ = [
+    "AccountingPlan",
+    "MAX_NOISE_MULTIPLIER",
+    "accounting_plan",
+    "calibrate_noise_multiplier",
+    "default_delta",
+    "epsilon_after",
+    "privacy_delta",
+    "resolve_noise_multiplier",
+]
 
 
 def default_delta(num_clients: int) -> float:
@@ -62,7 +70,7 @@ def default_delta(num_clients: int) -> float:
     return min(1e-5, float(num_clients) ** -1.1)
 
 
-def privacy_delta(cfg: "Config") -> float:
+def privacy_delta(cfg: Config) -> float:
     """``privacy.delta``, or :func:`default_delta` of ``clients.num`` when unset."""
     return float(cfg.privacy.delta) if cfg.privacy.delta is not None else default_delta(cfg.clients.num)
 
@@ -88,7 +96,7 @@ class AccountingPlan:
         return 1.0 if self.relation == "add_or_remove" else 2.0
 
 
-def _hides_sample(cfg: "Config", method: "Method") -> tuple[bool, str]:
+def _hides_sample(cfg: Config, method: Method) -> tuple[bool, str]:
     from .privacy import check_dp
 
     rule = check_dp(method)
@@ -96,23 +104,37 @@ def _hides_sample(cfg: "Config", method: "Method") -> tuple[bool, str]:
         return True, "padded rule: every entry of the new state is noised and divided by K, whoever was sampled"
     if method.trains_one_rank:
         return True, "segment rule with every client at the same rank: the release shows only K"
-    return False, ("segment rule with heterogeneous ranks: which dimensions change shows which rank tiers were "
-                   "sampled, so no amplification by sampling is claimed")
+    return False, (
+        "segment rule with heterogeneous ranks: which dimensions change shows which rank tiers were "
+        "sampled, so no amplification by sampling is claimed"
+    )
 
 
-def accounting_plan(cfg: "Config", method: "Method") -> AccountingPlan:
+def accounting_plan(cfg: Config, method: Method) -> AccountingPlan:
     """The bound prelort reports for this config (module docstring)."""
     n, k, delta, rel = cfg.clients.num, cfg.clients.per_round, privacy_delta(cfg), cfg.privacy.neighbouring
     if k == n:
         return AccountingPlan("gaussian", rel, n, k, delta, "every client takes part in every round (q = 1)")
     if rel == "add_or_remove":
-        return AccountingPlan("gaussian", rel, n, k, delta,
-                              f"{k} of {n} clients sampled without replacement: dp-accounting has no fixed-size "
-                              "sampling event for add_or_remove, so no amplification by sampling is claimed")
+        return AccountingPlan(
+            "gaussian",
+            rel,
+            n,
+            k,
+            delta,
+            f"{k} of {n} clients sampled without replacement: dp-accounting has no fixed-size "
+            "sampling event for add_or_remove, so no amplification by sampling is claimed",
+        )
     hides, why = _hides_sample(cfg, method)
     if hides:
-        return AccountingPlan("rdp-sampled-without-replacement", rel, n, k, delta,
-                              f"fixed-size sampling of {k} of {n} clients without replacement; {why}")
+        return AccountingPlan(
+            "rdp-sampled-without-replacement",
+            rel,
+            n,
+            k,
+            delta,
+            f"fixed-size sampling of {k} of {n} clients without replacement; {why}",
+        )
     return AccountingPlan("gaussian", rel, n, k, delta, why)
 
 
@@ -167,20 +189,32 @@ def calibrate_noise_multiplier(plan: AccountingPlan, target_epsilon: float, roun
         raise ValueError(f"target epsilon must be a positive number, got {target_epsilon}")
     worst = epsilon_after(plan, MAX_NOISE_MULTIPLIER, rounds)
     if worst > target_epsilon:
-        raise ValueError(f"epsilon {target_epsilon:g} cannot be met with a noise multiplier up to "
-                         f"{MAX_NOISE_MULTIPLIER:g} (that gives epsilon {worst:.4g})")
+        raise ValueError(
+            f"epsilon {target_epsilon:g} cannot be met with a noise multiplier up to "
+            f"{MAX_NOISE_MULTIPLIER:g} (that gives epsilon {worst:.4g})"
+        )
     if plan.bound == "gaussian":
         from dp_accounting import gaussian_mechanism
 
-        z = float(gaussian_mechanism.get_sigma_gaussian(target_epsilon, plan.delta)) * math.sqrt(rounds) \
+        z = (
+            float(gaussian_mechanism.get_sigma_gaussian(target_epsilon, plan.delta))
+            * math.sqrt(rounds)
             * plan.sensitivity
+        )
     else:
         from dp_accounting import mechanism_calibration as mc
 
         _quiet_absl()
-        z = float(mc.calibrate_dp_mechanism(_rdp_accountant, lambda x: _rdp_event(plan, x, rounds), target_epsilon,
-                                            plan.delta, mc.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
-                                            tol=1e-6))
+        z = float(
+            mc.calibrate_dp_mechanism(
+                _rdp_accountant,
+                lambda x: _rdp_event(plan, x, rounds),
+                target_epsilon,
+                plan.delta,
+                mc.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER),
+                tol=1e-6,
+            )
+        )
     # the root finder stops within its tolerance on either side: step up until the budget holds
     for _ in range(60):
         if epsilon_after(plan, z, rounds) <= target_epsilon:
@@ -209,11 +243,12 @@ def _resolve(cfg_key: str) -> tuple[float, AccountingPlan]:
             f"privacy.target_epsilon={target:g}: {e} over rounds={cfg.rounds} at delta={plan.delta:.3g} "
             f"(sampling {cfg.clients.per_round} of {cfg.clients.num} clients, bound {plan.bound}); raise "
             "target_epsilon, lower rounds, raise privacy.delta, or sample fewer clients per round "
-            "(clients.per_round / clients.num)") from None
+            "(clients.per_round / clients.num)"
+        ) from None
     return z, plan
 
 
-def resolve_noise_multiplier(cfg: "Config") -> tuple[float, AccountingPlan]:
+def resolve_noise_multiplier(cfg: Config) -> tuple[float, AccountingPlan]:
     """``(z, plan)`` of a ``privacy.dp`` config: ``privacy.noise_multiplier``, or with
     ``privacy.target_epsilon`` the z calibrated for ``rounds`` (a :class:`~prelort.config.ConfigError` when
     the budget cannot be met). Deterministic, so a resumed run gets the same z."""

@@ -57,8 +57,9 @@ class _NestedState:
         k = (like.dtype, like.device)
         m = self.masks.get(k)
         if m is None:
-            m = self.masks[k] = rank_geometry.rank_mask(self.truncation, self.max_rank, dtype=like.dtype,
-                                                        device=like.device)
+            m = self.masks[k] = rank_geometry.rank_mask(
+                self.truncation, self.max_rank, dtype=like.dtype, device=like.device
+            )
         return m
 
 
@@ -174,8 +175,9 @@ class LoraAdapter:
         """Mask the rank dimension to the first ``t`` dims (1 <= t <= active rank). No weights change."""
         st = self._st
         if not 1 <= t <= st.rank:
-            raise ValueError(f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, "
-                             f"global rank {st.max_rank})")
+            raise ValueError(
+                f"truncation {t} outside [1, {st.rank}] (active rank {st.rank}, global rank {st.max_rank})"
+            )
         if t != st.truncation:
             st.truncation = int(t)
             st.masks.clear()
@@ -258,8 +260,9 @@ class LoraAdapter:
         """
         st = self._st
         if deltas:
-            unknown = sorted(name for name in deltas
-                             if split_key(name)[1] != "delta" or split_key(name)[0] not in st.layers)
+            unknown = sorted(
+                name for name in deltas if split_key(name)[1] != "delta" or split_key(name)[0] not in st.layers
+            )
             if unknown:
                 raise ValueError(f"base deltas must be `<adapted module>.delta`; unknown: {unknown[:5]}")
             for name, d in deltas.items():
@@ -323,7 +326,9 @@ def export_peft_adapter(
             raise ValueError(f"module {module} has {sorted(pair)} but needs both lora_A and lora_B")
         a, b = pair["lora_A"], pair["lora_B"]
         if a.shape[0] < t or b.shape[1] < t or a.shape[0] != b.shape[1]:
-            raise ValueError(f"module {module}: factors of shapes {tuple(a.shape)}, {tuple(b.shape)} cannot give rank {t}")
+            raise ValueError(
+                f"module {module}: factors of shapes {tuple(a.shape)}, {tuple(b.shape)} cannot give rank {t}"
+            )
         state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a[:t].detach().to("cpu", torch.float32).contiguous().clone()
         state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b[:, :t].detach().to("cpu", torch.float32).contiguous().clone()
     out = Path(out_dir)

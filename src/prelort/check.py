@@ -19,8 +19,18 @@ from .metrics import available as available_metrics
 from .metrics import names as metric_names
 from .rundir import RunDir
 
-CONFIG_KEYS = ("method", "seed", "rounds", "audit", "engine", "model.name", "lora.alpha", "clients.num",
-               "clients.per_round", "clients.ranks")
+CONFIG_KEYS = (
+    "method",
+    "seed",
+    "rounds",
+    "audit",
+    "engine",
+    "model.name",
+    "lora.alpha",
+    "clients.num",
+    "clients.per_round",
+    "clients.ranks",
+)
 
 
 def _round_of(path: Path) -> int | None:
@@ -98,8 +108,10 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             key = (rec.get("kind"), rec.get("round"), json.dumps(rec.get("rank")))
             if rec.get("kind") is not None:
                 if key in seen:
-                    problems.append(f"metrics.jsonl line {i} repeats line {seen[key]} (kind {rec.get('kind')}, "
-                                    f"round {rec.get('round')}, rank {rec.get('rank')})")
+                    problems.append(
+                        f"metrics.jsonl line {i} repeats line {seen[key]} (kind {rec.get('kind')}, "
+                        f"round {rec.get('round')}, rank {rec.get('rank')})"
+                    )
                 else:
                     seen[key] = i
 
@@ -118,8 +130,10 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             if kind == "lora_A":
                 b = t.get(mod + ".lora_B")  # type: ignore[union-attr]
                 if need(b is not None, f"{c.name}: {key} without {mod}.lora_B"):
-                    need(x.ndim == 2 and b.ndim == 2 and x.shape[0] == b.shape[1],
-                         f"{c.name}: {mod} A rows {x.shape[0]} != B cols {b.shape[-1]}")
+                    need(
+                        x.ndim == 2 and b.ndim == 2 and x.shape[0] == b.shape[1],
+                        f"{c.name}: {mod} A rows {x.shape[0]} != B cols {b.shape[-1]}",
+                    )
 
     for u in directory.update_files():
         m = u.with_suffix(".json")
@@ -133,7 +147,10 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
         if not need(isinstance(meta, dict), f"{m.relative_to(run)} is not a JSON object"):
             continue
         rank = meta.get("rank")
-        need(isinstance(rank, int) and not isinstance(rank, bool) and rank > 0, f"{m.relative_to(run)}: bad rank {rank!r}")
+        need(
+            isinstance(rank, int) and not isinstance(rank, bool) and rank > 0,
+            f"{m.relative_to(run)}: bad rank {rank!r}",
+        )
         need(_number(meta.get("num_examples")) and meta["num_examples"] > 0, f"{m.relative_to(run)}: bad num_examples")
         for key, x in (tensors(u) or {}).items():
             kind = key.rpartition(".")[2]
@@ -141,8 +158,10 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             need(dim == rank, f"{u.relative_to(run)}: {key} rank dim {dim} != declared rank {rank}")
 
     for a in directory.adapter_dirs():
-        need((a / "adapter_config.json").is_file() and (a / "adapter_model.safetensors").is_file(),
-             f"{a.relative_to(run)} is not a PEFT adapter directory")
+        need(
+            (a / "adapter_config.json").is_file() and (a / "adapter_model.safetensors").is_file(),
+            f"{a.relative_to(run)} is not a PEFT adapter directory",
+        )
     need(directory.adapter_dirs(), "no adapters/rank-T")
     return problems
 
@@ -153,5 +172,7 @@ def summary(run_dir: str | Path) -> str:
     run = directory.path
     rounds = sorted(r for p in directory.checkpoints_dir.glob("round-*") if (r := _round_of(p)) is not None)
     adapters = sorted(p.name for p in directory.adapter_dirs())
-    return (f"{run} follows the run-directory contract: checkpoints of rounds {rounds[0]}..{rounds[-1]}, "
-            f"adapters {', '.join(adapters)}")
+    return (
+        f"{run} follows the run-directory contract: checkpoints of rounds {rounds[0]}..{rounds[-1]}, "
+        f"adapters {', '.join(adapters)}"
+    )

@@ -274,8 +274,9 @@ def spec_from_checkpoint(run_dir: str | Path, round_: int | None = None) -> tupl
     try:
         modules = {str(name): (int(shape[0]), int(shape[1])) for name, shape in dict(doc["modules"]).items()}
         ranks = tuple(int(r) for r in doc["client_ranks"])
-        spec = FederationSpec(modules=modules, client_ranks=ranks, alpha=float(doc["alpha"]),
-                              options=dict(doc.get("options") or {}))
+        spec = FederationSpec(
+            modules=modules, client_ranks=ranks, alpha=float(doc["alpha"]), options=dict(doc.get("options") or {})
+        )
     except (TypeError, ValueError, IndexError, KeyError) as e:
         raise CheckpointError(f"checkpoint file {path}: malformed modules/client_ranks/alpha/options: {e}") from None
     if not ranks or min(ranks) <= 0 or not modules or not isinstance(doc["method"], str):

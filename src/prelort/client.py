@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from . import methods
 from .adapters import LoraAdapter
 from .config import Config
-from .protocol import ClientTask
 from .methods import ClientUpdate, Method
+from .protocol import ClientTask
 from .rank_geometry import adapter_rank
 from .train import train_client
 
@@ -36,8 +36,9 @@ class ClientRunner:
         # the rank of the adapter received, not task.rank: a method may send a smaller one (a common rank)
         self.adapter.apply_broadcast(task.broadcast, adapter_rank(task.broadcast.adapter))
         local = self.method.local_training(task.plan)
-        result = train_client(self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress,
-                              local=local)
+        result = train_client(
+            self.model, examples, task.plan, self.cfg.train, task.seed, progress=self.progress, local=local
+        )
         return ClientUpdate(
             client=task.client,
             rank=result.rank,

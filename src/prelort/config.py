@@ -10,10 +10,10 @@ validated by the options model declared in the method's own file.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -56,8 +56,10 @@ def expanded_size(data: Any, limit: int = MAX_EXPANDED_SIZE) -> int:
         for child in items:
             total += size(child)
             if total > limit:
-                raise ConfigError(f"config expands to more than {limit} nodes and characters once its YAML "
-                                  "aliases are resolved (an alias bomb?); refusing it")
+                raise ConfigError(
+                    f"config expands to more than {limit} nodes and characters once its YAML "
+                    "aliases are resolved (an alias bomb?); refusing it"
+                )
         active.discard(key)
         sizes[key] = total
         return total
@@ -89,7 +91,9 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    alpha: float = Field(16.0, gt=0, description="lora_alpha of the global adapter; the scale is alpha / R for every rank.")
+    alpha: float = Field(
+        16.0, gt=0, description="lora_alpha of the global adapter; the scale is alpha / R for every rank."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during local training.")
 
 
@@ -97,7 +101,8 @@ class ClientsConfig(_Section):
     num: int = Field(4, ge=1, le=1_000_000, description="Number of clients in the federation.")
     per_round: int = Field(4, ge=1, description="Clients sampled (without replacement, seeded) each round.")
     ranks: list[int] = Field(
-        default_factory=lambda: [1, 2, 4, 8], description="Client LoRA ranks, cycled over clients (client k: ranks[k % len])."
+        default_factory=lambda: [1, 2, 4, 8],
+        description="Client LoRA ranks, cycled over clients (client k: ranks[k % len]).",
     )
     sampling: Literal["uniform", "stratified"] = Field(
         "uniform",
@@ -107,7 +112,9 @@ class ClientsConfig(_Section):
     )
     min_per_round: int = Field(1, ge=1, description="A round needs at least this many accepted updates.")
     max_round_retries: int = Field(
-        0, ge=0, description="Retry a round with too few accepted updates this many times (clients resampled with a "
+        0,
+        ge=0,
+        description="Retry a round with too few accepted updates this many times (clients resampled with a "
         "seed derived from seed, round and attempt) before the run stops; 0 stops at once.",
     )
 
@@ -123,7 +130,7 @@ class ClientsConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _fits(self) -> "ClientsConfig":
+    def _fits(self) -> ClientsConfig:
         if self.per_round > self.num:
             raise ValueError(f"per_round ({self.per_round}) exceeds num ({self.num})")
         if self.min_per_round > self.per_round:
@@ -147,18 +154,25 @@ class PartitionConfig(_Section):
 
 class FactsConfig(_Section):
     num_entities: int = Field(
-        100, ge=1, le=5000,
+        100,
+        ge=1,
+        le=5000,
         description="data.suite facts: fictional entities; each gets one fact per attribute, so the number of "
         "facts (num_entities x attributes) is the capacity knob.",
     )
-    attributes: int = Field(3, ge=1, le=6, description="data.suite facts: attributes per entity (the record's category).")
+    attributes: int = Field(
+        3, ge=1, le=6, description="data.suite facts: attributes per entity (the record's category)."
+    )
     train_phrasings: int = Field(
-        3, ge=1, le=3,
+        3,
+        ge=1,
+        le=3,
         description="data.suite facts: phrasings of each fact in the training split; the held-out split asks every "
         "fact once in a further phrasing that training never uses.",
     )
     groups: int = Field(
-        8, ge=1,
+        8,
+        ge=1,
         description="data.suite facts: entity groups (the record's group column, for data.partition.by: group); "
         "entity k belongs to group k mod groups.",
     )
@@ -192,7 +206,9 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine"] = Field("constant", description="constant, or linear warmup + cosine decay.")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or linear warmup + cosine decay."
+    )
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping bound, > 0 (null: off).")
 
@@ -218,7 +234,8 @@ class EvalConfig(_Section):
 class ValidationConfig(_Section):
     max_update_norm: float | None = Field(None, gt=0, description="Reject updates whose Frobenius norm exceeds this.")
     max_update_rms: float | None = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="Reject updates whose root-mean-square entry (Frobenius norm / sqrt(number of entries)) "
         "exceeds this: a norm bound derived from the model's layer shapes that genuine updates stay far below "
         "(see docs/security.md); null: off.",
@@ -226,7 +243,9 @@ class ValidationConfig(_Section):
 
 
 class RobustConfig(_Section):
-    clip_norm: float | None = Field(None, gt=0, description="Clip each accepted update's norm to this before aggregating.")
+    clip_norm: float | None = Field(
+        None, gt=0, description="Clip each accepted update's norm to this before aggregating."
+    )
 
 
 class PrivacyConfig(_Section):
@@ -234,7 +253,9 @@ class PrivacyConfig(_Section):
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(0.0, ge=0)
     delta: float | None = Field(
-        None, gt=0, lt=1,
+        None,
+        gt=0,
+        lt=1,
         description="delta of the (epsilon, delta) guarantee the run reports; null: min(1e-5, clients.num**-1.1) "
         "(docs/privacy.md).",
     )
@@ -245,12 +266,15 @@ class PrivacyConfig(_Section):
         "sampling where the release hides the sample). docs/privacy.md.",
     )
     target_epsilon: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="Privacy budget: calibrate the noise multiplier before the run so that epsilon after `rounds` "
         "rounds is at most this (needs privacy.dp; leave noise_multiplier at 0). A budget that needs a noise "
         "multiplier above 100 is refused.",
     )
-    secure_aggregation: bool = Field(False, description="Aggregate with Flower SecAgg+ (sum-aggregatable methods only).")
+    secure_aggregation: bool = Field(
+        False, description="Aggregate with Flower SecAgg+ (sum-aggregatable methods only)."
+    )
 
 
 class FlowerConfig(_Section):
@@ -276,7 +300,8 @@ class FlowerConfig(_Section):
         "to use instead of superlink / root_certificates / insecure.",
     )
     node_wait: float = Field(
-        300.0, gt=0,
+        300.0,
+        gt=0,
         description="Seconds the ServerApp waits for SuperNodes holding the sampled clients' partitions before a "
         "round; a client still without a node then counts as failed.",
     )
@@ -308,27 +333,38 @@ def _check_method(name: str) -> None:
     known = methods.available()
     if name not in known:
         error = ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(known))}")
-        raise ValidationError.from_exception_data("Config", [{"type": "value_error", "loc": ("method",),
-                                                              "input": name, "ctx": {"error": error}}])
+        raise ValidationError.from_exception_data(
+            "Config", [{"type": "value_error", "loc": ("method",), "input": name, "ctx": {"error": error}}]
+        )
 
 
 def _error_details(errors: list[dict[str, Any]], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     """pydantic's error dicts as ValidationError.from_exception_data takes them, their paths under ``prefix``."""
-    return [{"type": e["type"], "loc": (*prefix, *e["loc"]), "input": e.get("input"),
-             **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in errors]
+    return [
+        {
+            "type": e["type"],
+            "loc": (*prefix, *e["loc"]),
+            "input": e.get("input"),
+            **({"ctx": e["ctx"]} if "ctx" in e else {}),
+        }
+        for e in errors
+    ]
 
 
 class Config(_Section):
     method: str = Field(
-        "prelort", description="Federated method (`prelort methods` lists them).",
+        "prelort",
+        description="Federated method (`prelort methods` lists them).",
         json_schema_extra={"choices": "registered methods"},
     )
-    seed: int = Field(0, ge=0, le=2**63 - 1,
-                      description="Seeds sampling, init, data order and partitioning (0 .. 2**63-1).")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Seeds sampling, init, data order and partitioning (0 .. 2**63-1)."
+    )
     rounds: int = Field(3, ge=1, le=1_000_000, description="Federated rounds.")
     audit: bool = Field(False, description="Keep every accepted update under updates/round-N/.")
-    engine: str = Field("inprocess", description="Who runs the rounds.",
-                        json_schema_extra={"choices": "registered engines"})
+    engine: str = Field(
+        "inprocess", description="Who runs the rounds.", json_schema_extra={"choices": "registered engines"}
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)
@@ -358,7 +394,7 @@ class Config(_Section):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _with_method_sections(cls, data: Any, handler: Any) -> "Config":
+    def _with_method_sections(cls, data: Any, handler: Any) -> Config:
         """The declared keys first, then ``method`` against the registry and each registered method's section
         (validated by its options model; its defaults when absent); any other top-level key is unknown.
 
@@ -376,8 +412,11 @@ class Config(_Section):
             _check_method(cfg.method)
         except ValidationError as e:
             errors += _error_details(e.errors())
-        errors += [{"type": "extra_forbidden", "loc": (k,), "input": v} for k, v in data.items()
-                   if k not in cls.model_fields and k not in models]
+        errors += [
+            {"type": "extra_forbidden", "loc": (k,), "input": v}
+            for k, v in data.items()
+            if k not in cls.model_fields and k not in models
+        ]
         sections: dict[str, BaseModel] = {}
         for name, model in models.items():
             try:
@@ -401,13 +440,17 @@ class Config(_Section):
         """Every registered method's validated options section, by method name."""
         return dict(self._method_options)
 
-    def federation_spec(self, modules: dict[str, tuple[int, int]]) -> "FederationSpec":
+    def federation_spec(self, modules: dict[str, tuple[int, int]]) -> FederationSpec:
         """What every method is built from: the adapted modules' (d_out, d_in), the client ranks, alpha and
         the methods' options (each method names its own, :func:`prelort.methods.spec_options`)."""
         from .methods import FederationSpec, spec_options
 
-        return FederationSpec(modules=dict(modules), client_ranks=tuple(self.clients.all_ranks()),
-                              alpha=self.lora.alpha, options=spec_options(self.method_options))
+        return FederationSpec(
+            modules=dict(modules),
+            client_ranks=tuple(self.clients.all_ranks()),
+            alpha=self.lora.alpha,
+            options=spec_options(self.method_options),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         plain = self.model_dump(mode="json")

@@ -96,7 +96,11 @@ def _pad_id(tokenizer: Any) -> int:
 
 @torch.inference_mode()
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
     progress: tqdm | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (texts from ``format_prompt``), batched with left padding.
@@ -115,9 +119,7 @@ def generate(
             width = max(len(ids) for ids in encoded)
             # left padding: every prompt ends at the last column, so new tokens line up
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-            attention_mask = torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-            )
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -212,8 +214,12 @@ def _batch_tensors(batch: Sequence[Mapping[str, list[int]]], pad_id: int) -> tup
 
 @torch.inference_mode()
 def score_examples(
-    model: Any, examples: Sequence[Mapping[str, list[int]]], batch_size: int, pad_id: int,
-    eos_ids: set[int] | None = None, progress: tqdm | None = None,
+    model: Any,
+    examples: Sequence[Mapping[str, list[int]]],
+    batch_size: int,
+    pad_id: int,
+    eos_ids: set[int] | None = None,
+    progress: tqdm | None = None,
 ) -> list[dict[str, Any]]:
     """One teacher-forced forward pass per batch; per example ``{"correct", "loglik", "n_tokens"}``.
 
@@ -249,8 +255,9 @@ def score_examples(
                 hit[rows, last] = hit[rows, last] | stops
             for i in range(len(batch)):
                 n = int(mask[i].sum())
-                out.append({"correct": int(n > 0 and bool(hit[i].all())), "loglik": float(token_lp[i].sum()),
-                            "n_tokens": n})
+                out.append(
+                    {"correct": int(n > 0 and bool(hit[i].all())), "loglik": float(token_lp[i].sum()), "n_tokens": n}
+                )
             if progress is not None:
                 progress.update(len(batch))
     return out
@@ -265,7 +272,13 @@ def resolve_mode(cfg: EvalConfig, examples: Sequence[Mapping[str, list[int]]]) -
 
 
 def evaluate_examples(
-    model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int, *, progress: bool = False,
+    model: Any,
+    tokenizer: Any,
+    records: Any,
+    cfg: EvalConfig,
+    max_length: int,
+    *,
+    progress: bool = False,
     desc: str = "eval",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``(metrics, examples)`` of ``model`` on (a fixed subset of) ``records``.
@@ -281,11 +294,13 @@ def evaluate_examples(
         raise ValueError("no record to evaluate")
     tokenized = tokenize_for_training(chosen, tokenizer, max_length)
     mode = resolve_mode(cfg, tokenized)
-    bar = tqdm(total=len(chosen) * (2 if mode == "generate" else 1), desc=desc, unit="ex", leave=False,
-               disable=not progress)
+    bar = tqdm(
+        total=len(chosen) * (2 if mode == "generate" else 1), desc=desc, unit="ex", leave=False, disable=not progress
+    )
     try:
-        scores = score_examples(model, tokenized, cfg.batch_size, _pad_id(tokenizer), _eos_ids(model, tokenizer),
-                                progress=bar)
+        scores = score_examples(
+            model, tokenized, cfg.batch_size, _pad_id(tokenizer), _eos_ids(model, tokenizer), progress=bar
+        )
         predictions: list[str | None] = [None] * len(chosen)
         if mode == "generate":
             prompts = [format_prompt(r, tokenizer) for r in chosen]
@@ -297,8 +312,14 @@ def evaluate_examples(
     if sum(s["n_tokens"] for s in scores) == 0:
         raise ValueError("no response token to score (every label is -100)")
     examples = [
-        {"id": example_id(r), "category": str(r.get("category") or ""), "correct": s["correct"],
-         "loglik": s["loglik"], "n_tokens": s["n_tokens"], "prediction": p}
+        {
+            "id": example_id(r),
+            "category": str(r.get("category") or ""),
+            "correct": s["correct"],
+            "loglik": s["loglik"],
+            "n_tokens": s["n_tokens"],
+            "prediction": p,
+        }
         for r, s, p in zip(chosen, scores, predictions)
     ]
     by_category: dict[str, list[int]] = {}
@@ -313,9 +334,7 @@ def evaluate_examples(
     return metrics, examples
 
 
-def evaluate_model(
-    model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int
-) -> dict[str, Any]:
+def evaluate_model(model: Any, tokenizer: Any, records: Any, cfg: EvalConfig, max_length: int) -> dict[str, Any]:
     """The metrics of :func:`evaluate_examples` (every registered metric, "n", "mode", "category_accuracy")
     without the per-example verdicts."""
     return evaluate_examples(model, tokenizer, records, cfg, max_length)[0]

@@ -93,7 +93,7 @@ class PaddedSums:
         k = shape[self.dim]
         if k > self.rank:
             raise ValueError(f"factor of rank {k} exceeds global rank {self.rank}")
-        if shape[: self.dim] != self.shape[: self.dim] or shape[self.dim + 1:] != self.shape[self.dim + 1:]:
+        if shape[: self.dim] != self.shape[: self.dim] or shape[self.dim + 1 :] != self.shape[self.dim + 1 :]:
             raise ValueError(f"factor has shape {shape}, expected {self.shape} up to the rank axis {self.dim}")
         return k
 
@@ -199,9 +199,16 @@ class FactorSums(Mapping[str, PaddedSums]):
     Reading any member (``sums[name]``, iteration) flushes first.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], dims: Mapping[str, int], *,
-                 device: torch.device | str | None = None, buffer_clients: int = 8,
-                 buffer_bytes: int = 64 * 2**20, block_bytes: int = 2**20):
+    def __init__(
+        self,
+        shapes: Mapping[str, Sequence[int]],
+        dims: Mapping[str, int],
+        *,
+        device: torch.device | str | None = None,
+        buffer_clients: int = 8,
+        buffer_bytes: int = 64 * 2**20,
+        block_bytes: int = 2**20,
+    ):
         if set(shapes) != set(dims):
             raise ValueError("shapes and dims must name the same factors")
         if buffer_clients < 1:
@@ -282,8 +289,11 @@ class FactorSums(Mapping[str, PaddedSums]):
 
 def _fits(num: Tensor, previous: Tensor, dim: int) -> bool:
     """``num`` has ``previous``'s shape, except that it may stop early on the rank axis ``dim``."""
-    return (num.dim() == previous.dim() and num.shape[dim] <= previous.shape[dim]
-            and all(n == p for j, (n, p) in enumerate(zip(num.shape, previous.shape)) if j != dim))
+    return (
+        num.dim() == previous.dim()
+        and num.shape[dim] <= previous.shape[dim]
+        and all(n == p for j, (n, p) in enumerate(zip(num.shape, previous.shape)) if j != dim)
+    )
 
 
 def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int, rule: SumRule = "segment") -> Tensor:
@@ -325,8 +335,9 @@ def mean_from_sums(num: Tensor, den: Tensor, previous: Tensor, dim: int, rule: S
     return torch.where(covered, mean, previous.to(torch.float64)).to(previous.dtype)
 
 
-def finish_from_sums(rule: SumRule, previous: Mapping[str, Tensor], num: Mapping[str, Tensor],
-                     den: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def finish_from_sums(
+    rule: SumRule, previous: Mapping[str, Tensor], num: Mapping[str, Tensor], den: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """The new global tensors (name -> tensor, for every name of ``previous``: the global LoRA factors
     ``<module>.lora_A`` / ``.lora_B``) from their sums (plain, noised or securely aggregated), each by
     :func:`mean_from_sums`. ``num[name]`` may stop early on the rank axis; ``den[name]`` has length R."""
@@ -337,8 +348,10 @@ def finish_from_sums(rule: SumRule, previous: Mapping[str, Tensor], num: Mapping
         n, d = num[name].to(torch.float64), den[name].to(torch.float64)
         dim = rank_dim(name.rpartition(".")[2])
         if not _fits(n, prev, dim) or d.shape != (prev.shape[dim],):
-            raise ValueError(f"sums of {name!r} have shapes {tuple(n.shape)}, {tuple(d.shape)}; the global tensor "
-                             f"has {tuple(prev.shape)}")
+            raise ValueError(
+                f"sums of {name!r} have shapes {tuple(n.shape)}, {tuple(d.shape)}; the global tensor "
+                f"has {tuple(prev.shape)}"
+            )
         out[name] = mean_from_sums(n, d, prev, dim, rule)
     return out
 

@@ -29,10 +29,10 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,6 +41,8 @@ from . import methods as methods_registry
 from .config import Config
 from .methods import ClientUpdate, GlobalState, Method
 from .privacy import add_dp_noise, check_dp, check_secure_aggregation, clip_update, dp_aggregate
+from .protocol import ClientTask, EngineResult, RawUpdate, SecureAggregate, decode_raw
+from .rank_geometry import adapter_prefix
 from .secure_sums import (
     WEIGHT_UNITS,
     SecAggLayout,
@@ -49,8 +51,6 @@ from .secure_sums import (
     finish_secagg,
     quantisation_bound,
 )
-from .protocol import ClientTask, EngineResult, RawUpdate, SecureAggregate, decode_raw
-from .rank_geometry import adapter_prefix
 from .updates import UpdateRejected, max_payload_bytes, save_update, server_check
 
 log = logging.getLogger("prelort")
@@ -64,8 +64,7 @@ class RoundFailed(RuntimeError):
     complete round (the state on disk, where ``--resume`` continues).
     """
 
-    def __init__(self, message: str, *, round_: int, accepted: int, min_per_round: int, attempts: int,
-                 completed: int):
+    def __init__(self, message: str, *, round_: int, accepted: int, min_per_round: int, attempts: int, completed: int):
         super().__init__(message)
         self.round = round_
         self.accepted = accepted
@@ -112,14 +111,23 @@ class RoundOutcome:
     def summary(self) -> dict[str, Any]:
         """What the round's training record in metrics.jsonl says; kept in the round's state.json too, so a
         resumed run can write the record when the run stopped between the checkpoint and the record."""
-        return {"train_loss": self.train_loss, "accepted": len(self.accepted), "rejected": len(self.rejected),
-                "failed": len(self.failed), "seconds": round(self.seconds, 3), "dim_clients": self.dim_clients,
-                "dim_steps": self.dim_steps, "passes": self.passes, "optimizer_steps": self.optimizer_steps,
-                "diagnostics_reported": self.diagnostics_reported}
+        return {
+            "train_loss": self.train_loss,
+            "accepted": len(self.accepted),
+            "rejected": len(self.rejected),
+            "failed": len(self.failed),
+            "seconds": round(self.seconds, 3),
+            "dim_clients": self.dim_clients,
+            "dim_steps": self.dim_steps,
+            "passes": self.passes,
+            "optimizer_steps": self.optimizer_steps,
+            "diagnostics_reported": self.diagnostics_reported,
+        }
 
 
-def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, local_steps: int,
-                      grad_accum: int) -> dict[str, Any]:
+def round_diagnostics(
+    clients: Sequence[tuple[int, int, Any]], max_rank: int, local_steps: int, grad_accum: int
+) -> dict[str, Any]:
     """Per-dimension diagnostics of a round from its accepted clients ``(client, rank, meta)``.
 
     ``dim_clients[i]``: clients whose update has rank > i. ``dim_steps[i]``: the sum of the clients'
@@ -142,20 +150,36 @@ def round_diagnostics(clients: Sequence[tuple[int, int, Any]], max_rank: int, lo
             dim_clients[i] += 1
         meta = meta if isinstance(meta, dict) else {}
         counts, p, k = meta.get("dim_steps"), meta.get("passes"), meta.get("steps")
-        if not (isinstance(counts, list) and rank <= len(counts) <= max_rank
-                and all(whole(c, local_steps) for c in counts) and whole(p, local_steps * grad_accum * max_rank)
-                and whole(k, local_steps)):
+        if not (
+            isinstance(counts, list)
+            and rank <= len(counts) <= max_rank
+            and all(whole(c, local_steps) for c in counts)
+            and whole(p, local_steps * grad_accum * max_rank)
+            and whole(k, local_steps)
+        ):
             if counts is not None or p is not None:
-                log.warning("client %s: ignoring its step counts (dim_steps %.80r, passes %r, steps %r): not within "
-                            "the round's bounds", client, counts, p, k)
+                log.warning(
+                    "client %s: ignoring its step counts (dim_steps %.80r, passes %r, steps %r): not within "
+                    "the round's bounds",
+                    client,
+                    counts,
+                    p,
+                    k,
+                )
             continue
         for i in range(rank):
             dim_steps[i] += counts[i]
         passes += p
         steps += k
         reported += 1
-    return {"dim_clients": dim_clients, "dim_steps": dim_steps, "passes": passes, "optimizer_steps": steps,
-            "diagnostics_reported": reported}
+    return {
+        "dim_clients": dim_clients,
+        "dim_steps": dim_steps,
+        "passes": passes,
+        "optimizer_steps": steps,
+        "diagnostics_reported": reported,
+    }
+
 
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
     """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
@@ -178,9 +202,11 @@ def check_privacy_budget(cfg: Config) -> None:
     if p.target_epsilon is not None and not p.dp:
         raise ConfigError("privacy.target_epsilon needs privacy.dp: true (the budget is met by clipping and noise)")
     if p.target_epsilon is not None and p.noise_multiplier > 0:
-        raise ConfigError(f"privacy.target_epsilon={p.target_epsilon:g} and privacy.noise_multiplier="
-                          f"{p.noise_multiplier:g} both set the noise: the budget calibrates the noise multiplier, "
-                          "so set one of them (noise_multiplier back to 0)")
+        raise ConfigError(
+            f"privacy.target_epsilon={p.target_epsilon:g} and privacy.noise_multiplier="
+            f"{p.noise_multiplier:g} both set the noise: the budget calibrates the noise multiplier, "
+            "so set one of them (noise_multiplier back to 0)"
+        )
     if p.dp:
         resolve_noise_multiplier(cfg)
 
@@ -216,24 +242,38 @@ class Federation:
             "seed": self.cfg.seed,
             # every random choice is derived from (seed, round, client): no generator state to carry
             "rng": {"scheme": "derived", "seed": self.cfg.seed},
-            **({"dp": {"noise_multiplier": self.noise_multiplier, "delta": self.accounting.delta}}
-               if self.accounting is not None else {}),
+            **(
+                {"dp": {"noise_multiplier": self.noise_multiplier, "delta": self.accounting.delta}}
+                if self.accounting is not None
+                else {}
+            ),
         }
 
     def start(self, resume: bool = False) -> int:
         """Initialise (round 0) or resume from the last complete checkpoint. Returns the next round."""
         if self.accounting is not None:
             p = self.cfg.privacy
-            how = (f"calibrated for target_epsilon={p.target_epsilon:g} over {self.cfg.rounds} rounds"
-                   if p.target_epsilon is not None else "privacy.noise_multiplier")
-            log.info("differential privacy: noise multiplier z=%.6g (%s), clip norm C=%g, delta=%.3g; accounting: %s "
-                     "(%s)", self.noise_multiplier, how, p.clip_norm, self.accounting.delta, self.accounting.bound,
-                     self.accounting.why)
+            how = (
+                f"calibrated for target_epsilon={p.target_epsilon:g} over {self.cfg.rounds} rounds"
+                if p.target_epsilon is not None
+                else "privacy.noise_multiplier"
+            )
+            log.info(
+                "differential privacy: noise multiplier z=%.6g (%s), clip norm C=%g, delta=%.3g; accounting: %s (%s)",
+                self.noise_multiplier,
+                how,
+                p.clip_norm,
+                self.accounting.delta,
+                self.accounting.bound,
+                self.accounting.why,
+            )
         latest = ckpt.latest_intact_round(self.run_dir) if resume else None  # a damaged last round: the one before
         if latest is not None:
             self.round, self.state, info = ckpt.load_checkpoint(self.run_dir, latest)
             if info.get("method") != self.cfg.method:
-                raise ValueError(f"cannot resume: checkpoint method {info.get('method')!r} != config {self.cfg.method!r}")
+                raise ValueError(
+                    f"cannot resume: checkpoint method {info.get('method')!r} != config {self.cfg.method!r}"
+                )
             self._check_resumed_noise(info)
             log.info("resuming after round %d", self.round)
         else:
@@ -250,9 +290,11 @@ class Federation:
         if self.round == 0 or (done is None and self.noise_multiplier is None):
             return
         if done is None or self.noise_multiplier is None or abs(float(done) - self.noise_multiplier) > 1e-12:
-            raise ValueError(f"cannot resume: rounds 1-{self.round} ran with noise multiplier {done} but this config "
-                             f"gives {self.noise_multiplier} (privacy.dp, privacy.noise_multiplier, "
-                             "privacy.target_epsilon and, with a budget, rounds must stay as they were)")
+            raise ValueError(
+                f"cannot resume: rounds 1-{self.round} ran with noise multiplier {done} but this config "
+                f"gives {self.noise_multiplier} (privacy.dp, privacy.noise_multiplier, "
+                "privacy.target_epsilon and, with a budget, rounds must stay as they were)"
+            )
 
     def privacy_record(self, round_: int) -> dict[str, Any]:
         """The accounted privacy after ``round_`` complete rounds, for the round's metrics record (empty without
@@ -262,8 +304,11 @@ class Federation:
         from .accounting import epsilon_after
 
         eps = epsilon_after(self.accounting, self.noise_multiplier, round_)
-        return {"dp_epsilon": eps if eps != float("inf") else None, "dp_delta": self.accounting.delta,
-                "dp_noise_multiplier": self.noise_multiplier}
+        return {
+            "dp_epsilon": eps if eps != float("inf") else None,
+            "dp_delta": self.accounting.delta,
+            "dp_noise_multiplier": self.noise_multiplier,
+        }
 
     # -- one round --------------------------------------------------------------------------------------
     def sample_clients(self, round_: int, attempt: int = 0) -> list[int]:
@@ -288,8 +333,11 @@ class Federation:
             rank = self.method.client_rank(client, self.state)
             seed = derived_seed(self.cfg.seed, round_, client)
             gen = torch.Generator().manual_seed(seed)
-            tasks.append(ClientTask(round_, client, rank, self.method.broadcast(self.state, rank, gen),
-                                    self.method.plan(rank), seed))
+            tasks.append(
+                ClientTask(
+                    round_, client, rank, self.method.broadcast(self.state, rank, gen), self.method.plan(rank), seed
+                )
+            )
         self._tasks = {t.client: t for t in tasks}
         return tasks
 
@@ -305,11 +353,17 @@ class Federation:
         server_check(update, self.spec, self.method, self.cfg.validation, round_=task.round, seen_clients=seen)
         seen.add(update.client)
         if self.cfg.robust.clip_norm is not None and not self.cfg.privacy.dp:  # DP clips with its own bound
-            update, norm, clipped = clip_update(update, self.received(update.client, update.rank),
-                                                self.cfg.robust.clip_norm)
+            update, norm, clipped = clip_update(
+                update, self.received(update.client, update.rank), self.cfg.robust.clip_norm
+            )
             if clipped:
-                log.info("round %d: clipped client %d update change %.4g -> %.4g", task.round, update.client,
-                         norm, self.cfg.robust.clip_norm)
+                log.info(
+                    "round %d: clipped client %d update change %.4g -> %.4g",
+                    task.round,
+                    update.client,
+                    norm,
+                    self.cfg.robust.clip_norm,
+                )
                 update.meta = dict(update.meta, clipped_from=norm)
         return update
 
@@ -323,8 +377,10 @@ class Federation:
         assert self.state is not None
         if self.cfg.privacy.secure_aggregation:
             # never aggregate in the clear what the config says must be aggregated securely
-            raise RuntimeError("privacy.secure_aggregation is on but the engine returned individual updates; "
-                               "it must return a SecureAggregate (engines flower-sim / flower)")
+            raise RuntimeError(
+                "privacy.secure_aggregation is on but the engine returned individual updates; "
+                "it must return a SecureAggregate (engines flower-sim / flower)"
+            )
         outcome = RoundOutcome(round_)
         accepted: list[ClientUpdate] = []
         seen: set[int] = set()  # clients whose update was accepted (validate_update's duplicate check)
@@ -344,8 +400,9 @@ class Federation:
                     raise res
                 update = decode_raw(res, max_payload_bytes(self.spec)) if isinstance(res, RawUpdate) else res
                 if not isinstance(update, ClientUpdate):
-                    raise UpdateRejected("not_safetensors", f"the engine returned a {type(update).__name__}, "
-                                                            "not an update")
+                    raise UpdateRejected(
+                        "not_safetensors", f"the engine returned a {type(update).__name__}, not an update"
+                    )
                 upd = self.accept(update, seen)
             except UpdateRejected as e:
                 self._reject(outcome, round_, sender, e)
@@ -356,8 +413,11 @@ class Federation:
                 continue
             accepted.append(upd)
             outcome.accepted.append(upd.client)
-        self._check_enough(round_, len(accepted), f"{len(results)} replies ({len(outcome.rejected)} rejected, "
-                                                  f"{len(outcome.failed)} failed clients)")
+        self._check_enough(
+            round_,
+            len(accepted),
+            f"{len(results)} replies ({len(outcome.rejected)} rejected, {len(outcome.failed)} failed clients)",
+        )
         outcome.train_loss = _mean_loss([u.meta for u in accepted])
         self._diagnose(outcome, [(u.client, u.rank, u.meta) for u in accepted])
         if self.cfg.audit:
@@ -376,10 +436,15 @@ class Federation:
             # last line of defence: a state that is not finite is never checkpointed or broadcast
             bad = sorted(name for name, t in new_state.tensors.items() if not bool(torch.isfinite(t).all()))
             if bad:
-                raise RoundFailed(f"round {round_}: aggregation produced non-finite values in {bad[:3]}; the run "
-                                  f"directory holds round {self.round}", round_=round_, accepted=len(accepted),
-                                  min_per_round=self.cfg.clients.min_per_round, attempts=self._attempt + 1,
-                                  completed=self.round)
+                raise RoundFailed(
+                    f"round {round_}: aggregation produced non-finite values in {bad[:3]}; the run "
+                    f"directory holds round {self.round}",
+                    round_=round_,
+                    accepted=len(accepted),
+                    min_per_round=self.cfg.clients.min_per_round,
+                    attempts=self._attempt + 1,
+                    completed=self.round,
+                )
             self.state = new_state
         return self._commit_round(round_, outcome, seconds)
 
@@ -404,12 +469,16 @@ class Federation:
         for client, reason in sorted(outcome.failed.items(), key=lambda kv: str(kv[0])):
             log.warning("round %d: client %s is not in the secure sum: %s", round_, client, reason)
         count = len(clients) if agg.arrays is not None else 0
-        self._check_enough(round_, count, f"{len(self._tasks)} sampled clients under SecAgg+ ({len(outcome.failed)} "
-                                          "dropped or failed" + ("; the protocol halted" if agg.arrays is None else "")
-                                          + ")")
+        self._check_enough(
+            round_,
+            count,
+            f"{len(self._tasks)} sampled clients under SecAgg+ ({len(outcome.failed)} "
+            "dropped or failed" + ("; the protocol halted" if agg.arrays is None else "") + ")",
+        )
         outcome.train_loss = _mean_loss([m for _, m in clients])
-        self._diagnose(outcome, [(c, self.method.counted_rank(self._clear_meta(c, m), self._tasks[c].rank), m)
-                                 for c, m in clients])
+        self._diagnose(
+            outcome, [(c, self.method.counted_rank(self._clear_meta(c, m), self._tasks[c].rank), m) for c, m in clients]
+        )
         layout = SecAggLayout.of(self.state)
         rho_total = sum(agg.weight_units) / WEIGHT_UNITS
         clear = [(c, self._clear_meta(c, m)) for c, m in clients]
@@ -418,16 +487,34 @@ class Federation:
         else:
             self.state = finish_secagg(self.method, self.state, agg.arrays, layout, clear)
         in_sum = len(agg.clients)  # the bound counts every upload in the sum
-        bound = (quantisation_bound(in_sum, rho_total, agg.clipping_range, agg.quantization_range) if rho_total > 0
-                 else float("inf"))
-        log.info("round %d: secure aggregation (SecAgg+): %d clients aggregated %s; quantisation bound %.6g per "
-                 "entry of the sums N', D' (K=%d, sum rho=%.6g, clipping range %g, quantization range %d); "
-                 "dropped/failed clients: %s", round_, count, sorted(outcome.accepted), bound, in_sum, rho_total,
-                 agg.clipping_range, agg.quantization_range, sorted(outcome.failed) or "none")
+        bound = (
+            quantisation_bound(in_sum, rho_total, agg.clipping_range, agg.quantization_range)
+            if rho_total > 0
+            else float("inf")
+        )
+        log.info(
+            "round %d: secure aggregation (SecAgg+): %d clients aggregated %s; quantisation bound %.6g per "
+            "entry of the sums N', D' (K=%d, sum rho=%.6g, clipping range %g, quantization range %d); "
+            "dropped/failed clients: %s",
+            round_,
+            count,
+            sorted(outcome.accepted),
+            bound,
+            in_sum,
+            rho_total,
+            agg.clipping_range,
+            agg.quantization_range,
+            sorted(outcome.failed) or "none",
+        )
         if bound > SECAGG_PRECISION_WARNING:
-            log.warning("round %d: SecAgg+ recovered the sums only to +-%.3g per entry: the clients' weights are small "
-                        "against the public bound W (sum rho = %.3g); a tighter W (a weight that depends on "
-                        "the update: a lower validation.max_update_norm) restores precision", round_, bound, rho_total)
+            log.warning(
+                "round %d: SecAgg+ recovered the sums only to +-%.3g per entry: the clients' weights are small "
+                "against the public bound W (sum rho = %.3g); a tighter W (a weight that depends on "
+                "the update: a lower validation.max_update_norm) restores precision",
+                round_,
+                bound,
+                rho_total,
+            )
         return self._commit_round(round_, outcome, seconds)
 
     def _commit_round(self, round_: int, outcome: RoundOutcome, seconds: float) -> RoundOutcome:
@@ -440,8 +527,9 @@ class Federation:
         ckpt.save_checkpoint(self.run_dir, round_, self.state, {**self.checkpoint_info(), "outcome": kept})
         return outcome
 
-    def _finish_secure_dp(self, round_: int, arrays: list[Any], layout: Any, rho_total: float,
-                          clear: list[tuple[int, dict[str, Any]]]) -> GlobalState:
+    def _finish_secure_dp(
+        self, round_: int, arrays: list[Any], layout: Any, rho_total: float, clear: list[tuple[int, dict[str, Any]]]
+    ) -> GlobalState:
         """DP under secure aggregation: every client clipped its own update to ``privacy.clip_norm`` and uploaded
         it with weight 1 (rho_k = 1), so SecAgg+'s mean times sum rho (= K) is the sum of the clipped updates
         N = sum_k pad(X~_k) (and D the coverage counts); the server adds the noise central DP adds, from the same
@@ -449,14 +537,20 @@ class Federation:
         assert self.state is not None
         rule = aggregation_rule(self.method)
         if abs(rho_total - len(clear)) > 1e-9:  # each client must upload with weight 1 (W = 1): rho_k = 1
-            log.warning("round %d: under privacy.dp the SecAgg+ weights add up to %.6g, not the %d clients in the sum "
-                        "(a client reported a weight other than 1)", round_, rho_total, len(clear))
+            log.warning(
+                "round %d: under privacy.dp the SecAgg+ weights add up to %.6g, not the %d clients in the sum "
+                "(a client reported a weight other than 1)",
+                round_,
+                rho_total,
+                len(clear),
+            )
         mean_num, mean_den = decode_secagg_mean(arrays, layout)
         num = {k: v * rho_total for k, v in mean_num.items()}
         den = {k: v * rho_total for k, v in mean_den.items()}
         gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, round_, -2))
-        noised, info = add_dp_noise(rule, num, den, self.cfg.privacy.clip_norm, float(self.noise_multiplier or 0.0),
-                                    gen)
+        noised, info = add_dp_noise(
+            rule, num, den, self.cfg.privacy.clip_norm, float(self.noise_multiplier or 0.0), gen
+        )
         out = GlobalState(tensors=self.method.finish_sums(self.state, noised, den), meta=dict(self.state.meta))
         self.method.after_round(out, list(clear))
         # how many clients clipped stays with them: a clear flag would tell the server about one update
@@ -493,7 +587,12 @@ class Federation:
                 f"round {round_}{tried}: {accepted} accepted update(s) from {what}, fewer than "
                 f"clients.min_per_round={minimum}; the run directory holds round {self.round}, continue it "
                 "with --resume once the cause is fixed",
-                round_=round_, accepted=accepted, min_per_round=minimum, attempts=attempts, completed=self.round)
+                round_=round_,
+                accepted=accepted,
+                min_per_round=minimum,
+                attempts=attempts,
+                completed=self.round,
+            )
 
     @staticmethod
     def _reject(outcome: RoundOutcome, round_: int, sender: Any, e: UpdateRejected) -> None:
@@ -501,8 +600,9 @@ class Federation:
         outcome.rejected.setdefault(sender, str(e))
         log.warning("round %d: rejected update from client %s: %s", round_, sender, e)
 
-    def run_round(self, round_: int,
-                  execute: Callable[[Sequence[ClientTask]], Sequence[EngineResult] | SecureAggregate]) -> RoundOutcome:
+    def run_round(
+        self, round_: int, execute: Callable[[Sequence[ClientTask]], Sequence[EngineResult] | SecureAggregate]
+    ) -> RoundOutcome:
         """One whole round: begin, ``execute(tasks)`` (the engine), end; retried when it fails.
 
         An engine under secure aggregation returns one :class:`SecureAggregate` for the round, finished by
@@ -526,9 +626,15 @@ class Federation:
             except RoundFailed as e:
                 if attempt == retries:
                     raise
-                log.warning("round %d: %d accepted update(s), fewer than clients.min_per_round=%d; retrying the "
-                            "round with resampled clients (retry %d of clients.max_round_retries=%d)", round_,
-                            e.accepted, e.min_per_round, attempt + 1, retries)
+                log.warning(
+                    "round %d: %d accepted update(s), fewer than clients.min_per_round=%d; retrying the "
+                    "round with resampled clients (retry %d of clients.max_round_retries=%d)",
+                    round_,
+                    e.accepted,
+                    e.min_per_round,
+                    attempt + 1,
+                    retries,
+                )
         raise AssertionError("unreachable")
 
     # -- evaluation ---------------------------------------------------------------------------------------
@@ -566,7 +672,9 @@ def stratified_sample(ranks: Sequence[int], k: int, rng: random.Random) -> list[
 
 
 def _mean_loss(metas: Sequence[Any]) -> float | None:
-    losses = [m["loss"] for m in metas if isinstance(m, dict) and isinstance(m.get("loss"), (int, float))
-              and not isinstance(m.get("loss"), bool)]
+    losses = [
+        m["loss"]
+        for m in metas
+        if isinstance(m, dict) and isinstance(m.get("loss"), (int, float)) and not isinstance(m.get("loss"), bool)
+    ]
     return float(sum(losses) / len(losses)) if losses else None
-

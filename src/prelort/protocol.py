@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from .methods import Broadcast, ClientUpdate, TrainPlan
 from .secure_sums import SECAGG_CLIPPING_RANGE, SECAGG_QUANTIZATION_RANGE
@@ -46,7 +46,7 @@ class RawUpdate:
     meta: bytes | str | dict[str, Any]
 
 
-EngineResult = Union[ClientUpdate, RawUpdate, Exception]
+EngineResult = ClientUpdate | RawUpdate | Exception
 """What an engine returns for one task; see the module docstring."""
 
 
@@ -87,8 +87,9 @@ def decode_raw(raw: RawUpdate, max_bytes: int | None = None) -> ClientUpdate:
         rejection.client = raw.client  # type: ignore[attr-defined]
         raise rejection from None
     if update.client != raw.client:
-        rejection = UpdateRejected("client_mismatch",
-                                   f"update sent by client {raw.client} declares client {update.client!r}")
+        rejection = UpdateRejected(
+            "client_mismatch", f"update sent by client {raw.client} declares client {update.client!r}"
+        )
         rejection.client = raw.client  # type: ignore[attr-defined]
         raise rejection
     return update

@@ -106,7 +106,6 @@ def pad(x: Tensor, r: int, dim: int) -> Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
-
 def factor_shape(kind: str, rank: int, d_out: int, d_in: int) -> tuple[int, int]:
     """The shape of a factor of a (d_out x d_in) layer at ``rank``: lora_A (rank, d_in), lora_B (d_out, rank)."""
     return (rank, d_in) if rank_dim(kind) == 0 else (d_out, rank)

@@ -40,8 +40,9 @@ def load_federation_model(cfg: Config):
     quiet_libraries()
     torch.manual_seed(cfg.seed)
     base_model, tokenizer = load_model(cfg.model)
-    model = adapters.attach_lora(base_model, cfg.model.target_modules, max(cfg.clients.ranks),
-                                 cfg.lora.alpha, cfg.lora.dropout)
+    model = adapters.attach_lora(
+        base_model, cfg.model.target_modules, max(cfg.clients.ranks), cfg.lora.alpha, cfg.lora.dropout
+    )
     return base_model, tokenizer, model
 
 

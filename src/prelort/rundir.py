@@ -69,14 +69,25 @@ class RunDirError(FileExistsError):
 DIAGNOSTIC_KEYS = ("dim_clients", "dim_steps", "passes", "optimizer_steps", "diagnostics_reported")
 
 
-def train_record(cfg: Config, round_: int, summary: dict[str, Any],
-                 privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_record(
+    cfg: Config, round_: int, summary: dict[str, Any], privacy: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A round's training record: the outcome's summary, its per-dimension diagnostics and (privacy.dp) the
     accounted epsilon. Training records carry the contract's fields too (no tier evaluated: rank and metrics null)."""
-    return {"round": round_, "rank": None, "kind": "train", **dict.fromkeys(metric_names()),
-            "train_loss": summary.get("train_loss"), "accepted": summary.get("accepted"),
-            "rejected": summary.get("rejected"), "failed": summary.get("failed"), "seconds": summary.get("seconds"),
-            "method": cfg.method, **{k: summary.get(k) for k in DIAGNOSTIC_KEYS}, **(privacy or {})}
+    return {
+        "round": round_,
+        "rank": None,
+        "kind": "train",
+        **dict.fromkeys(metric_names()),
+        "train_loss": summary.get("train_loss"),
+        "accepted": summary.get("accepted"),
+        "rejected": summary.get("rejected"),
+        "failed": summary.get("failed"),
+        "seconds": summary.get("seconds"),
+        "method": cfg.method,
+        **{k: summary.get(k) for k in DIAGNOSTIC_KEYS},
+        **(privacy or {}),
+    }
 
 
 def expected_records(cfg: Config, round_: int) -> list[tuple[str, Any]]:
@@ -300,8 +311,16 @@ class RunDir:
     def metrics(self) -> MetricsLog:
         return MetricsLog(self.metrics_file)
 
-    def write_evaluation(self, round_: int, rank: Any, kind: str, metrics: dict[str, Any],
-                         examples: Sequence[dict[str, Any]], method: str, seed: int) -> dict[str, Any]:
+    def write_evaluation(
+        self,
+        round_: int,
+        rank: Any,
+        kind: str,
+        metrics: dict[str, Any],
+        examples: Sequence[dict[str, Any]],
+        method: str,
+        seed: int,
+    ) -> dict[str, Any]:
         """One evaluation: its record (appended to metrics.jsonl, returned) and its examples (eval/round-N.jsonl)."""
         rec = {"round": round_, "rank": rank, "kind": kind, **metrics, "method": method, "seed": seed}
         self.metrics.write(rec)
@@ -340,8 +359,11 @@ class RunDir:
         path = self.eval_file(round_)
         if not path.is_file():
             return []
-        return [{k: v for k, v in rec.items() if k not in ("round", "rank", "kind")}
-                for rec in _json_lines(path.read_text()) if (rec.get("kind"), rec.get("rank")) == (kind, rank)]
+        return [
+            {k: v for k, v in rec.items() if k not in ("round", "rank", "kind")}
+            for rec in _json_lines(path.read_text())
+            if (rec.get("kind"), rec.get("rank")) == (kind, rank)
+        ]
 
     def _eval_files(self) -> list[tuple[int, Path]]:
         """``(round, eval/round-N.jsonl)`` in file-name order; a file whose N is no number is left out."""
@@ -380,7 +402,8 @@ class RunDir:
             return False
         tiers = sorted(set(cfg.clients.all_ranks()))
         return self.summary_csv.is_file() and all(
-            (self.adapter_dir(t) / "adapter_model.safetensors").is_file() for t in tiers)
+            (self.adapter_dir(t) / "adapter_model.safetensors").is_file() for t in tiers
+        )
 
     # -- writing: the lock, --resume, prepare -------------------------------------------------------------
     def acquire_lock(self) -> Path:
@@ -394,8 +417,10 @@ class RunDir:
             return self.load_config()
         except ConfigError as e:
             reason = " ".join(str(e).split())  # one line, whatever the YAML parser's message looked like
-            raise ConfigError(f"--resume: the run's config.yaml is not a valid prelort config ({reason}); restore it "
-                              "or start a new run") from None
+            raise ConfigError(
+                f"--resume: the run's config.yaml is not a valid prelort config ({reason}); restore it "
+                "or start a new run"
+            ) from None
 
     def check_against_checkpoint(self, cfg: Config) -> None:
         """Without config.yaml: the config given must match what the latest checkpoint recorded."""
@@ -406,28 +431,41 @@ class RunDir:
         try:
             _, doc = self.checkpoint_state()
         except CheckpointError as e:
-            raise ConfigError(f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: "
-                              f"{e}") from None
-        expected = {"method": cfg.method, "seed": cfg.seed, "client_ranks": cfg.clients.all_ranks(),
-                    "alpha": cfg.lora.alpha, "options": methods.spec_options(cfg.method_options)}
+            raise ConfigError(
+                f"--resume: {run_dir} has no config.yaml and its checkpoint cannot be read: {e}"
+            ) from None
+        expected = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "client_ranks": cfg.clients.all_ranks(),
+            "alpha": cfg.lora.alpha,
+            "options": methods.spec_options(cfg.method_options),
+        }
         differ = [k for k, v in expected.items() if k in doc and doc[k] != v]
         if differ:
             shown = ", ".join(f"{k}: run {doc[k]!r}, given {expected[k]!r}" for k in differ)
-            raise ConfigError(f"--resume: {run_dir} has no config.yaml and the config given differs from its "
-                              f"checkpoint ({shown}); a resumed run must keep them")
+            raise ConfigError(
+                f"--resume: {run_dir} has no config.yaml and the config given differs from its "
+                f"checkpoint ({shown}); a resumed run must keep them"
+            )
 
     def check_resume_config(self, cfg: Config) -> None:
         """Refuse a resume whose config changes anything but :data:`SAFE_TO_CHANGE` (one-line ConfigError)."""
         if not self.config_file.is_file():
             self.check_against_checkpoint(cfg)
-            log.warning("--resume: %s had no config.yaml; using the config given (it matches the checkpoint's "
-                        "method, seed, ranks and options)", self.path)
+            log.warning(
+                "--resume: %s had no config.yaml; using the config given (it matches the checkpoint's "
+                "method, seed, ranks and options)",
+                self.path,
+            )
             return
         changed = config_changes(self.load_saved_config(), cfg)
         if changed:
             shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-            raise ConfigError(f"--resume: the config differs from the run's config.yaml in {shown}; a resumed run "
-                              f"may change only {', '.join(SAFE_TO_CHANGE)}")
+            raise ConfigError(
+                f"--resume: the config differs from the run's config.yaml in {shown}; a resumed run "
+                f"may change only {', '.join(SAFE_TO_CHANGE)}"
+            )
 
     def prepare(self, cfg: Config, resume: bool) -> RunDir:
         """Make (or reopen) the directory for writing: checks, marker first, lock, resume comparison,
@@ -485,8 +523,10 @@ def check_out(path: str | Path, resume: bool) -> Path:
         if checkpoints.exists():
             raise RunDirError(f"{path} already holds a run; use --resume to continue it or choose another --out")
         if not RunDir(path).marker.is_file() and any(path.iterdir()):
-            raise RunDirError(f"{path} is not empty and is not a prelort run directory; prelort will not write "
-                              "into it (choose a new or empty --out)")
+            raise RunDirError(
+                f"{path} is not empty and is not a prelort run directory; prelort will not write "
+                "into it (choose a new or empty --out)"
+            )
     return path
 
 
@@ -555,8 +595,10 @@ def _acquire_lock(run_dir: Path) -> Path:
         except FileExistsError:
             holder = _holder(lock)
             if holder is not None:
-                raise RunDirError(f"{run_dir} is in use by another prelort run (PID {holder.get('pid')} on "
-                                  f"{holder.get('host')}); wait for it to finish or choose another --out") from None
+                raise RunDirError(
+                    f"{run_dir} is in use by another prelort run (PID {holder.get('pid')} on "
+                    f"{holder.get('host')}); wait for it to finish or choose another --out"
+                ) from None
             log.warning("taking over the stale lock %s (its process is gone)", lock)
             try:
                 lock.unlink()

@@ -21,13 +21,13 @@ from .adapters import LoraAdapter, export_peft_adapter
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
 from .federation import Federation, RoundFailed, check_privacy
-from .metrics import available as available_metrics
 from .methods import Broadcast
+from .metrics import available as available_metrics
 from .model_names import hub_id
 from .protocol import Engine
+from .rank_geometry import adapter_rank
 from .recipe import client_examples, load_data, load_federation_model, quiet_libraries
 from .rundir import RECORD_KEYS, RunDir, train_record
-from .rank_geometry import adapter_rank
 
 log = logging.getLogger("prelort")
 
@@ -91,7 +91,7 @@ class _GracefulStop:
         self.requested = True
         log.warning("Ctrl-C: stopping after the round under way (press Ctrl-C again to stop at once)")
 
-    def __enter__(self) -> "_GracefulStop":
+    def __enter__(self) -> _GracefulStop:
         import signal
         import threading
 
@@ -106,13 +106,12 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, self._previous)
 
 
-
-
 class Session:
     """Model, data and run directory of one run. Engines call :meth:`run` with their executor."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, verbose: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self, cfg: Config, run_dir: str | Path, *, resume: bool = False, verbose: bool = True, read_only: bool = False
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.dir = RunDir(run_dir)
@@ -136,21 +135,35 @@ class Session:
         if not read_only:
             self._prepare_dir()
             setup_logging(self.run_dir, verbose)
-        log.info("prelort run: method=%s engine=%s model=%s ranks=%s rounds=%d -> %s", cfg.method, cfg.engine,
-                 cfg.model.name, cfg.clients.ranks, cfg.rounds, self.run_dir)
-        log.info("model %s loaded in %.1f s; data: %d train / %d test records; client sizes %s", cfg.model.name,
-                 model_seconds, len(train), len(test), [len(p) for p in self.partitions])
+        log.info(
+            "prelort run: method=%s engine=%s model=%s ranks=%s rounds=%d -> %s",
+            cfg.method,
+            cfg.engine,
+            cfg.model.name,
+            cfg.clients.ranks,
+            cfg.rounds,
+            self.run_dir,
+        )
+        log.info(
+            "model %s loaded in %.1f s; data: %d train / %d test records; client sizes %s",
+            cfg.model.name,
+            model_seconds,
+            len(train),
+            len(test),
+            [len(p) for p in self.partitions],
+        )
         self.federation = Federation(cfg, self.run_dir, self.modules)
         self.metrics = self.dir.metrics
 
     @classmethod
-    def open(cls, run_dir: str | Path, verbose: bool = False) -> "Session":
+    def open(cls, run_dir: str | Path, verbose: bool = False) -> Session:
         """An existing run, at its latest checkpoint, for evaluation (nothing in the run directory changes)."""
         directory = RunDir(run_dir)
         cfg = directory.load_config()
         if not directory.checkpoint_rounds():  # start() would write an initial checkpoint
-            raise FileNotFoundError(f"{run_dir} has no checkpoints/round-N yet: nothing to evaluate "
-                                    "(start the run with prelort run first)")
+            raise FileNotFoundError(
+                f"{run_dir} has no checkpoints/round-N yet: nothing to evaluate (start the run with prelort run first)"
+            )
         s = cls(cfg, run_dir, read_only=True, verbose=verbose)
         s.federation.start(resume=True)
         return s
@@ -164,8 +177,15 @@ class Session:
         LoraAdapter(self.model).apply_broadcast(broadcast, adapter_rank(broadcast.adapter))
 
     def _evaluate(self, desc: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        return evaluate_examples(self.model, self.tokenizer, self.test_records, self.cfg.eval,
-                                 self.cfg.data.max_length, progress=self.verbose, desc=desc)
+        return evaluate_examples(
+            self.model,
+            self.tokenizer,
+            self.test_records,
+            self.cfg.eval,
+            self.cfg.data.max_length,
+            progress=self.verbose,
+            desc=desc,
+        )
 
     def evaluate_tier_examples(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(metrics, per-example records)`` of the global model served at rank ``t``."""
@@ -182,15 +202,19 @@ class Session:
     def evaluate_tier(self, t: int) -> dict[str, Any]:
         return self.evaluate_tier_examples(t)[0]
 
-    def _record(self, round_: int, rank: Any, kind: str, result: tuple[dict[str, Any], list[dict[str, Any]]]
-                ) -> dict[str, Any]:
+    def _record(
+        self, round_: int, rank: Any, kind: str, result: tuple[dict[str, Any], list[dict[str, Any]]]
+    ) -> dict[str, Any]:
         metrics, examples = result
         return self.dir.write_evaluation(round_, rank, kind, metrics, examples, self.cfg.method, self.cfg.seed)
 
     def evaluate_round(self, round_: int, skip: Sequence[int] = ()) -> list[dict[str, Any]]:
         """Tier records of ``round_`` (the tiers in ``skip`` are already in metrics.jsonl)."""
-        return [self._record(round_, t, "tier", self.evaluate_tier_examples(t)) for t in self.federation.tiers()
-                if t not in skip]
+        return [
+            self._record(round_, t, "tier", self.evaluate_tier_examples(t))
+            for t in self.federation.tiers()
+            if t not in skip
+        ]
 
     def _record_base(self) -> None:
         r = self._record(0, "base", "base", self.evaluate_base_examples())
@@ -207,7 +231,9 @@ class Session:
         if ("train", None) not in have:
             _, doc = self.dir.checkpoint_state(round_)
             if isinstance(doc.get("outcome"), dict):
-                self.metrics.write(train_record(self.cfg, round_, doc["outcome"], self.federation.privacy_record(round_)))
+                self.metrics.write(
+                    train_record(self.cfg, round_, doc["outcome"], self.federation.privacy_record(round_))
+                )
             else:  # a checkpoint written before round outcomes were kept in state.json
                 log.warning("round %d: its training record is missing and its checkpoint does not hold it", round_)
         if self.federation.eval_due(round_):
@@ -238,8 +264,9 @@ class Session:
         cfg, fed = self.cfg, self.federation
         if first > cfg.rounds:
             return
-        bar = tqdm(range(first, cfg.rounds + 1), desc="rounds", disable=not self.verbose, initial=first - 1,
-                   total=cfg.rounds)
+        bar = tqdm(
+            range(first, cfg.rounds + 1), desc="rounds", disable=not self.verbose, initial=first - 1, total=cfg.rounds
+        )
         try:
             for round_ in bar:
                 try:
@@ -249,12 +276,16 @@ class Session:
                     raise
                 self.metrics.write(train_record(cfg, round_, outcome.summary(), fed.privacy_record(round_)))
                 log_privacy(fed, round_)
-                line = (f"round {round_}/{cfg.rounds}: train_loss={_fmt(outcome.train_loss)} accepted="
-                        f"{len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}")
+                line = (
+                    f"round {round_}/{cfg.rounds}: train_loss={_fmt(outcome.train_loss)} accepted="
+                    f"{len(outcome.accepted)} rejected={len(outcome.rejected)} failed={len(outcome.failed)}"
+                )
                 if fed.eval_due(round_):
                     recs = self.evaluate_round(round_)
-                    line += " | " + " ".join(f"r{r['rank']}: " + " ".join(f"{m.short}={m.format(r[m.name])}"
-                                                                          for m in available_metrics()) for r in recs)
+                    line += " | " + " ".join(
+                        f"r{r['rank']}: " + " ".join(f"{m.short}={m.format(r[m.name])}" for m in available_metrics())
+                        for r in recs
+                    )
                 log.info("%s", line)
                 if stop.requested and round_ < cfg.rounds:  # a safe point: the round and its records are on disk
                     raise RunInterrupted(round_)
@@ -275,9 +306,14 @@ class Session:
                 if ("curve", t) in have:
                     continue
                 tier = have.get(("tier", t))
-                result = ((({k: v for k, v in tier.items() if k not in RECORD_KEYS}),
-                           self.dir.read_eval_examples(fed.round, "tier", t)) if tier is not None
-                          else self.evaluate_tier_examples(t))
+                result = (
+                    (
+                        ({k: v for k, v in tier.items() if k not in RECORD_KEYS}),
+                        self.dir.read_eval_examples(fed.round, "tier", t),
+                    )
+                    if tier is not None
+                    else self.evaluate_tier_examples(t)
+                )
                 self._record(fed.round, t, "curve", result)
         export_adapters(self)
         from .report import write_run_report
@@ -305,8 +341,7 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
     tensors = fed.method.export_adapter(fed.state, t)
     rank = min(t, adapter_rank(tensors))
     # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
-    export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules,
-                        out_dir)
+    export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules, out_dir)
     return out_dir
 
 
@@ -317,9 +352,18 @@ def log_privacy(fed: Federation, round_: int) -> None:
         return
     eps = rec["dp_epsilon"]
     plan = fed.accounting
-    log.info("round %d: privacy: epsilon=%s at delta=%.3g after %d round(s) (noise multiplier z=%.6g, clients "
-             "sampled %d of %d, bound %s)", round_, "inf (no noise)" if eps is None else f"{eps:.6g}",
-             rec["dp_delta"], round_, rec["dp_noise_multiplier"], plan.per_round, plan.num_clients, plan.bound)
+    log.info(
+        "round %d: privacy: epsilon=%s at delta=%.3g after %d round(s) (noise multiplier z=%.6g, clients "
+        "sampled %d of %d, bound %s)",
+        round_,
+        "inf (no noise)" if eps is None else f"{eps:.6g}",
+        rec["dp_delta"],
+        round_,
+        rec["dp_noise_multiplier"],
+        plan.per_round,
+        plan.num_clients,
+        plan.bound,
+    )
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

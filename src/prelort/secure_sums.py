@@ -89,8 +89,9 @@ def client_weight(method: Method, update: ClientUpdate) -> float:
     return float(method.client_weight(update, method.contributed_factors(update)))
 
 
-def factor_sums(method: Method, shapes: Mapping[str, Sequence[int]], updates: Sequence[ClientUpdate],
-                weights: Sequence[float]) -> FactorSums:
+def factor_sums(
+    method: Method, shapes: Mapping[str, Sequence[int]], updates: Sequence[ClientUpdate], weights: Sequence[float]
+) -> FactorSums:
     """Per global tensor name (``shapes``: name -> the global tensor's shape), the padded sums
     N = sum_k w_k pad(X_k) and D_i = sum_{k: r_k > i} w_k, over the factors each client contributes."""
     if len(updates) != len(weights):
@@ -109,7 +110,7 @@ class SecAggLayout:
     rank: int
 
     @classmethod
-    def of(cls, state: GlobalState) -> "SecAggLayout":
+    def of(cls, state: GlobalState) -> SecAggLayout:
         names = tuple(sorted(state.tensors))
         shapes = tuple(tuple(int(n) for n in state.tensors[k].shape) for k in names)
         a = next((state.tensors[k] for k in names if k.endswith(".lora_A")), None)
@@ -121,7 +122,7 @@ class SecAggLayout:
         return json.dumps({"names": list(self.names), "shapes": [list(s) for s in self.shapes], "rank": self.rank})
 
     @classmethod
-    def from_json(cls, text: str) -> "SecAggLayout":
+    def from_json(cls, text: str) -> SecAggLayout:
         d = json.loads(text)
         return cls(tuple(d["names"]), tuple(tuple(int(n) for n in s) for s in d["shapes"]), int(d["rank"]))
 
@@ -129,9 +130,14 @@ class SecAggLayout:
         return sum(int(np.prod(s)) for s in self.shapes) + self.rank
 
 
-def encode_for_secagg(method: Method, update: ClientUpdate, layout: SecAggLayout, *,
-                      clipping_range: float = SECAGG_CLIPPING_RANGE, uniform_weight: bool = False
-                      ) -> tuple[list[np.ndarray], float]:
+def encode_for_secagg(
+    method: Method,
+    update: ClientUpdate,
+    layout: SecAggLayout,
+    *,
+    clipping_range: float = SECAGG_CLIPPING_RANGE,
+    uniform_weight: bool = False,
+) -> tuple[list[np.ndarray], float]:
     """What client k uploads through SecAgg+: ``([pad(X_k) per layout name..., 1_{r_k}], w_k)``.
 
     ``w_k`` is the method's weight (number of examples, or a norm of the update), or 1 with
@@ -144,14 +150,17 @@ def encode_for_secagg(method: Method, update: ClientUpdate, layout: SecAggLayout
     for name, arr in zip(layout.names, arrays):
         peak = float(np.abs(arr).max()) if arr.size else 0.0
         if not peak <= clipping_range:
-            raise PrivacyError(f"client {update.client}: {name} holds a value of magnitude {peak:.4g} outside "
-                               f"SecAgg+'s clipping range +-{clipping_range:g}; raise the clipping range")
+            raise PrivacyError(
+                f"client {update.client}: {name} holds a value of magnitude {peak:.4g} outside "
+                f"SecAgg+'s clipping range +-{clipping_range:g}; raise the clipping range"
+            )
     weight = 1.0 if uniform_weight else client_weight(method, update)
     return [*arrays, mask], weight
 
 
-def decode_secagg_mean(arrays: Sequence[np.ndarray], layout: SecAggLayout
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def decode_secagg_mean(
+    arrays: Sequence[np.ndarray], layout: SecAggLayout
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(N', D') per global tensor from the workflow's aggregated arrays (same order as uploaded)."""
     if len(arrays) != len(layout.names) + 1:
         raise ValueError(f"SecAgg+ returned {len(arrays)} arrays, the layout has {len(layout.names) + 1}")
@@ -167,8 +176,13 @@ def decode_secagg_mean(arrays: Sequence[np.ndarray], layout: SecAggLayout
     return num, {name: den for name in layout.names}
 
 
-def finish_secagg(method: Method, state: GlobalState, arrays: Sequence[np.ndarray], layout: SecAggLayout,
-                  client_meta: Sequence[tuple[int, dict[str, Any]]] = ()) -> GlobalState:
+def finish_secagg(
+    method: Method,
+    state: GlobalState,
+    arrays: Sequence[np.ndarray],
+    layout: SecAggLayout,
+    client_meta: Sequence[tuple[int, dict[str, Any]]] = (),
+) -> GlobalState:
     """The new global state from SecAgg+'s output. ``client_meta``: (client, meta) sent in the clear (the
     method's ``clear_meta_fields``, e.g. a pruned rank: a rank is public anyway), for the method's bookkeeping."""
     aggregation_rule(method)  # a method without a sum rule fails here, with the reason
@@ -206,18 +220,37 @@ def max_weight_bound(method: Method, total_examples: int, max_update_norm: float
         raise PrivacyError(f"total_examples must be positive, got {total_examples}")
     bound = method.weight_bound(total_examples, max_update_norm)
     if bound is None:
-        raise PrivacyError(f"method {method.name!r} weighs a client by its update: secure aggregation needs "
-                           "validation.max_update_norm to bound the weight (the method's weight_bound derives the "
-                           "public bound from it)")
+        raise PrivacyError(
+            f"method {method.name!r} weighs a client by its update: secure aggregation needs "
+            "validation.max_update_norm to bound the weight (the method's weight_bound derives the "
+            "public bound from it)"
+        )
     return float(bound)
 
 
-def quantisation_bound(num_clients: int, rho_total: float, clipping_range: float = SECAGG_CLIPPING_RANGE,
-                       quantization_range: int = SECAGG_QUANTIZATION_RANGE) -> float:
+def quantisation_bound(
+    num_clients: int,
+    rho_total: float,
+    clipping_range: float = SECAGG_CLIPPING_RANGE,
+    quantization_range: int = SECAGG_QUANTIZATION_RANGE,
+) -> float:
     """Per-entry bound on |recovered N' - exact N'| (module docstring): K * (2c / Q) / sum_k rho_k."""
     return num_clients * (2.0 * clipping_range / quantization_range) / rho_total
 
 
-__all__ = ["PrivacyError", "SECAGG_CLIPPING_RANGE", "SECAGG_QUANTIZATION_RANGE", "WEIGHT_UNITS", "SecAggLayout",
-           "aggregation_rule", "client_weight", "decode_secagg_mean", "encode_for_secagg", "factor_sums",
-           "finish_secagg", "max_weight_bound", "quantisation_bound", "weight_units"]
+__all__ = [
+    "PrivacyError",
+    "SECAGG_CLIPPING_RANGE",
+    "SECAGG_QUANTIZATION_RANGE",
+    "WEIGHT_UNITS",
+    "SecAggLayout",
+    "aggregation_rule",
+    "client_weight",
+    "decode_secagg_mean",
+    "encode_for_secagg",
+    "factor_sums",
+    "finish_secagg",
+    "max_weight_bound",
+    "quantisation_bound",
+    "weight_units",
+]

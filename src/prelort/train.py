@@ -47,7 +47,6 @@ from .methods.base import NESTED_MODES, LocalTraining, TrainPlan
 __all__ = ["TrainResult", "collate", "lr_factor", "response_loss", "train_client"]
 
 
-
 @dataclass
 class TrainResult:
     """A client's round result: its adapter at its final rank and what happened."""
@@ -117,8 +116,9 @@ def batch_response_loss(model, batch: dict[str, Tensor]) -> Tensor:
         return response_loss(logits, batch["labels"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     picked = targets[:, keep]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), picked.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), picked.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total / (picked != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -217,8 +217,14 @@ class _Cycler:
         return out
 
 
-def _guarded_adamw_step(optimizer: torch.optim.Optimizer, pairs: list[tuple[Tensor, Tensor]], top: int, rank: int,
-                        all_dims_in_objective: bool, dim_steps: list[int]) -> None:
+def _guarded_adamw_step(
+    optimizer: torch.optim.Optimizer,
+    pairs: list[tuple[Tensor, Tensor]],
+    top: int,
+    rank: int,
+    all_dims_in_objective: bool,
+    dim_steps: list[int],
+) -> None:
     """``optimizer.step()`` with the lazy-Adam guard (module doc): when the step's largest truncation ``top``
     is below ``rank`` and nothing else reaches the tail (the method's penalty may: ``all_dims_in_objective``),
     dimensions >= top and their AdamW moments are restored afterwards. Counts in ``dim_steps`` each dimension
@@ -242,7 +248,7 @@ class _LocalOptimizer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     @classmethod
-    def of(cls, adapter: LoraAdapter, cfg: TrainConfig) -> "_LocalOptimizer":
+    def of(cls, adapter: LoraAdapter, cfg: TrainConfig) -> _LocalOptimizer:
         params = adapter.parameters()
         pairs = adapter.factor_pairs()
         for p in params:
@@ -254,9 +260,17 @@ class _LocalOptimizer:
         return cls(params, pairs, adamw, scheduler)
 
 
-def _train_step(adapter: LoraAdapter, next_batch: Callable[[], dict[str, Tensor]], step_ts: list[int], plan: TrainPlan,
-                cfg: TrainConfig, optim: _LocalOptimizer, local: LocalTraining, counts: dict[int, int],
-                dim_steps: list[int]) -> float:
+def _train_step(
+    adapter: LoraAdapter,
+    next_batch: Callable[[], dict[str, Tensor]],
+    step_ts: list[int],
+    plan: TrainPlan,
+    cfg: TrainConfig,
+    optim: _LocalOptimizer,
+    local: LocalTraining,
+    counts: dict[int, int],
+    dim_steps: list[int],
+) -> float:
     """One optimizer step of the nested objective: ``cfg.grad_accum`` micro-batches, each with one
     forward/backward per truncation in ``step_ts`` (weights summing to 1), then the method's penalty, gradient
     clipping and the guarded AdamW step. Returns the step's loss (the weighted mean over those passes)."""

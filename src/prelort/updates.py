@@ -172,8 +172,11 @@ def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
     header: Any = None
     if header_len <= min(MAX_HEADER_BYTES, total - 8) and 8 + header_len <= len(data):
         try:
-            header = json.loads(data[8 : 8 + header_len].decode("utf-8"),
-                                object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+            header = json.loads(
+                data[8 : 8 + header_len].decode("utf-8"),
+                object_pairs_hook=_no_duplicates,
+                parse_constant=_reject_constant,
+            )
         except (UnicodeDecodeError, ValueError, RecursionError):
             header = None
     if not isinstance(header, dict):
@@ -183,8 +186,7 @@ def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
         if header_len > MAX_HEADER_BYTES and _looks_pickled(data):
             raise UpdateRejected("pickle_payload", "payload is a pickle / torch.save archive; refusing to load it")
         if header_len > MAX_HEADER_BYTES:
-            raise UpdateRejected("header_too_large",
-                                 f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
+            raise UpdateRejected("header_too_large", f"header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
         if header_len > total - 8:
             raise UpdateRejected("truncated", f"header claims {header_len} bytes but only {total - 8} follow")
         raise UpdateRejected("not_safetensors", "header is not a JSON object")
@@ -197,24 +199,31 @@ def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
                 raise UpdateRejected("not_safetensors", "__metadata__ must map strings to strings")
             continue
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise UpdateRejected("not_safetensors", f"tensor {name!r}: header entry must have dtype, shape, data_offsets")
+            raise UpdateRejected(
+                "not_safetensors", f"tensor {name!r}: header entry must have dtype, shape, data_offsets"
+            )
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
             raise UpdateRejected("wrong_dtype", f"tensor {name!r} has dtype {dtype!r}; float32 (F32) expected")
-        if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
-                or not all(type(d) is int and d >= 0 for d in shape)):
+        if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(type(d) is int and d >= 0 for d in shape):
             raise UpdateRejected("not_safetensors", f"tensor {name!r}: bad shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
             raise UpdateRejected("not_safetensors", f"tensor {name!r}: bad data_offsets {offsets!r}")
         nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]  # Python ints: no overflow
         if offsets[1] - offsets[0] != nbytes:
-            raise UpdateRejected("not_safetensors",
-                                 f"tensor {name!r}: shape {shape} {dtype} needs {nbytes} bytes, "
-                                 f"offsets span {offsets[1] - offsets[0]}")
+            raise UpdateRejected(
+                "not_safetensors",
+                f"tensor {name!r}: shape {shape} {dtype} needs {nbytes} bytes, offsets span {offsets[1] - offsets[0]}",
+            )
         if offsets[1] > body_len:
-            raise UpdateRejected("truncated",
-                                 f"tensor {name!r} ends at byte {offsets[1]} of the data but only {body_len} are present")
+            raise UpdateRejected(
+                "truncated", f"tensor {name!r} ends at byte {offsets[1]} of the data but only {body_len} are present"
+            )
         entries.append((offsets[0], offsets[1], name))
     # Tensors must tile the data section exactly: no overlaps (aliasing), no holes, no trailing bytes.
     position = 0
@@ -257,8 +266,10 @@ def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> None:
         return
     if isinstance(value, float):
         if not math.isfinite(value) or abs(value) > MAX_EXTRA_NUMBER:
-            raise UpdateRejected("bad_metadata", f"metadata {where} = {value!r} (numbers must be finite, "
-                                                 f"|value| <= {MAX_EXTRA_NUMBER:g})")
+            raise UpdateRejected(
+                "bad_metadata",
+                f"metadata {where} = {value!r} (numbers must be finite, |value| <= {MAX_EXTRA_NUMBER:g})",
+            )
         return
     if isinstance(value, dict):
         for k, v in value.items():
@@ -323,8 +334,10 @@ def decode_update(data: bytes, meta: bytes | str | dict[str, Any], max_bytes: in
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise UpdateRejected("not_safetensors", f"payload must be bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
-        raise UpdateRejected("too_large", f"payload of {len(data)} bytes exceeds the {max_bytes} bytes an update of "
-                                          "this federation can take")
+        raise UpdateRejected(
+            "too_large",
+            f"payload of {len(data)} bytes exceeds the {max_bytes} bytes an update of this federation can take",
+        )
     data = bytes(data)
     fields = parse_metadata(meta)
     _parse_header(data)
@@ -420,8 +433,11 @@ def load_update(path: str | Path, max_bytes: int | None = None) -> ClientUpdate:
         raise UpdateRejected("bad_metadata", f"{meta_path.name} is {meta_size} bytes long (limit {MAX_METADATA_BYTES})")
     size = tensor_path.stat().st_size
     if max_bytes is not None and size > max_bytes:
-        raise UpdateRejected("too_large", f"{tensor_path.name} is {size} bytes, more than the {max_bytes} bytes an "
-                                          "update of this federation can take; not read")
+        raise UpdateRejected(
+            "too_large",
+            f"{tensor_path.name} is {size} bytes, more than the {max_bytes} bytes an "
+            "update of this federation can take; not read",
+        )
     meta = meta_path.read_bytes()
     parse_metadata(meta)
     with tensor_path.open("rb") as f:
@@ -493,32 +509,47 @@ def validate_update(
         seen_clients.add(update.client)
 
 
-def _check_update_metadata(update: ClientUpdate, spec: FederationSpec, who: str, *, method: str | None,
-                           round_: int | None, seen_clients: set[int] | None) -> None:
+def _check_update_metadata(
+    update: ClientUpdate,
+    spec: FederationSpec,
+    who: str,
+    *,
+    method: str | None,
+    round_: int | None,
+    seen_clients: set[int] | None,
+) -> None:
     """Round, method, client id, num_examples, ``extra`` and the declared rank against the federation."""
     client, rank = update.client, update.rank
     if round_ is not None and update.round != round_:
-        raise UpdateRejected("round_mismatch", f"{who}: update is for round {update.round}, the server is at round {round_}")
+        raise UpdateRejected(
+            "round_mismatch", f"{who}: update is for round {update.round}, the server is at round {round_}"
+        )
     if method is not None and update.method != method:
-        raise UpdateRejected("method_mismatch", f"{who}: update was made for method {update.method!r}, the run uses {method!r}")
+        raise UpdateRejected(
+            "method_mismatch", f"{who}: update was made for method {update.method!r}, the run uses {method!r}"
+        )
     if type(client) is not int or not 0 <= client < len(spec.client_ranks):
-        raise UpdateRejected("client_out_of_range",
-                             f"client id {client!r} is not in 0..{len(spec.client_ranks) - 1}")
+        raise UpdateRejected("client_out_of_range", f"client id {client!r} is not in 0..{len(spec.client_ranks) - 1}")
     if seen_clients is not None and client in seen_clients:
         raise UpdateRejected("duplicate_client", f"{who} already sent an update this round")
     if type(update.num_examples) is not int or not 0 < update.num_examples <= MAX_NUM_EXAMPLES:
-        raise UpdateRejected("bad_num_examples", f"{who}: num_examples = {_short(update.num_examples)} (must be an "
-                                                 f"integer in [1, {MAX_NUM_EXAMPLES}])")
+        raise UpdateRejected(
+            "bad_num_examples",
+            f"{who}: num_examples = {_short(update.num_examples)} (must be an integer in [1, {MAX_NUM_EXAMPLES}])",
+        )
     if not isinstance(update.meta, dict):
         raise UpdateRejected("bad_metadata", f"{who}: extra must be an object, got {type(update.meta).__name__}")
     _check_extra(update.meta)
     if type(rank) is not int or rank <= 0:
         raise UpdateRejected("bad_rank", f"{who}: declared rank {rank!r} (must be a positive integer)")
     if rank > spec.max_rank:
-        raise UpdateRejected("rank_above_max", f"{who}: declared rank {rank} exceeds the federation's R = {spec.max_rank}")
+        raise UpdateRejected(
+            "rank_above_max", f"{who}: declared rank {rank} exceeds the federation's R = {spec.max_rank}"
+        )
     if rank > spec.client_ranks[client]:
-        raise UpdateRejected("rank_above_client",
-                             f"{who}: declared rank {rank} exceeds its configured rank {spec.client_ranks[client]}")
+        raise UpdateRejected(
+            "rank_above_client", f"{who}: declared rank {rank} exceeds its configured rank {spec.client_ranks[client]}"
+        )
 
 
 def _check_tensor_names(update: ClientUpdate, spec: FederationSpec, who: str) -> None:
@@ -528,7 +559,9 @@ def _check_tensor_names(update: ClientUpdate, spec: FederationSpec, who: str) ->
         if kind not in FACTOR_KINDS or not module:
             raise UpdateRejected("extra_key", f"{who}: unexpected tensor {name!r} (only <module>.lora_A / .lora_B)")
         if module not in spec.modules:
-            raise UpdateRejected("unknown_module", f"{who}: tensor {name!r} names module {module!r}, which is not adapted")
+            raise UpdateRejected(
+                "unknown_module", f"{who}: tensor {name!r} names module {module!r}, which is not adapted"
+            )
     for module in spec.modules:
         for kind in FACTOR_KINDS:
             if f"{module}.{kind}" not in update.tensors:
@@ -548,15 +581,19 @@ def _check_dtypes_and_shapes(update: ClientUpdate, spec: FederationSpec, who: st
             x = update.tensors[f"{module}.{kind}"]
             ranks[kind] = factor_rank(kind, x, d_out, d_in)
             if ranks[kind] is None:
-                raise UpdateRejected("shape_model_mismatch", f"{who}: {module}.{kind} has shape {tuple(x.shape)}; "
-                                                             f"expected {expected} for this layer")
+                raise UpdateRejected(
+                    "shape_model_mismatch",
+                    f"{who}: {module}.{kind} has shape {tuple(x.shape)}; expected {expected} for this layer",
+                )
         rank_a, rank_b = ranks["lora_A"], ranks["lora_B"]
         if rank_a != rank_b:
-            raise UpdateRejected("ab_rank_mismatch",
-                                 f"{who}: {module}.lora_A has rank {rank_a} but {module}.lora_B has rank {rank_b}")
+            raise UpdateRejected(
+                "ab_rank_mismatch", f"{who}: {module}.lora_A has rank {rank_a} but {module}.lora_B has rank {rank_b}"
+            )
         if rank_a != update.rank:
-            raise UpdateRejected("shape_rank_mismatch",
-                                 f"{who}: {module} factors have rank {rank_a}, declared rank is {update.rank}")
+            raise UpdateRejected(
+                "shape_rank_mismatch", f"{who}: {module} factors have rank {rank_a}, declared rank is {update.rank}"
+            )
 
 
 def _check_values(update: ClientUpdate, who: str, *, max_norm: float | None, max_rms: float | None) -> None:
@@ -572,26 +609,45 @@ def _check_values(update: ClientUpdate, who: str, *, max_norm: float | None, max
                 kinds.append("+inf")
             if bool(torch.isneginf(t).any()):
                 kinds.append("-inf")
-            raise UpdateRejected("non_finite",
-                                 f"{who}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) ({', '.join(kinds)})")
+            raise UpdateRejected(
+                "non_finite", f"{who}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) ({', '.join(kinds)})"
+            )
     if max_norm is not None or max_rms is not None:
         norm = update_norm(update.tensors)
         if max_norm is not None and not norm <= max_norm:
-            raise UpdateRejected("norm_too_large", f"{who}: update norm {norm:.6g} exceeds the bound {max_norm:.6g} "
-                                                   "(validation.max_update_norm)")
+            raise UpdateRejected(
+                "norm_too_large",
+                f"{who}: update norm {norm:.6g} exceeds the bound {max_norm:.6g} (validation.max_update_norm)",
+            )
         entries = sum(t.numel() for t in update.tensors.values())
         if max_rms is not None and not norm <= max_rms * math.sqrt(entries):
-            raise UpdateRejected("norm_too_large",
-                                 f"{who}: update norm {norm:.6g} exceeds the bound {max_rms * math.sqrt(entries):.6g} "
-                                 f"(validation.max_update_rms={max_rms:g} x sqrt({entries} entries); root-mean-square "
-                                 f"entry {norm / math.sqrt(max(entries, 1)):.6g})")
+            raise UpdateRejected(
+                "norm_too_large",
+                f"{who}: update norm {norm:.6g} exceeds the bound {max_rms * math.sqrt(entries):.6g} "
+                f"(validation.max_update_rms={max_rms:g} x sqrt({entries} entries); root-mean-square "
+                f"entry {norm / math.sqrt(max(entries, 1)):.6g})",
+            )
 
 
-def server_check(update: ClientUpdate, spec: FederationSpec, method: Method, validation: Any, *,
-                 round_: int | None, seen_clients: set[int] | None = None) -> None:
+def server_check(
+    update: ClientUpdate,
+    spec: FederationSpec,
+    method: Method,
+    validation: Any,
+    *,
+    round_: int | None,
+    seen_clients: set[int] | None = None,
+) -> None:
     """The server's whole check of one decoded update, with the bounds of ``validation`` (the run's
     :class:`prelort.config.ValidationConfig`). The round loop (:meth:`prelort.federation.Federation.accept`),
     ``prelort verify-update`` and a Flower client checking its own update all call this one function, so
     "verify-update accepts it" means "the round accepts it"."""
-    validate_update(update, spec, method=method, round_=round_, seen_clients=seen_clients,
-                    max_norm=validation.max_update_norm, max_rms=validation.max_update_rms)
+    validate_update(
+        update,
+        spec,
+        method=method,
+        round_=round_,
+        seen_clients=seen_clients,
+        max_norm=validation.max_update_norm,
+        max_rms=validation.max_update_rms,
+    )

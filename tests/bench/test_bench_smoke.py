@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 from bench_scripts import load_bench
 
 METHODS = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
@@ -38,7 +37,9 @@ def test_model_shapes_match_the_real_models(common):
 def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
     agg = load_bench("aggregation")
     out = tmp_path / "agg.json"
-    agg.main(["--quick", "--isolation", "inline", "--clients", "8,16,32", "--max-clients-slow", "16", "--json", str(out)])
+    agg.main(
+        ["--quick", "--isolation", "inline", "--clients", "8,16,32", "--max-clients-slow", "16", "--json", str(out)]
+    )
     data = json.loads(out.read_text())
     assert data["benchmark"] == "aggregation"
     assert data["settings"]["isolation"] == "inline" and "INLINE RUN" in data["notes"]["memory"]
@@ -87,9 +88,21 @@ def test_aggregation_quick_inline_writes_consistent_json(tmp_path, common):
 def test_aggregation_measures_without_printing_and_reports_in_the_registry_order(capsys, common):
     agg = load_bench("aggregation")
     assert common.method_order() == list(METHODS)  # the registry's listing order, the README's
-    settings = agg.Settings(models=("tiny",), clients=(8,), methods=("flexlora", "prelort"), slow_methods=frozenset(),
-                            max_clients_slow=0, bcast_layers=1, seed=0, repeats=1, threads=1, isolation="inline",
-                            case_timeout=60.0, quick=True, argv=())
+    settings = agg.Settings(
+        models=("tiny",),
+        clients=(8,),
+        methods=("flexlora", "prelort"),
+        slow_methods=frozenset(),
+        max_clients_slow=0,
+        bcast_layers=1,
+        seed=0,
+        repeats=1,
+        threads=1,
+        isolation="inline",
+        case_timeout=60.0,
+        quick=True,
+        argv=(),
+    )
     seen = []
     results = agg.run_benchmark(settings, on_case=lambda model, result: seen.append((model, result["method"])))
     assert capsys.readouterr().out == ""  # measuring prints nothing; main prints

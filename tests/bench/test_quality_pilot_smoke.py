@@ -11,12 +11,39 @@ from bench_scripts import load_bench
 def test_pilot_records_runs_skips_and_resumes(tmp_path):
     pilot = load_bench("quality_pilot")
     out = tmp_path / "pilot.json"
-    args = ["--model", "tiny-llama", "--entities", "4", "--attributes", "2", "--phrasings", "1", "--targets", "attn",
-            "--lrs", "1e-3", "--ranks", "16,2", "--rounds", "1", "--steps", "1", "--batch", "2",
-            "--max-length", "48", "--runs-dir", str(tmp_path / "runs"), "--json", str(out), "--note", "smoke"]
+    args = [
+        "--model",
+        "tiny-llama",
+        "--entities",
+        "4",
+        "--attributes",
+        "2",
+        "--phrasings",
+        "1",
+        "--targets",
+        "attn",
+        "--lrs",
+        "1e-3",
+        "--ranks",
+        "16,2",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--max-length",
+        "48",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        str(out),
+        "--note",
+        "smoke",
+    ]
     assert pilot.main(args) == 0
     data = json.loads(out.read_text())
-    (key, entry), = data["configurations"].items()
+    ((key, entry),) = data["configurations"].items()
     assert entry["facts"] == 8 and entry["training_records"] == 8 and entry["exposures_per_fact"] == 0.25
     assert entry["budget"]["optimizer_steps"] == 1 and entry["runs"]["r16-lr0.001"]["n"] == 8
     # a random tiny model cannot reach 0.10 at rank 16, so the rank-2 run is skipped with its reason

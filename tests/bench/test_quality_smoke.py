@@ -12,15 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from bench_scripts import load_bench
 
-
 TINY_ARGS = [
-    "--quick", "--models", "tiny-llama", "--methods", "prelort,flora", "--seeds", "0", "--rounds", "1",
-    "--lrs", "1e-3,3e-2",
-    "--set", "data.num_train=32", "--set", "data.num_test=8", "--set", "data.max_length=48",
-    "--set", "eval.max_examples=4", "--set", "eval.max_new_tokens=2",
+    "--quick",
+    "--models",
+    "tiny-llama",
+    "--methods",
+    "prelort,flora",
+    "--seeds",
+    "0",
+    "--rounds",
+    "1",
+    "--lrs",
+    "1e-3,3e-2",
+    "--set",
+    "data.num_train=32",
+    "--set",
+    "data.num_test=8",
+    "--set",
+    "data.max_length=48",
+    "--set",
+    "eval.max_examples=4",
+    "--set",
+    "eval.max_new_tokens=2",
 ]
 
 
@@ -55,7 +70,8 @@ def test_quality_json_fields_and_values(tiny_quality):
         assert sel["at_grid_edge"] is True  # a two-value grid: either choice is an edge
         for g in sel["grid"]:  # the score is the mean log perplexity over the tiers
             assert g["score_mean_log_ppl"] == pytest.approx(
-                sum(math.log(p) for p in g["perplexity_per_tier"].values()) / 4)
+                sum(math.log(p) for p in g["perplexity_per_tier"].values()) / 4
+            )
         m = model["methods"][method]
         assert m["lr"] == sel["chosen_lr"]
         assert list(m["tiers"]) == ["2", "4", "8", "16"]
@@ -162,29 +178,58 @@ def _write_results(results: Path, prelort_acc: float = 0.5) -> None:
         "command": "python bench/quality.py --seeds 0,1",
         "settings": {"seeds": [0, 1], "lr_grid": [0.001, 0.003]},
         "protocol": {"lr_selection": "lowest held-out perplexity"},
-        "environment": {"cpu": "Test CPU", "cpu_count": 2, "torch": "2.13.0+cpu", "platform": "Linux-test",
-                        "torch_threads": 2},
-        "models": {"smollm2-135m-instruct": {
-            "rounds": 4, "rounds_note": "",
-            "config": {"clients": {"num": 8, "per_round": 4, "ranks": [2, 4]}, "train": {"local_steps": 4, "batch_size": 8},
-                       "data": {"partition": {"kind": "dirichlet", "alpha": 0.5}}, "eval": {"max_examples": 64}},
-            "base": {"accuracy": _stat(0.0, None), "rougeL": _stat(0.05, None), "perplexity": _stat(14.3, None)},
-            "methods": {
-                "fedit": {"lr": 0.003, "tiers": {"2": point(0.25), "4": point(0.25)}, "curve": {"1": point(0.2)}},
-                "prelort": {"lr": 0.001, "tiers": {"2": point(prelort_acc), "4": point(0.625)},
-                            "curve": {"1": point(0.125), "2": point(prelort_acc), "4": point(0.625)}},
-            },
-            "lr_selection": {"fedit": {"chosen_lr": 0.003, "at_grid_edge": True},
-                             "prelort": {"chosen_lr": 0.001, "at_grid_edge": False}},
-            "plots": [], "wall_seconds": 600,
-        }},
+        "environment": {
+            "cpu": "Test CPU",
+            "cpu_count": 2,
+            "torch": "2.13.0+cpu",
+            "platform": "Linux-test",
+            "torch_threads": 2,
+        },
+        "models": {
+            "smollm2-135m-instruct": {
+                "rounds": 4,
+                "rounds_note": "",
+                "config": {
+                    "clients": {"num": 8, "per_round": 4, "ranks": [2, 4]},
+                    "train": {"local_steps": 4, "batch_size": 8},
+                    "data": {"partition": {"kind": "dirichlet", "alpha": 0.5}},
+                    "eval": {"max_examples": 64},
+                },
+                "base": {"accuracy": _stat(0.0, None), "rougeL": _stat(0.05, None), "perplexity": _stat(14.3, None)},
+                "methods": {
+                    "fedit": {"lr": 0.003, "tiers": {"2": point(0.25), "4": point(0.25)}, "curve": {"1": point(0.2)}},
+                    "prelort": {
+                        "lr": 0.001,
+                        "tiers": {"2": point(prelort_acc), "4": point(0.625)},
+                        "curve": {"1": point(0.125), "2": point(prelort_acc), "4": point(0.625)},
+                    },
+                },
+                "lr_selection": {
+                    "fedit": {"chosen_lr": 0.003, "at_grid_edge": True},
+                    "prelort": {"chosen_lr": 0.001, "at_grid_edge": False},
+                },
+                "plots": [],
+                "wall_seconds": 600,
+            }
+        },
     }
     (results / "quality.json").write_text(json.dumps(quality))
-    train_step = {"model": "smollm2-135m-instruct", "device": "cpu", "cpu": "x86_64", "torch_threads": 2,
-                  "batch_size": 8, "seq_len": 128, "client_rank": 16, "truncations": [2, 4, 8, 16], "rounds": 3,
-                  "passes_per_step": {"off": 1, "sample": 1}, "seconds_per_step": {"off": 4.0, "sample": 4.2},
-                  "ratio_to_off": {"off": 1.0, "sample": 1.05}, "cpu_seconds_per_step": {"off": 7.5, "sample": 7.7},
-                  "cpu_ratio_to_off": {"off": 1.0, "sample": 1.0267}}
+    train_step = {
+        "model": "smollm2-135m-instruct",
+        "device": "cpu",
+        "cpu": "x86_64",
+        "torch_threads": 2,
+        "batch_size": 8,
+        "seq_len": 128,
+        "client_rank": 16,
+        "truncations": [2, 4, 8, 16],
+        "rounds": 3,
+        "passes_per_step": {"off": 1, "sample": 1},
+        "seconds_per_step": {"off": 4.0, "sample": 4.2},
+        "ratio_to_off": {"off": 1.0, "sample": 1.05},
+        "cpu_seconds_per_step": {"off": 7.5, "sample": 7.7},
+        "cpu_ratio_to_off": {"off": 1.0, "sample": 1.0267},
+    }
     (results / "train_step.json").write_text(json.dumps(train_step))
 
 
@@ -209,10 +254,12 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
     assert "Command: `python -m bench.quality --seeds 0,1`" in text
     assert "Machine: Test CPU (2 cores), 2 torch thread(s), torch 2.13.0+cpu, Linux-test" in text
     assert "| sample | 1 | 4.20 s | 1.05 | 7.70 s | 1.03 |" in text
-    assert "Not run yet: `python -m bench.quality_pilot --json results/quality_pilot.json`, " \
-           "`python -m bench.quality_study --json results/quality_study.json`, " \
-           "`python -m bench.aggregation --json results/aggregation.json`, " \
-           "`python -m bench.communication --json results/communication.json`." in text
+    assert (
+        "Not run yet: `python -m bench.quality_pilot --json results/quality_pilot.json`, "
+        "`python -m bench.quality_study --json results/quality_study.json`, "
+        "`python -m bench.aggregation --json results/aggregation.json`, "
+        "`python -m bench.communication --json results/communication.json`." in text
+    )
     assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     # new numbers: the section is stale; regenerating replaces it in place (text around it kept)
     readme.write_text(text + "\nFooter.\n")
@@ -247,8 +294,10 @@ def test_quality_merge_with_transferred_lrs(tiny_quality, tmp_path):
     target = tmp_path / "quality.json"
     target.write_text(json.dumps(data))
     runs = tmp_path / "runs"
-    merged = quality.main([a for a in TINY_ARGS] + ["--seeds", "1", "--merge", "--lr-from", "donor",
-                                                    "--runs-dir", str(runs), "--json", str(target)])
+    merged = quality.main(
+        [a for a in TINY_ARGS]
+        + ["--seeds", "1", "--merge", "--lr-from", "donor", "--runs-dir", str(runs), "--json", str(target)]
+    )
     written = json.loads(target.read_text())
     assert set(written["models"]) == {"donor", "tiny-llama"} and written == json.loads(json.dumps(merged))
     assert written["command"] == data["command"]  # the file's own provenance is kept
@@ -259,6 +308,7 @@ def test_quality_merge_with_transferred_lrs(tiny_quality, tmp_path):
     assert model["methods"]["flora"]["lr"] == data["models"]["donor"]["methods"]["flora"]["lr"]
     assert not (runs / "tiny-llama" / "lr-select").exists()
     from prelort.report import read_run
+
     assert read_run(runs / "tiny-llama" / "prelort" / "seed-1").config["train"]["lr"] == 0.02
     tables = load_bench("make_tables")
     text = tables.quality_section(written, tmp_path, tmp_path)
@@ -275,15 +325,26 @@ def test_make_tables_reports_the_pilot_gate_row_by_row(tmp_path):
     entry = lambda e, steps, r16, r2, passes: {  # noqa: E731
         "task": {"entities": e, "attributes": 3, "phrasings": 3, "targets": "all", "max_length": 64},
         "budget": {"rounds": 10, "local_steps": steps // 10, "batch_size": 8, "optimizer_steps": steps},
-        "seed": 2000, "runs": {},
-        "best_by_rank": {"16": {"accuracy": r16, "lr": 0.001, "n": e * 3},
-                         **({"2": {"accuracy": r2, "lr": 0.003, "n": e * 3}} if r2 is not None else {})},
-        **({"gap_16_minus_2": r16 - r2, "passes": passes} if r2 is not None else
-           {"gap_16_minus_2": None, "passes": False, "skipped": {"r2-lr0.001": "..."}})}
-    pilot = {"gate": {"rule": "best-lr accuracy(rank 16) - best-lr accuracy(rank 2) >= 0.1 on >= 300 queries",
-                      "holds": False},
-             "configurations": {"a": entry(100, 240, 0.57, 0.567, False), "b": entry(200, 240, 0.05, None, False)},
-             "note": "No size tried holds."}
+        "seed": 2000,
+        "runs": {},
+        "best_by_rank": {
+            "16": {"accuracy": r16, "lr": 0.001, "n": e * 3},
+            **({"2": {"accuracy": r2, "lr": 0.003, "n": e * 3}} if r2 is not None else {}),
+        },
+        **(
+            {"gap_16_minus_2": r16 - r2, "passes": passes}
+            if r2 is not None
+            else {"gap_16_minus_2": None, "passes": False, "skipped": {"r2-lr0.001": "..."}}
+        ),
+    }
+    pilot = {
+        "gate": {
+            "rule": "best-lr accuracy(rank 16) - best-lr accuracy(rank 2) >= 0.1 on >= 300 queries",
+            "holds": False,
+        },
+        "configurations": {"a": entry(100, 240, 0.57, 0.567, False), "b": entry(200, 240, 0.05, None, False)},
+        "note": "No size tried holds.",
+    }
     (results / "quality_pilot.json").write_text(json.dumps(pilot))
     text = tables.render(results, tmp_path)
     assert "**does not hold** (in any configuration tried so far)" in text

@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,36 +52,92 @@ class FakeFederation:
         top = max(ranks)
         with (run_dir / "metrics.jsonl").open("w") as f:
             for r in range(1, cfg.rounds + 1):
-                f.write(json.dumps({"round": r, "kind": "train", "rank": None, "passes": steps * PASSES.get(
-                    cfg.prelort.nested if cfg.method == "prelort" else "", 1), "optimizer_steps": steps,
-                    "dim_steps": [steps if i < 2 else 1 for i in range(top)], "dim_clients": [1] * top}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "round": r,
+                            "kind": "train",
+                            "rank": None,
+                            "passes": steps * PASSES.get(cfg.prelort.nested if cfg.method == "prelort" else "", 1),
+                            "optimizer_steps": steps,
+                            "dim_steps": [steps if i < 2 else 1 for i in range(top)],
+                            "dim_clients": [1] * top,
+                        }
+                    )
+                    + "\n"
+                )
         (run_dir / "eval").mkdir()
         if cfg.eval.base:  # the untrained model, round 0: right on every 10th example
-            (run_dir / "eval" / "round-0.jsonl").write_text("".join(
-                json.dumps({"round": 0, "rank": "base", "kind": "base", "id": f"q{i:03d}", "category": f"g{i % 4}",
-                            "correct": int(i % 10 == 0), "loglik": -5.0, "n_tokens": 2, "prediction": None}) + "\n"
-                for i in range(N_EXAMPLES)))
+            (run_dir / "eval" / "round-0.jsonl").write_text(
+                "".join(
+                    json.dumps(
+                        {
+                            "round": 0,
+                            "rank": "base",
+                            "kind": "base",
+                            "id": f"q{i:03d}",
+                            "category": f"g{i % 4}",
+                            "correct": int(i % 10 == 0),
+                            "loglik": -5.0,
+                            "n_tokens": 2,
+                            "prediction": None,
+                        }
+                    )
+                    + "\n"
+                    for i in range(N_EXAMPLES)
+                )
+            )
         for r in range(1, cfg.rounds + 1):
             if r % cfg.eval.every and r != cfg.rounds:
                 continue
             lines = []
-            kinds = [("tier", t) for t in ranks] + ([("curve", t) for t in (1, 2, 4, 8, 16) if t <= top]
-                                                    if r == cfg.rounds else [])
+            kinds = [("tier", t) for t in ranks] + (
+                [("curve", t) for t in (1, 2, 4, 8, 16) if t <= top] if r == cfg.rounds else []
+            )
             for kind, t in kinds:
                 for i in range(N_EXAMPLES):
                     rng = random.Random(f"{cfg.seed}-{arm}-{kind}-{t}-{i}-{r}")
                     ok = int(rng.random() < accuracy_of(arm, t))
-                    lines.append(json.dumps({"round": r, "rank": t, "kind": kind, "id": f"q{i:03d}",
-                                             "category": f"g{i % 4}", "correct": ok, "loglik": -rng.random() * 3,
-                                             "n_tokens": 2, "prediction": "x"}))
+                    lines.append(
+                        json.dumps(
+                            {
+                                "round": r,
+                                "rank": t,
+                                "kind": kind,
+                                "id": f"q{i:03d}",
+                                "category": f"g{i % 4}",
+                                "correct": ok,
+                                "loglik": -rng.random() * 3,
+                                "n_tokens": 2,
+                                "prediction": "x",
+                            }
+                        )
+                    )
             (run_dir / "eval" / f"round-{r}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def study_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "examples" / "tiny.yaml"), "--runs-dir", str(tmp_path / "runs"),
-            "--json", str(tmp_path / "study.json"), "--bootstrap", "400",
-            "--set", "clients.num=8", "--set", "clients.per_round=4", "--set", "clients.ranks=[2,4,8,16]",
-            "--set", "rounds=4", "--set", "train.local_steps=3", *extra]
+    return [
+        "--config",
+        str(ROOT / "examples" / "tiny.yaml"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        str(tmp_path / "study.json"),
+        "--bootstrap",
+        "400",
+        "--set",
+        "clients.num=8",
+        "--set",
+        "clients.per_round=4",
+        "--set",
+        "clients.ranks=[2,4,8,16]",
+        "--set",
+        "rounds=4",
+        "--set",
+        "train.local_steps=3",
+        *extra,
+    ]
 
 
 ARMS = "prelort-sample,prelort-all,prelort-off,zeropad,flora"
@@ -92,10 +147,13 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     fake = FakeFederation()
     payload = qs.main(study_args(tmp_path, "--arms", ARMS, "--seeds", "0,1,2", "--lrs", "1e-3,3e-3"), execute=fake)
     total = 5 * (2 + 3)
-    assert len(fake.calls) == total and payload["progress"] == {"done": total, "total": total,
-                                                                "text": f"{total} of {total} runs done",
-                                                                "pre_registered_done": total,
-                                                                "pre_registered_total": total}
+    assert len(fake.calls) == total and payload["progress"] == {
+        "done": total,
+        "total": total,
+        "text": f"{total} of {total} runs done",
+        "pre_registered_done": total,
+        "pre_registered_total": total,
+    }
     data = json.loads((tmp_path / "study.json").read_text())
     assert data["settings"]["verdict_arm"] == "prelort-sample" and data["settings"]["selection_seed"] == 1000
     # every run directory's config: stratified sampling, its arm, its seed, its lr; per-round evaluation for `all`
@@ -108,12 +166,20 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     sel_all = yaml.safe_load((tmp_path / "runs" / "select" / "prelort-all" / "lr-0.001" / "config.yaml").read_text())
     assert sel_all["eval"]["every"] == 4
     # the base model (the same for every arm of a seed) is evaluated in the verdict arm's runs only
-    assert yaml.safe_load((tmp_path / "runs" / "report" / "prelort-sample" / "seed-2" / "config.yaml").read_text()
-                          )["eval"]["base"] is True
+    assert (
+        yaml.safe_load((tmp_path / "runs" / "report" / "prelort-sample" / "seed-2" / "config.yaml").read_text())[
+            "eval"
+        ]["base"]
+        is True
+    )
     off = yaml.safe_load((tmp_path / "runs" / "select" / "prelort-off" / "lr-0.001" / "config.yaml").read_text())
     assert off["method"] == "prelort" and off["prelort"]["nested"] == "off" and off["seed"] == 1000
-    assert yaml.safe_load((tmp_path / "runs" / "report" / "zeropad" / "seed-0" / "config.yaml").read_text()
-                          )["eval"]["every"] == 4
+    assert (
+        yaml.safe_load((tmp_path / "runs" / "report" / "zeropad" / "seed-0" / "config.yaml").read_text())["eval"][
+            "every"
+        ]
+        == 4
+    )
     # per-example records, compactly, in a fixed order
     run = data["runs"]["report/zeropad/seed-1"]
     assert run["examples"]["ids"] == [f"q{i:03d}" for i in range(N_EXAMPLES)]
@@ -146,7 +212,9 @@ def test_whole_study_with_a_fake_federation(tmp_path, capsys):
     results.mkdir()
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
     cell = f"0.100 {tables._ci_text(a['base_model']['ci95'], False)}"
-    assert f"| untrained model (reference) | {cell} | {cell} | {cell} | {cell} | 3 | 0 | 0 | - |" in tables.render(results, tmp_path)
+    assert f"| untrained model (reference) | {cell} | {cell} | {cell} | {cell} | 3 | 0 | 0 | - |" in tables.render(
+        results, tmp_path
+    )
     assert "[25 of 25 runs done] report/flora/seed-2" in capsys.readouterr().out
 
 
@@ -183,10 +251,15 @@ def test_a_fresh_clone_resumes_from_the_results_json_without_the_run_directories
     payload = qs.main(args, execute=again)
     # the 4 recorded runs are taken from the JSON, the 2 missing ones run
     assert [c.relative_to(tmp_path / "runs").as_posix() for c in again.calls] == [
-        "report/prelort-sample/seed-1", "report/zeropad/seed-1"]
+        "report/prelort-sample/seed-1",
+        "report/zeropad/seed-1",
+    ]
     assert payload["progress"]["text"] == "6 of 6 runs done"
     for key, rec in first["runs"].items():
-        assert payload["runs"][key]["tiers"] == rec["tiers"] and payload["runs"][key]["wall_seconds"] == rec["wall_seconds"]
+        assert (
+            payload["runs"][key]["tiers"] == rec["tiers"]
+            and payload["runs"][key]["wall_seconds"] == rec["wall_seconds"]
+        )
     assert payload["cpu_seconds"] == round(sum(r["wall_seconds"] for r in payload["runs"].values()), 1)
     # another config (here: another round count) rebuilds other configs: nothing recorded is reused
     shutil.rmtree(tmp_path / "runs")
@@ -246,12 +319,36 @@ def _has_per_example_eval() -> bool:
 @pytest.mark.skipif(not _has_per_example_eval(), reason="needs per-example evaluation records (issue 12 part A)")
 def test_tiny_pipeline_end_to_end(tmp_path):
     """The real pipeline at tiny scale: tiny-llama, 2 arms, 2 seeds, 1 lr, 2 rounds, a few examples."""
-    args = ["--config", str(ROOT / "examples" / "tiny.yaml"), "--runs-dir", str(tmp_path / "runs"),
-            "--json", str(tmp_path / "study.json"), "--arms", "prelort-sample,zeropad", "--seeds", "0,1",
-            "--lrs", "1e-3", "--bootstrap", "200",
-            "--set", "rounds=2", "--set", "train.local_steps=1", "--set", "data.num_train=32",
-            "--set", "data.num_test=8", "--set", "eval.max_examples=8", "--set", "eval.base=false",
-            "--set", "clients.per_round=2"]
+    args = [
+        "--config",
+        str(ROOT / "examples" / "tiny.yaml"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--json",
+        str(tmp_path / "study.json"),
+        "--arms",
+        "prelort-sample,zeropad",
+        "--seeds",
+        "0,1",
+        "--lrs",
+        "1e-3",
+        "--bootstrap",
+        "200",
+        "--set",
+        "rounds=2",
+        "--set",
+        "train.local_steps=1",
+        "--set",
+        "data.num_train=32",
+        "--set",
+        "data.num_test=8",
+        "--set",
+        "eval.max_examples=8",
+        "--set",
+        "eval.base=false",
+        "--set",
+        "clients.per_round=2",
+    ]
     payload = qs.main(args)
     assert payload["progress"]["text"] == "6 of 6 runs done"
     a = payload["analysis"]
@@ -267,7 +364,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 
 def test_the_extra_arm_runs_only_when_asked_and_stays_out_of_the_verdict(tmp_path):
     assert "prelort-sample_width" not in qs.parse_args(study_args(tmp_path)).arms
-    args = study_args(tmp_path, "--arms", "prelort-sample,prelort-sample_width,zeropad", "--seeds", "0", "--lrs", "1e-3")
+    args = study_args(
+        tmp_path, "--arms", "prelort-sample,prelort-sample_width,zeropad", "--seeds", "0", "--lrs", "1e-3"
+    )
     payload = qs.main(args, execute=FakeFederation())
     import yaml
 
@@ -309,8 +408,10 @@ def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
     results.mkdir()
     (results / "quality_study.json").write_text((tmp_path / "study.json").read_text())
     text = tables.render(results, tmp_path)
-    assert ("**No verdict yet**: no reported seed has finished PreLort and every baseline yet. "
-            "**PARTIAL: 3 of 6 runs done.**") in text
+    assert (
+        "**No verdict yet**: no reported seed has finished PreLort and every baseline yet. "
+        "**PARTIAL: 3 of 6 runs done.**"
+    ) in text
     # the selection runs done so far, each with its tiers and mean; the finished grid's choice is marked
     grid = {g["lr"]: g["mean_accuracy"] for g in payload["arms"]["prelort-sample"]["grid"]}
     chosen = payload["arms"]["prelort-sample"]["lr"]
@@ -323,12 +424,15 @@ def test_before_any_reported_seed_the_readme_says_no_verdict_yet(tmp_path):
         assert [float(c) for c in cells[2:6]] == [pytest.approx(accuracy[t], abs=5e-4) for t in ("2", "4", "8", "16")]
         assert cells[-1].strip().startswith("chosen (grid edge)") == (float(cells[1]) == chosen)
     assert [line for line in text.splitlines() if line.startswith("| zeropad | 0.001 |")][0].endswith(
-        "| grid unfinished |")
+        "| grid unfinished |"
+    )
 
 
 def test_an_unfinished_extra_arm_leaves_the_verdict_complete(tmp_path):
     # the extra arm last: the three selection runs come first, then each arm's reported seed in --arms order
-    args = study_args(tmp_path, "--arms", "prelort-sample,zeropad,prelort-sample_width", "--seeds", "0", "--lrs", "1e-3")
+    args = study_args(
+        tmp_path, "--arms", "prelort-sample,zeropad,prelort-sample_width", "--seeds", "0", "--lrs", "1e-3"
+    )
     payload = qs.main(args + ["--max-runs", "4"], execute=FakeFederation())
     assert payload["progress"]["text"] == "4 of 6 runs done (pre-registered arms: 3 of 4)"
     assert payload["analysis"]["complete"] is False
@@ -352,12 +456,17 @@ def test_adding_an_arm_to_a_finished_study_keeps_every_run_in_each_save(tmp_path
         saved_before.append(sorted(json.loads((tmp_path / "study.json").read_text())["runs"]))
         fake(cfg, run_dir)
 
-    extra = study_args(tmp_path, "--arms", "prelort-sample,zeropad,prelort-sample_width", "--seeds", "0",
-                       "--lrs", "1e-3")
+    extra = study_args(
+        tmp_path, "--arms", "prelort-sample,zeropad,prelort-sample_width", "--seeds", "0", "--lrs", "1e-3"
+    )
     payload = qs.main(extra, execute=execute)
     assert len(fake.calls) == 2  # the extra arm's selection and reported runs; the 4 finished runs are reused
-    finished = ["report/prelort-sample/seed-0", "report/zeropad/seed-0", "select/prelort-sample/lr-0.001",
-                "select/zeropad/lr-0.001"]
+    finished = [
+        "report/prelort-sample/seed-0",
+        "report/zeropad/seed-0",
+        "select/prelort-sample/lr-0.001",
+        "select/zeropad/lr-0.001",
+    ]
     assert saved_before == [finished, sorted([*finished, "select/prelort-sample_width/lr-0.001"])]
     assert payload["progress"]["text"] == "6 of 6 runs done (pre-registered arms: 4 of 4)"
     assert payload["analysis"]["verdict"]["partial"] is False

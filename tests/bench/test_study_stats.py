@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
 from bench_scripts import load_bench
-
 
 st = load_bench("study_stats")
 
@@ -79,13 +76,16 @@ def test_minimum_detectable_difference():
     assert st.mdd(0.01, alpha=0.05 / 20) == pytest.approx((3.023341 + 0.841621) * 0.01, abs=1e-6)
 
 
-@pytest.mark.parametrize("cis, verdict", [
-    ({2: (-0.01, 0.05), 4: (-0.015, 0.04), 8: (0.01, 0.09), 16: (0.02, 0.1)}, "confirmed"),
-    ({2: (-0.03, 0.05), 4: (0.0, 0.04), 8: (0.01, 0.09), 16: (0.02, 0.1)}, "inconclusive"),  # tier 2 lo <= -0.02
-    ({2: (0.05, 0.2), 4: (0.05, 0.2), 8: (0.05, 0.2), 16: (-0.2, -0.01)}, "refuted"),  # below 0 at tier 16
-    ({2: (-0.02, 0.02), 4: (-0.03, 0.03), 8: (-0.01, 0.01), 16: (0.0, 0.03)}, "refuted"),  # within +-0.03
-    ({2: (-0.02, 0.02), 4: (-0.03, 0.03), 8: (-0.01, 0.01), 16: (0.0, 0.031)}, "inconclusive"),
-    ({2: (-0.01, 0.05), 4: (-0.01, 0.05), 8: (0.0, 0.09), 16: (0.02, 0.1)}, "inconclusive"),  # tier 8 lo = 0
-])
+@pytest.mark.parametrize(
+    "cis, verdict",
+    [
+        ({2: (-0.01, 0.05), 4: (-0.015, 0.04), 8: (0.01, 0.09), 16: (0.02, 0.1)}, "confirmed"),
+        ({2: (-0.03, 0.05), 4: (0.0, 0.04), 8: (0.01, 0.09), 16: (0.02, 0.1)}, "inconclusive"),  # tier 2 lo <= -0.02
+        ({2: (0.05, 0.2), 4: (0.05, 0.2), 8: (0.05, 0.2), 16: (-0.2, -0.01)}, "refuted"),  # below 0 at tier 16
+        ({2: (-0.02, 0.02), 4: (-0.03, 0.03), 8: (-0.01, 0.01), 16: (0.0, 0.03)}, "refuted"),  # within +-0.03
+        ({2: (-0.02, 0.02), 4: (-0.03, 0.03), 8: (-0.01, 0.01), 16: (0.0, 0.031)}, "inconclusive"),
+        ({2: (-0.01, 0.05), 4: (-0.01, 0.05), 8: (0.0, 0.09), 16: (0.02, 0.1)}, "inconclusive"),  # tier 8 lo = 0
+    ],
+)
 def test_decision_rule(cis, verdict):
     assert st.decide(cis)["verdict"] == verdict

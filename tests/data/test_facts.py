@@ -20,7 +20,7 @@ def _name_of(question: str, attribute: str, phrasing: int) -> str:
     """The entity name in ``question``, asked in the given phrasing of ``attribute`` (None if not that one)."""
     before, _, after = ATTRIBUTES[attribute][1][phrasing].partition("{name}")
     if question.startswith(before) and question.endswith(after):
-        return question[len(before): len(question) - len(after)]
+        return question[len(before) : len(question) - len(after)]
     return None
 
 

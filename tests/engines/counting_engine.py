@@ -19,7 +19,7 @@ from prelort.protocol import ClientTask, EngineResult
 class CountingEngine:
     """Runs a round's tasks in this process and records which clients each round's tasks went to."""
 
-    built: list["CountingEngine"] = []  # every engine runner.run built, for the test to read
+    built: list[CountingEngine] = []  # every engine runner.run built, for the test to read
 
     def __init__(self, session, *, progress: bool = True):
         self.inner = InProcessEngine(session, progress=progress)
@@ -32,5 +32,8 @@ class CountingEngine:
         return self.inner.execute(tasks)
 
 
-SPEC = engines.register(engines.EngineSpec(
-    "counting", "The in-process engine, counting the tasks it carries (a test-suite engine).", build=CountingEngine))
+SPEC = engines.register(
+    engines.EngineSpec(
+        "counting", "The in-process engine, counting the tasks it carries (a test-suite engine).", build=CountingEngine
+    )
+)

@@ -18,8 +18,18 @@ from prelort.runner import run
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE.parents[1] / "examples" / "tiny.yaml"
-FAST = ["train.local_steps=1", "train.batch_size=2", "data.max_length=32", "data.num_test=4", "data.num_train=64",
-        "eval.max_examples=2", "eval.max_new_tokens=1", "eval.truncation_curve=false", "eval.base=false", "rounds=2"]
+FAST = [
+    "train.local_steps=1",
+    "train.batch_size=2",
+    "data.max_length=32",
+    "data.num_test=4",
+    "data.num_train=64",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=1",
+    "eval.truncation_curve=false",
+    "eval.base=false",
+    "rounds=2",
+]
 BUILT_IN = "engine: Input should be 'inprocess', 'flower-sim' or 'flower'"
 
 
@@ -48,8 +58,11 @@ def test_the_config_accepts_it_only_while_it_is_registered(counting):
 
 def test_secure_aggregation_asks_its_entry(counting):
     assert counting.SPEC.in_process and not counting.SPEC.secure_aggregation
-    with pytest.raises(ConfigError, match="privacy.secure_aggregation: needs engine flower-sim or flower "
-                                          r"\(Flower's SecAgg\+ protocol\); engine counting has no separate parties"):
+    with pytest.raises(
+        ConfigError,
+        match="privacy.secure_aggregation: needs engine flower-sim or flower "
+        r"\(Flower's SecAgg\+ protocol\); engine counting has no separate parties",
+    ):
         check_privacy(load(TINY, ["engine=counting", "privacy.secure_aggregation=true"]))
 
 
@@ -65,8 +78,10 @@ def test_an_entry_says_how_a_run_starts_exactly_once():
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_a_federation_runs_on_it_end_to_end_with_the_numbers_of_inprocess(counting, tmp_path):

@@ -15,8 +15,15 @@ from prelort import runner
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny.yaml"
 # tiny.yaml: 4 clients of ranks 1, 2, 4, 8, all sampled; SMALL: 64 training examples, 16 per client.
-SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
-         "eval.max_new_tokens=2", "eval.truncation_curve=false"]
+SMALL = [
+    "rounds=2",
+    "train.local_steps=1",
+    "data.num_train=64",
+    "data.num_test=8",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=2",
+    "eval.truncation_curve=false",
+]
 # round_timeout bounds every SecAgg+ stage: a stuck protocol fails the round instead of hanging the test
 SECAGG = ["engine=flower-sim", "privacy.secure_aggregation=true", "flower.round_timeout=120"]
 RANKS = (1, 2, 4, 8)

@@ -57,8 +57,16 @@ def _client_app(payloads: list[_Payload]):
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
 
 
-def _server_app(layout: SecAggLayout, num_clients: int, result: dict[str, Any], *, max_weight: float,
-                clipping_range: float, quantization_range: int, timeout: float | None):
+def _server_app(
+    layout: SecAggLayout,
+    num_clients: int,
+    result: dict[str, Any],
+    *,
+    max_weight: float,
+    clipping_range: float,
+    quantization_range: int,
+    timeout: float | None,
+):
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerApp, ServerConfig
     from flwr.server.strategy import FedAvg
@@ -77,25 +85,45 @@ def _server_app(layout: SecAggLayout, num_clients: int, result: dict[str, Any], 
 
     # The template the legacy workflow broadcasts: tiny (one float per array) - clients ignore it.
     template = ndarrays_to_parameters([np.zeros(1, dtype=np.float32)])
-    strategy = CaptureSums(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=num_clients,
-                           min_available_clients=num_clients, min_evaluate_clients=0, initial_parameters=template)
+    strategy = CaptureSums(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=num_clients,
+        min_available_clients=num_clients,
+        min_evaluate_clients=0,
+        initial_parameters=template,
+    )
     app = ServerApp()
 
     @app.main()
     def main(grid, context) -> None:
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=1.0, reconstruction_threshold=0.67, max_weight=max_weight, clipping_range=clipping_range,
-            quantization_range=quantization_range, timeout=timeout))
+        workflow = DefaultWorkflow(
+            fit_workflow=SecAggPlusWorkflow(
+                num_shares=1.0,
+                reconstruction_threshold=0.67,
+                max_weight=max_weight,
+                clipping_range=clipping_range,
+                quantization_range=quantization_range,
+                timeout=timeout,
+            )
+        )
         workflow(grid, legacy)
 
     return app
 
 
-def secagg_aggregate_simulation(method: Method, state: GlobalState, updates: Sequence[ClientUpdate], *,
-                                max_weight: float, clipping_range: float = SECAGG_CLIPPING_RANGE,
-                                quantization_range: int = SECAGG_QUANTIZATION_RANGE, uniform_weight: bool = False,
-                                timeout: float | None = 300.0) -> tuple[GlobalState, dict[str, Any]]:
+def secagg_aggregate_simulation(
+    method: Method,
+    state: GlobalState,
+    updates: Sequence[ClientUpdate],
+    *,
+    max_weight: float,
+    clipping_range: float = SECAGG_CLIPPING_RANGE,
+    quantization_range: int = SECAGG_QUANTIZATION_RANGE,
+    uniform_weight: bool = False,
+    timeout: float | None = 300.0,
+) -> tuple[GlobalState, dict[str, Any]]:
     """Aggregate ``updates`` under SecAgg+ in Flower's simulation runtime (one SuperNode per update).
 
     ``max_weight`` (W): a public bound on every client's weight w_k (e.g. the federation's number of training
@@ -112,25 +140,42 @@ def secagg_aggregate_simulation(method: Method, state: GlobalState, updates: Seq
     layout = SecAggLayout.of(state)
     payloads = []
     for update in updates:
-        arrays, weight = encode_for_secagg(method, update, layout, clipping_range=clipping_range,
-                                           uniform_weight=uniform_weight)
+        arrays, weight = encode_for_secagg(
+            method, update, layout, clipping_range=clipping_range, uniform_weight=uniform_weight
+        )
         if weight > max_weight:
             raise PrivacyError(f"client {update.client}: weight {weight:g} exceeds max_weight {max_weight:g}")
         payloads.append(_Payload(arrays, weight_units(weight, max_weight), update.client, json.dumps(update.meta)))
     result: dict[str, Any] = {}
-    server = _server_app(layout, len(updates), result, max_weight=WEIGHT_UNITS, clipping_range=clipping_range,
-                         quantization_range=quantization_range, timeout=timeout)
+    server = _server_app(
+        layout,
+        len(updates),
+        result,
+        max_weight=WEIGHT_UNITS,
+        clipping_range=clipping_range,
+        quantization_range=quantization_range,
+        timeout=timeout,
+    )
     t0 = time.perf_counter()
-    run_simulation(server_app=server, client_app=_client_app(payloads), num_supernodes=len(updates),
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=server,
+        client_app=_client_app(payloads),
+        num_supernodes=len(updates),
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
     seconds = time.perf_counter() - t0
     if "arrays" not in result:
         raise RuntimeError(f"SecAgg+ produced no aggregate (failures: {result.get('failures')})")
     meta = [(c, m) for c, m in result["meta"]]
     new = finish_secagg(method, state, result["arrays"], layout, meta)
     rho = sum(round(n / WEIGHT_UNITS * quantization_range) / quantization_range for n in result["weights"])
-    info = {"arrays": result["arrays"], "rho_total": rho, "seconds": seconds, "clients": len(result["weights"]),
-            "bound": quantisation_bound(len(result["weights"]), rho, clipping_range, quantization_range)}
+    info = {
+        "arrays": result["arrays"],
+        "rho_total": rho,
+        "seconds": seconds,
+        "clients": len(result["weights"]),
+        "bound": quantisation_bound(len(result["weights"]), rho, clipping_range, quantization_range),
+    }
     return new, info
 
 

@@ -48,11 +48,25 @@ def test_supernode_keys_are_openssh_ec_pairs_that_match(tmp_path):
 
 def test_command_line_writes_the_files(tmp_path):
     out = tmp_path / "certs"
-    proc = subprocess.run([sys.executable, "-m", "prelort.flower.certs", str(out), "--supernodes", "1"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prelort.flower.certs", str(out), "--supernodes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "ca.key", "server.key", "server.pem",
-                                                     "supernode_1", "supernode_1.pub"]
-    proc = subprocess.run([sys.executable, "-m", "prelort.flower.certs", str(out), "--supernodes", "-1"],
-                          capture_output=True, text=True, timeout=60)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ca.crt",
+        "ca.key",
+        "server.key",
+        "server.pem",
+        "supernode_1",
+        "supernode_1.pub",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "prelort.flower.certs", str(out), "--supernodes", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "supernodes must be >= 0" in proc.stderr

@@ -21,7 +21,6 @@ pytest.importorskip("cryptography")
 
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
-from prelort.flower.certs import make_certificates  # noqa: E402
 from prelort.apps.launch import (  # noqa: E402
     flower_env,
     flwr_executable,
@@ -30,6 +29,7 @@ from prelort.apps.launch import (  # noqa: E402
     wait_healthy,
     write_connection,
 )
+from prelort.flower.certs import make_certificates  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -45,8 +45,9 @@ class Processes:
     def start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self.procs.append(proc)
         return proc, log
 
@@ -75,36 +76,97 @@ def test_two_authenticated_supernodes_run_two_rounds_and_an_unregistered_one_is_
     creds = make_certificates(tmp_path / "certs", supernodes=3)
     home, port = tmp_path / "flwr-home", free_port()
     write_connection(home, "prelort", f"127.0.0.1:{port}", insecure=False, root_certificates=str(creds.ca_cert))
-    link, link_log = processes.start("superlink", [
-        flwr_executable("flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
-        "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
-        "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-        "--disable-runtime-dependency-installation"])
-    wait_healthy(f"https://127.0.0.1:{port}/health", link, 60, link_log,
-                 context=ssl.create_default_context(cafile=str(creds.ca_cert)))
+    link, link_log = processes.start(
+        "superlink",
+        [
+            flwr_executable("flower-superlink"),
+            "--ssl-ca-certfile",
+            str(creds.ca_cert),
+            "--ssl-certfile",
+            str(creds.server_cert),
+            "--ssl-keyfile",
+            str(creds.server_key),
+            "--enable-supernode-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ],
+    )
+    wait_healthy(
+        f"https://127.0.0.1:{port}/health",
+        link,
+        60,
+        link_log,
+        context=ssl.create_default_context(cafile=str(creds.ca_cert)),
+    )
 
-    for private, public in creds.supernode_keys[:2]:  # register two of the three keys
-        reg = subprocess.run([flwr_executable("flwr"), "supernode", "register", str(public), "prelort"],
-                             env=processes.env, capture_output=True, text=True, timeout=60)
+    for _private, public in creds.supernode_keys[:2]:  # register two of the three keys
+        reg = subprocess.run(
+            [flwr_executable("flwr"), "supernode", "register", str(public), "prelort"],
+            env=processes.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert reg.returncode == 0, reg.stdout + reg.stderr
     for k, (private, _) in enumerate(creds.supernode_keys[:2]):
-        processes.start(f"supernode-{k}", [
-            flwr_executable("flower-supernode"), "--root-certificates", str(creds.ca_cert),
-            "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-            "--auth-supernode-private-key", str(private),
-            "--node-config", f"partition-id={k} num-partitions=2"])
-    intruder, intruder_log = processes.start("supernode-unregistered", [
-        flwr_executable("flower-supernode"), "--root-certificates", str(creds.ca_cert),
-        "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-        "--auth-supernode-private-key", str(creds.supernode_keys[2][0]),
-        "--node-config", "partition-id=1 num-partitions=2"])
+        processes.start(
+            f"supernode-{k}",
+            [
+                flwr_executable("flower-supernode"),
+                "--root-certificates",
+                str(creds.ca_cert),
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--port",
+                str(free_port()),
+                "--auth-supernode-private-key",
+                str(private),
+                "--node-config",
+                f"partition-id={k} num-partitions=2",
+            ],
+        )
+    intruder, intruder_log = processes.start(
+        "supernode-unregistered",
+        [
+            flwr_executable("flower-supernode"),
+            "--root-certificates",
+            str(creds.ca_cert),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--port",
+            str(free_port()),
+            "--auth-supernode-private-key",
+            str(creds.supernode_keys[2][0]),
+            "--node-config",
+            "partition-id=1 num-partitions=2",
+        ],
+    )
 
-    cfg = config_mod.load(TINY, [
-        "engine=flower", "rounds=2", "clients.num=2", "clients.per_round=2", "clients.ranks=[2, 4]",
-        "train.local_steps=1", "data.num_train=32", "data.num_test=8", "eval.max_examples=2",
-        "eval.max_new_tokens=2", "eval.truncation_curve=false", "eval.base=false",
-        f"flower.superlink=127.0.0.1:{port}", f"flower.root_certificates={creds.ca_cert}",
-        "flower.round_timeout=120", "flower.node_wait=90", "flower.supernode_auth=true"])
+    cfg = config_mod.load(
+        TINY,
+        [
+            "engine=flower",
+            "rounds=2",
+            "clients.num=2",
+            "clients.per_round=2",
+            "clients.ranks=[2, 4]",
+            "train.local_steps=1",
+            "data.num_train=32",
+            "data.num_test=8",
+            "eval.max_examples=2",
+            "eval.max_new_tokens=2",
+            "eval.truncation_curve=false",
+            "eval.base=false",
+            f"flower.superlink=127.0.0.1:{port}",
+            f"flower.root_certificates={creds.ca_cert}",
+            "flower.round_timeout=120",
+            "flower.node_wait=90",
+            "flower.supernode_auth=true",
+        ],
+    )
     out = runner.run(cfg, tmp_path / "run", verbose=False)
     assert time.monotonic() - t0 < TIME_LIMIT
 

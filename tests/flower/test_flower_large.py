@@ -18,9 +18,16 @@ from prelort.flower import records  # noqa: E402
 from prelort.methods import Broadcast, ClientUpdate, TrainPlan  # noqa: E402
 
 # meta-llama/Llama-3.2-1B: hidden 2048, 16 layers, q/o 2048x2048, k/v 512x2048 (8 kv heads x 64)
-LLAMA_1B = {f"model.layers.{i}.self_attn.{p}": shape for i in range(16)
-            for p, shape in (("q_proj", (2048, 2048)), ("k_proj", (512, 2048)), ("v_proj", (512, 2048)),
-                             ("o_proj", (2048, 2048)))}
+LLAMA_1B = {
+    f"model.layers.{i}.self_attn.{p}": shape
+    for i in range(16)
+    for p, shape in (
+        ("q_proj", (2048, 2048)),
+        ("k_proj", (512, 2048)),
+        ("v_proj", (512, 2048)),
+        ("o_proj", (2048, 2048)),
+    )
+}
 RANK = 64
 EXPECTED_BYTES = 4 * RANK * sum(d_out + d_in for d_out, d_in in LLAMA_1B.values())  # 54,525,952
 

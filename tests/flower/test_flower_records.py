@@ -27,8 +27,15 @@ def _adapter(rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _update(client: int = 1, rank: int = 2, round_: int = 3) -> ClientUpdate:
-    return ClientUpdate(client=client, rank=rank, num_examples=17, tensors=_adapter(rank, seed=client),
-                        round=round_, method="prelort", meta={"loss": 1.25})
+    return ClientUpdate(
+        client=client,
+        rank=rank,
+        num_examples=17,
+        tensors=_adapter(rank, seed=client),
+        round=round_,
+        method="prelort",
+        meta={"loss": 1.25},
+    )
 
 
 def test_task_round_trip_keeps_every_field_and_value():
@@ -50,8 +57,12 @@ def test_a_plans_method_extra_survives_the_wire_and_drives_the_client_side():
     from prelort.methods import FederationSpec
     from prelort.methods.hetlora import HetLoRA, SelfPruning
 
-    spec = FederationSpec(modules={MOD: (5, 6)}, client_ranks=(2, 8), alpha=16.0,
-                          options={"hetlora_prune": True, "hetlora_gamma": 0.5, "hetlora_lam": 0.01})
+    spec = FederationSpec(
+        modules={MOD: (5, 6)},
+        client_ranks=(2, 8),
+        alpha=16.0,
+        options={"hetlora_prune": True, "hetlora_gamma": 0.5, "hetlora_lam": 0.01},
+    )
     method = HetLoRA(spec)
     plan = method.plan(8)
     decoded = records.plan_from_json(records.plan_to_json(plan))
@@ -89,8 +100,9 @@ def test_reply_round_trip_is_the_wire_format():
 def test_reply_with_corrupt_payload_or_metadata_is_rejected_with_a_reason():
     content = records.encode_reply(_update())
     data = content.array_records[records.UPDATE]["safetensors"].data
-    content.array_records[records.UPDATE]["safetensors"] = Array(dtype="uint8", shape=(10,), stype="safetensors",
-                                                                 data=data[:10])
+    content.array_records[records.UPDATE]["safetensors"] = Array(
+        dtype="uint8", shape=(10,), stype="safetensors", data=data[:10]
+    )
     with pytest.raises(UpdateRejected) as e:
         records.decode_reply(content)
     assert e.value.reason in ("truncated", "not_safetensors")
@@ -166,8 +178,9 @@ def _tasks(clients, round_=1):
 
 
 def _engine(grid, num=3):
-    cfg = from_dict({"clients": {"num": num, "per_round": num, "ranks": [2]},
-                     "flower": {"round_timeout": 5, "node_wait": 1}})
+    cfg = from_dict(
+        {"clients": {"num": num, "per_round": num, "ranks": [2]}, "flower": {"round_timeout": 5, "node_wait": 1}}
+    )
     return GridEngine(grid, cfg, json.dumps(cfg.to_dict()))
 
 

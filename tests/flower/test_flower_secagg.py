@@ -15,6 +15,7 @@ from prelort.privacy import PrivacyError
 pytest.importorskip("flwr")
 
 from secagg_simulation import secagg_aggregate_simulation  # noqa: E402
+
 from prelort.secure_sums import (  # noqa: E402
     WEIGHT_UNITS,
     SecAggLayout,
@@ -66,8 +67,11 @@ def test_encoding_refuses_values_secagg_would_clip_and_sizes_weights():
     method, state, updates = _round("prelort")
     layout = SecAggLayout.of(state)
     big = dataclasses.replace(updates[0], tensors={k: v * 100 for k, v in updates[0].tensors.items()})
-    with pytest.raises(PrivacyError, match=r"client 0: m\.\w\.lora_\w holds a value of magnitude .* outside "
-                                           r"SecAgg\+'s clipping range \+-8"):
+    with pytest.raises(
+        PrivacyError,
+        match=r"client 0: m\.\w\.lora_\w holds a value of magnitude .* outside "
+        r"SecAgg\+'s clipping range \+-8",
+    ):
         encode_for_secagg(method, big, layout)
     assert weight_units(16, 64) == WEIGHT_UNITS // 4 and weight_units(0, 64) == 0 and weight_units(1e-9, 64) == 1
     with pytest.raises(PrivacyError, match="weight 65 outside"):

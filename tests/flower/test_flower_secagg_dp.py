@@ -15,9 +15,10 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("dp_accounting")
 
+from secagg_runs import RANKS, SECAGG, SMALL, TINY, adapter, in_process_round  # noqa: E402
+
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
-from secagg_runs import RANKS, SECAGG, SMALL, TINY, adapter, in_process_round  # noqa: E402
 
 # update norms on this config are 1.6 - 4.6: C = 2 clips most clients; z = 0.3 (noise std 0.6 on the sums)
 DP = ["privacy.dp=true", "privacy.clip_norm=2", "privacy.noise_multiplier=0.3"]
@@ -35,8 +36,14 @@ def test_dp_with_secure_aggregation_equals_central_dp_within_the_quantisation_bo
     log_text = (run / "run.log").read_text()
     assert "SecAgg+ with weight bound W=1 (privacy.dp: uniform weights)" in log_text
     # every round: 4 clients with weight rho_k = 1 -> quantisation bound per entry of N' = K (2c/Q) / K = 2c/Q
-    bounds = [float(b) for b in re.findall(r"secure aggregation \(SecAgg\+\): 4 clients aggregated \[0, 1, 2, 3\]; "
-                                           r"quantisation bound ([\d.e+-]+) per entry", log_text)]
+    bounds = [
+        float(b)
+        for b in re.findall(
+            r"secure aggregation \(SecAgg\+\): 4 clients aggregated \[0, 1, 2, 3\]; "
+            r"quantisation bound ([\d.e+-]+) per entry",
+            log_text,
+        )
+    ]
     assert bounds == pytest.approx([16 / 2**22] * 2, rel=1e-6)
     assert len(re.findall(r"differential privacy: .*server noise on the SecAgg\+ sums", log_text)) == 2
 

@@ -17,8 +17,15 @@ from prelort import runner  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny.yaml"
 # tiny.yaml, smaller: 2 rounds so round 2 starts from an aggregated state; little evaluation
-SMALL = ["rounds=2", "train.local_steps=1", "data.num_train=64", "data.num_test=8", "eval.max_examples=2",
-         "eval.max_new_tokens=2", "eval.truncation_curve=false"]
+SMALL = [
+    "rounds=2",
+    "train.local_steps=1",
+    "data.num_train=64",
+    "data.num_test=8",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=2",
+    "eval.truncation_curve=false",
+]
 
 
 def check_run(run_dir: Path) -> None:

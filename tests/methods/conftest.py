@@ -25,7 +25,9 @@ def make_spec() -> Callable[..., FederationSpec]:
 
 @pytest.fixture
 def make_update() -> Callable[..., ClientUpdate]:
-    def build(spec: FederationSpec, client: int, rank: int, num_examples: int = 10, seed: int = 0, meta=None) -> ClientUpdate:
+    def build(
+        spec: FederationSpec, client: int, rank: int, num_examples: int = 10, seed: int = 0, meta=None
+    ) -> ClientUpdate:
         g = torch.Generator().manual_seed(1000 + 17 * client + seed)
         tensors = {}
         for module, (d_out, d_in) in spec.modules.items():

@@ -13,13 +13,21 @@ from prelort.methods import Broadcast, GlobalState, LocalTraining, Method, Train
 SHIPPED = {"prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"}
 REGISTERED = sorted(available())
 DENSE = {"flexlora", "flora"}
-SUM_RULES = {"prelort": "segment", "fedit": "segment", "zeropad": "padded", "hetlora": "padded", "flexlora": None,
-             "flora": None}
+SUM_RULES = {
+    "prelort": "segment",
+    "fedit": "segment",
+    "zeropad": "padded",
+    "hetlora": "padded",
+    "flexlora": None,
+    "flora": None,
+}
 
 
 def test_registry_lists_the_shipped_methods():
     assert set(available()) == SHIPPED
-    with pytest.raises(KeyError, match="unknown method 'fedavg'; known: fedit, flexlora, flora, hetlora, prelort, zeropad"):
+    with pytest.raises(
+        KeyError, match="unknown method 'fedavg'; known: fedit, flexlora, flora, hetlora, prelort, zeropad"
+    ):
         get("fedavg")
 
 
@@ -46,7 +54,9 @@ def test_sum_aggregatable_cannot_be_declared_apart_from_a_sum_rule():
 
 
 def _snapshot(state: GlobalState) -> GlobalState:
-    return GlobalState(tensors={k: v.clone() for k, v in state.tensors.items()}, meta=json.loads(json.dumps(state.meta)))
+    return GlobalState(
+        tensors={k: v.clone() for k, v in state.tensors.items()}, meta=json.loads(json.dumps(state.meta))
+    )
 
 
 def _assert_same(a: GlobalState, b: GlobalState) -> None:

@@ -23,8 +23,17 @@ from prelort.updates import load_update
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE.parents[1] / "examples" / "tiny.yaml"
-FAST = ["train.local_steps=1", "train.batch_size=2", "data.max_length=32", "data.num_test=4", "data.num_train=64",
-        "eval.max_examples=2", "eval.max_new_tokens=1", "eval.truncation_curve=false", "eval.base=false"]
+FAST = [
+    "train.local_steps=1",
+    "train.batch_size=2",
+    "data.max_length=32",
+    "data.num_test=4",
+    "data.num_train=64",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=1",
+    "eval.truncation_curve=false",
+    "eval.base=false",
+]
 
 
 @pytest.fixture
@@ -38,8 +47,11 @@ def trimmed():
 
 
 def test_an_unregistered_method_and_its_section_are_refused_with_the_registered_names():
-    with pytest.raises(ConfigError, match="method: Value error, unknown method 'trimmed'; registered methods: "
-                                          "fedit, flexlora, flora, hetlora, prelort, zeropad"):
+    with pytest.raises(
+        ConfigError,
+        match="method: Value error, unknown method 'trimmed'; registered methods: "
+        "fedit, flexlora, flora, hetlora, prelort, zeropad",
+    ):
         load(TINY, ["method=trimmed"])
     with pytest.raises(ConfigError, match="trimmed: unknown key"):
         load(TINY, ["trimmed.trim=1"])
@@ -96,22 +108,42 @@ def test_a_new_method_with_a_sum_rule_is_accepted_by_the_config_check_and_finish
     """The config check and the SecAgg+ finish ask one flag: a method that is no subclass of a built-in but
     declares a sum rule passes the check and its round finishes from the sums (here: the trimmed mean with
     trim 0 is the unweighted segment-wise mean, so the segment rule on uniform weights must give it)."""
-    segment_mean = methods.register(type("SegmentMean", (trimmed,), {
-        "name": "segmean", "summary": "Unweighted segment-wise mean (a test-suite method).", "sum_rule": "segment",
-        "options_prefix": "segmean_"}))
+    segment_mean = methods.register(
+        type(
+            "SegmentMean",
+            (trimmed,),
+            {
+                "name": "segmean",
+                "summary": "Unweighted segment-wise mean (a test-suite method).",
+                "sum_rule": "segment",
+                "options_prefix": "segmean_",
+            },
+        )
+    )
     try:
         assert segment_mean.sum_aggregatable
-        check_privacy(load(TINY, ["method=segmean", "segmean.trim=0", "engine=flower-sim",
-                                  "privacy.secure_aggregation=true"]))
-        spec = FederationSpec(modules={"m.q": (5, 4), "m.v": (3, 4)}, client_ranks=(1, 2, 4), alpha=4.0,
-                              options={"segmean_trim": 0})
+        check_privacy(
+            load(TINY, ["method=segmean", "segmean.trim=0", "engine=flower-sim", "privacy.secure_aggregation=true"])
+        )
+        spec = FederationSpec(
+            modules={"m.q": (5, 4), "m.v": (3, 4)}, client_ranks=(1, 2, 4), alpha=4.0, options={"segmean_trim": 0}
+        )
         method = segment_mean(spec)
         g = torch.Generator().manual_seed(0)
         state = method.init_state(g)
-        updates = [ClientUpdate(client=k, rank=r, num_examples=10, tensors={
-            key(m, kind): 0.1 * torch.randn(*((r, d_in) if kind == "lora_A" else (d_out, r)), generator=g)
-            for m, (d_out, d_in) in spec.modules.items() for kind in ("lora_A", "lora_B")})
-            for k, r in enumerate(spec.client_ranks)]
+        updates = [
+            ClientUpdate(
+                client=k,
+                rank=r,
+                num_examples=10,
+                tensors={
+                    key(m, kind): 0.1 * torch.randn(*((r, d_in) if kind == "lora_A" else (d_out, r)), generator=g)
+                    for m, (d_out, d_in) in spec.modules.items()
+                    for kind in ("lora_A", "lora_B")
+                },
+            )
+            for k, r in enumerate(spec.client_ranks)
+        ]
         layout = SecAggLayout.of(state)
         uploads = [encode_for_secagg(method, u, layout, uniform_weight=True)[0] for u in updates]
         mean = [sum(arrays[i] for arrays in uploads) / len(uploads) for i in range(len(uploads[0]))]

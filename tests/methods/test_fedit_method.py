@@ -22,7 +22,9 @@ def test_every_client_trains_at_min_rank(make_spec):
     # a rank-8 tier gets the rank-2 adapter; a rank-1 tier its first dimension
     for module in spec.modules:
         assert method.tier(state, 8).adapter[key(module, "lora_A")].shape[0] == 2
-        torch.testing.assert_close(method.tier(state, 1).adapter[key(module, "lora_A")], state.tensors[key(module, "lora_A")][:1])
+        torch.testing.assert_close(
+            method.tier(state, 1).adapter[key(module, "lora_A")], state.tensors[key(module, "lora_A")][:1]
+        )
 
 
 def test_aggregate_is_fedavg_of_each_factor(make_spec, make_update):

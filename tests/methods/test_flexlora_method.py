@@ -14,7 +14,9 @@ def _weighted_mean_of_products(spec, ups, module):
     s = spec.scale
     total = sum(u.num_examples for u in ups)
     return sum(
-        (u.num_examples / total) * s * (u.tensors[key(module, "lora_B")].double() @ u.tensors[key(module, "lora_A")].double())
+        (u.num_examples / total)
+        * s
+        * (u.tensors[key(module, "lora_B")].double() @ u.tensors[key(module, "lora_A")].double())
         for u in ups
     )
 
@@ -39,7 +41,9 @@ def test_aggregate_is_weighted_mean_of_scaled_products(make_spec, make_update):
     ups = [make_update(spec, k, r, num_examples=n) for k, (r, n) in enumerate(((1, 2), (2, 5), (4, 3)))]
     new = method.aggregate(state, ups)
     for module in spec.modules:
-        torch.testing.assert_close(new.tensors[key(module, "delta")], _weighted_mean_of_products(spec, ups, module).float())
+        torch.testing.assert_close(
+            new.tensors[key(module, "delta")], _weighted_mean_of_products(spec, ups, module).float()
+        )
     # the base weights never change: the next round's mean replaces (does not add to) the state
     again = method.aggregate(new, ups)
     for name in new.tensors:

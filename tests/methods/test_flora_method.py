@@ -58,7 +58,10 @@ def test_aggregate_merges_and_accumulates_across_rounds(make_spec, make_update):
     def contribution(ups, module):
         total = sum(u.num_examples for u in ups)
         return sum(
-            u.num_examples / total * s * (u.tensors[key(module, "lora_B")].double() @ u.tensors[key(module, "lora_A")].double())
+            u.num_examples
+            / total
+            * s
+            * (u.tensors[key(module, "lora_B")].double() @ u.tensors[key(module, "lora_A")].double())
             for u in ups
         )
 
@@ -79,7 +82,7 @@ def test_broadcast_is_fresh_lora_plus_merged_delta_for_every_rank(make_spec, mak
         expected = lora_init(spec, r, torch.Generator().manual_seed(r))
         for name, t in expected.items():
             assert torch.equal(bc.adapter[name], t)
-        for module, (d_out, d_in) in spec.modules.items():
+        for module, (_d_out, d_in) in spec.modules.items():
             assert not bc.adapter[key(module, "lora_B")].any()  # B = 0: the fresh LoRA starts as a no-op
             assert bc.adapter[key(module, "lora_A")].abs().max() <= 1 / math.sqrt(d_in)
         for name, delta in state.tensors.items():
@@ -105,8 +108,10 @@ def test_export_is_the_best_rank_t_approximation_of_the_merged_delta(make_spec, 
     a rank-t client receives."""
     spec = make_spec(ranks=(1, 2, 4))
     method = FLoRA(spec)
-    state = method.aggregate(method.init_state(torch.Generator().manual_seed(0)),
-                             [make_update(spec, k, r) for k, r in enumerate(spec.client_ranks)])
+    state = method.aggregate(
+        method.init_state(torch.Generator().manual_seed(0)),
+        [make_update(spec, k, r) for k, r in enumerate(spec.client_ranks)],
+    )
     for t in (1, 2, 4):
         exported = method.export_adapter(state, t)
         for module, (d_out, d_in) in spec.modules.items():

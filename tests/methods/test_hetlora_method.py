@@ -99,7 +99,9 @@ def test_pruned_client_keeps_its_new_rank(make_spec, make_update):
     # the pruned update counts at rank 2: its tail never enters the average
     norms = [_product_norm(spec, pruned, 2), _product_norm(spec, other)]
     for name in new.tensors:
-        expected = (norms[0] * _padded(spec, pruned.tensors, name, 2, 4) + norms[1] * _padded(spec, other.tensors, name, 4, 4)) / sum(norms)
+        expected = (
+            norms[0] * _padded(spec, pruned.tensors, name, 2, 4) + norms[1] * _padded(spec, other.tensors, name, 4, 4)
+        ) / sum(norms)
         torch.testing.assert_close(new.tensors[name], expected.float(), rtol=1e-5, atol=1e-6)
     # and a later round remembers it
     later = method.aggregate(new, [make_update(spec, 0, 2)])
@@ -122,9 +124,11 @@ def test_local_training_follows_the_plan(make_spec):
     assert isinstance(local, SelfPruning) and (local.start, local.lam, local.rank) == (4, 0.01, 8)
     assert local.penalty_moves_all_dims
     assert type(method.local_training(method.plan(1))) is LocalTraining
-    for extra, match in [({"prune_start": 8, "prune_lam": 0.1}, r"prune.start 8 must lie in \(0, 8\)"),
-                         ({"prune_start": 4, "prune_lam": -1.0}, "prune.lam"),
-                         ({"prune_start": 4}, "prune_start and prune_lam")]:
+    for extra, match in [
+        ({"prune_start": 8, "prune_lam": 0.1}, r"prune.start 8 must lie in \(0, 8\)"),
+        ({"prune_start": 4, "prune_lam": -1.0}, "prune.lam"),
+        ({"prune_start": 4}, "prune_start and prune_lam"),
+    ]:
         with pytest.raises(ValueError, match=match):
             method.local_training(TrainPlan(rank=8, truncations=(8,), extra=extra))
 

@@ -30,7 +30,9 @@ def test_plan_truncations_per_mode(make_spec):
 
 
 def test_unknown_nested_mode_is_rejected(make_spec):
-    with pytest.raises(ValueError, match="options.nested must be one of all, sample, sandwich, off, sample_width, got 'every'"):
+    with pytest.raises(
+        ValueError, match="options.nested must be one of all, sample, sandwich, off, sample_width, got 'every'"
+    ):
         PreLort(make_spec(options={"nested": "every"}))
 
 

@@ -28,8 +28,11 @@ def test_a_sum_rule_method_inherits_its_aggregate_from_the_template(name):
 
 
 def test_the_template_needs_a_sum_rule(make_spec):
-    lacking = type("Lacking", (SumRuleMethod,), {"name": "lacking", "summary": "-", "init_state": None,
-                                                 "broadcast": None, "plan": None})
+    lacking = type(
+        "Lacking",
+        (SumRuleMethod,),
+        {"name": "lacking", "summary": "-", "init_state": None, "broadcast": None, "plan": None},
+    )
     with pytest.raises(TypeError, match="declares its sum_rule"):
         lacking(make_spec())
 
@@ -45,8 +48,10 @@ def test_plain_round_is_finish_sums_of_the_sums_bit_for_bit(name, make_spec, mak
     sums = empty_factor_sums(lora_shapes(state))
     for u in updates:
         factors = method.contributed_factors(u)
-        sums.add({f"{m}.{kind}": x for m, a, b in factors for kind, x in (("lora_A", a), ("lora_B", b))},
-                 method.client_weight(u, factors))
+        sums.add(
+            {f"{m}.{kind}": x for m, a, b in factors for kind, x in (("lora_A", a), ("lora_B", b))},
+            method.client_weight(u, factors),
+        )
     full = method.finish_sums(state, {n: s.num for n, s in sums.items()}, {n: s.den for n, s in sums.items()})
     for tensor in state.tensors:
         assert torch.equal(plain.tensors[tensor], full[tensor]), tensor
@@ -60,8 +65,14 @@ def test_dp_without_noise_or_clipping_is_the_plain_round_with_unit_weights(name,
     ranks = [method.client_rank(k, state) for k in range(4)]
     updates = [make_update(spec, k, r, num_examples=1) for k, r in enumerate(ranks)]
     refs = {u.client: {n: torch.zeros_like(t) for n, t in u.tensors.items()} for u in updates}
-    dp, info = dp_aggregate(method, state, updates, refs, PrivacyConfig(dp=True, clip_norm=1e6, noise_multiplier=0.0),
-                            torch.Generator().manual_seed(0))
+    dp, info = dp_aggregate(
+        method,
+        state,
+        updates,
+        refs,
+        PrivacyConfig(dp=True, clip_norm=1e6, noise_multiplier=0.0),
+        torch.Generator().manual_seed(0),
+    )
     plain = method.aggregate(state, updates)
     assert info["clients_clipped"] == 0
     for tensor in state.tensors:
@@ -74,8 +85,14 @@ def test_dp_keeps_the_methods_bookkeeping(make_spec, make_update):
     state = method.init_state(torch.Generator().manual_seed(2))
     updates = [make_update(spec, 0, 2), make_update(spec, 1, 4, meta={"pruned_to": 3}), make_update(spec, 2, 4)]
     refs = {u.client: {n: torch.zeros_like(t) for n, t in u.tensors.items()} for u in updates}
-    dp, _ = dp_aggregate(method, state, updates, refs, PrivacyConfig(dp=True, clip_norm=1.0, noise_multiplier=0.5),
-                         torch.Generator().manual_seed(0))
+    dp, _ = dp_aggregate(
+        method,
+        state,
+        updates,
+        refs,
+        PrivacyConfig(dp=True, clip_norm=1.0, noise_multiplier=0.5),
+        torch.Generator().manual_seed(0),
+    )
     assert dp.meta["client_ranks"] == {"0": 2, "1": 3, "2": 4}
     assert state.meta["client_ranks"] == {"0": 2, "1": 4, "2": 4}  # the caller's state is untouched
 
@@ -86,8 +103,10 @@ def test_a_compact_numerator_finishes_like_the_full_one():
     den = torch.tensor([4.0, 2.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     previous = torch.full((5, 6), -1.0)
     for rule in ("segment", "padded"):
-        assert torch.equal(factor_sums.mean_from_sums(num, den, previous, 0, rule),
-                           factor_sums.mean_from_sums(full, den, previous, 0, rule)), rule
+        assert torch.equal(
+            factor_sums.mean_from_sums(num, den, previous, 0, rule),
+            factor_sums.mean_from_sums(full, den, previous, 0, rule),
+        ), rule
     with pytest.raises(ValueError, match="unknown sum rule 'median'"):
         factor_sums.mean_from_sums(num, den, previous, 0, "median")
     with pytest.raises(ValueError, match="sums have"):
@@ -120,6 +139,10 @@ def test_the_extra_method_uses_only_public_names():
     imported = _prelort_imports(TRIMMED)
     assert imported == {"prelort.methods", "prelort.methods.toolkit"}, imported
     assert not any(part.startswith("_") for m in imported for part in m.split("."))
-    names = {a.name for node in ast.walk(ast.parse(TRIMMED.read_text())) if isinstance(node, ast.ImportFrom)
-             for a in node.names}
+    names = {
+        a.name
+        for node in ast.walk(ast.parse(TRIMMED.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+    }
     assert not {n for n in names if n.startswith("_")}

@@ -28,7 +28,7 @@ def test_weights_are_normalised_data_sizes_and_uncovered_dims_become_zero(make_s
     state = method.init_state(torch.Generator().manual_seed(0))
     ups = [make_update(spec, 0, 1, num_examples=1), make_update(spec, 1, 2, num_examples=3)]
     new = method.aggregate(state, ups)
-    for module, (d_out, d_in) in spec.modules.items():
+    for module, (_d_out, d_in) in spec.modules.items():
         ka = key(module, "lora_A")
         padded = [torch.cat([u.tensors[ka], torch.zeros(4 - u.rank, d_in)]) for u in ups]
         torch.testing.assert_close(new.tensors[ka], (1 * padded[0] + 3 * padded[1]) / 4)

@@ -57,7 +57,6 @@ class TrimmedMean(PrefixLoRA):  # a rank-R LoRA; a rank-r client receives its pr
                     continue  # no client covered dimension i this round
                 stacked, _ = torch.sort(torch.stack(values).to(torch.float64), dim=0)
                 cut = min(self.trim, (len(values) - 1) // 2)
-                kept = stacked[cut:len(values) - cut]
+                kept = stacked[cut : len(values) - cut]
                 out.tensors[name].select(dim, i).copy_(kept.mean(dim=0).to(previous.dtype))
         return out
-

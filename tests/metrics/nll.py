@@ -16,7 +16,15 @@ def _nll(results: EvalResults) -> float:
     return -sum(ex["loglik"] for ex in results.examples) / sum(ex["n_tokens"] for ex in results.examples)
 
 
-NLL = register(Metric(
-    name="nll", compute=_nll, header="NLL/token", title="response-token NLL (nats)", short="nll", digits=3,
-    bounds=(0.0, math.inf), higher_is_better=False,
-))
+NLL = register(
+    Metric(
+        name="nll",
+        compute=_nll,
+        header="NLL/token",
+        title="response-token NLL (nats)",
+        short="nll",
+        digits=3,
+        bounds=(0.0, math.inf),
+        higher_is_better=False,
+    )
+)

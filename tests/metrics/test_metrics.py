@@ -15,16 +15,25 @@ import pytest
 from typer.testing import CliRunner
 
 from prelort import metrics
-from prelort.check import check_run_dir
 from prelort.apps.cli import app
+from prelort.check import check_run_dir
 from prelort.config import load
 from prelort.metrics import EvalResults, Metric
 from prelort.runner import run
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE.parents[1] / "examples" / "tiny.yaml"
-FAST = ["train.local_steps=1", "train.batch_size=2", "data.max_length=32", "data.num_test=4", "data.num_train=64",
-        "eval.max_examples=2", "eval.max_new_tokens=1", "eval.truncation_curve=false", "rounds=1"]
+FAST = [
+    "train.local_steps=1",
+    "train.batch_size=2",
+    "data.max_length=32",
+    "data.num_test=4",
+    "data.num_train=64",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=1",
+    "eval.truncation_curve=false",
+    "rounds=1",
+]
 
 
 @pytest.fixture
@@ -39,9 +48,10 @@ def nll():
 
 def _results(mode: str) -> EvalResults:
     records = [{"instruction": "q", "output": "Paris"}, {"instruction": "q", "output": "the cat sat on the mat"}]
-    examples = [{"id": "a", "category": "", "correct": 1, "loglik": -2.0, "n_tokens": 2, "prediction": "paris."},
-                {"id": "b", "category": "", "correct": 0, "loglik": -6.0, "n_tokens": 6,
-                 "prediction": "the cat on the mat"}]
+    examples = [
+        {"id": "a", "category": "", "correct": 1, "loglik": -2.0, "n_tokens": 2, "prediction": "paris."},
+        {"id": "b", "category": "", "correct": 0, "loglik": -6.0, "n_tokens": 6, "prediction": "the cat on the mat"},
+    ]
     if mode == "teacher_forced":
         examples = [{**ex, "prediction": None} for ex in examples]
     return EvalResults(mode=mode, records=records, examples=examples)
@@ -63,8 +73,9 @@ def test_each_built_in_metric_is_computed_from_the_per_example_results():
     forced = metrics.compute(_results("teacher_forced"))
     assert forced["rougeL"] is None and forced["accuracy"] == 0.5
     with pytest.raises(ValueError, match="no response token to score"):
-        metrics.get("perplexity").compute(EvalResults("teacher_forced", [{"output": "x"}],
-                                                      [{"correct": 0, "loglik": 0.0, "n_tokens": 0}]))
+        metrics.get("perplexity").compute(
+            EvalResults("teacher_forced", [{"output": "x"}], [{"correct": 0, "loglik": 0.0, "n_tokens": 0}])
+        )
 
 
 def test_check_and_format_say_what_prelort_check_and_the_tables_have_always_said():
@@ -80,8 +91,16 @@ def test_check_and_format_say_what_prelort_check_and_the_tables_have_always_said
 
 
 def test_the_registry_refuses_a_second_metric_of_a_name_and_a_record_field_as_a_name():
-    again = Metric(name="accuracy", compute=lambda r: 0.0, header="a", title="a", short="a", digits=3,
-                   bounds=(0.0, 1.0), higher_is_better=True)
+    again = Metric(
+        name="accuracy",
+        compute=lambda r: 0.0,
+        header="a",
+        title="a",
+        short="a",
+        digits=3,
+        bounds=(0.0, 1.0),
+        higher_is_better=True,
+    )
     with pytest.raises(ValueError, match="metric 'accuracy' registered twice"):
         metrics.register(again)
     with pytest.raises(ValueError, match="metric name 'n' is a field of every evaluation record"):
@@ -120,8 +139,9 @@ def test_a_new_metric_flows_from_evaluation_to_the_report_and_the_check(nll, tmp
     for f in out.iterdir():
         (bad / f.name).symlink_to(f)
     (bad / "metrics.jsonl").unlink()
-    (bad / "metrics.jsonl").write_text("\n".join(lines[:at] + [json.dumps({**records[at], "nll": -1.0})]
-                                                 + lines[at + 1:]) + "\n")
+    (bad / "metrics.jsonl").write_text(
+        "\n".join(lines[:at] + [json.dumps({**records[at], "nll": -1.0})] + lines[at + 1 :]) + "\n"
+    )
     assert f"metrics.jsonl line {at + 1}: nll=-1.0" in check_run_dir(bad)
 
     # prelort report shows it: the final-round table, summary.csv, the comparison table, csv and plots

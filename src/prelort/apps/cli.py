@@ -16,7 +16,6 @@ import shlex
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 import typer.core
@@ -33,7 +32,7 @@ def _keep_argument_help() -> None:
     if getattr(init, "_prelort_keeps_help", False):
         return
 
-    def patched(self, *args, help: Optional[str] = None, **kwargs):  # noqa: A002 - click's name
+    def patched(self, *args, help: str | None = None, **kwargs):  # noqa: A002 - click's name
         init(self, *args, help=help, **kwargs)
         if self.help is None:
             self.help = help
@@ -74,10 +73,12 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
-                                 help="Print prelort's version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="On an error, also print the Python traceback "
-                               "(PRELORT_DEBUG=1 does the same)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print prelort's version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On an error, also print the Python traceback (PRELORT_DEBUG=1 does the same)."
+    ),
 ) -> None:
     """Federated LoRA fine-tuning with heterogeneous client ranks (PreLort and baselines).
 
@@ -95,7 +96,7 @@ _INPUT_ERRORS = {
     "ModelLoadError": "",
     "PrivacyError": "see docs/privacy.md",
     "CheckpointError": "the run directory's checkpoints are damaged or missing; resume from an intact copy or start "
-                       "a new --out",
+    "a new --out",
     "UpdateRejected": "",
 }
 _RUN_ERRORS = {
@@ -170,7 +171,7 @@ def methods_cmd() -> None:
 def run_cmd(
     config: Path = typer.Argument(..., help="YAML config file (see examples/)."),
     out: Path = typer.Option(..., "--out", help="Run directory to create (or resume)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete round in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-round lines on the console."),
 ) -> None:
@@ -186,8 +187,9 @@ def run_cmd(
         from ..model_names import check_model_name  # a mistyped alias fails here, before torch is imported
 
         check_model_name(cfg.model.name, cfg.model.gguf_file)
-    resume_cmd = shlex.join(["prelort", "run", str(config), "--out", str(out),
-                             *[a for s in (set_ or []) for a in ("--set", s)], "--resume"])
+    resume_cmd = shlex.join(
+        ["prelort", "run", str(config), "--out", str(out), *[a for s in (set_ or []) for a in ("--set", s)], "--resume"]
+    )
     with _expected_failures("run"):
         from ..rundir import RunDir, check_out
         from ..runner import RunInterrupted, run
@@ -204,15 +206,19 @@ def run_cmd(
         except RunInterrupted as e:
             _fail(f"interrupted after round {e.completed}; resume with: {resume_cmd}", EXIT_INTERRUPTED)
         except KeyboardInterrupt:  # outside the round loop (model loading, Flower)
-            _fail(f"interrupted; resume with: {resume_cmd}" if RunDir(out).checkpoints_dir.is_dir()
-                  else "interrupted before the first checkpoint; start again", EXIT_INTERRUPTED)
+            _fail(
+                f"interrupted; resume with: {resume_cmd}"
+                if RunDir(out).checkpoints_dir.is_dir()
+                else "interrupted before the first checkpoint; start again",
+                EXIT_INTERRUPTED,
+            )
     typer.echo(f"run directory: {out}")
 
 
 @app.command("eval")
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="Evaluate only this rank tier (default: every client rank)."),
+    rank: int | None = typer.Option(None, "--rank", help="Evaluate only this rank tier (default: every client rank)."),
 ) -> None:
     """Evaluate the run's latest global model per rank tier (prints JSON lines; nothing in RUN_DIR is written)."""
     import json
@@ -247,18 +253,23 @@ def export_cmd(
         if not 1 <= rank <= fed.spec.max_rank:
             _fail(f"--rank {rank} outside 1..{fed.spec.max_rank}")
         if rank not in fed.tiers():
-            typer.echo(f"note: rank {rank} is not a client rank tier ({', '.join(map(str, fed.tiers()))}): "
-                       f"exporting the global adapter truncated to its first {rank} dimensions", err=True)
+            typer.echo(
+                f"note: rank {rank} is not a client rank tier ({', '.join(map(str, fed.tiers()))}): "
+                f"exporting the global adapter truncated to its first {rank} dimensions",
+                err=True,
+            )
         export_tier(fed, rank, cfg, out)
-    typer.echo(f"exported round-{fed.round} rank-{rank} adapter to {out} "
-               f"(load with peft.PeftModel.from_pretrained(base_model, '{out}'); base model: "
-               f"prelort.load_base_model({cfg.model.name!r}))")
+    typer.echo(
+        f"exported round-{fed.round} rank-{rank} adapter to {out} "
+        f"(load with peft.PeftModel.from_pretrained(base_model, '{out}'); base model: "
+        f"prelort.load_base_model({cfg.model.name!r}))"
+    )
 
 
 @app.command("report")
 def report_cmd(
-    run_dirs: List[Path] = typer.Argument(..., help="One or more run directories (each with metrics.jsonl)."),
-    out: Optional[Path] = typer.Option(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories (each with metrics.jsonl)."),
+    out: Path | None = typer.Option(
         None, "--out", help="Where the comparison goes when several runs are given (default: ./comparison)."
     ),
 ) -> None:
@@ -267,21 +278,28 @@ def report_cmd(
         _report(run_dirs, out)
 
 
-def _report(run_dirs: List[Path], out: Optional[Path]) -> None:
+def _report(run_dirs: list[Path], out: Path | None) -> None:
     from .. import report
     from ..rundir import RunDir
 
     missing = [d for d in run_dirs if not RunDir(d).metrics_file.is_file()]
     if missing:
-        _fail("report: " + "; ".join(f"{d} " + ("does not exist" if not d.exists() else
-                                                "has no metrics.jsonl (not a prelort run directory?)")
-                                     for d in missing))
+        _fail(
+            "report: "
+            + "; ".join(
+                f"{d} "
+                + ("does not exist" if not d.exists() else "has no metrics.jsonl (not a prelort run directory?)")
+                for d in missing
+            )
+        )
     try:
         for run_dir in run_dirs:
             written = report.write_run_report(run_dir)
             names = ", ".join(p.name for p in written["plots"]) or "none"
-            typer.echo(f"{run_dir}: wrote {written['summary_csv'].name} "
-                       f"({written['n_eval_records']} evaluation records) and plots/ ({names})")
+            typer.echo(
+                f"{run_dir}: wrote {written['summary_csv'].name} "
+                f"({written['n_eval_records']} evaluation records) and plots/ ({names})"
+            )
             for message in written["messages"]:
                 typer.echo(f"  note: {message}")
             if len(run_dirs) == 1:
@@ -301,7 +319,7 @@ def _report(run_dirs: List[Path], out: Optional[Path]) -> None:
 def verify_update_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory (its latest checkpoint defines the federation)."),
     file: Path = typer.Argument(..., help="NAME.safetensors of a client update, with NAME.json beside it."),
-    round_: Optional[int] = typer.Option(
+    round_: int | None = typer.Option(
         None, "--round", help="Round the update must be for (default: the run's next round, latest checkpoint + 1)."
     ),
 ) -> None:
@@ -335,7 +353,7 @@ def check_cmd(
     typer.echo(summary(run_dir))
 
 
-def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
+def _verify_update(run_dir: Path, file: Path, round_: int | None) -> None:
     from .. import config as config_mod
     from .. import methods
     from ..checkpoint import CheckpointError
@@ -362,7 +380,7 @@ def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
         _fail(str(e))
     except UpdateRejected as e:
         typer.echo(f"rejected: {e.reason}: {e.message}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     bounds = []
     if validation.max_update_norm is not None:
         bounds.append(f"bound {validation.max_update_norm:g}")
@@ -377,4 +395,3 @@ def _verify_update(run_dir: Path, file: Path, round_: Optional[int]) -> None:
 
 def main() -> None:  # pragma: no cover
     app()
-

@@ -70,10 +70,12 @@ def client_state(config: dict[str, Any], partition_id: int):
             _SPLIT_CACHE.update(key=data_key, parts=load_data(cfg)[2])
         parts = _SPLIT_CACHE["parts"]
         if not 0 <= partition_id < len(parts):
-            raise ValueError(f"partition-id {partition_id} is not a client of this federation "
-                             f"(clients.num = {len(parts)})")
-        _PARTITION_CACHE[(data_key, partition_id)] = client_examples(cfg, _MODEL_CACHE["tokenizer"],
-                                                                     parts[partition_id])
+            raise ValueError(
+                f"partition-id {partition_id} is not a client of this federation (clients.num = {len(parts)})"
+            )
+        _PARTITION_CACHE[(data_key, partition_id)] = client_examples(
+            cfg, _MODEL_CACHE["tokenizer"], parts[partition_id]
+        )
     return cfg, _MODEL_CACHE["model"], _PARTITION_CACHE[(data_key, partition_id)]
 
 
@@ -86,8 +88,16 @@ def run_task(task: records.DecodedTask, partition_id: int):
         raise ValueError(f"this SuperNode holds partition {partition_id} but the task is for client {task.client}")
     cfg, model, examples = client_state(task.config, partition_id)
     runner = ClientRunner(cfg, model, {partition_id: examples}, progress=False)
-    return runner.run(ClientTask(round=task.round, client=task.client, rank=task.rank, broadcast=task.broadcast,
-                                 plan=task.plan, seed=task.seed))
+    return runner.run(
+        ClientTask(
+            round=task.round,
+            client=task.client,
+            rank=task.rank,
+            broadcast=task.broadcast,
+            plan=task.plan,
+            seed=task.seed,
+        )
+    )
 
 
 class SecAggUploadRefused(RuntimeError):
@@ -108,8 +118,8 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     from .. import adapters, methods
     from ..privacy import clip_update
     from ..rank_geometry import adapter_prefix
-    from ..updates import server_check
     from ..secure_sums import SecAggLayout, encode_for_secagg, weight_units
+    from ..updates import server_check
 
     task = secagg_task.task
     update = run_task(task, partition_id)
@@ -121,12 +131,17 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     if clip_norm is not None:
         update, norm, clipped = clip_update(update, adapter_prefix(task.broadcast.adapter, update.rank), clip_norm)
         if clipped:
-            log.info("client %d: clipped its update change %.4g -> %.4g before secure aggregation", task.client,
-                     norm, clip_norm)
+            log.info(
+                "client %d: clipped its update change %.4g -> %.4g before secure aggregation",
+                task.client,
+                norm,
+                clip_norm,
+            )
     method = methods.build(cfg.method, spec)
     layout = SecAggLayout.from_json(secagg_task.layout_json)
-    arrays, weight = encode_for_secagg(method, update, layout, clipping_range=secagg_task.clipping_range,
-                                       uniform_weight=cfg.privacy.dp)
+    arrays, weight = encode_for_secagg(
+        method, update, layout, clipping_range=secagg_task.clipping_range, uniform_weight=cfg.privacy.dp
+    )
     units = weight_units(weight, secagg_task.max_weight)
     clear = {k: update.meta[k] for k in ("loss", *method.clear_meta_fields) if k in update.meta}
     return arrays, units, {"client": task.client, "meta": json.dumps(clear)}
@@ -143,8 +158,9 @@ def _secagg_client_fn(context: Context):
             try:
                 return secure_upload(task, partition_id)
             except Exception as e:  # the server reads the client id from Flower's error reason
-                raise SecAggUploadRefused(f"client {task.task.client} did not upload to SecAgg+: "
-                                          f"{type(e).__name__}: {e}") from e
+                raise SecAggUploadRefused(
+                    f"client {task.task.client} did not upload to SecAgg+: {type(e).__name__}: {e}"
+                ) from e
 
     return SecAggClient().to_client()
 

@@ -45,8 +45,10 @@ def main(grid: Grid, context: Context) -> None:
     rc = dict(context.run_config)
     missing = [k for k in RUN_CONFIG_KEYS if k not in rc]
     if missing:
-        raise ValueError(f"run_config lacks {missing}: start prelort on Flower with `prelort run CONFIG --out DIR` "
-                         "(engine: flower or flower-sim), which writes them")
+        raise ValueError(
+            f"run_config lacks {missing}: start prelort on Flower with `prelort run CONFIG --out DIR` "
+            "(engine: flower or flower-sim), which writes them"
+        )
     config_json = str(rc["prelort-config"])
     cfg = from_dict(json.loads(config_json))
     session = Session(cfg, Path(str(rc["run-dir"])), resume=bool(rc["resume"]), verbose=bool(rc["verbose"]))
@@ -55,17 +57,20 @@ def main(grid: Grid, context: Context) -> None:
 
         for gap in deployment_gaps(cfg):  # allowed by flower.allow_insecure, or the launcher would have refused
             log.warning("INSECURE FLOWER DEPLOYMENT (flower.allow_insecure: true): %s", gap)
-    engine = _secagg_engine(grid, context, cfg, config_json, session) if cfg.privacy.secure_aggregation \
+    engine = (
+        _secagg_engine(grid, context, cfg, config_json, session)
+        if cfg.privacy.secure_aggregation
         else GridEngine(grid, cfg, config_json)
+    )
     session.run(engine)
     if engine.round_seconds:
         log.info("flower: client round trips %s s", ", ".join(f"{s:.2f}" for s in engine.round_seconds))
 
 
 def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session):
+    from ..engines.flower_secagg import SecAggGridEngine
     from ..methods import GlobalState
     from ..secure_sums import SecAggLayout, max_weight_bound
-    from ..engines.flower_secagg import SecAggGridEngine
 
     fed = session.federation
     # W for data-size weights: the federation's number of training examples (what the clients' partitions
@@ -75,8 +80,11 @@ def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session)
         max_weight, why = 1.0, "privacy.dp: uniform weights"
     else:
         max_weight = max_weight_bound(fed.method, total, cfg.validation.max_update_norm)
-        why = (f"{fed.method.name}'s bound from validation.max_update_norm" if fed.method.weight_depends_on_update else
-               "the federation's number of training examples")
+        why = (
+            f"{fed.method.name}'s bound from validation.max_update_norm"
+            if fed.method.weight_depends_on_update
+            else "the federation's number of training examples"
+        )
     log.info("secure aggregation: SecAgg+ with weight bound W=%g (%s)", max_weight, why)
 
     def layout_of() -> SecAggLayout:

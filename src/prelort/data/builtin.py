@@ -226,8 +226,9 @@ def build_builtin_suite(seed: int, num_train: int, num_test: int) -> tuple[datas
     return shuffled_datasets(train_rows, test_rows, FIELDS, f"{seed}:order")
 
 
-def shuffled_datasets(train_rows: list[dict[str, str]], test_rows: list[dict[str, str]], fields: Sequence[str],
-                      order_seed: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+def shuffled_datasets(
+    train_rows: list[dict[str, str]], test_rows: list[dict[str, str]], fields: Sequence[str], order_seed: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, test) string datasets of ``fields``, each split shuffled in place by ``random.Random(order_seed)``
     (train first, then test), so a suite's example order is a pure function of its seed."""
     order = random.Random(order_seed)

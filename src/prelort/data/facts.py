@@ -35,35 +35,83 @@ HELD_OUT_PHRASING = 3  # index into each attribute's phrasings; training uses in
 ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, str, str, str]]] = {
     "color": (
         ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown", "gray", "gold"),
-        ("What is the favorite color of {name}?", "Which color does {name} like best?",
-         "{name}'s favorite color is what?", "Name the color that {name} prefers."),
+        (
+            "What is the favorite color of {name}?",
+            "Which color does {name} like best?",
+            "{name}'s favorite color is what?",
+            "Name the color that {name} prefers.",
+        ),
     ),
     "city": (
         ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Delhi", "Sydney", "Berlin", "Madrid", "Moscow", "Dublin"),
-        ("In which city does {name} live?", "Where does {name} live?",
-         "{name} lives in what city?", "Name the city that is home to {name}."),
+        (
+            "In which city does {name} live?",
+            "Where does {name} live?",
+            "{name} lives in what city?",
+            "Name the city that is home to {name}.",
+        ),
     ),
     "pet": (
         ("cat", "dog", "horse", "parrot", "rabbit", "goat", "owl", "turtle", "snake", "mouse", "duck", "fox"),
-        ("What pet does {name} have?", "Which animal does {name} keep as a pet?",
-         "{name}'s pet is what animal?", "Name the animal that {name} owns."),
+        (
+            "What pet does {name} have?",
+            "Which animal does {name} keep as a pet?",
+            "{name}'s pet is what animal?",
+            "Name the animal that {name} owns.",
+        ),
     ),
     "job": (
-        ("baker", "pilot", "doctor", "farmer", "teacher", "painter", "sailor", "miner", "nurse", "judge", "chef",
-         "writer"),
-        ("What is the job of {name}?", "What does {name} work as?",
-         "{name} works as what?", "Name the occupation of {name}."),
+        (
+            "baker",
+            "pilot",
+            "doctor",
+            "farmer",
+            "teacher",
+            "painter",
+            "sailor",
+            "miner",
+            "nurse",
+            "judge",
+            "chef",
+            "writer",
+        ),
+        (
+            "What is the job of {name}?",
+            "What does {name} work as?",
+            "{name} works as what?",
+            "Name the occupation of {name}.",
+        ),
     ),
     "instrument": (
         ("piano", "violin", "drum", "flute", "guitar", "harp", "trumpet", "cello", "banjo", "organ", "oboe", "tuba"),
-        ("Which instrument does {name} play?", "What instrument can {name} play?",
-         "{name} plays which instrument?", "Name the instrument played by {name}."),
+        (
+            "Which instrument does {name} play?",
+            "What instrument can {name} play?",
+            "{name} plays which instrument?",
+            "Name the instrument played by {name}.",
+        ),
     ),
     "sport": (
-        ("tennis", "golf", "chess", "soccer", "rugby", "hockey", "boxing", "skiing", "cricket", "rowing", "judo",
-         "surfing"),
-        ("Which sport does {name} play?", "What sport does {name} practice?",
-         "{name} plays which sport?", "Name the sport that {name} enjoys."),
+        (
+            "tennis",
+            "golf",
+            "chess",
+            "soccer",
+            "rugby",
+            "hockey",
+            "boxing",
+            "skiing",
+            "cricket",
+            "rowing",
+            "judo",
+            "surfing",
+        ),
+        (
+            "Which sport does {name} play?",
+            "What sport does {name} practice?",
+            "{name} plays which sport?",
+            "Name the sport that {name} enjoys.",
+        ),
     ),
 }
 FACT_FIELDS = (*FIELDS, "group")
@@ -106,8 +154,13 @@ def build_facts_suite(seed: int, cfg: FactsConfig) -> tuple[datasets.Dataset, da
             value = rng.choice(values)
 
             def row(phrasing: str) -> dict[str, str]:
-                return {"instruction": INSTRUCTION, "input": phrasing.format(name=name), "output": value,
-                        "category": attribute, "group": group}
+                return {
+                    "instruction": INSTRUCTION,
+                    "input": phrasing.format(name=name),
+                    "output": value,
+                    "category": attribute,
+                    "group": group,
+                }
 
             train_rows.extend(row(phrasings[i]) for i in range(cfg.train_phrasings))
             test_rows.append(row(phrasings[HELD_OUT_PHRASING]))

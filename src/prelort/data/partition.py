@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
 
 from ..config import PartitionConfig
 from .templates import DataError

@@ -113,11 +113,28 @@ def get(name: str) -> EngineSpec:
     return _REGISTRY[name]
 
 
-register(EngineSpec("inprocess", "The clients in turn in this process (the embedded default).",
-                    build="prelort.engines.inprocess:InProcessEngine"))
-register(EngineSpec("flower-sim", "Flower's simulation runtime on this machine: one SuperNode per client.",
-                    launch="prelort.apps.launch:run_on_flower", secure_aggregation=True))
-register(EngineSpec("flower", "A deployed Flower SuperLink with SuperNodes (docs/deployment.md).",
-                    launch="prelort.apps.launch:run_on_flower", secure_aggregation=True))
+register(
+    EngineSpec(
+        "inprocess",
+        "The clients in turn in this process (the embedded default).",
+        build="prelort.engines.inprocess:InProcessEngine",
+    )
+)
+register(
+    EngineSpec(
+        "flower-sim",
+        "Flower's simulation runtime on this machine: one SuperNode per client.",
+        launch="prelort.apps.launch:run_on_flower",
+        secure_aggregation=True,
+    )
+)
+register(
+    EngineSpec(
+        "flower",
+        "A deployed Flower SuperLink with SuperNodes (docs/deployment.md).",
+        launch="prelort.apps.launch:run_on_flower",
+        secure_aggregation=True,
+    )
+)
 
 __all__ = ["EngineSpec", "available", "get", "register", "unregister"]

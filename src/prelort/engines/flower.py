@@ -64,15 +64,23 @@ class NodeDirectory:
                 log.warning("SuperNode %d (client %d) left the federation", node, self.client_of.pop(node))
             new = sorted(live - set(self.client_of) - set(self.ignored))
             if new:
-                messages = [Message(records.encode_hello(), dst_node_id=n, message_type=MessageType.QUERY,
-                                    ttl=self.hello_timeout) for n in new]
+                messages = [
+                    Message(
+                        records.encode_hello(), dst_node_id=n, message_type=MessageType.QUERY, ttl=self.hello_timeout
+                    )
+                    for n in new
+                ]
                 for reply in self.grid.send_and_receive(messages, timeout=self.hello_timeout):
                     self._learn(reply)
             missing = wanted - self.clients()
             if not missing or time.monotonic() >= deadline:
                 if missing:
-                    log.warning("no SuperNode holds partition(s) %s after waiting %.0f s (flower.node_wait); "
-                                "those clients fail this round", sorted(missing), wait)
+                    log.warning(
+                        "no SuperNode holds partition(s) %s after waiting %.0f s (flower.node_wait); "
+                        "those clients fail this round",
+                        sorted(missing),
+                        wait,
+                    )
                 return missing
             if not announced:
                 log.info("waiting for SuperNodes holding partition(s) %s (up to %.0f s)", sorted(missing), wait)
@@ -96,8 +104,10 @@ class NodeDirectory:
                 self.ignored[node] = f"partition-id={pid} is not in 0..{self.num_clients - 1}"
             elif (other := self.node_of(pid)) is not None:
                 # Loud: without SuperNode authentication either node may be an impostor (docs/deployment.md).
-                self.ignored[node] = (f"partition-id={pid} is already held by SuperNode {other}; two nodes claim "
-                                      f"client {pid} - check which one is genuine")
+                self.ignored[node] = (
+                    f"partition-id={pid} is already held by SuperNode {other}; two nodes claim "
+                    f"client {pid} - check which one is genuine"
+                )
             else:
                 self.client_of[node] = pid
                 log.info("SuperNode %d holds client %d", node, pid)
@@ -112,8 +122,9 @@ class GridEngine:
         self.grid = grid
         self.cfg = cfg
         self.config_json = config_json
-        self.nodes = NodeDirectory(grid, cfg.clients.num,
-                                   hello_timeout=min(HELLO_TIMEOUT, cfg.flower.round_timeout, cfg.flower.node_wait))
+        self.nodes = NodeDirectory(
+            grid, cfg.clients.num, hello_timeout=min(HELLO_TIMEOUT, cfg.flower.round_timeout, cfg.flower.node_wait)
+        )
         self.round_seconds: list[float] = []
 
     def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]:
@@ -130,10 +141,14 @@ class GridEngine:
             if node is None:
                 results[task.client] = ClientFailed(task.client, f"no SuperNode holds partition {task.client}")
                 continue
-            content = records.encode_task(task.round, task.client, task.rank, task.seed, task.plan, task.broadcast,
-                                          self.config_json)
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
-                                    group_id=str(task.round), ttl=timeout))
+            content = records.encode_task(
+                task.round, task.client, task.rank, task.seed, task.plan, task.broadcast, self.config_json
+            )
+            messages.append(
+                Message(
+                    content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(task.round), ttl=timeout
+                )
+            )
             sent[node] = task
         t0 = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=timeout)) if messages else []
@@ -147,20 +162,24 @@ class GridEngine:
             results[task.client] = self._result(node, task, reply)
         for node, task in sent.items():
             results[task.client] = ClientFailed(
-                task.client, f"SuperNode {node} sent no reply within {timeout:g} s (flower.round_timeout)")
+                task.client, f"SuperNode {node} sent no reply within {timeout:g} s (flower.round_timeout)"
+            )
         return [results[t.client] for t in tasks]
 
     @staticmethod
     def _result(node: int, task: ClientTask, reply) -> ClientUpdate | Exception:
         if reply.has_error():
-            return ClientFailed(task.client, f"SuperNode {node} replied with error {reply.error.code}: "
-                                             f"{reply.error.reason}")
+            return ClientFailed(
+                task.client, f"SuperNode {node} replied with error {reply.error.code}: {reply.error.reason}"
+            )
         try:
             update = records.decode_reply(reply.content)
         except UpdateRejected as e:
             e.client = task.client  # type: ignore[attr-defined]  # Federation logs who sent it
             return e
         if update.client != task.client:
-            return ClientFailed(task.client, f"SuperNode {node} holds client {task.client} but its update "
-                                             f"declares client {update.client}")
+            return ClientFailed(
+                task.client,
+                f"SuperNode {node} holds client {task.client} but its update declares client {update.client}",
+            )
         return update

@@ -71,8 +71,9 @@ def _make_strategy(fitins_by_node: dict[int, Any], captured: dict[str, Any]):
 
         def aggregate_fit(self, server_round, results, failures):
             captured["arrays"] = parameters_to_ndarrays(results[0][1].parameters) if results else None
-            captured["results"] = [(int(proxy.node_id), int(res.num_examples), dict(res.metrics))
-                                   for proxy, res in results]
+            captured["results"] = [
+                (int(proxy.node_id), int(res.num_examples), dict(res.metrics)) for proxy, res in results
+            ]
             captured["failures"] = [_failure_text(f) for f in failures]
             return None, {}  # prelort keeps the state; nothing for the workflow to store
 
@@ -108,9 +109,18 @@ class SecAggGridEngine(GridEngine):
     ServerApp's Context (the legacy workflow wraps it in a ``LegacyContext``).
     """
 
-    def __init__(self, grid, cfg: Config, config_json: str, context, layout_of: Callable[[], SecAggLayout],
-                 max_weight: float, *, clipping_range: float = SECAGG_CLIPPING_RANGE,
-                 quantization_range: int = SECAGG_QUANTIZATION_RANGE):
+    def __init__(
+        self,
+        grid,
+        cfg: Config,
+        config_json: str,
+        context,
+        layout_of: Callable[[], SecAggLayout],
+        max_weight: float,
+        *,
+        clipping_range: float = SECAGG_CLIPPING_RANGE,
+        quantization_range: int = SECAGG_QUANTIZATION_RANGE,
+    ):
         super().__init__(grid, cfg, config_json)
         self.context = context
         self.layout_of = layout_of
@@ -133,15 +143,26 @@ class SecAggGridEngine(GridEngine):
             if node is None:
                 agg.failed[task.client] = f"no SuperNode holds partition {task.client}"
                 continue
-            arrays, config = records.encode_secagg_task(task.round, task.client, task.rank, task.seed, task.plan,
-                                                        task.broadcast, self.config_json, layout_json,
-                                                        self.max_weight, self.clipping_range)
+            arrays, config = records.encode_secagg_task(
+                task.round,
+                task.client,
+                task.rank,
+                task.seed,
+                task.plan,
+                task.broadcast,
+                self.config_json,
+                layout_json,
+                self.max_weight,
+                self.clipping_range,
+            )
             fitins_by_node[node] = FitIns(ndarrays_to_parameters(arrays), config)
             task_of_node[node] = task
         if len(fitins_by_node) < 3:
             for task in task_of_node.values():
-                agg.failed[task.client] = (f"SecAgg+ not started: only {len(fitins_by_node)} sampled client(s) have a "
-                                           "SuperNode, at least 3 are needed to hide one update")
+                agg.failed[task.client] = (
+                    f"SecAgg+ not started: only {len(fitins_by_node)} sampled client(s) have a "
+                    "SuperNode, at least 3 are needed to hide one update"
+                )
             return agg
         captured: dict[str, Any] = {}
         t0 = time.perf_counter()
@@ -157,18 +178,26 @@ class SecAggGridEngine(GridEngine):
         from flwr.server import LegacyContext, ServerConfig
         from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-        legacy = LegacyContext(context=self.context, config=ServerConfig(num_rounds=1),
-                               strategy=_make_strategy(fitins_by_node, captured))
+        legacy = LegacyContext(
+            context=self.context, config=ServerConfig(num_rounds=1), strategy=_make_strategy(fitins_by_node, captured)
+        )
         # Clients report n_k = round(w_k / W * WEIGHT_UNITS) (<= WEIGHT_UNITS) as num_examples, so the
         # workflow's max_weight is WEIGHT_UNITS and rho_k = n_k / WEIGHT_UNITS exactly (see secagg.py).
-        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-            num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD, max_weight=WEIGHT_UNITS,
-            clipping_range=self.clipping_range, quantization_range=self.quantization_range,
-            timeout=self.cfg.flower.round_timeout))
+        workflow = DefaultWorkflow(
+            fit_workflow=SecAggPlusWorkflow(
+                num_shares=NUM_SHARES,
+                reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
+                max_weight=WEIGHT_UNITS,
+                clipping_range=self.clipping_range,
+                quantization_range=self.quantization_range,
+                timeout=self.cfg.flower.round_timeout,
+            )
+        )
         workflow(self.grid, legacy)
 
-    def _collect(self, agg: SecureAggregate, captured: dict[str, Any],
-                 task_of_node: dict[int, ClientTask]) -> SecureAggregate:
+    def _collect(
+        self, agg: SecureAggregate, captured: dict[str, Any], task_of_node: dict[int, ClientTask]
+    ) -> SecureAggregate:
         """Map SecAgg+'s results back to prelort clients; every sampled client not in the sum is failed."""
         in_sum: set[int] = set()
         if captured.get("arrays") is not None:
@@ -180,8 +209,12 @@ class SecAggGridEngine(GridEngine):
                     continue
                 claimed = metrics.get("client")
                 if claimed != task.client:
-                    log.warning("SuperNode %d holds client %d but its SecAgg+ metrics claim client %r", node,
-                                task.client, claimed)
+                    log.warning(
+                        "SuperNode %d holds client %d but its SecAgg+ metrics claim client %r",
+                        node,
+                        task.client,
+                        claimed,
+                    )
                 try:
                     meta = json.loads(str(metrics.get("meta", "{}")))
                 except ValueError:
@@ -206,8 +239,10 @@ class SecAggGridEngine(GridEngine):
         for node, task in task_of_node.items():
             if task.client in in_sum:
                 continue
-            timed_out = (f"SuperNode {node} dropped out of SecAgg+ (no reply within flower.round_timeout="
-                         f"{self.cfg.flower.round_timeout:g} s)")
+            timed_out = (
+                f"SuperNode {node} dropped out of SecAgg+ (no reply within flower.round_timeout="
+                f"{self.cfg.flower.round_timeout:g} s)"
+            )
             reasons = by_client.get(task.client) or unattributed or [timed_out]
             agg.failed[task.client] = "; ".join(dict.fromkeys(reasons))  # the workflow lists a failure twice
         return agg

@@ -5,6 +5,7 @@ Each client's update crosses the same wire format as on Flower (safetensors byte
 replies and the server decodes and validates them (:meth:`prelort.federation.Federation.end_round`),
 so an in-process run exercises exactly the server path that untrusted remote clients meet.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ class InProcessEngine:
 
     def execute(self, tasks: Sequence[ClientTask]) -> list[EngineResult]:
         results: list[EngineResult] = []
-        for task in tqdm(tasks, desc=f"round {tasks[0].round if tasks else '?'} clients", leave=False,
-                         disable=not self.progress):
+        for task in tqdm(
+            tasks, desc=f"round {tasks[0].round if tasks else '?'} clients", leave=False, disable=not self.progress
+        ):
             try:
                 update = self.runner.run(task)
                 if self.wire:

@@ -46,8 +46,12 @@ class Credentials:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "prelort test federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "prelort test federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -68,12 +72,14 @@ def _write(path: Path, data: bytes, private: bool = False) -> Path:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def make_certificates(out_dir: str | Path, supernodes: int = 2, hosts: Sequence[str] = (),
-                      days: int = 365) -> Credentials:
+def make_certificates(
+    out_dir: str | Path, supernodes: int = 2, hosts: Sequence[str] = (), days: int = 365
+) -> Credentials:
     """Write a CA, a SuperLink certificate for ``localhost/127.0.0.1/::1`` + ``hosts``, and
     ``supernodes`` SuperNode key pairs into ``out_dir`` (created). Returns their paths."""
     if supernodes < 0:
@@ -88,13 +94,27 @@ def make_certificates(out_dir: str | Path, supernodes: int = 2, hosts: Sequence[
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("prelort test CA")).issuer_name(_name("prelort test CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(until)
+        .subject_name(_name("prelort test CA"))
+        .issuer_name(_name("prelort test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
@@ -102,9 +122,12 @@ def make_certificates(out_dir: str | Path, supernodes: int = 2, hosts: Sequence[
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("prelort SuperLink")).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(until)
+        .subject_name(_name("prelort SuperLink"))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
         .add_extension(_san([*DEFAULT_HOSTS, *hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -128,8 +151,9 @@ def make_supernode_key(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     pub_path = path.with_name(path.name + ".pub")
     return _write(path, private, private=True), _write(pub_path, public + b"\n")
@@ -138,11 +162,16 @@ def make_supernode_key(path: str | Path) -> tuple[Path, Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m prelort.flower.certs",
-        description="Make test TLS certificates (CA, SuperLink) and SuperNode authentication keys.")
+        description="Make test TLS certificates (CA, SuperLink) and SuperNode authentication keys.",
+    )
     parser.add_argument("out_dir", help="directory to write ca.crt, server.pem, server.key, supernode_K[.pub]")
     parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNode key pairs (default 2)")
-    parser.add_argument("--host", action="append", default=[],
-                        help="extra DNS name or IP address of the SuperLink for the certificate (repeatable)")
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="extra DNS name or IP address of the SuperLink for the certificate (repeatable)",
+    )
     parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     args = parser.parse_args(argv)
     try:

@@ -82,8 +82,9 @@ def tensors_to_record(tensors: dict[str, Tensor]):
     """An ArrayRecord of float32 ``Array(ndarray)`` (Flower refuses bare ndarrays in ArrayRecord)."""
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({name: Array(t.detach().to("cpu", torch.float32).contiguous().numpy())
-                        for name, t in tensors.items()})
+    return ArrayRecord(
+        {name: Array(t.detach().to("cpu", torch.float32).contiguous().numpy()) for name, t in tensors.items()}
+    )
 
 
 def record_to_tensors(record) -> dict[str, Tensor]:
@@ -106,28 +107,35 @@ def plan_from_json(text: str) -> TrainPlan:
         extra = d.get("extra") or {}
         if not isinstance(extra, dict):
             raise TypeError(f"extra is a {type(extra).__name__}, not an object")
-        return TrainPlan(rank=int(d["rank"]), truncations=tuple(int(t) for t in d["truncations"]),
-                         mode=d.get("mode", "off"), extra=extra)
+        return TrainPlan(
+            rank=int(d["rank"]),
+            truncations=tuple(int(t) for t in d["truncations"]),
+            mode=d.get("mode", "off"),
+            extra=extra,
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise BadTask(f"task plan is not a TrainPlan: {e}") from None
 
 
 # -- the task (server -> client) ------------------------------------------------------------------------------
-def encode_task(round_: int, client: int, rank: int, seed: int, plan: TrainPlan, broadcast: Broadcast,
-                config_json: str) -> "RecordDict":
+def encode_task(
+    round_: int, client: int, rank: int, seed: int, plan: TrainPlan, broadcast: Broadcast, config_json: str
+) -> RecordDict:
     """The RecordDict of one client's TRAIN message."""
     from flwr.app import ConfigRecord, RecordDict
 
-    content = RecordDict({
-        TASK: ConfigRecord({"format": TASK_FORMAT, **_task_fields(round_, client, rank, seed, plan, config_json)}),
-        ADAPTER: tensors_to_record(broadcast.adapter),
-    })
+    content = RecordDict(
+        {
+            TASK: ConfigRecord({"format": TASK_FORMAT, **_task_fields(round_, client, rank, seed, plan, config_json)}),
+            ADAPTER: tensors_to_record(broadcast.adapter),
+        }
+    )
     if broadcast.base_delta is not None:
         content[BASE_DELTA] = tensors_to_record(broadcast.base_delta)
     return content
 
 
-def decode_task(content: "RecordDict") -> DecodedTask:
+def decode_task(content: RecordDict) -> DecodedTask:
     """The task in a TRAIN message; raises :class:`BadTask` naming what is missing or malformed."""
     if TASK not in content.config_records:
         raise BadTask(f"message has no {TASK!r} ConfigRecord (records: {sorted(content)})")
@@ -138,8 +146,7 @@ def decode_task(content: "RecordDict") -> DecodedTask:
     if ADAPTER not in content.array_records:
         raise BadTask(f"message has no {ADAPTER!r} ArrayRecord")
     adapter = record_to_tensors(content.array_records[ADAPTER])
-    base_delta = (record_to_tensors(content.array_records[BASE_DELTA])
-                  if BASE_DELTA in content.array_records else None)
+    base_delta = record_to_tensors(content.array_records[BASE_DELTA]) if BASE_DELTA in content.array_records else None
     return _decoded_task(rec, Broadcast(adapter, base_delta), "task")
 
 
@@ -148,8 +155,14 @@ _TASK_FIELDS = ("round", "client", "rank", "seed", "plan", "config")
 
 def _task_fields(round_: int, client: int, rank: int, seed: int, plan: TrainPlan, config_json: str) -> dict[str, Any]:
     """The fields every task carries, whichever way it travels (ConfigRecord or legacy FitIns config)."""
-    return {"round": int(round_), "client": int(client), "rank": int(rank), "seed": int(seed),
-            "plan": plan_to_json(plan), "config": config_json}
+    return {
+        "round": int(round_),
+        "client": int(client),
+        "rank": int(rank),
+        "seed": int(seed),
+        "plan": plan_to_json(plan),
+        "config": config_json,
+    }
 
 
 def _require_fields(rec: Any, fields: tuple[str, ...], what: str) -> None:
@@ -164,25 +177,34 @@ def _decoded_task(rec: Any, broadcast: Broadcast, what: str) -> DecodedTask:
         config = json.loads(str(rec["config"]))
     except ValueError as e:
         raise BadTask(f"{what} config is not JSON: {e}") from None
-    return DecodedTask(round=int(rec["round"]), client=int(rec["client"]), rank=int(rec["rank"]),
-                       seed=int(rec["seed"]), plan=plan_from_json(str(rec["plan"])),
-                       broadcast=broadcast, config=config, config_json=str(rec["config"]))
+    return DecodedTask(
+        round=int(rec["round"]),
+        client=int(rec["client"]),
+        rank=int(rec["rank"]),
+        seed=int(rec["seed"]),
+        plan=plan_from_json(str(rec["plan"])),
+        broadcast=broadcast,
+        config=config,
+        config_json=str(rec["config"]),
+    )
 
 
 # -- the update (client -> server) ---------------------------------------------------------------------------
-def encode_reply(update: ClientUpdate) -> "RecordDict":
+def encode_reply(update: ClientUpdate) -> RecordDict:
     """The RecordDict of a TRAIN reply: safetensors bytes + JSON metadata (prelort's wire format)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     data, meta = encode_update(update)
     payload = Array(dtype="uint8", shape=(len(data),), stype=SAFETENSORS_STYPE, data=data)
-    return RecordDict({
-        UPDATE: ArrayRecord({"safetensors": payload}),
-        UPDATE_META: ConfigRecord({"format": UPDATE_FORMAT, "meta": json.dumps(meta, allow_nan=False)}),
-    })
+    return RecordDict(
+        {
+            UPDATE: ArrayRecord({"safetensors": payload}),
+            UPDATE_META: ConfigRecord({"format": UPDATE_FORMAT, "meta": json.dumps(meta, allow_nan=False)}),
+        }
+    )
 
 
-def decode_reply(content: "RecordDict") -> ClientUpdate:
+def decode_reply(content: RecordDict) -> ClientUpdate:
     """The ClientUpdate in a TRAIN reply; raises :class:`UpdateRejected` (the same reasons as for a file)."""
     if UPDATE_META not in content.config_records:
         raise UpdateRejected("missing_metadata", f"reply has no {UPDATE_META!r} ConfigRecord")
@@ -213,9 +235,18 @@ class SecAggTask:
     clipping_range: float
 
 
-def encode_secagg_task(round_: int, client: int, rank: int, seed: int, plan: TrainPlan, broadcast: Broadcast,
-                       config_json: str, layout_json: str, max_weight: float, clipping_range: float
-                       ) -> tuple[list[np.ndarray], dict[str, Any]]:
+def encode_secagg_task(
+    round_: int,
+    client: int,
+    rank: int,
+    seed: int,
+    plan: TrainPlan,
+    broadcast: Broadcast,
+    config_json: str,
+    layout_json: str,
+    max_weight: float,
+    clipping_range: float,
+) -> tuple[list[np.ndarray], dict[str, Any]]:
     """``(parameters, config)`` of one client's legacy FitIns: the broadcast tensors as float32 ndarrays in
     the order of their sorted names, and a flat config with the same fields as ``prelort.task`` plus
     ``names`` (JSON list), ``layout``, ``max_weight`` and ``clipping_range``."""
@@ -223,9 +254,14 @@ def encode_secagg_task(round_: int, client: int, rank: int, seed: int, plan: Tra
         raise ValueError("a secure-aggregation task cannot carry a base delta (sum-aggregatable methods send none)")
     names = sorted(broadcast.adapter)
     arrays = [broadcast.adapter[n].detach().to("cpu", torch.float32).contiguous().numpy() for n in names]
-    config = {"format": SECAGG_TASK_FORMAT, **_task_fields(round_, client, rank, seed, plan, config_json),
-              "names": json.dumps(names), "layout": layout_json, "max_weight": float(max_weight),
-              "clipping_range": float(clipping_range)}
+    config = {
+        "format": SECAGG_TASK_FORMAT,
+        **_task_fields(round_, client, rank, seed, plan, config_json),
+        "names": json.dumps(names),
+        "layout": layout_json,
+        "max_weight": float(max_weight),
+        "clipping_range": float(clipping_range),
+    }
     return arrays, config
 
 
@@ -261,7 +297,7 @@ def encode_hello_reply(node_config: dict[str, Any]):
     return RecordDict({HELLO: ConfigRecord({"format": HELLO_FORMAT, PARTITION_ID: pid, NUM_PARTITIONS: num})})
 
 
-def decode_hello_reply(content: "RecordDict") -> tuple[int, int]:
+def decode_hello_reply(content: RecordDict) -> tuple[int, int]:
     if HELLO not in content.config_records:
         raise ValueError(f"hello reply has no {HELLO!r} ConfigRecord")
     rec = content.config_records[HELLO]
@@ -275,10 +311,14 @@ def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` of a node; a clear error if the node was started without them."""
     missing = [k for k in (PARTITION_ID, NUM_PARTITIONS) if k not in node_config]
     if missing:
-        raise ValueError(f"SuperNode node_config lacks {missing}: start it with "
-                         f"--node-config \"partition-id=K num-partitions=N\" (K = the prelort client id)")
+        raise ValueError(
+            f"SuperNode node_config lacks {missing}: start it with "
+            f'--node-config "partition-id=K num-partitions=N" (K = the prelort client id)'
+        )
     try:
         return int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     except (TypeError, ValueError):
-        raise ValueError(f"SuperNode node_config partition-id={node_config[PARTITION_ID]!r} "
-                         f"num-partitions={node_config[NUM_PARTITIONS]!r} are not integers") from None
+        raise ValueError(
+            f"SuperNode node_config partition-id={node_config[PARTITION_ID]!r} "
+            f"num-partitions={node_config[NUM_PARTITIONS]!r} are not integers"
+        ) from None

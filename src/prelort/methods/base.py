@@ -243,11 +243,14 @@ class Method(ABC):
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__.get("sum_aggregatable")
         if declared is not None and bool(declared) != (cls.sum_rule is not None):
-            raise TypeError(f"{cls.__name__}: sum_aggregatable follows from sum_rule; set sum_rule "
-                            "('segment' or 'padded') instead of declaring it")
+            raise TypeError(
+                f"{cls.__name__}: sum_aggregatable follows from sum_rule; set sum_rule "
+                "('segment' or 'padded') instead of declaring it"
+            )
         if cls.sum_rule is not None and cls.sum_rule not in get_args(SumRule):
-            raise TypeError(f"{cls.__name__}: sum_rule must be one of {', '.join(get_args(SumRule))} or None, "
-                            f"got {cls.sum_rule!r}")
+            raise TypeError(
+                f"{cls.__name__}: sum_rule must be one of {', '.join(get_args(SumRule))} or None, got {cls.sum_rule!r}"
+            )
         cls.sum_aggregatable = cls.sum_rule is not None
 
     def __init__(self, spec: FederationSpec):
@@ -350,8 +353,9 @@ class Method(ABC):
         none. Default (weights = numbers of examples): a client holds at most ``total_examples``."""
         return float(total_examples)
 
-    def finish_sums(self, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
-                    ) -> dict[str, Tensor]:
+    def finish_sums(
+        self, state: GlobalState, num: Mapping[str, Tensor], den: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """The new global tensors from the (plain, noised or securely aggregated) sums, by :attr:`sum_rule`
         (:func:`prelort.factor_sums.finish_from_sums`, the one finish of a plain round, DP and SecAgg+):
         ``segment``: N_i / D_i where D_i > 0, else the previous value; ``padded``: N / D_0 (previous if D_0 = 0).
@@ -372,6 +376,8 @@ class Method(ABC):
         tier changes base weights must override it: a PEFT adapter holds no base-weight delta."""
         b = self.tier(state, t)
         if b.base_delta:
-            raise ValueError(f"method {self.name!r}: tier {t} changes the base weights, which a LoRA adapter cannot "
-                             "hold; the method must define export_adapter")
+            raise ValueError(
+                f"method {self.name!r}: tier {t} changes the base weights, which a LoRA adapter cannot "
+                "hold; the method must define export_adapter"
+            )
         return b.adapter

@@ -55,7 +55,5 @@ class FedIT(SumRuleMethod):
     def contributed_factors(self, update: ClientUpdate) -> list[tuple[str, Tensor, Tensor]]:
         """The whole adapter, which must be at rank r_min."""
         if update.rank != self.rank:
-            raise ValueError(
-                f"client {update.client}: FedIT trains rank {self.rank}, update has rank {update.rank}"
-            )
+            raise ValueError(f"client {update.client}: FedIT trains rank {self.rank}, update has rank {update.rank}")
         return list(client_factors(self.spec, update, max_rank=self.rank))

@@ -148,8 +148,12 @@ class HetLoRA(ZeroPadding):
         start = max(1, math.ceil(self.gamma * base.rank - 1e-9))
         if start >= base.rank:
             return base  # empty tail: nothing to regularise or prune at this rank
-        return TrainPlan(rank=base.rank, truncations=base.truncations, mode="off",
-                         extra={"prune_start": start, "prune_lam": self.lam})
+        return TrainPlan(
+            rank=base.rank,
+            truncations=base.truncations,
+            mode="off",
+            extra={"prune_start": start, "prune_lam": self.lam},
+        )
 
     # -- the client side: self-pruning and its pruned_to -------------------------------------------------
     def local_training(self, plan: TrainPlan) -> LocalTraining:
@@ -167,8 +171,9 @@ class HetLoRA(ZeroPadding):
     def check_update(self, update: ClientUpdate) -> None:
         pruned = update.meta.get("pruned_to")
         if pruned is not None and not _is_rank_within(pruned, update.rank):
-            raise ValueError(f"extra.pruned_to = {pruned!r}: HetLoRA needs an integer in [1, {update.rank}] "
-                             "(the update's rank)")
+            raise ValueError(
+                f"extra.pruned_to = {pruned!r}: HetLoRA needs an integer in [1, {update.rank}] (the update's rank)"
+            )
 
     def check_clear_meta(self, meta: Mapping[str, Any], rank: int) -> dict[str, str]:
         pruned = meta.get("pruned_to")

@@ -106,9 +106,7 @@ def prefix_adapter(spec: FederationSpec, state: GlobalState, rank: int) -> dict[
     return {name: x.to(torch.float32).clone() for name, x in adapter_prefix(factors, rank).items()}
 
 
-def module_lora_init(
-    spec: FederationSpec, module: str, rank: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
+def module_lora_init(spec: FederationSpec, module: str, rank: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """PEFT's default init (A kaiming-uniform, B = 0) for one module, via :func:`lora_init`."""
     one = FederationSpec(modules={module: spec.modules[module]}, client_ranks=spec.client_ranks, alpha=spec.alpha)
     init = lora_init(one, rank, generator)
@@ -141,9 +139,14 @@ def add_factors(sums: FactorSums, factors: Iterable[tuple[str, Tensor, Tensor]],
     sums.add(tensors, weight)
 
 
-def fold_updates(method: Method, shapes: Mapping[str, Sequence[int]], updates: Iterable[ClientUpdate],
-                 weights: Sequence[float] | None = None, *, device=None
-                 ) -> tuple[FactorSums, list[tuple[int, dict[str, Any]]]]:
+def fold_updates(
+    method: Method,
+    shapes: Mapping[str, Sequence[int]],
+    updates: Iterable[ClientUpdate],
+    weights: Sequence[float] | None = None,
+    *,
+    device=None,
+) -> tuple[FactorSums, list[tuple[int, dict[str, Any]]]]:
     """A round's two padded sums over the global factors ``shapes`` (name -> shape): each update's
     ``method.contributed_factors`` (which checks it) folded in with weight ``method.client_weight`` - or, given
     ``weights`` (one per update), with those (client-level DP: 1) - and the (client, metadata) pairs

@@ -14,11 +14,9 @@ same way in comparisons (mean and sample standard deviation); how it pools the e
 evaluation is its own ``compute``.
 """
 
-from .base import EvalResults, Metric, available, compute, get, names, register, unregister
-from .base import RECORD_FIELDS
-
 # The built-in metrics, imported here in the order records and tables have always listed them (each registers
 # itself on import).
-from . import accuracy, rouge_l, perplexity  # noqa: E402,F401,I001
+from . import accuracy, perplexity, rouge_l  # noqa: E402,F401,I001
+from .base import RECORD_FIELDS, EvalResults, Metric, available, compute, get, names, register, unregister
 
 __all__ = ["RECORD_FIELDS", "EvalResults", "Metric", "available", "compute", "get", "names", "register", "unregister"]

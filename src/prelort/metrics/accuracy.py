@@ -10,7 +10,15 @@ def _accuracy(results: EvalResults) -> float:
     return sum(ex["correct"] for ex in results.examples) / len(results.examples)
 
 
-ACCURACY = register(Metric(
-    name="accuracy", compute=_accuracy, header="accuracy", title="accuracy (exact match)", short="acc", digits=3,
-    bounds=(0.0, 1.0), higher_is_better=True,
-))
+ACCURACY = register(
+    Metric(
+        name="accuracy",
+        compute=_accuracy,
+        header="accuracy",
+        title="accuracy (exact match)",
+        short="acc",
+        digits=3,
+        bounds=(0.0, 1.0),
+        higher_is_better=True,
+    )
+)

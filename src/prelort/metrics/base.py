@@ -52,8 +52,12 @@ class Metric:
     def check(self, value: Any) -> str | None:
         """None when ``value`` is null or a valid number; else the problem (``prelort check``'s words)."""
         low, high = self.bounds
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                             and math.isfinite(value) and low <= value <= high):
+        if value is None or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and low <= value <= high
+        ):
             return None
         # a range with no upper end names the value alone (the words prelort check has always used)
         return f"{self.name}={value!r}" + (f" not in [{low:g}, {high:g}]" if math.isfinite(high) else "")

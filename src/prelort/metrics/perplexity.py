@@ -16,7 +16,16 @@ def _perplexity(results: EvalResults) -> float:
     return math.exp(-sum(ex["loglik"] for ex in results.examples) / total_tokens)
 
 
-PERPLEXITY = register(Metric(
-    name="perplexity", compute=_perplexity, header="perplexity", title="perplexity", short="ppl", digits=2,
-    bounds=(1.0, math.inf), higher_is_better=False, log_axis=True,
-))
+PERPLEXITY = register(
+    Metric(
+        name="perplexity",
+        compute=_perplexity,
+        header="perplexity",
+        title="perplexity",
+        short="ppl",
+        digits=2,
+        bounds=(1.0, math.inf),
+        higher_is_better=False,
+        log_axis=True,
+    )
+)

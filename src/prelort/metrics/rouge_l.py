@@ -23,7 +23,15 @@ def _rouge_l(results: EvalResults) -> float | None:
     return sum(rouge_l(p or "", r) for p, r in pairs) / len(results.examples)
 
 
-ROUGE_L = register(Metric(
-    name="rougeL", compute=_rouge_l, header="ROUGE-L", title="ROUGE-L F1", short="rL", digits=3,
-    bounds=(0.0, 1.0), higher_is_better=True,
-))
+ROUGE_L = register(
+    Metric(
+        name="rougeL",
+        compute=_rouge_l,
+        header="ROUGE-L",
+        title="ROUGE-L F1",
+        short="rL",
+        digits=3,
+        bounds=(0.0, 1.0),
+        higher_is_better=True,
+    )
+)

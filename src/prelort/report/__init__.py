@@ -11,11 +11,12 @@ The package: :mod:`.reading` (run directories into records; the ``metrics.jsonl`
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..metrics import available as available_metrics
+from ..rundir import RunDir
 from .plots import (
     _plot_comparison_bars,
     _plot_comparison_truncation,
@@ -24,7 +25,6 @@ from .plots import (
     _plot_train_loss,
     _plot_truncation,
 )
-from ..rundir import RunDir
 from .reading import EVAL_KINDS, EvalRecord, ReportError, RunMetrics, TrainRecord, read_run
 from .tables import (
     ComparisonRow,
@@ -78,8 +78,10 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     _write_csv(
         summary,
         summary_columns(),
-        ([r.method, r.seed, r.round, r.rank, r.kind, *(r.metric(m.name) for m in available_metrics()),
-         r.n] for r in run.evals),
+        (
+            [r.method, r.seed, r.round, r.rank, r.kind, *(r.metric(m.name) for m in available_metrics()), r.n]
+            for r in run.evals
+        ),
     )
     plots_dir = RunDir(run_path).plots_dir
     plots_dir.mkdir(exist_ok=True)
@@ -107,8 +109,8 @@ def write_run_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "n_eval_records": len(run.evals),
         "n_train_records": len(run.trains),
         "final_round": run.final_round,
-        "final_table": final_round_table(run) + (f"\n\naccuracy per category:\n{cats}" if (cats := category_table(run))
-                                                 else ""),
+        "final_table": final_round_table(run)
+        + (f"\n\naccuracy per category:\n{cats}" if (cats := category_table(run)) else ""),
         "messages": messages,
     }
 
@@ -131,19 +133,30 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
         out / "comparison.csv",
         comparison_columns(),
         (
-            [row.method, row.kind, row.rank, ";".join(map(str, row.rounds)), row.n_runs,
-             ";".join("" if s is None else str(s) for s in row.seeds)]
+            [
+                row.method,
+                row.kind,
+                row.rank,
+                ";".join(map(str, row.rounds)),
+                row.n_runs,
+                ";".join("" if s is None else str(s) for s in row.seeds),
+            ]
             + [v for m in available_metrics() for v in (row.mean[m.name], row.std[m.name])]
             for row in rows
         ),
     )
     table = comparison_markdown(rows)
     notes = [f"- {run.run_dir}: {w}" for run in runs for w in run.warnings]
-    notes += [f"- {run.run_dir} ({run.label}): no tier records yet, left out of the method rows"
-              for run in runs if run.final_round is None]
+    notes += [
+        f"- {run.run_dir} ({run.label}): no tier records yet, left out of the method rows"
+        for run in runs
+        if run.final_round is None
+    ]
     md = ["# Comparison of the final round", "", "Runs:", ""]
-    md += [f"- `{run.run_dir}`: {run.label}, final round "
-           f"{'none yet' if run.final_round is None else run.final_round}" for run in runs]
+    md += [
+        f"- `{run.run_dir}`: {run.label}, final round {'none yet' if run.final_round is None else run.final_round}"
+        for run in runs
+    ]
     md += ["", table, ""]
     if notes:
         md += ["Notes:", ""] + notes + [""]

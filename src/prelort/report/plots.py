@@ -89,8 +89,9 @@ def _plot_metrics_by_round(run: RunMetrics, path: Path) -> Path:
             _base_line(ax, run.base.metric(metric.name))
         ax.set_xlabel("round")
         ax.set_title(metric.title)
-        _metric_axis(ax, metric, [r.metric(metric.name) for r in tiers]
-                     + ([run.base.metric(metric.name)] if run.base else []))
+        _metric_axis(
+            ax, metric, [r.metric(metric.name) for r in tiers] + ([run.base.metric(metric.name)] if run.base else [])
+        )
         ax.grid(alpha=0.3)
         _integer_x(ax)
     axes[0].legend(fontsize="small")
@@ -108,8 +109,9 @@ def _plot_truncation(run: RunMetrics, records: list[EvalRecord], source: str, pa
         _log2_x(ax, ts)
         ax.set_xlabel("rank t (prefix kept)")
         ax.set_title(metric.title)
-        _metric_axis(ax, metric, [r.metric(metric.name) for r in records]
-                     + ([run.base.metric(metric.name)] if run.base else []))
+        _metric_axis(
+            ax, metric, [r.metric(metric.name) for r in records] + ([run.base.metric(metric.name)] if run.base else [])
+        )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"{run.label}: {source}")
@@ -122,8 +124,14 @@ def _plot_train_loss(run: RunMetrics, path: Path) -> Path:
     ax.plot(rounds, [t.train_loss for t in run.trains], marker="o")
     rejected = [(t.round, t.train_loss) for t in run.trains if t.rejected]
     if rejected:
-        ax.scatter([p[0] for p in rejected], [p[1] for p in rejected], marker="x", color="red", zorder=3,
-                   label="round with rejected updates")
+        ax.scatter(
+            [p[0] for p in rejected],
+            [p[1] for p in rejected],
+            marker="x",
+            color="red",
+            zorder=3,
+            label="round with rejected updates",
+        )
         ax.legend(fontsize="small")
     ax.set_xlabel("round")
     ax.set_ylabel("train loss")
@@ -160,8 +168,11 @@ def _plot_comparison_bars(rows: Sequence[ComparisonRow], metric: Metric, path: P
         by_rank = {int(r.rank): r for r in tier_rows if r.method == method}
         xs = [j + (i - (len(methods) - 1) / 2) * width for j, rank in enumerate(ranks) if rank in by_rank]
         heights = [by_rank[rank].mean[metric.name] for rank in ranks if rank in by_rank]
-        errors = [0.0 if math.isnan(by_rank[rank].std[metric.name]) else by_rank[rank].std[metric.name]
-                  for rank in ranks if rank in by_rank]
+        errors = [
+            0.0 if math.isnan(by_rank[rank].std[metric.name]) else by_rank[rank].std[metric.name]
+            for rank in ranks
+            if rank in by_rank
+        ]
         ax.bar(xs, heights, width=width, yerr=errors, capsize=2, label=method)
     base = next((r for r in rows if r.kind == "base"), None)
     if base is not None:
@@ -169,8 +180,11 @@ def _plot_comparison_bars(rows: Sequence[ComparisonRow], metric: Metric, path: P
     ax.set_xticks(range(len(ranks)))
     ax.set_xticklabels([str(r) for r in ranks])
     ax.set_xlabel("client rank tier")
-    _metric_axis(ax, metric, [r.mean[metric.name] + (0.0 if math.isnan(r.std[metric.name]) else r.std[metric.name])
-                              for r in rows])
+    _metric_axis(
+        ax,
+        metric,
+        [r.mean[metric.name] + (0.0 if math.isnan(r.std[metric.name]) else r.std[metric.name]) for r in rows],
+    )
     ax.set_title(f"{metric.title} at the final round ({_spread([r.n_runs for r in tier_rows])})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncols=2)
@@ -196,8 +210,14 @@ def _plot_comparison_truncation(runs: Sequence[RunMetrics], base: ComparisonRow 
             (line,) = ax.plot(ts, means, marker="o", label=method)
             if any(not math.isnan(s[1]) for s in stats):
                 stds = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-                ax.fill_between(ts, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.fill_between(
+                    ts,
+                    [m - s for m, s in zip(means, stds)],
+                    [m + s for m, s in zip(means, stds)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                    linewidth=0,
+                )
     for ax, metric in zip(axes, available_metrics()):
         if base is not None:
             _base_line(ax, base.mean[metric.name])
@@ -205,8 +225,12 @@ def _plot_comparison_truncation(runs: Sequence[RunMetrics], base: ComparisonRow 
             _log2_x(ax, sorted(all_ts))
         ax.set_xlabel("rank t (prefix kept)")
         ax.set_title(metric.title)
-        _metric_axis(ax, metric, [r.metric(metric.name) for run in runs for r in run.truncation()[0]]
-                     + ([base.mean[metric.name]] if base is not None else []))
+        _metric_axis(
+            ax,
+            metric,
+            [r.metric(metric.name) for run in runs for r in run.truncation()[0]]
+            + ([base.mean[metric.name]] if base is not None else []),
+        )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     seeds_per_method = [len({run.seed for run in runs if run.method == m}) for m in _methods_in_order(runs)]

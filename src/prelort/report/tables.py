@@ -26,8 +26,15 @@ def summary_columns() -> tuple[str, ...]:
 
 def comparison_columns() -> tuple[str, ...]:
     """comparison.csv's columns: ``<metric>_mean``, ``<metric>_std`` of every registered metric."""
-    return ("method", "kind", "rank", "rounds", "n_runs", "seeds",
-            *(f"{m.name}_{stat}" for m in available_metrics() for stat in ("mean", "std")))
+    return (
+        "method",
+        "kind",
+        "rank",
+        "rounds",
+        "n_runs",
+        "seeds",
+        *(f"{m.name}_{stat}" for m in available_metrics() for stat in ("mean", "std")),
+    )
 
 
 def _cell(value: Any) -> str:
@@ -67,8 +74,11 @@ def final_round_table(run: RunMetrics) -> str:
     records = ([run.base] if run.base is not None else []) + run.final_tiers()
     for rec in records:
         tier = _BASE_LABEL if rec.kind == "base" else str(rec.rank)
-        rows.append([tier, str(rec.round)] + [m.format(rec.metric(m.name)) for m in available_metrics()]
-                    + ["" if rec.n is None else str(rec.n)])
+        rows.append(
+            [tier, str(rec.round)]
+            + [m.format(rec.metric(m.name)) for m in available_metrics()]
+            + ["" if rec.n is None else str(rec.n)]
+        )
     table = _markdown(["tier", "round", *(m.header for m in available_metrics()), "n"], rows)
     privacy = privacy_line(run)
     return table if privacy is None else table + "\n\n" + privacy
@@ -96,8 +106,10 @@ def category_table(run: RunMetrics) -> str:
     rows = []
     for rec in records:
         acc = dict(rec.categories)
-        rows.append([_BASE_LABEL if rec.kind == "base" else str(rec.rank), str(rec.round)]
-                    + [accuracy.format(acc.get(c, math.nan)) for c in categories])
+        rows.append(
+            [_BASE_LABEL if rec.kind == "base" else str(rec.rank), str(rec.round)]
+            + [accuracy.format(acc.get(c, math.nan)) for c in categories]
+        )
     return _markdown(["tier", "round", *categories], rows)
 
 
@@ -140,10 +152,13 @@ def _aggregate(method: str, kind: str, rank: int | str, records: list[EvalRecord
     for metric in available_metrics():
         means[metric.name], stds[metric.name] = mean_std([r.metric(metric.name) for r in records])
     return ComparisonRow(
-        method=method, kind=kind, rank=rank,
+        method=method,
+        kind=kind,
+        rank=rank,
         rounds=tuple(sorted({r.round for r in records})),
         seeds=tuple(r.seed for r in records),
-        mean=means, std=stds,
+        mean=means,
+        std=stds,
     )
 
 
@@ -166,11 +181,17 @@ def comparison_rows(runs: Sequence[RunMetrics]) -> list[ComparisonRow]:
     if base_by_seed:
         per_seed = []
         for seed, recs in base_by_seed.items():
-            per_seed.append(EvalRecord(
-                method="base", seed=seed, round=recs[0].round, rank="base", kind="base",
-                values=tuple((m.name, mean_std([r.metric(m.name) for r in recs])[0]) for m in available_metrics()),
-                n=recs[0].n,
-            ))
+            per_seed.append(
+                EvalRecord(
+                    method="base",
+                    seed=seed,
+                    round=recs[0].round,
+                    rank="base",
+                    kind="base",
+                    values=tuple((m.name, mean_std([r.metric(m.name) for r in recs])[0]) for m in available_metrics()),
+                    n=recs[0].n,
+                )
+            )
         rows.append(_aggregate("base", "base", "base", per_seed))
     for method in _methods_in_order(runs):
         by_rank: dict[int, list[EvalRecord]] = {}
@@ -191,6 +212,8 @@ def comparison_markdown(rows: Sequence[ComparisonRow]) -> str:
         tier = _BASE_LABEL if row.kind == "base" else str(row.rank)
         rounds = ",".join(str(r) for r in row.rounds)
         seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
-        table.append([row.method, tier, rounds, seeds]
-                     + [_fmt_mean_std(row.mean[m.name], row.std[m.name], m) for m in available_metrics()])
+        table.append(
+            [row.method, tier, rounds, seeds]
+            + [_fmt_mean_std(row.mean[m.name], row.std[m.name], m) for m in available_metrics()]
+        )
     return _markdown(["method", "tier", "round", "seeds", *(m.header for m in available_metrics())], table)
