@@ -7,16 +7,21 @@ and how tables, plots and the run log show it. Evaluation, training records, ``p
 run-directory reader, tables and plots all iterate :func:`available`, in registration order, which is the
 order of the fields in every record and of the columns in every table.
 
-Adding a metric is one file that builds a :class:`Metric` and passes it to :func:`register` (the built-in
-ones are :mod:`.accuracy`, :mod:`.rouge_l` and :mod:`.perplexity`; tests/metrics/nll.py registers one from
-the test suite); :func:`unregister` removes it again. Every registered metric is averaged over runs the
+Adding a metric is one file that builds a :class:`Metric`, plus its registration: :func:`register` (the
+built-in ones are :mod:`.accuracy`, :mod:`.rouge_l` and :mod:`.perplexity`, registered below in their listed
+order, which no import sorter can change; tests/metrics/nll.py registers one from the test suite); :func:`unregister` removes it again. Every registered metric is averaged over runs the
 same way in comparisons (mean and sample standard deviation); how it pools the examples of one
 evaluation is its own ``compute``.
 """
 
-# The built-in metrics, imported here in the order records and tables have always listed them (each registers
-# itself on import).
-from . import accuracy, perplexity, rouge_l  # noqa: E402,F401,I001
+from .accuracy import ACCURACY
 from .base import RECORD_FIELDS, EvalResults, Metric, available, compute, get, names, register, unregister
+from .perplexity import PERPLEXITY
+from .rouge_l import ROUGE_L
+
+# The built-in metrics, in the order records and tables have always listed them (registration order is the
+# order of the fields in every record and of the columns in every table).
+for _builtin in (ACCURACY, ROUGE_L, PERPLEXITY):
+    register(_builtin)
 
 __all__ = ["RECORD_FIELDS", "EvalResults", "Metric", "available", "compute", "get", "names", "register", "unregister"]

@@ -3,22 +3,20 @@ decoding's normalised exact match, or its teacher-forced equivalent; see :mod:`p
 
 from __future__ import annotations
 
-from .base import EvalResults, Metric, register
+from .base import EvalResults, Metric
 
 
 def _accuracy(results: EvalResults) -> float:
     return sum(ex["correct"] for ex in results.examples) / len(results.examples)
 
 
-ACCURACY = register(
-    Metric(
-        name="accuracy",
-        compute=_accuracy,
-        header="accuracy",
-        title="accuracy (exact match)",
-        short="acc",
-        digits=3,
-        bounds=(0.0, 1.0),
-        higher_is_better=True,
-    )
+ACCURACY = Metric(
+    name="accuracy",
+    compute=_accuracy,
+    header="accuracy",
+    title="accuracy (exact match)",
+    short="acc",
+    digits=3,
+    bounds=(0.0, 1.0),
+    higher_is_better=True,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .base import EvalResults, Metric, register
+from .base import EvalResults, Metric
 
 
 def _perplexity(results: EvalResults) -> float:
@@ -16,16 +16,14 @@ def _perplexity(results: EvalResults) -> float:
     return math.exp(-sum(ex["loglik"] for ex in results.examples) / total_tokens)
 
 
-PERPLEXITY = register(
-    Metric(
-        name="perplexity",
-        compute=_perplexity,
-        header="perplexity",
-        title="perplexity",
-        short="ppl",
-        digits=2,
-        bounds=(1.0, math.inf),
-        higher_is_better=False,
-        log_axis=True,
-    )
+PERPLEXITY = Metric(
+    name="perplexity",
+    compute=_perplexity,
+    header="perplexity",
+    title="perplexity",
+    short="ppl",
+    digits=2,
+    bounds=(1.0, math.inf),
+    higher_is_better=False,
+    log_axis=True,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from rouge_score import rouge_scorer
 
-from .base import EvalResults, Metric, register
+from .base import EvalResults, Metric
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
@@ -23,15 +23,13 @@ def _rouge_l(results: EvalResults) -> float | None:
     return sum(rouge_l(p or "", r) for p, r in pairs) / len(results.examples)
 
 
-ROUGE_L = register(
-    Metric(
-        name="rougeL",
-        compute=_rouge_l,
-        header="ROUGE-L",
-        title="ROUGE-L F1",
-        short="rL",
-        digits=3,
-        bounds=(0.0, 1.0),
-        higher_is_better=True,
-    )
+ROUGE_L = Metric(
+    name="rougeL",
+    compute=_rouge_l,
+    header="ROUGE-L",
+    title="ROUGE-L F1",
+    short="rL",
+    digits=3,
+    bounds=(0.0, 1.0),
+    higher_is_better=True,
 )
