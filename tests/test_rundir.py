@@ -216,19 +216,3 @@ def test_config_loading_and_its_errors(tmp_path):
     with pytest.raises(config_mod.ConfigError) as e:
         run.load_saved_config()
     assert "\n" not in str(e.value)
-
-
-def test_rundir_stays_low_in_the_layers():
-    """rundir.py is below everything that reads or writes a run (the runner, report, check, the CLI, the round
-    loop, engines, Flower): it imports only the config and what sits below it (checkpoint format, methods,
-    evaluate's truncation tiers)."""
-    import ast
-
-    source = ROOT / "src" / "prelort" / "rundir.py"
-    imported = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            imported |= {node.module} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prelort"):
-            imported.add(node.module)
-    assert imported <= {"config", "checkpoint", "methods", "evaluate", "__version__"}, imported
