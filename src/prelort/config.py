@@ -1,7 +1,8 @@
 """One validated configuration object (pydantic), loadable from YAML/TOML, overridable with ``--set``.
 
-Every key carries its help text. Unknown keys, bad values and a key given twice in the file are rejected with
-the dotted path and the reason (:class:`ConfigError`). ``engine`` names an entry of the engine table (:mod:`prelort.engines`).
+Every key carries its help text. Unknown keys, bad values and a key given twice in the file are rejected
+with the dotted path and the reason (:class:`ConfigError`). ``engine`` names an entry of the engine table
+(:mod:`prelort.engines`).
 ``method`` names a registered method (:mod:`prelort.methods`); each
 registered method with options has a section named after it (``METHOD: {OPTION: value}``),
 validated by the options model declared in the method's own file.
@@ -525,7 +526,7 @@ class StrictLoader(yaml.SafeLoader):
                     if key in first_line:
                         dotted = ".".join(str(part) for part in (*path, key))
                         raise DuplicateKeyError(dotted, first_line[key], line)
-                    first_line.setdefault(key, line)
+                    first_line[key] = line
                     children.append((value_node, (*path, key)))
             pending.extend(reversed(children))  # depth first in the file's order: the first duplicate is named
 
@@ -533,7 +534,7 @@ class StrictLoader(yaml.SafeLoader):
 def parse_yaml(text: str) -> Any:
     """A YAML document as plain data, safely (no Python objects), with a key given twice refused
     (:class:`DuplicateKeyError`, a ``yaml.YAMLError``). For config files and a run's config.yaml."""
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    return yaml.load(text, Loader=StrictLoader)  # safe: StrictLoader is a SafeLoader
 
 
 # tomllib refuses a key given twice but does not name it: "Cannot overwrite a value (at line 3, column 5)".
