@@ -25,11 +25,14 @@ FAST = [
 ]
 
 
-def prelort(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def prelort(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, stdin: int | None = None
+) -> subprocess.CompletedProcess:
     """The command as a user runs it: a fresh process (so imports and exit codes are real)."""
     full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "prelort", *args],
+        stdin=stdin,
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -267,3 +270,43 @@ def test_failures_while_working_exit_1_bad_input_exits_2_with_what_to_do():
     assert _classify(FileExistsError("runs/x already holds a run"))[0] == EXIT_USAGE
     code, todo = _classify(TypeError("boom"))
     assert code == EXIT_FAILED and "prelort --debug" in todo
+
+
+# issue 26: a config path that is no regular file says what it is; a key given twice is refused (item 8)
+CONFIG_FILE_TODO = "give the path of a YAML (or TOML) config file"
+
+
+@pytest.mark.parametrize(
+    "kind, stdin, problem",
+    [
+        ("missing", None, "does not exist"),
+        ("directory", None, "is a directory, not a config file"),
+        ("fifo", None, "is a FIFO, not a config file"),
+        ("/dev/null", None, "is a device, not a config file"),
+        ("/dev/stdin", subprocess.PIPE, "is a FIFO, not a config file"),  # `... | prelort run /dev/stdin`
+        ("/dev/stdin", subprocess.DEVNULL, "is a device, not a config file"),
+    ],
+)
+def test_a_config_that_is_no_regular_file_says_what_it_is(tmp_path, kind, stdin, problem):
+    config = {"missing": tmp_path / "nope.yaml", "directory": tmp_path, "fifo": tmp_path / "c.yaml"}.get(kind, kind)
+    if kind == "fifo":
+        os.mkfifo(config)  # never opened: nothing writes to it, so opening it would block
+    out = tmp_path / "run"
+    res = prelort("run", str(config), "--out", str(out), stdin=stdin, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert error_line(res) == f"error: config file {config} {problem}; {CONFIG_FILE_TODO}"
+    assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_config_key_given_twice_is_one_line_exit_2(tmp_path):
+    tiny = Path(TINY).read_text()
+    config = tmp_path / "c.yaml"
+    config.write_text(tiny + "\ntrain:\n  lr: 0.1\n")  # a second train section after a blank line
+    first, second = 1 + tiny.splitlines().index("train:"), tiny.count("\n") + 2
+    res = prelort("run", str(config), "--out", str(tmp_path / "run"), timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert error_line(res) == (
+        f"error: {config}: train is given twice (lines {first} and {second}); a key may appear only once; "
+        "fix the key in the config file or in --set"
+    )
+    assert not (tmp_path / "run").exists()

@@ -1,7 +1,8 @@
 """One validated configuration object (pydantic), loadable from YAML/TOML, overridable with ``--set``.
 
-Every key carries its help text. Unknown keys and bad values are rejected with the dotted path
-and the reason (:class:`ConfigError`). ``engine`` names an entry of the engine table (:mod:`prelort.engines`).
+Every key carries its help text. Unknown keys, bad values and a key given twice in the file are rejected
+with the dotted path and the reason (:class:`ConfigError`). ``engine`` names an entry of the engine table
+(:mod:`prelort.engines`).
 ``method`` names a registered method (:mod:`prelort.methods`); each
 registered method with options has a section named after it (``METHOD: {OPTION: value}``),
 validated by the options model declared in the method's own file.
@@ -10,6 +11,8 @@ validated by the options model declared in the method's own file.
 from __future__ import annotations
 
 import json
+import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -476,10 +479,110 @@ def _format_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
+# -- parsing --------------------------------------------------------------------------------------------
+_YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (PyYAML alone keeps the last occurrence without a word)."""
+
+    def __init__(self, dotted: str, first_line: int, line: int) -> None:
+        super().__init__(f"{dotted} is given twice (lines {first_line} and {line}); a key may appear only once")
+        self.dotted, self.first_line, self.line = dotted, first_line, line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth, naming its dotted
+    path and both lines. A merge (``<<: *base``) is no duplicate: a key written beside it overrides the
+    merged one, as YAML defines."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node)
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, root: yaml.Node) -> None:
+        # Iterative (a deeply nested file must not overflow the stack here) and once per node: an aliased
+        # node is checked where it is defined, so an alias bomb costs as little to check as to parse.
+        checked: set[int] = set()
+        pending: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+        while pending:
+            node, path = pending.pop()
+            if id(node) in checked:
+                continue
+            checked.add(id(node))
+            children: list[tuple[yaml.Node, tuple[Any, ...]]] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = [(item, (*path, i)) for i, item in enumerate(node.value)]
+            elif isinstance(node, yaml.MappingNode):
+                first_line: dict[Any, int] = {}
+                for key_node, value_node in node.value:
+                    if key_node.tag == _YAML_MERGE_TAG:
+                        children.append((value_node, path))
+                        continue
+                    if not isinstance(key_node, yaml.ScalarNode):
+                        continue  # a list or mapping as a key: the construction refuses it (unhashable)
+                    key = self.construct_object(key_node)  # as constructed: `seed` and "seed", 1 and 0x1 are one
+                    line = key_node.start_mark.line + 1
+                    if key in first_line:
+                        dotted = ".".join(str(part) for part in (*path, key))
+                        raise DuplicateKeyError(dotted, first_line[key], line)
+                    first_line[key] = line
+                    children.append((value_node, (*path, key)))
+            pending.extend(reversed(children))  # depth first in the file's order: the first duplicate is named
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document as plain data, safely (no Python objects), with a key given twice refused
+    (:class:`DuplicateKeyError`, a ``yaml.YAMLError``). For config files and a run's config.yaml."""
+    return yaml.load(text, Loader=StrictLoader)  # safe: StrictLoader is a SafeLoader
+
+
+# tomllib refuses a key given twice but does not name it: "Cannot overwrite a value (at line 3, column 5)".
+_TOML_AT = re.compile(r"^(?P<what>.*) \(at line (?P<line>\d+), column \d+\)$")
+_TOML_TABLE = re.compile(r"^\s*\[\[?\s*(?P<name>[^\[\]]+?)\s*\]\]?\s*(#.*)?$")
+_TOML_DECLARED = re.compile(r"^Cannot declare \((?P<parts>.*?),?\) twice$")
+_TOML_INLINE = re.compile(r"^Duplicate inline table key (?P<key>.+)$")
+
+
+def _toml_duplicate(message: str, text: str) -> str | None:
+    """``"KEY is given twice (line N)"`` for tomllib's duplicate-key errors (None for any other error). KEY
+    is dotted under the table the line is in, as written in the file."""
+    at = _TOML_AT.match(message)
+    if not at:
+        return None
+    what, line = at["what"], int(at["line"])
+    lines = text.splitlines()
+    if declared := _TOML_DECLARED.match(what):
+        key = "[" + ".".join(part.strip().strip("'\"") for part in declared["parts"].split(",")) + "]"
+    elif inline := _TOML_INLINE.match(what):
+        key = inline["key"].strip("'\"")
+    elif what == "Cannot overwrite a value" and 0 < line <= len(lines) and "=" in lines[line - 1]:
+        key = lines[line - 1].split("=", 1)[0].strip()
+        table = next((m["name"] for m in map(_TOML_TABLE.match, reversed(lines[: line - 1])) if m), None)
+        if table:
+            key = f"{table}.{key}"
+    else:
+        return None
+    return f"{key} is given twice (line {line}); a key may appear only once"
+
+
+def _parse_toml(text: str, p: Path) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = " ".join(str(e).split())
+        duplicate = _toml_duplicate(message, text)
+        raise ConfigError(f"{p}: {duplicate}" if duplicate else f"{p}: not valid TOML: {message}") from None
+    except RecursionError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: YAML scalar/list syntax (``3``, ``1e-4``, ``[2, 4]``, ``true``, ``null``, ``abc``)."""
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
+    except DuplicateKeyError:
+        raise  # a mapping value with a key given twice: refused (apply_override says where), not taken as text
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. an impossible date 2001-02-30
         return text
 
@@ -500,7 +603,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {path}")
         node = child
-    node[parts[-1]] = parse_value(raw)
+    try:
+        node[parts[-1]] = parse_value(raw)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {assignment!r}: {path.strip()}.{e.dotted} is given twice") from None
 
 
 def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -519,21 +625,53 @@ def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ())
         raise ConfigError(_format_error(e)) from None
 
 
+class ConfigFileError(ConfigError):
+    """The config path is not a readable regular file (missing, a directory, a FIFO, a device, ...)."""
+
+
+def _not_a_config_file(p: Path) -> str | None:
+    """Why ``p`` cannot be a config file, said as what it is (None: a regular file). Only stats it: opening a
+    FIFO would block until something writes to it, and opening a device can have effects."""
+    try:
+        mode = p.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "is a broken symbolic link" if p.is_symlink() else "does not exist"
+    except OSError as e:  # permission denied on a parent, a symbolic link loop, a name too long
+        return f"cannot be reached: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a config file"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO, not a config file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a config file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a config file"
+    return "is not a regular file"
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML (or TOML) config file, apply ``key.path=value`` overrides, validate."""
     data: Any = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        problem = _not_a_config_file(p)
+        if problem:
+            raise ConfigFileError(f"config file {p} {problem}")
         try:
             text = p.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} cannot be read as text: {e}") from None
-        try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
-            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {e}") from None
+        if p.suffix == ".toml":
+            data = _parse_toml(text, p)
+        else:
+            try:
+                data = parse_yaml(text)
+            except DuplicateKeyError as e:
+                raise ConfigError(f"{p}: {e}") from None
+            except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: e.g. a date 2001-02-30
+                raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -274,12 +274,13 @@ class RunDir:
 
     # -- config.yaml --------------------------------------------------------------------------------------
     def read_config_data(self) -> Any:
-        """config.yaml as parsed YAML, unvalidated (None when there is no config.yaml); raises yaml.YAMLError."""
-        import yaml
+        """config.yaml as parsed YAML, unvalidated (None when there is no config.yaml); raises yaml.YAMLError
+        (a key given twice included)."""
+        from .config import parse_yaml
 
         if not self.config_file.is_file():
             return None
-        return yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+        return parse_yaml(self.config_file.read_text(encoding="utf-8"))
 
     def load_config(self) -> Config:
         """config.yaml as a validated Config; FileNotFoundError when there is none, ConfigError when invalid."""

@@ -91,6 +91,7 @@ def main_options(
 # Exceptions by class name (their modules import torch or flwr; a config error must not wait for them):
 # exit code and what to do.
 _INPUT_ERRORS = {
+    "ConfigFileError": "give the path of a YAML (or TOML) config file",  # a ConfigError: listed before it
     "ConfigError": "fix the key in the config file or in --set",
     "DataError": "check data.source (builtin, a hub dataset id, or a local json/jsonl/csv/parquet file or directory)",
     "ModelLoadError": "",
