@@ -633,7 +633,7 @@ def test_more_tensors_than_the_layout_has_are_refused_before_decoding(tmp_path, 
     assert result.exit_code == 2, result.output
     assert tensor_decodes == [], "verify-update decoded the tensors before refusing their names"
     assert result.output.startswith("rejected: extra_key: client 2: unexpected tensor 'x0' (only <module>.lora_A")
-    assert "the update holds 600 tensors, an update of this federation 4" in result.output
+    assert "the update holds 600 tensors, an update of this federation has 4" in result.output
     assert len(result.output.splitlines()) == 1
     err = rejected(decode_raw, RawUpdate(2, payload, GOOD_META), max_payload_bytes(SPEC), SPEC)
     assert err.reason == "extra_key" and "600 tensors" in err.message

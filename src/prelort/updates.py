@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ REASONS: dict[str, str] = {
     # decoding
     "not_safetensors": "the tensor payload is not a well-formed safetensors file",
     "truncated": "the payload is shorter than its header says",
-    "header_too_large": "the safetensors header claims an implausible size",
+    "header_too_large": "the safetensors header claims an implausible size (for the federation's layout, where known)",
     "pickle_payload": "the payload is a pickle / torch.save file (never loaded)",
     "bad_metadata": "the metadata is not a JSON object with the required fields and types",
     "missing_metadata": "the .json metadata file beside the .safetensors file is missing",
@@ -178,10 +178,10 @@ def _parse_header(
     """The tensor entries of a safetensors header, after checking every declared size against ``data``.
 
     ``total_len``: the payload's full length when ``data`` is only its beginning (at least the 8 length
-    bytes and the header): a file's header is checked before its body is read. ``spec``: the federation's
-    layout is checked first - a header longer than :func:`max_header_bytes` is not parsed, then the tensor
-    names are checked (:func:`_check_names_known`) in one pass over the header's keys -, so a header of
-    many unexpected tensors costs at most the JSON parse of ``max_header_bytes(spec)`` bytes.
+    bytes and the header): a file's header is checked before its body is read. ``spec``: the header is
+    checked against the federation's layout - one longer than :func:`max_header_bytes` is not parsed, and
+    after the format checks the tensor names are (:func:`_check_names_known`, one pass over the keys) -, so
+    a header of many unexpected tensors costs at most the parse of ``max_header_bytes(spec)`` bytes.
     """
     total = len(data) if total_len is None else total_len
     if total < 8 or len(data) < 8:
@@ -216,8 +216,6 @@ def _parse_header(
         if header_len > total - 8:
             raise UpdateRejected("truncated", f"header claims {header_len} bytes but only {total - 8} follow")
         raise UpdateRejected("not_safetensors", "header is not a JSON object")
-    if spec is not None:
-        _check_names_known([name for name in header if name != "__metadata__"], spec, who)
 
     body_len = total - 8 - header_len
     entries: list[tuple[int, int, str]] = []
@@ -261,6 +259,8 @@ def _parse_header(
         position = end
     if position != body_len:
         raise UpdateRejected("not_safetensors", f"{body_len - position} unexplained bytes after the last tensor")
+    if spec is not None:  # after the format checks, so a malformed header keeps its reason
+        _check_names_known([name for name in header if name != "__metadata__"], spec, who)
     return header
 
 
@@ -381,9 +381,9 @@ def decode_update(
     Decoding checks the format only (well-formed safetensors, sizes that fit, metadata fields and
     types); :func:`validate_update` checks the update against the federation. ``max_bytes``: refuse a
     larger payload before parsing it (:func:`max_payload_bytes` of the federation). ``spec``: refuse a
-    header whose tensor names (and so their number) do not fit the federation's layout before any tensor
-    is decoded, with the reason :func:`validate_update` would give (the round loop and ``verify-update``
-    pass it).
+    header longer than :func:`max_header_bytes` unparsed, and one whose tensor names (and so their number)
+    do not fit the federation's layout with the reason :func:`validate_update` would give, before any
+    tensor is decoded (the round loop and ``verify-update`` pass it).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise UpdateRejected("not_safetensors", f"payload must be bytes, got {type(data).__name__}")
@@ -622,7 +622,7 @@ def max_header_bytes(spec: FederationSpec) -> int:
     return min(MAX_HEADER_BYTES, needed)
 
 
-def _check_names_known(names: list[str] | dict[str, Any], spec: FederationSpec, who: str) -> None:
+def _check_names_known(names: Collection[str], spec: FederationSpec, who: str) -> None:
     """Every name is one of :func:`layout_names` (so there are at most 2 per module). One pass over the
     names, no sorting: a decoder calls this on a header of any number of entries before decoding them.
     The name reported is the smallest unexpected one, so the verdict does not hang on the order sent."""
@@ -632,7 +632,7 @@ def _check_names_known(names: list[str] | dict[str, Any], spec: FederationSpec, 
         return
     name = min(unexpected)
     count = (
-        f"; the update holds {len(names)} tensors, an update of this federation {len(expected)}"
+        f"; the update holds {len(names)} tensors, an update of this federation has {len(expected)}"
         if len(names) > len(expected)
         else ""
     )
