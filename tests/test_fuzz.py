@@ -15,8 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from safetensors.torch import save as st_save
 
 from prelort import config as config_mod
+from prelort import updates
 from prelort.config import Config, ConfigError, method_sections
 from prelort.methods.base import ClientUpdate, FederationSpec
 from prelort.updates import UpdateRejected, decode_update, encode_update, parse_metadata, validate_update
@@ -50,12 +52,19 @@ json_values = st.recursive(
 )
 
 
+def assert_loggable(e: UpdateRejected) -> None:
+    """A rejection is one line of text that a UTF-8 log file takes (issue 26 item 3)."""
+    str(e).encode("utf-8")
+    assert len(str(e).splitlines()) == 1, str(e)
+
+
 def decode_or_reject(data: bytes, meta) -> ClientUpdate | None:
     """Decode; a successful decode must also validate or be rejected cleanly."""
     try:
         update = decode_update(data, meta)
     except UpdateRejected as e:
         assert e.reason and e.message
+        assert_loggable(e)
         return None
     try:
         validate_update(update, SPEC, method="prelort", round_=1, seen_clients=set(), max_norm=100.0)
@@ -143,6 +152,70 @@ def test_random_metadata_text(meta):
         parse_metadata(meta)
     except UpdateRejected:
         pass
+
+
+# any code point, lone surrogates (what JSON's "\\udXXX" escapes decode to) and line breaks included
+# (joined from a list: st.text never yields lone surrogates, whatever its alphabet)
+any_text = st.lists(st.characters(exclude_categories=()) | st.sampled_from(["\ud800", "\udfff", "\n"]), max_size=8).map(
+    "".join
+)
+
+
+@FUZZ
+@given(
+    st.recursive(
+        st.none() | st.integers(-5, 5) | any_text,
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(any_text, children, max_size=3),
+        max_leaves=8,
+    ),
+    st.just("prelort") | any_text,
+)
+def test_metadata_text_with_any_code_points(extra, method):
+    """Accepted metadata is valid text (it can be logged and written as UTF-8 JSON); refused metadata is
+    refused with a loggable one-line reason - in every form the metadata travels."""
+    meta = dict(VALID_META, extra={"x": extra}, method=method)
+    for form in (meta, json.dumps(meta), json.dumps(meta).encode()):
+        try:
+            update = decode_update(VALID_BYTES, form)
+        except UpdateRejected as e:
+            assert_loggable(e)
+            continue
+        json.dumps(update.meta, ensure_ascii=False).encode("utf-8")
+        update.method.encode("utf-8")
+        try:
+            validate_update(update, SPEC, method=None, round_=1)
+        except UpdateRejected as e:
+            assert_loggable(e)
+
+
+@FUZZ
+@given(
+    st.lists(st.sampled_from(list(VALID.tensors)) | any_text | st.from_regex(r"l[01]\.[qv]\.lora_[ABC]"), max_size=12),
+    st.booleans(),
+)
+def test_header_names_outside_the_layout_are_never_decoded(names, with_valid):
+    """Given the federation (as the round loop and verify-update give it), a header naming any tensor
+    outside the layout is refused before safetensors decodes anything (issue 26 item 4)."""
+    tensors = {name: torch.zeros(0) for name in names}
+    if with_valid:
+        tensors = dict(VALID.tensors) | tensors
+    try:
+        data = st_save(tensors)
+    except Exception:  # names safetensors' writer refuses (e.g. lone surrogates) cannot be sent this way
+        return
+    layout = updates.layout_names(SPEC)
+    decoded: list[bytes] = []
+    real_load = updates._st_load
+    updates._st_load = lambda payload: (decoded.append(payload), real_load(payload))[1]
+    try:
+        update = decode_update(data, VALID_META, spec=SPEC)
+    except UpdateRejected as e:
+        assert_loggable(e)
+        assert decoded == [] or set(tensors) <= layout, e
+        return
+    finally:
+        updates._st_load = real_load
+    assert set(update.tensors) <= layout and decoded == [data]
 
 
 @FUZZ

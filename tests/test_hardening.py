@@ -10,14 +10,17 @@ clients' replies in flight, as a client could.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
 import resource
+import struct
 import subprocess
 import sys
 import time
+import unittest.mock
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from safetensors.torch import save as st_save
 from typer.testing import CliRunner
 
 from prelort import config as config_mod
-from prelort import rundir
+from prelort import rundir, updates
 from prelort.apps.cli import app
 from prelort.checkpoint import CheckpointError, latest_intact_round, load_checkpoint, save_checkpoint
 from prelort.engines.inprocess import InProcessEngine
@@ -132,6 +135,13 @@ def _oversized_payload(payload, meta):
     return st_save(tensors), json.dumps(meta)
 
 
+def _zero_size_tensors(payload, meta):
+    """240,000 empty tensors (a 14 MB header): formerly decoded, ~19 s of CPU, before their names were refused."""
+    entry = '"x{}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    raw = ("{" + ",".join(entry.format(i) for i in range(240_000)) + "}").encode()
+    return struct.pack("<Q", len(raw)) + raw, json.dumps(meta)
+
+
 HOSTILE = {  # kind -> (alteration, rejection reason)
     "num_examples_10e400": (_num_examples_raw("1" + "0" * 400), "bad_num_examples"),
     "num_examples_1e308_a": (_num_examples_raw(str(10**308)), "bad_num_examples"),
@@ -144,7 +154,11 @@ HOSTILE = {  # kind -> (alteration, rejection reason)
     "duplicate_client_key": (_duplicate_client_key, "bad_metadata"),
     "extra_20mib": (_extra(note="x" * (20 << 20)), "bad_metadata"),
     "payload_too_large": (_oversized_payload, "too_large"),
+    "extra_lone_surrogate_key": (_extra(**{"\ud800": 0.5}), "bad_metadata"),  # JSON "\\ud800": not valid text
+    "extra_lone_surrogate_key_1e300": (_extra(**{"\ud800": 1e300}), "bad_metadata"),  # its rejection is logged
+    "zero_size_tensors_240k": (_zero_size_tensors, "header_too_large"),
 }
+DECODED_PAYLOADS: set[bytes] = set()  # SHA-256 of every payload the hostile run handed to safetensors' decoder
 
 
 class AlteringEngine:
@@ -184,7 +198,14 @@ def hostile_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("hostile") / "run"
     session = Session(cfg, run_dir, verbose=False)
     engine = AlteringEngine(InProcessEngine(session, progress=False), schedule)
-    session.run(engine)
+    real_load = updates._st_load
+
+    def recording_load(data: bytes):
+        DECODED_PAYLOADS.add(hashlib.sha256(data).digest())
+        return real_load(data)
+
+    with unittest.mock.patch.object(updates, "_st_load", recording_load):
+        session.run(engine)
     return run_dir, schedule, engine.sent
 
 
@@ -197,6 +218,14 @@ def test_hostile_reply_is_rejected_with_its_reason_in_run_log(hostile_run, kind)
     assert log_lines, f"{kind}: no {line!r} in run.log"
     assert len(log_lines[0]) < 600  # one readable line, not the 20 MiB string or a 400-digit number in full
     assert not (run_dir / f"updates/round-{rnd}/client-{client}.safetensors").exists()
+
+
+def test_a_reply_of_240000_zero_size_tensors_is_refused_before_it_is_decoded(hostile_run):
+    """Issue 26 item 4: the round loop checks the header against the layout before decoding any tensor."""
+    _, schedule, sent = hostile_run
+    ((slot, _),) = [(s, k) for s, k in schedule.items() if k == "zero_size_tensors_240k"]
+    assert len(DECODED_PAYLOADS) >= 2 * len(HONEST)  # the honest replies were decoded
+    assert hashlib.sha256(sent[slot][0]).digest() not in DECODED_PAYLOADS
 
 
 def test_hostile_run_finishes_with_finite_state_and_strict_json_metrics(hostile_run):

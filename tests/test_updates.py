@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import save as st_save
 from typer.testing import CliRunner
 
+from prelort import updates as updates_mod
 from prelort.apps.cli import app
 from prelort.checkpoint import save_checkpoint
 from prelort.config import Config
 from prelort.methods.base import ClientUpdate, FederationSpec, GlobalState
 from prelort.methods.hetlora import HetLoRA
+from prelort.protocol import RawUpdate, decode_raw
 from prelort.updates import (
     MAX_HEADER_BYTES,
     REASONS,
@@ -25,6 +27,7 @@ from prelort.updates import (
     decode_update,
     encode_update,
     load_update,
+    max_payload_bytes,
     save_update,
     update_norm,
     validate_update,
@@ -292,6 +295,12 @@ VALIDATION_CASES = {
         ["validation.max_update_rms=10", "root-mean-square"],
     ),
     "non_finite_extra": (_attr("meta", {"loss": float("inf")}), {}, "bad_metadata", ["extra.loss = inf"]),
+    "lone_surrogate_extra_key": (
+        _attr("meta", {"ok": {"\ud800": 1}}),
+        {},
+        "bad_metadata",
+        ["extra.ok key '\\ud800'", "lone surrogate"],
+    ),
     "hetlora_pruned_to_zero": (
         lambda u: (_attr("method", "hetlora")(u), u.meta.update(pruned_to=0)),
         {"method": HetLoRA(SPEC)},
@@ -541,6 +550,121 @@ def test_metadata_values_out_of_range(field, value, reason, wire):
     assert err.reason == reason and f"{field!r} = {value}" in err.message
 
 
+SURROGATE = "\ud800"  # what JSON's "\\ud800" escape decodes to: a str that UTF-8 cannot encode
+
+
+@pytest.mark.parametrize(
+    "meta, where",
+    [
+        (GOOD_META | {"extra": {SURROGATE: 1}}, "extra key"),
+        (GOOD_META | {"extra": {SURROGATE: 1e300}}, "extra key"),  # refused for the key, before its value
+        (GOOD_META | {"extra": {"a": [{"b": {"c" + SURROGATE: 1}}]}}, "extra.a[0].b key"),
+        (GOOD_META | {"extra": {"note": "x" + SURROGATE + "y"}}, "extra.note ="),
+        (GOOD_META | {"method": "prelort" + SURROGATE}, "'method' ="),
+    ],
+)
+def test_metadata_strings_that_are_not_valid_text_are_refused(meta, where, wire):
+    """Issue 26 item 3: a lone surrogate anywhere in the metadata is bad metadata, named escaped."""
+    for form in (meta, json.dumps(meta), json.dumps(meta).encode()):
+        err = rejected(decode_update, wire[0], form)
+        assert err.reason == "bad_metadata", err
+        assert f"metadata {where} " in err.message and "lone surrogate" in err.message, err.message
+        assert "\\ud800" in err.message and SURROGATE not in str(err)
+        str(err).encode("utf-8")  # what a log handler or the terminal does with it
+
+
+def test_a_rejection_message_is_always_one_encodable_line(tmp_path):
+    """Whatever a client put into the text a rejection quotes, it reaches a UTF-8 log file as one line."""
+    err = UpdateRejected("bad_metadata", f"key {SURROGATE}\nsecond line\u2028third\tend é")
+    assert err.message == "key \\ud800\\nsecond line\\u2028third\\tend é" and str(err) == f"bad_metadata: {err.message}"
+    log = tmp_path / "run.log"
+    with log.open("w", encoding="utf-8") as f:
+        f.write(f"rejected: {err}\n")
+    assert len(log.read_text(encoding="utf-8").splitlines()) == 1
+
+
+def _zero_size_tensors(count: int) -> bytes:
+    """A safetensors payload of ``count`` empty tensors ``x0`` ... (issue 26 item 4: 240,000 made 16 MB)."""
+    entry = '"x{}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    raw = ("{" + ",".join(entry.format(i) for i in range(count)) + "}").encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.fixture()
+def tensor_decodes(monkeypatch) -> list[int]:
+    """The sizes of the payloads handed to safetensors' decoder from now on."""
+    calls: list[int] = []
+    real = updates_mod._st_load
+
+    def spy(data: bytes):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(updates_mod, "_st_load", spy)
+    return calls
+
+
+def test_a_header_of_240000_zero_size_tensors_is_refused_before_decoding(tmp_path, tensor_decodes):
+    """Issue 26 item 4: the header is checked against the layout before any tensor is decoded, by
+    `verify-update` (load_update) and by the round loop (decode_raw) alike: 240,000 tensors (14 MB)
+    are more than the header of this federation's 4 tensors can hold, so the header is not even parsed."""
+    payload = _zero_size_tensors(240_000)
+    assert len(payload) <= max_payload_bytes(SPEC) and len(payload) - 8 <= MAX_HEADER_BYTES  # formerly parsed
+    (tmp_path / "u.safetensors").write_bytes(payload)
+    (tmp_path / "u.json").write_text(json.dumps(GOOD_META))
+    result = _invoke(_run_dir(tmp_path), tmp_path / "u.safetensors")
+    assert result.exit_code == 2, result.output
+    assert tensor_decodes == [], "verify-update decoded the tensors before refusing the header"
+    assert result.output.startswith(f"rejected: header_too_large: client 2: header of {len(payload) - 8} bytes ")
+    assert f"the {updates_mod.max_header_bytes(SPEC)} bytes the 4 tensors" in result.output
+    assert len(result.output.splitlines()) == 1
+    err = rejected(decode_raw, RawUpdate(2, payload, GOOD_META), max_payload_bytes(SPEC), SPEC)
+    assert err.reason == "header_too_large", err
+    assert tensor_decodes == [], "the round loop's decoder decoded the tensors before refusing the header"
+
+
+def test_more_tensors_than_the_layout_has_are_refused_before_decoding(tmp_path, tensor_decodes):
+    """Within the header bound, the names (and so their number) are checked before decoding."""
+    payload = _zero_size_tensors(600)
+    assert len(payload) - 8 < updates_mod.max_header_bytes(SPEC)
+    (tmp_path / "u.safetensors").write_bytes(payload)
+    (tmp_path / "u.json").write_text(json.dumps(GOOD_META))
+    result = _invoke(_run_dir(tmp_path), tmp_path / "u.safetensors")
+    assert result.exit_code == 2, result.output
+    assert tensor_decodes == [], "verify-update decoded the tensors before refusing their names"
+    assert result.output.startswith("rejected: extra_key: client 2: unexpected tensor 'x0' (only <module>.lora_A")
+    assert "the update holds 600 tensors, an update of this federation has 4" in result.output
+    assert len(result.output.splitlines()) == 1
+    err = rejected(decode_raw, RawUpdate(2, payload, GOOD_META), max_payload_bytes(SPEC), SPEC)
+    assert err.reason == "extra_key" and "600 tensors" in err.message
+    assert tensor_decodes == [], "the round loop's decoder decoded the tensors before refusing their names"
+
+
+@pytest.mark.parametrize(
+    "extra, reason, fragment",
+    [
+        ({"bias": torch.zeros(1)}, "extra_key", "'bias'"),
+        ({"model.layers.9.mlp.lora_A": torch.zeros(0)}, "unknown_module", "'model.layers.9.mlp'"),
+        ({f"{Q}.lora_C": torch.zeros(0), "z": torch.zeros(0)}, "extra_key", f"'{Q}.lora_C'"),  # the smallest
+    ],
+)
+def test_unexpected_tensor_names_are_refused_undecoded_with_the_validation_reason(extra, reason, fragment, wire):
+    u = make_update()
+    u.tensors.update(extra)
+    validated = rejected(check, u)
+    assert (validated.reason, fragment in validated.message) == (reason, True)
+    data = st_save(u.tensors)
+    assert rejected(decode_update, data, wire[1], spec=SPEC).message == validated.message
+    assert isinstance(decode_update(data, wire[1]), ClientUpdate)  # without the layout: decoded, checked later
+
+
+def test_a_valid_update_decodes_with_the_layout_check(tmp_path, wire, tensor_decodes):
+    u = decode_update(*wire, spec=SPEC)
+    check(u)
+    check(load_update(save_update(tmp_path / "u", make_update()), spec=SPEC))
+    assert len(tensor_decodes) == 2
+
+
 def test_payload_above_the_federation_size_is_refused_unread(tmp_path, wire):
     err = rejected(decode_update, wire[0], wire[1], max_bytes=len(wire[0]) - 1)
     assert err.reason == "too_large" and f"payload of {len(wire[0])} bytes" in err.message
@@ -653,3 +777,15 @@ def test_verify_update_needs_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     result = _invoke(tmp_path / "empty", path)
     assert result.exit_code == 1 and "no checkpoint" in result.output
+
+
+@pytest.mark.parametrize("extra", [{SURROGATE: 1}, {SURROGATE: 1e300}, {"n": {"x": SURROGATE}}])
+def test_verify_update_refuses_a_lone_surrogate_in_extra(tmp_path, extra):
+    """Issue 26 item 3: exit 2 with the usual one-line reason (was: accepted, or exit 1 with an internal error)."""
+    path = save_update(tmp_path / "u", make_update(round_=3))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps(meta | {"extra": extra}))
+    result = _invoke(_run_dir(tmp_path), path)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("rejected: bad_metadata: metadata extra") and "\\ud800" in result.output
+    assert "lone surrogate" in result.output and len(result.output.splitlines()) == 1

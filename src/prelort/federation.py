@@ -398,7 +398,7 @@ class Federation:
                 replied.add(sender)
                 if isinstance(res, UpdateRejected):
                     raise res
-                update = decode_raw(res, max_payload_bytes(self.spec)) if isinstance(res, RawUpdate) else res
+                update = decode_raw(res, max_payload_bytes(self.spec), self.spec) if isinstance(res, RawUpdate) else res
                 if not isinstance(update, ClientUpdate):
                     raise UpdateRejected(
                         "not_safetensors", f"the engine returned a {type(update).__name__}, not an update"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .methods import Broadcast, ClientUpdate, TrainPlan
+from .methods import Broadcast, ClientUpdate, FederationSpec, TrainPlan
 from .secure_sums import SECAGG_CLIPPING_RANGE, SECAGG_QUANTIZATION_RANGE
 from .updates import UpdateRejected, decode_update
 
@@ -71,14 +71,14 @@ class SecureAggregate:
     quantization_range: int = SECAGG_QUANTIZATION_RANGE
 
 
-def decode_raw(raw: RawUpdate, max_bytes: int | None = None) -> ClientUpdate:
+def decode_raw(raw: RawUpdate, max_bytes: int | None = None, spec: FederationSpec | None = None) -> ClientUpdate:
     """Decode a wire-format reply; raises :class:`UpdateRejected` with ``.client`` = the sender.
 
     Any failure of the decoder on hostile bytes is a rejection, never a crash of the round. ``max_bytes``:
-    a longer payload is refused unparsed.
+    a longer payload is refused unparsed; ``spec``: tensor names outside its layout are refused undecoded.
     """
     try:
-        update = decode_update(raw.payload, raw.meta, max_bytes)
+        update = decode_update(raw.payload, raw.meta, max_bytes, spec=spec)
     except UpdateRejected as e:
         e.client = raw.client  # type: ignore[attr-defined]
         raise

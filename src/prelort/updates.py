@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ from .rank_geometry import factor_rank
 # Header of a LoRA update: ~150 bytes per tensor; 16 MiB allows ~100k tensors and stops a header
 # that claims gigabytes before anything is allocated.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Where the federation is known, its layout bounds the header far below that (max_header_bytes): per
+# tensor its name plus 1 KiB (an entry is ~80 bytes however the JSON is spaced), and 64 KiB for
+# __metadata__ and padding. A header above it holds more tensors than the layout has and is not parsed.
+_HEADER_BYTES_PER_TENSOR = 1024
+_HEADER_BYTES_SLACK = 64 * 1024
 # safetensors element sizes of the dtypes we can decode (validation then insists on F32).
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
@@ -65,7 +70,7 @@ REASONS: dict[str, str] = {
     # decoding
     "not_safetensors": "the tensor payload is not a well-formed safetensors file",
     "truncated": "the payload is shorter than its header says",
-    "header_too_large": "the safetensors header claims an implausible size",
+    "header_too_large": "the safetensors header claims an implausible size (for the federation's layout, where known)",
     "pickle_payload": "the payload is a pickle / torch.save file (never loaded)",
     "bad_metadata": "the metadata is not a JSON object with the required fields and types",
     "missing_metadata": "the .json metadata file beside the .safetensors file is missing",
@@ -98,9 +103,19 @@ class UpdateRejected(ValueError):
     """A client update the server must not use. ``reason`` is a short code, one of :data:`REASONS`."""
 
     def __init__(self, reason: str, message: str):
+        message = _loggable(message)
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+
+def _loggable(text: str) -> str:
+    """``text`` with every non-printable character escaped as in ``repr``: a rejection names what a client
+    sent, and a lone surrogate (unencodable as UTF-8) or a line break in it must not break the one-line
+    entry in run.log or on the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,11 +172,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
+def _parse_header(
+    data: bytes, total_len: int | None = None, spec: FederationSpec | None = None, who: str = "update"
+) -> dict[str, Any]:
     """The tensor entries of a safetensors header, after checking every declared size against ``data``.
 
     ``total_len``: the payload's full length when ``data`` is only its beginning (at least the 8 length
-    bytes and the header): a file's header is checked before its body is read.
+    bytes and the header): a file's header is checked before its body is read. ``spec``: the header is
+    checked against the federation's layout - one longer than :func:`max_header_bytes` is not parsed, and
+    after the format checks the tensor names are (:func:`_check_names_known`, one pass over the keys) -, so
+    a header of many unexpected tensors costs at most the parse of ``max_header_bytes(spec)`` bytes.
     """
     total = len(data) if total_len is None else total_len
     if total < 8 or len(data) < 8:
@@ -169,6 +189,12 @@ def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
             raise UpdateRejected("pickle_payload", "payload starts like a pickle; refusing to load it")
         raise UpdateRejected("not_safetensors", f"payload of {len(data)} bytes is too short for a safetensors file")
     (header_len,) = struct.unpack("<Q", data[:8])
+    if spec is not None and max_header_bytes(spec) < header_len <= min(MAX_HEADER_BYTES, total - 8):
+        raise UpdateRejected(
+            "header_too_large",
+            f"{who}: header of {header_len} bytes is longer than the {max_header_bytes(spec)} bytes the "
+            f"{len(layout_names(spec))} tensors of an update of this federation take; not parsed",
+        )
     header: Any = None
     if header_len <= min(MAX_HEADER_BYTES, total - 8) and 8 + header_len <= len(data):
         try:
@@ -233,6 +259,8 @@ def _parse_header(data: bytes, total_len: int | None = None) -> dict[str, Any]:
         position = end
     if position != body_len:
         raise UpdateRejected("not_safetensors", f"{body_len - position} unexplained bytes after the last tensor")
+    if spec is not None:  # after the format checks, so a malformed header keeps its reason
+        _check_names_known([name for name in header if name != "__metadata__"], spec, who)
     return header
 
 
@@ -254,11 +282,26 @@ def _check_int(meta: dict[str, Any], field: str, minimum: int, reason: str, maxi
     return value
 
 
+def _check_text(value: str, what: str) -> None:
+    """Refuse a metadata string (``what`` names it) that UTF-8 cannot encode: JSON's ``"\\ud800"`` escape
+    decodes to a lone surrogate, which no log file, terminal or JSON writer with ``ensure_ascii=False`` takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UpdateRejected(
+            "bad_metadata", f"metadata {what} {_short(value)} is not valid text (it holds a lone surrogate)"
+        ) from None
+
+
 def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> None:
-    """``extra`` holds JSON values only, numbers finite and bounded, nesting shallow."""
+    """``extra`` holds JSON values only, strings (keys too) valid text, numbers finite and bounded, nesting
+    shallow."""
     if depth > _MAX_EXTRA_DEPTH:
         raise UpdateRejected("bad_metadata", f"metadata {where} is nested deeper than {_MAX_EXTRA_DEPTH} levels")
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _check_text(value, f"{where} =")
         return
     if isinstance(value, int):
         if abs(value) > MAX_META_INT:
@@ -275,6 +318,7 @@ def _check_extra(value: Any, where: str = "extra", depth: int = 0) -> None:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise UpdateRejected("bad_metadata", f"metadata {where} has a non-string key {_short(k)}")
+            _check_text(k, f"{where} key")
             _check_extra(v, f"{where}.{k}", depth + 1)
         return
     if isinstance(value, list):
@@ -314,6 +358,7 @@ def parse_metadata(meta: bytes | str | dict[str, Any]) -> dict[str, Any]:
         raise UpdateRejected("bad_metadata", f"metadata 'extra' must be an object, got {_short(meta['extra'])}")
     if len(meta["method"]) > 64:
         raise UpdateRejected("bad_metadata", f"metadata 'method' is {len(meta['method'])} characters long")
+    _check_text(meta["method"], "'method' =")
     _check_extra(meta.get("extra", {}))
     try:  # an already parsed object (e.g. from a Flower record) gets the same size limit as JSON text
         size = len(json.dumps(meta, allow_nan=False))
@@ -324,12 +369,21 @@ def parse_metadata(meta: bytes | str | dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def decode_update(data: bytes, meta: bytes | str | dict[str, Any], max_bytes: int | None = None) -> ClientUpdate:
+def decode_update(
+    data: bytes,
+    meta: bytes | str | dict[str, Any],
+    max_bytes: int | None = None,
+    *,
+    spec: FederationSpec | None = None,
+) -> ClientUpdate:
     """The :class:`ClientUpdate` encoded by :func:`encode_update`; raises :class:`UpdateRejected`.
 
     Decoding checks the format only (well-formed safetensors, sizes that fit, metadata fields and
     types); :func:`validate_update` checks the update against the federation. ``max_bytes``: refuse a
-    larger payload before parsing it (:func:`max_payload_bytes` of the federation).
+    larger payload before parsing it (:func:`max_payload_bytes` of the federation). ``spec``: refuse a
+    header longer than :func:`max_header_bytes` unparsed, and one whose tensor names (and so their number)
+    do not fit the federation's layout with the reason :func:`validate_update` would give, before any
+    tensor is decoded (the round loop and ``verify-update`` pass it).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise UpdateRejected("not_safetensors", f"payload must be bytes, got {type(data).__name__}")
@@ -340,7 +394,7 @@ def decode_update(data: bytes, meta: bytes | str | dict[str, Any], max_bytes: in
         )
     data = bytes(data)
     fields = parse_metadata(meta)
-    _parse_header(data)
+    _parse_header(data, spec=spec, who=f"client {fields['client']}")
     try:
         tensors = _st_load(data)
     except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as e:  # defence in depth
@@ -417,11 +471,12 @@ def max_payload_bytes(spec: FederationSpec) -> int:
     return 8 + MAX_HEADER_BYTES + 4 * data
 
 
-def load_update(path: str | Path, max_bytes: int | None = None) -> ClientUpdate:
+def load_update(path: str | Path, max_bytes: int | None = None, *, spec: FederationSpec | None = None) -> ClientUpdate:
     """Read an update saved by :func:`save_update` (give the ``.safetensors`` path or the stem).
 
     The files' sizes and the safetensors header are checked before the tensor data is read: a file
-    above ``max_bytes`` (or whose header does not account for its size) is refused unread.
+    above ``max_bytes`` (or whose header does not account for its size, or, given ``spec``, whose
+    tensor names do not fit the federation's layout) is refused unread.
     """
     tensor_path, meta_path = update_paths(path)
     if not tensor_path.is_file():
@@ -439,17 +494,17 @@ def load_update(path: str | Path, max_bytes: int | None = None) -> ClientUpdate:
             "update of this federation can take; not read",
         )
     meta = meta_path.read_bytes()
-    parse_metadata(meta)
+    who = f"client {parse_metadata(meta)['client']}"
     with tensor_path.open("rb") as f:
         head = f.read(8)
         if len(head) == 8 and size > 8:
             (header_len,) = struct.unpack("<Q", head)
             if header_len <= min(MAX_HEADER_BYTES, size - 8):
                 # a sound header vouches for the file's size before the body is read
-                _parse_header(head + f.read(header_len), total_len=size)
+                _parse_header(head + f.read(header_len), total_len=size, spec=spec, who=who)
         f.seek(0)
         data = f.read()
-    return decode_update(data, meta, max_bytes)
+    return decode_update(data, meta, max_bytes, spec=spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +595,8 @@ def _check_update_metadata(
     if not isinstance(update.meta, dict):
         raise UpdateRejected("bad_metadata", f"{who}: extra must be an object, got {type(update.meta).__name__}")
     _check_extra(update.meta)
+    if isinstance(update.method, str):
+        _check_text(update.method, "'method' =")
     if type(rank) is not int or rank <= 0:
         raise UpdateRejected("bad_rank", f"{who}: declared rank {rank!r} (must be a positive integer)")
     if rank > spec.max_rank:
@@ -552,16 +609,47 @@ def _check_update_metadata(
         )
 
 
+def layout_names(spec: FederationSpec) -> frozenset[str]:
+    """The tensor names of an update of ``spec``: ``<module>.lora_A`` and ``<module>.lora_B`` per adapted module."""
+    return frozenset(f"{module}.{kind}" for module in spec.modules for kind in FACTOR_KINDS)
+
+
+def max_header_bytes(spec: FederationSpec) -> int:
+    """The longest safetensors header an update of ``spec`` may have (at most :data:`MAX_HEADER_BYTES`):
+    a longer one holds more tensors than the layout has and is refused unparsed (``header_too_large``)."""
+    names = layout_names(spec)
+    needed = _HEADER_BYTES_SLACK + sum(len(name.encode()) + _HEADER_BYTES_PER_TENSOR for name in names)
+    return min(MAX_HEADER_BYTES, needed)
+
+
+def _check_names_known(names: Collection[str], spec: FederationSpec, who: str) -> None:
+    """Every name is one of :func:`layout_names` (so there are at most 2 per module). One pass over the
+    names, no sorting: a decoder calls this on a header of any number of entries before decoding them.
+    The name reported is the smallest unexpected one, so the verdict does not hang on the order sent."""
+    expected = layout_names(spec)
+    unexpected = [name for name in names if name not in expected]
+    if not unexpected:
+        return
+    name = min(unexpected)
+    count = (
+        f"; the update holds {len(names)} tensors, an update of this federation has {len(expected)}"
+        if len(names) > len(expected)
+        else ""
+    )
+    module, kind = split_key(name)
+    if kind not in FACTOR_KINDS or not module:
+        raise UpdateRejected(
+            "extra_key", f"{who}: unexpected tensor {_short(name, 200)} (only <module>.lora_A / .lora_B){count}"
+        )
+    raise UpdateRejected(
+        "unknown_module",
+        f"{who}: tensor {_short(name, 200)} names module {_short(module, 200)}, which is not adapted{count}",
+    )
+
+
 def _check_tensor_names(update: ClientUpdate, spec: FederationSpec, who: str) -> None:
     """Exactly ``<module>.lora_A`` and ``<module>.lora_B`` of every adapted module."""
-    for name in sorted(update.tensors):
-        module, kind = split_key(name)
-        if kind not in FACTOR_KINDS or not module:
-            raise UpdateRejected("extra_key", f"{who}: unexpected tensor {name!r} (only <module>.lora_A / .lora_B)")
-        if module not in spec.modules:
-            raise UpdateRejected(
-                "unknown_module", f"{who}: tensor {name!r} names module {module!r}, which is not adapted"
-            )
+    _check_names_known(update.tensors, spec, who)
     for module in spec.modules:
         for kind in FACTOR_KINDS:
             if f"{module}.{kind}" not in update.tensors:

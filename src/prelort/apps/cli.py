@@ -375,7 +375,7 @@ def _verify_update(run_dir: Path, file: Path, round_: int | None) -> None:
             _fail(str(e), 1)
     expected_round = round_ if round_ is not None else directory.latest_intact_round() + 1
     try:
-        update = load_update(file, max_payload_bytes(spec))
+        update = load_update(file, max_payload_bytes(spec), spec=spec)
         server_check(update, spec, method_impl, validation, round_=expected_round)  # what the round loop runs
     except FileNotFoundError as e:
         _fail(str(e))
