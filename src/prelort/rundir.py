@@ -260,6 +260,13 @@ class RunDir:
 
         return checkpoint.latest_intact_round(self.path)
 
+    def verify_checkpoint(self, round_: int) -> None:
+        """Raise CheckpointError (naming the file) unless round ``round_``'s checkpoint files are present and
+        match its checksums.json (see prelort.checkpoint.verify_round)."""
+        from . import checkpoint
+
+        checkpoint.verify_round(self.path, round_)
+
     def checkpoint_state(self, round_: int | None = None) -> tuple[int, dict[str, Any]]:
         """``(round, state.json)`` of a checkpoint (default: the latest intact one)."""
         from . import checkpoint

@@ -1,0 +1,64 @@
+"""What a finished run leaves, and who may read and write it (issue 26): `prelort check` verifies every
+checkpoint's checksums, `--resume` finishes whatever the contract still lacks, and `export` / `report --out`
+never overwrite a user's files or the run's own."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from prelort import config as config_mod
+from prelort import runner
+from prelort.apps.cli import app
+from prelort.check import check_run_dir
+from prelort.rundir import LOCK
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny.yaml"
+SMALL = [
+    "rounds=2",
+    "train.local_steps=1",
+    "data.num_train=32",
+    "data.num_test=4",
+    "eval.max_examples=2",
+    "eval.max_new_tokens=2",
+]
+cli = CliRunner()
+
+
+def cfg() -> config_mod.Config:
+    return config_mod.load(TINY, SMALL)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished two-round run (ranks 1/2/4/8); tests change only their copies of it (:func:`copy_run`)."""
+    d = tmp_path_factory.mktemp("finished") / "run"
+    runner.run(cfg(), d, verbose=False)
+    return d
+
+
+def copy_run(finished: Path, tmp_path: Path) -> Path:
+    # without the lock: this process holds the original's, and would find its copy held by a live process
+    return Path(shutil.copytree(finished, tmp_path / "run", ignore=shutil.ignore_patterns(LOCK)))
+
+
+# ----------------------------------------------------------------------------------------------
+# prelort check: the checksums
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damaged", ["round-2/adapter.safetensors", "round-1/state.json"])
+def test_check_names_a_checkpoint_file_that_does_not_match_its_checksum(finished, tmp_path, damaged):
+    run = copy_run(finished, tmp_path)
+    assert check_run_dir(run) == []
+    path = run / "checkpoints" / damaged
+    data = bytearray(path.read_bytes())
+    # one bit: of the adapter, the lowest mantissa bit of its last float32 (still finite, still readable)
+    data[-4 if path.suffix == ".safetensors" else 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    line = f"checkpoint file checkpoints/{damaged} does not match its checksum (damaged or edited)"
+    assert check_run_dir(run) == [line]
+    res = cli.invoke(app, ["check", str(run)])
+    assert res.exit_code == 2 and line in res.output.splitlines()
