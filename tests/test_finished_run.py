@@ -62,3 +62,17 @@ def test_check_names_a_checkpoint_file_that_does_not_match_its_checksum(finished
     assert check_run_dir(run) == [line]
     res = cli.invoke(app, ["check", str(run)])
     assert res.exit_code == 2 and line in res.output.splitlines()
+
+
+# ----------------------------------------------------------------------------------------------
+# a truncated latest adapter without checksums.json
+# ----------------------------------------------------------------------------------------------
+def test_export_falls_back_past_a_truncated_latest_adapter_without_checksums(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    latest = run / "checkpoints" / "round-2"
+    (latest / "checksums.json").unlink()
+    adapter = latest / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])
+    res = cli.invoke(app, ["export", str(run), "--rank", "2", "--out", str(tmp_path / "exported")])
+    assert res.exit_code == 0, res.output
+    assert f"exported round-1 rank-2 adapter to {tmp_path / 'exported'}" in res.output

@@ -255,7 +255,7 @@ class RunDir:
         return checkpoint.available_rounds(self.path)
 
     def latest_intact_round(self) -> int | None:
-        """The last round whose checkpoint is complete and matches its checksums (see prelort.checkpoint)."""
+        """The last round whose checkpoint is complete and intact (its checksums; see prelort.checkpoint)."""
         from . import checkpoint
 
         return checkpoint.latest_intact_round(self.path)
