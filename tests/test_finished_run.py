@@ -14,7 +14,7 @@ from prelort import config as config_mod
 from prelort import runner
 from prelort.apps.cli import app
 from prelort.check import check_run_dir
-from prelort.rundir import LOCK
+from prelort.rundir import LOCK, RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -76,3 +76,37 @@ def test_export_falls_back_past_a_truncated_latest_adapter_without_checksums(fin
     res = cli.invoke(app, ["export", str(run), "--rank", "2", "--out", str(tmp_path / "exported")])
     assert res.exit_code == 0, res.output
     assert f"exported round-1 rank-2 adapter to {tmp_path / 'exported'}" in res.output
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume finishes what the contract requires
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "lost", ["plots", "plots/train_loss.png", "summary.csv", "run.log", "config.yaml", "adapters/rank-4"]
+)
+def test_resume_writes_what_a_finished_run_lacks_without_running_anything(finished, tmp_path, monkeypatch, lost):
+    """After a full disk (the plots, the report or an adapter never written), --resume writes them from the last
+    checkpoint and metrics.jsonl, bit for bit as the run did, without loading the model or running a round."""
+    run = copy_run(finished, tmp_path)
+
+    def files() -> dict[Path, bytes]:
+        return {
+            p.relative_to(run): p.read_bytes()
+            for p in run.rglob("*")
+            if p.is_file() and p.name not in (LOCK, "run.log")
+        }
+
+    before = files()
+    path = run / lost
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert not RunDir(run).is_complete(cfg())
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded: a finished run's rounds are never run again")
+
+    monkeypatch.setattr(runner, "load_federation_model", no_model)
+    runner.run(cfg(), run, resume=True, verbose=False)
+    assert check_run_dir(run) == []
+    assert RunDir(run).is_complete(cfg())
+    assert files() == before
+    assert "writing what the run lacks: " + lost.split("/")[0] in (run / "run.log").read_text()

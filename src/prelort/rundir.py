@@ -22,7 +22,8 @@ the report, ``prelort check``, the CLI, the benchmarks) goes through it instead 
   below this module; :class:`RunDir` hands out its paths and rounds to everyone else.
 
 A run is complete (:meth:`RunDir.is_complete`) when the last round's checkpoint is intact, every record
-of that round is in metrics.jsonl, and the per-tier adapters and summary.csv exist.
+of that round is in metrics.jsonl (:meth:`RunDir.rounds_complete`), and the files written from them exist:
+config.yaml, run.log, the per-tier adapters, summary.csv and the plots (:meth:`RunDir.missing_outputs`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ UPDATES_DIR = "updates"
 # where the rounds run (Flower addresses, timeouts, the device), whether accepted updates are kept, and how
 # many rounds there are (a resumed run may be extended) - never what a round computes.
 SAFE_TO_CHANGE = ("eval", "rounds", "audit", "flower", "model.device")
+# The plots prelort.report.write_run_report draws for every finished run (it has evaluation, tier and training
+# records), and the one it adds when the training records carry an epsilon (privacy.dp with noise).
+FINISHED_RUN_PLOTS = ("metrics_by_round.png", "truncation_curve.png", "train_loss.png")
+EPSILON_PLOT = "privacy_epsilon.png"
 # the keys of a metrics.jsonl record that say which evaluation it is, not what it measured
 RECORD_KEYS = ("round", "rank", "kind", "method", "seed")
 
@@ -394,9 +399,10 @@ class RunDir:
                 path.unlink()
 
     # -- completeness -------------------------------------------------------------------------------------
-    def is_complete(self, cfg: Config) -> bool:
-        """Whether this directory holds ``cfg``'s finished run: the last round's checkpoint (intact), every
-        record of that round (truncation curve included), the per-tier adapters and summary.csv. Reads no model."""
+    def rounds_complete(self, cfg: Config) -> bool:
+        """Whether every round of ``cfg``'s run is done: the last round's checkpoint intact and every record of
+        that round (truncation curve included) in metrics.jsonl - what only training and evaluating can write.
+        Reads no model."""
         from .checkpoint import CheckpointError
 
         try:
@@ -405,12 +411,27 @@ class RunDir:
         except CheckpointError:  # every checkpoint damaged: resume says so itself
             return False
         have = self.metrics.records_by_key(cfg.rounds)
-        if any(k not in have for k in expected_records(cfg, cfg.rounds)):
-            return False
+        return all(k in have for k in expected_records(cfg, cfg.rounds))
+
+    def missing_outputs(self, cfg: Config) -> list[Path]:
+        """The files ``cfg``'s finished run leaves besides its rounds and records that are not here: config.yaml,
+        run.log, the per-tier adapters, summary.csv and the plots (those ``prelort check`` requires). Each is
+        written again from the last checkpoint and metrics.jsonl alone (a disk that filled up after the last
+        record, a crash in the report)."""
         tiers = sorted(set(cfg.clients.all_ranks()))
-        return self.summary_csv.is_file() and all(
-            (self.adapter_dir(t) / "adapter_model.safetensors").is_file() for t in tiers
-        )
+        expected = [self.config_file, self.log_file]
+        expected += [self.adapter_dir(t) / "adapter_model.safetensors" for t in tiers]
+        expected += [self.summary_csv, *(self.plots_dir / name for name in FINISHED_RUN_PLOTS)]
+        train = self.metrics.records_by_key(cfg.rounds).get(("train", None), {})
+        if train.get("dp_epsilon") is not None:
+            expected.append(self.plots_dir / EPSILON_PLOT)
+        return [path for path in expected if not path.is_file()]
+
+    def is_complete(self, cfg: Config) -> bool:
+        """Whether this directory holds ``cfg``'s finished run: every round (:meth:`rounds_complete`) and every
+        file it leaves (:meth:`missing_outputs`: adapters, summary.csv, plots, run.log, config.yaml). Reads no
+        model."""
+        return self.rounds_complete(cfg) and not self.missing_outputs(cfg)
 
     # -- writing: the lock, --resume, prepare -------------------------------------------------------------
     def acquire_lock(self) -> Path:
