@@ -4,6 +4,7 @@ never overwrite a user's files or the run's own."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -41,9 +42,9 @@ def finished(tmp_path_factory) -> Path:
     return d
 
 
-def copy_run(finished: Path, tmp_path: Path) -> Path:
+def copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:
     # without the lock: this process holds the original's, and would find its copy held by a live process
-    return Path(shutil.copytree(finished, tmp_path / "run", ignore=shutil.ignore_patterns(LOCK)))
+    return Path(shutil.copytree(finished, tmp_path / name, ignore=shutil.ignore_patterns(LOCK)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,3 +111,111 @@ def test_resume_writes_what_a_finished_run_lacks_without_running_anything(finish
     assert RunDir(run).is_complete(cfg())
     assert files() == before
     assert "writing what the run lacks: " + lost.split("/")[0] in (run / "run.log").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# export and report --out: never a user's files, never the run's own
+# ----------------------------------------------------------------------------------------------
+def error(res) -> str:
+    assert res.exit_code == 2, res.output
+    return res.output.strip().splitlines()[-1]
+
+
+@pytest.fixture()
+def home_and_cwd(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    home, cwd = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    return home, cwd
+
+
+def test_export_never_overwrites_a_users_adapter_nor_the_runs_own_files(finished, tmp_path, home_and_cwd):
+    run = copy_run(finished, tmp_path)
+    home, cwd = home_and_cwd
+    own = {p: p.read_bytes() for p in (run / "adapters").rglob("*") if p.is_file()}
+
+    def export(out: str | Path, *extra: str):
+        return cli.invoke(app, ["export", str(run), "--rank", "2", "--out", str(out), *extra])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "adapter_config.json").write_text("the user's own")
+    assert error(export(mine)) == (
+        f"error: --out {mine} already holds adapter_config.json; prelort will not overwrite them (choose another "
+        "--out, or pass --force to replace them)"
+    )
+    assert (mine / "adapter_config.json").read_text() == "the user's own"
+    assert not (mine / "adapter_model.safetensors").exists()
+    assert export(mine, "--force").exit_code == 0
+    assert json.loads((mine / "adapter_config.json").read_text())["r"] == 2
+    assert error(export(mine)).startswith(f"error: --out {mine} already holds adapter_config.json, adapter_model")
+
+    for out, why in [
+        (run / "adapters" / "rank-4", f"is inside adapters of the run directory {run}"),
+        (run / "checkpoints" / "round-2", f"is inside checkpoints of the run directory {run}"),
+        (run / "plots" / "new", f"is inside plots of the run directory {run}"),
+        (run, f"is the run directory {run}"),
+    ]:
+        assert error(export(out, "--force")) == (
+            f"error: --out {out} {why}; prelort will not write into a run's own files (choose a directory outside it)"
+        )
+    assert {p: p.read_bytes() for p in (run / "adapters").rglob("*") if p.is_file()} == own
+    assert not (run / "plots" / "new").exists() and not (run / "adapter_config.json").exists()
+    assert check_run_dir(run) == []
+
+    for out, what in [(home, "your home directory"), ("~", "your home directory"), (".", "the current directory")]:
+        assert error(export(out, "--force")) == (
+            f"error: --out {out} is {what}; give a directory of its own, e.g. --out adapters/NAME"
+        )
+    assert error(export("/", "--force")).startswith("error: --out / is the filesystem root;")
+    (tmp_path / "file").write_text("")
+    assert error(export(tmp_path / "file")) == f"error: --out {tmp_path / 'file'} exists and is not a directory"
+    assert sorted(p.name for p in home.iterdir()) == sorted(p.name for p in cwd.iterdir()) == []
+    # a new directory, or one holding other files, takes the adapter (also a new folder beside a run's own files)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("kept")
+    for out in (tmp_path / "new", tmp_path / "other", run / "exported"):
+        assert export(out).exit_code == 0
+        assert (out / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "kept"
+
+
+def test_report_never_overwrites_a_users_comparison_nor_the_runs_own_files(finished, tmp_path, home_and_cwd):
+    a, b = copy_run(finished, tmp_path, "a"), copy_run(finished, tmp_path, "b")
+    home, cwd = home_and_cwd
+
+    def report(*extra: str | Path):
+        return cli.invoke(app, ["report", str(a), str(b), *map(str, extra)])
+
+    mine = tmp_path / "cmp"
+    mine.mkdir()
+    (mine / "comparison.md").write_text("my notes")
+    assert error(report("--out", mine)) == (
+        f"error: --out {mine} already holds comparison.md; prelort will not overwrite them (choose another --out, "
+        "or pass --force to replace them)"
+    )
+    assert (mine / "comparison.md").read_text() == "my notes" and not (mine / "comparison.csv").exists()
+    assert report("--out", mine, "--force").exit_code == 0
+    assert (mine / "comparison.md").read_text().startswith("# Comparison")
+    assert error(report("--out", mine)).startswith(f"error: --out {mine} already holds comparison.csv, comparison.md")
+    # the default ./comparison too
+    assert report().exit_code == 0 and (cwd / "comparison" / "comparison.csv").is_file()
+    assert error(report()).startswith("error: --out comparison already holds comparison.csv, comparison.md")
+
+    for out, why in [
+        (a, f"is the run directory {a}"),
+        (b / "plots", f"is inside plots of the run directory {b}"),
+        (a / "eval", f"is inside eval of the run directory {a}"),
+    ]:
+        assert error(report("--out", out, "--force")) == (
+            f"error: --out {out} {why}; prelort will not write into a run's own files (choose a directory outside it)"
+        )
+    assert not list(a.rglob("comparison*")) and not list(b.rglob("comparison*"))
+    for out, what in [(home, "your home directory"), ("~", "your home directory"), (".", "the current directory")]:
+        assert error(report("--out", out, "--force")) == (
+            f"error: --out {out} is {what}; give a directory of its own, e.g. --out comparison"
+        )
+    assert list(home.iterdir()) == [] and [p.name for p in cwd.iterdir()] == ["comparison"]
+    assert check_run_dir(a) == [] and check_run_dir(b) == []

@@ -24,6 +24,10 @@ the report, ``prelort check``, the CLI, the benchmarks) goes through it instead 
 A run is complete (:meth:`RunDir.is_complete`) when the last round's checkpoint is intact, every record
 of that round is in metrics.jsonl (:meth:`RunDir.rounds_complete`), and the files written from them exist:
 config.yaml, run.log, the per-tier adapters, summary.csv and the plots (:meth:`RunDir.missing_outputs`).
+
+What other commands write beside a run (``prelort export``'s adapter, ``prelort report --out``'s comparison)
+goes nowhere ``run`` would not go either, never into a run's own files, and never over a user's files unless
+``--force`` (:func:`check_output_dir`).
 """
 
 from __future__ import annotations
@@ -240,6 +244,26 @@ class RunDir:
     def update_files(self) -> list[Path]:
         """Every audited update's ``.safetensors`` file, sorted."""
         return sorted(self.updates_dir.glob("round-*/client-*.safetensors"))
+
+    def own_paths(self) -> list[Path]:
+        """Every file and folder of the run directory that prelort writes (docs/design.md section 7)."""
+        return [
+            self.marker,
+            self.lock_file,
+            self.config_file,
+            self.log_file,
+            self.metrics_file,
+            self.summary_csv,
+            self.plots_dir,
+            self.eval_dir,
+            self.adapters_dir,
+            self.updates_dir,
+            self.checkpoints_dir,
+        ]
+
+    def is_run_dir(self) -> bool:
+        """Whether this is a run directory: its marker, or (a run of a version before the marker) a checkpoint."""
+        return self.marker.is_file() or bool(self.checkpoint_rounds())
 
     # -- checkpoints/ (the format is prelort.checkpoint's; it sits below this module) ------------------------
     @property
@@ -639,6 +663,50 @@ def _acquire_lock(run_dir: Path) -> Path:
         atexit.register(_release, key)
         return lock
     raise RunDirError(f"could not take the lock {lock}; another prelort run is starting on {run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the --out of the commands that write beside a run (export, report)
+# ----------------------------------------------------------------------------------------------
+def enclosing_run(path: str | Path) -> RunDir | None:
+    """The run directory ``path`` is or lies in (looking up from it), or None."""
+    resolved = Path(path).expanduser().resolve()
+    for place in (resolved, *resolved.parents):
+        if RunDir(place).is_run_dir():
+            return RunDir(place)
+    return None
+
+
+def check_output_dir(path: str | Path, writes: Sequence[str], *, force: bool, example: str) -> Path:
+    """Refuse an ``--out`` of a command that writes files beside a run (``export``'s adapter, ``report``'s
+    comparison), as :func:`check_out` refuses a run's: the filesystem root, the home directory, the current
+    directory, a file, a run directory or anything among its own files (a run's adapters replaced behind its
+    back), and, unless ``force``, a directory already holding one of the files it would write (``writes``:
+    glob patterns relative to it), so a user's files are never overwritten unasked. Nothing is created here."""
+    path = Path(path)
+    protected = _protected(path)
+    if protected:
+        raise RunDirError(f"--out {path} is {protected}; give a directory of its own, e.g. --out {example}")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} exists and is not a directory")
+    run = enclosing_run(path)
+    if run is not None:
+        resolved = path.expanduser().resolve()
+        own = next((p for p in run.own_paths() if resolved.is_relative_to(p)), None)
+        if resolved == run.path or own is not None:
+            where = "is the run directory" if own is None else f"is inside {own.name} of the run directory"
+            raise RunDirError(
+                f"--out {path} {where} {run.path}; prelort will not write into a run's own files (choose a "
+                "directory outside it)"
+            )
+    if path.is_dir() and not force:
+        present = sorted({str(p.relative_to(path)) for pattern in writes for p in path.glob(pattern)})
+        if present:
+            raise RunDirError(
+                f"--out {path} already holds {', '.join(present)}; prelort will not overwrite them (choose "
+                "another --out, or pass --force to replace them)"
+            )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
