@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from .checkpoint import CHECKSUM_FILE, CheckpointError
 from .metrics import available as available_metrics
 from .metrics import names as metric_names
 from .rundir import RunDir
@@ -124,7 +124,8 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
         f = c / "adapter.safetensors"
         if not need(f.is_file(), f"{c.name} lacks adapter.safetensors"):
             continue
-        if need((c / "state.json").is_file(), f"{c.name} lacks state.json"):
+        # without checksums.json (an earlier version's checkpoint) the readability check below is all there is
+        if need((c / "state.json").is_file(), f"{c.name} lacks state.json") and (c / CHECKSUM_FILE).is_file():
             try:  # one flipped bit leaves the file readable and finite: only its checksum tells
                 directory.verify_checkpoint(_round_of(c))
             except CheckpointError as e:
