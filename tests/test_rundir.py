@@ -15,7 +15,7 @@ import torch
 from prelort import config as config_mod
 from prelort.checkpoint import save_checkpoint
 from prelort.methods.base import GlobalState
-from prelort.rundir import RunDir, expected_records, train_record
+from prelort.rundir import FINISHED_RUN_PLOTS, RunDir, expected_records, train_record
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -114,7 +114,8 @@ def test_metrics_records_by_key_and_truncation_on_resume(tmp_path):
 
 
 def _finished_run(tmp_path: Path, cfg: config_mod.Config) -> RunDir:
-    """What a finished run of ``cfg`` leaves for completeness: checkpoints, records, adapters, summary.csv."""
+    """What a finished run of ``cfg`` leaves for completeness: checkpoints, records, adapters, summary.csv, plots,
+    run.log, config.yaml."""
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     state = GlobalState(tensors={"m.lora_A": torch.zeros(8, 4), "m.lora_B": torch.zeros(4, 8)})
@@ -132,6 +133,11 @@ def _finished_run(tmp_path: Path, cfg: config_mod.Config) -> RunDir:
         run.adapter_dir(t).mkdir(parents=True)
         (run.adapter_dir(t) / "adapter_model.safetensors").write_bytes(b"")
     run.summary_csv.write_text("")
+    run.plots_dir.mkdir()
+    for name in FINISHED_RUN_PLOTS:
+        (run.plots_dir / name).write_bytes(b"")
+    run.log_file.write_text("")
+    run.write_config(cfg)
     return run
 
 
@@ -173,6 +179,25 @@ def test_a_run_is_complete_only_with_everything_its_last_round_leaves(tmp_path):
     run.summary_csv.write_text("")
     (run.adapter_dir(8) / "adapter_model.safetensors").unlink()
     assert not run.is_complete(cfg)
+    assert run.rounds_complete(cfg)  # only what is written from the rounds is missing
+
+
+def test_a_run_without_its_plots_run_log_or_config_is_not_complete(tmp_path):
+    cfg = tiny_cfg()
+    run = _finished_run(tmp_path, cfg)
+    for path in (run.plots_dir / "train_loss.png", run.log_file, run.config_file):
+        content = path.read_bytes()
+        path.unlink()
+        assert not run.is_complete(cfg) and run.rounds_complete(cfg)
+        assert run.missing_outputs(cfg) == [path]
+        path.write_bytes(content)
+    assert run.is_complete(cfg)
+    # a run with noise (privacy.dp) also draws its epsilon per round
+    lines = run.metrics_file.read_text().splitlines()
+    train = next(i for i, line in enumerate(lines) if json.loads(line) == {"round": 2, "rank": None, "kind": "train"})
+    lines[train] = json.dumps({"round": 2, "rank": None, "kind": "train", "dp_epsilon": 3.5})
+    run.metrics_file.write_text("".join(line + "\n" for line in lines))
+    assert run.missing_outputs(cfg) == [run.plots_dir / "privacy_epsilon.png"]
 
 
 def test_a_damaged_last_checkpoint_is_not_complete(tmp_path):

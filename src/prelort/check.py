@@ -3,8 +3,9 @@
 It checks names, shapes and fields, not whether any number is right: the files a finished run leaves
 (config.yaml with its key settings, metrics.jsonl, summary.csv, run.log, plots/*.png), every evaluation
 record's fields and ranges (no record twice), every checkpoint (round-0 first; safetensors keys
-``<module>.lora_A|lora_B|delta``, finite values, matching A/B ranks; state.json), every audited update
-(JSON beside it, declared rank = the tensors' rank dimension) and the exported PEFT adapters.
+``<module>.lora_A|lora_B|delta``, finite values, matching A/B ranks; state.json; its files against its
+checksums.json, which a checkpoint of an earlier version lacks), every audited update (JSON beside it,
+declared rank = the tensors' rank dimension) and the exported PEFT adapters.
 Nothing is unpickled: safetensors, JSON and YAML only. The files are found and read through
 :class:`~prelort.rundir.RunDir`; what is checked in them is this module's.
 """
@@ -12,9 +13,11 @@ Nothing is unpickled: safetensors, JSON and YAML only. The files are found and r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import CHECKSUM_FILE, CheckpointError
 from .metrics import available as available_metrics
 from .metrics import names as metric_names
 from .rundir import RunDir
@@ -121,7 +124,12 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
         f = c / "adapter.safetensors"
         if not need(f.is_file(), f"{c.name} lacks adapter.safetensors"):
             continue
-        need((c / "state.json").is_file(), f"{c.name} lacks state.json")
+        # without checksums.json (an earlier version's checkpoint) the readability check below is all there is
+        if need((c / "state.json").is_file(), f"{c.name} lacks state.json") and (c / CHECKSUM_FILE).is_file():
+            try:  # one flipped bit leaves the file readable and finite: only its checksum tells
+                directory.verify_checkpoint(_round_of(c))
+            except CheckpointError as e:
+                problems.append(str(e).replace(f"{run}{os.sep}", ""))  # the file named relative to the run
         t = tensors(f)
         for key, x in (t or {}).items():
             mod, _, kind = key.rpartition(".")

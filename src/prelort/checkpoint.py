@@ -16,7 +16,8 @@ the writer, :func:`save_checkpoint`) puts the old one back. Readers (:func:`load
 
 Integrity: each round also holds ``checksums.json`` (sha256 of its two files). Loading the latest round
 (``round_=None``) verifies it and, when it is damaged, falls back to the last intact round with a warning
-(:func:`latest_intact_round`).
+(:func:`latest_intact_round`). A round without ``checksums.json`` (an earlier version's) is damaged when its
+state.json or its adapter cannot be read: a truncated adapter falls back as a checksum mismatch does.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .methods.base import FederationSpec, GlobalState
@@ -43,7 +44,8 @@ from .methods.base import FederationSpec, GlobalState
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
 # sha256 of the two files above, written with them: a checkpoint damaged later (truncated, edited, bit rot)
-# is detected on load. Checkpoints of earlier versions have none and are loaded unverified.
+# is detected on load. Checkpoints of earlier versions have none: only an adapter that cannot be read
+# (truncated) counts as damaged there.
 CHECKSUM_FILE = "checksums.json"
 _ROUND_DIR = re.compile(r"round-(\d+)")
 _TMP_DIR = re.compile(r"\.round-(\d+)\.(tmp|old)-.+")
@@ -176,6 +178,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_readable(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a safetensors file whose header covers the whole file
+    (a truncated or padded one does not); reads the header only."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is not a readable safetensors file: {e}") from None
+
+
 def verify_round(run_dir: str | Path, round_: int) -> None:
     """Raise :class:`CheckpointError` unless round ``round_``'s files are present and match its checksums."""
     d = round_dir(run_dir, round_)
@@ -184,7 +196,10 @@ def verify_round(run_dir: str | Path, round_: int) -> None:
             raise CheckpointError(f"checkpoint file {d / name} is missing")
     sums_path = d / CHECKSUM_FILE
     if not sums_path.exists():
-        return  # written by an earlier version: nothing to verify against
+        # written by an earlier version (or its checksums lost): nothing to compare with, but an adapter that
+        # cannot be read (truncated) is as damaged as one that fails its checksum
+        _check_readable(d / ADAPTER_FILE)
+        return
     try:
         sums = json.loads(sums_path.read_text())
         expected = {name: str(sums[name]) for name in (ADAPTER_FILE, STATE_FILE)}
@@ -196,8 +211,8 @@ def verify_round(run_dir: str | Path, round_: int) -> None:
 
 
 def latest_intact_round(run_dir: str | Path) -> int | None:
-    """The last round whose checkpoint is complete and matches its checksums; each damaged later round is
-    skipped with a warning. None when there is no checkpoint at all; :class:`CheckpointError` when every
+    """The last round whose checkpoint is complete and matches its checksums (one without checksums: whose
+    state.json and adapter can be read); each damaged later round is skipped with a warning. None when there is no checkpoint at all; :class:`CheckpointError` when every
     one is damaged."""
     rounds = available_rounds(run_dir)
     problems = []

@@ -22,7 +22,12 @@ the report, ``prelort check``, the CLI, the benchmarks) goes through it instead 
   below this module; :class:`RunDir` hands out its paths and rounds to everyone else.
 
 A run is complete (:meth:`RunDir.is_complete`) when the last round's checkpoint is intact, every record
-of that round is in metrics.jsonl, and the per-tier adapters and summary.csv exist.
+of that round is in metrics.jsonl (:meth:`RunDir.rounds_complete`), and the files written from them exist:
+config.yaml, run.log, the per-tier adapters, summary.csv and the plots (:meth:`RunDir.missing_outputs`).
+
+What other commands write beside a run (``prelort export``'s adapter, ``prelort report --out``'s comparison)
+goes nowhere ``run`` would not go either, never into a run's own files, and never over a user's files unless
+``--force`` (:func:`check_output_dir`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ UPDATES_DIR = "updates"
 # where the rounds run (Flower addresses, timeouts, the device), whether accepted updates are kept, and how
 # many rounds there are (a resumed run may be extended) - never what a round computes.
 SAFE_TO_CHANGE = ("eval", "rounds", "audit", "flower", "model.device")
+# The plots prelort.report.write_run_report draws for every finished run (it has evaluation, tier and training
+# records), and the one it adds when the training records carry an epsilon (privacy.dp with noise).
+FINISHED_RUN_PLOTS = ("metrics_by_round.png", "truncation_curve.png", "train_loss.png")
+EPSILON_PLOT = "privacy_epsilon.png"
 # the keys of a metrics.jsonl record that say which evaluation it is, not what it measured
 RECORD_KEYS = ("round", "rank", "kind", "method", "seed")
 
@@ -236,6 +245,26 @@ class RunDir:
         """Every audited update's ``.safetensors`` file, sorted."""
         return sorted(self.updates_dir.glob("round-*/client-*.safetensors"))
 
+    def own_paths(self) -> list[Path]:
+        """Every file and folder of the run directory that prelort writes (docs/design.md section 7)."""
+        return [
+            self.marker,
+            self.lock_file,
+            self.config_file,
+            self.log_file,
+            self.metrics_file,
+            self.summary_csv,
+            self.plots_dir,
+            self.eval_dir,
+            self.adapters_dir,
+            self.updates_dir,
+            self.checkpoints_dir,
+        ]
+
+    def is_run_dir(self) -> bool:
+        """Whether this is a run directory: its marker, or (a run of a version before the marker) a checkpoint."""
+        return self.marker.is_file() or bool(self.checkpoint_rounds())
+
     # -- checkpoints/ (the format is prelort.checkpoint's; it sits below this module) ------------------------
     @property
     def checkpoints_dir(self) -> Path:
@@ -255,10 +284,17 @@ class RunDir:
         return checkpoint.available_rounds(self.path)
 
     def latest_intact_round(self) -> int | None:
-        """The last round whose checkpoint is complete and matches its checksums (see prelort.checkpoint)."""
+        """The last round whose checkpoint is complete and intact (its checksums; see prelort.checkpoint)."""
         from . import checkpoint
 
         return checkpoint.latest_intact_round(self.path)
+
+    def verify_checkpoint(self, round_: int) -> None:
+        """Raise CheckpointError (naming the file) unless round ``round_``'s checkpoint files are present and
+        match its checksums.json (see prelort.checkpoint.verify_round)."""
+        from . import checkpoint
+
+        checkpoint.verify_round(self.path, round_)
 
     def checkpoint_state(self, round_: int | None = None) -> tuple[int, dict[str, Any]]:
         """``(round, state.json)`` of a checkpoint (default: the latest intact one)."""
@@ -388,9 +424,10 @@ class RunDir:
                 path.unlink()
 
     # -- completeness -------------------------------------------------------------------------------------
-    def is_complete(self, cfg: Config) -> bool:
-        """Whether this directory holds ``cfg``'s finished run: the last round's checkpoint (intact), every
-        record of that round (truncation curve included), the per-tier adapters and summary.csv. Reads no model."""
+    def rounds_complete(self, cfg: Config) -> bool:
+        """Whether every round of ``cfg``'s run is done: the last round's checkpoint intact and every record of
+        that round (truncation curve included) in metrics.jsonl - what only training and evaluating can write.
+        Reads no model."""
         from .checkpoint import CheckpointError
 
         try:
@@ -399,12 +436,27 @@ class RunDir:
         except CheckpointError:  # every checkpoint damaged: resume says so itself
             return False
         have = self.metrics.records_by_key(cfg.rounds)
-        if any(k not in have for k in expected_records(cfg, cfg.rounds)):
-            return False
+        return all(k in have for k in expected_records(cfg, cfg.rounds))
+
+    def missing_outputs(self, cfg: Config) -> list[Path]:
+        """The files ``cfg``'s finished run leaves besides its rounds and records that are not here: config.yaml,
+        run.log, the per-tier adapters, summary.csv and the plots (those ``prelort check`` requires). Each is
+        written again from the last checkpoint and metrics.jsonl alone (a disk that filled up after the last
+        record, a crash in the report)."""
         tiers = sorted(set(cfg.clients.all_ranks()))
-        return self.summary_csv.is_file() and all(
-            (self.adapter_dir(t) / "adapter_model.safetensors").is_file() for t in tiers
-        )
+        expected = [self.config_file, self.log_file]
+        expected += [self.adapter_dir(t) / "adapter_model.safetensors" for t in tiers]
+        expected += [self.summary_csv, *(self.plots_dir / name for name in FINISHED_RUN_PLOTS)]
+        train = self.metrics.records_by_key(cfg.rounds).get(("train", None), {})
+        if train.get("dp_epsilon") is not None:
+            expected.append(self.plots_dir / EPSILON_PLOT)
+        return [path for path in expected if not path.is_file()]
+
+    def is_complete(self, cfg: Config) -> bool:
+        """Whether this directory holds ``cfg``'s finished run: every round (:meth:`rounds_complete`) and every
+        file it leaves (:meth:`missing_outputs`: adapters, summary.csv, plots, run.log, config.yaml). Reads no
+        model."""
+        return self.rounds_complete(cfg) and not self.missing_outputs(cfg)
 
     # -- writing: the lock, --resume, prepare -------------------------------------------------------------
     def acquire_lock(self) -> Path:
@@ -612,6 +664,50 @@ def _acquire_lock(run_dir: Path) -> Path:
         atexit.register(_release, key)
         return lock
     raise RunDirError(f"could not take the lock {lock}; another prelort run is starting on {run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the --out of the commands that write beside a run (export, report)
+# ----------------------------------------------------------------------------------------------
+def enclosing_run(path: str | Path) -> RunDir | None:
+    """The run directory ``path`` is or lies in (looking up from it), or None."""
+    resolved = Path(path).expanduser().resolve()
+    for place in (resolved, *resolved.parents):
+        if RunDir(place).is_run_dir():
+            return RunDir(place)
+    return None
+
+
+def check_output_dir(path: str | Path, writes: Sequence[str], *, force: bool, example: str) -> Path:
+    """Refuse an ``--out`` of a command that writes files beside a run (``export``'s adapter, ``report``'s
+    comparison), as :func:`check_out` refuses a run's: the filesystem root, the home directory, the current
+    directory, a file, a run directory or anything among its own files (a run's adapters replaced behind its
+    back), and, unless ``force``, a directory already holding one of the files it would write (``writes``:
+    glob patterns relative to it), so a user's files are never overwritten unasked. Nothing is created here."""
+    path = Path(path)
+    protected = _protected(path)
+    if protected:
+        raise RunDirError(f"--out {path} is {protected}; give a directory of its own, e.g. --out {example}")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} exists and is not a directory")
+    run = enclosing_run(path)
+    if run is not None:
+        resolved = path.expanduser().resolve()
+        own = next((p for p in run.own_paths() if resolved.is_relative_to(p)), None)
+        if resolved == run.path or own is not None:
+            where = "is the run directory" if own is None else f"is inside {own.name} of the run directory"
+            raise RunDirError(
+                f"--out {path} {where} {run.path}; prelort will not write into a run's own files (choose a "
+                "directory outside it)"
+            )
+    if path.is_dir() and not force:
+        present = sorted({str(p.relative_to(path)) for pattern in writes for p in path.glob(pattern)})
+        if present:
+            raise RunDirError(
+                f"--out {path} already holds {', '.join(present)}; prelort will not overwrite them (choose "
+                "another --out, or pass --force to replace them)"
+            )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

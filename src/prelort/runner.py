@@ -315,11 +315,39 @@ class Session:
                     else self.evaluate_tier_examples(t)
                 )
                 self._record(fed.round, t, "curve", result)
-        export_adapters(self)
-        from .report import write_run_report
+        write_outputs(fed, cfg, self.dir)
 
-        write_run_report(self.run_dir)
-        log.info("done: %s (metrics.jsonl, summary.csv, plots/, checkpoints/, adapters/)", self.run_dir)
+
+def write_outputs(fed: Federation, cfg: Config, directory: RunDir) -> None:
+    """What a run writes from its last checkpoint and metrics.jsonl once every record is in: the per-tier PEFT
+    adapters, summary.csv and the plots."""
+    for t in fed.tiers():
+        export_tier(fed, t, cfg, directory.adapter_dir(t))
+    from .report import write_run_report
+
+    write_run_report(directory.path)
+    log.info("done: %s (metrics.jsonl, summary.csv, plots/, checkpoints/, adapters/)", directory.path)
+
+
+def finish_from_disk(cfg: Config, out: str | Path, *, verbose: bool = True) -> Path:
+    """--resume of a run whose rounds and records are all on disk but not every file written from them (the disk
+    filled up, or the process died, after the last record): write the adapters and the report again from the
+    last checkpoint and metrics.jsonl, without loading the model or the data and without running a round."""
+    check_privacy(cfg)
+    directory = RunDir(out)
+    missing = directory.missing_outputs(cfg)  # before config.yaml and run.log are written again
+    directory.prepare(cfg, resume=True)  # checks, lock, resume comparison, config.yaml
+    setup_logging(directory.path, verbose)
+    log.info(
+        "--resume: every round and record of %s is written; writing what the run lacks: %s",
+        directory.path,
+        ", ".join(str(p.relative_to(directory.path)) for p in missing) or "nothing",
+    )
+    spec, _ = directory.checkpoint_spec()
+    fed = Federation(cfg, directory.path, spec.modules)
+    fed.start(resume=True)
+    write_outputs(fed, cfg, directory)
+    return directory.path
 
 
 def export_adapters(session: Session, tiers: Sequence[int] | None = None) -> list[Path]:
@@ -381,8 +409,11 @@ def open_federation(run_dir: str | Path) -> tuple[Config, Federation]:
 
 
 def run(cfg: Config, out: str | Path, *, resume: bool = False, verbose: bool = True) -> Path:
-    """Run a whole federation with the engine named in the config (``resume`` on a finished run: nothing to do)."""
-    if resume and RunDir(out).is_complete(cfg):
+    """Run a whole federation with the engine named in the config (``resume`` on a finished run: nothing to do;
+    on one whose rounds are done but not its adapters or report: :func:`finish_from_disk`)."""
+    if resume and RunDir(out).rounds_complete(cfg):
+        if RunDir(out).missing_outputs(cfg):
+            return finish_from_disk(cfg, out, verbose=verbose)
         return Path(out)
     from . import engines
 

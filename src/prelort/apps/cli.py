@@ -237,19 +237,28 @@ def eval_cmd(
             typer.echo(json.dumps(rec))
 
 
+# the files export_peft_adapter writes, and those report.compare_runs writes: an --out holding one is a user's
+# earlier output, replaced only with --force
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+COMPARISON_FILES = ("comparison.csv", "comparison.md", "plots/comparison_*.png")
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     rank: int = typer.Option(..., "--rank", help="Rank tier to export."),
     out: Path = typer.Option(..., "--out", help="Directory for the PEFT adapter."),
+    force: bool = typer.Option(False, "--force", help="Replace the adapter files already in --out."),
 ) -> None:
     """Export the latest global model at rank T as a standard PEFT adapter directory.
 
-    A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions.
+    A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions. --out may not be /, the home or the current directory, nor inside a run directory's own files; an --out that already holds adapter_config.json or adapter_model.safetensors is refused unless --force.
     """
     with _expected_failures("export"):
+        from ..rundir import check_output_dir
         from ..runner import export_tier, open_federation
 
+        check_output_dir(out, PEFT_FILES, force=force, example="adapters/NAME")
         cfg, fed = open_federation(run_dir)
         if not 1 <= rank <= fed.spec.max_rank:
             _fail(f"--rank {rank} outside 1..{fed.spec.max_rank}")
@@ -273,15 +282,19 @@ def report_cmd(
     out: Path | None = typer.Option(
         None, "--out", help="Where the comparison goes when several runs are given (default: ./comparison)."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the comparison files already in --out."),
 ) -> None:
-    """Write summary.csv and plots/*.png into each run; with several runs (or --out) also compare them."""
+    """Write summary.csv and plots/*.png into each run; with several runs (or --out) also compare them.
+
+    The comparison's --out may not be /, the home or the current directory, nor inside a run directory's own files; one that already holds comparison.csv, comparison.md or plots/comparison_*.png is refused unless --force.
+    """
     with _expected_failures("report"):
-        _report(run_dirs, out)
+        _report(run_dirs, out, force)
 
 
-def _report(run_dirs: list[Path], out: Path | None) -> None:
+def _report(run_dirs: list[Path], out: Path | None, force: bool = False) -> None:
     from .. import report
-    from ..rundir import RunDir
+    from ..rundir import RunDir, check_output_dir
 
     missing = [d for d in run_dirs if not RunDir(d).metrics_file.is_file()]
     if missing:
@@ -293,6 +306,9 @@ def _report(run_dirs: list[Path], out: Path | None) -> None:
                 for d in missing
             )
         )
+    out_dir = out if out is not None else Path("comparison")
+    if len(run_dirs) > 1 or out is not None:  # before any run's report is written
+        check_output_dir(out_dir, COMPARISON_FILES, force=force, example="comparison")
     try:
         for run_dir in run_dirs:
             written = report.write_run_report(run_dir)
@@ -308,7 +324,6 @@ def _report(run_dirs: list[Path], out: Path | None) -> None:
                     typer.echo("no rank-tier evaluation yet")
                 typer.echo(written["final_table"])
         if len(run_dirs) > 1 or out is not None:
-            out_dir = out if out is not None else Path("comparison")
             table = report.compare_runs(run_dirs, out_dir)
             typer.echo(table)
             typer.echo(f"comparison written to {out_dir}/ (comparison.csv, comparison.md, plots/)")
