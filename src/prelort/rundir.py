@@ -575,7 +575,7 @@ def check_out(path: str | Path, resume: bool) -> Path:
     """Refuse an ``--out`` prelort must not write (nothing is created here); returns the path.
 
     A run directory is never inside another run, nor holds one: resuming the outer run would take the inner
-    one's files for its own (a directory in checkpoints/ that is no round is deleted as a damaged checkpoint).
+    one's files for its own (a run in its checkpoints/round-N is replaced as a damaged checkpoint).
     """
     path = Path(path)
     protected = _protected(path)
