@@ -21,8 +21,7 @@ import pytest
 from prelort import rundir
 from prelort.rundir import LOCK, MARKER, RunDir, RunDirError, check_out
 
-# The prelort under test (the worktree's or /work/main's, whichever the test itself imported): the
-# subprocesses below must race the same code.
+# The prelort under test (whichever this test imported): the subprocesses below must run the same code.
 SRC = Path(rundir.__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(SRC))
 
@@ -36,6 +35,12 @@ def _python(code: str, *args: str) -> subprocess.Popen:
         text=True,
         env=ENV,
     )
+
+
+def _tiny_cfg():
+    from prelort import config as config_mod
+
+    return config_mod.load(Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml")
 
 
 @pytest.fixture()
@@ -193,12 +198,6 @@ def test_the_same_process_takes_the_lock_again_and_releases_it(run_dir):
     run.release_lock()  # not held: nothing
     run.acquire_lock()
     assert run.lock_file.is_file()
-
-
-def _tiny_cfg():
-    from prelort import config as config_mod
-
-    return config_mod.load(Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml")
 
 
 # ----------------------------------------------------------------------------------------------
