@@ -400,9 +400,20 @@ def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / rundir.MARKER).write_text("{}\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(  # a process holding the lock (an OS lock: writing its PID into the file is not enough)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from prelort import rundir; rundir.RunDir(sys.argv[1]).acquire_lock(); "
+            "print('locked', flush=True); time.sleep(60)",
+            str(d),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
     try:
-        _lock_held_by(d, holder.pid)
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(rundir.RunDirError, match=f"in use by another prelort run \\(PID {holder.pid}"):
             rundir.RunDir(d).prepare(tiny_cfg(), resume=False)
         res = _cli("run", str(TINY), "--out", str(d), "--set", "seed=1")

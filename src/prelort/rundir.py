@@ -8,9 +8,10 @@ the report, ``prelort check``, the CLI, the benchmarks) goes through it instead 
   directory that is new, empty, or already marked (:func:`check_out`); it never takes ``/``, the home
   directory or the current directory themselves, so a mistyped ``--out`` cannot mix a run into (or
   overwrite) a user's own files.
-* ``.prelort.lock`` (:data:`LOCK`): one process at a time. :meth:`RunDir.acquire_lock` creates it
-  exclusively, holding the writer's PID and process start time. It is removed when the process exits; a
-  lock whose process is gone (killed) is stale and taken over.
+* ``.prelort.lock`` (:data:`LOCK`): one process at a time. :meth:`RunDir.acquire_lock` holds an exclusive
+  ``flock`` on it for the life of the process, so the kernel decides who holds it and a killed process's lock
+  goes with it; the file's content (the holder's PID, host and start time) only names the holder when
+  another run is refused. The file is removed when the process exits or releases it.
 * ``config.yaml``: the resolved config. ``--resume`` compares the whole config given with it; only the
   sections in :data:`SAFE_TO_CHANGE` may differ. Without ``config.yaml`` the config given again is checked
   against what the latest checkpoint records (method, seed, ranks, alpha, options).
@@ -33,10 +34,16 @@ goes nowhere ``run`` would not go either, never into a run's own files, and neve
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import socket
+import stat
+import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -464,6 +471,10 @@ class RunDir:
         another live process holds it. Released when the process exits."""
         return _acquire_lock(self.path)
 
+    def release_lock(self) -> None:
+        """Let go of the lock (removing the file) if this process holds it; otherwise nothing."""
+        _release(_lock_key(self.path))
+
     def load_saved_config(self) -> Config:
         """--resume: config.yaml as a validated Config; :class:`ConfigError` (one line) when it is not one."""
         try:
@@ -531,13 +542,13 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.marker.is_file():
             self.marker.write_text(json.dumps({"prelort": __version__}) + "\n")
-        lock = self.acquire_lock()
+        self.acquire_lock()
         try:  # again under the lock: another run may have finished in this directory meanwhile
             check_out(self.path, resume)
             if resume:
                 self.check_resume_config(cfg)
         except BaseException:
-            _release(lock.resolve())
+            self.release_lock()
             raise
         self.write_config(cfg)
         return self
@@ -559,14 +570,84 @@ def _protected(path: Path) -> str | None:
     return None
 
 
+# How many directory entries the search for a run below --out looks at, at most: a run directory nested
+# in another is found in its first levels, and a huge directory given by mistake costs milliseconds, not minutes.
+SCAN_LIMIT = 20_000
+_ROUND_DIR = re.compile(r"round-\d+")  # checkpoints/round-N (prelort.checkpoint's name; it imports torch)
+
+
+def _is_run_dir(d: Path) -> bool:
+    """Whether ``d`` is a prelort run directory: marked, or (a run from before the marker) with checkpoints/round-N."""
+    try:
+        if (d / MARKER).is_file():
+            return True
+        checkpoints = d / "checkpoints"
+        return checkpoints.is_dir() and any(_ROUND_DIR.fullmatch(p.name) and p.is_dir() for p in checkpoints.iterdir())
+    except OSError:  # unreadable: not ours to judge
+        return False
+
+
+def _run_above(path: Path) -> Path | None:
+    """The nearest prelort run directory that ``path`` is inside (``path`` itself excluded)."""
+    return next((d for d in path.expanduser().resolve().parents if _is_run_dir(d)), None)
+
+
+def _run_below(path: Path, limit: int | None = None) -> Path | None:
+    """A prelort run directory inside ``path`` (``path`` itself excluded), searched breadth first without
+    following links; gives up (None) after ``limit`` entries (default :data:`SCAN_LIMIT`)."""
+    limit = SCAN_LIMIT if limit is None else limit
+    seen = 0
+    queue = deque([path])
+    while queue:
+        d = queue.popleft()
+        try:
+            with os.scandir(d) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > limit:
+                        return None
+                    if d is not path and entry.name == MARKER and entry.is_file(follow_symlinks=False):
+                        return Path(d)
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name == "checkpoints" and d is not path and _has_rounds(entry.path):
+                            return Path(d)  # a run from before the marker
+                        queue.append(entry.path)
+        except OSError:  # unreadable: skipped
+            continue
+    return None
+
+
+def _has_rounds(checkpoints: str) -> bool:
+    try:
+        return any(_ROUND_DIR.fullmatch(name) for name in os.listdir(checkpoints))
+    except OSError:
+        return False
+
+
 def check_out(path: str | Path, resume: bool) -> Path:
-    """Refuse an ``--out`` prelort must not write (nothing is created here); returns the path."""
+    """Refuse an ``--out`` prelort must not write (nothing is created here); returns the path.
+
+    A run directory is never inside another run, nor holds one: resuming the outer run would take the inner
+    one's files for its own (a run in its checkpoints/round-N is replaced as a damaged checkpoint).
+    """
     path = Path(path)
     protected = _protected(path)
     if protected:
         raise RunDirError(f"--out {path} is {protected}; give a new directory for the run, e.g. --out runs/NAME")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path} exists and is not a directory")
+    outer = _run_above(path)
+    if outer is not None:
+        raise RunDirError(
+            f"--out {path} is inside the prelort run directory {outer}; a run directory cannot be inside another "
+            "run (choose an --out outside it)"
+        )
+    inner = _run_below(path) if path.is_dir() else None
+    if inner is not None:
+        raise RunDirError(
+            f"--out {path} holds the prelort run directory {inner}; a run directory cannot hold another run "
+            f"(move {inner} out of it or choose another --out)"
+        )
     checkpoints = RunDir(path).checkpoints_dir
     if resume:
         if not checkpoints.is_dir():
@@ -586,84 +667,152 @@ def check_out(path: str | Path, resume: bool) -> Path:
 # ----------------------------------------------------------------------------------------------
 # the lock
 # ----------------------------------------------------------------------------------------------
-_held: dict[Path, str] = {}  # lock files this process holds -> their content
+# The kernel decides who holds a run directory: an exclusive flock on .prelort.lock, held on an open file
+# for as long as the process lives (or until released), so two processes can never both hold it and a killed
+# process lets go of it by dying. The file's content (pid, host, start time) only names the holder in the
+# refusal; whatever it says (nothing yet, garbage, a PID that is gone) never decides who holds the lock.
+_held: dict[Path, tuple[int, int]] = {}  # lock files this process holds -> (their open fd, the holder's pid)
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time (Linux /proc), so a PID reused by another process is not mistaken for ours."""
+    """The process's start time (Linux /proc): with the PID, it names one process even after PIDs are reused."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rpartition(")")[2].split()[19]  # field 22 of stat: starttime
+    return stat_line.rpartition(")")[2].split()[19]  # field 22 of stat: starttime
 
 
-def _alive(pid: int) -> bool:
+def _lock_key(run_dir: Path) -> Path:
+    return run_dir.resolve() / LOCK
+
+
+def _what_is(path: Path) -> str:
+    """What a path that should be the lock file is instead (for the refusal)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "not a regular file"
+    for is_kind, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
+        if is_kind(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_lock(lock: Path) -> int:
+    """Open (creating it) the lock file, which must be a regular file; never follows a link nor blocks."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP):
+            fd = -1
+        else:
+            raise RunDirError(
+                f"cannot open the lock file {lock} ({e.strerror}); make the run directory writable or choose "
+                "another --out"
+            ) from None
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise RunDirError(
+            f"{lock} is {_what_is(lock)}, not prelort's lock file; remove it (prelort creates the lock "
+            "itself) or choose another --out"
+        )
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (a releasing holder removes it before letting go)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
     except OSError:
         return False
-    return True
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _holder(lock: Path) -> dict[str, Any] | None:
-    """The lock's content if a live process holds it, else None (stale or unreadable)."""
+def _lock_content(fd: int) -> dict[str, Any] | None:
+    """The lock file's JSON object, or None (empty, cut, not JSON, not an object); reads at most 4 KiB."""
     try:
-        info = json.loads(lock.read_text())
-        pid = int(info["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads(os.pread(fd, 4096, 0))
+    except (OSError, ValueError):  # ValueError: not JSON, not UTF-8, an integer too long to convert
         return None
-    if info.get("host") != socket.gethostname():
-        return info  # another machine's process: cannot be checked, so it counts as alive
-    if not _alive(pid):
-        return None
-    started = info.get("started")
-    if started is not None and _start_time(pid) not in (None, started):
-        return None  # the PID now belongs to another process
-    return info
+    return info if isinstance(info, dict) else None
 
 
-def _release(lock: Path) -> None:
-    content = _held.pop(lock, None)
+def _holder_name(fd: int) -> tuple[str, str]:
+    """(PID, host) of the holder as its lock file names them, for the refusal; whatever the file holds."""
+    info = None
+    for _ in range(10):  # the holder writes its name just after taking the lock: give it a moment
+        info = _lock_content(fd)
+        if info is not None:
+            break
+        time.sleep(0.02)
+    info = info or {}
+    pid, host = info.get("pid"), info.get("host")
+    pid_s = str(pid) if type(pid) is int and 0 < pid < 2**32 else "unknown"
+    host_s = host if isinstance(host, str) and 0 < len(host) <= 255 and host.isprintable() else "an unknown host"
+    return pid_s, host_s
+
+
+def _release(key: Path) -> None:
+    held = _held.get(key)
+    if held is None or held[1] != os.getpid():  # a forked child never releases its parent's lock
+        return
+    del _held[key]
+    fd = held[0]
     try:
-        if content is not None and lock.read_text() == content:
-            lock.unlink()
+        if _same_file(fd, key):
+            key.unlink()  # while still holding it: a process waiting on this file then sees it gone and retries
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def _acquire_lock(run_dir: Path) -> Path:
     lock = run_dir / LOCK
-    key = lock.resolve()
+    key = _lock_key(run_dir)
     if key in _held:
         return lock
-    content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())})
-    for _ in range(3):
+    for _ in range(20):
+        fd = _open_lock(lock)
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _holder(lock)
-            if holder is not None:
-                raise RunDirError(
-                    f"{run_dir} is in use by another prelort run (PID {holder.get('pid')} on "
-                    f"{holder.get('host')}); wait for it to finish or choose another --out"
-                ) from None
-            log.warning("taking over the stale lock %s (its process is gone)", lock)
-            try:
-                lock.unlink()
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        _held[key] = content
-        atexit.register(_release, key)
-        return lock
-    raise RunDirError(f"could not take the lock {lock}; another prelort run is starting on {run_dir}")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, host = _holder_name(fd)
+            os.close(fd)
+            raise RunDirError(
+                f"{run_dir} is in use by another prelort run (PID {pid} on {host}); wait for it to finish or "
+                "choose another --out"
+            ) from None
+        except OSError as e:  # e.g. a file system without locks
+            os.close(fd)
+            raise RunDirError(
+                f"cannot lock {lock} ({e.strerror}); put the run directory on a local file system or choose "
+                "another --out"
+            ) from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the previous holder removed this file as it let go: lock the one now at the path
+    else:
+        raise RunDirError(f"could not take the lock {lock}; another prelort run is starting on {run_dir}")
+    if os.fstat(fd).st_size:
+        log.warning("taking over the stale lock %s (its process is gone)", lock)
+    content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, content.encode(), 0)
+    _held[key] = (fd, os.getpid())
+    atexit.register(_release, key)
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------
