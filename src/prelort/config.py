@@ -629,6 +629,23 @@ class ConfigFileError(ConfigError):
     """The config path is not a readable regular file (missing, a directory, a FIFO, a device, ...)."""
 
 
+def file_kind(mode: int) -> str:
+    """What a file of this ``st_mode`` is, in words ("a regular file", "a directory", "a FIFO", ...): for the
+    one-line refusals of a path that is not the kind of file prelort expects (a config, a lock)."""
+    for is_kind, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
+        if is_kind(mode):
+            return kind
+    return "not a regular file"
+
+
 def _not_a_config_file(p: Path) -> str | None:
     """Why ``p`` cannot be a config file, said as what it is (None: a regular file). Only stats it: opening a
     FIFO would block until something writes to it, and opening a device can have effects."""
@@ -638,17 +655,10 @@ def _not_a_config_file(p: Path) -> str | None:
         return "is a broken symbolic link" if p.is_symlink() else "does not exist"
     except OSError as e:  # permission denied on a parent, a symbolic link loop, a name too long
         return f"cannot be reached: {e.strerror or e}"
-    if stat.S_ISREG(mode):
+    kind = file_kind(mode)
+    if kind == "a regular file":
         return None
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a config file"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO, not a config file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a config file"
-    if stat.S_ISSOCK(mode):
-        return "is a socket, not a config file"
-    return "is not a regular file"
+    return f"is {kind}, not a config file" if kind != "not a regular file" else "is not a regular file"
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

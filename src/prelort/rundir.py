@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, file_kind
 from .metrics import names as metric_names
 
 log = logging.getLogger("prelort")
@@ -270,7 +270,7 @@ class RunDir:
 
     def is_run_dir(self) -> bool:
         """Whether this is a run directory: its marker, or (a run of a version before the marker) a checkpoint."""
-        return self.marker.is_file() or bool(self.checkpoint_rounds())
+        return _is_run_dir(self.path)
 
     # -- checkpoints/ (the format is prelort.checkpoint's; it sits below this module) ------------------------
     @property
@@ -690,20 +690,9 @@ def _lock_key(run_dir: Path) -> Path:
 def _what_is(path: Path) -> str:
     """What a path that should be the lock file is instead (for the refusal)."""
     try:
-        mode = os.lstat(path).st_mode
+        return file_kind(os.lstat(path).st_mode)
     except OSError:
         return "not a regular file"
-    for is_kind, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a device"),
-        (stat.S_ISBLK, "a device"),
-    ):
-        if is_kind(mode):
-            return kind
-    return "not a regular file"
 
 
 def _open_lock(lock: Path) -> int:
@@ -821,10 +810,8 @@ def _acquire_lock(run_dir: Path) -> Path:
 def enclosing_run(path: str | Path) -> RunDir | None:
     """The run directory ``path`` is or lies in (looking up from it), or None."""
     resolved = Path(path).expanduser().resolve()
-    for place in (resolved, *resolved.parents):
-        if RunDir(place).is_run_dir():
-            return RunDir(place)
-    return None
+    found = resolved if _is_run_dir(resolved) else _run_above(resolved)
+    return None if found is None else RunDir(found)
 
 
 def check_output_dir(path: str | Path, writes: Sequence[str], *, force: bool, example: str) -> Path:
