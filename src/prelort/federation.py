@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
 from .methods import ClientUpdate, GlobalState, Method
-from .privacy import add_dp_noise, check_dp, check_secure_aggregation, clip_update, dp_aggregate
+from .privacy import check_dp, check_secure_aggregation, clip_update, dp_aggregate, finish_noised
 from .protocol import ClientTask, EngineResult, RawUpdate, SecureAggregate, decode_raw
 from .rank_geometry import adapter_prefix
 from .secure_sums import (
@@ -548,11 +548,17 @@ class Federation:
         num = {k: v * rho_total for k, v in mean_num.items()}
         den = {k: v * rho_total for k, v in mean_den.items()}
         gen = torch.Generator().manual_seed(derived_seed(self.cfg.seed, round_, -2))
-        noised, info = add_dp_noise(
-            rule, num, den, self.cfg.privacy.clip_norm, float(self.noise_multiplier or 0.0), gen
+        out, info = finish_noised(
+            self.method,
+            self.state,
+            rule,
+            num,
+            den,
+            clear,
+            self.cfg.privacy.clip_norm,
+            float(self.noise_multiplier or 0.0),
+            gen,
         )
-        out = GlobalState(tensors=self.method.finish_sums(self.state, noised, den), meta=dict(self.state.meta))
-        self.method.after_round(out, list(clear))
         # how many clients clipped stays with them: a clear flag would tell the server about one update
         info.update(clients=len(clear), where="server noise on the SecAgg+ sums of the client-clipped updates")
         log.info("round %d: differential privacy: %s", round_, json.dumps(info, default=str))

@@ -202,11 +202,30 @@ def dp_aggregate(
     # checks every update), finish and bookkeeping (``after_round``, e.g. pruned ranks).
     shapes = {n: t.shape for n, t in state.tensors.items()}
     sums, seen = fold_updates(method, shapes, clipped, [1.0] * len(clipped))
+    num = {k: s.num for k, s in sums.items()}
     den = {k: s.den for k, s in sums.items()}
-    num, info = add_dp_noise(rule, {k: s.num for k, s in sums.items()}, den, clip, z, generator)
-    out = GlobalState(tensors=method.finish_sums(state, num, den), meta=copy.deepcopy(state.meta))
-    method.after_round(out, seen)
+    out, info = finish_noised(method, state, rule, num, den, seen, clip, z, generator)
     info.update(clients=len(clipped), clients_clipped=n_clipped)
+    return out, info
+
+
+def finish_noised(
+    method: Method,
+    state: GlobalState,
+    rule: SumRule,
+    num: Mapping[str, Tensor],
+    den: Mapping[str, Tensor],
+    client_meta: Sequence[tuple[int, Mapping[str, Any]]],
+    clip_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[GlobalState, dict[str, Any]]:
+    """The end of a DP round, whoever summed the clipped updates (this process, or SecAgg+): noise on N
+    (:func:`add_dp_noise`), the method's ``finish_sums``, then its ``after_round`` with the clients' metadata.
+    Returns the new state and the noise's info for the round's log."""
+    noised, info = add_dp_noise(rule, num, den, clip_norm, noise_multiplier, generator)
+    out = GlobalState(tensors=method.finish_sums(state, noised, den), meta=copy.deepcopy(state.meta))
+    method.after_round(out, list(client_meta))
     return out, info
 
 
