@@ -50,3 +50,18 @@ def check_run():
         assert not problems, "\n".join(problems)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def load_plugin():
+    """``load_plugin(path)``: execute a plug-in file of the test suite (an extra method, metric or engine) as the
+    module ``prelort_tests_<stem>``; loading it registers what it defines (each test unregisters it after)."""
+    import importlib.util
+
+    def load(path: Path):
+        spec = importlib.util.spec_from_file_location(f"prelort_tests_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -4,7 +4,6 @@ config names it (``engine: counting``), with no edit anywhere in prelort."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -34,11 +33,9 @@ BUILT_IN = "engine: Input should be 'inprocess', 'flower-sim' or 'flower'"
 
 
 @pytest.fixture
-def counting():
+def counting(load_plugin):
     """The extra engine's module, registered while the test runs (loading its file registers it), then removed."""
-    spec = importlib.util.spec_from_file_location("prelort_tests_counting_engine", HERE / "counting_engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_plugin(HERE / "counting_engine.py")
     yield module
     engines.unregister("counting")
 

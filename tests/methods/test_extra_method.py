@@ -4,7 +4,6 @@ with no edit anywhere in prelort."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -37,11 +36,9 @@ FAST = [
 
 
 @pytest.fixture
-def trimmed():
+def trimmed(load_plugin):
     """The extra method, registered while the test runs (loading its file registers it), then removed again."""
-    spec = importlib.util.spec_from_file_location("prelort_tests_trimmed_mean", HERE / "trimmed_mean.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_plugin(HERE / "trimmed_mean.py")
     yield module.TrimmedMean
     methods.unregister("trimmed")
 

@@ -6,7 +6,6 @@ model: computed in evaluation, written to metrics.jsonl, shown by ``prelort repo
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -37,11 +36,9 @@ FAST = [
 
 
 @pytest.fixture
-def nll():
+def nll(load_plugin):
     """The extra metric, registered while the test runs (loading its file registers it), then removed again."""
-    spec = importlib.util.spec_from_file_location("prelort_tests_nll", HERE / "nll.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_plugin(HERE / "nll.py")
     yield module.NLL
     metrics.unregister("nll")
 
