@@ -178,7 +178,7 @@ def summary(run_dir: str | Path) -> str:
     """One line for a run that follows the contract."""
     directory = RunDir(run_dir)
     run = directory.path
-    rounds = sorted(r for p in directory.checkpoints_dir.glob("round-*") if (r := _round_of(p)) is not None)
+    rounds = directory.checkpoint_rounds()  # the run passed the check: every round-N is a checkpoint directory
     adapters = sorted(p.name for p in directory.adapter_dirs())
     return (
         f"{run} follows the run-directory contract: checkpoints of rounds {rounds[0]}..{rounds[-1]}, "
