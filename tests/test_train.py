@@ -14,7 +14,15 @@ from prelort.adapters import LoraAdapter
 from prelort.config import TrainConfig
 from prelort.methods.base import NESTED_MODES, FederationSpec, TrainPlan, lora_init
 from prelort.methods.hetlora import SelfPruning
-from prelort.train import _step_truncations, batch_response_loss, collate, lr_factor, response_loss, train_client
+from prelort.train import (
+    _step_truncations,
+    batch_response_loss,
+    collate,
+    lr_factor,
+    rank_lr,
+    response_loss,
+    train_client,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 R = 8
@@ -129,6 +137,30 @@ def test_same_seed_gives_a_bit_identical_update(tiny_model):
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
     assert a.tensors["model.layers.0.self_attn.v_proj.lora_B"].shape == (32, 4)
+
+
+def test_lr_rank_scaling_gives_each_rank_its_own_step(tiny_model):
+    """sqrt: a rank-r client trains at lr * sqrt(r_ref / r); the update is the one plain training at that lr
+    gives, and the reference rank keeps train.lr."""
+    assert rank_lr(TrainConfig(lr=0.01), 16) == 0.01
+    scaled = TrainConfig(lr=0.01, lr_rank_scaling="sqrt", lr_reference_rank=2)
+    assert rank_lr(scaled, 2) == pytest.approx(0.01)
+    assert rank_lr(scaled, 8) == pytest.approx(0.005)
+    assert rank_lr(scaled, 16) == pytest.approx(0.01 / math.sqrt(8))
+    base, _ = tiny_model
+    plan = TrainPlan(rank=8, truncations=(8,), mode="off")
+    common = dict(local_steps=2, batch_size=2)
+    by_scaling = train_client(
+        fresh_lora(base),
+        EXAMPLES,
+        plan,
+        TrainConfig(**common, **scaled.model_dump(include={"lr", "lr_rank_scaling", "lr_reference_rank"})),
+        seed=3,
+    )
+    by_hand = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(**common, lr=0.005), seed=3)
+    unscaled = train_client(fresh_lora(base), EXAMPLES, plan, TrainConfig(**common, lr=0.01), seed=3)
+    assert all(torch.allclose(by_scaling.tensors[k], by_hand.tensors[k], atol=1e-7) for k in by_hand.tensors)
+    assert any(not torch.allclose(unscaled.tensors[k], by_hand.tensors[k], atol=1e-5) for k in by_hand.tensors)
 
 
 def test_modes_run_the_promised_passes(tiny_model):

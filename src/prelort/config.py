@@ -213,6 +213,18 @@ class TrainConfig(_Section):
         "constant", description="constant, or linear warmup + cosine decay."
     )
     warmup_steps: int = Field(0, ge=0)
+    lr_rank_scaling: Literal["none", "sqrt"] = Field(
+        "none",
+        description="A learning rate per client rank: none (every client uses train.lr) or sqrt (a client training "
+        "rank r uses lr * sqrt(lr_reference_rank / r)). With one scale alpha / R for every rank, a rank-r update "
+        "grows with r (the rsLoRA argument), so one lr cannot fit ranks 2 to 16 alike. Every method can use it.",
+    )
+    lr_reference_rank: int = Field(
+        1,
+        ge=1,
+        description="The rank that trains at exactly train.lr under lr_rank_scaling: sqrt (set it to your smallest "
+        "client rank to keep train.lr for it).",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping bound, > 0 (null: off).")
 
 

@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .data.prompts import IGNORE_INDEX
 from .methods.base import NESTED_MODES, LocalTraining, TrainPlan
 
-__all__ = ["TrainResult", "collate", "lr_factor", "response_loss", "train_client"]
+__all__ = ["TrainResult", "collate", "lr_factor", "rank_lr", "response_loss", "train_client"]
 
 
 @dataclass
@@ -120,6 +120,18 @@ def batch_response_loss(model, batch: dict[str, Tensor]) -> Tensor:
         logits.reshape(-1, logits.size(-1)).float(), picked.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total / (picked != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def rank_lr(cfg: TrainConfig, rank: int) -> float:
+    """The base learning rate of a client training rank ``rank``: ``cfg.lr``, or under ``lr_rank_scaling:
+    sqrt`` ``cfg.lr * sqrt(cfg.lr_reference_rank / rank)``, so that the size of a step of s B A, which grows
+    with the rank at a fixed scale s = alpha / R, stays about the same across ranks (rsLoRA, Kalajdzievski
+    2023, argues the sqrt)."""
+    if cfg.lr_rank_scaling == "none":
+        return cfg.lr
+    if cfg.lr_rank_scaling == "sqrt":
+        return cfg.lr * math.sqrt(cfg.lr_reference_rank / rank)
+    raise ValueError(f"unknown lr_rank_scaling {cfg.lr_rank_scaling!r} (none or sqrt)")
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
@@ -248,12 +260,12 @@ class _LocalOptimizer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
     @classmethod
-    def of(cls, adapter: LoraAdapter, cfg: TrainConfig) -> _LocalOptimizer:
+    def of(cls, adapter: LoraAdapter, cfg: TrainConfig, lr: float) -> _LocalOptimizer:
         params = adapter.parameters()
         pairs = adapter.factor_pairs()
         for p in params:
             p.requires_grad_(True)
-        adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        adamw = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             adamw, lambda s: lr_factor(s, cfg.local_steps, cfg.schedule, cfg.warmup_steps)
         )
@@ -321,7 +333,7 @@ def train_client(
     if pad_id is None:
         pad_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
 
-    optim = _LocalOptimizer.of(adapter, cfg)
+    optim = _LocalOptimizer.of(adapter, cfg, rank_lr(cfg, plan.rank))
     data_gen = torch.Generator().manual_seed(seed)
     cycler = _Cycler(len(examples), data_gen)
     pick = random.Random(seed)

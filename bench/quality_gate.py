@@ -1,0 +1,367 @@
+"""Quality study 2, stage A (docs/quality-study-2.md): the federated gate, with the learning rate found per rank.
+
+Two arms on the study's base config (``--config``, default examples/quality_study.yaml), both FedIT with every
+client at one rank and the same scale s = alpha / R = 1: ``ceiling`` (rank 16) and ``floor`` (rank 2). Each runs
+on every pilot seed at every lr of its grid; an arm's best lr is the one with the highest mean accuracy over
+the pilot seeds (ties: higher mean answer log-likelihood), and a best lr at the grid's edge extends the grid by
+one 2x step, at most twice. The gate passes iff, at the best lrs, the ceiling beats the floor by >= 0.10 on
+average and on every seed, and the ceiling is >= 0.15 above the constant-guess floor. If it fails, the setting
+moves one step down the pre-declared ladder (``LADDER``) and the gate runs again, until a gate passes, the ladder
+ends, or the step ``--until`` names is done.
+
+One run directory per run under ``--runs-dir`` (``STEP/ARM/lr-X/seed-S``), never redone once finished, restarted
+if killed; ``--json`` (results/quality_study_2.json) is rewritten after every run with the per-example records,
+the grids, the gates and "k of M runs done"; on a fresh clone (no run directories) a run recorded there with the
+same config is not redone.
+
+    python -m bench.quality_gate                          # stage A as the protocol says (resumable)
+    python -m bench.quality_gate --max-runs 6             # at most 6 runs this session
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prelort import config as config_mod
+from prelort.config import Config
+
+from ._common import environment, write_json
+from .quality_study import accuracy, collect_run, ensure_run, run_inprocess, selection_score
+
+ROOT = Path(__file__).resolve().parents[1]
+# arm -> its settings; both FedIT, both at s = alpha / R = 1 (docs/quality-study-2.md, stage A)
+ARMS: dict[str, dict[str, Any]] = {
+    "ceiling": {"clients": {"ranks": [16]}, "lora": {"alpha": 16}},
+    "floor": {"clients": {"ranks": [2]}, "lora": {"alpha": 2}},
+}
+# the ladder, cumulative: each step's overrides include the previous steps'
+LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("L0", ()),
+    ("L1", ("train.warmup_steps=2",)),
+    ("L2", ("rounds=20",)),
+    ("L3", ("data.partition.classes_per_client=2",)),
+)
+STEPS = [name for name, _ in LADDER]
+PILOT_SEEDS = (2001, 2002, 2003)
+BASE_GRID = (1.25e-3, 2.5e-3, 5e-3, 1e-2)
+MAX_EXTENSIONS = 2
+GATE_MIN_GAP = 0.10  # mean ceiling - floor
+GATE_ABOVE_GUESS = 0.15  # ceiling - constant guess
+STUDY_SETTINGS = ["method=fedit", "clients.sampling=stratified", "eval.base=false", "eval.truncation_curve=false"]
+DONE_FILE = "study-run.json"
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+COMMIT = _commit()  # recorded per run: the code a run was made with
+
+
+def step_overrides(step: str) -> list[str]:
+    """The ladder's overrides up to and including ``step``."""
+    out: list[str] = []
+    for name, sets in LADDER:
+        out += sets
+        if name == step:
+            return out
+    raise ValueError(f"unknown ladder step {step!r}; known: {', '.join(STEPS)}")
+
+
+def run_inputs(
+    base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """What one run's config is made of: the config file's data with the arm, seed and lr set, and the
+    overrides (the study's settings, the ladder step's, the command line's)."""
+    data = json.loads(json.dumps(base))
+    for section, values in ARMS[arm].items():
+        data.setdefault(section, {}).update(values)
+    data["seed"] = seed
+    data.setdefault("train", {})["lr"] = lr
+    return data, [*STUDY_SETTINGS, *step_overrides(step), *overrides]
+
+
+def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]) -> Config:
+    """One run's config (``base``: the config file's data): evaluated once, after the last round, at the
+    arm's only tier."""
+    data, sets = run_inputs(base, arm, seed, lr, step, overrides)
+    rounds = config_mod.from_dict(data, sets).rounds
+    return config_mod.from_dict(data, [*sets, f"eval.every={rounds}"])
+
+
+def inputs_digest(base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]) -> str:
+    """A run's identity for resuming from the JSON: a digest of what its config is made of, not of the resolved
+    config, so a later prelort that adds a config field with a default does not disown finished runs."""
+    data, sets = run_inputs(base, arm, seed, lr, step, overrides)
+    return hashlib.sha256(json.dumps([data, sets], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def constant_guess(cfg: Config) -> float:
+    """Accuracy of always answering each attribute's most common held-out value (the task's constant-guess
+    floor: a model that learned no fact but the answer distribution scores this)."""
+    from prelort.data.facts import build_facts_suite
+
+    _, test = build_facts_suite(cfg.seed, cfg.data.facts)
+    by_attribute: dict[str, Counter[str]] = {}
+    for row in test:
+        by_attribute.setdefault(row["category"], Counter())[row["output"]] += 1
+    return sum(c.most_common(1)[0][1] for c in by_attribute.values()) / len(test)
+
+
+def lr_grid(step: str, arm: str, steps: dict[str, Any]) -> list[float]:
+    """The arm's starting grid at ``step``: the base grid at L0, else 4 points 2x apart whose second is the
+    previous step's best lr of the arm."""
+    i = STEPS.index(step)
+    if i == 0:
+        return list(BASE_GRID)
+    prev = steps.get(STEPS[i - 1], {}).get("arms", {}).get(arm, {}).get("best_lr")
+    if prev is None:
+        raise SystemExit(f"step {step}: step {STEPS[i - 1]} has no best lr for {arm} yet; run it first")
+    return [prev / 2, prev, prev * 2, prev * 4]
+
+
+def score_grid(points: dict[float, dict[int, dict[str, Any]]], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Per lr with every seed done: the mean accuracy and answer log-likelihood over the seeds."""
+    out = []
+    for lr in sorted(points):
+        if not all(s in points[lr] for s in seeds):
+            continue
+        scores = [selection_score(points[lr][s]) for s in seeds]
+        out.append(
+            {
+                "lr": lr,
+                "mean_accuracy": round(sum(a for a, _ in scores) / len(scores), 9),
+                "mean_loglik": round(sum(ll for _, ll in scores) / len(scores), 5),
+                "accuracy": {str(s): a for s, (a, _) in zip(seeds, scores)},
+            }
+        )
+    return out
+
+
+def gate(ceiling: dict[str, Any], floor: dict[str, Any], guess: float, seeds: Sequence[int]) -> dict[str, Any]:
+    """The gate at the two arms' best lrs (their grid entries)."""
+    diffs = [ceiling["accuracy"][str(s)] - floor["accuracy"][str(s)] for s in seeds]
+    mean_gap = sum(diffs) / len(diffs)
+    checks = {
+        "mean_gap_at_least_0.10": mean_gap >= GATE_MIN_GAP,
+        "positive_on_every_seed": all(d > 0 for d in diffs),
+        "ceiling_0.15_above_constant_guess": ceiling["mean_accuracy"] >= guess + GATE_ABOVE_GUESS,
+    }
+    return {
+        "passed": all(checks.values()),
+        "checks": checks,
+        "ceiling_accuracy": ceiling["mean_accuracy"],
+        "floor_accuracy": floor["mean_accuracy"],
+        "mean_gap": round(mean_gap, 6),
+        "gap_per_seed": {str(s): round(d, 6) for s, d in zip(seeds, diffs)},
+        "constant_guess": round(guess, 6),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.quality_gate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=ROOT / "examples" / "quality_study.yaml")
+    p.add_argument(
+        "--until", default=STEPS[-1], help=f"last ladder step to run ({', '.join(STEPS)}; default: the whole ladder)"
+    )
+    p.add_argument("--seeds", default=",".join(map(str, PILOT_SEEDS)), help="pilot seeds (default 2001,2002,2003)")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "results" / "runs" / "quality_gate")
+    p.add_argument("--json", type=Path, default=ROOT / "results" / "quality_study_2.json")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after running this many runs (skips don't count)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = p.parse_args(argv)
+    if args.until not in STEPS:
+        raise SystemExit(f"--until: unknown ladder step {args.until!r}; known: {', '.join(STEPS)}")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: not a comma-separated list of integers: {args.seeds!r}") from None
+    if not args.seeds:
+        raise SystemExit("--seeds: at least one seed is needed")
+    if args.max_runs is not None and args.max_runs < 0:
+        raise SystemExit(f"--max-runs: must be >= 0, got {args.max_runs}")
+    if not args.config.is_file():
+        raise SystemExit(f"--config: {args.config} does not exist")
+    try:
+        config_mod.load(args.config, args.overrides)  # the file and the overrides are valid
+        args.base = config_mod.parse_yaml(args.config.read_text()) or {}
+    except config_mod.ConfigError as e:
+        raise SystemExit(f"--config/--set: {e}") from None
+    return args
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def _earlier_runs(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["stage_a"]["runs"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"{path}: not a results JSON of study 2 ({type(e).__name__}: {e}); move it away or pass another --json"
+        ) from None
+
+
+def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], None] = run_inprocess) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    earlier = _earlier_runs(args.json)
+    stage: dict[str, Any] = {
+        "command": "python -m bench.quality_gate "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "settings": {
+            "config": _rel(args.config),
+            "seeds": args.seeds,
+            "overrides": args.overrides,
+            "study_settings": STUDY_SETTINGS,
+            "ladder": {name: list(sets) for name, sets in LADDER},
+            "base_grid": list(BASE_GRID),
+            "max_extensions": MAX_EXTENSIONS,
+            "runs_dir": _rel(args.runs_dir),
+        },
+        "config": args.base,
+        "environment": environment(),
+        "constant_guess": {},
+        "steps": {},
+        "runs": {},
+    }
+    payload = {"benchmark": "quality_study_2", "protocol": "docs/quality-study-2.md", "stage_a": stage}
+    ran, stopped = 0, False
+
+    def save() -> None:
+        done = len(stage["runs"])
+        planned = sum(len(a["grid_lrs"]) * len(args.seeds) for s in stage["steps"].values() for a in s["arms"].values())
+        stage["progress"] = {"done": done, "planned": planned, "text": f"{done} of {planned} planned runs done"}
+        stage["cpu_seconds"] = round(sum(r["wall_seconds"] for r in stage["runs"].values()), 1)
+        write_json(args.json, payload)
+
+    def one(step: str, arm: str, lr: float, seed: int) -> dict[str, Any] | None:
+        nonlocal ran, stopped
+        key = f"{step}/{arm}/lr-{lr:g}/seed-{seed}"
+        cfg = make_config(args.base, arm, seed, lr, step, args.overrides)
+        digest = inputs_digest(args.base, arm, seed, lr, step, args.overrides)
+        run_dir = args.runs_dir / key
+        old = earlier.get(key)
+        if not run_dir.exists() and old is not None and old.get("inputs_digest") == digest:
+            rec, did_run = old, False
+        else:
+            if not (run_dir / DONE_FILE).is_file() and args.max_runs is not None and ran >= args.max_runs:
+                stopped = True
+                return None
+            did_run, wall = ensure_run(cfg, run_dir, execute)
+            rec = {
+                "step": step,
+                "arm": arm,
+                "lr": lr,
+                "seed": seed,
+                "inputs_digest": digest,
+                "commit": COMMIT,
+                "wall_seconds": wall,
+                **collect_run(run_dir),
+            }
+            rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
+        ran += did_run
+        stage["runs"][key] = rec
+        if str(seed) not in stage["constant_guess"]:
+            stage["constant_guess"][str(seed)] = round(constant_guess(cfg), 6)
+        acc = " ".join(f"r{t}={a:.3f}" for t, a in rec["accuracy"].items())
+        print(
+            f"[{len(stage['runs'])} runs] {key}: {'ran' if did_run else 'finished earlier'} "
+            f"({rec['wall_seconds']:.0f} s) {acc}",
+            flush=True,
+        )
+        if did_run:
+            save()
+        return rec
+
+    def run_step(step: str) -> dict[str, Any] | None:
+        """Run a step's grids (seed by seed, so partial results cover both arms) and its gate; None if stopped."""
+        entry = stage["steps"].setdefault(step, {"overrides": step_overrides(step), "arms": {}})
+        for arm in ARMS:
+            entry["arms"].setdefault(arm, {"grid_lrs": lr_grid(step, arm, stage["steps"]), "extensions": 0})
+        points: dict[str, dict[float, dict[int, dict[str, Any]]]] = {arm: {} for arm in ARMS}
+        while True:
+            grids = {arm: entry["arms"][arm]["grid_lrs"] for arm in ARMS}
+            # the arms interleaved, lr by lr, so that a partial step has runs of both
+            order = [
+                (arm, g[i]) for i in range(max(map(len, grids.values()))) for arm, g in grids.items() if i < len(g)
+            ]
+            for seed in args.seeds:
+                for arm, lr in order:
+                    rec = one(step, arm, lr, seed)
+                    if rec is not None:
+                        points[arm].setdefault(lr, {})[seed] = rec
+            extended = False
+            for arm, a in entry["arms"].items():
+                a["grid"] = score_grid(points[arm], args.seeds)
+                if len(a["grid"]) < len(a["grid_lrs"]):
+                    continue  # stopped part-way
+                best = max(a["grid"], key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
+                lrs = a["grid_lrs"]
+                at_low, at_high = best["lr"] == min(lrs), best["lr"] == max(lrs)
+                if (at_low or at_high) and a["extensions"] < MAX_EXTENSIONS:
+                    a["grid_lrs"] = sorted([*lrs, min(lrs) / 2 if at_low else max(lrs) * 2])
+                    a["extensions"] += 1
+                    a.pop("best_lr", None)
+                    extended = True
+                else:
+                    a.update(best_lr=best["lr"], best=best, at_grid_edge=at_low or at_high)
+            if stopped or not extended:
+                break
+        save()
+        if not all("best_lr" in a for a in entry["arms"].values()):
+            return None
+        guess = sum(stage["constant_guess"][str(s)] for s in args.seeds) / len(args.seeds)
+        entry["gate"] = gate(entry["arms"]["ceiling"]["best"], entry["arms"]["floor"]["best"], guess, args.seeds)
+        save()
+        return entry["gate"]
+
+    outcome = "stopped at --max-runs"
+    for step in STEPS[: STEPS.index(args.until) + 1]:
+        result = run_step(step)
+        if result is None:
+            break
+        verdict = "PASSED" if result["passed"] else "failed"
+        print(
+            f"gate {step}: {verdict} (ceiling {result['ceiling_accuracy']:.3f}, floor {result['floor_accuracy']:.3f}, "
+            f"gap {result['mean_gap']:+.3f}, constant guess {result['constant_guess']:.3f})",
+            flush=True,
+        )
+        outcome = f"gate {step} {verdict}"
+        if result["passed"]:
+            break
+    else:
+        if args.until == STEPS[-1]:
+            outcome += "; the ladder ended without a pass (docs/quality-study-2.md: the study stops)"
+    stage["outcome"] = outcome
+    save()
+    print(f"{stage['progress']['text']}; {outcome}; wrote {args.json}", flush=True)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""bench/quality_gate.py (study 2, stage A): lr grids with edge extension, the gate, the ladder, resumption.
+
+A fake federation writes what a finished run directory holds (config.yaml, train records, per-example
+evaluation records at the arm's only tier) with an accuracy set by the arm, the lr and the ladder step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from bench_scripts import load_bench
+
+ROOT = Path(__file__).resolve().parents[2]
+qg = load_bench("quality_gate")
+N_EXAMPLES = 300
+
+
+def arm_of(cfg) -> str:
+    return "ceiling" if cfg.clients.ranks == [16] else "floor"
+
+
+class FakeFederation:
+    """``peaks``: arm -> (best lr, accuracy there); accuracy falls by 0.1 per factor 2 away from the best lr."""
+
+    def __init__(self, peaks: dict[str, tuple[float, float]]):
+        self.peaks = peaks
+        self.calls: list[str] = []
+
+    def __call__(self, cfg, run_dir: Path) -> None:
+        arm = arm_of(cfg)
+        self.calls.append(f"{arm}/{cfg.train.lr:g}/{cfg.seed}")
+        best, top = self.peaks[arm]
+        p = max(0.0, top - 0.1 * abs(math.log2(cfg.train.lr / best)))
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        rank = cfg.clients.ranks[0]
+        with (run_dir / "metrics.jsonl").open("w") as f:
+            for r in range(1, cfg.rounds + 1):
+                f.write(json.dumps({"round": r, "kind": "train", "passes": 24, "optimizer_steps": 24}) + "\n")
+        rng = random.Random(f"{cfg.seed}-{arm}-{cfg.train.lr}")
+        (run_dir / "eval").mkdir()
+        lines = [
+            json.dumps(
+                {
+                    "round": cfg.rounds,
+                    "rank": rank,
+                    "kind": "tier",
+                    "id": i,
+                    "category": "color",
+                    "correct": int(rng.random() < p),
+                    "loglik": -1.0 - (1 - p),
+                    "n_tokens": 2,
+                    "prediction": None,
+                }
+            )
+            for i in range(N_EXAMPLES)
+        ]
+        (run_dir / "eval" / f"round-{cfg.rounds}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def gate_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--runs-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "s2.json"), *extra]
+
+
+def test_the_arms_differ_only_in_rank_and_keep_one_scale():
+    base = qg.config_mod.parse_yaml((ROOT / "examples" / "quality_study.yaml").read_text())
+    ceiling = qg.make_config(base, "ceiling", 2001, 5e-3, "L0", [])
+    floor = qg.make_config(base, "floor", 2001, 5e-3, "L0", [])
+    assert (ceiling.method, floor.method) == ("fedit", "fedit")
+    assert ceiling.lora.alpha / max(ceiling.clients.ranks) == floor.lora.alpha / max(floor.clients.ranks) == 1
+    a, b = ceiling.to_dict(), floor.to_dict()
+    for d in (a, b):
+        d.pop("lora"), d["clients"].pop("ranks")
+    assert a == b
+    assert ceiling.eval.every == ceiling.rounds and not ceiling.eval.base and not ceiling.eval.truncation_curve
+    l3 = qg.make_config(base, "floor", 2001, 5e-3, "L3", [])
+    assert (l3.train.warmup_steps, l3.rounds, l3.data.partition.classes_per_client) == (2, 20, 2)
+
+
+def test_constant_guess_is_each_attributes_most_common_value():
+    cfg = qg.make_config(
+        qg.config_mod.parse_yaml((ROOT / "examples" / "quality_study.yaml").read_text()), "floor", 2001, 1e-3, "L0", []
+    )
+    guess = qg.constant_guess(cfg)
+    # 12 values per attribute, 100 entities: the mode holds well above 1/12 of them, far below all
+    assert 1 / 12 < guess < 0.3
+    assert qg.constant_guess(cfg) == guess
+
+
+def test_a_passing_gate_with_a_grid_extended_at_its_edge(tmp_path, capsys):
+    fake = FakeFederation({"ceiling": (2.5e-3, 0.6), "floor": (2e-2, 0.35)})
+    payload = qg.main(gate_args(tmp_path, "--seeds", "2001,2002"), execute=fake)
+    stage = payload["stage_a"]
+    l0 = stage["steps"]["L0"]
+    assert l0["arms"]["ceiling"]["best_lr"] == 2.5e-3 and l0["arms"]["ceiling"]["extensions"] == 0
+    # the floor's best was the grid's top (1e-2); 2e-2 was best and at the top again; 4e-2 made it interior
+    floor = l0["arms"]["floor"]
+    assert floor["grid_lrs"][-2:] == [2e-2, 4e-2] and floor["extensions"] == 2 and floor["best_lr"] == 2e-2
+    assert not floor["at_grid_edge"]
+    g = l0["gate"]
+    assert g["passed"] and g["checks"] == {
+        "mean_gap_at_least_0.10": True,
+        "positive_on_every_seed": True,
+        "ceiling_0.15_above_constant_guess": True,
+    }
+    assert set(g["gap_per_seed"]) == {"2001", "2002"} and g["mean_gap"] == pytest.approx(0.25, abs=0.08)
+    assert "L1" not in stage["steps"]  # a pass ends the ladder
+    assert (
+        stage["progress"]["text"]
+        == f"{len(fake.calls)} of {len(fake.calls)} planned runs done"
+        == "20 of 20 planned runs done"
+    )
+    assert "gate L0: PASSED" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "s2.json").read_text())
+    assert saved["stage_a"]["steps"]["L0"]["gate"]["passed"] and saved["protocol"] == "docs/quality-study-2.md"
+
+
+def test_a_failing_gate_moves_down_the_ladder_with_the_grid_around_the_last_best(tmp_path, capsys):
+    fake = FakeFederation({"ceiling": (5e-3, 0.3), "floor": (5e-3, 0.3)})
+    payload = qg.main(gate_args(tmp_path, "--seeds", "2001", "--until", "L1"), execute=fake)
+    steps = payload["stage_a"]["steps"]
+    assert not steps["L0"]["gate"]["passed"] and not steps["L1"]["gate"]["passed"]
+    assert steps["L1"]["arms"]["ceiling"]["grid_lrs"][:4] == [2.5e-3, 5e-3, 1e-2, 2e-2]
+    assert payload["stage_a"]["outcome"] == "gate L1 failed"
+    out = capsys.readouterr().out
+    assert "gate L0: failed" in out and "gate L1: failed" in out
+
+
+def test_resumes_from_the_results_json_without_the_run_directories(tmp_path):
+    peaks = {"ceiling": (2.5e-3, 0.6), "floor": (2.5e-3, 0.35)}
+    first = qg.main(gate_args(tmp_path, "--seeds", "2001", "--max-runs", "5"), execute=FakeFederation(peaks))
+    assert first["stage_a"]["progress"]["done"] == 5 and first["stage_a"]["outcome"] == "stopped at --max-runs"
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: the JSON is committed, the run directories are not
+    again = FakeFederation(peaks)
+    payload = qg.main(gate_args(tmp_path, "--seeds", "2001"), execute=again)
+    assert len(again.calls) == 3 and payload["stage_a"]["progress"]["done"] == 8
+    assert again.calls == ["floor/0.005/2001", "ceiling/0.01/2001", "floor/0.01/2001"]  # arms interleaved
+    assert payload["stage_a"]["steps"]["L0"]["gate"]["passed"]
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--until: unknown ladder step 'L9'"):
+        qg.main(gate_args(tmp_path, "--until", "L9"), execute=FakeFederation({}))
+    with pytest.raises(SystemExit, match="--seeds: not a comma-separated list"):
+        qg.main(gate_args(tmp_path, "--seeds", "a,b"), execute=FakeFederation({}))
+    (tmp_path / "s2.json").write_text('{"runs": {}}')
+    with pytest.raises(SystemExit, match="not a results JSON of study 2"):
+        qg.main(gate_args(tmp_path), execute=FakeFederation({}))
+
+
+def test_a_changed_setting_is_not_taken_from_the_json(tmp_path):
+    peaks = {"ceiling": (2.5e-3, 0.6), "floor": (2.5e-3, 0.35)}
+    qg.main(gate_args(tmp_path, "--seeds", "2001", "--max-runs", "2"), execute=FakeFederation(peaks))
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    again = FakeFederation(peaks)
+    qg.main(gate_args(tmp_path, "--seeds", "2001", "--max-runs", "2", "--set", "train.batch_size=4"), execute=again)
+    assert len(again.calls) == 2  # same keys, other inputs: run again, not reused
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    """The real pipeline at tiny scale: tiny-llama on a small facts task, one round, both arms at one lr."""
+    sets = [
+        "model.name=tiny-llama",
+        "model.target_modules=[q_proj,v_proj]",
+        "data.facts.num_entities=16",
+        "rounds=1",
+        "train.local_steps=1",
+        "train.batch_size=2",
+        "eval.max_examples=48",
+        "eval.batch_size=16",
+    ]
+    args = gate_args(tmp_path, "--seeds", "2001", "--max-runs", "2", "--threads", "1")
+    for s in sets:
+        args += ["--set", s]
+    payload = qg.main(args)
+    runs = payload["stage_a"]["runs"]
+    assert sorted(runs) == ["L0/ceiling/lr-0.00125/seed-2001", "L0/floor/lr-0.00125/seed-2001"]
+    ceiling, floor = runs["L0/ceiling/lr-0.00125/seed-2001"], runs["L0/floor/lr-0.00125/seed-2001"]
+    assert list(ceiling["tiers"]) == ["16"] and list(floor["tiers"]) == ["2"]
+    assert len(ceiling["tiers"]["16"]["correct"]) == 48
+    assert payload["stage_a"]["constant_guess"]["2001"] > 0
