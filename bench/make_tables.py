@@ -636,14 +636,79 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     return "\n".join(out)
 
 
+def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    """Study 2, stage A (docs/quality-study-2.md): the federated gate per ladder step, with each arm's lr grid."""
+    stage = data["stage_a"]
+    progress = stage.get("progress") or {}
+    out = [
+        "### Quality study 2, stage A: does rank pay in this federation? (federated gate)",
+        "",
+        "Protocol: [docs/quality-study-2.md](docs/quality-study-2.md), fixed before the first run. FedIT with every "
+        "client at rank 16 (`ceiling`) against every client at rank 2 (`floor`), same clients, data, steps and "
+        "scale s = 1; each arm at its best lr (mean accuracy over the pilot seeds); the gate passes iff the "
+        "ceiling beats the floor by >= 0.10 on average and on every seed, and is >= 0.15 above the constant "
+        "guess. A failed gate moves one step down the pre-declared ladder.",
+        "",
+        f"**Status:** {progress.get('text', 'no run yet')}; {stage.get('outcome', 'running')}. "
+        f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h on 2 CPU cores.",
+        "",
+        "| step | arm | accuracy by lr (mean over pilot seeds; * best) | best lr | per seed at the best lr |",
+        "|---|---|---|---|---|",
+    ]
+    seeds = [str(s) for s in stage["settings"]["seeds"]]
+    for step, entry in stage.get("steps", {}).items():
+        for arm, a in entry["arms"].items():
+            scored = {g["lr"]: g for g in a.get("grid", [])}
+            partial: dict[float, list[float]] = {}
+            for rec in stage["runs"].values():
+                if rec["step"] == step and rec["arm"] == arm:
+                    partial.setdefault(rec["lr"], []).extend(rec["accuracy"].values())
+            cells = []
+            for lr in a["grid_lrs"]:
+                if lr in scored:
+                    mark = "*" if lr == a.get("best_lr") else ""
+                    cells.append(f"{lr:g}: {scored[lr]['mean_accuracy']:.3f}{mark}")
+                elif lr in partial:
+                    vals = partial[lr]
+                    cells.append(f"{lr:g}: {sum(vals) / len(vals):.3f} ({len(vals)} of {len(seeds)} seeds)")
+                else:
+                    cells.append(f"{lr:g}: -")
+            best = a.get("best")
+            per_seed = ", ".join(f"{best['accuracy'][s]:.3f}" for s in seeds) if best else "-"
+            edge = " (grid edge)" if a.get("at_grid_edge") else ""
+            best_lr = f"{a['best_lr']:g}{edge}" if "best_lr" in a else "-"
+            out.append(f"| {step} | {arm} | {'; '.join(cells)} | {best_lr} | {per_seed} |")
+    out.append("")
+    for step, entry in stage.get("steps", {}).items():
+        g = entry.get("gate")
+        if g is None:
+            out.append(f"- **{step}**: gate not decided yet (runs missing).")
+            continue
+        gaps = ", ".join(f"{v:+.3f}" for v in g["gap_per_seed"].values())
+        failed = [name for name, ok in g["checks"].items() if not ok]
+        out.append(
+            f"- **{step}**: gate **{'passed' if g['passed'] else 'failed'}**: ceiling {g['ceiling_accuracy']:.3f}, "
+            f"floor {g['floor_accuracy']:.3f}, gap {g['mean_gap']:+.3f} (per seed {gaps}), constant guess "
+            f"{g['constant_guess']:.3f}" + (f"; failed checks: {', '.join(failed)}" if failed else "") + "."
+        )
+    out += ["", f"Pilot seeds {', '.join(seeds)}. Command: `{stage['command']}`.", ""]
+    out.append(f"Machine: {machine(stage.get('environment'))}")
+    return "\n".join(out)
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
     "quality.json": quality_section,
     "quality_pilot.json": quality_pilot_section,
     "quality_study.json": quality_study_section,
+    "quality_study_2.json": quality_study_2_section,
     "aggregation.json": aggregation_section,
     "communication.json": communication_section,
     "train_step.json": train_step_section,
 }
+
+
+# the script that writes a results file, where its name is not the file's
+SCRIPT_OF = {"quality_study_2.json": "quality_gate"}
 
 
 def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[str] = ROOT) -> str:
@@ -667,7 +732,7 @@ def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[st
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TablesError(f"{path}: unexpected structure ({type(exc).__name__}: {exc})") from None
     if missing:
-        scripts = ", ".join(f"`python -m bench.{n[:-5]} --json results/{n}`" for n in missing)
+        scripts = ", ".join(f"`python -m bench.{SCRIPT_OF.get(n, n[:-5])} --json results/{n}`" for n in missing)
         parts += [f"Not run yet: {scripts}.", ""]
     return "\n".join(parts).rstrip() + "\n"
 

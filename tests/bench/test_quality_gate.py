@@ -187,3 +187,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert list(ceiling["tiers"]) == ["16"] and list(floor["tiers"]) == ["2"]
     assert len(ceiling["tiers"]["16"]["correct"]) == 48
     assert payload["stage_a"]["constant_guess"]["2001"] > 0
+
+
+def test_the_readme_section_shows_grids_gate_and_status(tmp_path):
+    tables = load_bench("make_tables")
+    fake = FakeFederation({"ceiling": (2.5e-3, 0.6), "floor": (2.5e-3, 0.35)})
+    partial = qg.main(gate_args(tmp_path, "--seeds", "2001,2002", "--max-runs", "3"), execute=fake)
+    text = tables.quality_study_2_section(partial, tmp_path, ROOT)
+    assert "3 of 16 planned runs done; stopped at --max-runs" in text
+    assert "| L0 | ceiling | 0.00125: " in text and "(1 of 2 seeds)" in text
+    assert "gate not decided yet" in text
+    done = qg.main(gate_args(tmp_path, "--seeds", "2001,2002"), execute=fake)
+    text = tables.quality_study_2_section(done, tmp_path, ROOT)
+    g = done["stage_a"]["steps"]["L0"]["gate"]
+    assert f"gate **passed**: ceiling {g['ceiling_accuracy']:.3f}, floor {g['floor_accuracy']:.3f}" in text
+    assert "0.0025: " in text and "*" in text and "16 of 16 planned runs done; gate L0 PASSED" in text
+    # with no results file, the README names the script that writes it
+    assert "`python -m bench.quality_gate --json results/quality_study_2.json`" in tables.render(tmp_path, ROOT)
