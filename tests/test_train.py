@@ -12,12 +12,13 @@ import torch
 from prelort import adapters
 from prelort.adapters import LoraAdapter
 from prelort.config import TrainConfig
-from prelort.methods.base import NESTED_MODES, FederationSpec, TrainPlan, lora_init
+from prelort.methods.base import NESTED_MODES, FederationSpec, LocalTraining, TrainPlan, lora_init
 from prelort.methods.hetlora import SelfPruning
 from prelort.train import (
     _step_truncations,
     batch_response_loss,
     collate,
+    dim_warmup_factors,
     lr_factor,
     rank_lr,
     response_loss,
@@ -287,3 +288,60 @@ def test_sample_mode_leaves_dims_outside_the_drawn_truncation_untouched(tiny_mod
         assert not torch.equal(four.tensors[name][head], one.tensors[name][head]), name
     # and the first step did train the tail (B starts at zero)
     assert any(not torch.equal(one.tensors[k][:, 2:], start[k][:, 2:]) for k in one.tensors if k.endswith("lora_B"))
+
+
+class _StepRecorder(LocalTraining):
+    """Copies of the factors before every optimizer step and after the last one."""
+
+    def __init__(self):
+        self.snapshots: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def _take(self, factors):
+        self.snapshots.append([(a.detach().clone(), b.detach().clone()) for a, b in factors])
+
+    def penalty(self, factors):
+        self._take(factors)
+        return None
+
+    def round_ends(self, factors):
+        self._take(factors)
+
+
+def _step_size(before, after, dims: slice) -> float:
+    """Mean absolute change of the B columns of ``dims`` over all modules (B, not A: A's gradient is zero
+    where B starts at zero, so only B shows a cold dimension's first step)."""
+    moved = [(b1[:, dims] - b0[:, dims]).abs().flatten() for (_, b0), (_, b1) in zip(before, after)]
+    return float(torch.cat(moved).mean())
+
+
+def test_dim_warmup_keeps_a_cold_dimensions_first_step_below_its_steady_step(tiny_model):
+    """Issue 25: under nested sample a top dimension first reached after k steps of a round gets, from a fresh
+    AdamW, about a full-lr sign step, larger than the steady step of a dimension trained at every step; with
+    train.dim_warmup_steps its first steps are scaled down to at most that."""
+    assert dim_warmup_factors([0, 1, 2, 3, 4], 3) == [1.0, 0.25, 0.5, 0.75, 1.0]
+    base, _ = tiny_model
+    plan = TrainPlan(rank=8, truncations=(4, 8), mode="sample")
+    steps = 12
+
+    # a seed whose draws reach the top segment (t = 8) first at step k >= 3
+    def draws(s: int) -> list[int]:
+        rng = random.Random(s)  # the trainer's truncation draws (train_client's ``pick``)
+        return [rng.choice([4, 8]) for _ in range(4)]
+
+    seed = next(s for s in range(1000) if draws(s) == [4, 4, 4, 8])
+    first_top = 3
+    sizes = {}
+    for warmup in (0, 3):
+        cfg = TrainConfig(local_steps=steps, batch_size=4, lr=1e-2, dim_warmup_steps=warmup)
+        rec = _StepRecorder()
+        train_client(fresh_lora(base), pattern_examples(64, 1), plan, cfg, seed=seed, local=rec)
+        snaps = rec.snapshots
+        assert len(snaps) == steps + 1
+        assert _step_size(snaps[0], snaps[first_top], slice(4, 8)) == 0  # untouched before it is reached
+        cold = _step_size(snaps[first_top], snaps[first_top + 1], slice(4, 8))
+        steady = sum(_step_size(snaps[s], snaps[s + 1], slice(0, 4)) for s in range(steps - 4, steps)) / 4
+        sizes[warmup] = (cold, steady)
+    cold, steady = sizes[0]
+    assert cold > steady, sizes
+    cold, steady = sizes[3]
+    assert cold <= steady, sizes

@@ -213,6 +213,15 @@ class TrainConfig(_Section):
         "constant", description="constant, or linear warmup + cosine decay."
     )
     warmup_steps: int = Field(0, ge=0)
+    dim_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Warm-up per rank dimension in each round's local training: a dimension's j-th step of the round "
+        "(counting only the steps whose objective reaches it) moves it by j / (w + 1) of AdamW's step for j <= w. "
+        "AdamW starts fresh every round, so a dimension's first steps are full-lr sign steps; under nested sample a "
+        "top dimension gets one or two steps a round and would be fed sign noise (issue 25). 0: off. For a method "
+        "that trains every dimension at every step it is the same as warmup_steps.",
+    )
     lr_rank_scaling: Literal["none", "sqrt"] = Field(
         "none",
         description="A learning rate per client rank: none (every client uses train.lr) or sqrt (a client training "

@@ -229,6 +229,22 @@ class _Cycler:
         return out
 
 
+def dim_warmup_factors(dim_steps: Sequence[int], warmup: int) -> list[float]:
+    """Per rank dimension, the fraction of AdamW's step it takes: j / (warmup + 1) at its j-th step of the
+    round (``dim_steps``: the steps that reached it, this one included) while j <= warmup, else 1."""
+    return [j / (warmup + 1) if 0 < j <= warmup else 1.0 for j in dim_steps]
+
+
+def _scale_step(pairs: list[tuple[Tensor, Tensor]], before: list[Tensor], factors: list[float]) -> None:
+    """Each factor moved by ``factors[i]`` of this step's change along rank dimension i (rows of A, columns of
+    B); the moments keep the whole step, as under a learning-rate warm-up."""
+    with torch.no_grad():
+        f = torch.tensor(factors, dtype=before[0].dtype, device=before[0].device)
+        for (a, b), a0, b0 in zip(pairs, before[0::2], before[1::2]):
+            a.copy_(a0 + f[:, None] * (a - a0))
+            b.copy_(b0 + f[None, :] * (b - b0))
+
+
 def _guarded_adamw_step(
     optimizer: torch.optim.Optimizer,
     pairs: list[tuple[Tensor, Tensor]],
@@ -236,17 +252,23 @@ def _guarded_adamw_step(
     rank: int,
     all_dims_in_objective: bool,
     dim_steps: list[int],
+    dim_warmup: int = 0,
 ) -> None:
     """``optimizer.step()`` with the lazy-Adam guard (module doc): when the step's largest truncation ``top``
     is below ``rank`` and nothing else reaches the tail (the method's penalty may: ``all_dims_in_objective``),
     dimensions >= top and their AdamW moments are restored afterwards. Counts in ``dim_steps`` each dimension
-    the step changed."""
+    the step changed; ``dim_warmup`` > 0 scales a dimension's first steps of the round
+    (:func:`dim_warmup_factors`)."""
     frozen = _snapshot_inactive(optimizer, pairs, top) if top < rank and not all_dims_in_objective else None
     for i in range(top if frozen is not None else rank):
         dim_steps[i] += 1
+    factors = dim_warmup_factors(dim_steps, dim_warmup) if dim_warmup else None
+    before = [p.detach().clone() for pair in pairs for p in pair] if factors and min(factors) < 1 else None
     optimizer.step()
     if frozen is not None:
         _restore_inactive(optimizer, frozen)
+    if before is not None:
+        _scale_step(pairs, before, factors)
 
 
 @dataclass
@@ -302,7 +324,9 @@ def _train_step(
         penalty.backward()
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(optim.params, cfg.max_grad_norm)
-    _guarded_adamw_step(optim.adamw, optim.pairs, max(step_ts), plan.rank, local.penalty_moves_all_dims, dim_steps)
+    _guarded_adamw_step(
+        optim.adamw, optim.pairs, max(step_ts), plan.rank, local.penalty_moves_all_dims, dim_steps, cfg.dim_warmup_steps
+    )
     optim.scheduler.step()
     optim.adamw.zero_grad(set_to_none=True)
     return step_loss
