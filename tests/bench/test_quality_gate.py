@@ -204,3 +204,53 @@ def test_the_readme_section_shows_grids_gate_and_status(tmp_path):
     assert "0.0025: " in text and "*" in text and "16 of 16 planned runs done; gate L0 PASSED" in text
     # with no results file, the README names the script that writes it
     assert "`python -m bench.quality_gate --json results/quality_study_2.json`" in tables.render(tmp_path, ROOT)
+
+
+def test_the_recommendation_page_follows_the_results(tmp_path):
+    """docs/choosing-a-method.md from study 1's committed results and a stage A in each of its states."""
+    import shutil
+
+    tables = load_bench("make_tables")
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(ROOT / "results" / "quality_study.json", results)
+    page = tables.choosing_a_method(results)
+    assert "**Use `fedit`**" in page and "REFUTED" in page and "Study 2 has not run yet." in page
+    assert "`prelort-off` at tier 16 +0.035 [-0.011, +0.085]" in page  # ahead, but within noise, said so
+    # stage A running, then failed along the whole ladder, then passed
+    peaks = {"ceiling": (2.5e-3, 0.6), "floor": (2.5e-3, 0.35)}
+    qg.main(
+        gate_args(tmp_path, "--seeds", "2001", "--max-runs", "3", "--json", str(results / "quality_study_2.json")),
+        execute=FakeFederation(peaks),
+    )
+    assert "Stage A (the federated gate) is running: 3 of 8 planned runs done" in tables.choosing_a_method(results)
+    flat = {"ceiling": (2.5e-3, 0.3), "floor": (2.5e-3, 0.3)}
+    qg.main(
+        gate_args(
+            tmp_path, "--seeds", "2001", "--runs-dir", str(tmp_path / "r2"), "--json", str(results / "s_fail.json")
+        ),
+        execute=FakeFederation(flat),
+    )
+    shutil.copy(results / "s_fail.json", results / "quality_study_2.json")
+    page = tables.choosing_a_method(results)
+    assert "failed at every step of the ladder" in page and "Best learning rate per rank at L3" in page
+    assert "failed at every step of the ladder" in tables.choosing_summary(results)
+    (results / "quality_study_2.json").unlink()
+    qg.main(
+        gate_args(
+            tmp_path,
+            "--seeds",
+            "2001",
+            "--runs-dir",
+            str(tmp_path / "r3"),
+            "--json",
+            str(results / "quality_study_2.json"),
+        ),
+        execute=FakeFederation(peaks),
+    )
+    assert "Stage A's gate **passed** at ladder step L0" in tables.choosing_a_method(results)
+
+
+def test_the_repository_readme_and_recommendation_page_are_current():
+    tables = load_bench("make_tables")
+    assert tables.main(["--check"]) == 0, "run python -m bench.make_tables"

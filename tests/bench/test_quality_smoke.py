@@ -257,8 +257,15 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
     assert (
         "Not run yet: `python -m bench.quality_pilot --json results/quality_pilot.json`, "
         "`python -m bench.quality_study --json results/quality_study.json`, "
+        "`python -m bench.quality_gate --json results/quality_study_2.json`, "
         "`python -m bench.aggregation --json results/aggregation.json`, "
         "`python -m bench.communication --json results/communication.json`." in text
+    )
+    # the recommendation page beside the README, generated from the same results (none of the studies here)
+    assert (
+        (tmp_path / "docs" / "choosing-a-method.md")
+        .read_text()
+        .endswith("No study has run yet: there is no evidence to choose by.\n")
     )
     assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     # new numbers: the section is stale; regenerating replaces it in place (text around it kept)
