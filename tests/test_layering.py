@@ -51,7 +51,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("client side", ["prelort.train", "prelort.client"]),
     ("flower codecs", ["prelort.flower", "prelort.flower.*"]),
     ("engines", ["prelort.engines.*"]),
-    ("run directory", ["prelort.checkpoint", "prelort.rundir"]),
+    ("run directory", ["prelort.checkpoint", "prelort.rundir", "prelort.tracking"]),  # tracking mirrors metrics.jsonl
     ("round loop", ["prelort.federation"]),
     ("reports", ["prelort.report", "prelort.report.*", "prelort.check"]),
     ("launcher", ["prelort.apps.launch"]),  # starts Flower runs; the engine table hands it runner.run's

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from . import tracking
 from .adapters import LoraAdapter, export_peft_adapter
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
@@ -251,11 +252,16 @@ class Session:
                 if self.resume:
                     self.metrics.truncate_after(fed.round)
                     self.dir.drop_eval_after(fed.round)
-                    self._complete_round(fed.round)
-                elif cfg.eval.base:
-                    self._record_base()
-                self._rounds(engine, first, stop)
-                self.finish()
+                # every record from here on is mirrored to the trackers of cfg.tracking (prelort.tracking)
+                with tracking.mirror(
+                    cfg, self.dir, fed.round if self.resume else None, (KeyboardInterrupt, RunInterrupted)
+                ):
+                    if self.resume:
+                        self._complete_round(fed.round)
+                    elif cfg.eval.base:
+                        self._record_base()
+                    self._rounds(engine, first, stop)
+                    self.finish()
             except KeyboardInterrupt:
                 raise RunInterrupted(fed.round) from None
         return self.run_dir
