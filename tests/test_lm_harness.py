@@ -11,7 +11,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from prelort import config as config_mod
 from prelort import lm_harness, runner
 from prelort.apps.cli import app
 from prelort.rundir import RunDir
@@ -24,24 +23,10 @@ cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, tiny_config) -> Path:
     d = tmp_path_factory.mktemp("lm-eval") / "run"
-    cfg = config_mod.load(
-        ROOT / "examples" / "tiny.yaml",
-        [
-            "rounds=1",
-            "clients.num=2",
-            "clients.per_round=2",
-            "clients.ranks=[2, 4]",
-            "data.num_train=16",
-            "data.num_test=2",
-            "eval.max_examples=2",
-            "eval.max_new_tokens=2",
-            "eval.truncation_curve=false",
-            "lora.alpha=256",  # a large scale, so that one round moves the tiers away from the base model
-            "train.lr=0.05",
-        ],
-    )
+    # one round at a large scale and learning rate, so that the tiers move away from the base model
+    cfg = tiny_config("rounds=1", "lora.alpha=256", "train.lr=0.05")
     runner.run(cfg, d, verbose=False)
     runner.setup_logging(None, verbose=False)  # as in a new process: the run's run.log handler goes
     return d

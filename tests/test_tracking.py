@@ -9,30 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from prelort import config as config_mod
 from prelort import runner
 from prelort.rundir import RunDir
 from prelort.tracking import scalars
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "examples" / "tiny.yaml"
-# three rounds, tiers 2 and 4, two evaluated examples: the smallest run with every kind of record
-SMALL = [
-    "rounds=3",
-    "clients.num=2",
-    "clients.per_round=2",
-    "clients.ranks=[2, 4]",
-    "data.num_train=16",
-    "data.num_test=2",
-    "eval.max_examples=2",
-    "eval.max_new_tokens=2",
-    "eval.truncation_curve=false",
-    "tracking=[tensorboard, mlflow]",
-]
-
-
-def cfg(*extra: str) -> config_mod.Config:
-    return config_mod.load(TINY, [*SMALL, *extra])
+# three rounds, both trackers (the rest: the tiny_config fixture, conftest.py)
+TRACKED = ["rounds=3", "tracking=[tensorboard, mlflow]"]
 
 
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -58,11 +40,11 @@ def test_scalar_names_follow_the_record_kind_and_tier():
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory) -> Path:
+def tracked(tmp_path_factory, tiny_config) -> Path:
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     d = tmp_path_factory.mktemp("tracked") / "run"
-    runner.run(cfg(), d, verbose=False)
+    runner.run(tiny_config(*TRACKED), d, verbose=False)
     return d
 
 
@@ -111,7 +93,7 @@ def test_mlflow_finds_the_run_with_its_parameters_and_metrics(tracked):
     assert latest and {k: run.data.metrics[k] for k in latest} == pytest.approx(latest)
 
 
-def test_an_interrupted_and_resumed_run_logs_each_step_once(tmp_path, monkeypatch, tracked):
+def test_an_interrupted_and_resumed_run_logs_each_step_once(tmp_path, monkeypatch, tracked, tiny_config):
     from mlflow.tracking import MlflowClient
 
     d = tmp_path / "run"
@@ -126,13 +108,13 @@ def test_an_interrupted_and_resumed_run_logs_each_step_once(tmp_path, monkeypatc
 
     monkeypatch.setattr(runner.Session, "evaluate_tier_examples", interrupt_at_round_2_tier_4)
     with pytest.raises(runner.RunInterrupted):
-        runner.run(cfg(), d, verbose=False)
+        runner.run(tiny_config(*TRACKED), d, verbose=False)
     monkeypatch.undo()
     client = MlflowClient(tracking_uri=f"sqlite:///{RunDir(d).mlflow_db}")
     (interrupted,) = client.search_runs([client.get_experiment_by_name("prelort").experiment_id])
     assert interrupted.info.status == "KILLED"
 
-    runner.run(cfg(), d, resume=True, verbose=False)
+    runner.run(tiny_config(*TRACKED), d, resume=True, verbose=False)
     resumed, reference = tb_scalars(d), tb_scalars(tracked)
     assert set(resumed) == set(reference)
     for name, points in reference.items():
@@ -145,7 +127,9 @@ def test_an_interrupted_and_resumed_run_logs_each_step_once(tmp_path, monkeypatc
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == [1, 2, 3], name
 
 
-def test_without_the_trackers_installed_the_run_finishes_with_one_warning(tmp_path, monkeypatch, caplog, check_run):
+def test_without_the_trackers_installed_the_run_finishes_with_one_warning(
+    tmp_path, monkeypatch, caplog, check_run, tiny_config
+):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of either raises ImportError
     monkeypatch.setitem(sys.modules, "mlflow", None)
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
@@ -154,7 +138,7 @@ def test_without_the_trackers_installed_the_run_finishes_with_one_warning(tmp_pa
     with caplog.at_level(logging.WARNING, logger="prelort"):
         logging.getLogger("prelort").addHandler(caplog.handler)
         try:
-            runner.run(cfg("rounds=1"), d, verbose=False)
+            runner.run(tiny_config(*TRACKED, "rounds=1"), d, verbose=False)
         finally:
             logging.getLogger("prelort").removeHandler(caplog.handler)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -164,7 +148,7 @@ def test_without_the_trackers_installed_the_run_finishes_with_one_warning(tmp_pa
     assert not RunDir(d).tb_dir.exists() and not RunDir(d).mlflow_db.exists()
 
 
-def test_a_failing_tracker_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog, check_run):
+def test_a_failing_tracker_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog, check_run, tiny_config):
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
@@ -175,7 +159,7 @@ def test_a_failing_tracker_is_one_warning_and_the_run_goes_on(tmp_path, monkeypa
     d = tmp_path / "run"
     logging.getLogger("prelort").addHandler(caplog.handler)
     try:
-        runner.run(cfg("rounds=1", "tracking=[tensorboard]"), d, verbose=False)
+        runner.run(tiny_config("rounds=1", "tracking=[tensorboard]"), d, verbose=False)
     finally:
         logging.getLogger("prelort").removeHandler(caplog.handler)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
