@@ -109,7 +109,7 @@ class _MLflow:
     backfills = True  # log() skips the (name, step) pairs the MLflow run already has
 
     def __init__(self, cfg: Config, directory: RunDir, resumed_round: int | None):
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "alembic"):  # their INFO lines (database migrations) are not the run's
@@ -148,7 +148,7 @@ class _MLflow:
         # a resumed run may change a few keys (rounds, eval, ...): a parameter keeps its first value (MLflow
         # refuses to change one); the run directory's config.yaml holds the current config
         params = [Param(k, str(v)[:6000]) for k, v in config_params(cfg).items() if k not in old_params]
-        client.log_batch(self.run_id, params=params, tags=[RunTag(RUN_DIR_TAG, path)])
+        client.log_batch(self.run_id, params=params)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
