@@ -65,3 +65,26 @@ def load_plugin():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(*overrides)``: examples/tiny.yaml cut to the smallest run with every kind of record (two
+    clients of ranks 2 and 4, two evaluated examples, no truncation curve), plus ``overrides``."""
+    from prelort import config as config_mod
+
+    base = [
+        "clients.num=2",
+        "clients.per_round=2",
+        "clients.ranks=[2, 4]",
+        "data.num_train=16",
+        "data.num_test=2",
+        "eval.max_examples=2",
+        "eval.max_new_tokens=2",
+        "eval.truncation_curve=false",
+    ]
+
+    def load(*overrides: str):
+        return config_mod.load(Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml", [*base, *overrides])
+
+    return load

@@ -45,13 +45,13 @@ LAYERS: list[tuple[str, list[str]]] = [
         "model and data",
         ["prelort.models", "prelort.adapters", "prelort.data", "prelort.data.*", "prelort"],
     ),  # the package itself: __version__ and load_base_model
-    ("evaluation", ["prelort.evaluate"]),
+    ("evaluation", ["prelort.evaluate", "prelort.lm_harness"]),  # lm_harness: lm-evaluation-harness on a model
     ("recipe", ["prelort.recipe"]),  # the model and data of a config, for the runner and every ClientApp
     ("protocol", ["prelort.protocol"]),
     ("client side", ["prelort.train", "prelort.client"]),
     ("flower codecs", ["prelort.flower", "prelort.flower.*"]),
     ("engines", ["prelort.engines.*"]),
-    ("run directory", ["prelort.checkpoint", "prelort.rundir"]),
+    ("run directory", ["prelort.checkpoint", "prelort.rundir", "prelort.tracking"]),  # tracking mirrors metrics.jsonl
     ("round loop", ["prelort.federation"]),
     ("reports", ["prelort.report", "prelort.report.*", "prelort.check"]),
     ("launcher", ["prelort.apps.launch"]),  # starts Flower runs; the engine table hands it runner.run's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +69,7 @@ def is_slow(command: str) -> bool:
 @pytest.fixture()
 def sandbox(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A directory like a fresh clone after scripts/install.sh: examples/ and a .venv/bin with prelort."""
-    (tmp_path / "examples").mkdir()
-    for f in (REPO / "examples").iterdir():
-        (tmp_path / "examples" / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(REPO / "examples", tmp_path / "examples")  # examples/lm-eval/ included
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for name, target in (("prelort", f'"{sys.executable}" -m prelort'), ("python", f'"{sys.executable}"')):

@@ -5,7 +5,8 @@ It checks names, shapes and fields, not whether any number is right: the files a
 record's fields and ranges (no record twice), every checkpoint (round-0 first; safetensors keys
 ``<module>.lora_A|lora_B|delta``, finite values, matching A/B ranks; state.json; its files against its
 checksums.json, which a checkpoint of an earlier version lacks), every audited update (JSON beside it,
-declared rank = the tensors' rank dimension) and the exported PEFT adapters.
+declared rank = the tensors' rank dimension), the exported PEFT adapters and, where present, the optional
+``tb/`` (a directory) and ``eval/lm-eval-*.json`` (JSON objects with round, rank and results).
 Nothing is unpickled: safetensors, JSON and YAML only. The files are found and read through
 :class:`~prelort.rundir.RunDir`; what is checked in them is this module's.
 """
@@ -171,6 +172,19 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             f"{a.relative_to(run)} is not a PEFT adapter directory",
         )
     need(directory.adapter_dirs(), "no adapters/rank-T")
+
+    # optional files: TensorBoard's tb/ (tracking), the scores of prelort eval --lm-eval
+    need(not directory.tb_dir.exists() or directory.tb_dir.is_dir(), "tb exists and is not a directory")
+    for path in directory.lm_eval_files():
+        name = path.relative_to(run)
+        try:
+            scores = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problems.append(f"{name} is not JSON: {e}")
+            continue
+        if need(isinstance(scores, dict), f"{name} is not a JSON object"):
+            for key in ("round", "rank", "results"):
+                need(key in scores, f"{name} lacks {key!r}")
     return problems
 
 

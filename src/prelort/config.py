@@ -389,6 +389,18 @@ class Config(_Section):
     engine: str = Field(
         "inprocess", description="Who runs the rounds.", json_schema_extra={"choices": "registered engines"}
     )
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        [],
+        description="Experiment trackers that mirror every metrics.jsonl record at step = round (names like "
+        "`tier_4/accuracy`; docs/cli.md): `tensorboard` writes RUN_DIR/tb/, `mlflow` logs to `tracking_uri`. "
+        "One not installed (`pip install 'prelort[tracking]'`) or failing is a warning, never a failed run.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI for `tracking: [mlflow]` (experiment `prelort`); default: a SQLite store "
+        "in the run directory, `sqlite:///RUN_DIR/mlflow.db`. Give one store (e.g. `sqlite:///runs/mlflow.db`) "
+        "to compare runs in one MLflow UI.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     clients: ClientsConfig = Field(default_factory=ClientsConfig)

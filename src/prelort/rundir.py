@@ -19,6 +19,10 @@ the report, ``prelort check``, the CLI, the benchmarks) goes through it instead 
   through :class:`MetricsLog`; ``eval/round-N.jsonl``: one line per evaluated example and tier, rewritten
   atomically, a tier's lines replaced (never appended to) when it is evaluated again.
 * ``run.log``, ``summary.csv``, ``plots/``, ``adapters/rank-T/``, ``updates/round-N/``: their paths.
+* Optional: ``tb/`` (TensorBoard event files) and ``mlflow.db`` (the default MLflow store) with ``tracking:``
+  (:mod:`prelort.tracking`, which mirrors every metrics.jsonl record through :attr:`RunDir.record_observers`),
+  and ``eval/lm-eval-rank-T.json`` / ``eval/lm-eval-base.json``, the lm-evaluation-harness scores ``prelort eval
+  --lm-eval`` writes (nothing a run reads).
 * ``checkpoints/round-N/``: the format (atomic writes, checksums, state.json) is :mod:`prelort.checkpoint`'s,
   below this module; :class:`RunDir` hands out its paths and rounds to everyone else.
 
@@ -44,7 +48,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +67,12 @@ PLOTS_DIR = "plots"
 EVAL_DIR = "eval"
 ADAPTERS_DIR = "adapters"
 UPDATES_DIR = "updates"
+TB_DIR = "tb"
+MLFLOW_DB = "mlflow.db"
 # Keys (dotted prefixes) a resumed run may change: they decide how and when the global model is evaluated,
-# where the rounds run (Flower addresses, timeouts, the device), whether accepted updates are kept, and how
-# many rounds there are (a resumed run may be extended) - never what a round computes.
-SAFE_TO_CHANGE = ("eval", "rounds", "audit", "flower", "model.device")
+# where the rounds run (Flower addresses, timeouts, the device), whether accepted updates are kept, where the
+# records are mirrored (tracking), and how many rounds there are (a resumed run may be extended) - never what a round computes.
+SAFE_TO_CHANGE = ("eval", "rounds", "audit", "flower", "model.device", "tracking", "tracking_uri")
 # The plots prelort.report.write_run_report draws for every finished run (it has evaluation, tier and training
 # records), and the one it adds when the training records carry an epsilon (privacy.dp with noise).
 FINISHED_RUN_PLOTS = ("metrics_by_round.png", "truncation_curve.png", "train_loss.png")
@@ -136,10 +142,12 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended (flushed, so a crash loses at most one line) and read
-    back by round and (kind, rank); :meth:`truncate_after` drops the rounds a resume recomputes."""
+    back by round and (kind, rank); :meth:`truncate_after` drops the rounds a resume recomputes. Each record
+    written is then handed to every callable in ``observers`` (experiment tracking)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, observers: list[Callable[[dict[str, Any]], None]] | None = None):
         self.path = Path(path)
+        self.observers = observers if observers is not None else []
 
     def read_text(self) -> str:
         """The whole file as written (FileNotFoundError when there is none)."""
@@ -175,6 +183,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        for observe in self.observers:
+            observe(record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +198,8 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        # called with each record written to metrics.jsonl (prelort.tracking mirrors them)
+        self.record_observers: list[Callable[[dict[str, Any]], None]] = []
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -252,6 +264,34 @@ class RunDir:
         """Every audited update's ``.safetensors`` file, sorted."""
         return sorted(self.updates_dir.glob("round-*/client-*.safetensors"))
 
+    @property
+    def tb_dir(self) -> Path:
+        """``tb/``: TensorBoard's event files (``tracking: [tensorboard]``)."""
+        return self.path / TB_DIR
+
+    @property
+    def mlflow_db(self) -> Path:
+        """``mlflow.db``: the MLflow store of ``tracking: [mlflow]`` when no ``tracking_uri`` is given."""
+        return self.path / MLFLOW_DB
+
+    def lm_eval_file(self, rank: int | str) -> Path:
+        """``eval/lm-eval-rank-T.json`` (``eval/lm-eval-base.json`` for ``"base"``): the lm-evaluation-harness
+        scores ``prelort eval --lm-eval`` writes for one tier."""
+        return self.eval_dir / ("lm-eval-base.json" if rank == "base" else f"lm-eval-rank-{rank}.json")
+
+    def lm_eval_files(self) -> list[Path]:
+        """The ``eval/lm-eval-*.json`` present, sorted by name."""
+        return sorted(self.eval_dir.glob("lm-eval-*.json"))
+
+    def write_lm_eval(self, rank: int | str, scores: dict[str, Any]) -> Path:
+        """Write one tier's lm-evaluation-harness scores (atomically: a temporary file renamed)."""
+        path = self.lm_eval_file(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(scores, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        return path
+
     def own_paths(self) -> list[Path]:
         """Every file and folder of the run directory that prelort writes (docs/design.md section 7)."""
         return [
@@ -266,6 +306,8 @@ class RunDir:
             self.adapters_dir,
             self.updates_dir,
             self.checkpoints_dir,
+            self.tb_dir,
+            self.mlflow_db,
         ]
 
     def is_run_dir(self) -> bool:
@@ -353,7 +395,7 @@ class RunDir:
     # -- metrics.jsonl ------------------------------------------------------------------------------------
     @property
     def metrics(self) -> MetricsLog:
-        return MetricsLog(self.metrics_file)
+        return MetricsLog(self.metrics_file, self.record_observers)
 
     def write_evaluation(
         self,
@@ -849,11 +891,12 @@ def check_output_dir(path: str | Path, writes: Sequence[str], *, force: bool, ex
 # ----------------------------------------------------------------------------------------------
 # --resume: what may change
 # ----------------------------------------------------------------------------------------------
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_dict(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"dotted.key": leaf value}`` (a config's keys, a record's fields)."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_dict(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: data}
 
@@ -864,5 +907,5 @@ def _safe(key: str) -> bool:
 
 def config_changes(old: Config, new: Config) -> list[str]:
     """Dotted keys whose value differs between two configs, except those :data:`SAFE_TO_CHANGE`."""
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    a, b = flatten_dict(old.to_dict()), flatten_dict(new.to_dict())
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _safe(k))

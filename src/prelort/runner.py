@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from . import tracking
 from .adapters import LoraAdapter, export_peft_adapter
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
@@ -187,16 +189,27 @@ class Session:
             desc=desc,
         )
 
+    @contextmanager
+    def serving(self, rank: int | str) -> Iterator[Any]:
+        """The session's model serving the global model at rank tier ``rank`` (``"base"``: the untrained base
+        model, adapters off) while the block runs: what evaluation, and ``prelort eval --lm-eval``, score."""
+        if rank == "base":
+            LoraAdapter(self.model).set_base_delta(None)
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            fed = self.federation
+            self._load_tier(fed.method.tier(fed.state, rank))
+            yield self.model
+
     def evaluate_tier_examples(self, t: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(metrics, per-example records)`` of the global model served at rank ``t``."""
-        fed = self.federation
-        self._load_tier(fed.method.tier(fed.state, t))
-        return self._evaluate(f"eval rank {t}")
+        with self.serving(t):
+            return self._evaluate(f"eval rank {t}")
 
     def evaluate_base_examples(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(metrics, per-example records)`` of the untrained base model (adapters off)."""
-        LoraAdapter(self.model).set_base_delta(None)
-        with self.model.disable_adapter():
+        with self.serving("base"):
             return self._evaluate("eval base")
 
     def evaluate_tier(self, t: int) -> dict[str, Any]:
@@ -251,11 +264,16 @@ class Session:
                 if self.resume:
                     self.metrics.truncate_after(fed.round)
                     self.dir.drop_eval_after(fed.round)
-                    self._complete_round(fed.round)
-                elif cfg.eval.base:
-                    self._record_base()
-                self._rounds(engine, first, stop)
-                self.finish()
+                # every record from here on is mirrored to the trackers of cfg.tracking (prelort.tracking)
+                with tracking.mirror(
+                    cfg, self.dir, fed.round if self.resume else None, (KeyboardInterrupt, RunInterrupted)
+                ):
+                    if self.resume:
+                        self._complete_round(fed.round)
+                    elif cfg.eval.base:
+                        self._record_base()
+                    self._rounds(engine, first, stop)
+                    self.finish()
             except KeyboardInterrupt:
                 raise RunInterrupted(fed.round) from None
         return self.run_dir

@@ -16,6 +16,7 @@ import shlex
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 import typer.core
@@ -95,6 +96,7 @@ _INPUT_ERRORS = {
     "ConfigError": "fix the key in the config file or in --set",
     "DataError": "check data.source (builtin, a hub dataset id, or a local json/jsonl/csv/parquet file or directory)",
     "ModelLoadError": "",
+    "HarnessError": "",
     "PrivacyError": "see docs/privacy.md",
     "CheckpointError": "the run directory's checkpoints are damaged or missing; resume from an intact copy or start "
     "a new --out",
@@ -219,22 +221,70 @@ def run_cmd(
 @app.command("eval")
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    rank: int | None = typer.Option(None, "--rank", help="Evaluate only this rank tier (default: every client rank)."),
+    ranks: list[int] | None = typer.Option(
+        None, "--rank", help="Evaluate this rank tier (repeat for several; default: every client rank)."
+    ),
+    lm_eval: str | None = typer.Option(
+        None,
+        "--lm-eval",
+        help="Comma-separated lm-evaluation-harness tasks: score the base model and each tier with them (writes "
+        "eval/lm-eval-rank-T.json and eval/lm-eval-base.json).",
+    ),
+    include_path: Path | None = typer.Option(
+        None, "--include-path", help="With --lm-eval: a folder of extra task YAMLs (e.g. examples/lm-eval)."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="With --lm-eval: score at most N documents per task."
+    ),
 ) -> None:
-    """Evaluate the run's latest global model per rank tier (prints JSON lines; nothing in RUN_DIR is written)."""
+    """Evaluate the run's latest global model per rank tier.
+
+    Without --lm-eval: prelort's own metrics, printed as JSON lines (nothing in RUN_DIR is written). With --lm-eval TASKS: lm-evaluation-harness (pip install 'prelort[lm-eval]') scores the base model and the global adapter at each tier, prints lm-eval's table per tier and writes eval/lm-eval-base.json and eval/lm-eval-rank-T.json (nothing else of the run changes).
+    """
     import json
 
     with _expected_failures("eval"):
+        if lm_eval is None and (include_path is not None or limit is not None):
+            _fail("--include-path and --limit go with --lm-eval TASKS")
+        tasks = [t.strip() for t in (lm_eval or "").split(",") if t.strip()]
+        if lm_eval is not None and not tasks:
+            _fail("--lm-eval: give one or more task names, comma-separated")
+        manager = None
+        if tasks:  # unknown tasks fail before the model loads
+            from ..lm_harness import task_manager
+
+            manager = task_manager(tasks, include_path)
         from ..runner import Session
 
         session = Session.open(run_dir)
         fed = session.federation
-        tiers = [rank] if rank is not None else fed.tiers()
+        tiers = list(dict.fromkeys(ranks)) if ranks else fed.tiers()
         for t in tiers:
             if not 1 <= t <= fed.spec.max_rank:
                 _fail(f"--rank {t} outside 1..{fed.spec.max_rank}")
+        if tasks:
+            _lm_eval_tiers(session, ["base", *tiers], tasks, manager, limit)
+            return
+        for t in tiers:
             rec = {"round": fed.round, "rank": t, **session.evaluate_tier(t)}
             typer.echo(json.dumps(rec))
+
+
+def _lm_eval_tiers(session: Any, tiers: list[Any], tasks: list[str], manager: Any, limit: int | None) -> None:
+    """lm-evaluation-harness on each tier ("base": the base model): a table each, eval/lm-eval-*.json."""
+    from .. import lm_harness
+
+    fed = session.federation
+    for t in tiers:
+        with session.serving(t) as model:
+            results = lm_harness.score(
+                model, session.tokenizer, tasks, manager, limit=limit, batch_size=session.cfg.eval.batch_size
+            )
+        scores = {"round": fed.round, "rank": t, "method": session.cfg.method, "model": session.cfg.model.name}
+        path = session.dir.write_lm_eval(t, {**scores, "tasks": tasks, "limit": limit, **lm_harness.summary(results)})
+        what = "base model" if t == "base" else f"rank {t}"
+        typer.echo(f"\n{what} (round {fed.round}) -> {path}")
+        typer.echo(lm_harness.table(results))
 
 
 # the files export_peft_adapter writes, and those report.compare_runs writes: an --out holding one is a user's
