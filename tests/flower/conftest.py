@@ -18,11 +18,14 @@ class Processes:
     def __init__(self, tmp: Path, env: dict[str, str]):
         self.tmp, self.env, self.procs = tmp, env, []
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    def start(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> tuple[subprocess.Popen, Path]:
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
                 cmd,
+                cwd=cwd,
                 env={**self.env, **(env or {})},
                 stdout=fh,
                 stderr=subprocess.STDOUT,
