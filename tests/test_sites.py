@@ -92,3 +92,21 @@ def test_sites_set_num_ranks_and_per_round_and_survive_the_resolved_config():
     cfg = from_dict({"clients": {"sites": [{"data_path": "a", "rank": 2}, {"data_path": "b", "rank": 8}]}})
     assert (cfg.clients.num, cfg.clients.ranks, cfg.clients.per_round) == (2, [2, 8], 2)
     assert from_dict(cfg.to_dict()).clients == cfg.clients  # config.yaml of the run loads back
+
+
+def test_check_refuses_on_site_records_whose_sums_do_not_add_up(site_run, tmp_path):
+    import shutil
+
+    _, run = site_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    good = _records(copy, "federated_eval")[0]
+    bad = [
+        dict(good, round=7, correct=good["n"] + 1),
+        dict(good, round=8, loglik_sum=1.5),
+        dict(good, round=9, sites=0),
+    ]
+    with open(copy / "metrics.jsonl", "a") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in bad)
+    problems = "\n".join(check_run_dir(copy))
+    assert "exceeds n" in problems and "loglik_sum 1.5" in problems and "sites 0" in problems

@@ -56,6 +56,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg, nodes = site_declared_config(grid, cfg)
         config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     session = Session(cfg, Path(str(rc["run-dir"])), resume=bool(rc["resume"]), verbose=bool(rc["verbose"]))
+    if nodes is not None:  # greeted before run.log existed
+        nodes.log_assignments()
     if cfg.engine == "flower":
         from .launch import deployment_gaps
 

@@ -145,6 +145,15 @@ class NodeDirectory:
         self.declared_rank[client] = rank
         return None
 
+    def log_assignments(self) -> None:
+        """Log which node holds which client (with its declared rank) and every node refused: a greeting made
+        before the run directory existed leaves these lines in run.log too."""
+        for node, client in sorted(self.client_of.items(), key=lambda kv: kv[1]):
+            rank = self.declared_rank.get(client)
+            log.info("SuperNode %d holds client %d%s", node, client, f" (declared rank {rank})" if rank else "")
+        for node, why in self.ignored.items():
+            log.warning("SuperNode %d holds no client: %s", node, why)
+
     def missing_reason(self, client: int) -> str:
         """Why no node holds ``client``: its node was refused (the reason), or none claimed it."""
         return self.refused.get(client, f"no SuperNode holds partition {client}")
