@@ -56,7 +56,7 @@ def test_every_format_gives_the_sites_records(tmp_path, kind):
             "site data-path: cannot be read as json",
         ),
         (
-            lambda d: (d / "bad.csv").write_text(f"instruction,output\n{SECRET},x,y,z\n") and d / "bad.csv",
+            lambda d: (d / "bad.csv").write_text(f'instruction,output\n"{SECRET},x\n') and d / "bad.csv",
             "auto",
             "site data-path: cannot be read as csv",
         ),

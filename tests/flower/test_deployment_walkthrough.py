@@ -27,7 +27,6 @@ from prelort.apps.launch import free_port, wait_healthy  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "deployment.md"
 TIME_LIMIT = 600.0
-pytestmark = pytest.mark.slow  # a TLS SuperLink, three SuperNodes and a round: minutes on 2 CPU cores
 # what one machine cannot reproduce: the tiny model and one short round instead of SmolLM2's three
 SHORT_RUN = (
     "model.name=tiny-llama rounds=1 data.num_train=32 data.num_test=8 data.max_length=64 train.local_steps=1 "
@@ -56,6 +55,7 @@ def test_the_walkthrough_has_the_server_and_three_sites():
     assert machines == {"server", "site A", "site B", "site C"}
 
 
+@pytest.mark.slow  # a TLS SuperLink, three SuperNodes and a round: minutes on 2 CPU cores
 def test_the_three_site_walkthrough_runs_as_written(tmp_path, processes):
     t0 = time.monotonic()
     port = free_port()
