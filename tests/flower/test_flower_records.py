@@ -277,7 +277,8 @@ def test_declared_ranks_become_the_runs_ranks_and_segments():
         (0, "declared rank 0 is not positive"),
         (-3, "declared rank -3 is not positive"),
         (16, "declared rank 16 is above clients.max_rank (8)"),
-        ("big", "declared rank \"'big'\" is not an integer"),
+        ("big", "declared rank 'big' is not an integer"),
+        ("8", "declared rank '8' is not an integer"),  # rank="8": a TOML string
         (2.5, "declared rank '2.5' is not an integer"),
     ],
 )

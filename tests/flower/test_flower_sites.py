@@ -134,3 +134,32 @@ def _config(run):
     import yaml
 
     return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_flower_sim_takes_the_same_site_declarations_as_in_process(tmp_path, monkeypatch):
+    files = write_sites(tmp_path / "files")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the simulation's client actors inherit it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        declared = {"clients": {"sites": site_declarations(files)}}
+        ref = runner.run(from_dict(federation(declared)), tmp_path / "inprocess", verbose=False)
+        sim = runner.run(from_dict(federation({**declared, "engine": "flower-sim"})), tmp_path / "sim", verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert check_run_dir(sim) == []
+    a = load_file(ref / "checkpoints" / "round-2" / "adapter.safetensors")
+    b = load_file(sim / "checkpoints" / "round-2" / "adapter.safetensors")
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=0, atol=1e-6)
+
+    def clients(run):
+        return [
+            [(c["client"], c["rank"], c["num_examples"], c["status"]) for c in t["clients"]]
+            for t in _records(run, "train")
+        ]
+
+    assert clients(sim) == clients(ref)
+    on_site = [(r["rank"], r["n"], r["correct"], r["sites"]) for r in _records(sim, "federated_eval")]
+    assert on_site == [(r["rank"], r["n"], r["correct"], r["sites"]) for r in _records(ref, "federated_eval")]
+    assert len(on_site) == len(SITES)

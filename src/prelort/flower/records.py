@@ -315,7 +315,7 @@ def encode_hello_reply(node_config: dict[str, Any]):
     fields: dict[str, Any] = {"format": HELLO_FORMAT, PARTITION_ID: pid, NUM_PARTITIONS: num}
     if RANK in node_config:
         rank = node_config[RANK]
-        fields[RANK] = rank if isinstance(rank, int) and not isinstance(rank, bool) else repr(rank)[:40]
+        fields[RANK] = rank if isinstance(rank, int) and not isinstance(rank, bool) else str(rank)[:40]
     fields[HAS_EVAL] = bool(node_config.get(EVAL_PATH))
     return RecordDict({HELLO: ConfigRecord(fields)})
 
