@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
 from prelort import engines, methods
 from prelort.config import METHOD_SECTIONS_AFTER, Config, method_sections
@@ -24,9 +25,22 @@ def rows(model: type[BaseModel], prefix: str = ""):
             yield from rows(ann, f"{prefix}{name}.")
         else:
             yield _row(field, f"{prefix}{name}")
+            item = _list_item_model(ann)
+            if item is not None:  # a list of sections (clients.sites): the keys of one item
+                yield from rows(item, f"{prefix}{name}[].")
         if model is Config and name == METHOD_SECTIONS_AFTER:  # the methods' own sections, from their files
             for section, options in method_sections().items():
                 yield from rows(options, f"{section}.")
+
+
+def _list_item_model(ann) -> type[BaseModel] | None:
+    """``M`` for an annotation ``list[M]`` or ``list[M] | None`` with ``M`` a pydantic model, else None."""
+    for candidate in (ann, *get_args(ann)):
+        if get_origin(candidate) is list:
+            (item,) = get_args(candidate)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return item
+    return None
 
 
 def _row(field, key: str):
@@ -41,7 +55,7 @@ def _row(field, key: str):
     elif get_origin(ann) is Literal:
         kind = "one of " + ", ".join(f"`{a}`" for a in get_args(ann))
     else:
-        kind = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        kind = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("prelort.config.", "")
     return key, kind, default, field.description or ""
 
 
@@ -59,7 +73,7 @@ def render() -> str:
         "|---|---|---|---|",
     ]
     for key, kind, default, help_ in rows(Config):
-        cells = [f"`{key}`", kind, f"`{default!r}`", help_]
+        cells = [f"`{key}`", kind, "required" if default is PydanticUndefined else f"`{default!r}`", help_]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

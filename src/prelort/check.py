@@ -14,6 +14,7 @@ Nothing is unpickled: safetensors, JSON and YAML only. The files are found and r
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,31 @@ def _round_of(path: Path) -> int | None:
 
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def federated_eval_problems(rec: dict[str, Any]) -> list[str]:
+    """What is wrong with an on-site evaluation record (kind ``federated_eval``): a positive tier, whole counts
+    with ``correct <= n``, at least one site, a finite log-likelihood sum <= 0."""
+
+    def whole(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    out = [
+        f"federated_eval {k} {rec.get(k)!r} is not an integer >= {low}"
+        for k, low in _FEDERATED_COUNTS
+        if not whole(rec.get(k), low)
+    ]
+    if whole(rec.get("n"), 1) and whole(rec.get("correct"), 0) and rec["correct"] > rec["n"]:
+        out.append(f"federated_eval correct {rec['correct']} exceeds n {rec['n']}")
+    if "tokens" in rec and rec["tokens"] is not None and not whole(rec["tokens"], 1):
+        out.append(f"federated_eval tokens {rec['tokens']!r} is not an integer >= 1")
+    loglik = rec.get("loglik_sum")
+    if not (_number(loglik) and math.isfinite(loglik) and loglik <= 0):
+        out.append(f"federated_eval loglik_sum {loglik!r} is not a finite log-likelihood <= 0")
+    return out
+
+
+_FEDERATED_COUNTS = (("rank", 1), ("n", 1), ("correct", 0), ("sites", 1))
 
 
 def check_run_dir(run_dir: str | Path) -> list[str]:
@@ -109,6 +135,8 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
                 for metric in available_metrics():
                     problem = metric.check(rec.get(metric.name))
                     need(problem is None, f"metrics.jsonl line {i}: {problem}")
+            if rec.get("kind") == "federated_eval":
+                problems += [f"metrics.jsonl line {i}: {p}" for p in federated_eval_problems(rec)]
             key = (rec.get("kind"), rec.get("round"), json.dumps(rec.get("rank")))
             if rec.get("kind") is not None:
                 if key in seen:

@@ -100,6 +100,36 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during local training.")
 
 
+def site_rank_problem(value: Any, cap: int | None) -> str | None:
+    """Why ``value`` is not a rank a site may declare (an int in [1, cap]; cap None: [1, MAX_RANK]), or None.
+
+    The one check of a declared rank: ``clients.sites`` in a config and a SuperNode's node-config ``rank``."""
+    limit = MAX_RANK if cap is None else min(cap, MAX_RANK)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"rank {value!r} is not an integer"
+    if value <= 0:
+        return f"rank {value} is not positive"
+    if value > limit:
+        what = "clients.max_rank" if cap is not None and cap <= MAX_RANK else "the largest rank prelort allows"
+        return f"rank {value} is above {what} ({limit})"
+    return None
+
+
+class SiteConfig(_Section):
+    data_path: str = Field(
+        ...,
+        min_length=1,
+        description="The site's training records: a json/jsonl/csv/parquet file, a directory of them, or a saved "
+        "Hugging Face dataset (data.template and data.max_length apply).",
+    )
+    rank: int = Field(..., description="The LoRA rank the site trains (at most clients.max_rank).")
+    eval_path: str | None = Field(
+        None,
+        description="The site's held-out records (same formats): after the rounds named by eval.every the site "
+        "evaluates the global adapter at its rank on them and reports only counts and sums.",
+    )
+
+
 class ClientsConfig(_Section):
     num: int = Field(4, ge=1, le=1_000_000, description="Number of clients in the federation.")
     per_round: int = Field(4, ge=1, description="Clients sampled (without replacement, seeded) each round.")
@@ -120,6 +150,44 @@ class ClientsConfig(_Section):
         description="Retry a round with too few accepted updates this many times (clients resampled with a "
         "seed derived from seed, round and attempt) before the run stops; 0 stops at once.",
     )
+    max_rank: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RANK,
+        description="The largest rank a site may declare (clients.sites, or a SuperNode's node-config rank); a larger "
+        "one is refused. The global adapter's rank R is the largest rank present. null: the largest of "
+        "clients.ranks (with clients.sites: no cap).",
+    )
+    sites: list[SiteConfig] | None = Field(
+        None,
+        description="Per-client declarations, one per client, for engines inprocess and flower-sim: "
+        "{data_path, rank, eval_path}. Each client trains on its own file at its own rank (docs/deployment.md); "
+        "clients.num is the list's length and clients.ranks is not used. null: the clients split data.source.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_sites(cls, data: Any) -> Any:
+        """With ``sites``: ``num`` is their number, ``ranks`` their ranks, ``per_round`` at most ``num``; a ``num``
+        or ``ranks`` given alongside that says otherwise is a conflict (a resolved config, which repeats them,
+        is not)."""
+        if not isinstance(data, dict) or not isinstance(data.get("sites"), list) or not data["sites"]:
+            return data
+        sites = data["sites"]
+        data = dict(data)
+        ranks = [s.get("rank") if isinstance(s, dict) else getattr(s, "rank", None) for s in sites]
+        if "num" in data and data["num"] != len(sites):
+            raise ValueError(f"num ({data['num']}) differs from the {len(sites)} clients.sites: leave num out")
+        if "ranks" in data and list(data["ranks"]) != ranks:
+            raise ValueError(
+                f"ranks {data['ranks']} differ from the ranks of clients.sites {ranks}: leave ranks out "
+                "(each site declares its own)"
+            )
+        data["num"] = len(sites)
+        if all(site_rank_problem(r, None) is None for r in ranks):
+            data["ranks"] = ranks  # an invalid rank is reported by the site check below
+        data.setdefault("per_round", min(len(sites), cls.model_fields["per_round"].default))
+        return data
 
     @field_validator("ranks")
     @classmethod
@@ -134,6 +202,12 @@ class ClientsConfig(_Section):
 
     @model_validator(mode="after")
     def _fits(self) -> ClientsConfig:
+        if self.sites == []:
+            raise ValueError("sites is empty: list one {data_path, rank} per client, or leave sites out")
+        for k, site in enumerate(self.sites or []):
+            problem = site_rank_problem(site.rank, self.max_rank)
+            if problem:
+                raise ValueError(f"sites[{k}]: {problem}")
         if self.per_round > self.num:
             raise ValueError(f"per_round ({self.per_round}) exceeds num ({self.num})")
         if self.min_per_round > self.per_round:
@@ -145,6 +219,10 @@ class ClientsConfig(_Section):
 
     def all_ranks(self) -> list[int]:
         return [self.rank_of(k) for k in range(self.num)]
+
+    def rank_cap(self) -> int:
+        """The largest rank a site may declare: ``max_rank``, else the largest configured rank."""
+        return self.max_rank if self.max_rank is not None else max(self.ranks)
 
 
 class PartitionConfig(_Section):

@@ -41,7 +41,7 @@ from . import methods as methods_registry
 from .config import Config
 from .methods import ClientUpdate, GlobalState, Method
 from .privacy import check_dp, check_secure_aggregation, clip_update, dp_aggregate, finish_noised
-from .protocol import ClientTask, EngineResult, RawUpdate, SecureAggregate, decode_raw
+from .protocol import ClientTask, EngineResult, EvalSums, EvalTask, RawUpdate, SecureAggregate, decode_raw
 from .rank_geometry import adapter_prefix
 from .secure_sums import (
     WEIGHT_UNITS,
@@ -107,6 +107,8 @@ class RoundOutcome:
     passes: int = 0  # forward/backward passes of a micro-batch, summed over the clients that reported them
     optimizer_steps: int = 0
     diagnostics_reported: int = 0  # accepted clients whose step counts passed the checks and are in the sums
+    # every sampled client: {client, rank, num_examples, status: accepted|rejected|failed[, reason]}
+    clients: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """What the round's training record in metrics.jsonl says; kept in the round's state.json too, so a
@@ -122,6 +124,7 @@ class RoundOutcome:
             "passes": self.passes,
             "optimizer_steps": self.optimizer_steps,
             "diagnostics_reported": self.diagnostics_reported,
+            "clients": self.clients,
         }
 
 
@@ -420,6 +423,7 @@ class Federation:
         )
         outcome.train_loss = _mean_loss([u.meta for u in accepted])
         self._diagnose(outcome, [(u.client, u.rank, u.meta) for u in accepted])
+        outcome.clients = self._client_list(outcome, {u.client: (u.rank, u.num_examples) for u in accepted})
         if self.cfg.audit:
             from .rundir import RunDir
 
@@ -476,9 +480,10 @@ class Federation:
             "dropped or failed" + ("; the protocol halted" if agg.arrays is None else "") + ")",
         )
         outcome.train_loss = _mean_loss([m for _, m in clients])
-        self._diagnose(
-            outcome, [(c, self.method.counted_rank(self._clear_meta(c, m), self._tasks[c].rank), m) for c, m in clients]
-        )
+        counted = [(c, self.method.counted_rank(self._clear_meta(c, m), self._tasks[c].rank), m) for c, m in clients]
+        self._diagnose(outcome, counted)
+        # a client's own example count stays inside SecAgg+'s sum: null here
+        outcome.clients = self._client_list(outcome, {c: (r, None) for c, r, _ in counted})
         layout = SecAggLayout.of(self.state)
         rho_total = sum(agg.weight_units) / WEIGHT_UNITS
         clear = [(c, self._clear_meta(c, m)) for c, m in clients]
@@ -578,6 +583,21 @@ class Federation:
             log.warning("round %d: ignoring client %d's %s", task.round, client, reason)
         return {k: v for k, v in meta.items() if k not in invalid}
 
+    def _client_list(self, outcome: RoundOutcome, accepted: dict[int, tuple[int, int | None]]) -> list[dict[str, Any]]:
+        """The round's sampled clients for its training record: an accepted one with the rank and example count
+        of its update, a rejected or failed one with the rank it was asked to train and the reason."""
+        out: list[dict[str, Any]] = []
+        for client, task in sorted(self._tasks.items()):
+            entry: dict[str, Any] = {"client": client, "rank": task.rank, "num_examples": None}
+            if client in accepted:
+                entry.update(rank=accepted[client][0], num_examples=accepted[client][1], status="accepted")
+            elif client in outcome.rejected:
+                entry.update(status="rejected", reason=outcome.rejected[client])
+            else:
+                entry.update(status="failed", reason=outcome.failed.get(client, "no reply this round"))
+            out.append(entry)
+        return out
+
     def _diagnose(self, outcome: RoundOutcome, clients: Sequence[tuple[int, int, Any]]) -> None:
         diag = round_diagnostics(clients, self.spec.max_rank, self.cfg.train.local_steps, self.cfg.train.grad_accum)
         for key, value in diag.items():
@@ -649,6 +669,46 @@ class Federation:
 
     def eval_due(self, round_: int) -> bool:
         return round_ % self.cfg.eval.every == 0 or round_ == self.cfg.rounds
+
+    def site_eval_tasks(self, round_: int) -> list[EvalTask]:
+        """On-site evaluation after ``round_``: every client sampled in it evaluates the new global state as its
+        rank tier receives it (the tier its site declared, which is where its result is counted)."""
+        assert self.state is not None
+        tiers: dict[int, Any] = {}
+        tasks = []
+        for client in sorted(self._tasks):
+            t = self.spec.client_ranks[client]
+            if t not in tiers:
+                tiers[t] = self.method.tier(self.state, t)
+            tasks.append(EvalTask(round_, client, t, tiers[t]))
+        return tasks
+
+    def site_eval_sums(
+        self, round_: int, tasks: Sequence[EvalTask], results: Sequence[EvalSums | Exception | None]
+    ) -> dict[int, dict[str, Any]]:
+        """Per rank tier, the sums of the sites' evaluations: ``{tier: {n, correct, loglik_sum, tokens, sites}}``.
+        A site without held-out records (None) is skipped; a failed one or sums that do not add up are logged
+        and left out."""
+        out: dict[int, dict[str, Any]] = {}
+        for task, res in zip(tasks, results):
+            if res is None:
+                continue
+            if isinstance(res, Exception):
+                problem: str | None = f"{type(res).__name__}: {res}"
+            elif not isinstance(res, EvalSums):
+                problem = f"the engine returned a {type(res).__name__}, not evaluation sums"
+            else:
+                problem = f"the sums name client {res.client!r}" if res.client != task.client else res.problem()
+            if problem is not None or not isinstance(res, EvalSums):
+                log.warning("round %d: on-site evaluation of client %d left out: %s", round_, task.client, problem)
+                continue
+            tier = out.setdefault(task.rank, {"n": 0, "correct": 0, "loglik_sum": 0.0, "tokens": 0, "sites": 0})
+            tier["n"] += res.n
+            tier["correct"] += res.correct
+            tier["loglik_sum"] += float(res.loglik_sum)
+            tier["tokens"] += res.tokens
+            tier["sites"] += 1
+        return dict(sorted(out.items()))
 
 
 def stratified_sample(ranks: Sequence[int], k: int, rng: random.Random) -> list[int]:

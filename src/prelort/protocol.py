@@ -95,6 +95,46 @@ def decode_raw(raw: RawUpdate, max_bytes: int | None = None, spec: FederationSpe
     return update
 
 
+@dataclass
+class EvalTask:
+    """On-site evaluation: a site evaluates the global adapter as a client of ``rank`` receives it
+    (``broadcast``) on its own held-out records, after round ``round``."""
+
+    round: int
+    client: int
+    rank: int
+    broadcast: Broadcast
+
+
+@dataclass
+class EvalSums:
+    """What a site returns from an :class:`EvalTask`: counts and sums only, never a per-example result.
+
+    ``n``: examples evaluated; ``correct``: of them, exact matches; ``loglik_sum``: the summed log-likelihood
+    of their reference answers (nats); ``tokens``: the answer tokens scored."""
+
+    client: int
+    n: int
+    correct: int
+    loglik_sum: float
+    tokens: int
+
+    def problem(self) -> str | None:
+        """Why these sums cannot be counted (the server checks what a site sends), or None."""
+
+        def whole(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+        if not (whole(self.n) and whole(self.correct) and whole(self.tokens)):
+            return f"counts n={self.n!r} correct={self.correct!r} tokens={self.tokens!r} are not whole numbers"
+        if self.n == 0 or self.correct > self.n:
+            return f"correct={self.correct} of n={self.n} examples"
+        loglik = self.loglik_sum
+        if isinstance(loglik, bool) or not isinstance(loglik, (int, float)) or not (-1e300 < loglik <= 0):
+            return f"loglik_sum={loglik!r} is not a finite log-likelihood (<= 0)"
+        return None
+
+
 class ClientFailed(RuntimeError):
     """A client raised during local training (or never replied); the round goes on without it."""
 
@@ -108,3 +148,12 @@ class Engine(Protocol):
     ``execute(tasks)`` once per attempt of a round."""
 
     def execute(self, tasks: Sequence[ClientTask]) -> Sequence[EngineResult] | SecureAggregate: ...
+
+
+class SiteEvaluator(Protocol):
+    """An engine that can also run on-site evaluation (optional: the runner asks ``hasattr(engine, "evaluate")``).
+
+    ``evaluate(tasks)`` returns per task the site's :class:`EvalSums`, None when the site keeps no held-out
+    records, or an exception (the site failed; the round's records go on without it)."""
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> Sequence[EvalSums | Exception | None]: ...

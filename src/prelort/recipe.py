@@ -14,6 +14,7 @@ import torch
 from . import adapters
 from .config import Config
 from .data import load_records, partition, tokenize_for_training
+from .data.sites import load_site_records
 from .models import load_model
 
 
@@ -47,8 +48,11 @@ def load_federation_model(cfg: Config):
 
 
 def load_data(cfg: Config) -> tuple[Any, Any, list[Any]]:
-    """``(train, test, partitions)``: the record datasets and the per-client split (partitions[k] = client k's)."""
+    """``(train, test, partitions)``: the record datasets and the per-client split (partitions[k] = client k's;
+    none with ``clients.sites``, whose clients train on their own files: :func:`site_examples`)."""
     train, test = load_records(cfg.data, cfg.seed)
+    if cfg.clients.sites:
+        return train, test, []
     parts = partition(train, cfg.data.partition, cfg.clients.num, cfg.seed)
     return train, test, parts
 
@@ -56,3 +60,32 @@ def load_data(cfg: Config) -> tuple[Any, Any, list[Any]]:
 def client_examples(cfg: Config, tokenizer: Any, records: Any) -> list[dict]:
     """One client's training examples: its partition of the records, tokenized as local training reads them."""
     return tokenize_for_training(records, tokenizer, cfg.data.max_length)
+
+
+def site_examples(cfg: Config, tokenizer: Any, path: str) -> list[dict]:
+    """A site's training examples: the records of its own file (``data-path``), tokenized as local training
+    reads them; :class:`prelort.data.sites.SiteDataError` when the file cannot be used."""
+    return client_examples(cfg, tokenizer, load_site_records(path, cfg.data))
+
+
+def site_eval_records(cfg: Config, path: str) -> Any:
+    """A site's held-out records (``eval-path``), for its on-site evaluation."""
+    return load_site_records(path, cfg.data, role="eval-path")
+
+
+def site_data(cfg: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """For one process that plays every site of ``clients.sites``: per site, its training examples and its
+    held-out records (None without ``eval_path``). A site whose file cannot be used holds its
+    :class:`~prelort.data.sites.SiteDataError` instead, so that client fails when asked and the run goes on."""
+    from .data.sites import SiteDataError
+
+    def loaded(load: Any, *args: Any) -> Any:
+        try:
+            return load(*args)
+        except SiteDataError as e:
+            return e
+
+    sites = cfg.clients.sites or []
+    examples = [loaded(site_examples, cfg, tokenizer, s.data_path) for s in sites]
+    held_out = [loaded(site_eval_records, cfg, s.eval_path) if s.eval_path else None for s in sites]
+    return examples, held_out

@@ -108,7 +108,26 @@ def train_record(
         "seconds": summary.get("seconds"),
         "method": cfg.method,
         **{k: summary.get(k) for k in DIAGNOSTIC_KEYS},
+        "clients": summary.get("clients"),
         **(privacy or {}),
+    }
+
+
+# the sums of a federated_eval record, each added up over the tier's sites
+FEDERATED_EVAL_SUMS = ("n", "correct", "loglik_sum", "tokens", "sites")
+
+
+def federated_eval_record(cfg: Config, round_: int, tier: int, sums: dict[str, Any]) -> dict[str, Any]:
+    """One rank tier's on-site evaluation after ``round_`` (kind ``federated_eval``): the sites' summed counts,
+    nothing per example or per site. The contract's metric fields are null (a site reports sums, not metrics)."""
+    return {
+        "round": round_,
+        "rank": tier,
+        "kind": "federated_eval",
+        **dict.fromkeys(metric_names()),
+        **{k: sums[k] for k in FEDERATED_EVAL_SUMS},
+        "method": cfg.method,
+        "seed": cfg.seed,
     }
 
 

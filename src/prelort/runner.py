@@ -28,8 +28,8 @@ from .metrics import available as available_metrics
 from .model_names import hub_id
 from .protocol import Engine
 from .rank_geometry import adapter_rank
-from .recipe import client_examples, load_data, load_federation_model, quiet_libraries
-from .rundir import RECORD_KEYS, RunDir, train_record
+from .recipe import client_examples, load_data, load_federation_model, quiet_libraries, site_data
+from .rundir import RECORD_KEYS, RunDir, federated_eval_record, train_record
 
 log = logging.getLogger("prelort")
 
@@ -134,6 +134,10 @@ class Session:
         self.modules = LoraAdapter(self.model).modules
         self.test_records = test
         self.partitions = [client_examples(cfg, self.tokenizer, p) for p in parts]
+        # clients.sites: each client's own file (or why it cannot be used) and its held-out records, if any
+        self.site_evals: list[Any] = []
+        if cfg.clients.sites:
+            self.partitions, self.site_evals = site_data(cfg, self.tokenizer)
         if not read_only:
             self._prepare_dir()
             setup_logging(self.run_dir, verbose)
@@ -152,7 +156,7 @@ class Session:
             model_seconds,
             len(train),
             len(test),
-            [len(p) for p in self.partitions],
+            [len(p) if isinstance(p, list) else "unusable" for p in self.partitions],
         )
         self.federation = Federation(cfg, self.run_dir, self.modules)
         self.metrics = self.dir.metrics
@@ -229,6 +233,17 @@ class Session:
             if t not in skip
         ]
 
+    def evaluate_on_sites(self, engine: Any, round_: int) -> list[dict[str, Any]]:
+        """The round's sampled sites evaluate the new global model on their own held-out records; one
+        ``federated_eval`` record per rank tier that any site reported on (none when no site keeps one)."""
+        fed = self.federation
+        tasks = fed.site_eval_tasks(round_)
+        sums = fed.site_eval_sums(round_, tasks, engine.evaluate(tasks))
+        records = [federated_eval_record(self.cfg, round_, t, s) for t, s in sums.items()]
+        for rec in records:
+            self.metrics.write(rec)
+        return records
+
     def _record_base(self) -> None:
         r = self._record(0, "base", "base", self.evaluate_base_examples())
         log.info("round 0 base model: %s", " ".join(f"{m.short}={m.format(r[m.name])}" for m in available_metrics()))
@@ -304,6 +319,11 @@ class Session:
                         f"r{r['rank']}: " + " ".join(f"{m.short}={m.format(r[m.name])}" for m in available_metrics())
                         for r in recs
                     )
+                    if hasattr(engine, "evaluate"):  # an engine that reaches the sites (protocol.SiteEvaluator)
+                        line += "".join(
+                            f" | on-site r{r['rank']}: {r['correct']}/{r['n']} correct ({r['sites']} site(s))"
+                            for r in self.evaluate_on_sites(engine, round_)
+                        )
                 log.info("%s", line)
                 if stop.requested and round_ < cfg.rounds:  # a safe point: the round and its records are on disk
                     raise RunInterrupted(round_)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -22,10 +21,8 @@ pytest.importorskip("cryptography")
 from prelort import config as config_mod  # noqa: E402
 from prelort import runner  # noqa: E402
 from prelort.apps.launch import (  # noqa: E402
-    flower_env,
     flwr_executable,
     free_port,
-    stop_process_group,
     wait_healthy,
     write_connection,
 )
@@ -34,41 +31,6 @@ from prelort.flower.certs import make_certificates  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny.yaml"
 TIME_LIMIT = 300.0
-
-
-class Processes:
-    """Every process the test starts, each in its own process group; all stopped at the end."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]):
-        self.tmp, self.env, self.procs = tmp, env, []
-
-    def start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
-        log = self.tmp / f"{name}.log"
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        self.procs.append(proc)
-        return proc, log
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process_group(proc, grace=10.0)
-
-
-@pytest.fixture
-def processes(tmp_path):
-    env = flower_env(tmp_path / "flwr-home")
-    procs = Processes(tmp_path, env)
-    watchdog = threading.Timer(TIME_LIMIT, procs.stop_all)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield procs
-    finally:
-        watchdog.cancel()
-        procs.stop_all()
-        assert all(p.poll() is not None for p in procs.procs)
 
 
 def test_two_authenticated_supernodes_run_two_rounds_and_an_unregistered_one_is_refused(tmp_path, processes):

@@ -12,10 +12,10 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ConfigRecord, Error, Message, RecordDict  # noqa: E402
 
 from prelort.config import from_dict  # noqa: E402
-from prelort.engines.flower import GridEngine  # noqa: E402
+from prelort.engines.flower import GridEngine, site_declared_config  # noqa: E402
 from prelort.flower import records  # noqa: E402
 from prelort.methods import Broadcast, ClientUpdate, TrainPlan  # noqa: E402
-from prelort.protocol import ClientFailed, ClientTask  # noqa: E402
+from prelort.protocol import ClientFailed, ClientTask, EvalSums, EvalTask  # noqa: E402
 from prelort.updates import UpdateRejected  # noqa: E402
 
 MOD = "model.layers.0.self_attn.q_proj"
@@ -143,10 +143,11 @@ def _task_identity():
 class ScriptedGrid:
     """A Grid stand-in: nodes answer hello with their partition and TRAIN with whatever ``behaviour`` says."""
 
-    def __init__(self, partitions: dict[int, int], num: int, behaviour):
+    def __init__(self, partitions: dict[int, int], num: int, behaviour, node_configs: dict[int, dict] | None = None):
         self.partitions = partitions  # node id -> partition id
         self.num = num
         self.behaviour = behaviour  # (node, task) -> RecordDict | Error | None (no reply)
+        self.node_configs = node_configs or {}  # node id -> what else its --node-config says (rank, eval-path)
         self.sent: list[Message] = []
 
     def get_node_ids(self):
@@ -159,10 +160,13 @@ class ScriptedGrid:
             node = m.metadata.dst_node_id
             if records.HELLO in m.content.config_records:
                 node_config = {"partition-id": self.partitions[node], "num-partitions": self.num}
-                content = records.encode_hello_reply(node_config)
+                content = records.encode_hello_reply({**node_config, **self.node_configs.get(node, {})})
                 replies.append(_reply(m, content))
                 continue
-            out = self.behaviour(node, records.decode_task(m.content))
+            if records.EVAL_TASK in m.content.config_records:
+                out = self.behaviour(node, records.decode_eval_task(m.content)[0])
+            else:
+                out = self.behaviour(node, records.decode_task(m.content))
             if out is None:
                 continue
             replies.append(Message(out, reply_to=m))
@@ -233,3 +237,99 @@ def test_engine_ignores_misconfigured_nodes_and_fails_their_clients():
     assert isinstance(results[1], ClientFailed) and "no SuperNode holds partition 1" in str(results[1])
     assert results[0].client == 0 and results[2].client == 2
     assert "already held" in engine.nodes.ignored[2]
+
+
+# -- what a site declares: rank, held-out records; on-site evaluation ------------------------------------------
+def _site_grid(node_configs, behaviour=None):
+    partitions = {node: k for k, node in enumerate(node_configs)}
+    return ScriptedGrid(partitions, len(partitions), behaviour or (lambda node, task: None), node_configs)
+
+
+def _flower_cfg(num: int, **clients):
+    return from_dict(
+        {"clients": {"num": num, "per_round": num, **clients}, "flower": {"round_timeout": 5, "node_wait": 1}}
+    )
+
+
+def test_the_hello_reply_carries_the_declared_rank_and_whether_the_site_evaluates_never_a_path():
+    node_config = {"partition-id": 1, "num-partitions": 2, "rank": 8, "eval-path": "/site/secret/held-out.jsonl"}
+    reply = records.encode_hello_reply({**node_config, "data-path": "/site/secret/train.jsonl"})
+    assert records.decode_hello_reply(reply) == (1, 2)
+    assert records.decode_site_declaration(reply) == (8, True)
+    assert "secret" not in json.dumps(dict(reply.config_records[records.HELLO].items()))
+    assert records.decode_site_declaration(records.encode_hello_reply({"partition-id": 0, "num-partitions": 2})) == (
+        None,
+        False,
+    )
+
+
+def test_declared_ranks_become_the_runs_ranks_and_segments():
+    grid = _site_grid({11: {"rank": 2, "eval-path": "/a"}, 12: {"rank": 8}, 13: {}})
+    cfg, nodes = site_declared_config(grid, _flower_cfg(3))  # configured ranks [1, 2, 4, 8]: cap 8
+    assert cfg.clients.ranks == [2, 8, 4]  # client 2 declared nothing: its configured rank
+    assert cfg.federation_spec({}).distinct_ranks == [2, 4, 8]
+    assert nodes.has_eval == {0} and nodes.declared_rank == {0: 2, 1: 8}
+
+
+@pytest.mark.parametrize(
+    ("rank", "reason"),
+    [
+        (0, "declared rank 0 is not positive"),
+        (-3, "declared rank -3 is not positive"),
+        (16, "declared rank 16 is above clients.max_rank (8)"),
+        ("big", "declared rank 'big' is not an integer"),
+        ("8", "declared rank '8' is not an integer"),  # rank="8": a TOML string
+        (2.5, "declared rank '2.5' is not an integer"),
+    ],
+)
+def test_an_invalid_declared_rank_is_refused_and_its_client_fails_with_the_reason(rank, reason):
+    grid = _site_grid({11: {"rank": 2}, 12: {"rank": rank}})
+    cfg, nodes = site_declared_config(grid, _flower_cfg(2, max_rank=8))
+    assert cfg.clients.ranks == [2, 2]  # the refused node's client keeps its configured rank
+    engine = GridEngine(grid, cfg, json.dumps(cfg.to_dict()), nodes)
+    failed = engine.execute(_tasks([1]))[0]
+    assert isinstance(failed, ClientFailed) and reason in str(failed), str(failed)
+
+
+def test_a_node_joining_later_with_another_rank_is_refused():
+    grid = _site_grid({11: {"rank": 2}, 12: {"rank": 8}})
+    cfg, nodes = site_declared_config(grid, _flower_cfg(2))
+    grid.partitions[13], grid.node_configs[13] = 1, {"rank": 4}  # a second node claims client 1 at rank 4
+    del grid.partitions[12]
+    nodes.refresh([1], wait=0)
+    assert "not the rank 8 client 1 had when the run started" in nodes.refused[1]
+
+
+def test_eval_tasks_and_sums_round_trip_through_the_records():
+    task = EvalTask(3, 1, 2, Broadcast(_adapter(2)))
+    decoded, config = records.decode_eval_task(records.encode_eval_task(3, 1, 2, task.broadcast, '{"seed": 5}'))
+    assert (decoded.round, decoded.client, decoded.rank, config) == (3, 1, 2, {"seed": 5})
+    torch.testing.assert_close(decoded.broadcast.adapter, task.broadcast.adapter)
+    sums = EvalSums(1, n=4, correct=3, loglik_sum=-7.5, tokens=9)
+    assert records.decode_eval_reply(records.encode_eval_reply(sums)) == sums
+    assert set(records.encode_eval_reply(sums).config_records[records.EVAL_SUMS]) == {
+        "format",
+        "client",
+        "n",
+        "correct",
+        "loglik_sum",
+        "tokens",
+    }
+
+
+def test_on_site_evaluation_reaches_only_sites_with_held_out_records():
+    def evaluate(node, task):
+        if node == 12:
+            return Error(code=2, reason="site eval-path: the file holds no record")
+        return records.encode_eval_reply(EvalSums(task.client, 4, 1, -2.0, 6))
+
+    grid = _site_grid({11: {"rank": 2, "eval-path": "/a"}, 12: {"rank": 8, "eval-path": "/b"}, 13: {}}, evaluate)
+    cfg, nodes = site_declared_config(grid, _flower_cfg(3))
+    engine = GridEngine(grid, cfg, json.dumps(cfg.to_dict()), nodes)
+    tasks = [EvalTask(1, k, r, Broadcast(_adapter(r))) for k, r in enumerate(cfg.clients.ranks)]
+    results = engine.evaluate(tasks)
+    assert results[0] == EvalSums(0, 4, 1, -2.0, 6)
+    assert isinstance(results[1], ClientFailed) and "holds no record" in str(results[1])
+    assert results[2] is None
+    evaluated = [m.metadata.dst_node_id for m in grid.sent if records.EVAL_TASK in m.content.config_records]
+    assert sorted(evaluated) == [11, 12]

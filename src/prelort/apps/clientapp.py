@@ -2,11 +2,18 @@
 
 A node holds one partition (node_config ``partition-id``, the prelort client id; ``num-partitions``,
 the number of clients). On a TRAIN message it decodes its task (records.py), builds - once per
-process - the federation's model and its own partition from the config that came with the task (the
+process - the federation's model and its own examples from the config that came with the task (the
 recipe of :mod:`prelort.recipe`, which the in-process runner follows too), runs
 :class:`prelort.client.ClientRunner` (the same local training as the in-process engine) and replies
 with the update in prelort's wire format. A QUERY ``prelort.hello`` is answered with the node's
 partition, which is how the ServerApp learns which node holds which client.
+
+A site's own data (docs/deployment.md): node_config ``data-path`` names the file (or directory, or saved
+dataset) the node trains on instead of slice ``partition-id`` of the server's ``data.source`` (with
+``clients.sites`` in the config, e.g. under flower-sim, the site's ``data_path``); ``rank`` declares the
+site's rank (sent with the hello; the node never trains above it); ``eval-path`` its held-out records, on
+which an EVALUATE message is answered with counts and sums only. A file that cannot be used fails the task
+with a reason that names no path and no record (the full message goes to this node's log).
 
 Under secure aggregation the same ``train`` handler receives the four stages of Flower's SecAgg+ protocol
 (messages that carry SecAgg+'s config record): they go to a legacy ``NumPyClient`` behind
@@ -48,13 +55,21 @@ def _key(config: dict[str, Any], sections: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
-def client_state(config: dict[str, Any], partition_id: int):
-    """``(cfg, model, examples)`` for this node: built on first use, then reused while the config's
-    model/data sections stay the same."""
-    from ..config import from_dict
-    from ..recipe import client_examples, load_data, load_federation_model
+def site_path(cfg: Any, node_config: dict[str, Any] | None, partition_id: int, key: str) -> str | None:
+    """The site file this node uses for ``key`` (``data-path`` or ``eval-path``): its node_config's, else the
+    config's ``clients.sites`` entry for its partition (one machine playing the sites), else None."""
+    node_config = node_config or {}
+    if node_config.get(key):
+        return str(node_config[key])
+    sites = cfg.clients.sites or []
+    if 0 <= partition_id < len(sites):
+        return sites[partition_id].data_path if key == records.DATA_PATH else sites[partition_id].eval_path
+    return None
 
-    cfg = from_dict(config)
+
+def _model(config: dict[str, Any], cfg: Any):
+    from ..recipe import load_federation_model
+
     model_key = _key(config, ("seed", "model", "lora", "clients"))
     if _MODEL_CACHE.get("key") != model_key:
         _MODEL_CACHE.clear()
@@ -62,7 +77,35 @@ def client_state(config: dict[str, Any], partition_id: int):
         _SPLIT_CACHE.clear()
         _, tokenizer, model = load_federation_model(cfg)
         _MODEL_CACHE.update(key=model_key, model=model, tokenizer=tokenizer)
+    return _MODEL_CACHE["model"], _MODEL_CACHE["tokenizer"]
+
+
+def _site_records(load: Any, *args: Any) -> Any:
+    """``load(*args)`` of a site file; its SiteDataError is logged here in full (path and parser message stay
+    on the site) and raised with the reason the server may read."""
+    from ..data.sites import SiteDataError
+
+    try:
+        return load(*args)
+    except SiteDataError as e:
+        log.error("this site's data cannot be used: %s", e.detail)
+        raise SiteDataError(str(e)) from None
+
+
+def client_state(config: dict[str, Any], partition_id: int, node_config: dict[str, Any] | None = None):
+    """``(cfg, model, examples)`` for this node: built on first use, then reused while the config's
+    model/data sections (and the node's data-path) stay the same."""
+    from ..config import from_dict
+    from ..recipe import client_examples, load_data, site_examples
+
+    cfg = from_dict(config)
+    model, tokenizer = _model(config, cfg)
     data_key = _key(config, ("seed", "data", "clients", "model"))
+    path = site_path(cfg, node_config, partition_id, records.DATA_PATH)
+    if path is not None:  # the site's own file, and nothing else
+        if (data_key, path) not in _PARTITION_CACHE:
+            _PARTITION_CACHE[(data_key, path)] = _site_records(site_examples, cfg, tokenizer, path)
+        return cfg, model, _PARTITION_CACHE[(data_key, path)]
     if (data_key, partition_id) not in _PARTITION_CACHE:
         # one simulation process may serve several partitions: split the data once per process
         if _SPLIT_CACHE.get("key") != data_key:
@@ -73,20 +116,21 @@ def client_state(config: dict[str, Any], partition_id: int):
             raise ValueError(
                 f"partition-id {partition_id} is not a client of this federation (clients.num = {len(parts)})"
             )
-        _PARTITION_CACHE[(data_key, partition_id)] = client_examples(
-            cfg, _MODEL_CACHE["tokenizer"], parts[partition_id]
-        )
-    return cfg, _MODEL_CACHE["model"], _PARTITION_CACHE[(data_key, partition_id)]
+        _PARTITION_CACHE[(data_key, partition_id)] = client_examples(cfg, tokenizer, parts[partition_id])
+    return cfg, model, _PARTITION_CACHE[(data_key, partition_id)]
 
 
-def run_task(task: records.DecodedTask, partition_id: int):
+def run_task(task: records.DecodedTask, partition_id: int, node_config: dict[str, Any] | None = None):
     """Train this node's client on ``task``; returns the ClientUpdate."""
     from ..client import ClientRunner
     from ..protocol import ClientTask
 
     if task.client != partition_id:
         raise ValueError(f"this SuperNode holds partition {partition_id} but the task is for client {task.client}")
-    cfg, model, examples = client_state(task.config, partition_id)
+    declared = (node_config or {}).get(records.RANK)
+    if isinstance(declared, int) and task.rank > declared:
+        raise ValueError(f"the task asks for rank {task.rank}, above the rank {declared} this site declared")
+    cfg, model, examples = client_state(task.config, partition_id, node_config)
     runner = ClientRunner(cfg, model, {partition_id: examples}, progress=False)
     return runner.run(
         ClientTask(
@@ -104,7 +148,9 @@ class SecAggUploadRefused(RuntimeError):
     """This client trained but sent nothing to SecAgg+ (its update failed its own checks, or encoding did)."""
 
 
-def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[list[Any], int, dict[str, Any]]:
+def secure_upload(
+    secagg_task: records.SecAggTask, partition_id: int, node_config: dict[str, Any] | None = None
+) -> tuple[list[Any], int, dict[str, Any]]:
     """Train, then what this client hands to SecAgg+: ``(arrays, n_k, metrics)``.
 
     The server never sees this update, so the checks it would run happen here: the update is validated
@@ -122,8 +168,8 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
     from ..updates import server_check
 
     task = secagg_task.task
-    update = run_task(task, partition_id)
-    cfg, model, _ = client_state(task.config, partition_id)
+    update = run_task(task, partition_id, node_config)
+    cfg, model, _ = client_state(task.config, partition_id, node_config)
     spec = cfg.federation_spec(adapters.LoraAdapter(model).modules)
     server_check(update, spec, methods.build(cfg.method, spec), cfg.validation, round_=task.round)
     # privacy.dp: clip to privacy.clip_norm (the DP sensitivity; it replaces robust clipping, as on the server)
@@ -150,13 +196,14 @@ def secure_upload(secagg_task: records.SecAggTask, partition_id: int) -> tuple[l
 def _secagg_client_fn(context: Context):
     from flwr.client import NumPyClient
 
-    partition_id, _ = records.node_partition(dict(context.node_config))
+    node_config = dict(context.node_config)
+    partition_id, _ = records.node_partition(node_config)
 
     class SecAggClient(NumPyClient):
         def fit(self, parameters, config):
             task = records.decode_secagg_task(list(parameters), dict(config))
             try:
-                return secure_upload(task, partition_id)
+                return secure_upload(task, partition_id, node_config)
             except Exception as e:  # the server reads the client id from Flower's error reason
                 raise SecAggUploadRefused(
                     f"client {task.task.client} did not upload to SecAgg+: {type(e).__name__}: {e}"
@@ -191,7 +238,30 @@ def train(msg: Message, context: Context) -> Message:
     the secure-aggregation protocol and goes to the legacy SecAgg+ client instead."""
     if SECAGG_CONFIGS in msg.content.config_records:  # a stage of SecAgg+ (privacy.secure_aggregation)
         return _secagg_app()(msg, context)
-    partition_id, _ = records.node_partition(dict(context.node_config))
+    node_config = dict(context.node_config)
+    partition_id, _ = records.node_partition(node_config)
     task = records.decode_task(msg.content)
-    update = run_task(task, partition_id)
+    update = run_task(task, partition_id, node_config)
     return Message(records.encode_reply(update), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """On-site evaluation: the global adapter of this site's tier on its held-out records (``eval-path``),
+    answered with counts and sums only (:func:`prelort.client.evaluate_on_site`)."""
+    from ..client import evaluate_on_site
+    from ..config import from_dict
+    from ..recipe import site_eval_records
+
+    node_config = dict(context.node_config)
+    partition_id, _ = records.node_partition(node_config)
+    task, config = records.decode_eval_task(msg.content)
+    if task.client != partition_id:
+        raise ValueError(f"this SuperNode holds partition {partition_id} but the task is for client {task.client}")
+    cfg = from_dict(config)
+    path = site_path(cfg, node_config, partition_id, records.EVAL_PATH)
+    if path is None:
+        raise ValueError("this site keeps no held-out records (no eval-path)")
+    held_out = _site_records(site_eval_records, cfg, path)
+    model, tokenizer = _model(config, cfg)
+    return Message(records.encode_eval_reply(evaluate_on_site(model, tokenizer, held_out, cfg, task)), reply_to=msg)

@@ -28,7 +28,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..engines.flower import GridEngine
+from ..engines.flower import GridEngine, site_declared_config
 
 log = logging.getLogger("prelort")
 
@@ -51,23 +51,29 @@ def main(grid: Grid, context: Context) -> None:
         )
     config_json = str(rc["prelort-config"])
     cfg = from_dict(json.loads(config_json))
+    nodes = None
+    if cfg.engine == "flower":  # SuperNodes may declare their site's rank: the run's ranks are theirs
+        cfg, nodes = site_declared_config(grid, cfg)
+        config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     session = Session(cfg, Path(str(rc["run-dir"])), resume=bool(rc["resume"]), verbose=bool(rc["verbose"]))
+    if nodes is not None:  # greeted before run.log existed
+        nodes.log_assignments()
     if cfg.engine == "flower":
         from .launch import deployment_gaps
 
         for gap in deployment_gaps(cfg):  # allowed by flower.allow_insecure, or the launcher would have refused
             log.warning("INSECURE FLOWER DEPLOYMENT (flower.allow_insecure: true): %s", gap)
     engine = (
-        _secagg_engine(grid, context, cfg, config_json, session)
+        _secagg_engine(grid, context, cfg, config_json, session, nodes)
         if cfg.privacy.secure_aggregation
-        else GridEngine(grid, cfg, config_json)
+        else GridEngine(grid, cfg, config_json, nodes)
     )
     session.run(engine)
     if engine.round_seconds:
         log.info("flower: client round trips %s s", ", ".join(f"{s:.2f}" for s in engine.round_seconds))
 
 
-def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session):
+def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session, nodes=None):
     from ..engines.flower_secagg import SecAggGridEngine
     from ..methods import GlobalState
     from ..secure_sums import SecAggLayout, max_weight_bound
@@ -75,7 +81,7 @@ def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session)
     fed = session.federation
     # W for data-size weights: the federation's number of training examples (what the clients' partitions
     # add up to, derived from the config the clients share); a weight that depends on the update: the method's weight_bound.
-    total = sum(len(p) for p in session.partitions)
+    total = sum(len(p) for p in session.partitions if isinstance(p, list))  # a broken site file counts 0
     if cfg.privacy.dp:  # every client uploads with weight 1 (client-level DP), so rho_k = 1 exactly
         max_weight, why = 1.0, "privacy.dp: uniform weights"
     else:
@@ -91,4 +97,4 @@ def _secagg_engine(grid: Grid, context: Context, cfg, config_json: str, session)
         assert isinstance(fed.state, GlobalState), "the federation has not started"
         return SecAggLayout.of(fed.state)
 
-    return SecAggGridEngine(grid, cfg, config_json, context, layout_of, max_weight)
+    return SecAggGridEngine(grid, cfg, config_json, context, layout_of, max_weight, nodes=nodes)

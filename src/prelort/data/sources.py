@@ -51,7 +51,24 @@ def _local_files(path: Path) -> tuple[str, dict[str, list[str]]]:
     return builders.pop(), splits
 
 
-def _load_local(path: Path) -> datasets.DatasetDict:
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (arrow files and JSON
+    state: nothing is unpickled when it is read)."""
+    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
+
+
+def _load_saved(path: Path) -> datasets.DatasetDict:
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as a saved dataset: {type(e).__name__}: {e}") from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
+def load_local(path: Path) -> datasets.DatasetDict:
+    """A local file, a directory of data files, or a saved Hugging Face dataset, as a DatasetDict."""
+    if is_saved_dataset(path):
+        return _load_saved(path)
     builder, data_files = _local_files(path)
     try:
         loaded = datasets.load_dataset(builder, data_files=data_files)
@@ -94,7 +111,7 @@ def load_records(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"data.source {source!r}: no such file or directory")
-        loaded = _load_local(path)
+        loaded = load_local(path)
         train_split = "train"
     else:
         loaded = _load_hub(source, cfg.split)

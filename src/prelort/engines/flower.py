@@ -11,6 +11,11 @@ goes on - exactly as with the in-process engine.
 
 Which node is which client: a node states its node_config ``partition-id`` in reply to a
 ``prelort.hello`` QUERY (:class:`NodeDirectory`). Nodes that join late are greeted before the next round.
+A node may also declare its site's rank (node-config ``rank``) and that it keeps held-out records
+(``eval-path``): :func:`site_declared_config` greets the nodes before the run starts and makes the declared
+ranks the run's ``clients.ranks``; a node declaring an invalid rank is refused with the reason, which its client's
+failures then carry. ``GridEngine.evaluate`` sends on-site evaluation (EVALUATE messages) to the nodes that keep
+held-out records.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-from ..config import Config
+from ..config import Config, from_dict, site_rank_problem
 from ..flower import records
 from ..methods import ClientUpdate
-from ..protocol import ClientFailed, ClientTask
+from ..protocol import ClientFailed, ClientTask, EvalSums, EvalTask
 from ..updates import UpdateRejected
 
 log = logging.getLogger("prelort")
@@ -34,12 +39,17 @@ HELLO_TIMEOUT = 120.0
 class NodeDirectory:
     """Flower node id <-> prelort client id, learned by greeting every connected node once."""
 
-    def __init__(self, grid, num_clients: int, hello_timeout: float = HELLO_TIMEOUT):
+    def __init__(self, grid, num_clients: int, hello_timeout: float = HELLO_TIMEOUT, rank_cap: int | None = None):
         self.grid = grid
         self.num_clients = num_clients
         self.hello_timeout = hello_timeout
+        self.rank_cap = rank_cap  # the largest rank a node may declare (clients.max_rank)
         self.client_of: dict[int, int] = {}  # node id -> client id
         self.ignored: dict[int, str] = {}  # node id -> why it holds no client
+        self.refused: dict[int, str] = {}  # client id -> why the node that claimed it was refused
+        self.declared_rank: dict[int, int] = {}  # client id -> the rank its node declared
+        self.has_eval: set[int] = set()  # clients whose node keeps held-out records
+        self.fixed_ranks: list[int] | None = None  # the run's ranks, once it started: a later node must agree
 
     def node_of(self, client: int) -> int | None:
         for node, c in self.client_of.items():
@@ -108,23 +118,92 @@ class NodeDirectory:
                     f"partition-id={pid} is already held by SuperNode {other}; two nodes claim "
                     f"client {pid} - check which one is genuine"
                 )
+            elif (problem := self._rank_problem(pid, reply.content)) is not None:
+                self.ignored[node] = self.refused[pid] = f"SuperNode {node} (client {pid}) refused: {problem}"
             else:
                 self.client_of[node] = pid
-                log.info("SuperNode %d holds client %d", node, pid)
+                self.refused.pop(pid, None)
+                if records.decode_site_declaration(reply.content)[1]:
+                    self.has_eval.add(pid)
+                else:
+                    self.has_eval.discard(pid)
+                rank = self.declared_rank.get(pid)
+                log.info("SuperNode %d holds client %d%s", node, pid, f" (declared rank {rank})" if rank else "")
                 return
         log.warning("SuperNode %d holds no client: %s", node, self.ignored[node])
 
+    def _rank_problem(self, client: int, content) -> str | None:
+        """Why the rank a node declares for ``client`` is refused (None: none declared, or a valid one, noted)."""
+        rank, _ = records.decode_site_declaration(content)
+        if rank is None:
+            return None
+        problem = site_rank_problem(rank, self.rank_cap)
+        if problem is None and self.fixed_ranks is not None and rank != self.fixed_ranks[client]:
+            problem = f"rank {rank} is not the rank {self.fixed_ranks[client]} client {client} had when the run started"
+        if problem is not None:
+            return f"declared {problem}"
+        self.declared_rank[client] = rank
+        return None
+
+    def log_assignments(self) -> None:
+        """Log which node holds which client (with its declared rank) and every node refused: a greeting made
+        before the run directory existed leaves these lines in run.log too."""
+        for node, client in sorted(self.client_of.items(), key=lambda kv: kv[1]):
+            rank = self.declared_rank.get(client)
+            log.info("SuperNode %d holds client %d%s", node, client, f" (declared rank {rank})" if rank else "")
+        for node, why in self.ignored.items():
+            log.warning("SuperNode %d holds no client: %s", node, why)
+
+    def missing_reason(self, client: int) -> str:
+        """Why no node holds ``client``: its node was refused (the reason), or none claimed it."""
+        return self.refused.get(client, f"no SuperNode holds partition {client}")
+
+
+def directory_for(grid, cfg: Config) -> NodeDirectory:
+    """The node directory of a run on ``grid``."""
+    return NodeDirectory(
+        grid,
+        cfg.clients.num,
+        hello_timeout=min(HELLO_TIMEOUT, cfg.flower.round_timeout, cfg.flower.node_wait),
+        rank_cap=cfg.clients.rank_cap(),
+    )
+
+
+def site_declared_config(grid, cfg: Config) -> tuple[Config, NodeDirectory]:
+    """engine flower: greet the SuperNodes (up to ``flower.node_wait`` for all ``clients.num``) before the run
+    starts and make the ranks they declare (node-config ``rank``) the run's ``clients.ranks`` - so segment
+    boundaries come from the ranks present; a client whose node declares none keeps its configured rank.
+    Returns the config the run then uses (config.yaml records it) and the directory, which refuses a node that
+    joins later with another rank."""
+    nodes = directory_for(grid, cfg)
+    nodes.refresh(range(cfg.clients.num), wait=cfg.flower.node_wait)
+    declared = nodes.declared_rank
+    ranks = [declared.get(k, cfg.clients.rank_of(k)) for k in range(cfg.clients.num)]
+    nodes.fixed_ranks = ranks
+    if not declared:
+        return cfg, nodes
+    data = cfg.to_dict()
+    data["clients"]["ranks"] = ranks
+    for site, rank in zip(data["clients"].get("sites") or [], ranks):
+        site["rank"] = rank
+    log.info(
+        "site-declared ranks: clients %s declared %s; the run's client ranks are %s",
+        sorted(declared),
+        [declared[k] for k in sorted(declared)],
+        ranks,
+    )
+    return from_dict(data), nodes
+
 
 class GridEngine:
-    """Runs a round's tasks on Flower SuperNodes (see the module docstring)."""
+    """Runs a round's tasks on Flower SuperNodes (see the module docstring). ``nodes``: a directory already
+    greeted (:func:`site_declared_config`); else one is made."""
 
-    def __init__(self, grid, cfg: Config, config_json: str):
+    def __init__(self, grid, cfg: Config, config_json: str, nodes: NodeDirectory | None = None):
         self.grid = grid
         self.cfg = cfg
         self.config_json = config_json
-        self.nodes = NodeDirectory(
-            grid, cfg.clients.num, hello_timeout=min(HELLO_TIMEOUT, cfg.flower.round_timeout, cfg.flower.node_wait)
-        )
+        self.nodes = nodes if nodes is not None else directory_for(grid, cfg)
         self.round_seconds: list[float] = []
 
     def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]:
@@ -139,7 +218,7 @@ class GridEngine:
         for task in tasks:
             node = self.nodes.node_of(task.client)
             if node is None:
-                results[task.client] = ClientFailed(task.client, f"no SuperNode holds partition {task.client}")
+                results[task.client] = ClientFailed(task.client, self.nodes.missing_reason(task.client))
                 continue
             content = records.encode_task(
                 task.round, task.client, task.rank, task.seed, task.plan, task.broadcast, self.config_json
@@ -183,3 +262,43 @@ class GridEngine:
                 f"SuperNode {node} holds client {task.client} but its update declares client {update.client}",
             )
         return update
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> list[EvalSums | Exception | None]:
+        """On-site evaluation: one EVALUATE message to each node that keeps held-out records (its node-config
+        ``eval-path``, or with ``clients.sites`` the site's ``eval_path``); None for the others."""
+        from flwr.app import Message, MessageType
+
+        sites = self.cfg.clients.sites or []
+        results: dict[int, EvalSums | Exception | None] = {t.client: None for t in tasks}
+        messages, sent = [], {}
+        for task in tasks:
+            node = self.nodes.node_of(task.client)
+            keeps = task.client in self.nodes.has_eval or (task.client < len(sites) and sites[task.client].eval_path)
+            if node is None or not keeps:
+                continue
+            content = records.encode_eval_task(task.round, task.client, task.rank, task.broadcast, self.config_json)
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=MessageType.EVALUATE,
+                    group_id=str(task.round),
+                    ttl=self.cfg.flower.round_timeout,
+                )
+            )
+            sent[node] = task
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.flower.round_timeout)) if messages else []
+        for reply in replies:
+            task = sent.pop(reply.metadata.src_node_id, None)
+            if task is None:
+                continue
+            if reply.has_error():
+                results[task.client] = ClientFailed(task.client, f"evaluation failed: {reply.error.reason}")
+                continue
+            try:
+                results[task.client] = records.decode_eval_reply(reply.content)
+            except ValueError as e:
+                results[task.client] = e
+        for node, task in sent.items():
+            results[task.client] = ClientFailed(task.client, f"SuperNode {node} sent no evaluation in time")
+        return [results[t.client] for t in tasks]

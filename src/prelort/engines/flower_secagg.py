@@ -37,7 +37,7 @@ from ..config import Config
 from ..flower import records
 from ..protocol import ClientTask, SecureAggregate
 from ..secure_sums import SECAGG_CLIPPING_RANGE, SECAGG_QUANTIZATION_RANGE, WEIGHT_UNITS, SecAggLayout
-from .flower import GridEngine
+from .flower import GridEngine, NodeDirectory
 
 log = logging.getLogger("prelort")
 
@@ -120,8 +120,9 @@ class SecAggGridEngine(GridEngine):
         *,
         clipping_range: float = SECAGG_CLIPPING_RANGE,
         quantization_range: int = SECAGG_QUANTIZATION_RANGE,
+        nodes: NodeDirectory | None = None,
     ):
-        super().__init__(grid, cfg, config_json)
+        super().__init__(grid, cfg, config_json, nodes)
         self.context = context
         self.layout_of = layout_of
         self.max_weight = float(max_weight)
@@ -141,7 +142,7 @@ class SecAggGridEngine(GridEngine):
         for task in tasks:
             node = self.nodes.node_of(task.client)
             if node is None:
-                agg.failed[task.client] = f"no SuperNode holds partition {task.client}"
+                agg.failed[task.client] = self.nodes.missing_reason(task.client)
                 continue
             arrays, config = records.encode_secagg_task(
                 task.round,

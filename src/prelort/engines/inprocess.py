@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from ..client import ClientRunner
-from ..protocol import ClientFailed, ClientTask, EngineResult, RawUpdate
+from ..client import ClientRunner, evaluate_on_site
+from ..protocol import ClientFailed, ClientTask, EngineResult, EvalSums, EvalTask, RawUpdate
 from ..updates import encode_update
 
 log = logging.getLogger("prelort")
@@ -32,6 +32,8 @@ class InProcessEngine:
         self.runner = ClientRunner(session.cfg, session.model, session.partitions, progress=progress)
         self.progress = progress
         self.wire = wire
+        self.tokenizer = session.tokenizer
+        self.site_evals = session.site_evals  # clients.sites: each site's held-out records (None: it keeps none)
 
     def execute(self, tasks: Sequence[ClientTask]) -> list[EngineResult]:
         results: list[EngineResult] = []
@@ -47,5 +49,20 @@ class InProcessEngine:
                     results.append(update)
             except Exception as e:  # a broken client must not crash the run
                 log.exception("client %d raised during training", task.client)
+                results.append(ClientFailed(task.client, f"{type(e).__name__}: {e}"))
+        return results
+
+    def evaluate(self, tasks: Sequence[EvalTask]) -> list[EvalSums | Exception | None]:
+        """On-site evaluation: each site with held-out records evaluates the adapter of its task on them."""
+        results: list[EvalSums | Exception | None] = []
+        for task in tasks:
+            records = self.site_evals[task.client] if task.client < len(self.site_evals) else None
+            if records is None or isinstance(records, Exception):
+                results.append(records)
+                continue
+            try:
+                results.append(evaluate_on_site(self.runner.model, self.tokenizer, records, self.runner.cfg, task))
+            except Exception as e:  # a site's evaluation failing must not stop the run
+                log.exception("client %d raised during on-site evaluation", task.client)
                 results.append(ClientFailed(task.client, f"{type(e).__name__}: {e}"))
         return results

@@ -25,7 +25,14 @@ bound and SecAgg+'s clipping range). The reply is SecAgg+'s masked vector of fix
 factors and weight mask (:mod:`prelort.secure_sums`), never an individual update.
 
 Node hand-shake (QUERY ``prelort.hello``): the ClientApp answers with its node_config ``partition-id``
-and ``num-partitions``, which is how the server maps a Flower node to a prelort client id.
+and ``num-partitions``, which is how the server maps a Flower node to a prelort client id, and with what the
+site declares: ``rank`` (its node-config ``rank``, as given: the server checks it) and ``has-eval`` (whether
+it keeps held-out records, node-config ``eval-path``) - never a path.
+
+On-site evaluation (EVALUATE message, :func:`encode_eval_task`): ``prelort.eval_task`` (ConfigRecord:
+``format`` = ``prelort-eval-task-v1``, ``round``, ``client``, ``rank``, ``config``) with the tier's adapter
+(``prelort.adapter``, ``prelort.base_delta`` as for a task); the reply, ``prelort.eval_sums`` (ConfigRecord:
+``format``, ``client``, ``n``, ``correct``, ``loglik_sum``, ``tokens``), holds counts and sums only.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..methods import Broadcast, ClientUpdate, TrainPlan
+from ..protocol import EvalSums, EvalTask
 from ..updates import UpdateRejected, decode_update, encode_update
 
 if TYPE_CHECKING:  # flwr is imported lazily: prelort imports without it
@@ -57,6 +65,15 @@ SECAGG_TASK_FORMAT = "prelort-secagg-task-v1"
 SAFETENSORS_STYPE = "safetensors"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+# what a site's node-config may declare (docs/deployment.md)
+DATA_PATH = "data-path"
+EVAL_PATH = "eval-path"
+RANK = "rank"
+HAS_EVAL = "has-eval"
+EVAL_TASK = "prelort.eval_task"
+EVAL_SUMS = "prelort.eval_sums"
+EVAL_TASK_FORMAT = "prelort-eval-task-v1"
+EVAL_SUMS_FORMAT = "prelort-eval-sums-v1"
 
 
 class BadTask(ValueError):
@@ -290,11 +307,17 @@ def encode_hello():
 
 
 def encode_hello_reply(node_config: dict[str, Any]):
-    """What a node answers to ``prelort.hello``: its partition id and the number of partitions."""
+    """What a node answers to ``prelort.hello``: its partition id and the number of partitions, the rank it
+    declares (if any; an int, or the text given, which the server refuses) and whether it keeps held-out records."""
     from flwr.app import ConfigRecord, RecordDict
 
     pid, num = node_partition(node_config)
-    return RecordDict({HELLO: ConfigRecord({"format": HELLO_FORMAT, PARTITION_ID: pid, NUM_PARTITIONS: num})})
+    fields: dict[str, Any] = {"format": HELLO_FORMAT, PARTITION_ID: pid, NUM_PARTITIONS: num}
+    if RANK in node_config:
+        rank = node_config[RANK]
+        fields[RANK] = rank if isinstance(rank, int) and not isinstance(rank, bool) else str(rank)[:40]
+    fields[HAS_EVAL] = bool(node_config.get(EVAL_PATH))
+    return RecordDict({HELLO: ConfigRecord(fields)})
 
 
 def decode_hello_reply(content: RecordDict) -> tuple[int, int]:
@@ -305,6 +328,13 @@ def decode_hello_reply(content: RecordDict) -> tuple[int, int]:
         return int(rec[PARTITION_ID]), int(rec[NUM_PARTITIONS])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"hello reply lacks a valid {e}") from None
+
+
+def decode_site_declaration(content: RecordDict) -> tuple[Any, bool]:
+    """``(rank, has_eval)`` a node declared in its hello reply: the rank as sent (None: none declared; the
+    server checks it) and whether it keeps held-out records."""
+    rec = content.config_records[HELLO]
+    return rec.get(RANK), bool(rec.get(HAS_EVAL, False))
 
 
 def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
@@ -322,3 +352,81 @@ def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
             f"SuperNode node_config partition-id={node_config[PARTITION_ID]!r} "
             f"num-partitions={node_config[NUM_PARTITIONS]!r} are not integers"
         ) from None
+
+
+# -- on-site evaluation (server -> site -> server) ------------------------------------------------------------
+def encode_eval_task(round_: int, client: int, rank: int, broadcast: Broadcast, config_json: str) -> RecordDict:
+    """The RecordDict of one site's EVALUATE message: the tier's adapter and the run's config."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    content = RecordDict(
+        {
+            EVAL_TASK: ConfigRecord(
+                {
+                    "format": EVAL_TASK_FORMAT,
+                    "round": int(round_),
+                    "client": int(client),
+                    "rank": int(rank),
+                    "config": config_json,
+                }
+            ),
+            ADAPTER: tensors_to_record(broadcast.adapter),
+        }
+    )
+    if broadcast.base_delta is not None:
+        content[BASE_DELTA] = tensors_to_record(broadcast.base_delta)
+    return content
+
+
+def decode_eval_task(content: RecordDict) -> tuple[EvalTask, dict[str, Any]]:
+    """``(task, config)`` of an EVALUATE message (the run's config as a dict); raises :class:`BadTask`."""
+    if EVAL_TASK not in content.config_records:
+        raise BadTask(f"message has no {EVAL_TASK!r} ConfigRecord (records: {sorted(content)})")
+    rec = content.config_records[EVAL_TASK]
+    if rec.get("format") != EVAL_TASK_FORMAT:
+        raise BadTask(f"evaluation task format {rec.get('format')!r} is not {EVAL_TASK_FORMAT!r}")
+    _require_fields(rec, ("round", "client", "rank", "config"), "evaluation task")
+    if ADAPTER not in content.array_records:
+        raise BadTask(f"message has no {ADAPTER!r} ArrayRecord")
+    adapter = record_to_tensors(content.array_records[ADAPTER])
+    base_delta = record_to_tensors(content.array_records[BASE_DELTA]) if BASE_DELTA in content.array_records else None
+    try:
+        config = json.loads(str(rec["config"]))
+        task = EvalTask(int(rec["round"]), int(rec["client"]), int(rec["rank"]), Broadcast(adapter, base_delta))
+    except (TypeError, ValueError) as e:
+        raise BadTask(f"evaluation task is malformed: {e}") from None
+    return task, config
+
+
+def encode_eval_reply(sums: EvalSums) -> RecordDict:
+    """A site's EVALUATE reply: its counts and sums, nothing per example."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    return RecordDict(
+        {
+            EVAL_SUMS: ConfigRecord(
+                {
+                    "format": EVAL_SUMS_FORMAT,
+                    "client": int(sums.client),
+                    "n": int(sums.n),
+                    "correct": int(sums.correct),
+                    "loglik_sum": float(sums.loglik_sum),
+                    "tokens": int(sums.tokens),
+                }
+            )
+        }
+    )
+
+
+def decode_eval_reply(content: RecordDict) -> EvalSums:
+    """The :class:`EvalSums` of an EVALUATE reply (their values are checked by the round loop); ValueError when
+    the reply is not one."""
+    if EVAL_SUMS not in content.config_records:
+        raise ValueError(f"evaluation reply has no {EVAL_SUMS!r} ConfigRecord")
+    rec = content.config_records[EVAL_SUMS]
+    if rec.get("format") != EVAL_SUMS_FORMAT:
+        raise ValueError(f"evaluation reply format {rec.get('format')!r} is not {EVAL_SUMS_FORMAT!r}")
+    missing = [k for k in ("client", "n", "correct", "loglik_sum", "tokens") if k not in rec]
+    if missing:
+        raise ValueError(f"evaluation reply lacks {missing}")
+    return EvalSums(rec["client"], rec["n"], rec["correct"], rec["loglik_sum"], rec["tokens"])

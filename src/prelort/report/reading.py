@@ -7,7 +7,9 @@ A run directory holds ``config.yaml`` and ``metrics.jsonl``; the latter has one 
   (the truncation curve ``t = 1, 2, 4, ..., R`` after the last round) or ``"base"`` (the zero-shot base
   model, ``round`` 0, ``rank`` ``"base"``);
 * training records ``{"round", "kind": "train", "train_loss", "accepted", "rejected", "seconds", "method"}``,
-  with ``privacy.dp`` also ``"dp_epsilon"`` (accounted after that round; null for z = 0), ``"dp_delta"``.
+  with ``privacy.dp`` also ``"dp_epsilon"`` (accounted after that round; null for z = 0), ``"dp_delta"``;
+* on-site evaluation records ``{"round", "rank", "kind": "federated_eval", "n", "correct", "loglik_sum", "tokens",
+  "sites"}``: a rank tier's sums over the sites that evaluated it on their own held-out records.
 
 A resumed run may write the same ``(round, rank, kind)`` (or the same training round) twice: the last
 line wins. :func:`read_run` returns a :class:`RunMetrics`; a file it cannot read raises :class:`ReportError`.
@@ -75,6 +77,28 @@ class TrainRecord:
     dp_delta: float | None = None
 
 
+@dataclass(frozen=True)
+class FederatedEvalRecord:
+    """One rank tier's on-site evaluation after a round (kind ``federated_eval``): the sites' summed counts."""
+
+    round: int
+    rank: int
+    n: int
+    correct: int
+    loglik_sum: float
+    sites: int
+    tokens: int | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-likelihood per answer token (NaN without a token count)."""
+        return math.exp(-self.loglik_sum / self.tokens) if self.tokens else math.nan
+
+
 @dataclass
 class RunMetrics:
     """The deduplicated records of one run directory, plus its method and seed."""
@@ -86,6 +110,7 @@ class RunMetrics:
     evals: list[EvalRecord]
     trains: list[TrainRecord]
     warnings: list[str] = field(default_factory=list)
+    federated: list[FederatedEvalRecord] = field(default_factory=list)  # on-site evaluation, by round and tier
 
     @property
     def label(self) -> str:
@@ -190,6 +215,21 @@ def _parse_eval(rec: dict[str, Any], kind: str, method: str, seed: int | None, w
     )
 
 
+def _parse_federated(rec: dict[str, Any], where: str) -> FederatedEvalRecord:
+    for key in ("round", "rank", "n", "correct", "loglik_sum", "sites"):
+        if key not in rec:
+            raise ReportError(f"{where}: a 'federated_eval' record lacks {key!r}")
+    return FederatedEvalRecord(
+        round=_as_int(rec["round"], "round", where),
+        rank=_as_int(rec["rank"], "rank", where),
+        n=_as_int(rec["n"], "n", where),
+        correct=_as_int(rec["correct"], "correct", where),
+        loglik_sum=_as_float(rec["loglik_sum"], "loglik_sum", where),
+        sites=_as_int(rec["sites"], "sites", where),
+        tokens=_optional_int(rec.get("tokens"), "tokens", where),
+    )
+
+
 def _parse_categories(value: Any, where: str) -> tuple[tuple[str, float], ...]:
     if value is None:
         return ()
@@ -250,6 +290,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunMetrics:
     lines = text.splitlines()
     evals: dict[tuple[int, int | str, str], EvalRecord] = {}
     trains: dict[int, TrainRecord] = {}
+    federated: dict[tuple[int, int], FederatedEvalRecord] = {}
     warnings: list[str] = []
     skipped_kinds: set[str] = set()
     for number, line in enumerate(lines, 1):
@@ -275,6 +316,10 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunMetrics:
             key = (ev.round, ev.rank, ev.kind)
             evals.pop(key, None)
             evals[key] = ev
+        elif kind == "federated_eval":
+            fe = _parse_federated(rec, where)
+            federated.pop((fe.round, fe.rank), None)
+            federated[(fe.round, fe.rank)] = fe
         elif kind is not None:
             skipped_kinds.add(kind)
     if skipped_kinds:
@@ -294,4 +339,5 @@ def read_run(run_dir: str | os.PathLike[str]) -> RunMetrics:
         evals=sorted(evals.values(), key=EvalRecord.sort_key),
         trains=sorted(trains.values(), key=lambda t: t.round),
         warnings=warnings,
+        federated=sorted(federated.values(), key=lambda r: (r.round, r.rank)),
     )

@@ -81,7 +81,23 @@ def final_round_table(run: RunMetrics) -> str:
         )
     table = _markdown(["tier", "round", *(m.header for m in available_metrics()), "n"], rows)
     privacy = privacy_line(run)
-    return table if privacy is None else table + "\n\n" + privacy
+    table = table if privacy is None else table + "\n\n" + privacy
+    on_site = federated_eval_table(run)
+    return table if not on_site else table + "\n\non-site evaluation (the sites' own held-out records):\n" + on_site
+
+
+def federated_eval_table(run: RunMetrics) -> str:
+    """A Markdown table of the last on-site evaluation per rank tier (empty when there is none): the sites
+    counted, examples, accuracy (correct / n), and perplexity from the summed log-likelihood."""
+    if not run.federated:
+        return ""
+    last = max(r.round for r in run.federated)
+    rows = [
+        [str(r.rank), str(r.round), str(r.sites), str(r.n), f"{r.accuracy:.4f}", f"{r.perplexity:.4g}"]
+        for r in run.federated
+        if r.round == last
+    ]
+    return _markdown(["tier", "round", "sites", "n", "accuracy", "perplexity"], rows)
 
 
 def privacy_line(run: RunMetrics) -> str | None:
