@@ -263,3 +263,63 @@ def test_cli_export_refuses_an_unknown_format(run_dir, tmp_path):
     res = export_cmd(run_dir, "onnx", tmp_path / "o")
     assert res.exit_code == 2 and "--format 'onnx' is not one of peft, merged, gguf-lora" in res.output
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp itself (llama-cpp-python), on the shipped SmolLM2 GGUF
+# ----------------------------------------------------------------------------------------------
+# The base model llama.cpp runs is the Q4_1 GGUF with its matmuls in quantised arithmetic; the one PEFT runs is the
+# same weights dequantised to float32, so the two disagree even without an adapter. What must agree is what the
+# adapter changes: ||(llama.cpp with - without adapter) - (PeftModel - base)|| relative to the change itself.
+# Measured on this test's prompt: the bases differ by max |logit| 0.27 and the changes by 2.3% (relative L2);
+# a wrong q/k permutation or scale gives ~100% (see docs/cli.md).
+LLAMA_CPP_RELATIVE_TOLERANCE = 0.1
+
+
+def llama_cpp_logits(llama_cpp, gguf_path: Path, ids: list[int], lora: Path | None) -> np.ndarray:
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path),
+        lora_path=str(lora) if lora else None,
+        n_ctx=64,
+        n_threads=2,
+        logits_all=True,
+        verbose=False,
+    )
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_gguf_lora_as_peft_applies_the_adapter(tmp_path):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install prelort[llama-cpp])"
+    )
+    from peft import PeftModel
+
+    from prelort.config import ModelConfig
+    from prelort.models import load_model, smollm2_gguf_path
+
+    base_gguf = smollm2_gguf_path()
+    model, tokenizer = load_model(ModelConfig(name="smollm2-135m-instruct", device="cpu"))
+    tensors = random_adapter(model, rank=8, magnitude=0.05)
+    t, scale = 4, 2.0
+    peft_dir = export_peft_adapter(tensors, t, scale, "smol", ["q_proj", "k_proj", "v_proj", "o_proj"], tmp_path / "p")
+    lora = export.write_gguf_lora(
+        truncated_factors(tensors, t), scale, model.config, tmp_path / "a.gguf", base_gguf=base_gguf
+    )
+    ids = tokenizer("The capital of France is Paris, and the capital of Italy is")["input_ids"]
+    with torch.no_grad():
+        hf_base = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(peft_dir)).eval()
+        hf_lora = peft_model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+    cpp_base = llama_cpp_logits(llama_cpp, base_gguf, ids, None)
+    cpp_lora = llama_cpp_logits(llama_cpp, base_gguf, ids, lora)
+
+    change_hf, change_cpp = hf_lora - hf_base, cpp_lora - cpp_base
+    relative = np.linalg.norm(change_cpp - change_hf) / np.linalg.norm(change_hf)
+    print(
+        f"base gap max {np.abs(cpp_base - hf_base).max():.3f}; adapter change max {np.abs(change_hf).max():.3f}; "
+        f"relative difference of the changes {relative:.4f}"
+    )
+    assert np.abs(change_hf).max() > 1.0  # the adapter changes the function well beyond the base's gap
+    assert relative < LLAMA_CPP_RELATIVE_TOLERANCE
