@@ -31,6 +31,9 @@ import gguf
 import torch
 from torch import Tensor, nn
 
+from .model_names import SMOLLM2
+from .models import save_dequantised, smollm2_gguf_path
+
 __all__ = [
     "FORMATS",
     "FORMAT_FILES",
@@ -76,7 +79,7 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------------------------
 def merge_into(model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor]], scale: float) -> None:
     """W += scale * B @ A in place for every module of ``factors`` (module name -> (A, B), names of the base
-    model), computed in float32 and stored in the weight's dtype."""
+    model), computed in float32 (float64 for a float64 model) and stored in the weight's dtype."""
     with torch.no_grad():
         for module, (a, b) in factors.items():
             try:
@@ -91,22 +94,23 @@ def merge_into(model: nn.Module, factors: Mapping[str, tuple[Tensor, Tensor]], s
                     f"module {module}: the base weight's shape {None if w is None else tuple(w.shape)} does not "
                     f"match the adapter's {(b.shape[0], a.shape[1])}; was the run made on another base?"
                 )
-            delta = scale * (b.to(torch.float32) @ a.to(torch.float32))
-            w.copy_((w.to(torch.float32) + delta.to(w.device)).to(w.dtype))
+            dtype = torch.promote_types(w.dtype, torch.float32)  # float32 at least, float64 kept
+            delta = scale * (b.to(dtype) @ a.to(dtype))
+            w.copy_((w.to(dtype) + delta.to(w.device)).to(w.dtype))
 
 
 def write_merged(model, tokenizer, out_dir: str | Path, *, force: bool = False) -> Path:
     """Save a (merged) model and its tokenizer into ``out_dir`` as ``save_pretrained`` writes them.
 
-    They are written into a temporary directory beside ``out_dir`` first, then moved in file by file; unless
+    A model transformers read from a GGUF file is saved as the plain float32 model it is. They are written into a
+    temporary directory beside ``out_dir`` first, then moved in file by file; unless
     ``force``, a file of the same name already in ``out_dir`` stops the move before anything is replaced.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_dequantised(model, tokenizer, tmp)
         written = sorted(p.name for p in tmp.iterdir())
         taken = [name for name in written if (out / name).exists()]
         if taken and not force:
@@ -263,9 +267,6 @@ def base_gguf_file(model_name: str, gguf_file: str | None) -> Path | None:
     """The GGUF file the base model ``model_name`` is read from, where prelort has one: the shipped SmolLM2,
     a ``.gguf`` path, or ``model.gguf_file`` in a directory (None for the others: their adapters are written
     from the model's config alone)."""
-    from .model_names import SMOLLM2
-    from .models import smollm2_gguf_path
-
     if model_name == SMOLLM2:
         return smollm2_gguf_path()
     path = Path(model_name).expanduser()
