@@ -323,3 +323,34 @@ def test_llama_cpp_applies_the_gguf_lora_as_peft_applies_the_adapter(tmp_path):
     )
     assert np.abs(change_hf).max() > 1.0  # the adapter changes the function well beyond the base's gap
     assert relative < LLAMA_CPP_RELATIVE_TOLERANCE
+
+
+@pytest.mark.slow
+def test_merged_model_of_a_gguf_base_equals_the_peft_model_to_float32_rounding(tmp_path):
+    """A base transformers reads from a GGUF file (here the shipped SmolLM2 as ``model.gguf_file``) merges and saves
+    as a plain model. Over 30 layers float32 rounding alone moves PeftModel's logits by ~4e-4 (against float64), so
+    the merged model must agree with PeftModel within that rounding, not within 1e-5 as on tiny-llama."""
+    from peft import PeftModel
+
+    from prelort.config import ModelConfig
+    from prelort.models import load_model, smollm2_gguf_path
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "smol.gguf").symlink_to(smollm2_gguf_path())
+    model, tokenizer = load_model(ModelConfig(name=str(tmp_path / "base"), gguf_file="smol.gguf", device="cpu"))
+    assert export.base_gguf_file(str(tmp_path / "base"), "smol.gguf") == tmp_path / "base" / "smol.gguf"
+    tensors = random_adapter(model, rank=8, magnitude=0.05)
+    t, scale = 4, 2.0
+    peft_dir = export_peft_adapter(tensors, t, scale, "smol", ["q_proj", "k_proj", "v_proj", "o_proj"], tmp_path / "p")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(peft_dir)).eval()
+    merged = copy.deepcopy(model)
+    export.merge_into(merged, truncated_factors(tensors, t), scale)
+    out = export.write_merged(merged, tokenizer, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=IDS).logits
+        rounding = (want.double() - copy.deepcopy(peft_model).double()(input_ids=IDS).logits).abs().max()
+        got = loaded(input_ids=IDS).logits
+        base = model(input_ids=IDS).logits
+    assert (want - base).abs().max() > 1.0
+    assert (got - want).abs().max() <= rounding
