@@ -261,7 +261,7 @@ def export_cmd(
     A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions. Every format computes the same s * B_T A_T. --out may not be /, the home or the current directory, nor inside a run directory's own files; an --out that already holds a file the format writes (peft: adapter_config.json, adapter_model.safetensors; merged: config.json, model*.safetensors, tokenizer files, ...; gguf-lora: adapter_model.gguf) is refused unless --force. gguf-lora supports llama and qwen2 bases (the shipped SmolLM2 and Qwen2.5-Coder GGUFs, tiny-llama, and GGUF files or directories of those architectures).
     """
     with _expected_failures("export"):
-        from ..export import files_for
+        from ..export import base_gguf_file, files_for
         from ..rundir import check_output_dir
         from ..runner import export_tier, open_federation
 
@@ -276,6 +276,7 @@ def export_cmd(
                 err=True,
             )
         written = export_tier(fed, rank, cfg, out, fmt, force=force)
+        base_gguf = base_gguf_file(cfg.model.name, cfg.model.gguf_file) if fmt == "gguf-lora" else None
     what, how = {
         "peft": (
             "adapter",
@@ -283,7 +284,7 @@ def export_cmd(
             f"prelort.load_base_model({cfg.model.name!r})",
         ),
         "merged": ("merged model", f"load with transformers.AutoModelForCausalLM.from_pretrained('{out}')"),
-        "gguf-lora": ("llama.cpp LoRA adapter", f"run with llama.cpp: llama-cli -m BASE.gguf --lora {written}"),
+        "gguf-lora": ("llama.cpp LoRA adapter", f"run with llama.cpp: -m {base_gguf or 'BASE.gguf'} --lora {written}"),
     }[fmt]
     typer.echo(f"exported round-{fed.round} rank-{rank} {what} to {written} ({how})")
 
