@@ -1,5 +1,5 @@
 """prelort.export and `prelort export --format`: the merged model and the llama.cpp GGUF LoRA adapter hold the same
-s * B_t A_t as the PEFT export (docs/cli.md, README "Run the adapter with llama.cpp")."""
+s * B_t A_t as the PEFT export (docs/cli.md "Export formats", README "Run an adapter with llama.cpp, or without peft")."""
 
 from __future__ import annotations
 
@@ -128,6 +128,32 @@ def test_llama_permutation_is_the_inverse_of_transformers_gguf_reader():
     assert not torch.equal(q, x)
     assert torch.equal(torch.from_numpy(reader.process(q.numpy(), "blk.0.attn_q.weight").weights), x)
     assert torch.equal(torch.from_numpy(reader.process(k.numpy(), "blk.0.attn_k.weight").weights), x)
+
+
+def test_gguf_lora_of_a_qwen2_base_keeps_q_and_k_rows(tmp_path):
+    """qwen2 (the shipped Qwen2.5-Coder's architecture): llama.cpp's names, no row permutation."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = Qwen2ForCausalLM(config)
+    factors = truncated_factors(random_adapter(model, 4), 4)
+    path = export.write_gguf_lora(factors, 0.5, model.config, tmp_path / "q.gguf")
+    reader = gguf.GGUFReader(str(path))
+    assert gguf_field(reader, "general.architecture") == "qwen2"
+    assert gguf_field(reader, "adapter.lora.alpha") == pytest.approx(2.0)
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    for layer in range(2):
+        for proj, name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("o_proj", "attn_output")):
+            a, b = factors[f"model.layers.{layer}.self_attn.{proj}"]
+            assert torch.equal(tensors[f"blk.{layer}.{name}.weight.lora_a"], a)
+            assert torch.equal(tensors[f"blk.{layer}.{name}.weight.lora_b"], b)
 
 
 def test_merged_model_logits_equal_the_peft_model(tiny_model, tmp_path):
