@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("algorithms", ["prelort.updates", "prelort.secure_sums", "prelort.privacy", "prelort.accounting"]),
     (
         "model and data",
-        ["prelort.models", "prelort.adapters", "prelort.data", "prelort.data.*", "prelort"],
+        ["prelort.models", "prelort.adapters", "prelort.export", "prelort.data", "prelort.data.*", "prelort"],
     ),  # the package itself: __version__ and load_base_model
     ("evaluation", ["prelort.evaluate", "prelort.lm_harness"]),  # lm_harness: lm-evaluation-harness on a model
     ("recipe", ["prelort.recipe"]),  # the model and data of a config, for the runner and every ClientApp

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import rank_geometry
 from .methods.base import Broadcast, key, split_key
 
-__all__ = ["ADAPTER_NAME", "LoraAdapter", "attach_lora", "export_peft_adapter"]
+__all__ = ["ADAPTER_NAME", "LoraAdapter", "attach_lora", "export_peft_adapter", "truncated_factors"]
 
 ADAPTER_NAME = "default"
 _PEFT_PREFIX = "base_model.model."
@@ -293,6 +293,36 @@ class LoraAdapter:
         self.load_state(broadcast.adapter, rank)
 
 
+def truncated_factors(tensors: Mapping[str, Tensor], t: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """The rank-``t`` prefix (A[:t] (t x d_in), B[:, :t] (d_out x t), float32 on the CPU) of every module of
+    ``tensors`` (``<module>.lora_A`` / ``<module>.lora_B``), by module name in sorted order; a ValueError
+    names a module whose factors are missing, misnamed or too small for rank t."""
+    if t < 1:
+        raise ValueError(f"export rank must be >= 1, got {t}")
+    modules: dict[str, dict[str, Tensor]] = {}
+    for name, x in tensors.items():
+        module, kind = split_key(name)
+        if kind not in ("lora_A", "lora_B"):
+            raise ValueError(f"{name}: not a LoRA factor (expected <module>.lora_A or <module>.lora_B)")
+        modules.setdefault(module, {})[kind] = x
+    if not modules:
+        raise ValueError("no adapter tensors to export")
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for module, pair in sorted(modules.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"module {module} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.shape[0] < t or b.shape[1] < t or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"module {module}: factors of shapes {tuple(a.shape)}, {tuple(b.shape)} cannot give rank {t}"
+            )
+        out[module] = (
+            a[:t].detach().to("cpu", torch.float32).contiguous().clone(),
+            b[:, :t].detach().to("cpu", torch.float32).contiguous().clone(),
+        )
+    return out
+
+
 def export_peft_adapter(
     tensors: Mapping[str, Tensor],
     t: int,
@@ -308,29 +338,12 @@ def export_peft_adapter(
     and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` / ``lora_B``,
     loadable by ``PeftModel.from_pretrained(base, out_dir)`` without prelort.
     """
-    if t < 1:
-        raise ValueError(f"export rank must be >= 1, got {t}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    modules: dict[str, dict[str, Tensor]] = {}
-    for name, x in tensors.items():
-        module, kind = split_key(name)
-        if kind not in ("lora_A", "lora_B"):
-            raise ValueError(f"{name}: not a LoRA factor (expected <module>.lora_A or <module>.lora_B)")
-        modules.setdefault(module, {})[kind] = x
-    if not modules:
-        raise ValueError("no adapter tensors to export")
     state: dict[str, Tensor] = {}
-    for module, pair in sorted(modules.items()):
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise ValueError(f"module {module} has {sorted(pair)} but needs both lora_A and lora_B")
-        a, b = pair["lora_A"], pair["lora_B"]
-        if a.shape[0] < t or b.shape[1] < t or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"module {module}: factors of shapes {tuple(a.shape)}, {tuple(b.shape)} cannot give rank {t}"
-            )
-        state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a[:t].detach().to("cpu", torch.float32).contiguous().clone()
-        state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b[:, :t].detach().to("cpu", torch.float32).contiguous().clone()
+    for module, (a, b) in truncated_factors(tensors, t).items():
+        state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a
+        state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(

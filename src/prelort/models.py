@@ -43,6 +43,7 @@ __all__ = [
     "load_model",
     "load_tokenizer_cached",
     "resolve_device",
+    "save_dequantised",
     "smollm2_gguf_path",
     "tiny_llama",
 ]
@@ -204,9 +205,10 @@ def assemble_parts(parts: Sequence[Path], dest: Path, size: int, sha256: str) ->
 # ---------------------------------------------------------------------------------------------
 # conversion GGUF -> cached HF directory
 # ---------------------------------------------------------------------------------------------
-def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    """save_pretrained refuses GGUF-loaded models ("not serializable"); the weights are already
-    dequantised to plain tensors, so dropping the quantizer makes it an ordinary model."""
+def save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """``save_pretrained`` of a model and its tokenizer into ``out``. It refuses GGUF-loaded models ("not
+    serializable"); the weights are already dequantised to plain tensors, so dropping the quantizer makes it an
+    ordinary model (the GGUF conversion cache, ``prelort export --format merged``)."""
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -222,7 +224,7 @@ def _save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf), dtype=torch.float32)
-    _save_dequantised(model, tokenizer, out)
+    save_dequantised(model, tokenizer, out)
 
 
 def _gguf_source(gguf: Path) -> dict:

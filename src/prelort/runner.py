@@ -18,14 +18,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import tracking
-from .adapters import LoraAdapter, export_peft_adapter
+from . import export, tracking
+from .adapters import LoraAdapter, export_peft_adapter, truncated_factors
 from .config import Config
 from .evaluate import evaluate_examples, truncation_tiers
 from .federation import Federation, RoundFailed, check_privacy
 from .methods import Broadcast
 from .metrics import available as available_metrics
 from .model_names import hub_id
+from .models import load_model
 from .protocol import Engine
 from .rank_geometry import adapter_rank
 from .recipe import client_examples, load_data, load_federation_model, quiet_libraries, site_data
@@ -397,18 +398,37 @@ def export_adapters(session: Session, tiers: Sequence[int] | None = None) -> lis
     return paths
 
 
-def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path) -> Path:
-    """One rank-t PEFT adapter of the global state: the global model as a rank-t client receives it.
+def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path, fmt: str = "peft", *, force: bool = False) -> Path:
+    """One rank-t export of the global state: the global model as a rank-t client receives it, as a PEFT adapter
+    directory (``peft``), a merged model directory (``merged``) or a llama.cpp GGUF LoRA adapter in
+    ``out_dir`` (``gguf-lora``; :mod:`prelort.export`). Returns the directory or file written.
 
     The method says which factors (:meth:`prelort.methods.Method.export_adapter`): by default exactly what a
     rank-t client gets; a method whose clients get a merged base-weight delta exports its best rank-t
-    approximation.
+    approximation. Every format holds the same s * B_t A_t.
     """
     tensors = fed.method.export_adapter(fed.state, t)
     rank = min(t, adapter_rank(tensors))
-    # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
-    export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules, out_dir)
-    return out_dir
+    if fmt == "peft":
+        # an alias is recorded as its hub id, so AutoPeftModelForCausalLM finds the base model online
+        export_peft_adapter(tensors, rank, fed.spec.scale, hub_id(cfg.model.name), cfg.model.target_modules, out_dir)
+        return out_dir
+    export.files_for(fmt)  # an unknown format fails before the model loads
+    factors = truncated_factors(tensors, rank)
+    # merged into float32 weights on the CPU, whatever the run trained in: the exported model is exact
+    model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "float32", "device": "cpu"}))
+    if fmt == "merged":
+        export.merge_into(model, factors, fed.spec.scale)
+        return export.write_merged(model, tokenizer, out_dir, force=force)
+    return export.write_gguf_lora(
+        factors,
+        fed.spec.scale,
+        model.config,
+        Path(out_dir) / export.GGUF_LORA_FILE,
+        base_gguf=export.base_gguf_file(cfg.model.name, cfg.model.gguf_file),
+        name=f"prelort {fed.method.name} rank-{rank} adapter of {hub_id(cfg.model.name)}",
+        force=force,
+    )
 
 
 def log_privacy(fed: Federation, round_: int) -> None:

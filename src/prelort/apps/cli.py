@@ -101,6 +101,7 @@ _INPUT_ERRORS = {
     "CheckpointError": "the run directory's checkpoints are damaged or missing; resume from an intact copy or start "
     "a new --out",
     "UpdateRejected": "",
+    "ExportError": "",
 }
 _RUN_ERRORS = {
     "RoundFailed": "",
@@ -287,9 +288,8 @@ def _lm_eval_tiers(session: Any, tiers: list[Any], tasks: list[str], manager: An
         typer.echo(lm_harness.table(results))
 
 
-# the files export_peft_adapter writes, and those report.compare_runs writes: an --out holding one is a user's
-# earlier output, replaced only with --force
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# the files report.compare_runs writes: an --out holding one is a user's earlier output, replaced only with --force
+# (export's, per format: prelort.export.FORMAT_FILES)
 COMPARISON_FILES = ("comparison.csv", "comparison.md", "plots/comparison_*.png")
 
 
@@ -297,18 +297,25 @@ COMPARISON_FILES = ("comparison.csv", "comparison.md", "plots/comparison_*.png")
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     rank: int = typer.Option(..., "--rank", help="Rank tier to export."),
-    out: Path = typer.Option(..., "--out", help="Directory for the PEFT adapter."),
-    force: bool = typer.Option(False, "--force", help="Replace the adapter files already in --out."),
+    out: Path = typer.Option(..., "--out", help="Directory for the export (created if missing)."),
+    fmt: str = typer.Option(
+        "peft",
+        "--format",
+        help="peft: a PEFT adapter directory; merged: the base model with the adapter added (safetensors, Hugging "
+        "Face layout, with its tokenizer); gguf-lora: a llama.cpp LoRA adapter, --out/adapter_model.gguf.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace the files of this format already in --out."),
 ) -> None:
-    """Export the latest global model at rank T as a standard PEFT adapter directory.
+    """Export the latest global model at rank T: a PEFT adapter, a merged model or a llama.cpp GGUF LoRA adapter.
 
-    A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions. --out may not be /, the home or the current directory, nor inside a run directory's own files; an --out that already holds adapter_config.json or adapter_model.safetensors is refused unless --force.
+    A rank that is no client's rank is exported too: the global adapter truncated to its first T dimensions. Every format computes the same s * B_T A_T. --out may not be /, the home or the current directory, nor inside a run directory's own files; an --out that already holds a file the format writes (peft: adapter_config.json, adapter_model.safetensors; merged: config.json, model*.safetensors, tokenizer files, ...; gguf-lora: adapter_model.gguf) is refused unless --force. gguf-lora supports llama and qwen2 bases (the shipped SmolLM2 and Qwen2.5-Coder GGUFs, tiny-llama, and GGUF files or directories of those architectures).
     """
     with _expected_failures("export"):
+        from ..export import base_gguf_file, files_for
         from ..rundir import check_output_dir
         from ..runner import export_tier, open_federation
 
-        check_output_dir(out, PEFT_FILES, force=force, example="adapters/NAME")
+        check_output_dir(out, files_for(fmt), force=force, example="adapters/NAME")
         cfg, fed = open_federation(run_dir)
         if not 1 <= rank <= fed.spec.max_rank:
             _fail(f"--rank {rank} outside 1..{fed.spec.max_rank}")
@@ -318,12 +325,18 @@ def export_cmd(
                 f"exporting the global adapter truncated to its first {rank} dimensions",
                 err=True,
             )
-        export_tier(fed, rank, cfg, out)
-    typer.echo(
-        f"exported round-{fed.round} rank-{rank} adapter to {out} "
-        f"(load with peft.PeftModel.from_pretrained(base_model, '{out}'); base model: "
-        f"prelort.load_base_model({cfg.model.name!r}))"
-    )
+        written = export_tier(fed, rank, cfg, out, fmt, force=force)
+        base_gguf = base_gguf_file(cfg.model.name, cfg.model.gguf_file) if fmt == "gguf-lora" else None
+    what, how = {
+        "peft": (
+            "adapter",
+            f"load with peft.PeftModel.from_pretrained(base_model, '{out}'); base model: "
+            f"prelort.load_base_model({cfg.model.name!r})",
+        ),
+        "merged": ("merged model", f"load with transformers.AutoModelForCausalLM.from_pretrained('{out}')"),
+        "gguf-lora": ("llama.cpp LoRA adapter", f"run with llama.cpp: -m {base_gguf or 'BASE.gguf'} --lora {written}"),
+    }[fmt]
+    typer.echo(f"exported round-{fed.round} rank-{rank} {what} to {written} ({how})")
 
 
 @app.command("report")
