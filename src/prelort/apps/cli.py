@@ -99,6 +99,7 @@ _INPUT_ERRORS = {
     "CheckpointError": "the run directory's checkpoints are damaged or missing; resume from an intact copy or start "
     "a new --out",
     "UpdateRejected": "",
+    "ProbeError": "",
 }
 _RUN_ERRORS = {
     "RoundFailed": "",
@@ -367,6 +368,59 @@ def check_cmd(
         typer.echo(f"{len(problems)} problem(s): {run_dir} does not follow the run-directory contract", err=True)
         raise typer.Exit(EXIT_USAGE)
     typer.echo(summary(run_dir))
+
+
+@app.command("probe")
+def probe_cmd(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Base model: an alias (tiny-llama, smollm2-135m-instruct, ...), a local directory, a .gguf or a hub id.",
+    ),
+    ranks: str = typer.Option("2,4,8,16", "--ranks", help="Comma-separated LoRA ranks to try."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per training step (train.batch_size)."),
+    max_length: int = typer.Option(
+        128, "--max-length", help="Tokens per example (data.max_length); every example is this long."
+    ),
+    steps: int = typer.Option(3, "--steps", help="Timed training steps per rank (after one warm-up step)."),
+    memory_budget: str | None = typer.Option(
+        None,
+        "--memory-budget",
+        help="Memory this site may use, e.g. 4GB, 512MB, 8GiB: prints the largest rank that peaks under it.",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."
+    ),
+    global_rank: int | None = typer.Option(
+        None,
+        "--global-rank",
+        help="Measure as a client of a federation whose global adapter has this rank (clients.max_rank): each rank holds rank-R factors, masked.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the measurements as one JSON object instead of the table."
+    ),
+) -> None:
+    """Which rank can this device afford? Run a few real LoRA training steps at each rank and measure them.
+
+    Each rank trains in a fresh process (prelort's own model loading, LoRA and trainer), on a batch of --batch-size examples of exactly --max-length tokens: peak memory (resident set size on CPU, torch.cuda.max_memory_allocated on CUDA) and seconds per step, then the largest rank under --memory-budget. Declare it on the site's SuperNode as rank=R.
+    """
+    import json
+
+    from ..probe import ProbeError, format_table, parse_memory, parse_ranks, probe
+
+    with _expected_failures("probe"):
+        try:
+            rank_list = parse_ranks(ranks)
+            budget = parse_memory(memory_budget) if memory_budget is not None else None
+        except ProbeError as e:
+            _fail(str(e))
+
+        def say(m) -> None:
+            if not as_json:
+                typer.echo(f"rank {m.rank}: " + ("measured" if m.error is None else f"failed ({m.error})"), err=True)
+
+        report = probe(model, rank_list, batch_size, max_length, steps, budget, device, global_rank, progress=say)
+    typer.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
 
 
 def _verify_update(run_dir: Path, file: Path, round_: int | None) -> None:
