@@ -18,30 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import typer
-import typer.core
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-
-def _keep_argument_help() -> None:
-    """click >= 8.2 resets ``help`` in Parameter.__init__ after typer's TyperArgument set it, so ``--help``
-    lost the help of positional arguments; put it back."""
-    init = typer.core.TyperArgument.__init__
-    if getattr(init, "_prelort_keeps_help", False):
-        return
-
-    def patched(self, *args, help: str | None = None, **kwargs):  # noqa: A002 - click's name
-        init(self, *args, help=help, **kwargs)
-        if self.help is None:
-            self.help = help
-
-    patched._prelort_keeps_help = True  # type: ignore[attr-defined]
-    typer.core.TyperArgument.__init__ = patched  # type: ignore[method-assign]
-
-
-_keep_argument_help()
 
 app = typer.Typer(
     add_completion=False,
