@@ -351,6 +351,43 @@ def check_cmd(
     typer.echo(summary(run_dir))
 
 
+# the files make_certificates writes (supernode_K for K = 1..N): an --out holding one is refused unless --force
+CERT_FILES = ("ca.crt", "ca.key", "server.pem", "server.key", "supernode_*")
+
+
+@app.command("certs")
+def certs_cmd(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key, supernode_K[.pub]."),
+    supernodes: int = typer.Option(2, "--supernodes", help="Number of SuperNode key pairs."),
+    host: list[str] | None = typer.Option(
+        None, "--host", help="Extra DNS name or IP address of the SuperLink for its certificate (repeatable)."
+    ),
+    days: int = typer.Option(365, "--days", help="Validity of the certificates in days."),
+    force: bool = typer.Option(False, "--force", help="Replace the credential files already in --out."),
+) -> None:
+    """Make test credentials for a TLS + authenticated Flower deployment (docs/deployment.md).
+
+    A certificate authority (ca.crt, ca.key), the SuperLink's certificate signed by it for localhost, 127.0.0.1, ::1 and every --host (server.pem, server.key), and one authentication key pair per SuperNode (supernode_K, supernode_K.pub; OpenSSH EC P-384). For trials: in production the SuperLink's certificate comes from your CA and each SuperNode owner makes its own key pair. An --out that already holds one of these files is refused unless --force.
+    """
+    with _expected_failures("certs"):
+        if supernodes < 0:
+            _fail(f"--supernodes must be >= 0, got {supernodes}")
+        if days < 1:
+            _fail(f"--days must be >= 1, got {days}")
+        from ..rundir import check_output_dir
+
+        check_output_dir(out, CERT_FILES, force=force, example="certs")
+        try:
+            from ..flower.certs import make_certificates
+        except ImportError:
+            _fail("prelort certs needs the cryptography package: pip install 'prelort[flower]'")
+        creds = make_certificates(out, supernodes, host or [], days)
+    typer.echo(f"CA certificate:      {creds.ca_cert}")
+    typer.echo(f"SuperLink cert/key:  {creds.server_cert} {creds.server_key}")
+    for private, public in creds.supernode_keys:
+        typer.echo(f"SuperNode key pair:  {private} {public}")
+
+
 @app.command("probe")
 def probe_cmd(
     model: str = typer.Option(
