@@ -424,7 +424,7 @@ def probe_cmd(
     """
     import json
 
-    from ..probe import ProbeError, format_table, parse_memory, parse_ranks, probe
+    from ..probe import ProbeError, format_bytes, format_table, parse_memory, parse_ranks, probe
 
     with _expected_failures("probe"):
         try:
@@ -435,7 +435,13 @@ def probe_cmd(
 
         def say(m) -> None:
             if not as_json:
-                typer.echo(f"rank {m.rank}: " + ("measured" if m.error is None else f"failed ({m.error})"), err=True)
+                if m.error is None:
+                    typer.echo(
+                        f"rank {m.rank}: peak {format_bytes(m.peak_memory_bytes)}, {m.seconds_per_step:.2f} s/step",
+                        err=True,
+                    )
+                else:
+                    typer.echo(f"rank {m.rank}: failed ({m.error})", err=True)
 
         report = probe(model, rank_list, batch_size, max_length, steps, budget, device, global_rank, progress=say)
     typer.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
