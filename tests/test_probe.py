@@ -4,13 +4,10 @@ of real training steps on tiny-llama (each rank in its own process), its one-lin
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from tests.cli_runner import prelort
 
 from prelort.probe import (
     ProbeError,
@@ -21,20 +18,6 @@ from prelort.probe import (
     parse_memory,
     parse_ranks,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def prelort(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "prelort", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=full_env,
-        timeout=timeout,
-    )
 
 
 def test_rank_lists():

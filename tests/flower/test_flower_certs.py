@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +12,9 @@ pytest.importorskip("cryptography")
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key  # noqa: E402
+from tests.cli_runner import prelort  # noqa: E402
 
 from prelort.flower.certs import make_certificates  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_server_certificate_is_signed_by_the_ca_and_names_loopback_and_extra_hosts(tmp_path):
@@ -48,13 +43,6 @@ def test_supernode_keys_are_openssh_ec_pairs_that_match(tmp_path):
         assert private.public_key().public_numbers() == public.public_numbers()
         publics.add(public_path.read_bytes())
     assert len(publics) == 2
-
-
-def prelort(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run(
-        [sys.executable, "-m", "prelort", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
-    )
 
 
 def test_prelort_certs_writes_the_files_and_never_overwrites_them(tmp_path):
