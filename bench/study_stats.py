@@ -4,7 +4,7 @@
   drawn indices shared by every comparison (so paired differences and the "best baseline" use the same draws).
 - :func:`paired_replicates` / :func:`replicates`: bootstrap replicates of a mean (difference) over seeds and
   examples.
-- :func:`percentile_ci`, :func:`bootstrap_p`, :func:`holm`, :func:`mdd`, :func:`decide`.
+- :func:`percentile_ci`, :func:`bootstrap_p`, :func:`holm` (statsmodels), :func:`mdd`, :func:`decide`.
 
 Inputs are per seed arrays of per-example values (0/1 verdicts), in the same example order for the arms
 compared on that seed.
@@ -17,6 +17,7 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from statsmodels.stats.multitest import multipletests
 
 # the decision rule of issue 12 (docs/quality-study.md), fixed in advance
 UPPER_MARGIN = 0.0  # upper tiers: CI lower bound above this
@@ -87,7 +88,8 @@ def paired_differences(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]
 
 
 def percentile_ci(reps: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """The central ``level`` percentile interval of the replicates."""
+    """The central ``level`` percentile interval of the replicates (numpy's quantiles: the replicates come from
+    :class:`Resampler`'s two-stage draws, which no library's bootstrap routine makes)."""
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     tail = (1 - level) / 2
@@ -106,23 +108,22 @@ def bootstrap_p(reps: np.ndarray, null: float = 0.0) -> float:
 
 
 def holm(pvalues: Sequence[float], alpha: float = 0.05) -> dict[str, list[Any]]:
-    """Holm's step-down correction.
+    """Holm's step-down correction, by statsmodels' ``multipletests(method="holm")``.
 
     ``adjusted[i]`` = max over the j-th smallest p-values up to i's position of min(1, (m - j + 1) p_(j));
-    ``reject[i]`` = adjusted[i] <= alpha; ``level[i]`` = alpha / (m - j_i + 1), the level at which Holm
-    tests hypothesis i (j_i its position in ascending order; ties keep input order).
+    ``reject[i]``: hypothesis i is rejected at family-wise level ``alpha``; ``level[i]`` = alpha / (m - j_i + 1),
+    the level at which Holm tests hypothesis i (j_i its position in ascending order; ties keep input order),
+    which the study's Holm-adjusted intervals are taken at.
     """
     p = [float(x) for x in pvalues]
+    if not p:
+        return {"adjusted": [], "reject": [], "level": []}
+    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
     m = len(p)
-    order = sorted(range(m), key=lambda i: (p[i], i))
-    adjusted = [0.0] * m
     level = [0.0] * m
-    running = 0.0
-    for pos, i in enumerate(order):
-        running = max(running, min(1.0, (m - pos) * p[i]))
-        adjusted[i] = running
+    for pos, i in enumerate(sorted(range(m), key=lambda i: (p[i], i))):
         level[i] = alpha / (m - pos)
-    return {"adjusted": adjusted, "reject": [a <= alpha for a in adjusted], "level": level}
+    return {"adjusted": [float(a) for a in adjusted], "reject": [bool(r) for r in reject], "level": level}
 
 
 def mdd(se: float, alpha: float = 0.05, power: float = 0.8) -> float:

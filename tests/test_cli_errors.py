@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.cli_runner import prelort
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
@@ -23,22 +24,6 @@ FAST = [
     "eval.max_new_tokens=2",
     "eval.truncation_curve=false",
 ]
-
-
-def prelort(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 600, stdin: int | None = None
-) -> subprocess.CompletedProcess:
-    """The command as a user runs it: a fresh process (so imports and exit codes are real)."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "prelort", *args],
-        stdin=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=full_env,
-        timeout=timeout,
-    )
 
 
 def error_line(res: subprocess.CompletedProcess) -> str:

@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("recipe", ["prelort.recipe"]),  # the model and data of a config, for the runner and every ClientApp
     ("protocol", ["prelort.protocol"]),
     ("client side", ["prelort.train", "prelort.client"]),
+    ("device probe", ["prelort.probe"]),  # measures the recipe's model under the client's trainer, per rank
     ("flower codecs", ["prelort.flower", "prelort.flower.*"]),
     ("engines", ["prelort.engines.*"]),
     ("run directory", ["prelort.checkpoint", "prelort.rundir", "prelort.tracking"]),  # tracking mirrors metrics.jsonl

@@ -19,7 +19,7 @@ from prelort.train import (
     batch_response_loss,
     collate,
     dim_warmup_factors,
-    lr_factor,
+    lr_scheduler,
     rank_lr,
     response_loss,
     train_client,
@@ -81,13 +81,41 @@ def test_response_loss_counts_only_response_tokens():
     none.backward()  # no NaN, no error
 
 
-def test_lr_schedule():
-    assert [lr_factor(s, 10, "constant", 0) for s in (0, 9)] == [1.0, 1.0]
-    assert lr_factor(0, 10, "constant", 3) == pytest.approx(0.25)
-    assert lr_factor(3, 10, "cosine", 3) == pytest.approx(1.0)
-    assert lr_factor(9, 10, "cosine", 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 7)))
+def _factor_before_transformers(step: int, total: int, schedule: str, warmup: int) -> float:
+    """prelort's hand-written schedule before it came from transformers: the schedule must not have changed."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("total, warmup", [(1, 0), (10, 0), (10, 3), (4, 4), (3, 5)])
+def test_lr_schedule(schedule, total, warmup):
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = lr_scheduler(optimizer, schedule, total, warmup)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.5 * _factor_before_transformers(s, total, schedule, warmup) for s in range(total)])
+    assert min(lrs) > 0  # no step at lr 0 (the library's own first warm-up step)
+
+
+def test_lr_schedule_by_hand():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_scheduler(optimizer, "cosine", 10, 3)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(9):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 7)))
     with pytest.raises(ValueError, match="schedule"):
-        lr_factor(0, 1, "linear", 0)
+        lr_scheduler(optimizer, "linear", 1, 0)
 
 
 def test_training_lowers_the_loss_and_reports(tiny_model):

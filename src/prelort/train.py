@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .data.prompts import IGNORE_INDEX
 from .methods.base import NESTED_MODES, LocalTraining, TrainPlan
 
-__all__ = ["TrainResult", "collate", "lr_factor", "rank_lr", "response_loss", "train_client"]
+__all__ = ["TrainResult", "collate", "lr_scheduler", "rank_lr", "response_loss", "train_client"]
 
 
 @dataclass
@@ -134,19 +134,26 @@ def rank_lr(cfg: TrainConfig, rank: int) -> float:
     raise ValueError(f"unknown lr_rank_scaling {cfg.lr_rank_scaling!r} (none or sqrt)")
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of ``total`` local optimizer steps, from transformers: a linear warm-up over
+    ``warmup`` steps, then constant or a cosine decay. Step s (0-based) trains at factor
 
-    constant: 1 after warmup. cosine: 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))).
-    Both warm up linearly first: (step + 1) / (warmup + 1) for step < warmup (never exactly 0).
+        warm-up (s < warmup): (s + 1) / (warmup + 1);  then constant: 1,  cosine: 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))
+
+    That is the library's schedule of ``warmup + 1`` warm-up and ``total + 1`` steps, started one step in
+    (``last_epoch=0``): the library's own step 0 trains at lr 0, a step a client's few local steps per round
+    cannot spare.
     """
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler starting at last_epoch >= 0 scales
     if schedule == "constant":
-        return 1.0
+        return get_constant_schedule_with_warmup(optimizer, warmup + 1, last_epoch=0)
     if schedule == "cosine":
-        span = max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+        return get_cosine_schedule_with_warmup(optimizer, warmup + 1, total + 1, last_epoch=0)
     raise ValueError(f"unknown lr schedule {schedule!r} (constant or cosine)")
 
 
@@ -288,9 +295,7 @@ class _LocalOptimizer:
         for p in params:
             p.requires_grad_(True)
         adamw = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            adamw, lambda s: lr_factor(s, cfg.local_steps, cfg.schedule, cfg.warmup_steps)
-        )
+        scheduler = lr_scheduler(adamw, cfg.schedule, cfg.local_steps, cfg.warmup_steps)
         return cls(params, pairs, adamw, scheduler)
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import stat
-import subprocess
-import sys
 
 import pytest
 
@@ -14,6 +12,7 @@ pytest.importorskip("cryptography")
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key  # noqa: E402
+from tests.cli_runner import prelort  # noqa: E402
 
 from prelort.flower.certs import make_certificates  # noqa: E402
 
@@ -46,14 +45,9 @@ def test_supernode_keys_are_openssh_ec_pairs_that_match(tmp_path):
     assert len(publics) == 2
 
 
-def test_command_line_writes_the_files(tmp_path):
+def test_prelort_certs_writes_the_files_and_never_overwrites_them(tmp_path):
     out = tmp_path / "certs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "prelort.flower.certs", str(out), "--supernodes", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = prelort("certs", "--out", str(out), "--supernodes", "1", "--host", "superlink.example.org")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "ca.crt",
@@ -63,10 +57,21 @@ def test_command_line_writes_the_files(tmp_path):
         "supernode_1",
         "supernode_1.pub",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "prelort.flower.certs", str(out), "--supernodes", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2 and "supernodes must be >= 0" in proc.stderr
+    assert f"SuperNode key pair:  {out / 'supernode_1'} {out / 'supernode_1.pub'}" in proc.stdout
+    san = x509.load_pem_x509_certificate((out / "server.pem").read_bytes()).extensions
+    names = san.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "superlink.example.org" in names
+    ca = (out / "ca.crt").read_bytes()
+    proc = prelort("certs", "--out", str(out))  # a second run would replace the CA the SuperNodes trust
+    assert proc.returncode == 2 and "already holds ca.crt, ca.key, server.key, server.pem, supernode_1" in proc.stderr
+    assert (out / "ca.crt").read_bytes() == ca
+    proc = prelort("certs", "--out", str(out), "--supernodes", "0", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "ca.crt").read_bytes() != ca
+    for bad, message in (
+        (["--supernodes", "-1"], "--supernodes must be >= 0"),
+        (["--days", "0"], "--days must be >= 1"),
+    ):
+        proc = prelort("certs", "--out", str(tmp_path / "other"), *bad)
+        assert proc.returncode == 2 and proc.stderr == f"error: {message}, got {bad[1]}\n"
+        assert not (tmp_path / "other").exists()

@@ -19,30 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import typer.core
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-
-def _keep_argument_help() -> None:
-    """click >= 8.2 resets ``help`` in Parameter.__init__ after typer's TyperArgument set it, so ``--help``
-    lost the help of positional arguments; put it back."""
-    init = typer.core.TyperArgument.__init__
-    if getattr(init, "_prelort_keeps_help", False):
-        return
-
-    def patched(self, *args, help: str | None = None, **kwargs):  # noqa: A002 - click's name
-        init(self, *args, help=help, **kwargs)
-        if self.help is None:
-            self.help = help
-
-    patched._prelort_keeps_help = True  # type: ignore[attr-defined]
-    typer.core.TyperArgument.__init__ = patched  # type: ignore[method-assign]
-
-
-_keep_argument_help()
 
 app = typer.Typer(
     add_completion=False,
@@ -102,6 +83,7 @@ _INPUT_ERRORS = {
     "a new --out",
     "UpdateRejected": "",
     "ExportError": "",
+    "ProbeError": "",
 }
 _RUN_ERRORS = {
     "RoundFailed": "",
@@ -430,6 +412,102 @@ def check_cmd(
         typer.echo(f"{len(problems)} problem(s): {run_dir} does not follow the run-directory contract", err=True)
         raise typer.Exit(EXIT_USAGE)
     typer.echo(summary(run_dir))
+
+
+# the files make_certificates writes (supernode_K for K = 1..N): an --out holding one is refused unless --force
+CERT_FILES = ("ca.crt", "ca.key", "server.pem", "server.key", "supernode_*")
+
+
+@app.command("certs")
+def certs_cmd(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key, supernode_K[.pub]."),
+    supernodes: int = typer.Option(2, "--supernodes", help="Number of SuperNode key pairs."),
+    host: list[str] | None = typer.Option(
+        None, "--host", help="Extra DNS name or IP address of the SuperLink for its certificate (repeatable)."
+    ),
+    days: int = typer.Option(365, "--days", help="Validity of the certificates in days."),
+    force: bool = typer.Option(False, "--force", help="Replace the credential files already in --out."),
+) -> None:
+    """Make test credentials for a TLS + authenticated Flower deployment (docs/deployment.md).
+
+    A certificate authority (ca.crt, ca.key), the SuperLink's certificate signed by it for localhost, 127.0.0.1, ::1 and every --host (server.pem, server.key), and one authentication key pair per SuperNode (supernode_K, supernode_K.pub; OpenSSH EC P-384). For trials: in production the SuperLink's certificate comes from your CA and each SuperNode owner makes its own key pair. An --out that already holds one of these files is refused unless --force.
+    """
+    with _expected_failures("certs"):
+        if supernodes < 0:
+            _fail(f"--supernodes must be >= 0, got {supernodes}")
+        if days < 1:
+            _fail(f"--days must be >= 1, got {days}")
+        from ..rundir import check_output_dir
+
+        check_output_dir(out, CERT_FILES, force=force, example="certs")
+        try:
+            from ..flower.certs import make_certificates
+        except ImportError:
+            _fail("prelort certs needs the cryptography package: pip install 'prelort[flower]'")
+        creds = make_certificates(out, supernodes, host or [], days)
+    typer.echo(f"CA certificate:      {creds.ca_cert}")
+    typer.echo(f"SuperLink cert/key:  {creds.server_cert} {creds.server_key}")
+    for private, public in creds.supernode_keys:
+        typer.echo(f"SuperNode key pair:  {private} {public}")
+
+
+@app.command("probe")
+def probe_cmd(
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Base model: an alias (tiny-llama, smollm2-135m-instruct, ...), a local directory, a .gguf or a hub id.",
+    ),
+    ranks: str = typer.Option("2,4,8,16", "--ranks", help="Comma-separated LoRA ranks to try."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per training step (train.batch_size)."),
+    max_length: int = typer.Option(
+        128, "--max-length", help="Tokens per example (data.max_length); every example is this long."
+    ),
+    steps: int = typer.Option(3, "--steps", help="Timed training steps per rank (after one warm-up step)."),
+    memory_budget: str | None = typer.Option(
+        None,
+        "--memory-budget",
+        help="Memory this site may use, e.g. 4GB, 512MB, 8GiB: prints the largest rank that peaks under it.",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."
+    ),
+    global_rank: int | None = typer.Option(
+        None,
+        "--global-rank",
+        help="Measure as a client of a federation whose global adapter has this rank (clients.max_rank): each rank holds rank-R factors, masked.",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the measurements as one JSON object instead of the table."
+    ),
+) -> None:
+    """Which rank can this device afford? Run a few real LoRA training steps at each rank and measure them.
+
+    Each rank trains in a fresh process (prelort's own model loading, LoRA and trainer), on a batch of --batch-size examples of exactly --max-length tokens: peak memory (resident set size on CPU, torch.cuda.max_memory_allocated on CUDA) and seconds per step, then the largest rank under --memory-budget. Declare it on the site's SuperNode as rank=R.
+    """
+    import json
+
+    from ..probe import ProbeError, format_bytes, format_table, parse_memory, parse_ranks, probe
+
+    with _expected_failures("probe"):
+        try:
+            rank_list = parse_ranks(ranks)
+            budget = parse_memory(memory_budget) if memory_budget is not None else None
+        except ProbeError as e:
+            _fail(str(e))
+
+        def say(m) -> None:
+            if not as_json:
+                if m.error is None:
+                    typer.echo(
+                        f"rank {m.rank}: peak {format_bytes(m.peak_memory_bytes)}, {m.seconds_per_step:.2f} s/step",
+                        err=True,
+                    )
+                else:
+                    typer.echo(f"rank {m.rank}: failed ({m.error})", err=True)
+
+        report = probe(model, rank_list, batch_size, max_length, steps, budget, device, global_rank, progress=say)
+    typer.echo(json.dumps(report.to_dict()) if as_json else format_table(report))
 
 
 def _verify_update(run_dir: Path, file: Path, round_: int | None) -> None:

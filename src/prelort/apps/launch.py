@@ -31,12 +31,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ..config import Config
 
 CONNECTION = "prelort"
+T = TypeVar("T")
 LOG_TAIL = 60
 
 
@@ -179,6 +181,27 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     return env
 
 
+def poll(check: Callable[[], T | None], timeout: float, interval: float) -> T | None:
+    """Call ``check`` every ``interval`` seconds until it returns something other than None or ``timeout`` seconds
+    have passed, and return its last result: the one bounded retry loop of the launcher (it runs at least once,
+    and once more at the deadline; an exception from ``check`` ends it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        left = deadline - time.monotonic()
+        if result is not None or left <= 0:
+            return result
+        time.sleep(min(interval, left))
+
+
+def _group_gone(pgid: int) -> bool | None:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return None
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM the process group ``proc`` leads (Flower's children - SuperExec, ServerApp, Ray - included),
     then SIGKILL whatever is left after ``grace`` seconds."""
@@ -197,13 +220,8 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             continue
         # the leader is gone; give its children a moment, then make sure none survives
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
+        if poll(lambda: _group_gone(pgid), timeout=3.0, interval=0.1):
+            return
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -270,18 +288,18 @@ def _tail(path: Path, n: int = LOG_TAIL) -> str:
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_file: Path, context=None) -> None:
     """Poll ``url`` until it answers 2xx; raise if ``proc`` exits first or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool | None:
         if proc.poll() is not None:
             raise FlowerRunError(f"{proc.args[0]} exited with code {proc.returncode}:\n{_tail(log_file)}")
         try:
             with urllib.request.urlopen(url, timeout=1.0, context=context) as r:
-                if 200 <= r.status < 300:
-                    return
+                return True if 200 <= r.status < 300 else None
         except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    raise FlowerRunError(f"SuperLink at {url} not healthy after {timeout:.0f} s:\n{_tail(log_file)}")
+            return None
+
+    if not poll(healthy, timeout=timeout, interval=0.3):
+        raise FlowerRunError(f"SuperLink at {url} not healthy after {timeout:.0f} s:\n{_tail(log_file)}")
 
 
 def _flwr(args: Sequence[str], flwr_home: Path | None, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -296,10 +314,10 @@ def _flwr(args: Sequence[str], flwr_home: Path | None, timeout: float = 120.0) -
 
 
 def _json_out(proc: subprocess.CompletedProcess, what: str) -> dict:
-    text = proc.stdout.strip()
-    start = text.find("{")
+    """The JSON object a ``flwr ... --format json`` command prints: under that flag Flower captures its other
+    output and prints one JSON document on stdout (``{"success": false, "error-message": ...}`` on failure)."""
     try:
-        data = json.loads(text[start:]) if start >= 0 else None
+        data = json.loads(proc.stdout)
     except json.JSONDecodeError:
         data = None
     if proc.returncode != 0 or not isinstance(data, dict) or data.get("success") is False:
@@ -348,15 +366,16 @@ def submit_and_follow(
     finally:
         if stream.poll() is None:
             stop_process_group(stream, grace=5.0)
-    status, details = "unknown", ""
-    deadline = time.monotonic() + status_timeout
-    while True:
+    seen = {"status": "unknown", "details": ""}
+
+    def finished() -> bool | None:
         runs = _json_out(_flwr(["ls", connection, "--run-id", run_id, "--format", "json"], flwr_home), "ls").get("runs")
         if runs:
-            status, details = str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
-        if status.startswith("finished") or time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)
+            seen.update(status=str(runs[0].get("status", "unknown")), details=str(runs[0].get("status-details", "")))
+        return True if seen["status"].startswith("finished") else None
+
+    poll(finished, timeout=status_timeout, interval=1.0)  # the run may take a moment to be marked finished
+    status, details = seen["status"], seen["details"]
     if status != "finished:completed":
         cause = first_exception_line(tail)
         log_tail = "\n".join(tail)

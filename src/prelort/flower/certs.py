@@ -12,13 +12,11 @@
 These are for tests and trials: a production federation gets its server certificate from a real CA
 and lets each SuperNode owner generate its own key pair (only the ``.pub`` half leaves the node).
 
-Command line: ``python -m prelort.flower.certs OUT_DIR --supernodes 2 [--host my.server.org ...]``
-(also ``scripts/make_certs.py``).
+Command line: ``prelort certs --out OUT_DIR --supernodes 2 [--host my.server.org ...]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
@@ -157,33 +155,3 @@ def make_supernode_key(path: str | Path) -> tuple[Path, Path]:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     pub_path = path.with_name(path.name + ".pub")
     return _write(path, private, private=True), _write(pub_path, public + b"\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m prelort.flower.certs",
-        description="Make test TLS certificates (CA, SuperLink) and SuperNode authentication keys.",
-    )
-    parser.add_argument("out_dir", help="directory to write ca.crt, server.pem, server.key, supernode_K[.pub]")
-    parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNode key pairs (default 2)")
-    parser.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        help="extra DNS name or IP address of the SuperLink for the certificate (repeatable)",
-    )
-    parser.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
-    args = parser.parse_args(argv)
-    try:
-        creds = make_certificates(args.out_dir, args.supernodes, args.host, args.days)
-    except ValueError as e:
-        parser.error(str(e))
-    print(f"CA certificate:      {creds.ca_cert}")
-    print(f"SuperLink cert/key:  {creds.server_cert} {creds.server_key}")
-    for private, public in creds.supernode_keys:
-        print(f"SuperNode key pair:  {private} {public}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
