@@ -1,6 +1,18 @@
 """prelort: federated LoRA fine-tuning of LLMs with heterogeneous client ranks (PreLort, arXiv 2606.15963)."""
 
+import logging
+
 __version__ = "0.1.0"
+
+
+def _quiet_bitsandbytes_kernel_warning(record: logging.LogRecord) -> bool:
+    """Drop the one warning bitsandbytes logs on import (PEFT imports it whenever it is installed) on a CPU
+    with AVX512-bf16: it cannot download an optional 4-bit kernel from the hub and uses its built-in one
+    instead. Nothing a user can act on, printed by every command; its other messages pass."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_bitsandbytes_kernel_warning)
 
 
 def load_base_model(name: str = "smollm2-135m-instruct", *, dtype: str = "float32", device: str = "cpu"):
