@@ -5,14 +5,16 @@ import logging
 __version__ = "0.1.0"
 
 
-def _quiet_bitsandbytes_kernel_warning(record: logging.LogRecord) -> bool:
-    """Drop the one warning bitsandbytes logs on import (PEFT imports it whenever it is installed) on a CPU
-    with AVX512-bf16: it cannot download an optional 4-bit kernel from the hub and uses its built-in one
-    instead. Nothing a user can act on, printed by every command; its other messages pass."""
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_bitsandbytes_kernel_warning)
+# bitsandbytes warnings that say nothing a user can act on (their other messages pass): on import (PEFT
+# imports it whenever it is installed, so every command printed it) on a CPU with AVX512-bf16, that an optional
+# 4-bit kernel cannot be downloaded from the hub (the built-in one is used); and on every evaluation forward of
+# an int8 base, that LLM.int8 casts the activations to float16, which is how LLM.int8 computes.
+_BITSANDBYTES_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast",
+}
+for _logger, _start in _BITSANDBYTES_NOISE.items():
+    logging.getLogger(_logger).addFilter(lambda record, start=_start: not str(record.msg).startswith(start))
 
 
 def load_base_model(name: str = "smollm2-135m-instruct", *, dtype: str = "float32", device: str = "cpu"):

@@ -434,12 +434,28 @@ def _quantized_linear(bnb, linear: nn.Linear, quantization: str) -> nn.Module:
     weight = linear.weight.detach()
     has_bias = linear.bias is not None
     if quantization == "nf4":
+        # compress_statistics False: no double quantisation of the block scales (transformers' default too); it
+        # would save ~0.4 bit per weight and cost a second dequantisation in every forward and backward
         layer = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=has_bias, compute_dtype=weight.dtype, quant_type="nf4"
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=weight.dtype,
+            compress_statistics=False,
+            quant_type="nf4",
         )
-        layer.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, quant_type="nf4")
+        # On an AVX512-bf16 CPU bitsandbytes repacks a 4-bit weight for a bfloat16 inference kernel the first
+        # time the layer runs in eval mode, for good: that kernel has no backward, so every training step
+        # after the base evaluation would silently lose the gradient through the base layers. Keep one path.
+        layer.support_avx512bf16_for_cpu = False
+        layer.weight = bnb.nn.Params4bit(
+            weight.to("cpu"), requires_grad=False, compress_statistics=False, quant_type="nf4"
+        )
     else:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False)
+        # threshold 6.0: LLM.int8's outlier decomposition, transformers' default for load_in_8bit
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+        )
         layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().to("cpu"), requires_grad=False)
