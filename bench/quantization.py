@@ -14,7 +14,9 @@ Part 2, the quality: the README demo config (examples/demo.yaml) run with model.
 same seed, each in a fresh ``prelort run``; accuracy and perplexity of every tier after the last round, and
 the run's wall time and peak RSS. ``--demo-set`` overrides demo keys for a smaller budget (recorded).
 
-    python -m bench.quantization --json results/quantization.json
+    python -m bench.quantization --json results/quantization.json      # both parts
+    python -m bench.quantization --no-demo --json results/quantization.json
+    python -m bench.quantization --demo-only --json results/quantization_demo.json
     python -m bench.quantization --quick                     # tiny-llama, small batch, no demo (smoke)
 """
 
@@ -230,7 +232,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         metavar="KEY=VALUE",
         help="override a key of examples/demo.yaml for part 2 (a smaller budget; recorded in the JSON)",
     )
-    ap.add_argument("--no-demo", action="store_true", help="skip part 2")
+    part = ap.add_mutually_exclusive_group()
+    part.add_argument("--no-demo", action="store_true", help="part 1 only (the step)")
+    part.add_argument("--demo-only", action="store_true", help="part 2 only (the demo's quality cost)")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, batch 2 x 32, no demo (a smoke run)")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     # one configuration in this process (what part 1 runs in each subprocess)
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "target_modules": list(TARGETS),
         "steps_per_measurement": args.steps,
         "repeats": args.repeats,
-        "steps": run_steps(args),
+        "steps": [] if args.demo_only else run_steps(args),
         "demo": None if args.no_demo else run_demo(args),
     }
     if args.json:

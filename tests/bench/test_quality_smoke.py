@@ -258,7 +258,9 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
         "Not run yet: `python -m bench.quality_pilot --json results/quality_pilot.json`, "
         "`python -m bench.quality_study --json results/quality_study.json`, "
         "`python -m bench.aggregation --json results/aggregation.json`, "
-        "`python -m bench.communication --json results/communication.json`." in text
+        "`python -m bench.communication --json results/communication.json`, "
+        "`python -m bench.quantization --json results/quantization.json`, "
+        "`python -m bench.quantization --demo-only --json results/quantization_demo.json`." in text
     )
     assert tables.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
     # new numbers: the section is stale; regenerating replaces it in place (text around it kept)
