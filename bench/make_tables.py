@@ -408,6 +408,12 @@ def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Pa
                 fmt_bytes(r.get("rss_after_load_bytes")),
             ]
         )
+    if data.get("complete") is False:
+        out.append(
+            f"_Partial: the run stopped after {len(steps)} of the {3 * 2 * 2} configurations; the command below "
+            "measures them all._"
+        )
+        out.append("")
     header = ["base", "checkpointing", "rank", "s/step", "x float32", "CPU s/step", "CPU x float32"]
     out.append(markdown([*header, "peak RSS training", "peak RSS process", "RSS after load"], rows))
     out.append("")

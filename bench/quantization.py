@@ -135,7 +135,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
-def run_steps(args: argparse.Namespace) -> list[dict]:
+def run_steps(args: argparse.Namespace, done_rows=None) -> list[dict]:
+    """Part 1; ``done_rows(rows)`` is called after each configuration (the JSON is rewritten as rows arrive)."""
     rows = []
     for quantization in QUANTIZATIONS:
         for checkpointing in (False, True):
@@ -167,6 +168,8 @@ def run_steps(args: argparse.Namespace) -> list[dict]:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append(row)
+                if done_rows is not None:
+                    done_rows(rows)
                 print(
                     f"{quantization:>5} checkpointing={str(checkpointing):<5} rank {rank:>2}: "
                     f"{row['seconds_per_step']:.2f} s/step, peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB "
@@ -267,12 +270,24 @@ def main(argv: list[str] | None = None) -> dict | None:
         "target_modules": list(TARGETS),
         "steps_per_measurement": args.steps,
         "repeats": args.repeats,
-        "steps": [] if args.demo_only else run_steps(args),
-        "demo": None if args.no_demo else run_demo(args),
+        "steps": [],
+        "complete": False,  # true once every configuration (and the demo, unless skipped) has run
+        "demo": None,
     }
+
+    def save(rows: list[dict]) -> None:
+        result["steps"] = list(rows)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+    if not args.demo_only:
+        run_steps(args, save)
+    if not args.no_demo:
+        result["demo"] = run_demo(args)
+    result["complete"] = True
+    save(result["steps"])
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return result
 

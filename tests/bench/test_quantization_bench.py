@@ -87,6 +87,9 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
     assert "| 2 | 0.250 | 0.200 | 3.50 | 3.50 | 48 |" in text
     assert "budget overrides: `rounds=2`" in text
     assert "Command: `python -m bench.quantization --json results/quantization.json`" in text
+    assert "_Partial" not in text
+    (results / "quantization.json").write_text(json.dumps({**data, "steps": steps[:5], "complete": False}))
+    assert "_Partial: the run stopped after 5 of the 12 configurations" in tables.render(results, tmp_path)
     # the demo part written on its own (--demo-only) has a section of its own
     (results / "quantization.json").unlink()
     (results / "quantization_demo.json").write_text(
