@@ -21,6 +21,7 @@ from prelort import config as config_mod
 from prelort.adapters import LoraAdapter
 from prelort.config import ModelConfig, TrainConfig
 from prelort.methods.base import TrainPlan
+from prelort.model_names import ModelLoadError
 from prelort.models import enable_gradient_checkpointing, load_model, quantize_linear_layers, quantized_modules
 from prelort.recipe import load_federation_model
 from prelort.runner import run
@@ -188,10 +189,27 @@ def test_gradient_checkpointing_gives_the_same_update(quantization):
 def test_clear_errors(monkeypatch):
     with pytest.raises(config_mod.ConfigError, match="quantization"):
         tiny_cfg("model.quantization=fp4")
-    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+    # ModelLoadError: the CLI's one-line error, exit 2
+    with pytest.raises(ModelLoadError, match="does not support gradient checkpointing"):
         enable_gradient_checkpointing(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-    with pytest.raises(ValueError, match="no nn.Linear layer to quantise"):
+    with pytest.raises(ModelLoadError, match="no nn.Linear layer to quantise"):
         quantize_linear_layers(torch.nn.Sequential(torch.nn.Embedding(4, 4)), "nf4")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(ValueError, match=r"needs bitsandbytes .*pip install 'prelort\[quant\]'"):
+    with pytest.raises(ModelLoadError, match=r"needs bitsandbytes .*pip install 'prelort\[quant\]'"):
         load_model(ModelConfig(name="tiny-llama", device="cpu"), "int8")
+
+
+def test_cli_names_the_missing_package_in_one_line_with_exit_2(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from prelort.apps.cli import app
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    out = tmp_path / "run"
+    sets = [a for s in (*FAST, "model.quantization=nf4") for a in ("--set", s)]
+    res = CliRunner().invoke(app, ["run", str(TINY), "--out", str(out), *sets])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "needs bitsandbytes" in lines[0] and "pip install 'prelort[quant]'" in lines[0]
+    assert "Traceback" not in res.output
+    assert not out.exists()  # nothing written before the model loaded

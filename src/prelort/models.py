@@ -36,7 +36,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .config import ModelConfig
-from .model_names import ALIASES, QWEN, SMOLLM2, TINY, check_model_name, hub_load_failed, hub_reachable
+from .model_names import (
+    ALIASES,
+    QWEN,
+    SMOLLM2,
+    TINY,
+    ModelLoadError,
+    check_model_name,
+    hub_load_failed,
+    hub_reachable,
+)
 
 __all__ = [
     "ALIASES",
@@ -408,7 +417,7 @@ def _import_bitsandbytes(quantization: str):
     try:
         import bitsandbytes
     except ImportError as e:
-        raise ValueError(
+        raise ModelLoadError(
             f"model.quantization {quantization} needs bitsandbytes ({e}); install it with: {QUANT_INSTALL}"
         ) from None
     return bitsandbytes
@@ -484,7 +493,7 @@ def quantize_linear_layers(model: PreTrainedModel, quantization: str) -> list[st
         if type(module) is nn.Linear and id(module.weight) not in keep and name
     ]
     if not targets:
-        raise ValueError(
+        raise ModelLoadError(
             f"model.quantization {quantization}: {type(model).__name__} has no nn.Linear layer to quantise "
             "(bitsandbytes quantises torch.nn.Linear layers only)"
         )
@@ -494,7 +503,7 @@ def quantize_linear_layers(model: PreTrainedModel, quantization: str) -> list[st
         try:
             setattr(parent, child, _quantized_linear(bnb, linear, quantization))
         except (RuntimeError, ValueError, NotImplementedError) as e:
-            raise ValueError(
+            raise ModelLoadError(
                 f"model.quantization {quantization}: bitsandbytes cannot quantise {name} "
                 f"({linear.out_features}x{linear.in_features}, {linear.weight.dtype} on {linear.weight.device}): {e}"
             ) from None
@@ -525,10 +534,10 @@ def quantized_modules(model: nn.Module) -> dict[str, str]:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'
     activation checkpointing, non-reentrant, so frozen inputs need no gradient): less memory, about one more
-    forward pass per step. Only in training mode; evaluation is unchanged. A ValueError names a model that
-    does not support it."""
+    forward pass per step. Only in training mode; evaluation is unchanged. A :class:`ModelLoadError` names a
+    model that does not support it."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise ModelLoadError(
             f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing "
             "(transformers' supports_gradient_checkpointing is false); set it to false"
         )
