@@ -129,10 +129,14 @@ def measure_one(args: argparse.Namespace) -> dict:
     }
 
 
-def _env() -> dict[str, str]:
-    """The environment of the subprocesses: this checkout's prelort first (not another installed copy)."""
+def _env(threads: int = 0) -> dict[str, str]:
+    """The environment of the subprocesses: this checkout's prelort first (not another installed copy), and
+    ``threads`` torch threads where given (a ``prelort run`` takes them from OMP_NUM_THREADS)."""
     path = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
 def run_steps(args: argparse.Namespace, done_rows=None) -> list[dict]:
@@ -196,7 +200,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             )
             started = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-c", wrapper, *cmd], cwd=ROOT, capture_output=True, text=True, env=_env()
+                [sys.executable, "-c", wrapper, *cmd], cwd=ROOT, capture_output=True, text=True, env=_env(args.threads)
             )
             seconds = time.perf_counter() - started
             if done.returncode != 0:
