@@ -213,3 +213,26 @@ def test_cli_names_the_missing_package_in_one_line_with_exit_2(monkeypatch, tmp_
     assert len(lines) == 1 and "needs bitsandbytes" in lines[0] and "pip install 'prelort[quant]'" in lines[0]
     assert "Traceback" not in res.output
     assert not out.exists()  # nothing written before the model loaded
+
+
+def test_every_nested_mode_trains_on_a_4bit_base():
+    from prelort.methods.base import NESTED_MODES
+
+    base, _ = load_model(ModelConfig(name="tiny-llama", device="cpu"), "nf4")
+    torch.manual_seed(0)
+    model = adapters.attach_lora(base, TARGETS, 4, 8.0)
+    adapter = LoraAdapter(model)
+    start = adapter.read_state(4)
+    examples = [{"input_ids": list(range(100, 124)), "labels": [-100] * 12 + list(range(112, 124))}] * 4
+    for mode in NESTED_MODES:
+        adapter.load_state(start, 4)
+        result = train_client(
+            model,
+            examples,
+            TrainPlan(rank=4, truncations=(1, 2, 4), mode=mode),
+            TrainConfig(local_steps=2, batch_size=2),
+            seed=0,
+        )
+        assert {k: tuple(v.shape) for k, v in result.tensors.items()} == {k: tuple(v.shape) for k, v in start.items()}
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in result.tensors.values())
+        assert any(not torch.equal(result.tensors[k], start[k]) for k in start), mode  # it trained
