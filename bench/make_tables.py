@@ -429,6 +429,14 @@ def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Pa
     if data.get("demo"):
         out += _quantization_demo(data["demo"])
     out.append(provenance(data, "quantization"))
+    measured = sorted(
+        {QUANT_LABELS.get(r["quantization"], r["quantization"]) for r in steps}, key=list(QUANT_LABELS.values()).index
+    )
+    for earlier in data.get("earlier_commands") or []:
+        out.append(
+            f"(The command above measured the bases it names with `--quantizations`, merged with `--merge` into the "
+            f"rows of an earlier run of `{runnable(earlier)}`; bases in the table: {', '.join(measured)}.)"
+        )
     return "\n".join(out)
 
 

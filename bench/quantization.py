@@ -142,7 +142,7 @@ def _env(threads: int = 0) -> dict[str, str]:
 def run_steps(args: argparse.Namespace, done_rows=None) -> list[dict]:
     """Part 1; ``done_rows(rows)`` is called after each configuration (the JSON is rewritten as rows arrive)."""
     rows = []
-    for quantization in QUANTIZATIONS:
+    for quantization in args.quantizations:
         for checkpointing in (False, True):
             for rank in RANKS:
                 cmd = [
@@ -242,6 +242,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     part = ap.add_mutually_exclusive_group()
     part.add_argument("--no-demo", action="store_true", help="part 1 only (the step)")
     part.add_argument("--demo-only", action="store_true", help="part 2 only (the demo's quality cost)")
+    ap.add_argument(
+        "--quantizations",
+        default=",".join(QUANTIZATIONS),
+        help="part 1: the bases to measure (comma-separated from none, int8, nf4)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="part 1: keep the rows of the existing --json file for the bases not measured now (both commands "
+        "are recorded)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny-llama, batch 2 x 32, no demo (a smoke run)")
     ap.add_argument("--json", type=Path, help="write the figures to this JSON file")
     # one configuration in this process (what part 1 runs in each subprocess)
@@ -255,6 +266,17 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if args.quick:
         args.model, args.batch_size, args.seq_len, args.no_demo = "tiny-llama", 2, 32, True
+    args.quantizations = [q.strip() for q in args.quantizations.split(",") if q.strip()]
+    if not args.quantizations or set(args.quantizations) - set(QUANTIZATIONS):
+        ap.error(f"--quantizations: comma-separated from {', '.join(QUANTIZATIONS)}")
+    kept: list[dict] = []
+    earlier_commands: list[str] = []
+    if args.merge:
+        if not args.json or not args.json.is_file():
+            ap.error("--merge needs an existing --json file")
+        old = json.loads(args.json.read_text())
+        kept = [r for r in old.get("steps", []) if r["quantization"] not in args.quantizations]
+        earlier_commands = [*old.get("earlier_commands", []), old["command"]]
 
     import torch
 
@@ -274,13 +296,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         "target_modules": list(TARGETS),
         "steps_per_measurement": args.steps,
         "repeats": args.repeats,
+        "earlier_commands": earlier_commands,  # --merge: the runs whose rows were kept
         "steps": [],
         "complete": False,  # true once every configuration (and the demo, unless skipped) has run
         "demo": None,
     }
 
     def save(rows: list[dict]) -> None:
-        result["steps"] = list(rows)
+        order = {q: i for i, q in enumerate(QUANTIZATIONS)}
+        result["steps"] = sorted([*kept, *rows], key=lambda r: order[r["quantization"]])  # stable: run order within
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not args.no_demo:
         result["demo"] = run_demo(args)
     result["complete"] = True
-    save(result["steps"])
+    save([r for r in result["steps"] if r not in kept])
     if args.json:
         print(f"wrote {args.json}")
     return result

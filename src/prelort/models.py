@@ -507,12 +507,37 @@ def quantize_linear_layers(model: PreTrainedModel, quantization: str) -> list[st
                 f"model.quantization {quantization}: bitsandbytes cannot quantise {name} "
                 f"({linear.out_features}x{linear.in_features}, {linear.weight.dtype} on {linear.weight.device}): {e}"
             ) from None
+    with torch.no_grad():
+        # A loaded model's tensors may be views of the memory-mapped checkpoint file; quantising read every page
+        # of it, and one view left (the embeddings, the norms) would keep the whole file mapped and resident.
+        # Own copies of what stays in float let the mapping go (measured: ~0.5 GB less RSS for SmolLM2).
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype.is_floating_point:
+                tensor.data = tensor.data.clone()
+    _release_freed_memory()
     model.is_loaded_in_8bit = quantization == "int8"
     model.is_loaded_in_4bit = quantization == "nf4"
     from peft import prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return [name for name, _ in targets]
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory the float32 weights held back to the OS where the C library can (glibc's malloc_trim):
+    otherwise the allocator keeps it and the process stays as large as the float32 model after quantising."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass  # not glibc: nothing to trim
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
