@@ -1,6 +1,6 @@
 """Rewrite the README's results section from the benchmarks' JSON files.
 
-Reads ``quality.json``, ``quality_pilot.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json`` and ``train_step.json`` from the
+Reads ``quality.json``, ``quality_pilot.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json``, ``train_step.json``, ``quantization.json`` and ``quantization_demo.json`` from the
 results directory (each written by ``python -m bench.<name> --json``; a missing one is named as not run yet)
 and replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
 Markdown tables, each with the command that made it and the machine it ran on. Without the markers, a
@@ -322,6 +322,125 @@ def train_step_section(data: dict[str, Any], results_dir: Path, readme_dir: Path
     if data.get("device") and "device" not in env:
         env = {**env, "platform": f"device {data['device']}"}
     out.append(provenance(data, "train_step", env))
+    return "\n".join(out)
+
+
+QUANT_LABELS = {"none": "float32", "int8": "int8", "nf4": "nf4"}
+
+
+def _quantization_demo(demo: dict[str, Any]) -> list[str]:
+    """The demo runs of bench/quantization.py (float32 and nf4, same seed): tiers, wall time, peak RSS."""
+    out: list[str] = []
+    runs = demo.get("runs") or {}
+    overrides = ", ".join(f"`{o}`" for o in demo.get("overrides") or []) or "none"
+    out.append(
+        f"Quality cost of nf4: `prelort run {demo.get('config')}` with `model.quantization` none and nf4, same "
+        f"seed; budget overrides: {overrides}. Tiers after round {max((r.get('round', 0) for r in runs.values()), default=0)}."
+    )
+    out.append("")
+    float_run, nf4_run = runs.get("none") or {}, runs.get("nf4") or {}
+    ranks = sorted(set(float_run.get("tiers") or {}) | set(nf4_run.get("tiers") or {}), key=lambda t: int(t))
+    rows = []
+    for t in ranks:
+        a, b = (float_run.get("tiers") or {}).get(t) or {}, (nf4_run.get("tiers") or {}).get(t) or {}
+        rows.append(
+            [t, _num(a.get("accuracy"), 3), _num(b.get("accuracy"), 3), _num(a.get("perplexity"), 2)]
+            + [_num(b.get("perplexity"), 2), b.get("n", a.get("n", "n/a"))]
+        )
+    header = ["tier", "accuracy float32", "accuracy nf4", "perplexity float32", "perplexity nf4", "n"]
+    out.append(markdown(header, rows))
+    out.append("")
+    out.append(
+        "Whole run: "
+        + "; ".join(
+            f"{QUANT_LABELS.get(q, q)} {fmt_seconds(r.get('seconds'))}, peak RSS {fmt_bytes(r.get('peak_rss_bytes'))}"
+            for q, r in runs.items()
+        )
+        + "."
+    )
+    out.append("")
+    return out
+
+
+def quantization_demo_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    """bench/quantization.py --demo-only: the quality cost of nf4 on the demo config."""
+    out = ["### Quality cost of a 4-bit (nf4) base on the demo config", ""]
+    out += _quantization_demo(data.get("demo") or {})
+    out.append(provenance(data, "quantization"))
+    return "\n".join(out)
+
+
+def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    """bench/quantization.py: step time and memory per base and checkpointing, then nf4's quality cost."""
+    out = ["### Quantised base and gradient checkpointing (memory, step time, quality)", ""]
+    steps = data.get("steps") or []
+    out.append(
+        f"{data.get('model')}, LoRA on {', '.join(data.get('target_modules') or [])}, batch {data.get('batch_size')} "
+        f"x {data.get('seq_len')} tokens, plain LoRA steps; each row one fresh process (`model.quantization`, "
+        "`train.gradient_checkpointing`). Peak RSS while training: after loading, the peak of the training steps; "
+        "whole process: loading included (a quantised base is loaded in float32, then quantised layer by layer). "
+        "Compare CPU seconds: the wall times of a shared machine depend on what else ran at that moment."
+    )
+    out.append("")
+
+    def per_float32(field: str) -> dict[int, float | None]:
+        """Row index -> the row's ``field`` over that of float32 at the same checkpointing and rank."""
+        ref = {(r["gradient_checkpointing"], r["rank"]): r.get(field) for r in steps if r["quantization"] == "none"}
+        out = {}
+        for i, r in enumerate(steps):
+            base = ref.get((r["gradient_checkpointing"], r["rank"]))
+            out[i] = r[field] / base if base and r.get(field) is not None else None
+        return out
+
+    # no wall-time ratio: on a shared machine the rows' wall times are taken under different loads
+    cpu_ratio = per_float32("cpu_seconds_per_step")
+    rows = []
+    for i, r in enumerate(steps):
+        rows.append(
+            [
+                QUANT_LABELS.get(r["quantization"], r["quantization"]),
+                "yes" if r["gradient_checkpointing"] else "no",
+                r["rank"],
+                fmt_seconds(r["seconds_per_step"]),
+                fmt_seconds(r.get("cpu_seconds_per_step")),
+                _num(cpu_ratio[i], 2),
+                fmt_bytes(r.get("peak_rss_training_bytes")),
+                fmt_bytes(r.get("peak_rss_bytes")),
+                fmt_bytes(r.get("rss_after_load_bytes")),
+            ]
+        )
+    if data.get("complete") is False:
+        out.append(
+            f"_Partial: the run stopped after {len(steps)} of the {3 * 2 * 2} configurations; the command below "
+            "measures them all._"
+        )
+        out.append("")
+    header = ["base", "checkpointing", "rank", "wall s/step", "CPU s/step", "CPU x float32"]
+    out.append(markdown([*header, "peak RSS training", "peak RSS process", "RSS after load"], rows))
+    out.append("")
+    for q in ("int8", "nf4"):
+        ratios = sorted(cpu_ratio[i] for i, r in enumerate(steps) if r["quantization"] == q and cpu_ratio[i])
+        if ratios and ratios[len(ratios) // 2] > 1.05:
+            span = (
+                f"{ratios[0]:.1f}" if f"{ratios[0]:.1f}" == f"{ratios[-1]:.1f}" else f"{ratios[0]:.1f}-{ratios[-1]:.1f}"
+            )
+            out.append(
+                f"**{q} training is slower than float32 here**: {span}x its CPU time "
+                "per step (CPU time: less disturbed than wall time by other processes on the machine). "
+                "bitsandbytes' CPU backend dequantises every weight in every forward and backward pass."
+            )
+            out.append("")
+    if data.get("demo"):
+        out += _quantization_demo(data["demo"])
+    out.append(provenance(data, "quantization"))
+    measured = sorted(
+        {QUANT_LABELS.get(r["quantization"], r["quantization"]) for r in steps}, key=list(QUANT_LABELS.values()).index
+    )
+    for earlier in data.get("earlier_commands") or []:
+        out.append(
+            f"(The command above measured the bases it names with `--quantizations`, merged with `--merge` into the "
+            f"rows of an earlier run of `{runnable(earlier)}`; bases in the table: {', '.join(measured)}.)"
+        )
     return "\n".join(out)
 
 
@@ -704,6 +823,15 @@ SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
     "aggregation.json": aggregation_section,
     "communication.json": communication_section,
     "train_step.json": train_step_section,
+    "quantization.json": quantization_section,
+    "quantization_demo.json": quantization_demo_section,
+}
+
+
+# the command that writes a results file not named after its script
+RUN_COMMANDS = {
+    "quantization_demo.json": "python -m bench.quantization --demo-only --json results/quantization_demo.json",
+    "quality_study_2.json": "python -m bench.quality_gate --json results/quality_study_2.json",
 }
 
 
@@ -880,10 +1008,6 @@ def choosing_a_method(results_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-# the script that writes a results file, where its name is not the file's
-SCRIPT_OF = {"quality_study_2.json": "quality_gate"}
-
-
 def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[str] = ROOT) -> str:
     """The Markdown of the results section (without the markers)."""
     results = Path(results_dir)
@@ -908,7 +1032,7 @@ def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[st
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise TablesError(f"{path}: unexpected structure ({type(exc).__name__}: {exc})") from None
     if missing:
-        scripts = ", ".join(f"`python -m bench.{SCRIPT_OF.get(n, n[:-5])} --json results/{n}`" for n in missing)
+        scripts = ", ".join(f"`{RUN_COMMANDS.get(n, f'python -m bench.{n[:-5]} --json results/{n}')}`" for n in missing)
         parts += [f"Not run yet: {scripts}.", ""]
     return "\n".join(parts).rstrip() + "\n"
 

@@ -125,6 +125,27 @@ def _mask_hook(module: nn.Module, inputs, output: Tensor):
     return output * st.mask(output)
 
 
+def _quantized(layer: LoraLayer) -> bool:
+    """Whether the layer's base weight is held quantised (bitsandbytes int8 / 4-bit storage, not a float)."""
+    return not layer.get_base_layer().weight.dtype.is_floating_point
+
+
+def _set_side_delta(base: nn.Module, delta: Tensor | None) -> None:
+    """Make the quantised ``base`` layer compute W0 x + delta x (None: W0 x again) through a forward hook
+    registered once; the delta is kept in float32 on the layer's device."""
+    if not hasattr(base, "_prelort_delta"):
+        base.register_forward_hook(_side_delta_hook)
+    device = next(base.parameters()).device
+    base._prelort_delta = None if delta is None else delta.detach().to(device=device, dtype=torch.float32).clone()
+
+
+def _side_delta_hook(module: nn.Module, inputs, output: Tensor):
+    delta = module._prelort_delta
+    if delta is None:
+        return None
+    return output + torch.nn.functional.linear(inputs[0].to(delta.dtype), delta).to(output.dtype)
+
+
 def _factors(layer: LoraLayer) -> tuple[Tensor, Tensor]:
     return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
 
@@ -256,7 +277,9 @@ class LoraAdapter:
         """Set the frozen base weight of each adapted module to W = W0 + delta (``<module>.delta``,
         d_out x d_in); modules not named, and every module when ``deltas`` is None, get W0 back exactly.
 
-        W0 of the adapted modules is copied the first time this is called (other weights never are).
+        W0 of the adapted modules is copied the first time this is called (other weights never are). A
+        quantised base layer (model.quantization) keeps its W0 as it is and adds the float32 delta beside it,
+        y = W0 x + delta x: re-quantising W0 + delta every round would add a new quantisation error each time.
         """
         st = self._st
         if deltas:
@@ -272,13 +295,17 @@ class LoraAdapter:
                     raise ValueError(f"{name}: shape {tuple(d.shape)}, expected {want}")
                 if not torch.isfinite(d).all():
                     raise ValueError(f"{name}: contains NaN or inf")
-        if st.base_w0 is None:
-            if not deltas:
-                return  # never changed: W is W0 already
-            st.base_w0 = {m: layer.get_base_layer().weight.detach().clone() for m, layer in st.layers.items()}
         deltas = deltas or {}
+        dense = {m: layer for m, layer in st.layers.items() if not _quantized(layer)}
+        for module, layer in st.layers.items():
+            if module not in dense:
+                _set_side_delta(layer.get_base_layer(), deltas.get(key(module, "delta")))
+        if st.base_w0 is None:
+            if not any(key(m, "delta") in deltas for m in dense):
+                return  # never changed: W is W0 already
+            st.base_w0 = {m: layer.get_base_layer().weight.detach().clone() for m, layer in dense.items()}
         with torch.no_grad():
-            for module, layer in st.layers.items():
+            for module, layer in dense.items():
                 w = layer.get_base_layer().weight
                 w0 = st.base_w0[module]
                 d = deltas.get(key(module, "delta"))

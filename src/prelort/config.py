@@ -91,6 +91,13 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the base model.")
     device: str = Field("auto", description="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     gguf_file: str | None = Field(None, description="GGUF file name inside model.name when it is a directory.")
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Hold the base model's linear layers (all but the output layer) quantised with bitsandbytes "
+        "(pip install 'prelort[quant]'): none (model.dtype), int8 (LLM.int8) or nf4 (4-bit NormalFloat, QLoRA). "
+        "A GGUF base is quantised after it is dequantised. The LoRA factors, updates and exports stay float32. "
+        "Memory and speed measured in the README (Quantised base).",
+    )
 
 
 class LoraConfig(_Section):
@@ -313,6 +320,12 @@ class TrainConfig(_Section):
         "client rank to keep train.lr for it).",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping bound, > 0 (null: off).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations during the backward pass instead of keeping them "
+        "(less memory, about one more forward pass per step); the update is the same. Models whose "
+        "transformers class does not support it are refused.",
+    )
 
 
 class EvalConfig(_Section):

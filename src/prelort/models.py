@@ -12,6 +12,11 @@ Face directory under :func:`cache_dir` (written to a temporary directory and ren
 conversion never leaves a broken cache), and later loads read that directory in a few seconds.
 
 Every loaded model is in eval mode with all its parameters frozen (``requires_grad=False``).
+
+``model.quantization`` (int8 or nf4) replaces the base model's linear layers, after loading (so a GGUF base,
+dequantised on load, is quantised like any other), with bitsandbytes' Linear8bitLt / Linear4bit and prepares
+the model as PEFT's QLoRA recipe does (:func:`peft.prepare_model_for_kbit_training`); PEFT then attaches
+its bitsandbytes LoRA layers, whose factors stay float32.
 """
 
 from __future__ import annotations
@@ -26,22 +31,36 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .config import ModelConfig
-from .model_names import ALIASES, QWEN, SMOLLM2, TINY, check_model_name, hub_load_failed, hub_reachable
+from .model_names import (
+    ALIASES,
+    QWEN,
+    SMOLLM2,
+    TINY,
+    ModelLoadError,
+    check_model_name,
+    hub_load_failed,
+    hub_reachable,
+)
 
 __all__ = [
     "ALIASES",
+    "QUANTIZATIONS",
     "QWEN_GGUF_SHA256",
     "QWEN_GGUF_SIZE",
     "TINY_LLAMA_SEED",
     "assemble_parts",
     "cache_dir",
+    "enable_gradient_checkpointing",
     "find_qwen_parts",
     "load_model",
     "load_tokenizer_cached",
+    "quantize_linear_layers",
+    "quantized_modules",
     "resolve_device",
     "save_dequantised",
     "smollm2_gguf_path",
@@ -362,10 +381,19 @@ def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model (eval mode, every parameter frozen) and its tokenizer (with a pad token)."""
+def load_model(cfg: ModelConfig, quantization: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model (eval mode, every parameter frozen) and its tokenizer (with a pad token).
+
+    ``quantization`` (none, int8, nf4; None: ``cfg.quantization``) is a parameter of its own so that one
+    process can load a client's base at that client's setting.
+    """
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"model.dtype {cfg.dtype!r} not one of {', '.join(_DTYPES)}")
+    quantization = cfg.quantization if quantization is None else quantization
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization {quantization!r} not one of {', '.join(QUANTIZATIONS)}")
+    if quantization != "none":
+        _import_bitsandbytes(quantization)  # before the (slow) load: a missing package fails at once
     dtype = _DTYPES[cfg.dtype]
     device = resolve_device(cfg.device)
     model, tokenizer = _load_any(cfg, dtype)
@@ -373,6 +401,175 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
+    if quantization != "none":
+        quantize_linear_layers(model, quantization)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# quantisation (bitsandbytes) and gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+QUANTIZATIONS = ("none", "int8", "nf4")
+QUANT_INSTALL = "pip install 'prelort[quant]'  (or: pip install bitsandbytes)"
+
+
+def _import_bitsandbytes(quantization: str):
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ModelLoadError(
+            f"model.quantization {quantization} needs bitsandbytes ({e}); install it with: {QUANT_INSTALL}"
+        ) from None
+    return bitsandbytes
+
+
+def _tied_or_output(model: nn.Module) -> set[int]:
+    """ids of the weights never quantised: the output layer's (and with it any weight tied to the
+    embeddings), as transformers' own bitsandbytes loading keeps the head in full precision."""
+    keep = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        keep.add(id(head.weight))
+    get_input = getattr(model, "get_input_embeddings", None)
+    embed = get_input() if callable(get_input) else None
+    if embed is not None and getattr(embed, "weight", None) is not None:
+        keep.add(id(embed.weight))
+    return keep
+
+
+def _quantized_linear(bnb, linear: nn.Linear, quantization: str) -> nn.Module:
+    """bitsandbytes' layer holding ``linear``'s weight (quantised when moved to its device) and bias."""
+    weight = linear.weight.detach()
+    has_bias = linear.bias is not None
+    if quantization == "nf4":
+        # compress_statistics False: no double quantisation of the block scales (transformers' default too); it
+        # would save ~0.4 bit per weight and cost a second dequantisation in every forward and backward
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=weight.dtype,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
+        # On an AVX512-bf16 CPU bitsandbytes repacks a 4-bit weight for a bfloat16 inference kernel the first
+        # time the layer runs in eval mode, for good: that kernel has no backward, so every training step
+        # after the base evaluation would silently lose the gradient through the base layers. Keep one path.
+        layer.support_avx512bf16_for_cpu = False
+        layer.weight = bnb.nn.Params4bit(
+            weight.to("cpu"), requires_grad=False, compress_statistics=False, quant_type="nf4"
+        )
+    else:
+        # threshold 6.0: LLM.int8's outlier decomposition, transformers' default for load_in_8bit
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+        )
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().to("cpu"), requires_grad=False)
+    return layer.to(weight.device)
+
+
+def quantize_linear_layers(model: PreTrainedModel, quantization: str) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` but the output layer (and weights tied to the embeddings) by a
+    bitsandbytes int8 or nf4 layer, in place, then prepare the model for k-bit training as PEFT's QLoRA recipe
+    does (:func:`peft.prepare_model_for_kbit_training`: every parameter frozen, float16/bfloat16 non-quantised
+    parameters such as the norms upcast to float32; its gradient checkpointing is left to
+    :func:`enable_gradient_checkpointing`). Returns the names of the replaced modules.
+
+    The model is marked ``is_loaded_in_8bit`` / ``is_loaded_in_4bit`` as transformers marks one it quantised
+    while loading, which is what PEFT reads to attach its bitsandbytes LoRA layers.
+    """
+    if quantization not in ("int8", "nf4"):
+        raise ValueError(f"quantization must be int8 or nf4, got {quantization!r}")
+    bnb = _import_bitsandbytes(quantization)
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError("model is already quantised")
+    keep = _tied_or_output(model)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and id(module.weight) not in keep and name
+    ]
+    if not targets:
+        raise ModelLoadError(
+            f"model.quantization {quantization}: {type(model).__name__} has no nn.Linear layer to quantise "
+            "(bitsandbytes quantises torch.nn.Linear layers only)"
+        )
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            setattr(parent, child, _quantized_linear(bnb, linear, quantization))
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            raise ModelLoadError(
+                f"model.quantization {quantization}: bitsandbytes cannot quantise {name} "
+                f"({linear.out_features}x{linear.in_features}, {linear.weight.dtype} on {linear.weight.device}): {e}"
+            ) from None
+    with torch.no_grad():
+        # A loaded model's tensors may be views of the memory-mapped checkpoint file; quantising read every page
+        # of it, and one view left (the embeddings, the norms) would keep the whole file mapped and resident.
+        # Own copies of what stays in float let the mapping go (measured: ~0.5 GB less RSS for SmolLM2).
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype.is_floating_point:
+                tensor.data = tensor.data.clone()
+    _release_freed_memory()
+    model.is_loaded_in_8bit = quantization == "int8"
+    model.is_loaded_in_4bit = quantization == "nf4"
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return [name for name, _ in targets]
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory the float32 weights held back to the OS where the C library can (glibc's malloc_trim):
+    otherwise the allocator keeps it and the process stays as large as the float32 model after quantising."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass  # not glibc: nothing to trim
+
+
+def quantized_modules(model: nn.Module) -> dict[str, str]:
+    """Module name -> int8 or nf4 for every bitsandbytes-quantised linear layer in ``model`` (empty when
+    none, or when bitsandbytes is not installed: then nothing can be quantised)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            out[name] = str(module.weight.quant_type)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            out[name] = "int8"
+    return out
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers'
+    activation checkpointing, non-reentrant, so frozen inputs need no gradient): less memory, about one more
+    forward pass per step. Only in training mode; evaluation is unchanged. A :class:`ModelLoadError` names a
+    model that does not support it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelLoadError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing "
+            "(transformers' supports_gradient_checkpointing is false); set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -15,7 +15,7 @@ from . import adapters
 from .config import Config
 from .data import load_records, partition, tokenize_for_training
 from .data.sites import load_site_records
-from .models import load_model
+from .models import enable_gradient_checkpointing, load_model
 
 
 def quiet_libraries() -> None:
@@ -40,7 +40,9 @@ def load_federation_model(cfg: Config):
     """
     quiet_libraries()
     torch.manual_seed(cfg.seed)
-    base_model, tokenizer = load_model(cfg.model)
+    base_model, tokenizer = load_model(cfg.model, cfg.model.quantization)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(base_model)  # active in training mode only: evaluation is unchanged
     model = adapters.attach_lora(
         base_model, cfg.model.target_modules, max(cfg.clients.ranks), cfg.lora.alpha, cfg.lora.dropout
     )

@@ -415,8 +415,9 @@ def export_tier(fed: Federation, t: int, cfg: Config, out_dir: Path, fmt: str = 
         return out_dir
     export.files_for(fmt)  # an unknown format fails before the model loads
     factors = truncated_factors(tensors, rank)
-    # merged into float32 weights on the CPU, whatever the run trained in: the exported model is exact
-    model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "float32", "device": "cpu"}))
+    # merged into float32 weights on the CPU, whatever the run trained in (a quantised base included): the
+    # exported model is exact
+    model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "float32", "device": "cpu"}), "none")
     if fmt == "merged":
         export.merge_into(model, factors, fed.spec.scale)
         return export.write_merged(model, tokenizer, out_dir, force=force)
