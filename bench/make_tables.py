@@ -881,10 +881,14 @@ def choosing_a_method(results_dir: Path) -> str:
     if study1 is None:
         return "\n".join([*out, "No study has run yet: there is no evidence to choose by.", ""])
     a = study1["analysis"]
-    arms = [arm for arm in study1["settings"]["arms"] if arm in a["arms"]]
+    arms = [arm for arm in study1["settings"]["arms"] if arm in a.get("arms", {})]
+    if not arms:
+        return "\n".join([*out, "Study 1 has no reported run yet: there is no evidence to choose by.", ""])
     tiers = sorted(a["arms"][arms[0]]["tiers"], key=int)
     best = {t: max(arms, key=lambda arm, t=t: a["arms"][arm]["tiers"][t]["accuracy"]) for t in tiers}
-    verdict = a.get("verdict") or {}
+    verdict = dict(a.get("verdict") or {})
+    if verdict.get("partial"):
+        verdict["verdict"] = f"{verdict.get('verdict', 'n/a')} (PARTIAL: not every run is done)"
     out += [
         "## What the evidence says today",
         "",
