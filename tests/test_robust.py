@@ -55,6 +55,16 @@ def test_a_scaled_change_is_clipped_to_k_times_the_median_and_honest_ones_are_no
         median_clip_scales(norms, medians, 0.5)
 
 
+def test_a_client_that_did_not_change_a_segment_does_not_set_its_bound():
+    """Two clients cover the top segment; one never reached it this round (PreLort's nested: sample): the other,
+    honest, is not clipped to 0 (the bench's honest prelort run was, before)."""
+    norms = [[0.5, 0.0], [0.6, 0.3]]
+    medians = segment_medians(norms)
+    assert medians == [0.5, 0.3]
+    assert median_clip_scales(norms, medians, 4.0) == [[1.0, 1.0], [1.0, 1.0]]
+    assert segment_medians([[0.0], [None]]) == [None]
+
+
 def test_cap_at_median_bounds_a_claimed_weight():
     assert cap_at_median([100, 120, 90, 10**9], 4.0) == [100, 120, 90, 400]
     assert cap_at_median([364, 121, 129, 449], 4.0) == [364, 121, 129, 449]  # a real non-IID round is untouched

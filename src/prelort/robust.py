@@ -77,11 +77,14 @@ def segment_change_norms(change: Mapping[str, Tensor], bounds: Sequence[tuple[in
 
 def segment_medians(norms: Sequence[Sequence[float | None]]) -> list[float | None]:
     """Per segment, the lower median of the clients' change norms (rows of ``norms``, from
-    :func:`segment_change_norms`) over the clients that cover it; None for a segment no client covers."""
+    :func:`segment_change_norms`) over the clients that changed it; None for a segment no client changed. A client
+    that covers a segment without changing it (PreLort's ``nested: sample`` may never draw a truncation that
+    reaches it in a round, and lazy Adam then leaves it as received) pulls nothing and must not set the bound
+    to 0 for the ones that trained it."""
     segments = max((len(row) for row in norms), default=0)
     out: list[float | None] = []
     for j in range(segments):
-        covering = [n for row in norms if j < len(row) and (n := row[j]) is not None]
+        covering = [n for row in norms if j < len(row) and (n := row[j]) is not None and n > 0]
         out.append(lower_median(covering) if covering else None)
     return out
 
