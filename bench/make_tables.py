@@ -1,9 +1,11 @@
 """Rewrite the README's results section from the benchmarks' JSON files.
 
-Reads ``quality.json``, ``quality_pilot.json``, ``quality_study.json``, ``aggregation.json``, ``communication.json``, ``train_step.json``, ``quantization.json`` and ``quantization_demo.json`` from the
-results directory (each written by ``python -m bench.<name> --json``; a missing one is named as not run yet)
-and replaces the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
-Markdown tables, each with the command that made it and the machine it ran on. Without the markers, a
+Reads ``quality.json``, ``quality_pilot.json``, ``quality_study.json``, ``quality_study_2.json``,
+``aggregation.json``, ``communication.json``, ``train_step.json``, ``quantization.json``,
+``quantization_demo.json`` and ``poisoning.json`` from the results directory (each written by its
+bench script with ``--json``; a missing one is named as not run yet) and replaces the text between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with Markdown tables, each with the
+command that made it and the machine it ran on. Without the markers, a
 ``## Results`` section holding them is appended. The output depends only on the JSON files, so
 ``--check`` can tell whether the README is up to date.
 
@@ -815,6 +817,48 @@ def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir:
     return "\n".join(out)
 
 
+def poisoning_table(rows: Sequence[dict[str, Any]], tiers: Sequence[str]) -> str:
+    """One row per run of bench/poisoning.py: what the hostile client's updates met, the global model's relative
+    distance from the honest run, the perplexity per tier."""
+    body = []
+    for row in rows:
+        body.append(
+            [
+                row["method"],
+                row["attack"],
+                row["arm"],
+                f"{row['rejected']} / {row['clipped']} / {row['capped']}",
+                "0 (reference)" if row["attack"] == "none" else f"{row['distance']:.3g}",
+            ]
+            + [f"{row['tiers'][t]['perplexity']:.5g}" if t in row["tiers"] else "n/a" for t in tiers]
+        )
+    header = ["method", "attack", "defences", "refused / clipped / capped", "distance from honest"]
+    return markdown(header + [f"r{t} ppl" for t in tiers], body)
+
+
+def poisoning_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    settings = data.get("settings", {})
+    clients = settings.get("clients", {})
+    tiers = [str(t) for t in sorted(set(clients.get("ranks", [])))]
+    out = ["### Poisoning: one hostile client of 8", ""]
+    out.append(
+        f"{(settings.get('model') or {}).get('name')}, {clients.get('num')} clients of ranks {clients.get('ranks')} "
+        f"(all sampled), {settings.get('rounds')} rounds; client {data.get('hostile_client')} (rank 16, sharing "
+        "dimensions 8-15 with one honest client) sends the attack every round. Defences `off`: only "
+        "`validation.max_update_rms` (the bounds before issue 26); `defaults`: as shipped; `median`: the defaults "
+        "plus `robust.aggregator: median`. Refused / clipped / capped: rounds in which the hostile client's update "
+        "was refused, its change clipped, its num_examples capped (the honest rows: any client's). Distance: "
+        "||dW - dW_honest||_F / ||dW_honest||_F over every module at full rank after the last round (`off` is "
+        "compared with the honest `defaults` run, which no defence touched). The threat model and what each "
+        "defence does and does not stop: [docs/security.md](docs/security.md)."
+    )
+    out.append("")
+    out.append(poisoning_table(data.get("rows", []), tiers))
+    out.append("")
+    out.append(provenance(data, "poisoning"))
+    return "\n".join(out)
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
     "quality.json": quality_section,
     "quality_pilot.json": quality_pilot_section,
@@ -825,6 +869,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any], Path, Path], str]] = {
     "train_step.json": train_step_section,
     "quantization.json": quantization_section,
     "quantization_demo.json": quantization_demo_section,
+    "poisoning.json": poisoning_section,
 }
 
 

@@ -36,6 +36,7 @@ from prelort import rundir, updates
 from prelort.apps.cli import app
 from prelort.checkpoint import CheckpointError, latest_intact_round, load_checkpoint, save_checkpoint
 from prelort.engines.inprocess import InProcessEngine
+from prelort.methods import get as get_method
 from prelort.methods.base import GlobalState
 from prelort.protocol import ClientTask, RawUpdate
 from prelort.runner import Session
@@ -142,6 +143,35 @@ def _zero_size_tensors(payload, meta):
     return struct.pack("<Q", len(raw)) + raw, json.dumps(meta)
 
 
+def _spike(value: float | None = None):
+    """Issue 26: ``value`` in one entry of the first lora_A and one of the first lora_B; None: the whole
+    root-mean-square budget of validation.max_update_rms (0.99 x 10 x sqrt(entries / 2): 592.7 for the issue's
+    rank-8 client of the tiny model)."""
+
+    def corrupt(payload, meta):
+        tensors = st_load(payload)
+        spike = value if value is not None else 0.99 * 10.0 * math.sqrt(sum(t.numel() for t in tensors.values()) / 2)
+        for kind in ("lora_A", "lora_B"):
+            name = min(n for n in tensors if n.endswith(kind))
+            tensors[name][0, 0] = spike
+        return st_save(tensors), json.dumps(meta)
+
+    return corrupt
+
+
+def _sign_flip_to_rms(rms: float, num_examples: int):
+    """Issue 26: the genuine factors sign-flipped and scaled to root-mean-square ``rms``, claiming ``num_examples``."""
+
+    def corrupt(payload, meta):
+        tensors = st_load(payload)
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+        size = sum(t.numel() for t in tensors.values())
+        factor = -rms * math.sqrt(size) / norm
+        return st_save({k: v * factor for k, v in tensors.items()}), json.dumps(dict(meta, num_examples=num_examples))
+
+    return corrupt
+
+
 HOSTILE = {  # kind -> (alteration, rejection reason)
     "num_examples_10e400": (_num_examples_raw("1" + "0" * 400), "bad_num_examples"),
     "num_examples_1e308_a": (_num_examples_raw(str(10**308)), "bad_num_examples"),
@@ -157,6 +187,8 @@ HOSTILE = {  # kind -> (alteration, rejection reason)
     "extra_lone_surrogate_key": (_extra(**{"\ud800": 0.5}), "bad_metadata"),  # JSON "\\ud800": not valid text
     "extra_lone_surrogate_key_1e300": (_extra(**{"\ud800": 1e300}), "bad_metadata"),  # its rejection is logged
     "zero_size_tensors_240k": (_zero_size_tensors, "header_too_large"),
+    "spike_rms_budget_in_a_and_b": (_spike(), "change_too_large"),  # issue 26: accepted before
+    "sign_flip_rms_9.9_1e9_examples": (_sign_flip_to_rms(9.9, 10**9), "change_too_large"),  # issue 26: accepted
 }
 DECODED_PAYLOADS: set[bytes] = set()  # SHA-256 of every payload the hostile run handed to safetensors' decoder
 
@@ -327,6 +359,8 @@ def test_a_non_finite_aggregate_is_never_checkpointed(tmp_path):
         "clients.per_round=2",
         "clients.ranks=[2, 2]",
         "validation.max_update_rms=null",
+        "validation.max_change_entry=null",
+        "robust.clip_to_median=null",
     )
     session = Session(cfg, tmp_path / "run", verbose=False)
     engine = AlteringEngine(InProcessEngine(session, progress=False), {(1, 1): "factors_3e38"})
@@ -335,6 +369,153 @@ def test_a_non_finite_aggregate_is_never_checkpointed(tmp_path):
     with pytest.raises(RoundFailed, match="non-finite"):
         session.run(engine)
     assert not (tmp_path / "run/checkpoints/round-1").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 26: one client must not take over the global model
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["prelort", "flexlora"])
+@pytest.mark.parametrize("kind", ["spike_rms_budget_in_a_and_b", "sign_flip_rms_9.9_1e9_examples"])
+def test_the_issue_26_attacks_no_longer_take_over_the_global_model(method, kind, tmp_path):
+    """The reproductions of issue 26 on its federation (4 clients of ranks 1/2/4/8): client 3 sends the attack in
+    both rounds. Before, the spike was accepted (the state's largest entry went from 0.13 to 370 with prelort,
+    1.8e5 with FlexLoRA, and honest clients were rejected in later rounds) and the sign flip with 10**9 examples
+    made the global adapter the attacker's. Now each is refused for its change, every honest update is accepted in
+    every round, and the state stays where honest training leaves it."""
+    cfg = tiny_cfg(f"method={method}", "rounds=2")
+    schedule = {(1, 3): kind, (2, 3): kind}
+    session = Session(cfg, tmp_path / "run", verbose=False)
+    session.run(AlteringEngine(InProcessEngine(session, progress=False), schedule))
+    text = (tmp_path / "run" / "run.log").read_text()
+    for rnd in (1, 2):
+        assert f"round {rnd}: rejected update from client 3: change_too_large: " in text
+    records = [r for r in strict_json_lines(tmp_path / "run/metrics.jsonl") if r.get("kind") == "train"]
+    assert [(r["accepted"], r["rejected"]) for r in records] == [(3, 1), (3, 1)]
+    state = load_file(str(tmp_path / "run/checkpoints/round-2/adapter.safetensors"))
+    initial = load_file(str(tmp_path / "run/checkpoints/round-0/adapter.safetensors"))
+    assert (
+        max(float(t.abs().max()) for t in state.values()) <= max(float(t.abs().max()) for t in initial.values()) + 0.1
+    )
+
+
+MODULES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
+
+
+def _synthetic_round(tmp: Path, hostile, *overrides: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Round 1 of a federation of 8 clients (ranks 2/4/8 cycled) on MODULES whose clients move 0.0005 x a random
+    direction from what they received with 100 examples each, except client 7, whose (payload, num_examples)
+    ``hostile(reference, honest_tensors)`` gives (None: honest). Returns the new state and the warnings."""
+    from prelort.federation import Federation
+    from prelort.methods import ClientUpdate
+
+    cfg = tiny_cfg("clients.num=8", "clients.per_round=8", "clients.ranks=[2, 4, 8]", *overrides)
+    fed = Federation(cfg, tmp, MODULES)
+    fed.start()
+    results = []
+    for task in fed.begin_round(1):
+        gen = torch.Generator().manual_seed(100 + task.client)
+        ref = task.broadcast.adapter
+        tensors = {k: (v + 0.0005 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in ref.items()}
+        examples = 100
+        if task.client == 7 and hostile is not None:
+            tensors, examples = hostile(ref, tensors)
+        results.append(ClientUpdate(task.client, task.rank, examples, tensors, 1, cfg.method, {}))
+    with prelort_log() as warnings:
+        fed.end_round(1, results)
+    return {k: v.double() for k, v in fed.state.tensors.items()}, warnings
+
+
+def _flipped(scale: float, examples: int):
+    """The honest change sign-flipped and scaled by ``scale`` (every entry within max_change_entry), claiming
+    ``examples`` examples."""
+    return lambda ref, honest: ({k: (ref[k] - scale * (honest[k] - ref[k])).contiguous() for k in ref}, examples)
+
+
+def _distance(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((x[k] - y[k]).pow(2).sum()) for k in x))
+
+
+@pytest.mark.parametrize("method", ["prelort", "zeropad", "fedit", "hetlora", "flexlora", "flora"])
+def test_clip_to_median_and_the_weight_cap_bound_a_scaled_sign_flip_with_every_method(method, tmp_path):
+    """Within the per-entry bound, a sign-flipped change scaled 200x with 10**9 examples: undefended it takes the
+    global model over (it moves it ~200 honest changes away); with the defaults (its change clipped to 4x the
+    median per segment, its num_examples capped at 4x the median) it moves it less than 4 honest changes, at
+    least 20x less. Under zero-padding (zeropad, HetLoRA) a weight also scales the dilution of the dimensions
+    above the client's rank, so there a 4x weight alone moves the state more (still 5x less than undefended)."""
+    changes: list[float] = []
+
+    def attack(ref, honest):
+        changes.append(math.sqrt(sum(float((honest[k] - ref[k]).double().pow(2).sum()) for k in ref)))
+        return _flipped(200.0, 10**9)(ref, honest)
+
+    honest, _ = _synthetic_round(tmp_path / "honest", None, f"method={method}")
+    off = ("robust.clip_to_median=null", "robust.max_examples_ratio=null")
+    undefended, _ = _synthetic_round(tmp_path / "off", attack, f"method={method}", *off)
+    defended, warnings = _synthetic_round(tmp_path / "on", attack, f"method={method}")
+    honest_change = changes[0]
+    assert _distance(undefended, honest) > 20 * honest_change
+    if get_method(method).sum_rule == "padded":
+        assert _distance(defended, honest) < _distance(undefended, honest) / 5
+    else:
+        assert _distance(defended, honest) < min(4 * honest_change, _distance(undefended, honest) / 20)
+    assert any("clipped client 7's change" in w for w in warnings)
+    if method != "hetlora":  # HetLoRA weighs by the update's norm, not by num_examples
+        assert any("capped client 7's num_examples 1000000000 -> 400" in w for w in warnings)
+
+
+def test_an_honest_round_is_neither_clipped_nor_capped(tmp_path):
+    """The defaults never touch a genuine round: same state as with the defences off, and no warning."""
+    on, warnings = _synthetic_round(tmp_path / "on", None)
+    off, _ = _synthetic_round(tmp_path / "off", None, "robust.clip_to_median=null", "robust.max_examples_ratio=null")
+    assert warnings == [] and all(torch.equal(on[k], off[k]) for k in on)
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+def test_a_robust_aggregator_keeps_one_client_from_taking_over(aggregator, tmp_path):
+    """robust.aggregator with the other defences off: the flipped client's 200x change with 10**9 examples moves
+    the coordinate-wise statistic at least 50x less than it moves the mean."""
+    off = ("robust.clip_to_median=null", "robust.max_examples_ratio=null")
+    honest, _ = _synthetic_round(tmp_path / "honest", None, f"robust.aggregator={aggregator}", *off)
+    attacked, _ = _synthetic_round(tmp_path / "a", _flipped(200.0, 10**9), f"robust.aggregator={aggregator}", *off)
+    mean_honest, _ = _synthetic_round(tmp_path / "mh", None, *off)
+    mean_attacked, _ = _synthetic_round(tmp_path / "ma", _flipped(200.0, 10**9), *off)
+    assert _distance(attacked, honest) < _distance(mean_attacked, mean_honest) / 50
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["method=flexlora", "robust.aggregator=median"], "no sum rule"),
+        (["method=flora", "robust.aggregator=trimmed_mean"], "no sum rule"),
+        (["privacy.dp=true", "robust.aggregator=median"], "cannot be combined with privacy.dp"),
+        (
+            ["engine=flower-sim", "privacy.secure_aggregation=true", "robust.aggregator=median"],
+            "cannot be combined with privacy.secure_aggregation",
+        ),
+    ],
+)
+def test_a_robust_aggregator_that_cannot_run_is_refused_before_the_run(overrides, needle, tmp_path):
+    result = CliRunner().invoke(
+        app, ["run", str(TINY), "--out", str(tmp_path / "run"), *sum((["--set", o] for o in overrides), [])]
+    )
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_verify_update_bounds_the_change_from_what_the_client_received(hostile_run, tmp_path):
+    """verify-update recomputes the client's broadcast from the checkpoint, so it refuses a spike as the round does
+    and accepts the honest update it was made from."""
+    run_dir, _, _ = hostile_run
+    honest = run_dir / "updates/round-2/client-1"
+    payload, meta = _spike(0.9)(
+        honest.with_suffix(".safetensors").read_bytes(), json.loads(honest.with_suffix(".json").read_text())
+    )
+    (tmp_path / "u.safetensors").write_bytes(payload)
+    (tmp_path / "u.json").write_text(meta)
+    result = _verify(run_dir, tmp_path / "u.safetensors", 2)
+    assert result.exit_code == 2 and result.output.startswith("rejected: change_too_large: "), result.output
+    assert _verify(run_dir, honest.with_suffix(".safetensors"), 2).exit_code == 0
 
 
 # ----------------------------------------------------------------------------------------------

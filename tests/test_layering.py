@@ -33,7 +33,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, list[str]]] = [
     (
         "foundations",
-        ["prelort.rank_geometry", "prelort.factor_sums", "prelort.model_names", "prelort.metrics", "prelort.metrics.*"],
+        [
+            "prelort.rank_geometry",
+            "prelort.factor_sums",
+            "prelort.robust",
+            "prelort.model_names",
+            "prelort.metrics",
+            "prelort.metrics.*",
+        ],
     ),  # pure helpers and the metric table: no other prelort import
     ("method interface", ["prelort.methods.base", "prelort.methods.toolkit"]),
     ("method registry", ["prelort.methods"]),
@@ -66,6 +73,7 @@ ALGORITHMS = [
     "prelort.methods.*",
     "prelort.rank_geometry",
     "prelort.factor_sums",
+    "prelort.robust",
     "prelort.secure_sums",
     "prelort.privacy",
     "prelort.accounting",

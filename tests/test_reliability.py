@@ -461,9 +461,14 @@ def _aggregate(
     """The round-1 global state when every client moves 0.01 along a random direction from what it
     received, except client HOSTILE, which moves ``hostile_scale``; and the norm of HOSTILE's honest
     (0.01) change."""
-    # the default size bound (validation.max_update_rms) would reject the 1e2/1e6 changes outright: off here,
-    # so that clipping alone is what is measured
-    overrides = [f"method={method}", "validation.max_update_rms=null"] + ([f"robust.clip_norm={clip}"] if clip else [])
+    # the default bounds (validation.max_update_rms, max_change_entry) would reject the 1e2/1e6 changes outright,
+    # and the clip to the round's median would bound them too: off here, so that robust.clip_norm alone is measured
+    overrides = [
+        f"method={method}",
+        "validation.max_update_rms=null",
+        "validation.max_change_entry=null",
+        "robust.clip_to_median=null",
+    ] + ([f"robust.clip_norm={clip}"] if clip else [])
     fed = Federation(tiny_cfg(*overrides), tmp, MODULES)
     fed.start()
     results, honest_change = [], 0.0

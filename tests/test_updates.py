@@ -294,6 +294,12 @@ VALIDATION_CASES = {
         "norm_too_large",
         ["validation.max_update_rms=10", "root-mean-square"],
     ),
+    "change_above_bound": (
+        lambda u: u.tensors[f"{Q}.lora_B"].__setitem__((0, 0), u.tensors[f"{Q}.lora_B"][0, 0] + 0.75),
+        {"reference": make_update().tensors, "max_change_entry": 0.5},
+        "change_too_large",
+        [f"{Q}.lora_B changed by 0.75", "bound 0.5 (validation.max_change_entry)"],
+    ),
     "non_finite_extra": (_attr("meta", {"loss": float("inf")}), {}, "bad_metadata", ["extra.loss = inf"]),
     "lone_surrogate_extra_key": (
         _attr("meta", {"ok": {"\ud800": 1}}),
@@ -330,6 +336,21 @@ def test_validation_rejects_with_its_own_reason(case):
     assert str(err).startswith(reason + ": ")
     if seen is not None:
         assert seen == before  # a rejected update is not recorded
+
+
+def test_the_change_bound_measures_the_change_not_the_factors():
+    """Issue 26: a factor far from zero is fine when the client received it (an honest client after any earlier
+    round is never refused for what the global model holds); a client that sent a lower rank (pruned) is compared
+    with the prefix of what it received."""
+    received = {k: v + 100.0 for k, v in make_update().tensors.items()}
+    honest = make_update()
+    honest.tensors = {k: (v + 0.01).contiguous() for k, v in received.items()}
+    check(honest, reference=received, max_change_entry=0.5, max_rms=None)
+    pruned = make_update(rank=2)
+    pruned.tensors = {k: (v[:2] if k.endswith("lora_A") else v[:, :2]).clone() for k, v in received.items()}
+    check(pruned, reference=received, max_change_entry=0.5, max_rms=None)
+    pruned.tensors[f"{V}.lora_A"][1, 0] += 0.6
+    assert rejected(check, pruned, reference=received, max_change_entry=0.5, max_rms=None).reason == "change_too_large"
 
 
 def test_rejected_update_travels_the_wire_and_is_still_rejected():

@@ -348,6 +348,13 @@ class EvalConfig(_Section):
 
 class ValidationConfig(_Section):
     max_update_norm: float | None = Field(None, gt=0, description="Reject updates whose Frobenius norm exceeds this.")
+    max_change_entry: float | None = Field(
+        0.5,
+        gt=0,
+        description="Reject updates with an entry that differs from what the client received by more than this "
+        "(a bound on the change, not on the file: genuine changes are at most ~3.2 x train.lr per optimizer step, "
+        "docs/security.md); null: off.",
+    )
     max_update_rms: float | None = Field(
         10.0,
         gt=0,
@@ -360,6 +367,35 @@ class ValidationConfig(_Section):
 class RobustConfig(_Section):
     clip_norm: float | None = Field(
         None, gt=0, description="Clip each accepted update's norm to this before aggregating."
+    )
+    clip_to_median: float | None = Field(
+        4.0,
+        ge=1,
+        description="Per round and per segment of the rank dimensions, scale each accepted client's change (its "
+        "update minus what it received) down to at most this many times the segment's median change norm over "
+        "the clients that cover it (genuine changes stay within 2x of it, docs/security.md); null: off. Not "
+        "under privacy.dp (its clip bounds every change) or secure aggregation (the server sees no change).",
+    )
+    max_examples_ratio: float | None = Field(
+        4.0,
+        ge=1,
+        description="Cap each accepted client's num_examples (its weight in a data-weighted mean) at this many times "
+        "the round's median, so no client outweighs the rest by claiming more data; null: off. Not under "
+        "privacy.dp (every weight is 1) or secure aggregation (weights are bounded there: docs/security.md).",
+    )
+    aggregator: Literal["mean", "trimmed_mean", "median"] = Field(
+        "mean",
+        description="How a round combines its clients' values of each entry, within each segment over the clients "
+        "that cover it: mean (the method's weighted mean), or the coordinate-wise trimmed_mean or median "
+        "(unweighted). Only for methods whose rule is a mean of the factors (a sum rule); not with privacy.dp "
+        "or secure aggregation.",
+    )
+    trim_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=0.5,
+        description="trimmed_mean: drop ceil(trim_fraction x n) of each entry's n values at each end (at most "
+        "(n-1)//2).",
     )
 
 

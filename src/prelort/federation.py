@@ -25,6 +25,7 @@ encodes its update, and :meth:`Federation.end_round_secure` finishes the round f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -39,10 +40,11 @@ import torch
 from . import checkpoint as ckpt
 from . import methods as methods_registry
 from .config import Config
-from .methods import ClientUpdate, GlobalState, Method
+from .methods import Broadcast, ClientUpdate, GlobalState, Method
 from .privacy import check_dp, check_secure_aggregation, clip_update, dp_aggregate, finish_noised
 from .protocol import ClientTask, EngineResult, EvalSums, EvalTask, RawUpdate, SecureAggregate, decode_raw
-from .rank_geometry import adapter_prefix
+from .rank_geometry import adapter_prefix, segments
+from .robust import cap_at_median, median_clip_scales, scale_segments, segment_change_norms, segment_medians
 from .secure_sums import (
     WEIGHT_UNITS,
     SecAggLayout,
@@ -89,6 +91,15 @@ def derived_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed derived from the run seed and (round, client, ...): every random choice of a round
     depends only on these numbers, so a resumed run repeats it exactly."""
     return random.Random(":".join(str(p) for p in (seed, *parts))).getrandbits(63)
+
+
+def client_broadcast(method: Method, state: GlobalState, seed: int, round_: int, client: int) -> tuple[int, Broadcast]:
+    """``(rank, broadcast)``: what ``client`` trains at and receives in round ``round_`` from the state of the round
+    before (its fresh inits drawn with the seed derived from (seed, round, client)). The round loop sends it;
+    ``prelort verify-update`` recomputes it to bound an update's change from it."""
+    rank = method.client_rank(client, state)
+    gen = torch.Generator().manual_seed(derived_seed(seed, round_, client))
+    return rank, method.broadcast(state, rank, gen)
 
 
 @dataclass
@@ -185,7 +196,8 @@ def round_diagnostics(
 
 
 def check_privacy(cfg: Config, method: Method | None = None) -> None:
-    """Refuse privacy settings the method or the round loop cannot honour, before anything runs."""
+    """Refuse privacy and robust-aggregation settings the method or the round loop cannot honour, before
+    anything runs."""
     if method is None:
         method = methods_registry.build(cfg.method, cfg.federation_spec({}))
     if cfg.privacy.dp:
@@ -193,6 +205,30 @@ def check_privacy(cfg: Config, method: Method | None = None) -> None:
     check_privacy_budget(cfg)
     if cfg.privacy.secure_aggregation:
         check_secure_aggregation(cfg)
+    check_robust_aggregator(cfg, method)
+
+
+def check_robust_aggregator(cfg: Config, method: Method) -> None:
+    """Refuse a coordinate-wise ``robust.aggregator`` where it cannot run: a method whose aggregate is not a mean
+    of the clients' factors (no sum rule), client-level DP (its noise is calibrated to a sum of clipped
+    updates) and secure aggregation (the server only ever sees the sum)."""
+    from .config import ConfigError
+
+    aggregator = cfg.robust.aggregator
+    if aggregator == "mean":
+        return
+    if not method.sum_aggregatable:
+        able = ", ".join(sorted(n for n, c in methods_registry.available().items() if c.sum_aggregatable))
+        raise ConfigError(
+            f"robust.aggregator={aggregator}: method {cfg.method!r} does not aggregate by a mean of the clients' "
+            f"factors (no sum rule), so no coordinate-wise statistic can replace it; methods that can: {able}"
+        )
+    for flag, why in (
+        ("dp", "its noise is calibrated to the sum of the clipped updates, not to a median or trimmed mean"),
+        ("secure_aggregation", "the server only ever learns the sum of the updates, never the values to sort"),
+    ):
+        if getattr(cfg.privacy, flag):
+            raise ConfigError(f"robust.aggregator={aggregator} cannot be combined with privacy.{flag}: {why}")
 
 
 def check_privacy_budget(cfg: Config) -> None:
@@ -333,14 +369,9 @@ class Federation:
         self._attempt = attempt
         tasks = []
         for client in self.sample_clients(round_, attempt):
-            rank = self.method.client_rank(client, self.state)
+            rank, broadcast = client_broadcast(self.method, self.state, self.cfg.seed, round_, client)
             seed = derived_seed(self.cfg.seed, round_, client)
-            gen = torch.Generator().manual_seed(seed)
-            tasks.append(
-                ClientTask(
-                    round_, client, rank, self.method.broadcast(self.state, rank, gen), self.method.plan(rank), seed
-                )
-            )
+            tasks.append(ClientTask(round_, client, rank, broadcast, self.method.plan(rank), seed))
         self._tasks = {t.client: t for t in tasks}
         return tasks
 
@@ -353,7 +384,15 @@ class Federation:
         task = self._tasks.get(update.client)
         if task is None:
             raise UpdateRejected("not_sampled", f"client {update.client} was not sampled in round {self.round + 1}")
-        server_check(update, self.spec, self.method, self.cfg.validation, round_=task.round, seen_clients=seen)
+        server_check(
+            update,
+            self.spec,
+            self.method,
+            self.cfg.validation,
+            round_=task.round,
+            seen_clients=seen,
+            reference=task.broadcast.adapter,
+        )
         seen.add(update.client)
         if self.cfg.robust.clip_norm is not None and not self.cfg.privacy.dp:  # DP clips with its own bound
             update, norm, clipped = clip_update(
@@ -424,6 +463,8 @@ class Federation:
         outcome.train_loss = _mean_loss([u.meta for u in accepted])
         self._diagnose(outcome, [(u.client, u.rank, u.meta) for u in accepted])
         outcome.clients = self._client_list(outcome, {u.client: (u.rank, u.num_examples) for u in accepted})
+        if not self.cfg.privacy.dp:  # under DP its clip and weight 1 bound every client already
+            accepted = self._limit_influence(round_, accepted)
         if self.cfg.audit:
             from .rundir import RunDir
 
@@ -436,7 +477,12 @@ class Federation:
             self.state, info = dp_aggregate(self.method, self.state, accepted, references, privacy, gen)
             log.info("round %d: differential privacy: %s", round_, json.dumps(info, default=str))
         else:
-            new_state = self.method.aggregate(self.state, accepted)
+            robust = self.cfg.robust
+            new_state = (
+                self.method.aggregate(self.state, accepted)
+                if robust.aggregator == "mean"
+                else self.method.aggregate_robust(self.state, accepted, robust.aggregator, robust.trim_fraction)
+            )
             # last line of defence: a state that is not finite is never checkpointed or broadcast
             bad = sorted(name for name, t in new_state.tensors.items() if not bool(torch.isfinite(t).all()))
             if bad:
@@ -451,6 +497,67 @@ class Federation:
                 )
             self.state = new_state
         return self._commit_round(round_, outcome, seconds)
+
+    def _limit_influence(self, round_: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The round's bounds relative to its other clients (:mod:`prelort.robust`): each change clipped per segment
+        to ``robust.clip_to_median`` x the segment's median change norm, then each ``num_examples`` capped at
+        ``robust.max_examples_ratio`` x the round's median. Logs the round's change statistics (what the
+        defaults were measured with, docs/security.md) and every client it clipped or capped."""
+        robust = self.cfg.robust
+        bounds = segments(self.spec.client_ranks)
+        references = [self.received(u.client, u.rank) for u in updates]
+        changes = [{n: x - ref[n] for n, x in u.tensors.items()} for u, ref in zip(updates, references)]
+        norms = [segment_change_norms(c, bounds) for c in changes]
+        medians = segment_medians(norms)
+        ratios = [
+            None if m is None else max(n / m if m > 0 else float("inf") for row in norms if (n := row[j]) is not None)
+            for j, m in enumerate(medians)
+        ]
+        largest = max((float(t.abs().max()) for c in changes for t in c.values() if t.numel()), default=0.0)
+        log.info(
+            "round %d: changes from what the clients received: largest entry %.4g; per segment %s, the largest "
+            "norm / median norm %s",
+            round_,
+            largest,
+            [list(b) for b in bounds],
+            ["-" if r is None else f"{r:.3g}" for r in ratios],
+        )
+        factor = robust.clip_to_median
+        scales = (
+            median_clip_scales(norms, medians, factor) if factor is not None else [[1.0] * len(bounds)] * len(norms)
+        )
+        out = []
+        for update, ref, change, row, norm_row in zip(updates, references, changes, scales, norms):
+            if any(s < 1.0 for s in row):
+                clipped = scale_segments(change, row, bounds)
+                update = dataclasses.replace(update, tensors={n: (ref[n] + clipped[n]).contiguous() for n in change})
+                log.warning(
+                    "round %d: clipped client %d's change to %g x the median per segment (robust.clip_to_median): %s",
+                    round_,
+                    update.client,
+                    robust.clip_to_median,
+                    ", ".join(
+                        f"[{lo}, {hi}) {n:.4g} -> {n * s:.4g}"
+                        for (lo, hi), n, s in zip(bounds, norm_row, row)
+                        if s < 1.0 and n is not None
+                    ),
+                )
+            out.append(update)
+        if robust.max_examples_ratio is not None:
+            capped = cap_at_median([u.num_examples for u in out], robust.max_examples_ratio)
+            for i, (update, n) in enumerate(zip(out, capped)):
+                if n != update.num_examples:
+                    log.warning(
+                        "round %d: capped client %d's num_examples %d -> %d (%g x the round's median; "
+                        "robust.max_examples_ratio)",
+                        round_,
+                        update.client,
+                        update.num_examples,
+                        n,
+                        robust.max_examples_ratio,
+                    )
+                    out[i] = dataclasses.replace(update, num_examples=n)
+        return out
 
     def end_round_secure(self, round_: int, agg: SecureAggregate, seconds: float = 0.0) -> RoundOutcome:
         """Finish a round from SecAgg+'s output (:class:`SecureAggregate`) instead of from updates.

@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from safetensors.torch import save as _st_save
 from torch import Tensor
 
 from .methods.base import ClientUpdate, FederationSpec, Method, split_key
-from .rank_geometry import factor_rank
+from .rank_geometry import factor_rank, rank_dim
 
 # Header of a LoRA update: ~150 bytes per tensor; 16 MiB allows ~100k tensors and stops a header
 # that claims gigabytes before anything is allocated.
@@ -87,6 +87,8 @@ REASONS: dict[str, str] = {
     "missing_module": "an adapted module is absent from the update",
     "extra_key": "a tensor name that is not <module>.lora_A or <module>.lora_B",
     "norm_too_large": "the update's norm exceeds validation.max_update_norm",
+    "change_too_large": "an entry of the update differs from what the client received by more than "
+    "validation.max_change_entry",
     "round_mismatch": "the update belongs to another round",
     "method_mismatch": "the update was made for another method",
     "client_out_of_range": "the client id is not a client of this federation",
@@ -532,6 +534,8 @@ def validate_update(
     seen_clients: set[int] | None = None,
     max_norm: float | None = None,
     max_rms: float | None = None,
+    reference: Mapping[str, Tensor] | None = None,
+    max_change_entry: float | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless the server may aggregate ``update``.
 
@@ -541,6 +545,8 @@ def validate_update(
     update's root-mean-square entry, :func:`update_norm` / sqrt(number of entries). ``seen_clients``: the
     clients already accepted this round; on acceptance ``update.client`` is ADDED to it, so one set
     per round rejects a second update from the same client. ``max_norm``: bound on :func:`update_norm`.
+    ``reference``: what the client received (the broadcast adapter, cut to the update's rank); with
+    ``max_change_entry``, every entry of the change (update minus reference) is at most that in magnitude.
     A client may send a rank below its configured one (a method's pruning or common rank) but
     never above it.
 
@@ -555,6 +561,8 @@ def validate_update(
     _check_tensor_names(update, spec, who)
     _check_dtypes_and_shapes(update, spec, who)
     _check_values(update, who, max_norm=max_norm, max_rms=max_rms)
+    if reference is not None and max_change_entry is not None:
+        _check_change(update, reference, who, max_change_entry)
     if method_impl is not None:
         try:
             method_impl.check_update(update)
@@ -717,6 +725,31 @@ def _check_values(update: ClientUpdate, who: str, *, max_norm: float | None, max
             )
 
 
+def _check_change(update: ClientUpdate, reference: Mapping[str, Tensor], who: str, bound: float) -> None:
+    """Every entry of update - reference within +-``bound`` (validation.max_change_entry). ``reference`` holds what
+    the client received at (at least) the update's rank; names and shapes were checked already."""
+    worst, where = 0.0, ""
+    for name in sorted(update.tensors):
+        x = update.tensors[name]
+        ref = reference.get(name)
+        if ref is None:
+            raise UpdateRejected("extra_key", f"{who}: no received tensor {name!r} to compare the update with")
+        dim = rank_dim(split_key(name)[1])
+        if ref.shape[dim] < x.shape[dim]:
+            raise UpdateRejected(
+                "shape_rank_mismatch", f"{who}: {name} has rank {x.shape[dim]}, it received rank {ref.shape[dim]}"
+            )
+        largest = float((x.double() - ref.narrow(dim, 0, x.shape[dim]).double()).abs().max()) if x.numel() else 0.0
+        if largest > worst:
+            worst, where = largest, name
+    if worst > bound:
+        raise UpdateRejected(
+            "change_too_large",
+            f"{who}: an entry of {where} changed by {worst:.6g} from what the client received, more than the "
+            f"bound {bound:g} (validation.max_change_entry)",
+        )
+
+
 def server_check(
     update: ClientUpdate,
     spec: FederationSpec,
@@ -725,11 +758,13 @@ def server_check(
     *,
     round_: int | None,
     seen_clients: set[int] | None = None,
+    reference: Mapping[str, Tensor] | None = None,
 ) -> None:
     """The server's whole check of one decoded update, with the bounds of ``validation`` (the run's
     :class:`prelort.config.ValidationConfig`). The round loop (:meth:`prelort.federation.Federation.accept`),
     ``prelort verify-update`` and a Flower client checking its own update all call this one function, so
-    "verify-update accepts it" means "the round accepts it"."""
+    "verify-update accepts it" means "the round accepts it". ``reference``: what the client received this round
+    (its broadcast adapter), for the bound on the change (``validation.max_change_entry``)."""
     validate_update(
         update,
         spec,
@@ -738,4 +773,6 @@ def server_check(
         seen_clients=seen_clients,
         max_norm=validation.max_update_norm,
         max_rms=validation.max_update_rms,
+        reference=reference,
+        max_change_entry=validation.max_change_entry,
     )

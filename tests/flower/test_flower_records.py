@@ -333,3 +333,38 @@ def test_on_site_evaluation_reaches_only_sites_with_held_out_records():
     assert results[2] is None
     evaluated = [m.metadata.dst_node_id for m in grid.sent if records.EVAL_TASK in m.content.config_records]
     assert sorted(evaluated) == [11, 12]
+
+
+def test_engine_hands_a_reply_over_undecoded_so_its_names_are_checked_before_any_tensor_is():
+    """A reply of 20,000 zero-size tensors (issue 26, hole 4, on the Flower path): the engine reads only the
+    metadata and returns the wire parts; the round loop's decode_raw refuses the names against the layout before
+    safetensors decodes a single tensor."""
+    from safetensors.torch import save as st_save
+
+    from prelort import updates
+    from prelort.methods import FederationSpec
+    from prelort.protocol import RawUpdate, decode_raw
+
+    junk = {f"junk.{i}": torch.zeros(0) for i in range(20_000)}
+
+    def train(node, task):
+        content = records.encode_reply(_update(client=task.client, rank=2, round_=task.round))
+        data = st_save(junk)
+        content.array_records[records.UPDATE]["safetensors"] = Array(
+            dtype="uint8", shape=(len(data),), stype="safetensors", data=data
+        )
+        return content
+
+    results = _engine(ScriptedGrid({7: 0}, 1, train), num=1).execute(_tasks([0]))
+    assert isinstance(results[0], RawUpdate) and results[0].client == 0
+
+    def no_decoding(data):
+        raise AssertionError("the payload was decoded before its names were checked")
+
+    spec = FederationSpec(modules={MOD: (5, 6)}, client_ranks=(2,), alpha=16.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(updates, "_st_load", no_decoding)
+        with pytest.raises(UpdateRejected) as e:
+            decode_raw(results[0], spec=spec)
+    assert e.value.reason in ("header_too_large", "extra_key") and e.value.client == 0
+    assert records.decode_reply(records.encode_reply(_update(client=0)), spec=spec).client == 0

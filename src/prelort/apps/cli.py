@@ -532,7 +532,9 @@ def _verify_update(run_dir: Path, file: Path, round_: int | None) -> None:
     expected_round = round_ if round_ is not None else directory.latest_intact_round() + 1
     try:
         update = load_update(file, max_payload_bytes(spec), spec=spec)
-        server_check(update, spec, method_impl, validation, round_=expected_round)  # what the round loop runs
+        received = _received(run_dir, method_impl, update.client, expected_round)
+        # what the round loop runs, with what the client received for the bound on the change
+        server_check(update, spec, method_impl, validation, round_=expected_round, reference=received)
     except FileNotFoundError as e:
         _fail(str(e))
     except UpdateRejected as e:
@@ -548,6 +550,24 @@ def _verify_update(run_dir: Path, file: Path, round_: int | None) -> None:
         f"{update.num_examples} examples, norm {update_norm(update.tensors):.6g}"
         + (f" ({', '.join(bounds)})" if bounds else "")
     )
+
+
+def _received(run_dir: Path, method_impl: Any, client: Any, round_: int) -> dict[str, Any] | None:
+    """The adapter ``client`` received in round ``round_`` (recomputed from round ``round_ - 1``'s checkpoint, as
+    the round loop sent it), or None when that checkpoint is not there or the client is none of the run's."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..federation import client_broadcast
+
+    if type(client) is not int or not 0 <= client < len(method_impl.spec.client_ranks):
+        return None
+    try:
+        _, state, info = load_checkpoint(run_dir, round_ - 1)
+    except (CheckpointError, ValueError):
+        return None
+    seed = info.get("seed")
+    if type(seed) is not int:
+        return None
+    return client_broadcast(method_impl, state, seed, round_, client)[1].adapter
 
 
 def main() -> None:  # pragma: no cover

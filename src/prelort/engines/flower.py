@@ -4,8 +4,8 @@ built, so importing this module (and the in-process path) never imports flwr.
 
 ``GridEngine.execute(tasks)`` is what :meth:`prelort.runner.Session.run` calls each round: it sends each
 sampled client's task to the node holding that client's partition (one TRAIN message each, records.py),
-waits up to ``flower.round_timeout`` seconds, and turns every reply back into a ClientUpdate through the
-wire format. A node that errs, does not answer in time, or answers with something that cannot be decoded
+waits up to ``flower.round_timeout`` seconds, and returns every reply as a :class:`~prelort.protocol.RawUpdate`
+(the wire format, undecoded: the round loop checks its tensor names against the layout, then decodes it). A node that errs, does not answer in time, or answers with something that cannot be decoded
 becomes an Exception in the result list (carrying ``.client``), which the Federation logs while the round
 goes on - exactly as with the in-process engine.
 
@@ -26,9 +26,8 @@ from collections.abc import Iterable, Sequence
 
 from ..config import Config, from_dict, site_rank_problem
 from ..flower import records
-from ..methods import ClientUpdate
-from ..protocol import ClientFailed, ClientTask, EvalSums, EvalTask
-from ..updates import UpdateRejected
+from ..protocol import ClientFailed, ClientTask, EngineResult, EvalSums, EvalTask, RawUpdate
+from ..updates import UpdateRejected, parse_metadata
 
 log = logging.getLogger("prelort")
 
@@ -206,14 +205,14 @@ class GridEngine:
         self.nodes = nodes if nodes is not None else directory_for(grid, cfg)
         self.round_seconds: list[float] = []
 
-    def execute(self, tasks: Sequence[ClientTask]) -> list[ClientUpdate | Exception]:
+    def execute(self, tasks: Sequence[ClientTask]) -> list[EngineResult]:
         from flwr.app import Message, MessageType
 
         if not tasks:
             return []
         timeout = self.cfg.flower.round_timeout
         self.nodes.refresh((t.client for t in tasks), wait=self.cfg.flower.node_wait)
-        results: dict[int, ClientUpdate | Exception] = {}
+        results: dict[int, EngineResult] = {}
         messages, sent = [], {}
         for task in tasks:
             node = self.nodes.node_of(task.client)
@@ -246,22 +245,26 @@ class GridEngine:
         return [results[t.client] for t in tasks]
 
     @staticmethod
-    def _result(node: int, task: ClientTask, reply) -> ClientUpdate | Exception:
+    def _result(node: int, task: ClientTask, reply) -> EngineResult:
+        """The reply as a :class:`RawUpdate`, undecoded: the round loop decodes it (:func:`prelort.protocol.decode_raw`)
+        after checking its tensor names and their number against the federation's layout. Only the metadata is
+        read here, for the client the node's update declares."""
         if reply.has_error():
             return ClientFailed(
                 task.client, f"SuperNode {node} replied with error {reply.error.code}: {reply.error.reason}"
             )
         try:
-            update = records.decode_reply(reply.content)
+            payload, meta = records.reply_parts(reply.content)
+            declared = parse_metadata(meta)["client"]
         except UpdateRejected as e:
             e.client = task.client  # type: ignore[attr-defined]  # Federation logs who sent it
             return e
-        if update.client != task.client:
+        if declared != task.client:
             return ClientFailed(
                 task.client,
-                f"SuperNode {node} holds client {task.client} but its update declares client {update.client}",
+                f"SuperNode {node} holds client {task.client} but its update declares client {declared}",
             )
-        return update
+        return RawUpdate(task.client, payload, meta)
 
     def evaluate(self, tasks: Sequence[EvalTask]) -> list[EvalSums | Exception | None]:
         """On-site evaluation: one EVALUATE message to each node that keeps held-out records (its node-config

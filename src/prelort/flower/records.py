@@ -9,8 +9,9 @@ Server -> client, one TRAIN message per sampled client (its own task):
   ``<module>.lora_B`` (d_out x r), one ``Array(ndarray)`` each, float32;
 * ``prelort.base_delta`` (ArrayRecord, only for methods whose broadcast has one): ``<module>.delta``.
 
-Client -> server, the reply carries the update in prelort's wire format (docs/design.md section 7), so the
-server decodes it with :func:`prelort.updates.decode_update` and validates it exactly like an update
+Client -> server, the reply carries the update in prelort's wire format (docs/design.md section 7); the engine
+hands the undecoded parts (:func:`reply_parts`) to the round loop, which decodes them with
+:func:`prelort.protocol.decode_raw` (names against the layout first) and validates them exactly like an update
 read from disk:
 
 * ``prelort.update`` (ArrayRecord): one Array ``safetensors`` whose data are the safetensors bytes
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..methods import Broadcast, ClientUpdate, TrainPlan
+from ..methods import Broadcast, ClientUpdate, FederationSpec, TrainPlan
 from ..protocol import EvalSums, EvalTask
 from ..updates import UpdateRejected, decode_update, encode_update
 
@@ -221,8 +222,11 @@ def encode_reply(update: ClientUpdate) -> RecordDict:
     )
 
 
-def decode_reply(content: RecordDict) -> ClientUpdate:
-    """The ClientUpdate in a TRAIN reply; raises :class:`UpdateRejected` (the same reasons as for a file)."""
+def reply_parts(content: RecordDict) -> tuple[bytes, str]:
+    """The wire format in a TRAIN reply, undecoded: ``(safetensors bytes, metadata JSON text)``, after checking
+    only the records around them; raises :class:`UpdateRejected`. The server decodes the parts itself
+    (:func:`prelort.protocol.decode_raw`), checking the tensor names and their number against the federation's
+    layout before any tensor is decoded."""
     if UPDATE_META not in content.config_records:
         raise UpdateRejected("missing_metadata", f"reply has no {UPDATE_META!r} ConfigRecord")
     meta_rec = content.config_records[UPDATE_META]
@@ -236,7 +240,13 @@ def decode_reply(content: RecordDict) -> ClientUpdate:
     payload = content.array_records[UPDATE]["safetensors"]
     if payload.stype != SAFETENSORS_STYPE:
         raise UpdateRejected("not_safetensors", f"update Array has stype {payload.stype!r}, not {SAFETENSORS_STYPE!r}")
-    return decode_update(bytes(payload.data), meta)
+    return bytes(payload.data), meta
+
+
+def decode_reply(content: RecordDict, spec: FederationSpec | None = None) -> ClientUpdate:
+    """The ClientUpdate in a TRAIN reply (:func:`reply_parts` decoded; ``spec``: the names checked against its
+    layout first); raises :class:`UpdateRejected` (the same reasons as for a file)."""
+    return decode_update(*reply_parts(content), spec=spec)
 
 
 # -- the task under secure aggregation (legacy FitIns: ndarrays + a flat config) ------------------------------

@@ -327,6 +327,18 @@ class Method(ABC):
     def aggregate(self, state: GlobalState, updates: Iterable[ClientUpdate]) -> GlobalState:
         """The new global state from this round's (validated) updates. Must not modify ``state``."""
 
+    def aggregate_robust(
+        self, state: GlobalState, updates: Iterable[ClientUpdate], aggregator: str, trim_fraction: float
+    ) -> GlobalState:
+        """The new global state with the mean of :meth:`aggregate` replaced by a coordinate-wise ``aggregator``
+        (``robust.aggregator``: trimmed_mean or median, :func:`prelort.robust.coordinatewise`). Only a method whose
+        rule is a mean of its clients' factors has one (:class:`prelort.methods.toolkit.SumRuleMethod`); the
+        default refuses."""
+        raise ValueError(
+            f"robust.aggregator={aggregator}: method {self.name!r} has no sum rule, so its aggregate is not a mean "
+            "of the clients' factors that a coordinate-wise statistic could replace"
+        )
+
     def check_update(self, update: ClientUpdate) -> None:
         """Raise ValueError (a one-line reason) if a method-specific part of an already validated update
         (names, shapes, finite values, rank bounds) cannot be aggregated by this method; the server calls

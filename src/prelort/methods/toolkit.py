@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..factor_sums import FactorSums
-from ..rank_geometry import adapter_prefix, rank_dim
+from ..rank_geometry import adapter_prefix, pad, rank_dim
+from ..robust import coordinatewise
 from .base import (
     Broadcast,
     ClientUpdate,
@@ -46,6 +47,7 @@ __all__ = [
     "add_factors",
     "check_rank",
     "client_factors",
+    "coordinatewise_factors",
     "copy_state",
     "data_weight",
     "default_generator",
@@ -161,6 +163,41 @@ def fold_updates(
     return sums, seen
 
 
+def coordinatewise_factors(
+    method: Method, state: GlobalState, updates: Iterable[ClientUpdate], aggregator: str, trim_fraction: float
+) -> tuple[dict[str, Tensor], list[tuple[int, dict[str, Any]]]]:
+    """The robust counterpart of :func:`fold_updates` and the sum rule's finish: each global factor's new value
+    from the updates' ``method.contributed_factors`` by :func:`prelort.robust.coordinatewise` (unweighted, as
+    Flower's FedMedian and FedTrimmedAvg), within each segment over the clients the method's rule averages it
+    over - ``segment``: per run of dimensions covered by the same clients, those clients (a dimension no client
+    covers keeps its value); ``padded``: every client, zero-padded to R. Returns the new LoRA factors and the
+    (client, metadata) pairs ``after_round`` reads."""
+    collected: dict[str, list[Tensor]] = {}
+    seen: list[tuple[int, dict[str, Any]]] = []
+    for update in updates:
+        for module, a, b in method.contributed_factors(update):
+            collected.setdefault(key(module, "lora_A"), []).append(a)
+            collected.setdefault(key(module, "lora_B"), []).append(b)
+        seen.append((update.client, dict(update.meta)))
+    out: dict[str, Tensor] = {}
+    for name in lora_shapes(state):
+        prev, xs = state.tensors[name], collected.get(name, [])
+        dim = rank_dim(split_key(name)[1])
+        full = prev.shape[dim]
+        new = prev.detach().clone()
+        if xs and method.sum_rule == "padded":
+            stack = torch.stack([pad(x.to(prev.dtype), full, dim) for x in xs])
+            new.copy_(coordinatewise(stack, aggregator, trim_fraction))
+        elif xs:
+            cuts = sorted({0, *(x.shape[dim] for x in xs)})
+            for lo, hi in zip(cuts, cuts[1:]):
+                covering = [x.narrow(dim, lo, hi - lo) for x in xs if x.shape[dim] >= hi]
+                value = coordinatewise(torch.stack(covering).to(prev.dtype), aggregator, trim_fraction)
+                new.narrow(dim, lo, hi - lo).copy_(value)
+        out[name] = new
+    return out, seen
+
+
 def lora_shapes(state: GlobalState) -> dict[str, tuple[int, ...]]:
     """name -> shape of the state's LoRA factors."""
     return {name: tuple(t.shape) for name, t in state.tensors.items() if name.endswith((".lora_A", ".lora_B"))}
@@ -200,5 +237,15 @@ class SumRuleMethod(Method):
         num = {name: acc.compact_num for name, acc in sums.items()}
         den = {name: acc.den for name, acc in sums.items()}
         out = copy_state(state, self.finish_sums(state, num, den))
+        self.after_round(out, seen)
+        return out
+
+    def aggregate_robust(
+        self, state: GlobalState, updates: Iterable[ClientUpdate], aggregator: str, trim_fraction: float
+    ) -> GlobalState:
+        """:meth:`aggregate` with the rule's weighted mean replaced by ``aggregator`` over the same clients
+        (:func:`coordinatewise_factors`), then ``after_round`` as in every round."""
+        tensors, seen = coordinatewise_factors(self, state, updates, aggregator, trim_fraction)
+        out = copy_state(state, tensors)
         self.after_round(out, seen)
         return out
