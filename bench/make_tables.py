@@ -812,6 +812,11 @@ def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir:
             f"floor {g['floor_accuracy']:.3f}, gap {g['mean_gap']:+.3f} (per seed {gaps}), constant guess "
             f"{g['constant_guess']:.3f}" + (f"; failed checks: {', '.join(failed)}" if failed else "") + "."
         )
+    acted = sorted(key for key, rec in stage["runs"].items() if rec.get("defence_actions"))
+    if acted:
+        out.append(
+            f"- The update defences acted in {len(acted)} run(s), which the protocol expects never: {', '.join(acted)}."
+        )
     out += ["", f"Pilot seeds {', '.join(seeds)}. Command: `{stage['command']}`.", ""]
     out.append(f"Machine: {machine(stage.get('environment'))}")
     return "\n".join(out)

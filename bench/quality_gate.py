@@ -122,6 +122,19 @@ def constant_guess(cfg: Config) -> float:
     return sum(c.most_common(1)[0][1] for c in by_attribute.values()) / len(test)
 
 
+# run.log lines of a defence acting on an update (issue 26): an honest federation should show none
+DEFENCE_MARKS = ("robust.clip_to_median", "robust.max_examples_ratio", "change_too_large")
+
+
+def defence_actions(run_dir: Path) -> int:
+    """How many times the update defences acted in a run (clipped, capped or refused an update): the
+    protocol expects 0 in these honest federations, and the results flag a run where it is not."""
+    log = run_dir / "run.log"
+    if not log.is_file():
+        return 0
+    return sum(any(m in line for m in DEFENCE_MARKS) for line in log.read_text(errors="replace").splitlines())
+
+
 def lr_grid(step: str, arm: str, steps: dict[str, Any]) -> list[float]:
     """The arm's starting grid at ``step``: the base grid at L0, else 4 points 2x apart whose second is the
     previous step's best lr of the arm."""
@@ -284,6 +297,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
                 **collect_run(run_dir),
             }
             rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
+            rec["defence_actions"] = defence_actions(run_dir)
         ran += did_run
         stage["runs"][key] = rec
         if str(seed) not in stage["constant_guess"]:

@@ -86,3 +86,17 @@ def test_coordinatewise_statistics_ignore_one_outlier():
     assert torch.equal(coordinatewise(stack[:1], "median"), stack[0])
     with pytest.raises(ValueError, match="unknown aggregator"):
         coordinatewise(stack, "mode")  # type: ignore[arg-type]
+
+
+def test_a_change_bound_below_an_honest_rounds_reach_is_warned_about():
+    from prelort.config import from_dict
+    from prelort.runner import change_bound_warning
+
+    assert change_bound_warning(from_dict({"train": {"lr": 1e-3, "local_steps": 10}})) is None
+    assert change_bound_warning(from_dict({"train": {"lr": 0.1}, "validation": {"max_change_entry": None}})) is None
+    text = change_bound_warning(from_dict({"train": {"lr": 0.02, "local_steps": 10}}))
+    assert text.startswith("validation.max_change_entry (0.5) is below what an honest client can move")
+    assert "= 0.64" in text
+    # under lr_rank_scaling the smallest rank's lr is the largest
+    scaled = {"lr": 0.01, "local_steps": 10, "lr_rank_scaling": "sqrt", "lr_reference_rank": 4}
+    assert "lr 0.02 x 10" in change_bound_warning(from_dict({"train": scaled, "clients": {"ranks": [1, 4]}}))

@@ -31,6 +31,7 @@ from .protocol import Engine
 from .rank_geometry import adapter_rank
 from .recipe import client_examples, load_data, load_federation_model, quiet_libraries, site_data
 from .rundir import RECORD_KEYS, RunDir, federated_eval_record, train_record
+from .train import rank_lr
 
 log = logging.getLogger("prelort")
 
@@ -109,6 +110,27 @@ class _GracefulStop:
             signal.signal(signal.SIGINT, self._previous)
 
 
+# AdamW moves an entry by at most about (1 - beta1) / sqrt(1 - beta2) ~ 3.2 x lr per step (docs/security.md)
+ADAMW_STEP_BOUND = 3.2
+
+
+def change_bound_warning(cfg: Config) -> str | None:
+    """A warning when validation.max_change_entry is below what an honest client may move an entry in one
+    round (about 3.2 x its lr x train.local_steps): such a client's update would be refused as an attack."""
+    bound = cfg.validation.max_change_entry
+    if bound is None:
+        return None
+    lr = max(rank_lr(cfg.train, r) for r in cfg.clients.all_ranks())
+    reach = ADAMW_STEP_BOUND * lr * cfg.train.local_steps
+    if reach <= bound:
+        return None
+    return (
+        f"validation.max_change_entry ({bound:g}) is below what an honest client can move an entry in one round "
+        f"(up to about 3.2 x lr {lr:g} x {cfg.train.local_steps} local steps = {reach:.3g}); honest updates may "
+        "be refused as change_too_large: raise it or set it to null (docs/security.md)"
+    )
+
+
 class Session:
     """Model, data and run directory of one run. Engines call :meth:`run` with their executor."""
 
@@ -151,6 +173,9 @@ class Session:
             cfg.rounds,
             self.run_dir,
         )
+        tight = change_bound_warning(cfg)
+        if tight and not read_only:
+            log.warning(tight)
         log.info(
             "model %s loaded in %.1f s; data: %d train / %d test records; client sizes %s",
             cfg.model.name,

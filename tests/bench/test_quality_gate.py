@@ -187,6 +187,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert list(ceiling["tiers"]) == ["16"] and list(floor["tiers"]) == ["2"]
     assert len(ceiling["tiers"]["16"]["correct"]) == 48
     assert payload["stage_a"]["constant_guess"]["2001"] > 0
+    assert ceiling["defence_actions"] == 0 == floor["defence_actions"]  # honest clients: no defence acts
 
 
 def test_the_readme_section_shows_grids_gate_and_status(tmp_path):
@@ -254,3 +255,23 @@ def test_the_recommendation_page_follows_the_results(tmp_path):
 def test_the_repository_readme_and_recommendation_page_are_current():
     tables = load_bench("make_tables")
     assert tables.main(["--check"]) == 0, "run python -m bench.make_tables"
+
+
+def test_a_run_where_a_defence_acted_is_counted_and_flagged(tmp_path):
+    tables = load_bench("make_tables")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.log").write_text(
+        "round 1: clipped client 3's change to 4 x the median per segment (robust.clip_to_median): ...\n"
+        "round 2: client 1 rejected: change_too_large: ...\nround 2: accepted 3 updates\n"
+    )
+    assert qg.defence_actions(run) == 2 and qg.defence_actions(tmp_path / "none") == 0
+    payload = qg.main(
+        gate_args(tmp_path, "--seeds", "2001", "--max-runs", "1"),
+        execute=FakeFederation({"ceiling": (1e-3, 0.5), "floor": (1e-3, 0.5)}),
+    )
+    key = next(iter(payload["stage_a"]["runs"]))
+    payload["stage_a"]["runs"][key]["defence_actions"] = 2
+    assert f"acted in 1 run(s), which the protocol expects never: {key}" in tables.quality_study_2_section(
+        payload, tmp_path, ROOT
+    )
