@@ -261,7 +261,8 @@ def test_make_tables_writes_then_detects_staleness(tmp_path):
         "`python -m bench.aggregation --json results/aggregation.json`, "
         "`python -m bench.communication --json results/communication.json`, "
         "`python -m bench.quantization --json results/quantization.json`, "
-        "`python -m bench.quantization --demo-only --json results/quantization_demo.json`." in text
+        "`python -m bench.quantization --demo-only --json results/quantization_demo.json`, "
+        "`python -m bench.poisoning --json results/poisoning.json`." in text
     )
     # the recommendation page beside the README, generated from the same results (none of the studies here)
     assert (

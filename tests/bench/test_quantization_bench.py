@@ -98,4 +98,4 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
     text = tables.render(results, tmp_path)
     assert "### Quality cost of a 4-bit (nf4) base on the demo config" in text
     assert "| 16 | 0.250 | 0.250 | 3.50 | 3.50 | 48 |" in text
-    assert "`python -m bench.quantization --json results/quantization.json`." in text  # listed as not run yet
+    assert "`python -m bench.quantization --json results/quantization.json`," in text  # listed as not run yet
