@@ -198,3 +198,25 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, out)
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(p: Path) -> str:
+    """``p`` relative to the repository root where it lies inside it (what a results JSON records), else as given."""
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def status_kib(field: str) -> int | None:
+    """A ``VmXXX:`` field of /proc/self/status in KiB (None where /proc is not Linux's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None

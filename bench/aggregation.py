@@ -67,6 +67,7 @@ from ._common import (
     parse_ints,
     parse_methods,
     parse_models,
+    status_kib,
     table,
     write_json,
 )
@@ -150,18 +151,10 @@ class Settings:
 
 
 # --------------------------------------------------------------------------------------------- memory
-def _read_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def current_rss() -> int:
-    kib = _read_status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
     import psutil
@@ -188,7 +181,7 @@ class PeakRss:
         self.start = current_rss()
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            hwm = _read_status_kib("VmHWM")
+            hwm = status_kib("VmHWM")
             if hwm is None:
                 raise OSError("no VmHWM")
             self.method = "VmHWM"
@@ -210,7 +203,7 @@ class PeakRss:
             self._thread.join()
             self.peak = max(self.peak, current_rss())
         else:
-            self.peak = (_read_status_kib("VmHWM") or 0) * 1024
+            self.peak = (status_kib("VmHWM") or 0) * 1024
 
     @property
     def rise(self) -> int:

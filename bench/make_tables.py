@@ -1072,15 +1072,10 @@ def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[st
     missing = []
     for name, section in SECTIONS.items():
         path = results / name
-        if not path.is_file():
+        data = _load_json(path)
+        if data is None:
             missing.append(name)
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TablesError(f"{path}: not readable JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise TablesError(f"{path}: expected a JSON object, got {type(data).__name__}")
         try:
             parts += [section(data, results, Path(readme_dir)), ""]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:

@@ -59,7 +59,7 @@ from prelort.rank_geometry import adapter_rank  # noqa: E402
 from prelort.report import compare_runs, mean_std, read_run  # noqa: E402
 from prelort.runner import Session  # noqa: E402
 
-from ._common import environment, write_json
+from ._common import environment, repo_relative, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora")
@@ -238,7 +238,7 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
             raise SystemExit(
                 f"{run_dir} holds a finished run with a different config; delete it or pass another --runs-dir"
             )
-        return {**json.loads(marker.read_text()), "run_dir": _rel(run_dir)}
+        return {**json.loads(marker.read_text()), "run_dir": repo_relative(run_dir)}
     from prelort.rundir import RunDir
 
     resume = RunDir(run_dir).checkpoint_dir(0).is_dir() and _config_matches(run_dir, cfg)
@@ -248,7 +248,7 @@ def run_federation(cfg: Config, run_dir: Path) -> dict[str, Any]:
     session = BenchSession(cfg, run_dir, resume=resume, verbose=False)
     session.run(InProcessEngine(session, progress=False))
     record = {
-        "run_dir": _rel(run_dir),
+        "run_dir": repo_relative(run_dir),
         "method": cfg.method,
         "seed": cfg.seed,
         "lr": cfg.train.lr,
@@ -573,8 +573,8 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
         "methods": {m: {"lr": selection[m]["chosen_lr"], **summarise_method(runs[m])} for m in args.methods},
         "runs": records,
         "comparison_markdown": table,
-        "comparison_dir": _rel(out_dir),
-        "plots": sorted(_rel(p) for p in (out_dir / "plots").glob("*.png")),
+        "comparison_dir": repo_relative(out_dir),
+        "plots": sorted(repo_relative(p) for p in (out_dir / "plots").glob("*.png")),
         "wall_seconds": round(time.perf_counter() - t_model, 1),
         # the time the runs took when they ran (a resumed benchmark's wall_seconds leaves out skipped runs)
         "compute_seconds": round(
@@ -583,13 +583,6 @@ def run_model(model: str, args: argparse.Namespace, summary_dir: Path) -> dict[s
             1,
         ),
     }
-
-
-def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
 
 
 PROTOCOL = {
@@ -641,7 +634,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "select_seed": args.select_seed,
             "select_rounds": args.select_rounds,
             "overrides": args.overrides,
-            "runs_dir": _rel(args.runs_dir),
+            "runs_dir": repo_relative(args.runs_dir),
             "threads": torch.get_num_threads(),
         },
         "protocol": PROTOCOL,

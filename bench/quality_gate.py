@@ -33,7 +33,7 @@ from typing import Any
 from prelort import config as config_mod
 from prelort.config import Config
 
-from ._common import environment, write_json
+from ._common import environment, repo_relative, write_json
 from .quality_study import accuracy, collect_run, ensure_run, run_inprocess, selection_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,13 +218,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
-
-
 def _earlier_runs(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
@@ -247,14 +240,14 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         "command": "python -m bench.quality_gate "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "settings": {
-            "config": _rel(args.config),
+            "config": repo_relative(args.config),
             "seeds": args.seeds,
             "overrides": args.overrides,
             "study_settings": STUDY_SETTINGS,
             "ladder": {name: list(sets) for name, sets in LADDER},
             "base_grid": list(BASE_GRID),
             "max_extensions": MAX_EXTENSIONS,
-            "runs_dir": _rel(args.runs_dir),
+            "runs_dir": repo_relative(args.runs_dir),
         },
         "config": args.base,
         "environment": environment(),

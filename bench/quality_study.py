@@ -49,7 +49,7 @@ from prelort import config as config_mod  # noqa: E402
 from prelort.config import Config  # noqa: E402
 
 from . import study_stats as st
-from ._common import environment, write_json
+from ._common import environment, repo_relative, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm -> (method, prelort.nested); set in the config data directly (a --set string "off" would read as YAML false)
@@ -605,13 +605,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(p)
-
-
 def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], None] = run_inprocess) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads is not None:
@@ -627,7 +620,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         "command": command,
         "protocol": "docs/quality-study.md",
         "settings": {
-            "config": _rel(args.config),
+            "config": repo_relative(args.config),
             "arms": args.arms,
             "seeds": args.seeds,
             "selection_seed": args.selection_seed,
@@ -637,7 +630,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             "extra_arms": [a for a in args.arms if a in EXTRA_ARMS],
             "verdict_arm": VERDICT_ARM,
             "baselines": list(BASELINES),
-            "runs_dir": _rel(args.runs_dir),
+            "runs_dir": repo_relative(args.runs_dir),
         },
         "config": args.base,
         "environment": environment(),
@@ -677,7 +670,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             payload["analysis"] = {"error": f"{type(e).__name__}: {e}", "complete": complete}
             print(f"warning: the analysis failed ({type(e).__name__}: {e}); the runs are recorded", flush=True)
         plot = plot_differences(payload["analysis"], args.json.with_suffix("") / "paired_differences.png")
-        payload["plots"] = [_rel(plot)] if plot else []
+        payload["plots"] = [repo_relative(plot)] if plot else []
         write_json(args.json, payload)
 
     def one(key: str, arm: str, seed: int, lr: float, phase: str, reuse_only: bool) -> dict[str, Any] | None:
@@ -705,7 +698,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
                 "lr": lr,
                 "phase": phase,
                 "wall_seconds": wall,
-                "run_dir": _rel(run_dir),
+                "run_dir": repo_relative(run_dir),
                 **collect_run(run_dir),
             }
         ran += did_run

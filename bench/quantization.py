@@ -34,21 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ._common import status_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZATIONS = ("none", "int8", "nf4")
 RANKS = (2, 16)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _status_kib(field: str) -> int | None:
-    """A ``VmXXX:`` field of /proc/self/status in KiB (None where /proc is not Linux's)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _reset_peak_rss() -> bool:
@@ -93,8 +84,8 @@ def measure_one(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     _, tokenizer, model = load_federation_model(cfg)
     load_s = time.perf_counter() - t0
-    rss_loaded = _status_kib("VmRSS")
-    peak_load = _status_kib("VmHWM")
+    rss_loaded = status_kib("VmRSS")
+    peak_load = status_kib("VmHWM")
     reset = _reset_peak_rss()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, len(tokenizer), (args.batch_size, args.seq_len), generator=g).tolist()
@@ -119,10 +110,10 @@ def measure_one(args: argparse.Namespace) -> dict:
         "load_seconds": load_s,
         "rss_after_load_bytes": None if rss_loaded is None else rss_loaded * 1024,
         "peak_rss_bytes": max(
-            x for x in (peak_load, _status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) if x
+            x for x in (peak_load, status_kib("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) if x
         )
         * 1024,
-        "peak_rss_training_bytes": (_status_kib("VmHWM") or 0) * 1024 if reset else None,
+        "peak_rss_training_bytes": (status_kib("VmHWM") or 0) * 1024 if reset else None,
         "seconds_per_step": statistics.median(walls),
         "cpu_seconds_per_step": statistics.median(cpus),
         "all_seconds_per_step": walls,
