@@ -771,7 +771,11 @@ def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir:
         "guess. A failed gate moves one step down the pre-declared ladder.",
         "",
         f"**Status:** {progress.get('text', 'no run yet')}; {stage.get('outcome', 'running')}. "
-        f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h on 2 CPU cores.",
+        f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h (the runs' wall time on 2 CPU cores, shared "
+        "with other work while they ran). Constant guess (most common value per attribute) on the pilot seeds "
+        "so far: "
+        + (", ".join(f"{v:.3f} (seed {k})" for k, v in stage.get("constant_guess", {}).items()) or "-")
+        + ".",
         "",
         "| step | arm | accuracy by lr (mean over pilot seeds; * best) | best lr | per seed at the best lr |",
         "|---|---|---|---|---|",
