@@ -48,6 +48,7 @@ from prelort import config as config_mod
 from prelort import methods as methods_registry
 from prelort.engines.inprocess import InProcessEngine
 from prelort.protocol import ClientTask, RawUpdate
+from prelort.rundir import RunDir
 from prelort.runner import Session
 
 from ._common import environment, write_json
@@ -191,9 +192,9 @@ def run_one(cfg: config_mod.Config, run_dir: Path, attack: str | None) -> dict[s
     t0 = time.perf_counter()
     session = Session(cfg, run_dir, verbose=False)
     session.run(HostileEngine(InProcessEngine(session, progress=False), ATTACK_FUNCTIONS.get(attack or "")))
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = RunDir(run_dir).metrics.records()
     last = max(r["round"] for r in records)
-    log = (run_dir / "run.log").read_text()
+    log = RunDir(run_dir).log_file.read_text()
     who = str(HOSTILE_CLIENT) if attack else r"\d+"  # honest runs: any client
     out = {
         "tiers": {

@@ -129,7 +129,9 @@ DEFENCE_MARKS = ("robust.clip_to_median", "robust.max_examples_ratio", "change_t
 def defence_actions(run_dir: Path) -> int:
     """How many times the update defences acted in a run (clipped, capped or refused an update): the
     protocol expects 0 in these honest federations, and the results flag a run where it is not."""
-    log = run_dir / "run.log"
+    from prelort.rundir import RunDir
+
+    log = RunDir(run_dir).log_file
     if not log.is_file():
         return 0
     return sum(any(m in line for m in DEFENCE_MARKS) for line in log.read_text(errors="replace").splitlines())

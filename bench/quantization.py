@@ -196,7 +196,9 @@ def run_demo(args: argparse.Namespace) -> dict:
             seconds = time.perf_counter() - started
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            from prelort.rundir import RunDir
+
+            records = RunDir(run_dir).metrics.records()
             last = max(r["round"] for r in records)
             tiers = {
                 str(r["rank"]): {"accuracy": r["accuracy"], "perplexity": r["perplexity"], "n": r["n"]}
