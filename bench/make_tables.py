@@ -331,32 +331,36 @@ QUANT_LABELS = {"none": "float32", "int8": "int8", "nf4": "nf4"}
 
 
 def _quantization_demo(demo: dict[str, Any]) -> list[str]:
-    """The demo runs of bench/quantization.py (float32 and nf4, same seed): tiers, wall time, peak RSS."""
+    """The demo runs of bench/quantization.py (float32 and the quantised bases, same seed): tiers, wall time, peak
+    RSS."""
     out: list[str] = []
     runs = demo.get("runs") or {}
-    overrides = ", ".join(f"`{o}`" for o in demo.get("overrides") or []) or "none"
+    bases = [q for q in QUANT_LABELS if q in runs] + [q for q in runs if q not in QUANT_LABELS]
+    labels = [QUANT_LABELS.get(q, q) for q in bases]
+    overrides = ", ".join(f"`{o}`" for o in demo.get("overrides") or []) or "none (the demo as shipped)"
     out.append(
-        f"Quality cost of nf4: `prelort run {demo.get('config')}` with `model.quantization` none and nf4, same "
-        f"seed; budget overrides: {overrides}. Tiers after round {max((r.get('round', 0) for r in runs.values()), default=0)}."
+        f"`prelort run {demo.get('config')}` with `model.quantization` {', '.join(bases)}, same seed; budget "
+        f"overrides: {overrides}. Tiers after round {max((r.get('round', 0) for r in runs.values()), default=0)}."
     )
     out.append("")
-    float_run, nf4_run = runs.get("none") or {}, runs.get("nf4") or {}
-    ranks = sorted(set(float_run.get("tiers") or {}) | set(nf4_run.get("tiers") or {}), key=lambda t: int(t))
+    tiers = {q: runs[q].get("tiers") or {} for q in bases}
+    ranks = sorted({t for ts in tiers.values() for t in ts}, key=int)
     rows = []
     for t in ranks:
-        a, b = (float_run.get("tiers") or {}).get(t) or {}, (nf4_run.get("tiers") or {}).get(t) or {}
+        cells = [tiers[q].get(t) or {} for q in bases]
+        n = next((c["n"] for c in cells if "n" in c), "n/a")
         rows.append(
-            [t, _num(a.get("accuracy"), 3), _num(b.get("accuracy"), 3), _num(a.get("perplexity"), 2)]
-            + [_num(b.get("perplexity"), 2), b.get("n", a.get("n", "n/a"))]
+            [t, *(_num(c.get("accuracy"), 3) for c in cells), *(_num(c.get("perplexity"), 2) for c in cells), n]
         )
-    header = ["tier", "accuracy float32", "accuracy nf4", "perplexity float32", "perplexity nf4", "n"]
+    header = ["tier", *(f"accuracy {label}" for label in labels), *(f"perplexity {label}" for label in labels), "n"]
     out.append(markdown(header, rows))
     out.append("")
     out.append(
         "Whole run: "
         + "; ".join(
-            f"{QUANT_LABELS.get(q, q)} {fmt_seconds(r.get('seconds'))}, peak RSS {fmt_bytes(r.get('peak_rss_bytes'))}"
-            for q, r in runs.items()
+            f"{QUANT_LABELS.get(q, q)} {fmt_seconds(runs[q].get('seconds'))}, peak RSS "
+            f"{fmt_bytes(runs[q].get('peak_rss_bytes'))}"
+            for q in bases
         )
         + "."
     )
@@ -364,24 +368,53 @@ def _quantization_demo(demo: dict[str, Any]) -> list[str]:
     return out
 
 
+def _quantization_load(rows: list[dict[str, Any]], model: str) -> list[str]:
+    """Part 0 of bench/quantization.py: what loading each base costs, quantised while loading or after."""
+    ways = {"float32": "-", "streamed": "while loading", "after": "after loading in float32 (before)"}
+    out = [
+        f"Loading (part 0): {model}, loaded from a checkpoint of each dtype. Anonymous memory is what the OS cannot take back (VmHWM also counts the pages of the "
+        "memory-mapped checkpoint file, which it can drop); each row one fresh process, its libraries imported "
+        "before the peak is taken.",
+        "",
+    ]
+    table = []
+    for r in rows:
+        before = r.get("anon_before_load_bytes") or 0
+        table.append(
+            [
+                r.get("checkpoint_dtype", "float32"),
+                QUANT_LABELS.get(r["quantization"], r["quantization"]),
+                ways.get(r["way"], r["way"]),
+                fmt_seconds(r.get("load_seconds")),
+                fmt_bytes((r.get("peak_anon_bytes") or 0) - before),
+                fmt_bytes((r.get("anon_after_load_bytes") or 0) - before),
+                fmt_bytes(r.get("peak_rss_bytes")),
+            ]
+        )
+    header = ["checkpoint", "base", "quantised", "load time", "peak anon. memory of the load", "kept after load"]
+    out.append(markdown([*header, "VmHWM"], table))
+    out.append("")
+    return out
+
+
 def quantization_demo_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
-    """bench/quantization.py --demo-only: the quality cost of nf4 on the demo config."""
-    out = ["### Quality cost of a 4-bit (nf4) base on the demo config", ""]
+    """bench/quantization.py --demo-only: the quality cost of a quantised base on the demo config."""
+    out = ["### Quality cost of a quantised base (int8, nf4) on the demo config", ""]
     out += _quantization_demo(data.get("demo") or {})
     out.append(provenance(data, "quantization"))
     return "\n".join(out)
 
 
-def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
-    """bench/quantization.py: step time and memory per base and checkpointing, then nf4's quality cost."""
-    out = ["### Quantised base and gradient checkpointing (memory, step time, quality)", ""]
+def _quantization_steps(data: dict[str, Any]) -> list[str]:
+    """Part 1 of bench/quantization.py: step time and memory per base, checkpointing and rank."""
     steps = data.get("steps") or []
+    out: list[str] = []
     out.append(
-        f"{data.get('model')}, LoRA on {', '.join(data.get('target_modules') or [])}, batch {data.get('batch_size')} "
+        f"Training steps (part 1): {data.get('model')}, LoRA on {', '.join(data.get('target_modules') or [])}, batch {data.get('batch_size')} "
         f"x {data.get('seq_len')} tokens, plain LoRA steps; each row one fresh process (`model.quantization`, "
         "`train.gradient_checkpointing`). Peak RSS while training: after loading, the peak of the training steps; "
-        "whole process: loading included (a quantised base is loaded in float32, then quantised layer by layer). "
-        "Compare CPU seconds: the wall times of a shared machine depend on what else ran at that moment."
+        "whole process: loading included. Compare CPU seconds: the wall times of a shared machine depend on what "
+        "else ran at that moment."
     )
     out.append("")
 
@@ -432,6 +465,17 @@ def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Pa
                 "bitsandbytes' CPU backend dequantises every weight in every forward and backward pass."
             )
             out.append("")
+    return out
+
+
+def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
+    """bench/quantization.py: step time and memory per base and checkpointing, then nf4's quality cost."""
+    out = ["### Quantised base and gradient checkpointing (memory, step time, quality)", ""]
+    steps = data.get("steps") or []
+    if data.get("load"):
+        out += _quantization_load(data["load"], str(data.get("model")))
+    if steps or data.get("complete") is False:
+        out += _quantization_steps(data)
     if data.get("demo"):
         out += _quantization_demo(data["demo"])
     out.append(provenance(data, "quantization"))

@@ -1,21 +1,26 @@
 """Memory and time of a quantised base (model.quantization) and of gradient checkpointing, and nf4's quality cost.
 
+Part 0, the load: for float32 and for each quantised base loaded both ways, side by side - while the checkpoint
+streams in (``prelort.models.load_model``, what a run does) and the way prelort loaded before (the whole model
+in float32, then ``quantize_linear_layers``) - one fresh subprocess loads SmolLM2 and reports its peak RSS
+(VmHWM), its resident memory after loading (VmRSS) and the seconds it took.
+
 Part 1, the step: for each base (float32, int8, nf4), with and without train.gradient_checkpointing, at client
 ranks 2 and 16, one fresh subprocess loads the model as a run does (``prelort.recipe.load_federation_model``),
 trains a LoRA on the attention projections (``prelort.train.train_client``, plain LoRA: nested mode off)
 on a fixed batch (default 8 x 128 tokens) for one warmup step and ``--steps`` timed ones, and reports
 
-  * peak RSS of the whole process (VmHWM: loading included; a quantised base is loaded in float32 and then
-    quantised layer by layer, so this peak is the float32 model's),
+  * peak RSS of the whole process (VmHWM: loading included),
   * peak RSS while training (VmHWM reset after the load, via /proc/self/clear_refs),
   * resident memory after loading (VmRSS), seconds and CPU seconds per optimizer step (median).
 
-Part 2, the quality: the README demo config (examples/demo.yaml) run with model.quantization none and nf4,
-same seed, each in a fresh ``prelort run``; accuracy and perplexity of every tier after the last round, and
+Part 2, the quality: the README demo config (examples/demo.yaml) run with model.quantization none, int8 and
+nf4 (``--demo-quantizations``), same seed, each in a fresh ``prelort run``; accuracy and perplexity of every tier after the last round, and
 the run's wall time and peak RSS. ``--demo-set`` overrides demo keys for a smaller budget (recorded).
 
-    python -m bench.quantization --json results/quantization.json      # both parts
+    python -m bench.quantization --json results/quantization.json      # every part
     python -m bench.quantization --no-demo --json results/quantization.json
+    python -m bench.quantization --load-only --json results/quantization.json --merge   # part 0, kept rows
     python -m bench.quantization --demo-only --json results/quantization_demo.json
     python -m bench.quantization --quick                     # tiny-llama, small batch, no demo (smoke)
 """
@@ -120,6 +125,115 @@ def measure_one(args: argparse.Namespace) -> dict:
     }
 
 
+LOAD_WAYS = (("none", "float32"), ("int8", "streamed"), ("int8", "after"), ("nf4", "streamed"), ("nf4", "after"))
+CHECKPOINT_DTYPES = ("float32", "bfloat16")
+
+
+class _PeakAnon:
+    """The peak of the process's anonymous resident memory (RssAnon: what the OS cannot drop, unlike the pages
+    of a memory-mapped checkpoint file that VmHWM also counts), sampled every 2 ms on a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = status_kib("RssAnon") or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, status_kib("RssAnon") or 0)
+
+    def __enter__(self) -> _PeakAnon:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_kib("RssAnon") or 0)
+
+
+def measure_load(args: argparse.Namespace) -> dict:
+    """Part 0's figures for one base loaded one way, in this (fresh) process: ``streamed`` (quantised as the
+    checkpoint loads, what a run does) or ``after`` (loaded whole in ``model.dtype`` float32, then quantised:
+    prelort's way before)."""
+    import torch
+
+    from prelort.config import ModelConfig
+    from prelort.models import load_model, quantize_linear_layers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(name=args.model, device="cpu")
+    import bitsandbytes  # noqa: F401  (every library imported before the peaks are taken: the load is measured)
+    import peft  # noqa: F401
+
+    reset = _reset_peak_rss()
+    anon_before = status_kib("RssAnon") or 0
+    t0 = time.perf_counter()
+    with _PeakAnon() as anon:
+        if args.load_way == "after":
+            model, _ = load_model(cfg, "none")
+            quantize_linear_layers(model, args.quantization)
+        else:
+            model, _ = load_model(cfg, args.quantization)
+    seconds = time.perf_counter() - t0
+    return {
+        "quantization": args.quantization,
+        "way": args.load_way,
+        "quantised_while_loading": getattr(model, "hf_quantizer", None) is not None,
+        "load_seconds": seconds,
+        "anon_before_load_bytes": anon_before * 1024,
+        "peak_anon_bytes": anon.peak * 1024,
+        "anon_after_load_bytes": (status_kib("RssAnon") or 0) * 1024,
+        # with the reset: the peak of the load (over the imported libraries); without: the process's
+        "peak_rss_bytes": (status_kib("VmHWM") or 0) * 1024,
+        "peak_is_the_load_alone": reset,
+        "rss_after_load_bytes": (status_kib("VmRSS") or 0) * 1024,
+        "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+    }
+
+
+def run_load(args: argparse.Namespace) -> list[dict]:
+    """Part 0: every (checkpoint dtype, base, way) in a fresh subprocess. The bfloat16 checkpoint (how most hub
+    models are published) is a copy of the same weights written for the measurement."""
+    import torch
+
+    from prelort.config import ModelConfig
+    from prelort.models import load_model
+
+    # the float32 checkpoint: the model itself (an offline GGUF's one-off conversion to the cache happens here)
+    model, tokenizer = load_model(ModelConfig(name=args.model, device="cpu"), "none")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="prelort-bench-load-") as tmp:
+        checkpoints = {"float32": args.model}
+        if "bfloat16" in args.load_checkpoints:
+            model.to(torch.bfloat16).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            checkpoints["bfloat16"] = tmp
+        del model
+        for dtype in args.load_checkpoints:
+            for quantization, way in LOAD_WAYS:
+                if quantization != "none" and quantization not in args.quantizations:
+                    continue
+                cmd = [sys.executable, "-m", "bench.quantization", "--one-load", "--model", checkpoints[dtype]]
+                cmd += ["--quantization", quantization, "--load-way", way]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
+                done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+                if done.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+                row = {"checkpoint_dtype": dtype, **json.loads(done.stdout.strip().splitlines()[-1])}
+                rows.append(row)
+                print(
+                    f"load {dtype} checkpoint, {quantization:>5} {way:<8}: {row['load_seconds']:.1f} s, peak anon "
+                    f"{row['peak_anon_bytes'] / 2**20:.0f} MiB (before {row['anon_before_load_bytes'] / 2**20:.0f}, "
+                    f"after {row['anon_after_load_bytes'] / 2**20:.0f}), VmHWM {row['peak_rss_bytes'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
+    return rows
+
+
 def _env(threads: int = 0) -> dict[str, str]:
     """The environment of the subprocesses: this checkout's prelort first (not another installed copy), and
     ``threads`` torch threads where given (a ``prelort run`` takes them from OMP_NUM_THREADS)."""
@@ -175,11 +289,11 @@ def run_steps(args: argparse.Namespace, done_rows=None) -> list[dict]:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    """Part 2: the demo config with quantization none and nf4 (same seed), each a fresh ``prelort run``."""
+    """Part 2: the demo config with each of ``--demo-quantizations`` (same seed), each a fresh ``prelort run``."""
     demo = ROOT / "examples" / "demo.yaml"
     out: dict = {"config": "examples/demo.yaml", "overrides": list(args.demo_set), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="prelort-bench-quant-") as tmp:
-        for quantization in ("none", "nf4"):
+        for quantization in args.demo_quantizations:
             run_dir = Path(tmp) / quantization
             sets = [*args.demo_set, f"model.quantization={quantization}"]
             cmd = [sys.executable, "-m", "prelort", "run", str(demo), "--out", str(run_dir), "--quiet"]
@@ -233,8 +347,19 @@ def main(argv: list[str] | None = None) -> dict | None:
         help="override a key of examples/demo.yaml for part 2 (a smaller budget; recorded in the JSON)",
     )
     part = ap.add_mutually_exclusive_group()
-    part.add_argument("--no-demo", action="store_true", help="part 1 only (the step)")
+    part.add_argument("--no-demo", action="store_true", help="parts 0 and 1 only (the load and the step)")
     part.add_argument("--demo-only", action="store_true", help="part 2 only (the demo's quality cost)")
+    part.add_argument("--load-only", action="store_true", help="part 0 only (the load)")
+    ap.add_argument(
+        "--load-checkpoints",
+        default=",".join(CHECKPOINT_DTYPES),
+        help="part 0: the checkpoint dtypes to load from (float32: the model as is; bfloat16: a copy)",
+    )
+    ap.add_argument(
+        "--demo-quantizations",
+        default=",".join(QUANTIZATIONS),
+        help="part 2: the bases to run the demo on (comma-separated from none, int8, nf4)",
+    )
     ap.add_argument(
         "--quantizations",
         default=",".join(QUANTIZATIONS),
@@ -253,22 +378,38 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-load", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--load-way", choices=("float32", "streamed", "after"), default="streamed", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(args)), flush=True)
+        return None
+    if args.one_load:
+        print(json.dumps(measure_load(args)), flush=True)
         return None
     if args.quick:
         args.model, args.batch_size, args.seq_len, args.no_demo = "tiny-llama", 2, 32, True
     args.quantizations = [q.strip() for q in args.quantizations.split(",") if q.strip()]
     if not args.quantizations or set(args.quantizations) - set(QUANTIZATIONS):
         ap.error(f"--quantizations: comma-separated from {', '.join(QUANTIZATIONS)}")
+    args.load_checkpoints = [d.strip() for d in args.load_checkpoints.split(",") if d.strip()]
+    if not args.load_checkpoints or set(args.load_checkpoints) - set(CHECKPOINT_DTYPES):
+        ap.error(f"--load-checkpoints: comma-separated from {', '.join(CHECKPOINT_DTYPES)}")
+    args.demo_quantizations = [q.strip() for q in args.demo_quantizations.split(",") if q.strip()]
+    if not args.demo_quantizations or set(args.demo_quantizations) - set(QUANTIZATIONS):
+        ap.error(f"--demo-quantizations: comma-separated from {', '.join(QUANTIZATIONS)}")
+    run_load_part = not args.demo_only
+    run_steps_part = not (args.demo_only or args.load_only)
+    run_demo_part = not (args.no_demo or args.load_only)
     kept: list[dict] = []
     earlier_commands: list[str] = []
+    old: dict = {}
     if args.merge:
         if not args.json or not args.json.is_file():
             ap.error("--merge needs an existing --json file")
         old = json.loads(args.json.read_text())
-        kept = [r for r in old.get("steps", []) if r["quantization"] not in args.quantizations]
+        measured = args.quantizations if run_steps_part else []
+        kept = [r for r in old.get("steps", []) if r["quantization"] not in measured]
         earlier_commands = [*old.get("earlier_commands", []), old["command"]]
 
     import torch
@@ -290,9 +431,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         "steps_per_measurement": args.steps,
         "repeats": args.repeats,
         "earlier_commands": earlier_commands,  # --merge: the runs whose rows were kept
+        "load": None if run_load_part else old.get("load"),
         "steps": [],
         "complete": False,  # true once every configuration (and the demo, unless skipped) has run
-        "demo": None,
+        "demo": None if run_demo_part else old.get("demo"),
     }
 
     def save(rows: list[dict]) -> None:
@@ -302,9 +444,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
 
-    if not args.demo_only:
+    if run_load_part:
+        result["load"] = run_load(args)
+        save([])
+    if run_steps_part:
         run_steps(args, save)
-    if not args.no_demo:
+    if run_demo_part:
         result["demo"] = run_demo(args)
     result["complete"] = True
     save([r for r in result["steps"] if r not in kept])

@@ -236,3 +236,61 @@ def test_every_nested_mode_trains_on_a_4bit_base():
         assert {k: tuple(v.shape) for k, v in result.tensors.items()} == {k: tuple(v.shape) for k, v in start.items()}
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in result.tensors.values())
         assert any(not torch.equal(result.tensors[k], start[k]) for k in start), mode  # it trained
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """tiny-llama saved as a Hugging Face directory: a checkpoint that streams in, as a hub model's does."""
+    base, tokenizer = load_model(ModelConfig(name="tiny-llama", device="cpu"), "none")
+    out = tmp_path_factory.mktemp("tiny-checkpoint")
+    base.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_a_checkpoint_is_quantised_while_it_loads_with_the_layers_and_logits_of_quantising_after(
+    tiny_checkpoint, quantization, monkeypatch
+):
+    import transformers
+
+    from prelort import models
+
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", spy)
+    streamed, _ = load_model(ModelConfig(name=str(tiny_checkpoint), device="cpu"), quantization)
+    # transformers quantised each tensor as it loaded (the float32 model never existed whole)
+    assert len(calls) == 1 and calls[0]["quantization_config"] is not None
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", real)
+    after, _ = load_model(ModelConfig(name="tiny-llama", device="cpu"), quantization)  # loaded, then quantised
+    assert quantized_modules(streamed) == quantized_modules(after)
+    assert len(quantized_modules(streamed)) == 2 * 7
+    assert getattr(streamed, f"is_loaded_in_{'8bit' if quantization == 'int8' else '4bit'}")
+    assert (
+        streamed.lm_head.weight.dtype == torch.float32 and streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    )
+    assert not any(p.requires_grad for p in streamed.parameters())
+    ids = torch.tensor([[1, 42, 300, 7, 99, 5]])
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=ids).logits, after(input_ids=ids).logits)
+
+
+def test_a_federation_on_a_streamed_nf4_checkpoint_sends_the_updates_of_the_quantised_after_run(
+    runs, tiny_checkpoint, tmp_path
+):
+    d = tmp_path / "run"
+    run(tiny_cfg("method=prelort", "model.quantization=nf4", f"model.name={tiny_checkpoint}"), d, verbose=False)
+    want_dir = runs["prelort", "nf4"] / "updates" / "round-2"
+    files = sorted(p.name for p in want_dir.glob("*.safetensors"))
+    assert files
+    for name in files:
+        got, want = load_file(d / "updates" / "round-2" / name), load_file(want_dir / name)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)

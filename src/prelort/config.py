@@ -95,7 +95,8 @@ class ModelConfig(_Section):
         "none",
         description="Hold the base model's linear layers (all but the output layer) quantised with bitsandbytes "
         "(pip install 'prelort[quant]'): none (model.dtype), int8 (LLM.int8) or nf4 (4-bit NormalFloat, QLoRA). "
-        "A GGUF base is quantised after it is dequantised. The LoRA factors, updates and exports stay float32. "
+        "A checkpoint is quantised tensor by tensor while it loads (a model.gguf_file read by transformers: after "
+        "it is dequantised). The LoRA factors, updates and exports stay float32. "
         "Memory and speed measured in the README (Quantised base).",
     )
 

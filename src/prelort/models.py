@@ -13,14 +13,18 @@ conversion never leaves a broken cache), and later loads read that directory in 
 
 Every loaded model is in eval mode with all its parameters frozen (``requires_grad=False``).
 
-``model.quantization`` (int8 or nf4) replaces the base model's linear layers, after loading (so a GGUF base,
-dequantised on load, is quantised like any other), with bitsandbytes' Linear8bitLt / Linear4bit and prepares
-the model as PEFT's QLoRA recipe does (:func:`peft.prepare_model_for_kbit_training`); PEFT then attaches
-its bitsandbytes LoRA layers, whose factors stay float32.
+``model.quantization`` (int8 or nf4) puts bitsandbytes' Linear8bitLt / Linear4bit in place of the base model's
+linear layers and prepares the model as PEFT's QLoRA recipe does (:func:`peft.prepare_model_for_kbit_training`);
+PEFT then attaches its bitsandbytes LoRA layers, whose factors stay float32. A Hugging Face checkpoint (a hub
+id, a local directory, and the offline aliases and GGUF files once converted to the cache) is quantised while
+it loads, tensor by tensor (transformers' ``BitsAndBytesConfig``), so the float32 model never exists whole; a
+model with no checkpoint to stream (tiny-llama, a ``model.gguf_file`` read by transformers) is loaded first and
+quantised after, with the same layers and the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -28,6 +32,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +59,7 @@ __all__ = [
     "QWEN_GGUF_SIZE",
     "TINY_LLAMA_SEED",
     "assemble_parts",
+    "bnb_config",
     "cache_dir",
     "enable_gradient_checkpointing",
     "find_qwen_parts",
@@ -327,21 +333,47 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, gguf_file: str | None = None, local_files_only: bool = False):
+@dataclass(frozen=True)
+class _Load:
+    """How the base is to be loaded: its dtype, device and quantisation (none, int8, nf4)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    quantization: str
+
+
+def _from_pretrained(path: str, how: _Load, gguf_file: str | None = None, local_files_only: bool = False):
     kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
     if local_files_only:
         kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if how.quantization != "none" and not gguf_file:
+        # quantised tensor by tensor as the checkpoint streams in (a GGUF read by transformers is dequantised
+        # whole first, so it takes the after-loading path in load_model)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=how.dtype,
+                quantization_config=bnb_config(how.quantization, how.dtype),
+                device_map={"": str(how.device)},
+                **kwargs,
+            )
+        except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
+            raise ModelLoadError(
+                f"model.quantization {how.quantization}: bitsandbytes could not quantise {path} while loading "
+                f"on {how.device}: {e}"
+            ) from None
+        return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=how.dtype, **kwargs)
     return model, tokenizer
 
 
-def _load_any(cfg: ModelConfig, dtype: torch.dtype):
-    name = cfg.name
+def _load_any(cfg: ModelConfig, how: _Load):
+    name, dtype = cfg.name, how.dtype
     if name == SMOLLM2:
-        return _from_pretrained(str(_cached_gguf_model(SMOLLM2, smollm2_gguf_path())), dtype)
+        return _from_pretrained(str(_cached_gguf_model(SMOLLM2, smollm2_gguf_path())), how)
     if name == QWEN:
-        return _from_pretrained(str(_cached_qwen()), dtype)
+        return _from_pretrained(str(_cached_qwen()), how)
     if name == TINY:
         tokenizer = load_tokenizer_cached()
         _ensure_pad(tokenizer)
@@ -354,22 +386,22 @@ def _load_any(cfg: ModelConfig, dtype: torch.dtype):
             )
         gguf = path.resolve()
         key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
-        return _from_pretrained(str(_cached_gguf_model(f"gguf-{gguf.stem}-{key}", gguf)), dtype)
+        return _from_pretrained(str(_cached_gguf_model(f"gguf-{gguf.stem}-{key}", gguf)), how)
     if path.is_dir():
         if cfg.gguf_file:
             gguf = path / cfg.gguf_file
             if not gguf.is_file():
                 raise FileNotFoundError(f"model.gguf_file {cfg.gguf_file!r} not found in {path}")
-            return _from_pretrained(str(path), dtype, gguf_file=cfg.gguf_file)
+            return _from_pretrained(str(path), how, gguf_file=cfg.gguf_file)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
-        return _from_pretrained(str(path), dtype)
+        return _from_pretrained(str(path), how)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"model path {name!r} does not exist")
     check_model_name(name, cfg.gguf_file)  # offline and not cached: fails at once, naming the closest aliases
     try:
         # offline: the local hub cache only (no retries against an unreachable hub)
-        return _from_pretrained(name, dtype, gguf_file=cfg.gguf_file, local_files_only=not hub_reachable())
+        return _from_pretrained(name, how, gguf_file=cfg.gguf_file, local_files_only=not hub_reachable())
     except OSError as e:
         raise hub_load_failed(name, e) from e
 
@@ -394,15 +426,21 @@ def load_model(cfg: ModelConfig, quantization: str | None = None) -> tuple[PreTr
         raise ValueError(f"model.quantization {quantization!r} not one of {', '.join(QUANTIZATIONS)}")
     if quantization != "none":
         _import_bitsandbytes(quantization)  # before the (slow) load: a missing package fails at once
-    dtype = _DTYPES[cfg.dtype]
     device = resolve_device(cfg.device)
-    model, tokenizer = _load_any(cfg, dtype)
+    if quantization == "none":
+        model, tokenizer = _load_any(cfg, _Load(_DTYPES[cfg.dtype], device, quantization))
+    else:
+        with _freed_tensors_go_back_to_the_os():
+            model, tokenizer = _load_any(cfg, _Load(_DTYPES[cfg.dtype], device, quantization))
     _ensure_pad(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
-    if quantization != "none":
-        quantize_linear_layers(model, quantization)
+    if quantization != "none" and quantized_modules(model):
+        _prepare_quantized(model, quantization)  # quantised while loading, already on its device
+    else:
+        model.to(device)
+        if quantization != "none":
+            quantize_linear_layers(model, quantization)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -423,6 +461,22 @@ def _import_bitsandbytes(quantization: str):
             f"model.quantization {quantization} needs bitsandbytes ({e}); install it with: {QUANT_INSTALL}"
         ) from None
     return bitsandbytes
+
+
+def bnb_config(quantization: str, dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for quantising while loading, with the settings
+    :func:`quantize_linear_layers` uses after loading (the two give the same layers and the same logits): nf4
+    with no double quantisation and ``dtype`` as compute dtype; int8 with outlier threshold 6.0. transformers
+    keeps the output layer (and the embeddings tied to it) unquantised, as :func:`quantize_linear_layers` does."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=False
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    raise ValueError(f"quantization must be int8 or nf4, got {quantization!r}")
 
 
 def _tied_or_output(model: nn.Module) -> set[int]:
@@ -455,10 +509,6 @@ def _quantized_linear(bnb, linear: nn.Linear, quantization: str) -> nn.Module:
             compress_statistics=False,
             quant_type="nf4",
         )
-        # On an AVX512-bf16 CPU bitsandbytes repacks a 4-bit weight for a bfloat16 inference kernel the first
-        # time the layer runs in eval mode, for good: that kernel has no backward, so every training step
-        # after the base evaluation would silently lose the gradient through the base layers. Keep one path.
-        layer.support_avx512bf16_for_cpu = False
         layer.weight = bnb.nn.Params4bit(
             weight.to("cpu"), requires_grad=False, compress_statistics=False, quant_type="nf4"
         )
@@ -509,6 +559,14 @@ def quantize_linear_layers(model: PreTrainedModel, quantization: str) -> list[st
                 f"model.quantization {quantization}: bitsandbytes cannot quantise {name} "
                 f"({linear.out_features}x{linear.in_features}, {linear.weight.dtype} on {linear.weight.device}): {e}"
             ) from None
+    _prepare_quantized(model, quantization)
+    return [name for name, _ in targets]
+
+
+def _prepare_quantized(model: PreTrainedModel, quantization: str) -> None:
+    """What a model quantised after or while loading gets alike before PEFT sees it."""
+    import bitsandbytes as bnb
+
     with torch.no_grad():
         # A loaded model's tensors may be views of the memory-mapped checkpoint file; quantising read every page
         # of it, and one view left (the embeddings, the norms) would keep the whole file mapped and resident.
@@ -517,29 +575,63 @@ def quantize_linear_layers(model: PreTrainedModel, quantization: str) -> list[st
             if tensor.dtype.is_floating_point:
                 tensor.data = tensor.data.clone()
     _release_freed_memory()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On an AVX512-bf16 CPU bitsandbytes repacks a 4-bit weight for a bfloat16 inference kernel the first
+            # time the layer runs in eval mode, for good: that kernel has no backward, so every training step
+            # after the base evaluation would silently lose the gradient through the base layers. Keep one path.
+            module.support_avx512bf16_for_cpu = False
     model.is_loaded_in_8bit = quantization == "int8"
     model.is_loaded_in_4bit = quantization == "nf4"
     from peft import prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return [name for name, _ in targets]
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where its dynamic threshold stops
+
+
+@contextlib.contextmanager
+def _freed_tensors_go_back_to_the_os():
+    """While a base is quantised as it loads, every float tensor is freed right after its quantisation; glibc's
+    malloc raises its mmap threshold each time a large block is freed, so after the first few tensors the rest
+    come from the heap and their memory stays with the process: the float model accumulates after all (measured
+    on a bfloat16 SmolLM2 checkpoint: a peak of 620 MB of anonymous memory over the imports, against 300 MB with this).
+    A fixed 128 KiB threshold while loading hands each block back at once; afterwards the threshold is fixed at
+    32 MiB, the most glibc's own rule would reach (a fixed 128 KiB costs ~30% CPU per training step in
+    mmap/munmap; 32 MiB measured as fast as glibc's default). No-op where malloc is not glibc's."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, 128 << 10):
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
 
 
 def _release_freed_memory() -> None:
     """Hand the memory the float32 weights held back to the OS where the C library can (glibc's malloc_trim):
     otherwise the allocator keeps it and the process stays as large as the float32 model after quantising."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass  # not glibc: nothing to trim
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # not glibc: nothing to trim
+        libc.malloc_trim(0)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:

@@ -33,6 +33,24 @@ def test_one_configuration_reports_memory_and_time(quantization):
         assert 0 < row["peak_rss_training_bytes"] <= row["peak_rss_bytes"]
 
 
+@pytest.mark.parametrize("way", ["streamed", "after"])
+def test_one_load_reports_its_peak_and_what_it_keeps(way, tmp_path):
+    bench = load_bench("quantization")
+    from prelort.config import ModelConfig
+    from prelort.models import load_model
+
+    base, tokenizer = load_model(ModelConfig(name="tiny-llama", device="cpu"), "none")
+    base.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    args = argparse.Namespace(model=str(tmp_path), quantization="nf4", load_way=way, threads=0)
+    row = bench.measure_load(args)
+    assert (row["quantization"], row["way"]) == ("nf4", way)
+    assert row["quantised_while_loading"] is (way == "streamed")
+    assert 0 < row["anon_before_load_bytes"] <= row["peak_anon_bytes"]
+    assert row["anon_after_load_bytes"] <= row["peak_anon_bytes"]
+    assert row["load_seconds"] > 0 and row["parameter_bytes"] > 0
+
+
 def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_path):
     tables = load_bench("make_tables")
 
@@ -46,6 +64,18 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
             "peak_rss_bytes": 2 * 2**30,
             "peak_rss_training_bytes": 2**30,
             "rss_after_load_bytes": 2**29,
+        }
+
+    def load(dtype: str, q: str, way: str, peak_mib: int) -> dict:
+        return {
+            "checkpoint_dtype": dtype,
+            "quantization": q,
+            "way": way,
+            "load_seconds": 2.0,
+            "anon_before_load_bytes": 300 * 2**20,
+            "peak_anon_bytes": (300 + peak_mib) * 2**20,
+            "anon_after_load_bytes": 400 * 2**20,
+            "peak_rss_bytes": 2**30,
         }
 
     steps = [
@@ -62,6 +92,7 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
         "seq_len": 64,
         "target_modules": ["q_proj", "v_proj"],
         "steps": steps,
+        "load": [load("bfloat16", "none", "float32", 560), load("bfloat16", "nf4", "streamed", 296)],
         "demo": {
             "config": "examples/demo.yaml",
             "overrides": ["rounds=2"],
@@ -80,6 +111,8 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
     results.mkdir()
     (results / "quantization.json").write_text(json.dumps(data))
     text = tables.render(results, tmp_path)
+    assert "| bfloat16 | nf4 | while loading | 2.00 s | 296.0 MiB | 100.0 MiB | 1.0 GiB |" in text
+    assert "| bfloat16 | float32 | - | 2.00 s | 560.0 MiB |" in text
     assert "| nf4 | yes | 16 | 10.00 s | 20.00 s | 2.50 | 1.0 GiB | 2.0 GiB | 512.0 MiB |" in text
     assert "| float32 | no | 2 | 4.00 s | 8.00 s | 1.00 |" in text
     assert "**int8 training is slower than float32 here**: 1.5x" in text
@@ -96,6 +129,6 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
         json.dumps({**data, "steps": [], "command": "python -m bench.quantization --demo-only"})
     )
     text = tables.render(results, tmp_path)
-    assert "### Quality cost of a 4-bit (nf4) base on the demo config" in text
+    assert "### Quality cost of a quantised base (int8, nf4) on the demo config" in text
     assert "| 16 | 0.250 | 0.250 | 3.50 | 3.50 | 48 |" in text
     assert "`python -m bench.quantization --json results/quantization.json`," in text  # listed as not run yet
