@@ -370,7 +370,12 @@ def _quantization_demo(demo: dict[str, Any]) -> list[str]:
 
 def _quantization_load(rows: list[dict[str, Any]], model: str) -> list[str]:
     """Part 0 of bench/quantization.py: what loading each base costs, quantised while loading or after."""
-    ways = {"float32": "-", "streamed": "while loading", "after": "after loading in float32 (before)"}
+    ways = {
+        "float32": "-",
+        "streamed": "while loading",
+        "streamed-default-malloc": "while loading, glibc's default malloc",
+        "after": "after loading in float32 (before)",
+    }
     out = [
         f"Loading (part 0): {model}, loaded from a checkpoint of each dtype. Anonymous memory is what the OS cannot take back (VmHWM also counts the pages of the "
         "memory-mapped checkpoint file, which it can drop); each row one fresh process, its libraries imported "
