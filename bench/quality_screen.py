@@ -253,7 +253,8 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     if args.lrs is not None:
         lrs, lr_source = sorted(set(args.lrs)), "--lrs"
     elif stage_a_lrs is not None:
-        lrs, lr_source = lr_grid(*stage_a_lrs), f"stage A's best lrs at {step} (floor, ceiling): {stage_a_lrs}"
+        lr_f, lr_c = stage_a_lrs
+        lrs, lr_source = lr_grid(lr_f, lr_c), f"stage A's best lrs at {step}: floor {lr_f:g}, ceiling {lr_c:g}"
     else:
         raise refuse(f"stage A has no best lr of both arms at {step}; pass --lrs")
     if args.threads is not None:

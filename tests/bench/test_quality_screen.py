@@ -289,3 +289,36 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # first): dimensions 8-15 (only the rank-16 client) on 1 of 2, dimensions 0-1 (every client) on all 8
     cycle = runs["L0/V2-cycle/lr-0.001/seed-3001"]["dim_steps"]
     assert cycle[0] == 8 and cycle[15] == 1
+
+
+def test_the_readme_and_recommendation_page_show_stage_b(tmp_path):
+    tables = load_bench("make_tables")
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(ROOT / "results" / "quality_study.json", results)  # study 1: the page's recommendation
+    json_path = results / "quality_study_2.json"
+    pass_stage_a(tmp_path, json_path)
+    assert tables.STAGE_B_NOT_RUN in tables.quality_study_2_section(json.loads(json_path.read_text()), results, ROOT)
+    assert tables.STAGE_B_NOT_RUN in tables.choosing_a_method(results)
+    args = ["--runs-dir", str(tmp_path / "runs"), "--json", str(json_path)]
+    partial = qs.main([*args, "--max-runs", "5"], execute=FakeScreen(screen_accuracy()))
+    text = tables.quality_study_2_section(partial, results, ROOT)
+    assert "**Status:** 5 of 16 runs done; stopped at --max-runs" in text and "(1 of 2 seeds)" in text
+    assert (
+        f"| `V0-sample` | {LR_C:g} | 0.300 | 0.300 | 0.300 | 0.300 | (1 of 2 seeds) | - | 60 / 60 / 60 / 60 |" in text
+    )
+    assert f"| `V1-dim-warmup` | {LR_F:g} | - | - | - | - | - | - | - |" in text
+    assert "Stage B (repairing PreLort's local training) is running: 5 of 16 runs done." in tables.choosing_summary(
+        results
+    )
+    done = qs.main(args, execute=FakeScreen(screen_accuracy()))
+    text = tables.quality_study_2_section(done, results, ROOT)
+    assert "### Quality study 2, stage A" in text and "### Quality study 2, stage B" in text
+    assert f"stage A's best lrs at L0: floor {LR_F:g}, ceiling {LR_C:g}" in text
+    assert "**Choice:** V2-cycle has the highest score of the eligible variants at lr 0.005 (0.340)." in text
+    assert "| `V2-cycle` | 0.005 | 0.340 | 0.340 | 0.340 | 0.340 | 0.340* | yes |" in text
+    assert "| `V3-sqrt-lr` | 0.005 | 0.030 | 0.700 | 0.700 | 0.700 | 0.532* | no (tier 2) |" in text
+    summary = tables.choosing_summary(results)
+    assert "Stage B (repairing PreLort's local training, on selection seeds, 16 of 16 runs done) chose: V2-cycle" in (
+        summary
+    )
