@@ -118,3 +118,29 @@ def test_a_site_without_a_setting_follows_model_quantization():
     assert [cfg.client_quantization(k) for k in (0, 1)] == ["none", "int8"]
     assert cfg.client_quantization(1, declared="nf4") == "nf4"  # a SuperNode's declaration comes first
     assert from_dict(cfg.to_dict()).clients == cfg.clients  # config.yaml of the run loads back
+
+
+class _ReportingEngine:
+    """The in-process engine plus ``quantization_of``, as a Flower engine reports what the SuperNodes declared."""
+
+    def __init__(self, session):
+        from prelort.engines.inprocess import InProcessEngine
+
+        self.inner = InProcessEngine(session, progress=False)
+
+    def execute(self, tasks):
+        return self.inner.execute(tasks)
+
+    def quantization_of(self, client: int) -> str | None:
+        return {0: "int8"}.get(client)
+
+
+def test_an_engine_that_knows_each_clients_quantization_is_what_the_records_say(tmp_path):
+    cfg = from_dict(federation({"rounds": 1, "clients": {"num": 2, "per_round": 2, "ranks": [2, 4]}}))
+    session = runner.Session(cfg, tmp_path / "run", verbose=False)
+    run = session.run(_ReportingEngine(session))
+    (train,) = _train_records(run)
+    assert [(c["client"], c["quantization"], c["status"]) for c in train["clients"]] == [
+        (0, "int8", "accepted"),
+        (1, None, "accepted"),
+    ]
