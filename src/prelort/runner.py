@@ -301,9 +301,8 @@ class Session:
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, engine: Engine) -> Path:
         cfg, fed = self.cfg, self.federation
-        if hasattr(
-            engine, "quantization_of"
-        ):  # it knows how each client holds its base (protocol.QuantizationReporter)
+        # an engine that knows how each client holds its base (protocol.QuantizationReporter) tells the records
+        if hasattr(engine, "quantization_of"):
             fed.quantization_of = engine.quantization_of
         first = fed.start(resume=self.resume)
         with _GracefulStop() as stop:

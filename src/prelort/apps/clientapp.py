@@ -14,8 +14,8 @@ dataset) the node trains on instead of slice ``partition-id`` of the server's ``
 site's rank (sent with the hello; the node never trains above it); ``quantization`` how it holds its base
 model (none, int8, nf4; sent with the hello; else the site's ``clients.sites`` entry's, else
 ``model.quantization``); ``eval-path`` its held-out records, on which an EVALUATE message is answered with
-counts and sums only. A file that cannot be used fails the task
-with a reason that names no path and no record (the full message goes to this node's log).
+counts and sums only. A file that cannot be used fails the task with a reason that names no path and no
+record (the full message goes to this node's log).
 
 Under secure aggregation the same ``train`` handler receives the four stages of Flower's SecAgg+ protocol
 (messages that carry SecAgg+'s config record): they go to a legacy ``NumPyClient`` behind

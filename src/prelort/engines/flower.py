@@ -15,8 +15,8 @@ A node may also declare its site's rank (node-config ``rank``), how it holds its
 and that it keeps held-out records (``eval-path``): :func:`site_declared_config` greets the nodes before the run
 starts and makes the declared ranks the run's ``clients.ranks``; a node declaring an invalid rank or quantisation
 is refused with the reason, which its client's failures then carry; ``GridEngine.quantization_of`` tells the
-training records each client's quantisation. ``GridEngine.evaluate`` sends on-site evaluation (EVALUATE messages) to the nodes that keep
-held-out records.
+training records each client's quantisation. ``GridEngine.evaluate`` sends on-site evaluation (EVALUATE
+messages) to the nodes that keep held-out records.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class NodeDirectory:
         return cfg.client_quantization(client, self.declared_quantization.get(client))
 
     def log_assignments(self) -> None:
-        """Log which node holds which client (with its declared rank) and every node refused: a greeting made
+        """Log which node holds which client (with what it declared) and every node refused: a greeting made
         before the run directory existed leaves these lines in run.log too."""
         for node, client in sorted(self.client_of.items(), key=lambda kv: kv[1]):
             log.info("SuperNode %d holds client %d%s", node, client, self._declared(client))

@@ -45,6 +45,8 @@ class InProcessEngine:
         """The runner on the model of ``client``'s quantisation setting."""
         quantization = self.cfg.client_quantization(client)
         if quantization not in self._runners:
+            if quantization not in self.models.settings():
+                log.info("loading a base model at quantization %s for the sites that set it", quantization)
             model, _ = self.models.at(quantization)
             self._runners[quantization] = ClientRunner(self.cfg, model, self.partitions, progress=self.progress)
         return self._runners[quantization]
