@@ -11,7 +11,8 @@ import os
 import platform
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,3 +221,110 @@ def status_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+# ------------------------------------------------------------------------------------------ shared results files
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on the sidecar ``path`` (created if missing) for the block's duration."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_stage(
+    path: Path, key: str, stage: dict, header: dict, before_write: Callable[[dict], None] | None = None
+) -> dict:
+    """Write ``stage`` as ``key`` of the results JSON ``path`` without losing what others wrote there: under a
+    lock on ``PATH.lock`` the file is re-read, its other keys kept, the ``header`` keys set, and ``stage['runs']``
+    merged by run key with the runs on disk (one on disk but not in ``stage`` is kept, and added to ``stage``,
+    so another process's finished runs survive and are counted), ``before_write(stage)`` called (to recount
+    what depends on the runs); then written atomically. Returns what was written. A file that is not a JSON
+    object is refused, never overwritten."""
+    with _locked(path.with_name(path.name + ".lock")):
+        on_disk: dict = {}
+        if path.is_file():
+            try:
+                on_disk = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}: not readable JSON ({e}); move it away or pass another --json") from None
+            if not isinstance(on_disk, dict):
+                raise SystemExit(f"{path}: not a JSON object; move it away or pass another --json")
+        for run_key, rec in ((on_disk.get(key) or {}).get("runs") or {}).items():
+            stage.setdefault("runs", {}).setdefault(run_key, rec)
+        if before_write is not None:
+            before_write(stage)
+        on_disk.update(header)
+        on_disk[key] = stage
+        write_json(path, on_disk)
+        return on_disk
+
+
+CLAIM_SUFFIX = ".claim"
+
+
+def _claim_path(run_dir: Path) -> Path:
+    # beside the run directory, not in it: an unfinished run directory is deleted before it is started over
+    return run_dir.with_name(run_dir.name + CLAIM_SUFFIX)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def claim_holder(run_dir: Path) -> int | None:
+    """The pid of the live process that has claimed ``run_dir`` (None: no claim, or a stale one: its
+    process is gone)."""
+    try:
+        pid = int(_claim_path(run_dir).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def claim_run(run_dir: Path) -> int | None:
+    """Claim ``run_dir`` for this process: an O_EXCL claim file beside it holding this pid. Returns None when
+    this process holds the claim (newly, or already), else the pid of the live process holding it. A claim
+    whose process is gone is stale and taken over; the check and the takeover happen under a lock, so two
+    processes never both take over one stale claim."""
+    path = _claim_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent / ".claims.lock"):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = claim_holder(run_dir)
+            if holder == os.getpid():
+                return None
+            if holder is not None:
+                return holder
+            path.unlink()  # stale
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    return None
+
+
+def release_run(run_dir: Path) -> None:
+    """Drop this process's claim on ``run_dir`` (a claim of another process is left alone)."""
+    path = _claim_path(run_dir)
+    with _locked(path.parent / ".claims.lock"):
+        try:
+            if int(path.read_text().strip()) == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass

@@ -370,7 +370,12 @@ def _quantization_demo(demo: dict[str, Any]) -> list[str]:
 
 def _quantization_load(rows: list[dict[str, Any]], model: str) -> list[str]:
     """Part 0 of bench/quantization.py: what loading each base costs, quantised while loading or after."""
-    ways = {"float32": "-", "streamed": "while loading", "after": "after loading in float32 (before)"}
+    ways = {
+        "float32": "-",
+        "streamed": "while loading",
+        "streamed-default-malloc": "while loading, glibc's default malloc",
+        "after": "after loading in float32 (before)",
+    }
     out = [
         f"Loading (part 0): {model}, loaded from a checkpoint of each dtype. Anonymous memory is what the OS cannot take back (VmHWM also counts the pages of the "
         "memory-mapped checkpoint file, which it can drop); each row one fresh process, its libraries imported "
@@ -801,9 +806,32 @@ def quality_study_section(data: dict[str, Any], results_dir: Path, readme_dir: P
     return "\n".join(out)
 
 
+def _defences_line(runs: dict[str, Any]) -> list[str]:
+    """The runs where an update defence acted (the protocol expects none), as one list item; none: nothing."""
+    acted = sorted(key for key, rec in runs.items() if rec.get("defence_actions"))
+    if not acted:
+        return []
+    return [
+        f"- The update defences acted in {len(acted)} run(s), which the protocol expects never: {', '.join(acted)}."
+    ]
+
+
+STAGE_B_NOT_RUN = (
+    "Stage B (repairing PreLort's local training, `python -m bench.quality_screen`) has not run: it runs only "
+    "once stage A's gate has passed."
+)
+
+
 def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
-    """Study 2, stage A (docs/quality-study-2.md): the federated gate per ladder step, with each arm's lr grid."""
-    stage = data["stage_a"]
+    """Study 2 (docs/quality-study-2.md): stage A, the federated gate per ladder step with each arm's lr grid,
+    and stage B, the screen of PreLort's repairs (one line while it has not run)."""
+    parts = [quality_study_2_stage_a(data["stage_a"]) if "stage_a" in data else "Stage A has not run yet."]
+    parts.append(quality_study_2_stage_b(data["stage_b"]) if "stage_b" in data else STAGE_B_NOT_RUN)
+    return "\n\n".join(parts)
+
+
+def quality_study_2_stage_a(stage: dict[str, Any]) -> str:
+    """Study 2, stage A: the federated gate per ladder step, with each arm's lr grid."""
     progress = stage.get("progress") or {}
     out = [
         "### Quality study 2, stage A: does rank pay in this federation? (federated gate)",
@@ -860,12 +888,82 @@ def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir:
             f"floor {g['floor_accuracy']:.3f}, gap {g['mean_gap']:+.3f} (per seed {gaps}), constant guess "
             f"{g['constant_guess']:.3f}" + (f"; failed checks: {', '.join(failed)}" if failed else "") + "."
         )
-    acted = sorted(key for key, rec in stage["runs"].items() if rec.get("defence_actions"))
-    if acted:
-        out.append(
-            f"- The update defences acted in {len(acted)} run(s), which the protocol expects never: {', '.join(acted)}."
-        )
+    out += _defences_line(stage["runs"])
     out += ["", f"Pilot seeds {', '.join(seeds)}. Command: `{stage['command']}`.", ""]
+    out.append(f"Machine: {machine(stage.get('environment'))}")
+    return "\n".join(out)
+
+
+def quality_study_2_stage_b(stage: dict[str, Any]) -> str:
+    """Study 2, stage B: each PreLort variant at each lr (per-tier accuracy over the selection seeds, score,
+    eligibility, steps per rank dimension), and the choice."""
+    settings = stage["settings"]
+    seeds = [str(s) for s in settings["seeds"]]
+    guess = stage.get("constant_guess") or {}
+    choice = stage.get("choice")
+    out = [
+        "### Quality study 2, stage B: repairing PreLort's local training (screen on selection seeds)",
+        "",
+        f"Protocol: [docs/quality-study-2.md](docs/quality-study-2.md), fixed before the first run. PreLort at stage "
+        f"A's step {settings['step']} ({settings['step_source']}): the unrepaired `sample` (V0) and three one-change "
+        "repairs, each at the lrs "
+        + ", ".join(f"{lr:g}" for lr in settings["lrs"])
+        + f" ({settings['lr_source']}). Score: the mean over the seeds of the mean accuracy over the tiers; "
+        "eligible iff every tier's mean accuracy is at least the constant guess.",
+        "",
+        f"**Status:** {(stage.get('progress') or {}).get('text', 'no run yet')}; {stage.get('outcome', 'running')}. "
+        f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h. Constant guess: "
+        + (", ".join(f"{v:.3f} (seed {k})" for k, v in guess.items()) or "-")
+        + ".",
+        "",
+    ]
+    if choice:
+        out += [f"**Choice:** {choice['text']}.", ""]
+    runs_by: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for rec in stage["runs"].values():
+        if rec["step"] == settings["step"] and str(rec["seed"]) in seeds:
+            runs_by.setdefault((rec["variant"], rec["lr"]), []).append(rec)
+    tiers = sorted({t for recs in runs_by.values() for r in recs for t in r["accuracy"]}, key=int)
+    starts = [0, *(int(t) for t in tiers[:-1])]  # each segment's first rank dimension
+    header = [
+        "variant",
+        "lr",
+        *(f"tier {t}" for t in tiers),
+        "score",
+        "eligible",
+        "steps of dims " + " / ".join(f"{d}" for d in starts),
+    ]
+    rows = []
+    for variant in settings["variants"]:
+        scored = {g["lr"]: g for g in (stage.get("variants") or {}).get(variant, {}).get("grid", [])}
+        chosen = (stage.get("variants") or {}).get(variant, {}).get("lr")
+        for lr in settings["lrs"]:
+            recs = runs_by.get((variant, lr), [])
+            g = scored.get(lr)
+            if g is not None:
+                accs = [f"{g['tiers'][t]['accuracy']:.3f}" for t in tiers]
+                score = f"{g['mean_accuracy']:.3f}" + ("*" if lr == chosen else "")
+                eligible = "yes" if g["eligible"] else "no (tier " + ", ".join(g["tiers_below_constant_guess"]) + ")"
+            elif recs:
+                accs = [f"{sum(r['accuracy'][t] for r in recs) / len(recs):.3f}" for t in tiers]
+                score, eligible = f"({len(recs)} of {len(seeds)} seeds)", "-"
+            else:
+                accs, score, eligible = ["-"] * len(tiers), "-", "-"
+            dims = [r["dim_steps"] for r in recs if r.get("dim_steps")]
+            steps = (
+                " / ".join(f"{sum(d[i] for d in dims) / len(dims):.0f}" for i in starts if i < len(dims[0]))
+                if dims
+                else "-"
+            )
+            rows.append([f"`{variant}`", f"{lr:g}", *accs, score, eligible, steps])
+    out += [markdown(header, rows), ""]
+    out.append(
+        "Tier accuracies: the mean over the selection seeds (per seed, with the log-likelihoods, in the JSON); * the "
+        "variant's lr; steps of a dimension: the optimizer steps that moved it, summed over the run's clients and "
+        "rounds, mean over the seeds."
+    )
+    out += _defences_line(stage["runs"])
+    out += ["", f"Selection seeds {', '.join(seeds)}. Command: `{stage['command']}`.", ""]
     out.append(f"Machine: {machine(stage.get('environment'))}")
     return "\n".join(out)
 
@@ -952,7 +1050,9 @@ def choosing_summary(results_dir: Path) -> str | None:
     """The README's short answer: the recommendation and the study-2 status of docs/choosing-a-method.md."""
     page = choosing_a_method(results_dir)
     paragraphs = [
-        p.strip() for p in page.split("\n\n") if p.startswith(("**Use", "Best baseline", "Stage A", "Study 2"))
+        p.strip()
+        for p in page.split("\n\n")
+        if p.startswith(("**Use", "Best baseline", "Stage A", "Stage B", "Study 2"))
     ]
     if not paragraphs:
         return None
@@ -1107,7 +1207,24 @@ def choosing_a_method(results_dir: Path) -> str:
                     f"- Best learning rate per rank at {step}: rank 16 {lrs['ceiling']:g}, rank 2 {lrs['floor']:g}"
                     " (`train.lr_rank_scaling: sqrt` gives each rank its own step)."
                 )
+    if study2 is not None:
+        out += ["", stage_b_summary(study2.get("stage_b"))]
     return "\n".join(out) + "\n"
+
+
+def stage_b_summary(stage: dict[str, Any] | None) -> str:
+    """Stage B in one paragraph: not run, running, or its choice."""
+    if not stage:
+        return STAGE_B_NOT_RUN
+    progress = (stage.get("progress") or {}).get("text", "no run yet")
+    choice = stage.get("choice")
+    if not choice:
+        return f"Stage B (repairing PreLort's local training) is running: {progress}."
+    return (
+        f"Stage B (repairing PreLort's local training, on selection seeds, {progress}) chose: {choice['text']}. "
+        "That variant is the PreLort that stage C tests; stage B itself says nothing about PreLort against the "
+        "baselines."
+    )
 
 
 def render(results_dir: str | os.PathLike[str], readme_dir: str | os.PathLike[str] = ROOT) -> str:

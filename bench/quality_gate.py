@@ -33,7 +33,7 @@ from typing import Any
 from prelort import config as config_mod
 from prelort.config import Config
 
-from ._common import environment, repo_relative, write_json
+from ._common import environment, repo_relative, write_stage
 from .quality_study import accuracy, collect_run, ensure_run, run_inprocess, selection_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,7 @@ BASE_GRID = (1.25e-3, 2.5e-3, 5e-3, 1e-2)
 MAX_EXTENSIONS = 2
 GATE_MIN_GAP = 0.10  # mean ceiling - floor
 GATE_ABOVE_GUESS = 0.15  # ceiling - constant guess
+HEADER = {"benchmark": "quality_study_2", "protocol": "docs/quality-study-2.md"}  # the results JSON's top level
 STUDY_SETTINGS = ["method=fedit", "clients.sampling=stratified", "eval.base=false", "eval.truncation_curve=false"]
 DONE_FILE = "study-run.json"
 
@@ -95,19 +96,27 @@ def run_inputs(
     return data, [*STUDY_SETTINGS, *step_overrides(step), *overrides]
 
 
-def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]) -> Config:
-    """One run's config (``base``: the config file's data): evaluated once, after the last round, at the
-    arm's only tier."""
-    data, sets = run_inputs(base, arm, seed, lr, step, overrides)
+def evaluated_once(data: dict[str, Any], sets: Sequence[str]) -> Config:
+    """The config of ``data`` with the overrides ``sets``, evaluated once, after the last round."""
     rounds = config_mod.from_dict(data, sets).rounds
     return config_mod.from_dict(data, [*sets, f"eval.every={rounds}"])
 
 
-def inputs_digest(base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]) -> str:
+def digest_of(data: dict[str, Any], sets: Sequence[str]) -> str:
     """A run's identity for resuming from the JSON: a digest of what its config is made of, not of the resolved
     config, so a later prelort that adds a config field with a default does not disown finished runs."""
-    data, sets = run_inputs(base, arm, seed, lr, step, overrides)
     return hashlib.sha256(json.dumps([data, sets], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_config(base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]) -> Config:
+    """One run's config (``base``: the config file's data): evaluated once, after the last round, at the
+    arm's only tier."""
+    return evaluated_once(*run_inputs(base, arm, seed, lr, step, overrides))
+
+
+def inputs_digest(base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]) -> str:
+    """:func:`digest_of` the run's inputs."""
+    return digest_of(*run_inputs(base, arm, seed, lr, step, overrides))
 
 
 def constant_guess(cfg: Config) -> float:
@@ -135,6 +144,52 @@ def defence_actions(run_dir: Path) -> int:
     if not log.is_file():
         return 0
     return sum(any(m in line for m in DEFENCE_MARKS) for line in log.read_text(errors="replace").splitlines())
+
+
+def study_run(
+    cfg: Config,
+    run_dir: Path,
+    fields: dict[str, Any],
+    digest: str,
+    earlier: dict[str, Any] | None,
+    execute: Callable[[Config, Path], None],
+    *,
+    may_run: bool,
+    wait: bool,
+) -> tuple[dict[str, Any] | None, str]:
+    """One run of a study-2 stage and its record: ``(record, how)``, ``how`` one of ``recorded`` (taken from the
+    JSON's ``earlier`` record: its directory is gone, its inputs ``digest`` the same), ``finished`` (its
+    directory), ``ran``, or with record None ``not run`` (unfinished and not ``may_run``: --max-runs reached)
+    or ``claimed`` (another live process is running it and not ``wait``). The record: ``fields`` (what the
+    run is), its digest, commit, wall time, :func:`collect_run`'s per-example records, accuracy per tier and
+    ``defence_actions``."""
+    if not run_dir.exists() and earlier is not None and earlier.get("inputs_digest") == digest:
+        return earlier, "recorded"
+    if not (run_dir / DONE_FILE).is_file() and not may_run:
+        return None, "not run"
+    outcome = ensure_run(cfg, run_dir, execute, wait=wait)
+    if outcome is None:
+        return None, "claimed"
+    did_run, wall = outcome
+    rec = {**fields, "inputs_digest": digest, "commit": COMMIT, "wall_seconds": wall, **collect_run(run_dir)}
+    rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
+    rec["defence_actions"] = defence_actions(run_dir)
+    return rec, "ran" if did_run else "finished"
+
+
+def earlier_runs(path: Path, stage_key: str) -> dict[str, dict[str, Any]]:
+    """The runs ``stage_key`` of the results JSON ``path`` records (none if there is no file or no such stage)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if stage_key not in data and data.get("benchmark") == "quality_study_2":
+            return {}
+        return dict(data[stage_key]["runs"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(
+            f"{path}: not a results JSON of study 2 ({type(e).__name__}: {e}); move it away or pass another --json"
+        ) from None
 
 
 def lr_grid(step: str, arm: str, steps: dict[str, Any]) -> list[float]:
@@ -220,24 +275,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _earlier_runs(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    try:
-        return dict(json.loads(path.read_text())["stage_a"]["runs"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SystemExit(
-            f"{path}: not a results JSON of study 2 ({type(e).__name__}: {e}); move it away or pass another --json"
-        ) from None
-
-
 def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], None] = run_inprocess) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    earlier = _earlier_runs(args.json)
+    earlier = earlier_runs(args.json, "stage_a")
     stage: dict[str, Any] = {
         "command": "python -m bench.quality_gate "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -257,42 +301,37 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         "steps": {},
         "runs": {},
     }
-    payload = {"benchmark": "quality_study_2", "protocol": "docs/quality-study-2.md", "stage_a": stage}
+    payload = {**HEADER, "stage_a": stage}
     ran, stopped = 0, False
+    claimed: list[tuple[str, float, int]] = []  # (arm, lr, seed) of the current step another process is running
 
-    def save() -> None:
+    def count(stage: dict[str, Any]) -> None:
         done = len(stage["runs"])
         planned = sum(len(a["grid_lrs"]) * len(args.seeds) for s in stage["steps"].values() for a in s["arms"].values())
         stage["progress"] = {"done": done, "planned": planned, "text": f"{done} of {planned} planned runs done"}
         stage["cpu_seconds"] = round(sum(r["wall_seconds"] for r in stage["runs"].values()), 1)
-        write_json(args.json, payload)
 
-    def one(step: str, arm: str, lr: float, seed: int) -> dict[str, Any] | None:
+    def save() -> None:
+        payload.update(write_stage(args.json, "stage_a", stage, HEADER, count))
+
+    def one(step: str, arm: str, lr: float, seed: int, wait: bool = False) -> dict[str, Any] | None:
+        """The run's record; None if stopped at --max-runs or (not ``wait``) another process is running it."""
         nonlocal ran, stopped
         key = f"{step}/{arm}/lr-{lr:g}/seed-{seed}"
         cfg = make_config(args.base, arm, seed, lr, step, args.overrides)
         digest = inputs_digest(args.base, arm, seed, lr, step, args.overrides)
-        run_dir = args.runs_dir / key
-        old = earlier.get(key)
-        if not run_dir.exists() and old is not None and old.get("inputs_digest") == digest:
-            rec, did_run = old, False
-        else:
-            if not (run_dir / DONE_FILE).is_file() and args.max_runs is not None and ran >= args.max_runs:
-                stopped = True
-                return None
-            did_run, wall = ensure_run(cfg, run_dir, execute)
-            rec = {
-                "step": step,
-                "arm": arm,
-                "lr": lr,
-                "seed": seed,
-                "inputs_digest": digest,
-                "commit": COMMIT,
-                "wall_seconds": wall,
-                **collect_run(run_dir),
-            }
-            rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
-            rec["defence_actions"] = defence_actions(run_dir)
+        may_run = args.max_runs is None or ran < args.max_runs
+        fields = {"step": step, "arm": arm, "lr": lr, "seed": seed}
+        rec, how = study_run(
+            cfg, args.runs_dir / key, fields, digest, earlier.get(key), execute, may_run=may_run, wait=wait
+        )
+        if rec is None:
+            stopped = stopped or how == "not run"
+            if how == "claimed":
+                claimed.append((arm, lr, seed))
+                print(f"{key}: another process is running it; coming back to it later", flush=True)
+            return None
+        did_run = how == "ran"
         ran += did_run
         stage["runs"][key] = rec
         if str(seed) not in stage["constant_guess"]:
@@ -324,6 +363,12 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
                     rec = one(step, arm, lr, seed)
                     if rec is not None:
                         points[arm].setdefault(lr, {})[seed] = rec
+            # the runs another process was running: waited for once this process has none left to run
+            while claimed:
+                arm, lr, seed = claimed.pop(0)
+                rec = one(step, arm, lr, seed, wait=True)
+                if rec is not None:
+                    points[arm].setdefault(lr, {})[seed] = rec
             extended = False
             for arm, a in entry["arms"].items():
                 a["grid"] = score_grid(points[arm], args.seeds)

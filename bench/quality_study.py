@@ -49,7 +49,7 @@ from prelort import config as config_mod  # noqa: E402
 from prelort.config import Config  # noqa: E402
 
 from . import study_stats as st
-from ._common import environment, repo_relative, write_json
+from ._common import claim_run, environment, release_run, repo_relative, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm -> (method, prelort.nested); set in the config data directly (a --set string "off" would read as YAML false)
@@ -139,22 +139,52 @@ def recorded_runs(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]
     return out
 
 
-def ensure_run(cfg: Config, run_dir: Path, execute: Callable[[Config, Path], None]) -> tuple[bool, float]:
-    """``(ran, wall seconds)``: skip a finished run, start an unfinished one over, run a missing one."""
+CLAIM_POLL_SECONDS = 30.0  # how often a process waiting for another's run looks again
+WAIT_REPORT_SECONDS = 600.0  # how often it says it is still waiting
+
+
+def ensure_run(
+    cfg: Config, run_dir: Path, execute: Callable[[Config, Path], None], *, wait: bool = True
+) -> tuple[bool, float] | None:
+    """``(ran, wall seconds)``: skip a finished run, start an unfinished one over, run a missing one. Before
+    running, the run is claimed (``_common.claim_run``), so that processes of the same command share the runs:
+    one claimed by another live process is waited for (``wait``, with a progress line; taken over if that
+    process dies first) or, with ``wait=False``, left to it: None."""
     marker = run_dir / DONE
-    if marker.is_file():
-        if not config_matches(run_dir, cfg):
-            raise SystemExit(
-                f"{run_dir} holds a finished run with another config; delete it or pass another --runs-dir"
-            )
-        return False, float(json.loads(marker.read_text())["wall_seconds"])
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # killed part-way: its records may be incomplete, so it starts over
-    t0 = time.perf_counter()
-    execute(cfg, run_dir)
-    wall = round(time.perf_counter() - t0, 1)
-    write_json(marker, {"wall_seconds": wall})
-    return True, wall
+    waiting_since: float | None = None
+    reported = 0.0
+    while True:
+        if marker.is_file():
+            if not config_matches(run_dir, cfg):
+                raise SystemExit(
+                    f"{run_dir} holds a finished run with another config; delete it or pass another --runs-dir"
+                )
+            if waiting_since is not None:
+                print(f"{run_dir}: finished by the other process", flush=True)
+            return False, float(json.loads(marker.read_text())["wall_seconds"])
+        holder = claim_run(run_dir)
+        if holder is None:
+            break
+        if not wait:
+            return None
+        now = time.monotonic()
+        if waiting_since is None or now - reported >= WAIT_REPORT_SECONDS:
+            waited = "" if waiting_since is None else f" (waited {(now - waiting_since) / 60:.0f} min)"
+            print(f"waiting for {run_dir}: process {holder} is running it{waited}", flush=True)
+            waiting_since, reported = waiting_since or now, now
+        time.sleep(CLAIM_POLL_SECONDS)
+    try:
+        if marker.is_file():  # finished by another process between the look and the claim
+            return ensure_run(cfg, run_dir, execute, wait=wait)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # killed part-way: its records may be incomplete, so it starts over
+        t0 = time.perf_counter()
+        execute(cfg, run_dir)
+        wall = round(time.perf_counter() - t0, 1)
+        write_json(marker, {"wall_seconds": wall})
+        return True, wall
+    finally:
+        release_run(run_dir)
 
 
 # ------------------------------------------------------------------------------------------ reading a run

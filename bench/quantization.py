@@ -1,9 +1,12 @@
-"""Memory and time of a quantised base (model.quantization) and of gradient checkpointing, and nf4's quality cost.
+"""Memory and time of a quantised base (model.quantization) and of gradient checkpointing, and its quality cost.
 
-Part 0, the load: for float32 and for each quantised base loaded both ways, side by side - while the checkpoint
-streams in (``prelort.models.load_model``, what a run does) and the way prelort loaded before (the whole model
-in float32, then ``quantize_linear_layers``) - one fresh subprocess loads SmolLM2 and reports its peak RSS
-(VmHWM), its resident memory after loading (VmRSS) and the seconds it took.
+Part 0, the load: from a float32 checkpoint (the model as is) and a bfloat16 copy of it (how most hub models are
+published), one fresh subprocess per row loads the model as float32, or as int8 / nf4 three ways side by side:
+while the checkpoint streams in (``prelort.models.load_model``, what a run does), the same with glibc's default
+malloc (without prelort's setting for the load), and the way prelort loaded before (the whole model in float32,
+then ``quantize_linear_layers``). Each row reports the peak of anonymous memory (RssAnon, sampled every 2 ms),
+what is kept after loading, VmHWM (which also counts the pages of a memory-mapped checkpoint file) and the
+seconds it took.
 
 Part 1, the step: for each base (float32, int8, nf4), with and without train.gradient_checkpointing, at client
 ranks 2 and 16, one fresh subprocess loads the model as a run does (``prelort.recipe.load_federation_model``),
@@ -125,7 +128,15 @@ def measure_one(args: argparse.Namespace) -> dict:
     }
 
 
-LOAD_WAYS = (("none", "float32"), ("int8", "streamed"), ("int8", "after"), ("nf4", "streamed"), ("nf4", "after"))
+LOAD_WAYS = (
+    ("none", "float32"),
+    ("int8", "streamed"),
+    ("int8", "streamed-default-malloc"),
+    ("int8", "after"),
+    ("nf4", "streamed"),
+    ("nf4", "streamed-default-malloc"),
+    ("nf4", "after"),
+)
 CHECKPOINT_DTYPES = ("float32", "bfloat16")
 
 
@@ -156,7 +167,8 @@ class _PeakAnon:
 
 def measure_load(args: argparse.Namespace) -> dict:
     """Part 0's figures for one base loaded one way, in this (fresh) process: ``streamed`` (quantised as the
-    checkpoint loads, what a run does) or ``after`` (loaded whole in ``model.dtype`` float32, then quantised:
+    checkpoint loads, what a run does), ``streamed-default-malloc`` (the same without prelort's malloc setting
+    for the load, ``prelort.models._freed_tensors_go_back_to_the_os``) or ``after`` (loaded whole in ``model.dtype`` float32, then quantised:
     prelort's way before)."""
     import torch
 
@@ -169,6 +181,12 @@ def measure_load(args: argparse.Namespace) -> dict:
     import bitsandbytes  # noqa: F401  (every library imported before the peaks are taken: the load is measured)
     import peft  # noqa: F401
 
+    if args.load_way == "streamed-default-malloc":  # what prelort.models' malloc setting saves
+        import contextlib
+
+        from prelort import models
+
+        models._freed_tensors_go_back_to_the_os = contextlib.nullcontext
     reset = _reset_peak_rss()
     anon_before = status_kib("RssAnon") or 0
     t0 = time.perf_counter()
@@ -379,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--rank", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one-load", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--load-way", choices=("float32", "streamed", "after"), default="streamed", help=argparse.SUPPRESS)
+    ap.add_argument("--load-way", choices=[w for _, w in LOAD_WAYS], default="streamed", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(args)), flush=True)

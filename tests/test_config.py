@@ -46,7 +46,7 @@ def test_toml_file(tmp_path):
         (["rounds=0"], "rounds: Input should be greater than or equal to 1"),
         (
             ["prelort.nested=most"],
-            "prelort.nested: Input should be 'all', 'sample', 'sandwich', 'off' or 'sample_width'",
+            "prelort.nested: Input should be 'all', 'sample', 'sandwich', 'off', 'sample_width' or 'cycle'",
         ),
         (["clients.min_per_round=5"], "min_per_round (5) exceeds per_round (4)"),
         (["rounds"], "is not key.path=value"),

@@ -234,14 +234,55 @@ def test_every_nested_mode_is_named_and_an_unknown_one_is_refused():
         "sample": lambda st: len(st) == 1,
         "sample_width": lambda st: len(st) == 1,
         "sandwich": lambda st: st[0] == 8 and len(st) == 2,
+        "cycle": lambda st: st == [8],
     }
     assert set(expected) == set(NESTED_MODES)
     for mode in NESTED_MODES:
-        step_ts = _step_truncations(mode, ts, rank, random.Random(0))
+        step_ts = _step_truncations(mode, ts, rank, random.Random(0), 0)
         assert set(step_ts) <= set(ts) and expected[mode](step_ts), mode
-    for mode in ("Sandwich", "", "nested"):
+    for mode in ("Sandwich", "", "nested", "cycles"):
         with pytest.raises(ValueError, match=rf"unknown nested mode {mode!r}; expected one of all, sample"):
-            _step_truncations(mode, ts, rank, random.Random(0))
+            _step_truncations(mode, ts, rank, random.Random(0), 0)
+
+
+def test_cycle_takes_the_clients_rank_first_then_its_truncations_ascending():
+    """prelort.nested: cycle (quality study 2, stage B): deterministic, whatever the rng, restarting each round."""
+    ts = [2, 4, 8, 16]
+    for seed in (0, 1):
+        rng = random.Random(seed)
+        assert [_step_truncations("cycle", ts, 16, rng, s)[0] for s in range(6)] == [16, 2, 4, 8, 16, 2]
+    assert [_step_truncations("cycle", [2, 4], 4, random.Random(0), s)[0] for s in range(5)] == [4, 2, 4, 2, 4]
+    assert [_step_truncations("cycle", [2], 2, random.Random(0), s)[0] for s in range(3)] == [2, 2, 2]
+
+
+def test_cycle_is_a_config_mode_and_a_typo_of_it_is_refused():
+    from pathlib import Path
+
+    from prelort import config as config_mod
+
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
+    assert config_mod.load(tiny, ["method=prelort", "prelort.nested=cycle"]).prelort.nested == "cycle"
+    with pytest.raises(config_mod.ConfigError, match="prelort.nested: Input should be .*'cycle'"):
+        config_mod.load(tiny, ["method=prelort", "prelort.nested=cycles"])
+
+
+def test_cycle_trains_every_dimension_of_a_rank_16_client_in_a_6_step_round(tiny_model):
+    """Steps 16, 2, 4, 8, 16, 2: the top segment (8-15) on two steps, the first one included; the lazy-Adam
+    guard and the dimension warm-up key off each step's largest truncation, as under sample."""
+    base, _ = tiny_model
+    plan = TrainPlan(rank=16, truncations=(2, 4, 8, 16), mode="cycle")
+    want = [6] * 2 + [4] * 2 + [3] * 4 + [2] * 8
+    for warmup in (0, 3):
+        cfg = TrainConfig(local_steps=6, batch_size=2, lr=1e-2, dim_warmup_steps=warmup)
+        rec = _StepRecorder()
+        res = train_client(fresh_lora(base, rank=16, start_rank=16), EXAMPLES, plan, cfg, seed=0, local=rec)
+        assert res.meta["dim_steps"] == want, warmup
+        assert res.meta["passes_per_truncation"] == {"2": 2, "4": 1, "8": 1, "16": 2}
+        snaps = rec.snapshots
+        # the first step (t = 16) moves the top segment; steps 1-3 (t = 2, 4, 8) leave it exactly as it was
+        assert _step_size(snaps[0], snaps[1], slice(8, 16)) > 0
+        assert all(_step_size(snaps[s], snaps[s + 1], slice(8, 16)) == 0 for s in (1, 2, 3))
+        assert _step_size(snaps[4], snaps[5], slice(8, 16)) > 0
 
 
 def test_plan_validation(tiny_model):

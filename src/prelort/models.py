@@ -606,8 +606,9 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: 
 def _freed_tensors_go_back_to_the_os():
     """While a base is quantised as it loads, every float tensor is freed right after its quantisation; glibc's
     malloc raises its mmap threshold each time a large block is freed, so after the first few tensors the rest
-    come from the heap and their memory stays with the process: the float model accumulates after all (measured
-    on a bfloat16 SmolLM2 checkpoint: a peak of 620 MB of anonymous memory over the imports, against 300 MB with this).
+    come from the heap and their memory stays with the process: the float model accumulates after all
+    (``python -m bench.quantization``, part 0: nf4 from a bfloat16 SmolLM2 checkpoint peaked at 496 MiB of
+    anonymous memory over the imports with glibc's default, 297 MiB with this).
     A fixed 128 KiB threshold while loading hands each block back at once; afterwards the threshold is fixed at
     32 MiB, the most glibc's own rule would reach (a fixed 128 KiB costs ~30% CPU per training step in
     mmap/munmap; 32 MiB measured as fast as glibc's default). No-op where malloc is not glibc's."""

@@ -8,6 +8,8 @@ step minimises (docs/design.md section 2)
     sample_width: L = loss_t, P(t) = (t - t_prev) / r          (one pass; t_prev the boundary below t: the
                segment of a uniformly drawn dimension, so the top segment is not starved; a variant)
     sandwich:  L = (loss_r + loss_t) / 2,  t ~ Uniform(T \\ {r}), r = plan.rank  (just loss_r if T = {r})
+    cycle:     L = loss_t,  t = (r, t_1, t_2, ...)[s mod |T|]  (one pass; step s of the round, t_1 < t_2 < ... the
+               truncations below r: deterministic, the top segment first, every segment on a fixed count of steps)
     off:       L = loss_r                                      (plain LoRA at the client's rank)
 
 where loss_t is the mean cross-entropy over response tokens (labels != -100) of the micro-batch with the
@@ -200,9 +202,10 @@ def _restore_inactive(optimizer: torch.optim.Optimizer, saved: list) -> None:
                     v[idx] = 0 if moments is None else moments[k]
 
 
-def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -> list[int]:
-    """The truncations one optimizer step takes its loss at under nested ``mode`` (module doc); ``ts`` sorted,
-    ending at ``rank``. Every mode of :data:`NESTED_MODES` is named here; any other is refused."""
+def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random, step: int) -> list[int]:
+    """The truncations optimizer step ``step`` (0-based, within the round) takes its loss at under nested ``mode``
+    (module doc); ``ts`` sorted, ending at ``rank``. Every mode of :data:`NESTED_MODES` is named here; any other
+    is refused."""
     if mode == "off":
         return [rank]
     if mode == "all":
@@ -216,6 +219,10 @@ def _step_truncations(mode: str, ts: list[int], rank: int, rng: random.Random) -
     if mode == "sandwich":
         rest = [t for t in ts if t != rank]
         return [rank, rng.choice(rest)] if rest else [rank]
+    if mode == "cycle":
+        # the client's rank first (the top segment is not left to a late cold step), then ascending
+        order = [rank, *(t for t in ts if t != rank)]
+        return [order[step % len(order)]]
     raise ValueError(f"unknown nested mode {mode!r}; expected one of {', '.join(NESTED_MODES)}")
 
 
@@ -389,7 +396,7 @@ def train_client(
             model.train()
             local.round_starts(optim.pairs)
             for step in range(cfg.local_steps):
-                step_ts = _step_truncations(plan.mode, ts, plan.rank, pick)
+                step_ts = _step_truncations(plan.mode, ts, plan.rank, pick, step)
                 step_loss = _train_step(adapter, next_batch, step_ts, plan, cfg, optim, local, counts, dim_steps)
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"training loss became {step_loss} at step {step} (lower train.lr?)")

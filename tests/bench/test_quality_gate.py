@@ -275,3 +275,55 @@ def test_a_run_where_a_defence_acted_is_counted_and_flagged(tmp_path):
     assert f"acted in 1 run(s), which the protocol expects never: {key}" in tables.quality_study_2_section(
         payload, tmp_path, ROOT
     )
+
+
+def test_a_run_another_process_has_claimed_is_left_to_it_and_waited_for(tmp_path, monkeypatch, capsys):
+    """Two processes of the gate share the runs: one claimed by another live process is skipped, and read once
+    that process has finished it."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    qs = load_bench("quality_study")
+    monkeypatch.setattr(qs, "CLAIM_POLL_SECONDS", 0.05)
+    peaks = {"ceiling": (2.5e-3, 0.6), "floor": (2.5e-3, 0.35)}
+    key = "L0/ceiling/lr-0.00125/seed-2001"
+    run = tmp_path / "runs" / key
+    run.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    claim = run.with_name(run.name + ".claim")
+    claim.write_text(f"{other.pid}\n")
+    base = qg.config_mod.parse_yaml((ROOT / "examples" / "quality_study.yaml").read_text())
+
+    fake = FakeFederation(peaks)
+    waited_for = threading.Event()  # set once the gate, its own runs done, looks at the claimed run again
+    claim_run = qs.claim_run
+
+    def claim_and_tell(run_dir):
+        if run_dir == run and len(fake.calls) == 7:
+            waited_for.set()
+        return claim_run(run_dir)
+
+    monkeypatch.setattr(qs, "claim_run", claim_and_tell)
+
+    def the_other_process():
+        waited_for.wait(timeout=60)
+        time.sleep(0.2)
+        FakeFederation(peaks)(qg.make_config(base, "ceiling", 2001, 1.25e-3, "L0", []), run)
+        (run / qg.DONE_FILE).write_text('{"wall_seconds": 7.0}')
+        claim.unlink()
+
+    thread = threading.Thread(target=the_other_process)
+    thread.start()
+    try:
+        payload = qg.main(gate_args(tmp_path, "--seeds", "2001"), execute=fake)
+    finally:
+        thread.join()
+        other.kill()
+        other.wait()
+    assert "ceiling/0.00125/2001" not in fake.calls and len(fake.calls) == 7
+    assert payload["stage_a"]["runs"][key]["wall_seconds"] == 7.0 and payload["stage_a"]["progress"]["done"] == 8
+    out = capsys.readouterr().out
+    assert f"{key}: another process is running it; coming back to it later" in out
+    assert f"waiting for {run}: process {other.pid} is running it" in out

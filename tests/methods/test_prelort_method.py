@@ -21,7 +21,7 @@ def test_plan_truncations_per_mode(make_spec):
     assert method.plan(8).truncations == (1, 2, 4, 8)
     assert method.plan(1).truncations == (1,)
     assert method.plan(3).truncations == (1, 2, 3)  # a pruned/odd rank still trains itself
-    for mode in ("sample", "sandwich"):
+    for mode in ("sample", "sandwich", "cycle"):
         plan = PreLort(make_spec(ranks=(1, 2, 4, 8), options={"nested": mode})).plan(8)
         assert plan.mode == mode and plan.truncations == (1, 2, 4, 8)
     off = PreLort(make_spec(ranks=(1, 2, 4, 8), options={"nested": "off"})).plan(4)
@@ -31,7 +31,7 @@ def test_plan_truncations_per_mode(make_spec):
 
 def test_unknown_nested_mode_is_rejected(make_spec):
     with pytest.raises(
-        ValueError, match="options.nested must be one of all, sample, sandwich, off, sample_width, got 'every'"
+        ValueError, match="options.nested must be one of all, sample, sandwich, off, sample_width, cycle, got 'every'"
     ):
         PreLort(make_spec(options={"nested": "every"}))
 

@@ -44,7 +44,7 @@ from ..rank_geometry import factor_shape
 
 # How a client's local loss covers its nested truncations (docs/design.md section 2; train.py runs them):
 # the one definition of the modes; config (PreLort's options), methods and the trainer read it from here.
-NestedMode = Literal["all", "sample", "sandwich", "off", "sample_width"]
+NestedMode = Literal["all", "sample", "sandwich", "off", "sample_width", "cycle"]
 NESTED_MODES: tuple[str, ...] = get_args(NestedMode)
 
 

@@ -20,7 +20,10 @@ class PreLortOptions(MethodOptions):
         "truncations reach (AdamW moments included). sample_width (a variant, not one of the quality "
         "study's pre-registered arms): one truncation per step, drawn with probability proportional to its "
         "segment's width (the segment of a uniformly drawn rank dimension), so the top segment trains more "
-        "often: a rank-16 client of ranks 2/4/8/16 draws t = 16 on half its steps instead of a quarter.",
+        "often: a rank-16 client of ranks 2/4/8/16 draws t = 16 on half its steps instead of a quarter. "
+        "cycle (a candidate repair of quality study 2, stage B): one truncation per step, deterministic: the "
+        "client's rank first, then its truncations ascending, cycling (rank 16 of 2/4/8/16 over 6 steps: 16, 2, 4, "
+        "8, 16, 2), so every segment trains every round, the top one first.",
     )
 
 
