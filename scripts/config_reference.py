@@ -43,6 +43,16 @@ def _list_item_model(ann) -> type[BaseModel] | None:
     return None
 
 
+def _optional_literal(ann):
+    """``L`` for an annotation ``L | None`` with ``L`` a Literal, else None."""
+    args = get_args(ann)
+    if len(args) == 2 and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        if get_origin(inner) is Literal:
+            return inner
+    return None
+
+
 def _row(field, key: str):
     """(key, type, default, help) of one leaf field."""
     ann = field.annotation
@@ -54,6 +64,8 @@ def _row(field, key: str):
         kind = "one of " + ", ".join(f"`{n}`" for n in engines.available())
     elif get_origin(ann) is Literal:
         kind = "one of " + ", ".join(f"`{a}`" for a in get_args(ann))
+    elif (literal := _optional_literal(ann)) is not None:  # e.g. clients.sites[].quantization
+        kind = "one of " + ", ".join(f"`{a}`" for a in get_args(literal)) + " or None"
     else:
         kind = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("prelort.config.", "")
     return key, kind, default, field.description or ""

@@ -14,7 +14,7 @@ import json
 import re
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import tomllib
 import yaml
@@ -31,6 +31,10 @@ class ConfigError(ValueError):
 
 # Largest LoRA rank a client may have (a rank beyond any layer's width would only allocate memory).
 MAX_RANK = 65536
+
+# How a base model's linear layers may be held (model.quantization, a site's quantization)
+Quantization = Literal["none", "int8", "nf4"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 # A config expands to at most this many nodes + string characters once YAML aliases are resolved: real
 # configs are ~1000; a "billion laughs" alias bomb claims billions and is refused before it is expanded.
 MAX_EXPANDED_SIZE = 1_000_000
@@ -91,13 +95,14 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the base model.")
     device: str = Field("auto", description="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     gguf_file: str | None = Field(None, description="GGUF file name inside model.name when it is a directory.")
-    quantization: Literal["none", "int8", "nf4"] = Field(
+    quantization: Quantization = Field(
         "none",
         description="Hold the base model's linear layers (all but the output layer) quantised with bitsandbytes "
         "(pip install 'prelort[quant]'): none (model.dtype), int8 (LLM.int8) or nf4 (4-bit NormalFloat, QLoRA). "
         "A checkpoint is quantised tensor by tensor while it loads (a model.gguf_file read by transformers: after "
         "it is dequantised). The LoRA factors, updates and exports stay float32. "
-        "Memory and speed measured in the README (Quantised base).",
+        "Memory and speed measured in the README (Quantised base). The server evaluates the global model on a base "
+        "held this way; a site may set its own (clients.sites[].quantization, node-config quantization).",
     )
 
 
@@ -123,6 +128,14 @@ def site_rank_problem(value: Any, cap: int | None) -> str | None:
     return None
 
 
+def site_quantization_problem(value: Any) -> str | None:
+    """Why ``value`` is not a quantisation a site may declare (one of :data:`QUANTIZATIONS`), or None: the check
+    of a SuperNode's node-config ``quantization`` (``clients.sites`` entries are checked by their type)."""
+    if not isinstance(value, str) or value not in QUANTIZATIONS:
+        return f"quantization {value!r} is not one of {', '.join(QUANTIZATIONS)}"
+    return None
+
+
 class SiteConfig(_Section):
     data_path: str = Field(
         ...,
@@ -135,6 +148,12 @@ class SiteConfig(_Section):
         None,
         description="The site's held-out records (same formats): after the rounds named by eval.every the site "
         "evaluates the global adapter at its rank on them and reports only counts and sums.",
+    )
+    quantization: Quantization | None = Field(
+        None,
+        description="How the site holds its base model while it trains and evaluates on its own records: none, "
+        "int8 or nf4, as model.quantization (docs/small-devices.md). Its updates keep the float32 shapes; the "
+        "server still evaluates on a base held as model.quantization says. null: model.quantization.",
     )
 
 
@@ -169,7 +188,7 @@ class ClientsConfig(_Section):
     sites: list[SiteConfig] | None = Field(
         None,
         description="Per-client declarations, one per client, for engines inprocess and flower-sim: "
-        "{data_path, rank, eval_path}. Each client trains on its own file at its own rank (docs/deployment.md); "
+        "{data_path, rank, eval_path, quantization}. Each client trains on its own file at its own rank (docs/deployment.md); "
         "clients.num is the list's length and clients.ranks is not used. null: the clients split data.source.",
     )
 
@@ -603,6 +622,17 @@ class Config(_Section):
     def method_options(self) -> dict[str, BaseModel]:
         """Every registered method's validated options section, by method name."""
         return dict(self._method_options)
+
+    def client_quantization(self, client: int, declared: str | None = None) -> str:
+        """How ``client`` holds its base model: ``declared`` (its SuperNode's node-config ``quantization``, already
+        checked with :func:`site_quantization_problem`), else its ``clients.sites`` entry's, else
+        ``model.quantization``. The one rule for the ClientApp, the in-process engine and the training records."""
+        if declared is not None:
+            return declared
+        sites = self.clients.sites or []
+        if 0 <= client < len(sites) and sites[client].quantization is not None:
+            return sites[client].quantization
+        return self.model.quantization
 
     def federation_spec(self, modules: dict[str, tuple[int, int]]) -> FederationSpec:
         """What every method is built from: the adapted modules' (d_out, d_in), the client ranks, alpha and

@@ -118,7 +118,7 @@ class RoundOutcome:
     passes: int = 0  # forward/backward passes of a micro-batch, summed over the clients that reported them
     optimizer_steps: int = 0
     diagnostics_reported: int = 0  # accepted clients whose step counts passed the checks and are in the sums
-    # every sampled client: {client, rank, num_examples, status: accepted|rejected|failed[, reason]}
+    # every sampled client: {client, rank, quantization, num_examples, status: accepted|rejected|failed[, reason]}
     clients: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -269,6 +269,9 @@ class Federation:
         self.round = 0  # last completed round
         self._tasks: dict[int, ClientTask] = {}
         self._attempt = 0
+        # how each client holds its base model, for the training records: the config's rule unless the engine
+        # knows better (a SuperNode's declaration; the runner hands over protocol.QuantizationReporter's)
+        self.quantization_of: Callable[[int], str | None] = cfg.client_quantization
 
     # -- life cycle -------------------------------------------------------------------------------------
     def checkpoint_info(self) -> dict[str, Any]:
@@ -692,10 +695,16 @@ class Federation:
 
     def _client_list(self, outcome: RoundOutcome, accepted: dict[int, tuple[int, int | None]]) -> list[dict[str, Any]]:
         """The round's sampled clients for its training record: an accepted one with the rank and example count
-        of its update, a rejected or failed one with the rank it was asked to train and the reason."""
+        of its update, a rejected or failed one with the rank it was asked to train and the reason; each with
+        how it holds its base model (``quantization``, null where not known)."""
         out: list[dict[str, Any]] = []
         for client, task in sorted(self._tasks.items()):
-            entry: dict[str, Any] = {"client": client, "rank": task.rank, "num_examples": None}
+            entry: dict[str, Any] = {
+                "client": client,
+                "rank": task.rank,
+                "quantization": self.quantization_of(client),
+                "num_examples": None,
+            }
             if client in accepted:
                 entry.update(rank=accepted[client][0], num_examples=accepted[client][1], status="accepted")
             elif client in outcome.rejected:

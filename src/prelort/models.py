@@ -40,7 +40,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .config import ModelConfig
+from .config import QUANTIZATIONS, ModelConfig
 from .model_names import (
     ALIASES,
     QWEN,
@@ -449,7 +449,6 @@ def load_model(cfg: ModelConfig, quantization: str | None = None) -> tuple[PreTr
 # ---------------------------------------------------------------------------------------------
 # quantisation (bitsandbytes) and gradient checkpointing
 # ---------------------------------------------------------------------------------------------
-QUANTIZATIONS = ("none", "int8", "nf4")
 QUANT_INSTALL = "pip install 'prelort[quant]'  (or: pip install bitsandbytes)"
 
 

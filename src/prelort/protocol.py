@@ -157,3 +157,12 @@ class SiteEvaluator(Protocol):
     records, or an exception (the site failed; the round's records go on without it)."""
 
     def evaluate(self, tasks: Sequence[EvalTask]) -> Sequence[EvalSums | Exception | None]: ...
+
+
+class QuantizationReporter(Protocol):
+    """An engine that knows how each client holds its base model (optional: the runner asks
+    ``hasattr(engine, "quantization_of")``; otherwise the config says, :meth:`prelort.config.Config.client_quantization`).
+
+    ``quantization_of(client)``: none, int8 or nf4, or None when it is not known (the client's node was refused)."""
+
+    def quantization_of(self, client: int) -> str | None: ...

@@ -32,21 +32,49 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def load_federation_model(cfg: Config):
+def load_federation_model(cfg: Config, quantization: str | None = None):
     """``(base_model, tokenizer, model)``: the base model with the federation's rank-R LoRA attached.
 
     The one recipe for the server and for every client process (Flower ClientApps call it too), so all
-    of them hold the same weights for the same config.
+    of them hold the same weights for the same config. ``quantization`` (None: ``model.quantization``) is how
+    the base is held (a client's own setting, :meth:`Config.client_quantization`); the LoRA factors are drawn
+    from ``seed`` after the base has loaded, so they are the same float32 factors at every setting.
     """
     quiet_libraries()
     torch.manual_seed(cfg.seed)
-    base_model, tokenizer = load_model(cfg.model, cfg.model.quantization)
+    base_model, tokenizer = load_model(cfg.model, quantization)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(base_model)  # active in training mode only: evaluation is unchanged
+    torch.manual_seed(cfg.seed)  # however the base loaded (quantised or not), the same LoRA initialisation
     model = adapters.attach_lora(
         base_model, cfg.model.target_modules, max(cfg.clients.ranks), cfg.lora.alpha, cfg.lora.dropout
     )
     return base_model, tokenizer, model
+
+
+class ClientModels:
+    """The models a process's clients train on: one per quantisation setting (:func:`load_federation_model` at
+    that setting), each loaded the first time a client of that setting needs it. ``loaded``: models already
+    held, by setting (the runner's own, at ``model.quantization``, serves its clients of that setting)."""
+
+    def __init__(self, cfg: Config, loaded: dict[str, tuple[Any, Any]] | None = None):
+        self.cfg = cfg
+        self._models: dict[str, tuple[Any, Any]] = dict(loaded or {})  # setting -> (model, tokenizer)
+
+    def at(self, quantization: str) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` with the base held as ``quantization`` says."""
+        if quantization not in self._models:
+            _, tokenizer, model = load_federation_model(self.cfg, quantization)
+            self._models[quantization] = (model, tokenizer)
+        return self._models[quantization]
+
+    def of_client(self, client: int, declared: str | None = None) -> tuple[Any, Any]:
+        """``(model, tokenizer)`` of ``client``: at its own setting (:meth:`Config.client_quantization`)."""
+        return self.at(self.cfg.client_quantization(client, declared))
+
+    def settings(self) -> list[str]:
+        """The settings loaded so far."""
+        return list(self._models)
 
 
 def load_data(cfg: Config) -> tuple[Any, Any, list[Any]]:

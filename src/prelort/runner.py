@@ -29,7 +29,7 @@ from .model_names import hub_id
 from .models import load_model
 from .protocol import Engine
 from .rank_geometry import adapter_rank
-from .recipe import client_examples, load_data, load_federation_model, quiet_libraries, site_data
+from .recipe import ClientModels, client_examples, load_data, load_federation_model, quiet_libraries, site_data
 from .rundir import RECORD_KEYS, RunDir, federated_eval_record, train_record
 from .train import rank_lr
 
@@ -154,6 +154,8 @@ class Session:
             log.info("loading model %s ...", cfg.model.name)
         self.base_model, self.tokenizer, self.model = load_federation_model(cfg)
         model_seconds = time.perf_counter() - t0
+        # the clients' models: this one for the clients at model.quantization, another per setting a site sets
+        self.client_models = ClientModels(cfg, {cfg.model.quantization: (self.model, self.tokenizer)})
         self.modules = LoraAdapter(self.model).modules
         self.test_records = test
         self.partitions = [client_examples(cfg, self.tokenizer, p) for p in parts]
@@ -299,6 +301,9 @@ class Session:
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, engine: Engine) -> Path:
         cfg, fed = self.cfg, self.federation
+        # an engine that knows how each client holds its base (protocol.QuantizationReporter) tells the records
+        if hasattr(engine, "quantization_of"):
+            fed.quantization_of = engine.quantization_of
         first = fed.start(resume=self.resume)
         with _GracefulStop() as stop:
             try:

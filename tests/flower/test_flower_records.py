@@ -253,14 +253,13 @@ def _flower_cfg(num: int, **clients):
 
 def test_the_hello_reply_carries_the_declared_rank_and_whether_the_site_evaluates_never_a_path():
     node_config = {"partition-id": 1, "num-partitions": 2, "rank": 8, "eval-path": "/site/secret/held-out.jsonl"}
-    reply = records.encode_hello_reply({**node_config, "data-path": "/site/secret/train.jsonl"})
+    reply = records.encode_hello_reply({**node_config, "data-path": "/site/secret/train.jsonl", "quantization": "nf4"})
     assert records.decode_hello_reply(reply) == (1, 2)
-    assert records.decode_site_declaration(reply) == (8, True)
+    assert records.decode_site_declaration(reply) == records.SiteDeclaration(8, True, "nf4")
     assert "secret" not in json.dumps(dict(reply.config_records[records.HELLO].items()))
-    assert records.decode_site_declaration(records.encode_hello_reply({"partition-id": 0, "num-partitions": 2})) == (
-        None,
-        False,
-    )
+    assert records.decode_site_declaration(
+        records.encode_hello_reply({"partition-id": 0, "num-partitions": 2})
+    ) == records.SiteDeclaration(None, False, None)
 
 
 def test_declared_ranks_become_the_runs_ranks_and_segments():
@@ -289,6 +288,17 @@ def test_an_invalid_declared_rank_is_refused_and_its_client_fails_with_the_reaso
     engine = GridEngine(grid, cfg, json.dumps(cfg.to_dict()), nodes)
     failed = engine.execute(_tasks([1]))[0]
     assert isinstance(failed, ClientFailed) and reason in str(failed), str(failed)
+
+
+def test_declared_quantizations_go_to_the_records_and_an_invalid_one_is_refused_with_the_reason():
+    grid = _site_grid({11: {"rank": 2, "quantization": "nf4"}, 12: {"quantization": "fp4"}, 13: {}})
+    cfg, nodes = site_declared_config(grid, _flower_cfg(3, ranks=[2]))
+    engine = GridEngine(grid, cfg, json.dumps(cfg.to_dict()), nodes)
+    assert [engine.quantization_of(k) for k in range(3)] == ["nf4", None, "none"]  # refused: not known
+    failed = engine.execute(_tasks([1]))[0]
+    reason = "declared quantization 'fp4' is not one of none, int8, nf4"
+    assert isinstance(failed, ClientFailed) and reason in str(failed), str(failed)
+    assert cfg.clients.ranks == [2, 2, 2]  # the refused node's client keeps its configured rank
 
 
 def test_a_node_joining_later_with_another_rank_is_refused():

@@ -137,12 +137,15 @@ def _config(run):
 
 
 def test_flower_sim_takes_the_same_site_declarations_as_in_process(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")  # the first site holds its base in nf4
     files = write_sites(tmp_path / "files")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the simulation's client actors inherit it
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        declared = {"clients": {"sites": site_declarations(files)}}
+        sites = site_declarations(files)
+        sites[0]["quantization"] = "nf4"  # a simulation process may serve sites that hold their bases differently
+        declared = {"clients": {"sites": sites}}
         ref = runner.run(from_dict(federation(declared)), tmp_path / "inprocess", verbose=False)
         sim = runner.run(from_dict(federation({**declared, "engine": "flower-sim"})), tmp_path / "sim", verbose=False)
     finally:
@@ -155,11 +158,12 @@ def test_flower_sim_takes_the_same_site_declarations_as_in_process(tmp_path, mon
 
     def clients(run):
         return [
-            [(c["client"], c["rank"], c["num_examples"], c["status"]) for c in t["clients"]]
+            [(c["client"], c["rank"], c["quantization"], c["num_examples"], c["status"]) for c in t["clients"]]
             for t in _records(run, "train")
         ]
 
     assert clients(sim) == clients(ref)
+    assert [c[2] for c in clients(sim)[0]] == ["nf4", "none", "none"]
     on_site = [(r["rank"], r["n"], r["correct"], r["sites"]) for r in _records(sim, "federated_eval")]
     assert on_site == [(r["rank"], r["n"], r["correct"], r["sites"]) for r in _records(ref, "federated_eval")]
     assert len(on_site) == len(SITES)

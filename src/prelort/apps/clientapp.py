@@ -11,9 +11,11 @@ partition, which is how the ServerApp learns which node holds which client.
 A site's own data (docs/deployment.md): node_config ``data-path`` names the file (or directory, or saved
 dataset) the node trains on instead of slice ``partition-id`` of the server's ``data.source`` (with
 ``clients.sites`` in the config, e.g. under flower-sim, the site's ``data_path``); ``rank`` declares the
-site's rank (sent with the hello; the node never trains above it); ``eval-path`` its held-out records, on
-which an EVALUATE message is answered with counts and sums only. A file that cannot be used fails the task
-with a reason that names no path and no record (the full message goes to this node's log).
+site's rank (sent with the hello; the node never trains above it); ``quantization`` how it holds its base
+model (none, int8, nf4; sent with the hello; else the site's ``clients.sites`` entry's, else
+``model.quantization``); ``eval-path`` its held-out records, on which an EVALUATE message is answered with
+counts and sums only. A file that cannot be used fails the task with a reason that names no path and no
+record (the full message goes to this node's log).
 
 Under secure aggregation the same ``train`` handler receives the four stages of Flower's SecAgg+ protocol
 (messages that carry SecAgg+'s config record): they go to a legacy ``NumPyClient`` behind
@@ -21,9 +23,10 @@ Under secure aggregation the same ``train`` handler receives the four stages of 
 update and uploads the fixed-shape encoding of :mod:`prelort.secure_sums` (:func:`secure_upload`). One
 ClientApp serves both paths, so the launcher writes the same app either way.
 
-Caching: the model and tokenized partition live in module-level variables keyed by the config
-sections they depend on. In simulation a Ray actor process serves many messages, so they are built
-once; a deployed SuperNode starts a fresh ``flwr-clientapp`` process per message (Flower's
+Caching: the models (at most one per quantisation setting, :class:`prelort.recipe.ClientModels`) and the
+tokenized partitions live in module-level variables keyed by the config sections they depend on. In
+simulation a Ray actor process serves many messages (of partitions that may hold their bases differently),
+so they are built once; a deployed SuperNode starts a fresh ``flwr-clientapp`` process per message (Flower's
 subprocess isolation), so there they are rebuilt every round.
 """
 
@@ -44,7 +47,8 @@ log = logging.getLogger("prelort")
 
 app = ClientApp()
 
-# {"key": ..., "model": PeftModel, "tokenizer": ...} and {(key, partition): examples}
+# {"key": ..., "models": recipe.ClientModels (at most one model per quantisation setting)} and
+# {(key, partition): examples}
 _MODEL_CACHE: dict[str, Any] = {}
 _PARTITION_CACHE: dict[tuple[str, int], list[dict]] = {}
 _SPLIT_CACHE: dict[str, Any] = {}  # {"key": ..., "parts": the untokenized per-client datasets}
@@ -67,17 +71,28 @@ def site_path(cfg: Any, node_config: dict[str, Any] | None, partition_id: int, k
     return None
 
 
-def _model(config: dict[str, Any], cfg: Any):
-    from ..recipe import load_federation_model
+def site_quantization(cfg: Any, node_config: dict[str, Any] | None, partition_id: int) -> str:
+    """How this node holds its base model: its node_config's ``quantization``, else the config's ``clients.sites``
+    entry for its partition, else ``model.quantization``; a ValueError with the reason for an invalid one."""
+    from ..config import site_quantization_problem
 
-    model_key = _key(config, ("seed", "model", "lora", "clients"))
+    declared = (node_config or {}).get(records.QUANTIZATION)
+    if declared is not None and (problem := site_quantization_problem(declared)):
+        raise ValueError(f"this site's node-config {problem}")
+    return cfg.client_quantization(partition_id, declared)
+
+
+def _model(config: dict[str, Any], cfg: Any, quantization: str):
+    """``(model, tokenizer)`` with the base held as ``quantization`` says, built on first use."""
+    from ..recipe import ClientModels
+
+    model_key = _key(config, ("seed", "model", "lora", "clients", "train"))
     if _MODEL_CACHE.get("key") != model_key:
         _MODEL_CACHE.clear()
         _PARTITION_CACHE.clear()
         _SPLIT_CACHE.clear()
-        _, tokenizer, model = load_federation_model(cfg)
-        _MODEL_CACHE.update(key=model_key, model=model, tokenizer=tokenizer)
-    return _MODEL_CACHE["model"], _MODEL_CACHE["tokenizer"]
+        _MODEL_CACHE.update(key=model_key, models=ClientModels(cfg))
+    return _MODEL_CACHE["models"].at(quantization)
 
 
 def _site_records(load: Any, *args: Any) -> Any:
@@ -99,7 +114,7 @@ def client_state(config: dict[str, Any], partition_id: int, node_config: dict[st
     from ..recipe import client_examples, load_data, site_examples
 
     cfg = from_dict(config)
-    model, tokenizer = _model(config, cfg)
+    model, tokenizer = _model(config, cfg, site_quantization(cfg, node_config, partition_id))
     data_key = _key(config, ("seed", "data", "clients", "model"))
     path = site_path(cfg, node_config, partition_id, records.DATA_PATH)
     if path is not None:  # the site's own file, and nothing else
@@ -263,5 +278,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     if path is None:
         raise ValueError("this site keeps no held-out records (no eval-path)")
     held_out = _site_records(site_eval_records, cfg, path)
-    model, tokenizer = _model(config, cfg)
+    model, tokenizer = _model(config, cfg, site_quantization(cfg, node_config, partition_id))
     return Message(records.encode_eval_reply(evaluate_on_site(model, tokenizer, held_out, cfg, task)), reply_to=msg)

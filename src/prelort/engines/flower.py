@@ -11,11 +11,12 @@ goes on - exactly as with the in-process engine.
 
 Which node is which client: a node states its node_config ``partition-id`` in reply to a
 ``prelort.hello`` QUERY (:class:`NodeDirectory`). Nodes that join late are greeted before the next round.
-A node may also declare its site's rank (node-config ``rank``) and that it keeps held-out records
-(``eval-path``): :func:`site_declared_config` greets the nodes before the run starts and makes the declared
-ranks the run's ``clients.ranks``; a node declaring an invalid rank is refused with the reason, which its client's
-failures then carry. ``GridEngine.evaluate`` sends on-site evaluation (EVALUATE messages) to the nodes that keep
-held-out records.
+A node may also declare its site's rank (node-config ``rank``), how it holds its base model (``quantization``)
+and that it keeps held-out records (``eval-path``): :func:`site_declared_config` greets the nodes before the run
+starts and makes the declared ranks the run's ``clients.ranks``; a node declaring an invalid rank or quantisation
+is refused with the reason, which its client's failures then carry; ``GridEngine.quantization_of`` tells the
+training records each client's quantisation. ``GridEngine.evaluate`` sends on-site evaluation (EVALUATE
+messages) to the nodes that keep held-out records.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-from ..config import Config, from_dict, site_rank_problem
+from ..config import Config, from_dict, site_quantization_problem, site_rank_problem
 from ..flower import records
 from ..protocol import ClientFailed, ClientTask, EngineResult, EvalSums, EvalTask, RawUpdate
 from ..updates import UpdateRejected, parse_metadata
@@ -47,6 +48,7 @@ class NodeDirectory:
         self.ignored: dict[int, str] = {}  # node id -> why it holds no client
         self.refused: dict[int, str] = {}  # client id -> why the node that claimed it was refused
         self.declared_rank: dict[int, int] = {}  # client id -> the rank its node declared
+        self.declared_quantization: dict[int, str] = {}  # client id -> how its node declared it holds its base
         self.has_eval: set[int] = set()  # clients whose node keeps held-out records
         self.fixed_ranks: list[int] | None = None  # the run's ranks, once it started: a later node must agree
 
@@ -117,39 +119,60 @@ class NodeDirectory:
                     f"partition-id={pid} is already held by SuperNode {other}; two nodes claim "
                     f"client {pid} - check which one is genuine"
                 )
-            elif (problem := self._rank_problem(pid, reply.content)) is not None:
+            elif (problem := self._declaration_problem(pid, reply.content)) is not None:
                 self.ignored[node] = self.refused[pid] = f"SuperNode {node} (client {pid}) refused: {problem}"
             else:
                 self.client_of[node] = pid
                 self.refused.pop(pid, None)
-                if records.decode_site_declaration(reply.content)[1]:
+                if records.decode_site_declaration(reply.content).has_eval:
                     self.has_eval.add(pid)
                 else:
                     self.has_eval.discard(pid)
-                rank = self.declared_rank.get(pid)
-                log.info("SuperNode %d holds client %d%s", node, pid, f" (declared rank {rank})" if rank else "")
+                log.info("SuperNode %d holds client %d%s", node, pid, self._declared(pid))
                 return
         log.warning("SuperNode %d holds no client: %s", node, self.ignored[node])
 
-    def _rank_problem(self, client: int, content) -> str | None:
-        """Why the rank a node declares for ``client`` is refused (None: none declared, or a valid one, noted)."""
-        rank, _ = records.decode_site_declaration(content)
-        if rank is None:
-            return None
-        problem = site_rank_problem(rank, self.rank_cap)
-        if problem is None and self.fixed_ranks is not None and rank != self.fixed_ranks[client]:
+    def _declaration_problem(self, client: int, content) -> str | None:
+        """Why the rank or quantisation a node declares for ``client`` is refused (None: none declared, or valid
+        ones, noted)."""
+        declared = records.decode_site_declaration(content)
+        rank, quantization = declared.rank, declared.quantization
+        problem = None if rank is None else site_rank_problem(rank, self.rank_cap)
+        if problem is None and rank is not None and self.fixed_ranks is not None and rank != self.fixed_ranks[client]:
             problem = f"rank {rank} is not the rank {self.fixed_ranks[client]} client {client} had when the run started"
+        if problem is None and quantization is not None:
+            problem = site_quantization_problem(quantization)
         if problem is not None:
             return f"declared {problem}"
-        self.declared_rank[client] = rank
+        if rank is not None:
+            self.declared_rank[client] = rank
+        if quantization is not None:
+            self.declared_quantization[client] = quantization
+        else:
+            self.declared_quantization.pop(client, None)
         return None
 
+    def _declared(self, client: int) -> str:
+        """What the node of ``client`` declared, for the log: `` (declared rank 8, quantization nf4)`` or ``""``."""
+        parts = []
+        if (rank := self.declared_rank.get(client)) is not None:
+            parts.append(f"rank {rank}")
+        if (quantization := self.declared_quantization.get(client)) is not None:
+            parts.append(f"quantization {quantization}")
+        return f" (declared {', '.join(parts)})" if parts else ""
+
+    def quantization_of(self, client: int, cfg: Config) -> str | None:
+        """How ``client`` holds its base model: what its node declared, else the config's
+        (:meth:`Config.client_quantization`); None while the node that claimed it is refused."""
+        if client in self.refused:
+            return None
+        return cfg.client_quantization(client, self.declared_quantization.get(client))
+
     def log_assignments(self) -> None:
-        """Log which node holds which client (with its declared rank) and every node refused: a greeting made
+        """Log which node holds which client (with what it declared) and every node refused: a greeting made
         before the run directory existed leaves these lines in run.log too."""
         for node, client in sorted(self.client_of.items(), key=lambda kv: kv[1]):
-            rank = self.declared_rank.get(client)
-            log.info("SuperNode %d holds client %d%s", node, client, f" (declared rank {rank})" if rank else "")
+            log.info("SuperNode %d holds client %d%s", node, client, self._declared(client))
         for node, why in self.ignored.items():
             log.warning("SuperNode %d holds no client: %s", node, why)
 
@@ -204,6 +227,10 @@ class GridEngine:
         self.config_json = config_json
         self.nodes = nodes if nodes is not None else directory_for(grid, cfg)
         self.round_seconds: list[float] = []
+
+    def quantization_of(self, client: int) -> str | None:
+        """How ``client`` holds its base model (its node's declaration, else the config's), for the records."""
+        return self.nodes.quantization_of(client, self.cfg)
 
     def execute(self, tasks: Sequence[ClientTask]) -> list[EngineResult]:
         from flwr.app import Message, MessageType

@@ -27,8 +27,9 @@ factors and weight mask (:mod:`prelort.secure_sums`), never an individual update
 
 Node hand-shake (QUERY ``prelort.hello``): the ClientApp answers with its node_config ``partition-id``
 and ``num-partitions``, which is how the server maps a Flower node to a prelort client id, and with what the
-site declares: ``rank`` (its node-config ``rank``, as given: the server checks it) and ``has-eval`` (whether
-it keeps held-out records, node-config ``eval-path``) - never a path.
+site declares: ``rank`` (its node-config ``rank``, as given: the server checks it), ``quantization`` (how it
+holds its base model, node-config ``quantization``, as given: the server checks it too) and ``has-eval``
+(whether it keeps held-out records, node-config ``eval-path``) - never a path.
 
 On-site evaluation (EVALUATE message, :func:`encode_eval_task`): ``prelort.eval_task`` (ConfigRecord:
 ``format`` = ``prelort-eval-task-v1``, ``round``, ``client``, ``rank``, ``config``) with the tier's adapter
@@ -70,6 +71,7 @@ NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"
 EVAL_PATH = "eval-path"
 RANK = "rank"
+QUANTIZATION = "quantization"
 HAS_EVAL = "has-eval"
 EVAL_TASK = "prelort.eval_task"
 EVAL_SUMS = "prelort.eval_sums"
@@ -318,7 +320,8 @@ def encode_hello():
 
 def encode_hello_reply(node_config: dict[str, Any]):
     """What a node answers to ``prelort.hello``: its partition id and the number of partitions, the rank it
-    declares (if any; an int, or the text given, which the server refuses) and whether it keeps held-out records."""
+    declares (if any; an int, or the text given, which the server refuses), the quantisation it declares (if any;
+    the text given, which the server checks) and whether it keeps held-out records."""
     from flwr.app import ConfigRecord, RecordDict
 
     pid, num = node_partition(node_config)
@@ -326,6 +329,8 @@ def encode_hello_reply(node_config: dict[str, Any]):
     if RANK in node_config:
         rank = node_config[RANK]
         fields[RANK] = rank if isinstance(rank, int) and not isinstance(rank, bool) else str(rank)[:40]
+    if QUANTIZATION in node_config:
+        fields[QUANTIZATION] = str(node_config[QUANTIZATION])[:40]
     fields[HAS_EVAL] = bool(node_config.get(EVAL_PATH))
     return RecordDict({HELLO: ConfigRecord(fields)})
 
@@ -340,11 +345,20 @@ def decode_hello_reply(content: RecordDict) -> tuple[int, int]:
         raise ValueError(f"hello reply lacks a valid {e}") from None
 
 
-def decode_site_declaration(content: RecordDict) -> tuple[Any, bool]:
-    """``(rank, has_eval)`` a node declared in its hello reply: the rank as sent (None: none declared; the
-    server checks it) and whether it keeps held-out records."""
+@dataclasses.dataclass(frozen=True)
+class SiteDeclaration:
+    """What a node declared in its hello reply, as sent (the server checks it): ``rank`` and ``quantization``
+    (None: none declared) and whether it keeps held-out records (``has_eval``)."""
+
+    rank: Any
+    has_eval: bool
+    quantization: Any = None
+
+
+def decode_site_declaration(content: RecordDict) -> SiteDeclaration:
+    """The :class:`SiteDeclaration` of a hello reply."""
     rec = content.config_records[HELLO]
-    return rec.get(RANK), bool(rec.get(HAS_EVAL, False))
+    return SiteDeclaration(rec.get(RANK), bool(rec.get(HAS_EVAL, False)), rec.get(QUANTIZATION))
 
 
 def node_partition(node_config: dict[str, Any]) -> tuple[int, int]:
