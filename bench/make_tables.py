@@ -402,6 +402,24 @@ def _quantization_load(rows: list[dict[str, Any]], model: str) -> list[str]:
     return out
 
 
+def _gguf_conversion(rows: list[dict[str, Any]]) -> list[str]:
+    """Part 0's conversion rows: the offline GGUF's one-off conversion, prelort's way and transformers'."""
+    ways = {"streamed": "prelort (tensor by tensor into shards)", "transformers": "transformers (whole file)"}
+    table = [
+        [
+            r.get("gguf", "n/a"),
+            ways.get(r["way"], r["way"]),
+            fmt_seconds(r.get("seconds")),
+            fmt_bytes((r.get("peak_anon_bytes") or 0) - (r.get("anon_before_bytes") or 0)),
+        ]
+        for r in rows
+    ]
+    out = ["The first load of an offline GGUF converts it once to a float32 Hugging Face directory (the cache):", ""]
+    out.append(markdown(["GGUF", "converted by", "time", "peak anon. memory"], table))
+    out.append("")
+    return out
+
+
 def quantization_demo_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
     """bench/quantization.py --demo-only: the quality cost of a quantised base on the demo config."""
     out = ["### Quality cost of a quantised base (int8, nf4) on the demo config", ""]
@@ -479,6 +497,8 @@ def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Pa
     steps = data.get("steps") or []
     if data.get("load"):
         out += _quantization_load(data["load"], str(data.get("model")))
+    if data.get("conversion"):
+        out += _gguf_conversion(data["conversion"])
     if steps or data.get("complete") is False:
         out += _quantization_steps(data)
     if data.get("demo"):
@@ -487,7 +507,14 @@ def quantization_section(data: dict[str, Any], results_dir: Path, readme_dir: Pa
     measured = sorted(
         {QUANT_LABELS.get(r["quantization"], r["quantization"]) for r in steps}, key=list(QUANT_LABELS.values()).index
     )
+    load_only = "--load-only" in str(data.get("command", ""))
     for earlier in data.get("earlier_commands") or []:
+        if load_only:
+            out.append(
+                f"(The command above measured loading (part 0); the training-step rows are those of an earlier run "
+                f"of `{runnable(earlier)}`, kept with `--merge`.)"
+            )
+            continue
         out.append(
             f"(The command above measured the bases it names with `--quantizations`, merged with `--merge` into the "
             f"rows of an earlier run of `{runnable(earlier)}`; bases in the table: {', '.join(measured)}.)"

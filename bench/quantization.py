@@ -6,7 +6,8 @@ while the checkpoint streams in (``prelort.models.load_model``, what a run does)
 malloc (without prelort's setting for the load), and the way prelort loaded before (the whole model in float32,
 then ``quantize_linear_layers``). Each row reports the peak of anonymous memory (RssAnon, sampled every 2 ms),
 what is kept after loading, VmHWM (which also counts the pages of a memory-mapped checkpoint file) and the
-seconds it took.
+seconds it took. Two more rows: the offline GGUF's one-off conversion to a Hugging Face directory, prelort's
+(tensor by tensor into shards) beside transformers' own (the whole file dequantised, then saved).
 
 Part 1, the step: for each base (float32, int8, nf4), with and without train.gradient_checkpointing, at client
 ranks 2 and 16, one fresh subprocess loads the model as a run does (``prelort.recipe.load_federation_model``),
@@ -128,6 +129,7 @@ def measure_one(args: argparse.Namespace) -> dict:
     }
 
 
+STEP_SETTINGS = ("batch_size", "seq_len", "target_modules", "steps_per_measurement", "repeats")
 LOAD_WAYS = (
     ("none", "float32"),
     ("int8", "streamed"),
@@ -211,6 +213,52 @@ def measure_load(args: argparse.Namespace) -> dict:
         "rss_after_load_bytes": (status_kib("VmRSS") or 0) * 1024,
         "parameter_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
     }
+
+
+def measure_conversion(args: argparse.Namespace) -> dict:
+    """Part 0's conversion row, in this (fresh) process: the offline GGUF's one-off conversion to a Hugging Face
+    directory, ``streamed`` (``prelort.models._convert_gguf``: tensor by tensor into shards) or ``transformers``
+    (``from_pretrained(gguf_file=...)`` then ``save_pretrained``, what transformers' own GGUF loading does)."""
+    import transformers
+
+    from prelort import models
+
+    gguf = models.smollm2_gguf_path()
+    with tempfile.TemporaryDirectory(prefix="prelort-bench-convert-") as tmp:
+        anon_before = status_kib("RssAnon") or 0
+        t0 = time.perf_counter()
+        with _PeakAnon() as anon:
+            if args.convert_way == "streamed":
+                models._convert_gguf(gguf, Path(tmp))
+            else:
+                kwargs = {"gguf_file": str(gguf)}
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+                model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype="float32", **kwargs)
+                models.save_dequantised(model, tokenizer, Path(tmp))
+        seconds = time.perf_counter() - t0
+    return {
+        "way": args.convert_way,
+        "gguf": gguf.name,
+        "seconds": seconds,
+        "anon_before_bytes": anon_before * 1024,
+        "peak_anon_bytes": anon.peak * 1024,
+    }
+
+
+def run_conversion(args: argparse.Namespace) -> list[dict]:
+    """Part 0's conversion rows (the offline SmolLM2 GGUF only), each in a fresh subprocess."""
+    rows = []
+    for way in ("streamed", "transformers"):
+        cmd = [sys.executable, "-m", "bench.quantization", "--one-convert", "--convert-way", way]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        peak = (row["peak_anon_bytes"] - row["anon_before_bytes"]) / 2**20
+        print(f"convert {row['gguf']} {way}: {row['seconds']:.1f} s, peak anon {peak:.0f} MiB", flush=True)
+    return rows
 
 
 def run_load(args: argparse.Namespace) -> list[dict]:
@@ -397,6 +445,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--rank", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one-load", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-convert", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--convert-way", choices=("streamed", "transformers"), default="streamed", help=argparse.SUPPRESS)
     ap.add_argument("--load-way", choices=[w for _, w in LOAD_WAYS], default="streamed", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -404,6 +454,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if args.one_load:
         print(json.dumps(measure_load(args)), flush=True)
+        return None
+    if args.one_convert:
+        print(json.dumps(measure_conversion(args)), flush=True)
         return None
     if args.quick:
         args.model, args.batch_size, args.seq_len, args.no_demo = "tiny-llama", 2, 32, True
@@ -448,8 +501,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         "target_modules": list(TARGETS),
         "steps_per_measurement": args.steps,
         "repeats": args.repeats,
+        # kept step rows (--merge without part 1) were measured with the earlier run's settings
+        **({k: old[k] for k in STEP_SETTINGS if k in old} if old and not run_steps_part else {}),
         "earlier_commands": earlier_commands,  # --merge: the runs whose rows were kept
         "load": None if run_load_part else old.get("load"),
+        "conversion": None if run_load_part else old.get("conversion"),
         "steps": [],
         "complete": False,  # true once every configuration (and the demo, unless skipped) has run
         "demo": None if run_demo_part else old.get("demo"),
@@ -464,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if run_load_part:
         result["load"] = run_load(args)
+        if args.model == "smollm2-135m-instruct":
+            result["conversion"] = run_conversion(args)
         save([])
     if run_steps_part:
         run_steps(args, save)

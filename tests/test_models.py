@@ -205,3 +205,28 @@ def test_smollm2_loads_from_cache_and_learns():
         seed=0,
     )
     assert held_loss() < before - 0.1
+
+
+@pytest.mark.slow
+def test_gguf_conversion_tensor_by_tensor_equals_transformers_whole_file_loading(tmp_path):
+    """The cache prelort converts a GGUF into, shard by shard, holds exactly the weights transformers' own GGUF
+    loading (every tensor dequantised first) gives, and loads as the same model."""
+    import transformers
+
+    gguf = models.smollm2_gguf_path()
+    out = tmp_path / "converted"
+    out.mkdir()
+    models._convert_gguf(gguf, out)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=str(gguf), dtype=torch.float32
+    )
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # the tie survives
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)

@@ -99,8 +99,8 @@ class ModelConfig(_Section):
         "none",
         description="Hold the base model's linear layers (all but the output layer) quantised with bitsandbytes "
         "(pip install 'prelort[quant]'): none (model.dtype), int8 (LLM.int8) or nf4 (4-bit NormalFloat, QLoRA). "
-        "A checkpoint is quantised tensor by tensor while it loads (a model.gguf_file read by transformers: after "
-        "it is dequantised). The LoRA factors, updates and exports stay float32. "
+        "A checkpoint is quantised tensor by tensor while it loads (a hub id with model.gguf_file: after "
+        "transformers dequantises it). The LoRA factors, updates and exports stay float32. "
         "Memory and speed measured in the README (Quantised base). The server evaluates the global model on a base "
         "held this way; a site may set its own (clients.sites[].quantization, node-config quantization).",
     )

@@ -7,9 +7,10 @@ Aliases (docs/design.md section 4b):
   * ``tiny-llama``: a small randomly initialised LlamaForCausalLM (seeded, deterministic) with the real
     SmolLM2 tokenizer, for fast tests.
 
-A GGUF is dequantised by transformers on load (~20 s); the result is cached once as an ordinary Hugging
-Face directory under :func:`cache_dir` (written to a temporary directory and renamed, so an interrupted
-conversion never leaves a broken cache), and later loads read that directory in a few seconds.
+A GGUF (an alias's, a ``.gguf`` path, or ``model.gguf_file`` in a directory) is converted once, tensor by
+tensor, into an ordinary Hugging Face directory under :func:`cache_dir` (~30 s for SmolLM2; written to a
+temporary directory and renamed, so an interrupted conversion never leaves a broken cache), and later loads read
+that directory in a few seconds. A hub id with ``model.gguf_file`` is left to transformers' own GGUF loading.
 
 Every loaded model is in eval mode with all its parameters frozen (``requires_grad=False``).
 
@@ -18,8 +19,8 @@ linear layers and prepares the model as PEFT's QLoRA recipe does (:func:`peft.pr
 PEFT then attaches its bitsandbytes LoRA layers, whose factors stay float32. A Hugging Face checkpoint (a hub
 id, a local directory, and the offline aliases and GGUF files once converted to the cache) is quantised while
 it loads, tensor by tensor (transformers' ``BitsAndBytesConfig``), so the float32 model never exists whole; a
-model with no checkpoint to stream (tiny-llama, a ``model.gguf_file`` read by transformers) is loaded first and
-quantised after, with the same layers and the same numbers.
+model with no checkpoint to stream (tiny-llama, a hub GGUF read by transformers) is loaded first and quantised
+after, with the same layers and the same numbers.
 """
 
 from __future__ import annotations
@@ -246,10 +247,78 @@ def save_dequantised(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     tokenizer.save_pretrained(out)
 
 
+_SHARD_BYTES = 64 << 20  # the conversion holds at most about this much dequantised weight at once
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=str(gguf), dtype=torch.float32)
-    save_dequantised(model, tokenizer, out)
+    """The GGUF as an ordinary Hugging Face directory in float32, written tensor by tensor: each tensor is
+    dequantised, renamed and reshaped as transformers' own GGUF loading does (its tensor processors and name
+    map), and written into safetensors shards of ~64 MiB, so the conversion never holds the float32 model
+    (transformers' ``from_pretrained(gguf_file=...)`` dequantises every tensor first: 28 GB for a 7B base)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf)).save_pretrained(out)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)  # names and shapes only, no memory
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)  # metadata: what the processors read
+    reader = GGUFReader(str(gguf))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    expected = set(skeleton.state_dict())
+    parsed["tensors"] = {}  # some processors (mixtures of experts) gather tensors here themselves
+    index: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        if shard:
+            file = f"model-{len(set(index.values())) + 1:05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            index.update(dict.fromkeys(shard, file))
+            shard.clear()
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        shard[name] = tensor.to(torch.float32).contiguous()
+        if sum(t.numel() * 4 for t in shard.values()) >= _SHARD_BYTES:
+            flush()
+
+    for tensor in reader.tensors:
+        result = processor.process(
+            weights=dequantize(tensor.data, tensor.tensor_type),
+            name=tensor.name,
+            tensor_key_mapping=names,
+            parsed_parameters=parsed,
+        )
+        if result.name in names:
+            weights = result.weights  # a float32/float16 tensor is a read-only view of the file: copy only those
+            add(names[result.name], torch.from_numpy(weights if weights.flags.writeable else np.copy(weights)))
+        for name in list(parsed["tensors"]):
+            add(name, parsed["tensors"].pop(name))
+    flush()
+    missing = expected - set(index) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if missing:
+        raise ModelLoadError(
+            f"{gguf.name}: converting it left {len(missing)} weights of {type(skeleton).__name__} without a value "
+            f"(e.g. {sorted(missing)[0]}); transformers {importlib.metadata.version('transformers')} cannot map them"
+        )
+    total = sum((out / f).stat().st_size for f in set(index.values()))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1)
+    )
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
 def _gguf_source(gguf: Path) -> dict:
@@ -259,6 +328,13 @@ def _gguf_source(gguf: Path) -> dict:
 
 def _cached_gguf_model(name: str, gguf: Path) -> Path:
     return _build_cached(cache_dir() / "models" / name, _gguf_source(gguf), lambda out: _convert_gguf(gguf, out))
+
+
+def _cached_local_gguf(path: Path) -> Path:
+    """A user's GGUF file, converted once into the cache (keyed by its absolute path, checked by name and size)."""
+    gguf = path.resolve()
+    key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
+    return _cached_gguf_model(f"gguf-{gguf.stem}-{key}", gguf)
 
 
 def _cached_qwen() -> Path:
@@ -384,15 +460,13 @@ def _load_any(cfg: ModelConfig, how: _Load):
             raise ValueError(
                 f"model.name {name!r} is a file but not a .gguf file; give a directory, a .gguf or a hub id"
             )
-        gguf = path.resolve()
-        key = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
-        return _from_pretrained(str(_cached_gguf_model(f"gguf-{gguf.stem}-{key}", gguf)), how)
+        return _from_pretrained(str(_cached_local_gguf(path)), how)
     if path.is_dir():
         if cfg.gguf_file:
             gguf = path / cfg.gguf_file
             if not gguf.is_file():
                 raise FileNotFoundError(f"model.gguf_file {cfg.gguf_file!r} not found in {path}")
-            return _from_pretrained(str(path), how, gguf_file=cfg.gguf_file)
+            return _from_pretrained(str(_cached_local_gguf(gguf)), how)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
         return _from_pretrained(str(path), how)
@@ -607,8 +681,8 @@ def _freed_tensors_go_back_to_the_os():
     """While a base is quantised as it loads, every float tensor is freed right after its quantisation; glibc's
     malloc raises its mmap threshold each time a large block is freed, so after the first few tensors the rest
     come from the heap and their memory stays with the process: the float model accumulates after all
-    (``python -m bench.quantization``, part 0: nf4 from a bfloat16 SmolLM2 checkpoint peaked at 496 MiB of
-    anonymous memory over the imports with glibc's default, 297 MiB with this).
+    (``python -m bench.quantization``, part 0: nf4 from a bfloat16 SmolLM2 checkpoint peaked at 322-496 MiB of
+    anonymous memory over the imports with glibc's default, 292-297 MiB with this, over two runs).
     A fixed 128 KiB threshold while loading hands each block back at once; afterwards the threshold is fixed at
     32 MiB, the most glibc's own rule would reach (a fixed 128 KiB costs ~30% CPU per training step in
     mmap/munmap; 32 MiB measured as fast as glibc's default). No-op where malloc is not glibc's."""

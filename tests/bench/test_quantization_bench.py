@@ -132,3 +132,21 @@ def test_the_readme_table_shows_every_row_the_slowdown_and_the_quality_cost(tmp_
     assert "### Quality cost of a quantised base (int8, nf4) on the demo config" in text
     assert "| 16 | 0.250 | 0.250 | 3.50 | 3.50 | 48 |" in text
     assert "`python -m bench.quantization --json results/quantization.json`," in text  # listed as not run yet
+
+
+def test_a_load_only_merge_keeps_the_step_rows_with_the_settings_they_were_measured_at(tmp_path, monkeypatch):
+    bench = load_bench("quantization")
+    step = {"quantization": "none", "gradient_checkpointing": False, "rank": 2, "seconds_per_step": 1.0}
+    earlier = {"command": "python -m bench.quantization --batch-size 4 --seq-len 64", "batch_size": 4, "seq_len": 64}
+    earlier |= {"steps": [step], "steps_per_measurement": 1, "repeats": 1, "target_modules": ["q_proj"]}
+    out = tmp_path / "quantization.json"
+    out.write_text(json.dumps(earlier))
+    load_row = {"checkpoint_dtype": "float32", "quantization": "nf4", "way": "streamed", "peak_anon_bytes": 1}
+    monkeypatch.setattr(bench, "run_load", lambda args: [load_row])
+    monkeypatch.setattr(bench, "run_conversion", lambda args: [])
+    result = bench.main(["--load-only", "--merge", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["steps"] == [step] and written["load"] == [load_row]
+    assert (written["batch_size"], written["seq_len"], written["target_modules"]) == (4, 64, ["q_proj"])
+    assert written["earlier_commands"] == [earlier["command"]] and written["complete"] is True
