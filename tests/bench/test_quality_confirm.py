@@ -365,3 +365,34 @@ def test_two_processes_of_one_command_share_the_runs(tmp_path, monkeypatch):
     assert data["stage_c"]["progress"]["text"] == "18 of 18 runs done" and "analysis" in data["stage_c"]
     assert "stage_a" in data and "stage_b" in data
     assert not list((tmp_path / "runs").rglob("*.claim"))
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    """The real pipeline at tiny scale: tiny-llama, the 8 arms (every method) on one selection and one reported
+    seed, the own-vs-others split from the real partition."""
+    sets = [
+        "model.name=tiny-llama",
+        "model.target_modules=[q_proj,v_proj]",
+        "data.facts.num_entities=16",
+        "rounds=1",
+        "train.local_steps=1",
+        "train.batch_size=2",
+        "eval.max_examples=48",
+        "eval.batch_size=48",
+    ]
+    args = confirm_args(
+        tmp_path,
+        *("--step", "L0", "--lrs", "1e-3,2e-3", "--variant", "V2-cycle", "--variant-lr", "1e-3"),
+        *("--selection-seeds", "3001", "--seeds", "4001", "--threads", "1"),
+    )
+    for s in sets:
+        args += ["--set", s]
+    stage = qc.main(args)["stage_c"]
+    assert stage["progress"]["text"] == "18 of 18 runs done"
+    assert sorted({r["arm"] for r in stage["runs"].values()}) == sorted(qc.arm_settings(V_STAR, {}))
+    for rec in stage["runs"].values():
+        assert len(next(iter(rec["tiers"].values()))["correct"]) == 48 and rec["defence_actions"] == 0
+    analysis = stage["analysis"]
+    assert analysis["seeds_compared"] == [4001] and len(analysis["decision_family"]) == 4
+    own = analysis["secondary"]["own_vs_others"][V_STAR]
+    assert set(own) == set(TIERS) and all(set(v) == {"own", "others"} for v in own.values())
