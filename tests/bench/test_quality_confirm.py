@@ -396,3 +396,46 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert analysis["seeds_compared"] == [4001] and len(analysis["decision_family"]) == 4
     own = analysis["secondary"]["own_vs_others"][V_STAR]
     assert set(own) == set(TIERS) and all(set(v) == {"own", "others"} for v in own.values())
+
+
+def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
+    import shutil
+
+    tables = load_bench("make_tables")
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(ROOT / "results" / "quality_study.json", results)  # study 1: the page's recommendation
+    json_path = results / "quality_study_2.json"
+    pass_stage_a(tmp_path, json_path)
+    qs.main(["--runs-dir", str(tmp_path / "screen"), "--json", str(json_path)], execute=FakeScreen(screen_accuracy()))
+    assert tables.STAGE_C_NOT_RUN in tables.quality_study_2_section(json.loads(json_path.read_text()), results, ROOT)
+    assert tables.STAGE_C_NOT_RUN in tables.choosing_summary(results)
+    args = [
+        *("--runs-dir", str(tmp_path / "runs"), "--json", str(json_path), "--replicates", "200"),
+        *("--selection-seeds", "3001", "--seeds", "4001,4002"),
+    ]
+    partial = qc.main([*args, "--max-runs", "12"], execute=FakeConfirm(SELECTION))
+    text = tables.quality_study_2_section(partial, results, ROOT)
+    assert "### Quality study 2, stage C" in text and "**Status:** 12 of 26 runs done; stopped at --max-runs" in text
+    assert "No verdict yet: 12 of 26 runs done." in text
+    assert "Stage C (the confirmatory study) is running: 12 of 26 runs done; no verdict yet." in (
+        tables.choosing_summary(results)
+    )
+    half = qc.main([*args, "--max-runs", "8"], execute=FakeConfirm(SELECTION))  # every arm on seed 4001
+    verdict = half["stage_c"]["analysis"]["verdict"]
+    assert verdict["partial"] and "(PARTIAL: 20 of 26 runs done)" in tables.quality_study_2_section(half, results, ROOT)
+    done = qc.main(args, execute=FakeConfirm(SELECTION))
+    a = done["stage_c"]["analysis"]
+    verdict = a["verdict"]["verdict"].upper()
+    text = tables.quality_study_2_section(done, results, ROOT)
+    assert f"**Verdict: {verdict}**" in text and "| tier | best baseline | difference | Holm CI | 95% CI |" in text
+    c = a["decision_family"][0]
+    assert f"| 2 | `{c['baseline']}` | {c['diff']:+.3f} | [{c['ci_holm'][0]:+.3f}, {c['ci_holm'][1]:+.3f}] |" in text
+    assert "Own vs others' facts, `V2-cycle`: tier 2 " in text and "Gap recovered g = (A - F) / (C - F)" in text
+    page = tables.choosing_a_method(results)
+    assert "## Stage C: the confirmatory study" in page and f"**Verdict: {verdict}**" in page
+    summary = tables.choosing_summary(results)
+    assert (
+        f"Stage C (the confirmatory study, 26 of 26 runs done): `V2-cycle` against the best baseline per tier is "
+        f"**{verdict}**" in summary
+    )
