@@ -1036,11 +1036,35 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
         for c in a["decision_family"]
     ]
     out += [markdown(header, rows), ""]
+    tiers = [str(c["tier"]) for c in a["decision_family"]]
+    lrs = stage.get("lrs") or {}
+    header = ["arm", "lr", *(f"tier {t} accuracy (95% CI)" for t in tiers), "passes per run", "s per round"]
+    rows = []
+    for name, e in a["arms"].items():
+        best_at = {t for t in tiers if max(a["arms"], key=lambda x, t=t: a["arms"][x][t]["accuracy"]) == name}
+        cells = [
+            ("**{}**" if t in best_at else "{}").format(f"{e[t]['accuracy']:.3f}") + f" [{e[t]['ci95'][0]:.3f}, "
+            f"{e[t]['ci95'][1]:.3f}]"
+            for t in tiers
+        ]
+        cost = e.get("cost") or {}
+        per_round = (
+            f"{cost['wall_seconds'] / cost['rounds']:.0f}" if cost.get("wall_seconds") and cost.get("rounds") else "-"
+        )
+        passes = f"{cost['passes']:.0f}" if cost.get("passes") is not None else "-"
+        lr = f"{lrs[name]:g}" if lrs.get(name) is not None else "-"
+        rows.append([f"`{name}`", lr, *cells, passes, per_round])
+    out += [
+        "Which arm is best at each tier (bold; the ceiling, every client at rank 16, is a reference no "
+        "heterogeneous federation has), at what lr and cost (mean over the reported seeds):",
+        "",
+        markdown(header, rows),
+        "",
+    ]
     weak = [str(c["tier"]) for c in a["decision_family"] if abs(c["diff"]) < c["mdd"]]
     if weak:
         out += [f"Differences below the MDD (weak evidence either way) at tier(s) {', '.join(weak)}.", ""]
     sec = a.get("secondary") or {}
-    tiers = [str(c["tier"]) for c in a["decision_family"]]
     ll = sec.get("loglik") or {}
     if ll:
         out.append(
@@ -1069,7 +1093,13 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
             f"- Gap recovered g = (A - F) / (C - F), F = FedIT {sec['floor_accuracy']:.3f}, C = the ceiling "
             f"{sec['ceiling_accuracy']:.3f}: "
             + "; ".join(
-                f"`{name}` " + ", ".join(f"tier {t} {g[t]['g']:.2f} {_interval(g[t]['ci95'])}" for t in tiers if t in g)
+                f"`{name}` "
+                + ", ".join(
+                    f"tier {t} {g[t]['g']:.2f}"
+                    + (f" [{g[t]['ci95'][0]:+.2f}, {g[t]['ci95'][1]:+.2f}]" if g[t]["ci95"] else "")
+                    for t in tiers
+                    if t in g
+                )
                 for name, g in gap.items()
             )
             + "."

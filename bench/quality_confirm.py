@@ -161,7 +161,8 @@ def analyse(
     complete: bool = False,
 ) -> dict[str, Any]:
     """Stage C's statistics from the reported runs (``reported[arm][seed]``: a run's record) on the seeds
-    every arm has finished. ``own[seed][tier]``: :func:`own_examples`' split of that seed's examples (None: no
+    every arm has finished: per arm and tier the accuracy and log-likelihood (95% CIs) and the mean cost per
+    run (passes, wall seconds). ``own[seed][tier]``: :func:`own_examples`' split of that seed's examples (None: no
     own-vs-others endpoint)."""
     arms = [verdict_arm, *baselines, CEILING]
     seeds = sorted(set.intersection(*(set(reported.get(a, {})) for a in arms)))
@@ -193,6 +194,14 @@ def analyse(
             if all(x is not None for x in ll):
                 entry[t]["loglik"] = round(st.pooled_mean(ll), 5)
                 entry[t]["loglik_ci95"] = _ci(means(ll))
+        runs_of = [reported[arm][s] for s in seeds]
+        costs = [r["cost"]["passes"] for r in runs_of if r.get("cost")]
+        walls = [r["wall_seconds"] for r in runs_of if r.get("wall_seconds") is not None]
+        entry["cost"] = {
+            "passes": round(float(np.mean(costs)), 1) if costs else None,
+            "wall_seconds": round(float(np.mean(walls)), 1) if walls else None,
+            "rounds": runs_of[0].get("final_round"),
+        }
         summary[arm] = entry
     out["arms"] = summary
     best = best_baselines({b: {t: summary[b][t]["accuracy"] for t in tiers} for b in baselines}, baselines)
@@ -343,8 +352,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--variant",
         default=None,
-        choices=list(VARIANTS),
-        help="the verdict arm (default: stage B's choice; recorded)",
+        help=f"the verdict arm ({', '.join(VARIANTS)}; default: stage B's choice; recorded)",
     )
     p.add_argument("--variant-lr", type=float, default=None, help="the verdict arm's lr (default: stage B's for it)")
     p.add_argument(
@@ -360,6 +368,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.step is not None and args.step not in STEPS:
         raise refuse(f"--step: unknown ladder step {args.step!r}; known: {', '.join(STEPS)}")
+    if args.variant is not None and args.variant not in VARIANTS:
+        raise refuse(f"--variant: unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
     try:
         args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
         args.selection_seeds = [int(x) for x in args.selection_seeds.split(",") if x.strip()]

@@ -122,6 +122,7 @@ def test_stage_c_refuses_to_run_before_stages_a_and_b(tmp_path, capsys):
     assert refused("--variant", "V1-dim-warmup") == "error: stage B has no lr for V1-dim-warmup; pass --variant-lr"
     assert "--lrs: two positive learning rates (lr_F,lr_C) are needed" in refused("--lrs", "1e-3")
     assert "--step: unknown ladder step 'L9'" in refused("--step", "L9")
+    assert "--variant: unknown variant 'V9'; known: V0-sample, V1-dim-warmup" in refused("--variant", "V9")
 
 
 def test_the_arms_are_the_protocols_table():
@@ -439,3 +440,5 @@ def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
         f"Stage C (the confirmatory study, 26 of 26 runs done): `V2-cycle` against the best baseline per tier is "
         f"**{verdict}**" in summary
     )
+    assert "| `V2-cycle` | 0.005 |" in page and "| `ceiling` | 0.0025 |" in page  # each arm's lr and cost
+    assert a["arms"]["flora"]["cost"]["passes"] == 240 and a["arms"]["flora"]["cost"]["rounds"] == 10
