@@ -849,11 +849,19 @@ STAGE_B_NOT_RUN = (
 )
 
 
+STAGE_C_NOT_RUN = (
+    "Stage C (the confirmatory study, `python -m bench.quality_confirm`) has not run: it runs only once stage A's "
+    "gate has passed and stage B has chosen its PreLort variant."
+)
+
+
 def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir: Path) -> str:
     """Study 2 (docs/quality-study-2.md): stage A, the federated gate per ladder step with each arm's lr grid,
-    and stage B, the screen of PreLort's repairs (one line while it has not run)."""
+    stage B, the screen of PreLort's repairs, and stage C, the confirmatory study (one line each while it has
+    not run)."""
     parts = [quality_study_2_stage_a(data["stage_a"]) if "stage_a" in data else "Stage A has not run yet."]
     parts.append(quality_study_2_stage_b(data["stage_b"]) if "stage_b" in data else STAGE_B_NOT_RUN)
+    parts.append(quality_study_2_stage_c(data["stage_c"]) if "stage_c" in data else STAGE_C_NOT_RUN)
     return "\n\n".join(parts)
 
 
@@ -995,6 +1003,141 @@ def quality_study_2_stage_b(stage: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def quality_study_2_stage_c(stage: dict[str, Any]) -> str:
+    """Study 2, stage C: the arms and their lrs, then the verdict and its tables (:func:`stage_c_results`)."""
+    settings = stage["settings"]
+    lrs = stage.get("lrs") or {}
+    out = [
+        "### Quality study 2, stage C: the confirmatory study",
+        "",
+        f"Protocol: [docs/quality-study-2.md](docs/quality-study-2.md), fixed before the first run. At stage A's step "
+        f"{settings['step']} ({settings['step_source']}): the verdict arm `{settings['verdict_arm']}` "
+        f"({settings['verdict_arm_source']}) against five baselines whose lr was selected on the seeds "
+        f"{', '.join(map(str, settings['selection_seeds']))}, FedIT (every client at rank 2) and the ceiling (every "
+        f"client at rank 16, a reference); reported seeds {', '.join(map(str, settings['seeds']))}.",
+        "",
+        f"**Status:** {(stage.get('progress') or {}).get('text', 'no run yet')}; {stage.get('outcome', 'running')}. "
+        f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h.",
+        "",
+        "Learning rates: "
+        + ", ".join(f"`{arm}` {lr:g}" if lr is not None else f"`{arm}` not chosen yet" for arm, lr in lrs.items())
+        + ".",
+        "",
+        *stage_c_results(stage),
+    ]
+    out += _defences_line(stage["runs"])
+    out += ["", f"Command: `{stage['command']}`.", "", f"Machine: {machine(stage.get('environment'))}"]
+    return "\n".join(out)
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"
+
+
+def stage_c_results(stage: dict[str, Any]) -> list[str]:
+    """Stage C's verdict (PARTIAL with "k of M runs done" until every run is done), the decision table (per
+    tier: the best baseline, the difference, the Holm and the 95% interval, the MDD) and the secondary
+    endpoints; one line while no reported seed has every arm."""
+    a = stage.get("analysis") or {}
+    verdict = a.get("verdict")
+    if not verdict:
+        return [f"No verdict yet: {(stage.get('progress') or {}).get('text', 'no run yet')}."]
+    partial = f" (PARTIAL: {stage['progress']['text']})" if verdict.get("partial") else ""
+    arm = verdict["verdict_arm"]
+    out = [
+        f"**Verdict{partial}: {verdict['verdict'].upper()}** ({verdict['reason']}), `{arm}` against the best "
+        f"baseline per tier on {len(a['seeds_compared'])} reported seed(s).",
+        "",
+    ]
+    header = ["tier", "best baseline", "difference", "Holm CI", "95% CI", "MDD (a = 0.05 / 0.0125)", "significant"]
+    rows = [
+        [
+            str(c["tier"]),
+            f"`{c['baseline']}`",
+            f"{c['diff']:+.3f}",
+            _interval(c["ci_holm"]),
+            _interval(c["ci95"]),
+            f"{c['mdd']:.3f} / {c['mdd_strictest']:.3f}",
+            "yes" if c["significant"] else "no",
+        ]
+        for c in a["decision_family"]
+    ]
+    out += [markdown(header, rows), ""]
+    tiers = [str(c["tier"]) for c in a["decision_family"]]
+    lrs = stage.get("lrs") or {}
+    header = ["arm", "lr", *(f"tier {t} accuracy (95% CI)" for t in tiers), "passes per run", "s per round"]
+    rows = []
+    for name, e in a["arms"].items():
+        best_at = {t for t in tiers if max(a["arms"], key=lambda x, t=t: a["arms"][x][t]["accuracy"]) == name}
+        cells = [
+            ("**{}**" if t in best_at else "{}").format(f"{e[t]['accuracy']:.3f}") + f" [{e[t]['ci95'][0]:.3f}, "
+            f"{e[t]['ci95'][1]:.3f}]"
+            for t in tiers
+        ]
+        cost = e.get("cost") or {}
+        per_round = (
+            f"{cost['wall_seconds'] / cost['rounds']:.0f}" if cost.get("wall_seconds") and cost.get("rounds") else "-"
+        )
+        passes = f"{cost['passes']:.0f}" if cost.get("passes") is not None else "-"
+        lr = f"{lrs[name]:g}" if lrs.get(name) is not None else "-"
+        rows.append([f"`{name}`", lr, *cells, passes, per_round])
+    out += [
+        "Which arm is best at each tier (bold; the ceiling, every client at rank 16, is a reference no "
+        "heterogeneous federation has), at what lr and cost (mean over the reported seeds):",
+        "",
+        markdown(header, rows),
+        "",
+    ]
+    weak = [str(c["tier"]) for c in a["decision_family"] if abs(c["diff"]) < c["mdd"]]
+    if weak:
+        out += [f"Differences below the MDD (weak evidence either way) at tier(s) {', '.join(weak)}.", ""]
+    sec = a.get("secondary") or {}
+    ll = sec.get("loglik") or {}
+    if ll:
+        out.append(
+            "- Answer log-likelihood, `"
+            + arm
+            + "` minus the best baseline: "
+            + "; ".join(f"tier {t} {ll[t]['diff']:+.3f} {_interval(ll[t]['ci95'])}" for t in tiers if t in ll)
+            + "."
+        )
+    own = sec.get("own_vs_others") or {}
+    for name in dict.fromkeys([arm, *(c["baseline"] for c in a["decision_family"])]):
+        per_tier = own.get(name) or {}
+        if per_tier:
+            out.append(
+                f"- Own vs others' facts, `{name}`: "
+                + "; ".join(
+                    f"tier {t} {per_tier[t]['own']['accuracy']:.3f} vs {per_tier[t]['others']['accuracy']:.3f}"
+                    for t in tiers
+                    if {"own", "others"} <= set(per_tier.get(t, {}))
+                )
+                + "."
+            )
+    gap = sec.get("gap_recovered") or {}
+    if gap:
+        out.append(
+            f"- Gap recovered g = (A - F) / (C - F), F = FedIT {sec['floor_accuracy']:.3f}, C = the ceiling "
+            f"{sec['ceiling_accuracy']:.3f}: "
+            + "; ".join(
+                f"`{name}` "
+                + ", ".join(
+                    f"tier {t} {g[t]['g']:.2f}"
+                    + (f" [{g[t]['ci95'][0]:+.2f}, {g[t]['ci95'][1]:+.2f}]" if g[t]["ci95"] else "")
+                    for t in tiers
+                    if t in g
+                )
+                for name, g in gap.items()
+            )
+            + "."
+        )
+    out.append(
+        "- Holm CI: the Holm-adjusted percentile interval across the 4 tiers (the decision); 95% CI: plain. The "
+        "24 comparisons against every baseline (Holm across the 24) are in the JSON's `stage_c.analysis`."
+    )
+    return out
+
+
 def poisoning_table(rows: Sequence[dict[str, Any]], tiers: Sequence[str]) -> str:
     """One row per run of bench/poisoning.py: what the hostile client's updates met, the global model's relative
     distance from the honest run, the perplexity per tier."""
@@ -1079,7 +1222,7 @@ def choosing_summary(results_dir: Path) -> str | None:
     paragraphs = [
         p.strip()
         for p in page.split("\n\n")
-        if p.startswith(("**Use", "Best baseline", "Stage A", "Stage B", "Study 2"))
+        if p.startswith(("**Use", "Best baseline", "Stage A", "Stage B", "Stage C", "Study 2"))
     ]
     if not paragraphs:
         return None
@@ -1235,7 +1378,9 @@ def choosing_a_method(results_dir: Path) -> str:
                     " (`train.lr_rank_scaling: sqrt` gives each rank its own step)."
                 )
     if study2 is not None:
-        out += ["", stage_b_summary(study2.get("stage_b"))]
+        out += ["", stage_b_summary(study2.get("stage_b")), "", stage_c_summary(study2.get("stage_c"))]
+        if (study2.get("stage_c") or {}).get("analysis", {}).get("verdict"):
+            out += ["", "## Stage C: the confirmatory study", "", *stage_c_results(study2["stage_c"])]
     return "\n".join(out) + "\n"
 
 
@@ -1251,6 +1396,21 @@ def stage_b_summary(stage: dict[str, Any] | None) -> str:
         f"Stage B (repairing PreLort's local training, on selection seeds, {progress}) chose: {choice['text']}. "
         "That variant is the PreLort that stage C tests; stage B itself says nothing about PreLort against the "
         "baselines."
+    )
+
+
+def stage_c_summary(stage: dict[str, Any] | None) -> str:
+    """Stage C in one paragraph: not run, running, or its verdict (PARTIAL until every run is done)."""
+    if not stage:
+        return STAGE_C_NOT_RUN
+    progress = (stage.get("progress") or {}).get("text", "no run yet")
+    verdict = (stage.get("analysis") or {}).get("verdict")
+    if not verdict:
+        return f"Stage C (the confirmatory study) is running: {progress}; no verdict yet."
+    partial = f"PARTIAL, {progress}: " if verdict.get("partial") else ""
+    return (
+        f"Stage C (the confirmatory study, {progress}): `{verdict['verdict_arm']}` against the best baseline per "
+        f"tier is **{partial}{verdict['verdict'].upper()}** ({verdict['reason']})."
     )
 
 

@@ -95,10 +95,12 @@ def inputs_digest(base: dict[str, Any], variant: str, seed: int, lr: float, step
     return digest_of(*run_inputs(base, variant, seed, lr, step, overrides))
 
 
-def stage_a_setting(payload: dict[str, Any], step: str | None) -> tuple[str, list[float] | None, str]:
+def stage_a_setting(
+    payload: dict[str, Any], step: str | None, stage_name: str = "stage B"
+) -> tuple[str, list[float] | None, str]:
     """``(S*, [lr_F, lr_C] or None, where they came from)`` from stage A's results: the step whose gate passed
     (or ``step``, given on the command line) and the floor's and ceiling's best lr there (None where that step
-    has none)."""
+    has none). ``stage_name``: the stage that refuses to run while no gate has passed."""
     stage = payload.get("stage_a") or {}
     steps = stage.get("steps") or {}
     source = "--step"
@@ -109,7 +111,7 @@ def stage_a_setting(payload: dict[str, Any], step: str | None) -> tuple[str, lis
             state = (stage.get("progress") or {}).get("text", "no run yet")
             gates = ", ".join(f"{s} {v}" for s, v in decided.items()) or "no gate decided"
             raise refuse(
-                "stage B runs only after stage A's gate has passed (docs/quality-study-2.md); stage A: "
+                f"{stage_name} runs only after stage A's gate has passed (docs/quality-study-2.md); stage A: "
                 f"{state}, {gates}"
                 + (f", {stage['outcome']}" if stage.get("outcome") else "")
                 + " (python -m bench.quality_gate)"

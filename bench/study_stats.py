@@ -133,12 +133,12 @@ def mdd(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
     return float((z(1 - alpha / 2) + z(power)) * se)
 
 
-def decide(cis: Mapping[int, tuple[float, float]]) -> dict[str, Any]:
+def decide(cis: Mapping[int, tuple[float, float]], equivalence: float | None = EQUIVALENCE) -> dict[str, Any]:
     """The pre-registered verdict from each tier's CI of PreLort minus the best baseline.
 
     The upper half of the tiers (8 and 16 of 2/4/8/16) must have lo > 0 and the lower half lo > -0.02 for
-    *confirmed*; *refuted* when some tier has hi < 0, or every tier lies within +-0.03; else *inconclusive*.
-    Refuted is checked first.
+    *confirmed*; *refuted* when some tier has hi < 0, or every tier lies within +-``equivalence`` (study 1's
+    0.03; None drops that branch, as study 2's stage C does); else *inconclusive*. Refuted is checked first.
     """
     if not cis:
         raise ValueError("no tiers to decide on")
@@ -148,8 +148,8 @@ def decide(cis: Mapping[int, tuple[float, float]]) -> dict[str, Any]:
     below = [t for t in tiers if cis[t][1] < 0]
     if below:
         return {"verdict": "refuted", "reason": f"CI below 0 at tier(s) {below}"}
-    if all(-EQUIVALENCE <= cis[t][0] and cis[t][1] <= EQUIVALENCE for t in tiers):
-        return {"verdict": "refuted", "reason": f"CI within +-{EQUIVALENCE} at every tier"}
+    if equivalence is not None and all(-equivalence <= cis[t][0] and cis[t][1] <= equivalence for t in tiers):
+        return {"verdict": "refuted", "reason": f"CI within +-{equivalence} at every tier"}
     if all(cis[t][0] > UPPER_MARGIN for t in upper) and all(cis[t][0] > LOWER_MARGIN for t in lower):
         return {
             "verdict": "confirmed",

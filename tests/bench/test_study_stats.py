@@ -89,3 +89,15 @@ def test_minimum_detectable_difference():
 )
 def test_decision_rule(cis, verdict):
     assert st.decide(cis)["verdict"] == verdict
+
+
+def test_decision_rule_without_the_equivalence_branch():
+    """Study 2's stage C drops study 1's +-0.03 equivalence branch: CIs within it are inconclusive, and the other
+    branches are unchanged (refuted checked first)."""
+    within = {2: (-0.02, 0.02), 4: (-0.03, 0.03), 8: (-0.01, 0.01), 16: (0.0, 0.03)}
+    assert st.decide(within)["verdict"] == "refuted"
+    assert st.decide(within, equivalence=None)["verdict"] == "inconclusive"
+    below = {2: (0.05, 0.2), 4: (0.05, 0.2), 8: (0.05, 0.2), 16: (-0.2, -0.01)}
+    assert st.decide(below, equivalence=None)["verdict"] == "refuted"
+    above = {2: (-0.01, 0.05), 4: (-0.015, 0.04), 8: (0.01, 0.09), 16: (0.02, 0.1)}
+    assert st.decide(above, equivalence=None)["verdict"] == "confirmed"
