@@ -42,7 +42,17 @@ from prelort.config import Config
 from . import study_stats as st
 from ._common import environment, repo_relative, write_stage
 from .quality_gate import ARMS as GATE_ARMS
-from .quality_gate import HEADER, STEPS, digest_of, earlier_runs, evaluated_once, score_grid, step_overrides, study_run
+from .quality_gate import (
+    HEADER,
+    STEPS,
+    config_inputs,
+    digest_of,
+    earlier_runs,
+    evaluated_once,
+    score_grid,
+    step_overrides,
+    study_run,
+)
 from .quality_gate import STUDY_SETTINGS as GATE_SETTINGS
 from .quality_screen import VARIANTS, lr_grid, refuse, stage_a_setting
 from .quality_study import _ci, _Resamplers, run_inprocess, verdicts
@@ -78,17 +88,8 @@ def arm_settings(variant: str, variant_settings: Mapping[str, Any]) -> dict[str,
 def run_inputs(
     base: dict[str, Any], settings: Mapping[str, Any], seed: int, lr: float, step: str, overrides: Sequence[str]
 ) -> tuple[dict[str, Any], list[str]]:
-    """What one run's config is made of: the config file's data with the arm's settings, seed and lr set, and
-    the overrides (the study's settings, the ladder step's, the command line's)."""
-    data = json.loads(json.dumps(base))
-    for section, values in settings.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    data["seed"] = seed
-    data.setdefault("train", {})["lr"] = lr
-    return data, [*STUDY_SETTINGS, *step_overrides(step), *overrides]
+    """A stage-C run's config inputs (:func:`quality_gate.config_inputs`)."""
+    return config_inputs(base, settings, seed, lr, [*STUDY_SETTINGS, *step_overrides(step), *overrides])
 
 
 # ------------------------------------------------------------------------------------------ own vs others

@@ -26,7 +26,7 @@ import json
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,17 +83,28 @@ def step_overrides(step: str) -> list[str]:
     raise ValueError(f"unknown ladder step {step!r}; known: {', '.join(STEPS)}")
 
 
+def config_inputs(
+    base: dict[str, Any], settings: Mapping[str, Any], seed: int, lr: float, sets: Sequence[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """What one run's config is made of (every stage of study 2): the config file's data with an arm's
+    ``settings`` (a section's dict merged into it, a plain value such as ``method`` set), ``seed`` and ``lr``,
+    and the overrides ``sets`` (the stage's settings, the ladder step's, the command line's)."""
+    data = json.loads(json.dumps(base))
+    for section, values in settings.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    data["seed"] = seed
+    data.setdefault("train", {})["lr"] = lr
+    return data, list(sets)
+
+
 def run_inputs(
     base: dict[str, Any], arm: str, seed: int, lr: float, step: str, overrides: Sequence[str]
 ) -> tuple[dict[str, Any], list[str]]:
-    """What one run's config is made of: the config file's data with the arm, seed and lr set, and the
-    overrides (the study's settings, the ladder step's, the command line's)."""
-    data = json.loads(json.dumps(base))
-    for section, values in ARMS[arm].items():
-        data.setdefault(section, {}).update(values)
-    data["seed"] = seed
-    data.setdefault("train", {})["lr"] = lr
-    return data, [*STUDY_SETTINGS, *step_overrides(step), *overrides]
+    """A stage-A run's config inputs (:func:`config_inputs`)."""
+    return config_inputs(base, ARMS[arm], seed, lr, [*STUDY_SETTINGS, *step_overrides(step), *overrides])
 
 
 def evaluated_once(data: dict[str, Any], sets: Sequence[str]) -> Config:

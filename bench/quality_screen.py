@@ -38,6 +38,7 @@ from ._common import environment, repo_relative, write_stage
 from .quality_gate import (
     HEADER,
     STEPS,
+    config_inputs,
     constant_guess,
     digest_of,
     earlier_runs,
@@ -75,14 +76,8 @@ def refuse(message: str) -> SystemExit:
 def run_inputs(
     base: dict[str, Any], variant: str, seed: int, lr: float, step: str, overrides: Sequence[str]
 ) -> tuple[dict[str, Any], list[str]]:
-    """What one run's config is made of: the config file's data with the variant, seed and lr set, and the
-    overrides (the study's settings, the ladder step's, the command line's)."""
-    data = json.loads(json.dumps(base))
-    for section, values in VARIANTS[variant].items():
-        data.setdefault(section, {}).update(values)
-    data["seed"] = seed
-    data.setdefault("train", {})["lr"] = lr
-    return data, [*STUDY_SETTINGS, *step_overrides(step), *overrides]
+    """A stage-B run's config inputs (:func:`quality_gate.config_inputs`)."""
+    return config_inputs(base, VARIANTS[variant], seed, lr, [*STUDY_SETTINGS, *step_overrides(step), *overrides])
 
 
 def make_config(

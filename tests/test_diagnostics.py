@@ -141,7 +141,7 @@ def test_sample_width_draws_truncations_in_proportion_to_segment_width(tiny_mode
     from prelort.train import _step_truncations
 
     rng = random.Random(0)
-    draws = [_step_truncations("sample_width", [2, 4, 8, 16], 16, rng)[0] for _ in range(8000)]
+    draws = [_step_truncations("sample_width", [2, 4, 8, 16], 16, rng, step)[0] for step in range(8000)]
     share = {t: draws.count(t) / len(draws) for t in (2, 4, 8, 16)}
     assert share == pytest.approx({2: 2 / 16, 4: 2 / 16, 8: 4 / 16, 16: 8 / 16}, abs=0.02)
     # one pass per step; dims 8..15 (reached by t = 16 only) on about half the steps

@@ -368,6 +368,7 @@ def test_two_processes_of_one_command_share_the_runs(tmp_path, monkeypatch):
     assert not list((tmp_path / "runs").rglob("*.claim"))
 
 
+@pytest.mark.slow  # ~45 s: stage B's tiny pipeline covers the real path in the fast suite
 def test_tiny_pipeline_end_to_end(tmp_path):
     """The real pipeline at tiny scale: tiny-llama, the 8 arms (every method) on one selection and one reported
     seed, the own-vs-others split from the real partition."""
