@@ -27,7 +27,6 @@ is not redone. Two processes of the same command share the runs (claims, as stag
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -54,8 +53,8 @@ from .quality_gate import (
     study_run,
 )
 from .quality_gate import STUDY_SETTINGS as GATE_SETTINGS
-from .quality_screen import VARIANTS, lr_grid, refuse, stage_a_setting
-from .quality_study import _ci, _Resamplers, run_inprocess, verdicts
+from .quality_screen import VARIANTS, lr_grid, read_results, refuse, stage_a_setting
+from .quality_study import _ci, _Resamplers, holm_family, run_inprocess, verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
 SELECTED = ("prelort-off", "zeropad", "hetlora", "flexlora", "flora")  # their lr is selected in phase 1
@@ -233,17 +232,7 @@ def analyse(
 
     # the decision family: V* minus the best baseline per tier, Holm across the 4
     family = [dict(c) for c in comparisons if c["best"]]
-    h = st.holm([c["p"] for c in family], ALPHA)
-    m = len(family)
-    for c, adj, rej, level in zip(family, h["adjusted"], h["reject"], h["level"]):
-        c.update(
-            p_holm=round(adj, 5),
-            significant=rej,
-            holm_level=level,
-            ci_holm=_ci(reps_of[(str(c["tier"]), c["baseline"])], 1 - level),
-            mdd=round(st.mdd(c["se"], ALPHA, POWER), 4),
-            mdd_strictest=round(st.mdd(c["se"], ALPHA / m, POWER), 4),
-        )
+    holm_family(family, reps_of)
     out["decision_family"] = family
     out["verdict"] = {
         **st.decide({c["tier"]: tuple(c["ci_holm"]) for c in family}, equivalence=None),
@@ -254,7 +243,7 @@ def analyse(
         "per_tier": {str(c["tier"]): c["mdd"] for c in family},
         "per_tier_strictest": {str(c["tier"]): c["mdd_strictest"] for c in family},
         "how": f"(z_(1-a/2) + z_{POWER}) x the bootstrap SE of the paired difference, a = {ALPHA} (mdd) and "
-        f"a = {ALPHA}/{m} (mdd_strictest)",
+        f"a = {ALPHA}/{len(family)} (mdd_strictest)",
     }
     out["secondary"] = secondary(reported, verdict_arm, baselines, tiers, seeds, best, own, means)
     return out
@@ -397,16 +386,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise refuse(f"{path}: not readable JSON ({e})") from None
-
-
 def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], None] = run_inprocess) -> dict[str, Any]:
     args = parse_args(argv)
-    results = _read(args.json)
+    results = read_results(args.json)
     step, stage_a_lrs, step_source = stage_a_setting(results, args.step, "stage C")
     if args.lrs is not None:
         (lr_f, lr_c), lr_source = args.lrs, "--lrs"

@@ -237,7 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_results(path: Path) -> dict[str, Any]:
+    """Study 2's results JSON (empty before any run); a broken file is a one-line refusal."""
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
@@ -246,7 +247,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], None] = run_inprocess) -> dict[str, Any]:
     args = parse_args(argv)
-    step, stage_a_lrs, step_source = stage_a_setting(_read(args.json), args.step)
+    step, stage_a_lrs, step_source = stage_a_setting(read_results(args.json), args.step)
     if args.lrs is not None:
         lrs, lr_source = sorted(set(args.lrs)), "--lrs"
     elif stage_a_lrs is not None:

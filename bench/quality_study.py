@@ -39,7 +39,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,23 @@ def _ci(reps: np.ndarray, level: float = 0.95) -> list[float]:
     return [round(x, 5) for x in st.percentile_ci(reps, level)]
 
 
+def holm_family(family: list[dict[str, Any]], reps_of: Mapping[tuple[str, str], np.ndarray]) -> None:
+    """Holm across ``family`` (comparisons with ``tier``, ``baseline``, ``p``, ``se``), in place: each gets its
+    Holm p-value, verdict and level, the Holm-adjusted interval of its bootstrap differences ``reps_of[(tier,
+    baseline)]``, and the MDD at ALPHA and at the strictest Holm level ALPHA / len(family)."""
+    h = st.holm([c["p"] for c in family], ALPHA)
+    m = len(family)
+    for c, adj, rej, level in zip(family, h["adjusted"], h["reject"], h["level"]):
+        c.update(
+            p_holm=round(adj, 5),
+            significant=rej,
+            holm_level=level,
+            ci_holm=_ci(reps_of[(str(c["tier"]), c["baseline"])], 1 - level),
+            mdd=round(st.mdd(c["se"], ALPHA, POWER), 4),
+            mdd_strictest=round(st.mdd(c["se"], ALPHA / m, POWER), 4),
+        )
+
+
 class _Resamplers:
     """One resampler per set of seeds (seeds sorted), so every comparison on the same seeds shares draws."""
 
@@ -391,17 +408,7 @@ def analyse(
                     "best": b == best[tier],
                 }
             )
-    h = st.holm([c["p"] for c in comparisons], ALPHA)
-    m = len(comparisons)
-    for c, adj, rej, level in zip(comparisons, h["adjusted"], h["reject"], h["level"]):
-        c.update(
-            p_holm=round(adj, 5),
-            significant=rej,
-            holm_level=level,
-            ci_holm=_ci(reps_of[(str(c["tier"]), c["baseline"])], 1 - level),
-            mdd=round(st.mdd(c["se"], ALPHA, POWER), 4),
-            mdd_strictest=round(st.mdd(c["se"], ALPHA / m, POWER), 4),
-        )
+    holm_family(comparisons, reps_of)
     out["comparisons"] = comparisons
     out["best_baseline"] = {t: best[t] for t in tiers}
     best_rows = {c["tier"]: c for c in comparisons if c["best"]}
@@ -415,7 +422,7 @@ def analyse(
         "best_baseline_per_tier_strictest": {str(t): best_rows[t]["mdd_strictest"] for t in sorted(best_rows)},
         "median_all": round(float(np.median([c["mdd"] for c in comparisons])), 4),
         "how": f"(z_(1-a/2) + z_{POWER}) x the bootstrap SE of the paired difference, a = {ALPHA} "
-        f"(mdd) and a = {ALPHA}/{m} (mdd_strictest, Holm's first step)",
+        f"(mdd) and a = {ALPHA}/{len(comparisons)} (mdd_strictest, Holm's first step)",
     }
     # truncation curve: PreLort minus each baseline per t (95% CI, not part of the tests)
     curve_t = sorted(reported[VERDICT_ARM][common[0]]["curve"], key=int)
