@@ -865,6 +865,14 @@ def quality_study_2_section(data: dict[str, Any], results_dir: Path, readme_dir:
     return "\n\n".join(parts)
 
 
+# stage A's gate checks (bench/quality_gate.gate), as a reader needs them
+GATE_CHECK_TEXT = {
+    "mean_gap_at_least_0.10": "gap >= 0.10",
+    "positive_on_every_seed": "gap > 0 on every seed",
+    "ceiling_0.15_above_constant_guess": "rank 16 >= 0.15 above the constant guess",
+}
+
+
 def quality_study_2_stage_a(stage: dict[str, Any]) -> str:
     """Study 2, stage A: the federated gate per ladder step, with each arm's lr grid."""
     progress = stage.get("progress") or {}
@@ -917,7 +925,7 @@ def quality_study_2_stage_a(stage: dict[str, Any]) -> str:
             out.append(f"- **{step}**: gate not decided yet (runs missing).")
             continue
         gaps = ", ".join(f"{v:+.3f}" for v in g["gap_per_seed"].values())
-        failed = [name for name, ok in g["checks"].items() if not ok]
+        failed = [GATE_CHECK_TEXT.get(name, name) for name, ok in g["checks"].items() if not ok]
         out.append(
             f"- **{step}**: gate **{'passed' if g['passed'] else 'failed'}**: ceiling {g['ceiling_accuracy']:.3f}, "
             f"floor {g['floor_accuracy']:.3f}, gap {g['mean_gap']:+.3f} (per seed {gaps}), constant guess "
@@ -1364,10 +1372,17 @@ def choosing_a_method(results_dir: Path) -> str:
                 "what limits. Train every client at the smallest rank (`fedit`)."
             )
         else:
-            failed = [s for s, g in decided.items() if not g["passed"]]
+            failed = [
+                f"{s} (rank 16 {g['ceiling_accuracy']:.3f}, rank 2 {g['floor_accuracy']:.3f}, gap "
+                f"{g['mean_gap']:+.3f}; failed: "
+                + ", ".join(GATE_CHECK_TEXT.get(c, c) for c, ok in g["checks"].items() if not ok)
+                + ")"
+                for s, g in decided.items()
+                if not g["passed"]
+            ]
             out.append(
                 f"Stage A (the federated gate) is running: {progress}"
-                + (f"; gate failed at {', '.join(failed)}, next ladder step under way" if failed else "")
+                + (f"; gate failed at {', '.join(failed)}; next ladder step under way" if failed else "")
                 + ". Until it answers, nothing here says that rank pays."
             )
         for step, e in stage.get("steps", {}).items():

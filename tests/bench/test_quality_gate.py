@@ -236,6 +236,33 @@ def test_the_recommendation_page_follows_the_results(tmp_path):
     page = tables.choosing_a_method(results)
     assert "failed at every step of the ladder" in page and "Best learning rate per rank at L3" in page
     assert "failed at every step of the ladder" in tables.choosing_summary(results)
+    # part-way down the ladder: the failed steps with their figures and the checks that failed
+    (results / "quality_study_2.json").unlink()
+    qg.main(
+        gate_args(
+            tmp_path,
+            "--seeds",
+            "2001",
+            "--runs-dir",
+            str(tmp_path / "r2"),
+            "--until",
+            "L0",
+            "--max-runs",
+            "0",
+            "--json",
+            str(results / "quality_study_2.json"),
+        ),
+        execute=FakeFederation(flat),
+    )
+    page = tables.choosing_a_method(results)
+    g = json.loads((results / "quality_study_2.json").read_text())["stage_a"]["steps"]["L0"]["gate"]
+    failed = [name for name, ok in g["checks"].items() if not ok]
+    assert failed[:2] == ["mean_gap_at_least_0.10", "positive_on_every_seed"] and g["mean_gap"] < 0, g
+    assert (
+        f"gate failed at L0 (rank 16 {g['ceiling_accuracy']:.3f}, rank 2 {g['floor_accuracy']:.3f}, gap "
+        f"{g['mean_gap']:+.3f}; failed: gap >= 0.10, gap > 0 on every seed" in page
+    ), page
+    assert "); next ladder step under way" in page
     (results / "quality_study_2.json").unlink()
     qg.main(
         gate_args(
