@@ -873,6 +873,11 @@ GATE_CHECK_TEXT = {
 }
 
 
+def failed_gate_checks(gate: dict[str, Any]) -> list[str]:
+    """The checks a stage-A gate failed, in words."""
+    return [GATE_CHECK_TEXT.get(name, name) for name, ok in gate["checks"].items() if not ok]
+
+
 def quality_study_2_stage_a(stage: dict[str, Any]) -> str:
     """Study 2, stage A: the federated gate per ladder step, with each arm's lr grid."""
     progress = stage.get("progress") or {}
@@ -925,7 +930,7 @@ def quality_study_2_stage_a(stage: dict[str, Any]) -> str:
             out.append(f"- **{step}**: gate not decided yet (runs missing).")
             continue
         gaps = ", ".join(f"{v:+.3f}" for v in g["gap_per_seed"].values())
-        failed = [GATE_CHECK_TEXT.get(name, name) for name, ok in g["checks"].items() if not ok]
+        failed = failed_gate_checks(g)
         out.append(
             f"- **{step}**: gate **{'passed' if g['passed'] else 'failed'}**: ceiling {g['ceiling_accuracy']:.3f}, "
             f"floor {g['floor_accuracy']:.3f}, gap {g['mean_gap']:+.3f} (per seed {gaps}), constant guess "
@@ -1374,9 +1379,7 @@ def choosing_a_method(results_dir: Path) -> str:
         else:
             failed = [
                 f"{s} (rank 16 {g['ceiling_accuracy']:.3f}, rank 2 {g['floor_accuracy']:.3f}, gap "
-                f"{g['mean_gap']:+.3f}; failed: "
-                + ", ".join(GATE_CHECK_TEXT.get(c, c) for c, ok in g["checks"].items() if not ok)
-                + ")"
+                f"{g['mean_gap']:+.3f}; failed: " + ", ".join(failed_gate_checks(g)) + ")"
                 for s, g in decided.items()
                 if not g["passed"]
             ]
