@@ -260,6 +260,8 @@ def write_stage(
                 raise SystemExit(f"{path}: not a JSON object; move it away or pass another --json")
         for run_key, rec in ((on_disk.get(key) or {}).get("runs") or {}).items():
             stage.setdefault("runs", {}).setdefault(run_key, rec)
+        # in key order, so that two processes' writes of the same runs are the same file (and diffs stay small)
+        stage["runs"] = dict(sorted(stage.get("runs", {}).items()))
         if before_write is not None:
             before_write(stage)
         on_disk.update(header)

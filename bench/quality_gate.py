@@ -362,6 +362,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         entry = stage["steps"].setdefault(step, {"overrides": step_overrides(step), "arms": {}})
         for arm in ARMS:
             entry["arms"].setdefault(arm, {"grid_lrs": lr_grid(step, arm, stage["steps"]), "extensions": 0})
+        save()  # the step's plan on disk from its start, so the planned count and tables never drop a step
         points: dict[str, dict[float, dict[int, dict[str, Any]]]] = {arm: {} for arm in ARMS}
         while True:
             grids = {arm: entry["arms"][arm]["grid_lrs"] for arm in ARMS}

@@ -130,6 +130,21 @@ def test_a_failing_gate_moves_down_the_ladder_with_the_grid_around_the_last_best
     assert "gate L0: failed" in out and "gate L1: failed" in out
 
 
+def test_a_step_is_planned_on_disk_before_its_first_run_finishes(tmp_path):
+    """Another process (make_tables, a commit) reading the JSON mid-run never sees a step vanish."""
+    flat = {"ceiling": (2.5e-3, 0.3), "floor": (2.5e-3, 0.3)}
+    qg.main(gate_args(tmp_path, "--seeds", "2001", "--until", "L0"), execute=FakeFederation(flat))
+    seen = []
+
+    def peek(cfg, run_dir):
+        seen.append(json.loads((tmp_path / "s2.json").read_text())["stage_a"])
+        FakeFederation(flat)(cfg, run_dir)
+
+    qg.main(gate_args(tmp_path, "--seeds", "2001", "--until", "L1", "--max-runs", "1"), execute=peek)
+    assert len(seen) == 1 and set(seen[0]["steps"]) == {"L0", "L1"}
+    assert seen[0]["progress"]["text"] == "8 of 16 planned runs done"
+
+
 def test_resumes_from_the_results_json_without_the_run_directories(tmp_path):
     peaks = {"ceiling": (2.5e-3, 0.6), "floor": (2.5e-3, 0.35)}
     first = qg.main(gate_args(tmp_path, "--seeds", "2001", "--max-runs", "5"), execute=FakeFederation(peaks))

@@ -124,7 +124,8 @@ def test_write_stage_keeps_the_other_stages_and_the_runs_on_disk(tmp_path):
     other = {"runs": {"b2": {"x": 3}, "b3": {"x": 4}}}
     written = common.write_stage(path, "stage_b", other, header, lambda st: st.update(done=len(st["runs"])))
     assert set(written["stage_b"]["runs"]) == {"b1", "b2", "b3"} and written["stage_b"]["done"] == 3
-    assert set(other["runs"]) == {"b1", "b2", "b3"}  # the writer's own view now has them too
+    assert list(other["runs"]) == ["b1", "b2", "b3"]  # the writer's own view has them too, in key order
+    assert list(json.loads(path.read_text())["stage_b"]["runs"]) == ["b1", "b2", "b3"]
     # a run in both: the writer's record wins
     common.write_stage(path, "stage_b", {"runs": {"b1": {"x": 9}}}, header)
     assert json.loads(path.read_text())["stage_b"]["runs"]["b1"] == {"x": 9}
