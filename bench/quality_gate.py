@@ -157,6 +157,33 @@ def defence_actions(run_dir: Path) -> int:
     return sum(any(m in line for m in DEFENCE_MARKS) for line in log.read_text(errors="replace").splitlines())
 
 
+class FailedClients(SystemExit):
+    """A study run in which client updates failed: a bug to fix, never a result to score (exits with its
+    one-line message)."""
+
+
+def client_failures(run_dir: Path) -> list[str]:
+    """The client updates that failed in a run (``"round R client C: reason"``, from its metrics.jsonl). These
+    honest, in-process federations expect none: a failure is a bug (study 2's screen once scored a variant
+    whose clients below rank 16 all failed), so a study never scores such a run."""
+    from prelort.rundir import RunDir
+
+    path = RunDir(run_dir).metrics_file
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        clients = row.get("clients") if isinstance(row, dict) else None
+        for c in clients if isinstance(clients, list) else []:
+            if isinstance(c, dict) and c.get("status") == "failed":
+                out.append(f"round {row.get('round')} client {c.get('client')}: {c.get('reason')}")
+    return out
+
+
 def study_run(
     cfg: Config,
     run_dir: Path,
@@ -182,6 +209,12 @@ def study_run(
     if outcome is None:
         return None, "claimed"
     did_run, wall = outcome
+    failed = client_failures(run_dir)
+    if failed:
+        raise FailedClients(
+            f"{run_dir}: {len(failed)} client update(s) failed (first: {failed[0]}); the run is not scored: fix "
+            "the cause, delete the run directory and run again"
+        )
     rec = {**fields, "inputs_digest": digest, "commit": COMMIT, "wall_seconds": wall, **collect_run(run_dir)}
     rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
     rec["defence_actions"] = defence_actions(run_dir)

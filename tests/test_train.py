@@ -414,3 +414,26 @@ def test_dim_warmup_keeps_a_cold_dimensions_first_step_below_its_steady_step(tin
     assert cold > steady, sizes
     cold, steady = sizes[3]
     assert cold <= steady, sizes
+
+
+def test_dim_warmup_trains_a_client_below_the_adapters_allocated_rank(tiny_model):
+    """A federation allocates every client's adapter at its largest rank and a client of rank r trains the
+    first r dimensions. train.dim_warmup_steps must scale those r and leave the rest where they were (study 2's
+    screen lost every client below rank 16 to a shape error here: "size of tensor a (2) must match ... (16)")."""
+    base, _ = tiny_model
+    model = fresh_lora(base, start_rank=4)  # allocated at R = 8, active rank 4
+    plan = TrainPlan(rank=4, truncations=(2, 4), mode="sample")
+    start = [(a.detach().clone(), b.detach().clone()) for a, b in LoraAdapter(model).factor_pairs()]
+    held = {}
+    for warmup in (0, 3):
+        cfg = TrainConfig(local_steps=4, batch_size=4, lr=1e-2, dim_warmup_steps=warmup)
+        rec = _StepRecorder()
+        res = train_client(fresh_lora(base, start_rank=4), pattern_examples(64, 1), plan, cfg, seed=3, local=rec)
+        assert len(res.meta["dim_steps"]) == 4
+        assert res.meta["dim_steps"][:2] == [4, 4]  # t >= 2 at every step reaches dimensions 0-1
+        first, last = rec.snapshots[0], rec.snapshots[-1]
+        for (a0, b0), (a1, b1) in zip(start, last):  # nothing outside the client's rank moves
+            assert torch.equal(a1[4:], a0[4:]) and torch.equal(b1[:, 4:], b0[:, 4:])
+        held[warmup] = _step_size(first, rec.snapshots[1], slice(0, 2))
+    # the first step of dimensions 0-1 is scaled by 1 / (3 + 1) under the warm-up
+    assert held[3] == pytest.approx(held[0] / 4, rel=0.05), held

@@ -251,9 +251,12 @@ def dim_warmup_factors(dim_steps: Sequence[int], warmup: int) -> list[float]:
 
 def _scale_step(pairs: list[tuple[Tensor, Tensor]], before: list[Tensor], factors: list[float]) -> None:
     """Each factor moved by ``factors[i]`` of this step's change along rank dimension i (rows of A, columns of
-    B); the moments keep the whole step, as under a learning-rate warm-up."""
+    B); the moments keep the whole step, as under a learning-rate warm-up. The factors cover the client's rank;
+    the adapter may hold more dimensions (a client below the federation's largest rank trains the prefix of
+    an adapter allocated at that rank), and those are left as the step left them."""
     with torch.no_grad():
-        f = torch.tensor(factors, dtype=before[0].dtype, device=before[0].device)
+        held = before[0].shape[0]
+        f = torch.tensor(factors[:held] + [1.0] * (held - len(factors)), dtype=before[0].dtype, device=before[0].device)
         for (a, b), a0, b0 in zip(pairs, before[0::2], before[1::2]):
             a.copy_(a0 + f[:, None] * (a - a0))
             b.copy_(b0 + f[None, :] * (b - b0))

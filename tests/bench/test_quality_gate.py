@@ -319,6 +319,38 @@ def test_a_run_where_a_defence_acted_is_counted_and_flagged(tmp_path):
     )
 
 
+class FailingClientFederation(FakeFederation):
+    """A federation whose round 2 lost client 1 to an error (the run itself finishes)."""
+
+    def __call__(self, cfg, run_dir: Path) -> None:
+        super().__call__(cfg, run_dir)
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        bad = json.loads(rows[1])
+        bad["clients"] = [
+            {"client": 0, "rank": 2, "status": "accepted"},
+            {"client": 1, "rank": 2, "status": "failed", "reason": "ClientFailed: RuntimeError: size mismatch"},
+        ]
+        rows[1] = json.dumps(bad)
+        (run_dir / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_a_run_where_a_client_failed_is_refused_not_scored(tmp_path):
+    """An honest in-process federation expects no failed client: such a run stops the study with one line
+    naming the run and the failure, and is never recorded in the results."""
+    with pytest.raises(SystemExit) as e:
+        qg.main(
+            gate_args(tmp_path, "--seeds", "2001", "--max-runs", "1", "--set", "rounds=3"),
+            execute=FailingClientFederation({"ceiling": (1e-3, 0.5), "floor": (1e-3, 0.5)}),
+        )
+    msg = str(e.value.code)
+    assert "1 client update(s) failed (first: round 2 client 1: ClientFailed: RuntimeError: size mismatch)" in msg
+    assert "the run is not scored" in msg and "\n" not in msg
+    assert not (tmp_path / "s2.json").exists() or not json.loads((tmp_path / "s2.json").read_text())["stage_a"][
+        "runs"
+    ]
+    assert qg.client_failures(tmp_path / "nowhere") == []
+
+
 def test_a_run_another_process_has_claimed_is_left_to_it_and_waited_for(tmp_path, monkeypatch, capsys):
     """Two processes of the gate share the runs: one claimed by another live process is skipped, and read once
     that process has finished it."""

@@ -289,6 +289,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # first): dimensions 8-15 (only the rank-16 client) on 1 of 2, dimensions 0-1 (every client) on all 8
     cycle = runs["L0/V2-cycle/lr-0.001/seed-3001"]["dim_steps"]
     assert cycle[0] == 8 and cycle[15] == 1
+    # the dimension warm-up trains every client, not only the one at the adapter's full rank 16 (a shape error
+    # once failed the others at every round; a run with a failed client is now refused, not scored)
+    assert runs["L0/V1-dim-warmup/lr-0.001/seed-3001"]["dim_steps"][0] == 8
 
 
 def test_the_readme_and_recommendation_page_show_stage_b(tmp_path):
