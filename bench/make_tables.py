@@ -1032,8 +1032,16 @@ def quality_study_2_stage_c(stage: dict[str, Any]) -> str:
         f"**Status:** {(stage.get('progress') or {}).get('text', 'no run yet')}; {stage.get('outcome', 'running')}. "
         f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h.",
         "",
+        *stage_c_selection(stage),
         "Learning rates: "
-        + ", ".join(f"`{arm}` {lr:g}" if lr is not None else f"`{arm}` not chosen yet" for arm, lr in lrs.items())
+        + (
+            ", ".join(
+                f"`{arm}` {_lr_text(stage, arm)}" if lr is not None else f"`{arm}` not chosen yet"
+                for arm, lr in lrs.items()
+            )
+            if lrs
+            else "the selected arms' not chosen yet (phase 1 running)"
+        )
         + ".",
         "",
         *stage_c_results(stage),
@@ -1041,6 +1049,40 @@ def quality_study_2_stage_c(stage: dict[str, Any]) -> str:
     out += _defences_line(stage["runs"])
     out += ["", f"Command: `{stage['command']}`.", "", f"Machine: {machine(stage.get('environment'))}"]
     return "\n".join(out)
+
+
+def _lr_text(stage: dict[str, Any], arm: str) -> str:
+    """An arm's lr, with its lr scaling where phase 1 chose one (``0.005, sqrt-scaled``)."""
+    lr = (stage.get("lrs") or {}).get(arm)
+    if lr is None:
+        return "-"
+    scaling = ((stage.get("selection") or {}).get(arm) or {}).get("scaling")
+    return f"{lr:g}" + (f", {scaling}-scaled" if scaling not in (None, "none") else "")
+
+
+def stage_c_selection(stage: dict[str, Any]) -> list[str]:
+    """Phase 1 as a table: each selected baseline's mean accuracy over the tiers and selection seeds at each
+    (lr scaling, lr) candidate, the chosen one starred; nothing before any candidate is scored."""
+    selection = stage.get("selection") or {}
+    grid = stage["settings"].get("selection_grid") or []
+    scalings = list(stage["settings"].get("lr_scalings") or {"none": {}})
+    cells: dict[str, dict[tuple[str, float], str]] = {}
+    for arm, entry in selection.items():
+        for g in entry.get("grid") or []:
+            key = (g.get("scaling", "none"), g["lr"])
+            star = "*" if key == (entry.get("scaling") or "none", entry.get("lr")) else ""
+            cells.setdefault(arm, {})[key] = f"{g['mean_accuracy']:.3f}{star}"
+    if not cells:
+        return []
+    header = ["arm", *(f"{sc} scaling, lr {lr:g}" for sc in scalings for lr in grid)]
+    rows = [[f"`{arm}`", *(c.get((sc, lr), "-") for sc in scalings for lr in grid)] for arm, c in cells.items()]
+    return [
+        "Phase 1, each selected baseline's lr scaling and lr (mean accuracy over the tiers and the selection seeds; "
+        "* chosen; `sqrt`: `train.lr_rank_scaling: sqrt`, a client of rank r at lr x sqrt(16 / r)):",
+        "",
+        markdown(header, rows),
+        "",
+    ]
 
 
 def _interval(ci: Sequence[float] | None) -> str:
@@ -1077,7 +1119,6 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
     ]
     out += [markdown(header, rows), ""]
     tiers = [str(c["tier"]) for c in a["decision_family"]]
-    lrs = stage.get("lrs") or {}
     header = ["arm", "lr", *(f"tier {t} accuracy (95% CI)" for t in tiers), "passes per run", "s per round"]
     rows = []
     for name, e in a["arms"].items():
@@ -1092,7 +1133,7 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
             f"{cost['wall_seconds'] / cost['rounds']:.0f}" if cost.get("wall_seconds") and cost.get("rounds") else "-"
         )
         passes = f"{cost['passes']:.0f}" if cost.get("passes") is not None else "-"
-        lr = f"{lrs[name]:g}" if lrs.get(name) is not None else "-"
+        lr = _lr_text(stage, name)
         rows.append([f"`{name}`", lr, *cells, passes, per_round])
     out += [
         "Which arm is best at each tier (bold; the ceiling, every client at rank 16, is a reference no "

@@ -8,9 +8,11 @@ baselines whose lr is selected, FedIT (the floor, every client at rank 2) at lr_
 every client at rank 16) at lr_C.
 
 - Phase 1, lr selection: ``prelort-off``, ``zeropad``, ``hetlora``, ``flexlora`` and ``flora`` at stage B's
-  2-point grid ({lr_F, lr_C}; {lr_C / 2, lr_C} if equal) on the selection seeds 3001 and 3002, each taking the
-  lr with the highest mean accuracy over the tiers (ties: the answer log-likelihood); no eligibility rule.
-- Phase 2: the 8 arms on the reported seeds 4001-4008, each at its lr.
+  2-point grid ({lr_F, lr_C}; {lr_C / 2, lr_C} if equal) and both lr scalings (``SCALINGS``: none, and V3's
+  ``train.lr_rank_scaling: sqrt``; the protocol's amendment of 2026-12-03) on the selection seeds 3001 and 3002,
+  each taking the (scaling, lr) with the highest mean accuracy over the tiers (ties: the answer
+  log-likelihood); no eligibility rule. A scaled candidate runs as ``ARM-sqrt``.
+- Phase 2: the 8 arms on the reported seeds 4001-4008, each at its lr (and scaling).
 - Analysis (:func:`analyse`, pure): per tier the best baseline; V* minus it at each tier (the decision family,
   Holm over the 4, Holm-adjusted and plain 95% intervals, the MDD at a = 0.05 and 0.05 / 4); V* minus every
   baseline at every tier (Holm over the 24); the verdict by study 1's rule without its equivalence branch; the
@@ -74,6 +76,10 @@ BASELINE_SETTINGS: dict[str, dict[str, Any]] = {
     FLOOR: {"method": "fedit", **GATE_ARMS["floor"]},
     CEILING: {"method": "fedit", **GATE_ARMS["ceiling"]},
 }
+# the lr scalings a selected baseline is chosen over (amendment of 2026-12-03): the verdict arm was chosen among
+# variants with and without V3's scaling, so every baseline is too; FedIT and the ceiling train one rank each, at
+# the lr stage A measured best for it
+SCALINGS: dict[str, dict[str, Any]] = {"none": {}, "sqrt": {"train": dict(VARIANTS["V3-sqrt-lr"]["train"])}}
 # stage A's settings without its method: every tier evaluated once, after the last round only
 STUDY_SETTINGS = [s for s in GATE_SETTINGS if not s.startswith("method=")]
 
@@ -82,6 +88,36 @@ def arm_settings(variant: str, variant_settings: Mapping[str, Any]) -> dict[str,
     """The 8 arms in the protocol's order: V* (the PreLort ``variant`` with its settings), the five selected
     baselines, FedIT and the ceiling."""
     return {variant: {"method": "prelort", **variant_settings}, **BASELINE_SETTINGS}
+
+
+def candidate(arm: str, scaling: str) -> str:
+    """The run name of a selected baseline at an lr scaling: the arm itself without one, else ``ARM-SCALING``."""
+    return arm if scaling == "none" else f"{arm}-{scaling}"
+
+
+def candidate_settings(arms: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every run name's settings: the arms, and each selected baseline at each scaling other than none."""
+    out = {name: dict(settings) for name, settings in arms.items()}
+    for arm in SELECTED:
+        for scaling, extra in SCALINGS.items():
+            if scaling != "none":
+                merged = dict(arms[arm])
+                for key, value in extra.items():
+                    merged[key] = {**merged.get(key, {}), **value}
+                out[candidate(arm, scaling)] = merged
+    return out
+
+
+def select(scored: Mapping[str, Sequence[dict[str, Any]]], grid: Sequence[float]) -> dict[str, Any]:
+    """A selected baseline's choice from its scored candidates (scaling -> :func:`score_grid` rows): the
+    (scaling, lr) with the highest mean accuracy over the tiers, ties by the log-likelihood; ``lr`` and
+    ``scaling`` None until every candidate has all its seeds."""
+    rows = [{**g, "scaling": scaling} for scaling, gs in scored.items() for g in gs]
+    entry: dict[str, Any] = {"grid": rows, "lr": None, "scaling": None}
+    if len(rows) == len(grid) * len(SCALINGS):
+        best = max(rows, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))
+        entry["lr"], entry["scaling"] = best["lr"], best["scaling"]
+    return entry
 
 
 def run_inputs(
@@ -425,6 +461,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             "overrides": args.overrides,
             "study_settings": STUDY_SETTINGS,
             "arms": arms,
+            "lr_scalings": SCALINGS,
             "runs_dir": repo_relative(args.runs_dir),
         },
         "config": args.base,
@@ -433,7 +470,8 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         "runs": {},
     }
     payload: dict[str, Any] = {**HEADER, "stage_c": stage}
-    planned = len(SELECTED) * len(grid) * len(args.selection_seeds) + len(arms) * len(args.seeds)
+    settings_of = candidate_settings(arms)
+    planned = len(SELECTED) * len(SCALINGS) * len(grid) * len(args.selection_seeds) + len(arms) * len(args.seeds)
     ran, stopped = 0, False
     claimed: list[tuple[str, float, int]] = []
 
@@ -448,7 +486,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     def one(arm: str, lr: float, seed: int, wait: bool = False) -> None:
         nonlocal ran, stopped
         key = f"{step}/{arm}/lr-{lr:g}/seed-{seed}"
-        inputs = run_inputs(args.base, arms[arm], seed, lr, step, args.overrides)
+        inputs = run_inputs(args.base, settings_of[arm], seed, lr, step, args.overrides)
         may_run = args.max_runs is None or ran < args.max_runs
         fields = {"step": step, "arm": arm, "lr": lr, "seed": seed}
         rec, how = study_run(
@@ -481,28 +519,35 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     def runs_of(arm: str, lr: float, seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
         return {s: stage["runs"][k] for s in seeds if (k := f"{step}/{arm}/lr-{lr:g}/seed-{s}") in stage["runs"]}
 
-    # phase 1: the selected arms' lr, seed by seed so that partial results cover every arm
+    # phase 1: the selected arms' scaling and lr, seed by seed so that partial results cover every arm
     for seed in args.selection_seeds:
-        for lr in grid:
-            for arm in SELECTED:
-                one(arm, lr, seed)
+        for scaling in SCALINGS:
+            for lr in grid:
+                for arm in SELECTED:
+                    one(candidate(arm, scaling), lr, seed)
     drain()
     save()  # takes in the runs another process recorded
-    lrs = dict(fixed_lr)
+    lrs, run_name = dict(fixed_lr), {arm: arm for arm in arms}
     for arm in SELECTED:
-        scored = score_grid({lr: runs_of(arm, lr, args.selection_seeds) for lr in grid}, args.selection_seeds)
-        entry = stage["selection"][arm] = {"grid": scored, "lr": None}
-        if len(scored) == len(grid):
-            lrs[arm] = entry["lr"] = max(scored, key=lambda g: (g["mean_accuracy"], g["mean_loglik"]))["lr"]
+        scored = {
+            scaling: score_grid(
+                {lr: runs_of(candidate(arm, scaling), lr, args.selection_seeds) for lr in grid}, args.selection_seeds
+            )
+            for scaling in SCALINGS
+        }
+        entry = stage["selection"][arm] = select(scored, grid)
+        if entry["lr"] is not None:
+            lrs[arm], run_name[arm] = entry["lr"], candidate(arm, entry["scaling"])
     stage["lrs"] = {arm: lrs.get(arm) for arm in arms}
-    # phase 2: the 8 arms on the reported seeds, each at its lr (once phase 1 has chosen it)
+    stage["run_names"] = {arm: run_name[arm] for arm in arms if arm in lrs}
+    # phase 2: the 8 arms on the reported seeds, each at its lr and scaling (once phase 1 has chosen them)
     if all(arm in lrs for arm in arms):
         for seed in args.seeds:
             for arm in arms:
-                one(arm, lrs[arm], seed)
+                one(run_name[arm], lrs[arm], seed)
         drain()
     save()
-    reported = {arm: runs_of(arm, lrs[arm], args.seeds) for arm in arms if arm in lrs}
+    reported = {arm: runs_of(run_name[arm], lrs[arm], args.seeds) for arm in arms if arm in lrs}
     complete = stage["progress"]["done"] == planned
     if len(reported) == len(arms):
         own = {s: own_of(args, arms, step, lrs, s, reported[variant][s]) for s in reported[variant]}

@@ -28,11 +28,14 @@ V_STAR = "V2-cycle"  # stage B's choice under screen_accuracy(), at LR_F
 
 
 def arm_of(cfg) -> str:
+    """The run name a config is: its arm, with ``-sqrt`` for a selected baseline at the sqrt lr scaling."""
     if cfg.method == "fedit":
         return "ceiling" if cfg.clients.ranks == [16] else "fedit"
     if cfg.method == "prelort":
-        return {"off": "prelort-off", "cycle": V_STAR, "sample": "V0-sample"}[cfg.prelort.nested]
-    return cfg.method
+        arm = {"off": "prelort-off", "cycle": V_STAR, "sample": "V0-sample"}[cfg.prelort.nested]
+    else:
+        arm = cfg.method
+    return f"{arm}-sqrt" if arm in qc.SELECTED and cfg.train.lr_rank_scaling == "sqrt" else arm
 
 
 class FakeConfirm:
@@ -142,8 +145,14 @@ def test_the_arms_are_the_protocols_table():
     assert (cfgs["ceiling"].method, cfgs["ceiling"].clients.ranks, cfgs["ceiling"].lora.alpha) == ("fedit", [16], 16)
 
 
-# the selected arms' best lr under the fake: hetlora and flora at lr_C, the others at lr_F
-SELECTION = {("hetlora", LR_C): 0.35, ("flora", LR_C): 0.32, **{(a, LR_F): 0.31 for a in qc.SELECTED}}
+# the selected arms' best candidate under the fake: hetlora and flora at lr_C, zeropad sqrt-scaled at lr_C, the
+# others at lr_F without scaling (a scaled candidate not named here scores the default 0.3)
+SELECTION = {
+    ("hetlora", LR_C): 0.35,
+    ("flora", LR_C): 0.32,
+    ("zeropad-sqrt", LR_C): 0.36,
+    **{(a, LR_F): 0.31 for a in qc.SELECTED},
+}
 
 
 def test_the_two_phases_their_layout_and_the_stages_kept(tmp_path, capsys):
@@ -155,23 +164,44 @@ def test_the_two_phases_their_layout_and_the_stages_kept(tmp_path, capsys):
     s = stage["settings"]
     assert (s["step"], s["lr_floor"], s["lr_ceiling"], s["selection_grid"]) == ("L0", LR_F, LR_C, [LR_C, LR_F])
     assert (s["verdict_arm"], s["verdict_arm_lr"], s["verdict_arm_source"]) == (V_STAR, LR_F, "stage B's choice")
-    # phase 1 first (5 arms x 2 lrs x 2 seeds, seed by seed), then phase 2 (8 arms x 3 seeds, seed by seed)
-    assert len(fake.calls) == 20 + 24 and stage["progress"]["text"] == "44 of 44 runs done"
+    # phase 1 first (5 arms x 2 scalings x 2 lrs x 2 seeds, seed by seed, unscaled first), then phase 2 (8 arms
+    # x 3 seeds, seed by seed)
+    assert len(fake.calls) == 40 + 24 and stage["progress"]["text"] == "64 of 64 runs done"
     assert fake.calls[:5] == [f"{a}/{LR_C:g}/3001" for a in qc.SELECTED]
-    assert {c.rsplit("/", 1)[1] for c in fake.calls[:20]} == {"3001", "3002"}
+    assert fake.calls[10:15] == [f"{a}-sqrt/{LR_C:g}/3001" for a in qc.SELECTED]
+    assert {c.rsplit("/", 1)[1] for c in fake.calls[:40]} == {"3001", "3002"}
     lrs = stage["lrs"]
     assert lrs == {
         V_STAR: LR_F,
         "prelort-off": LR_F,
-        "zeropad": LR_F,
+        "zeropad": LR_C,
         "hetlora": LR_C,
         "flexlora": LR_F,
         "flora": LR_C,
         "fedit": LR_F,
         "ceiling": LR_C,
     }
-    assert fake.calls[20:28] == [f"{a}/{lrs[a]:g}/4001" for a in lrs]
-    assert stage["selection"]["hetlora"]["grid"][0]["mean_accuracy"] == pytest.approx(0.35, abs=0.06)
+    names = stage["run_names"]
+    assert names["zeropad"] == "zeropad-sqrt" and all(names[a] == a for a in lrs if a != "zeropad")
+    assert fake.calls[40:48] == [f"{names[a]}/{lrs[a]:g}/4001" for a in lrs]
+    sel = stage["selection"]
+    assert (sel["zeropad"]["scaling"], sel["zeropad"]["lr"]) == ("sqrt", LR_C)
+    assert (sel["hetlora"]["scaling"], sel["hetlora"]["lr"]) == ("none", LR_C)
+    assert [(g["scaling"], g["lr"]) for g in sel["hetlora"]["grid"]] == [
+        ("none", LR_C),
+        ("none", LR_F),
+        ("sqrt", LR_C),
+        ("sqrt", LR_F),
+    ]
+    assert sel["hetlora"]["grid"][0]["mean_accuracy"] == pytest.approx(0.35, abs=0.06)
+    # the scaled candidate trains as V3 does, and its reported runs are stored under its own name
+    scaled = stage["runs"][f"L0/zeropad-sqrt/lr-{LR_C:g}/seed-4001"]
+    assert scaled["arm"] == "zeropad-sqrt" and f"L0/zeropad/lr-{LR_C:g}/seed-4001" not in stage["runs"]
+    cfg = qc.config_mod.parse_yaml(
+        (tmp_path / "runs" / "L0" / "zeropad-sqrt" / f"lr-{LR_C:g}" / "seed-4001" / "config.yaml").read_text()
+    )
+    assert cfg["method"] == "zeropad" and cfg["train"]["lr_rank_scaling"] == "sqrt"
+    assert cfg["train"]["lr_reference_rank"] == 16
     run = stage["runs"][f"L0/flora/lr-{LR_C:g}/seed-4002"]
     assert (run["arm"], run["lr"], run["seed"], run["step"]) == ("flora", LR_C, 4002, "L0")
     assert run["defence_actions"] == 0 and "commit" in run and run["inputs_digest"]
@@ -194,7 +224,7 @@ def test_the_two_phases_their_layout_and_the_stages_kept(tmp_path, capsys):
     again = FakeConfirm(SELECTION)
     qc.main(confirm_args(tmp_path, "--seeds", "4001,4002,4003"), execute=again)
     assert again.calls == []
-    assert "44 of 44 runs done" in capsys.readouterr().out
+    assert "64 of 64 runs done" in capsys.readouterr().out
 
 
 def test_partial_says_k_of_m_and_overrides_are_recorded(tmp_path):
@@ -214,7 +244,7 @@ def test_partial_says_k_of_m_and_overrides_are_recorded(tmp_path):
             "--seeds",
             "4001",
             "--max-runs",
-            "12",
+            "24",
         ),
         execute=FakeConfirm(),
     )
@@ -222,7 +252,7 @@ def test_partial_says_k_of_m_and_overrides_are_recorded(tmp_path):
     s = stage["settings"]
     assert (s["step_source"], s["lr_source"], s["verdict_arm_source"]) == ("--step", "--lrs", "--variant")
     assert s["selection_grid"] == [1e-3, 2e-3] and s["verdict_arm"] == "V0-sample" and s["verdict_arm_lr"] == 1e-3
-    assert stage["progress"]["text"] == "12 of 18 runs done" and stage["outcome"] == "stopped at --max-runs"
+    assert stage["progress"]["text"] == "24 of 28 runs done" and stage["outcome"] == "stopped at --max-runs"
     assert (
         stage["analysis"]["verdict"] is None
         and stage["analysis"]["note"] == "no reported seed has finished every arm yet"
@@ -360,10 +390,10 @@ def test_two_processes_of_one_command_share_the_runs(tmp_path, monkeypatch):
         p.join(timeout=180)
     assert [p.exitcode for p in procs] == [0, 0]
     executed = [line.split() for line in log.read_text().splitlines()]
-    assert len(executed) == 18 and len({key for key, _ in executed}) == 18  # every run once, none twice
+    assert len(executed) == 28 and len({key for key, _ in executed}) == 28  # every run once, none twice
     assert len({pid for _, pid in executed}) == 2
     data = json.loads((tmp_path / "s2.json").read_text())
-    assert data["stage_c"]["progress"]["text"] == "18 of 18 runs done" and "analysis" in data["stage_c"]
+    assert data["stage_c"]["progress"]["text"] == "28 of 28 runs done" and "analysis" in data["stage_c"]
     assert "stage_a" in data and "stage_b" in data
     assert not list((tmp_path / "runs").rglob("*.claim"))
 
@@ -390,8 +420,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     for s in sets:
         args += ["--set", s]
     stage = qc.main(args)["stage_c"]
-    assert stage["progress"]["text"] == "18 of 18 runs done"
-    assert sorted({r["arm"] for r in stage["runs"].values()}) == sorted(qc.arm_settings(V_STAR, {}))
+    assert stage["progress"]["text"] == "28 of 28 runs done"
+    every = qc.candidate_settings(qc.arm_settings(V_STAR, {}))
+    assert sorted({r["arm"] for r in stage["runs"].values()}) == sorted(every)
     for rec in stage["runs"].values():
         assert len(next(iter(rec["tiers"].values()))["correct"]) == 48 and rec["defence_actions"] == 0
     analysis = stage["analysis"]
@@ -418,14 +449,22 @@ def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
     ]
     partial = qc.main([*args, "--max-runs", "12"], execute=FakeConfirm(SELECTION))
     text = tables.quality_study_2_section(partial, results, ROOT)
-    assert "### Quality study 2, stage C" in text and "**Status:** 12 of 26 runs done; stopped at --max-runs" in text
-    assert "No verdict yet: 12 of 26 runs done." in text
-    assert "Stage C (the confirmatory study) is running: 12 of 26 runs done; no verdict yet." in (
+    assert "### Quality study 2, stage C" in text and "**Status:** 12 of 36 runs done; stopped at --max-runs" in text
+    assert "No verdict yet: 12 of 36 runs done." in text
+    assert "Learning rates: `V2-cycle` 0.005, `prelort-off` not chosen yet" in text
+    assert "Stage C (the confirmatory study) is running: 12 of 36 runs done; no verdict yet." in (
         tables.choosing_summary(results)
     )
-    half = qc.main([*args, "--max-runs", "8"], execute=FakeConfirm(SELECTION))  # every arm on seed 4001
+    half = qc.main([*args, "--max-runs", "16"], execute=FakeConfirm(SELECTION))  # every arm on seed 4001
     verdict = half["stage_c"]["analysis"]["verdict"]
-    assert verdict["partial"] and "(PARTIAL: 20 of 26 runs done)" in tables.quality_study_2_section(half, results, ROOT)
+    text = tables.quality_study_2_section(half, results, ROOT)
+    assert verdict["partial"] and "(PARTIAL: 28 of 36 runs done)" in text
+    # phase 1's table: every candidate, the chosen one starred; the lrs say which arm is scaled
+    assert (
+        "| arm | none scaling, lr 0.0025 | none scaling, lr 0.005 | sqrt scaling, lr 0.0025 | sqrt scaling, lr 0.005 |"
+        in text
+    )
+    assert "`zeropad` 0.0025, sqrt-scaled" in text and "`hetlora` 0.0025," in text
     done = qc.main(args, execute=FakeConfirm(SELECTION))
     a = done["stage_c"]["analysis"]
     verdict = a["verdict"]["verdict"].upper()
@@ -438,8 +477,9 @@ def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
     assert "## Stage C: the confirmatory study" in page and f"**Verdict: {verdict}**" in page
     summary = tables.choosing_summary(results)
     assert (
-        f"Stage C (the confirmatory study, 26 of 26 runs done): `V2-cycle` against the best baseline per tier is "
+        f"Stage C (the confirmatory study, 36 of 36 runs done): `V2-cycle` against the best baseline per tier is "
         f"**{verdict}**" in summary
     )
     assert "| `V2-cycle` | 0.005 |" in page and "| `ceiling` | 0.0025 |" in page  # each arm's lr and cost
+    assert "| `zeropad` | 0.0025, sqrt-scaled |" in page
     assert a["arms"]["flora"]["cost"]["passes"] == 240 and a["arms"]["flora"]["cost"]["rounds"] == 10

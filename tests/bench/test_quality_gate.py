@@ -345,9 +345,7 @@ def test_a_run_where_a_client_failed_is_refused_not_scored(tmp_path):
     msg = str(e.value.code)
     assert "1 client update(s) failed (first: round 2 client 1: ClientFailed: RuntimeError: size mismatch)" in msg
     assert "the run is not scored" in msg and "\n" not in msg
-    assert not (tmp_path / "s2.json").exists() or not json.loads((tmp_path / "s2.json").read_text())["stage_a"][
-        "runs"
-    ]
+    assert not (tmp_path / "s2.json").exists() or not json.loads((tmp_path / "s2.json").read_text())["stage_a"]["runs"]
     assert qg.client_failures(tmp_path / "nowhere") == []
 
 
