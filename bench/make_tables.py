@@ -959,7 +959,9 @@ def quality_study_2_stage_b(stage: dict[str, Any]) -> str:
         + f" ({settings['lr_source']}). Score: the mean over the seeds of the mean accuracy over the tiers; "
         "eligible iff every tier's mean accuracy is at least the constant guess.",
         "",
-        f"**Status:** {(stage.get('progress') or {}).get('text', 'no run yet')}; {stage.get('outcome', 'running')}. "
+        # once chosen, the outcome is the choice, said once in its own line below
+        f"**Status:** {(stage.get('progress') or {}).get('text', 'no run yet')}; "
+        f"{'done' if choice else stage.get('outcome', 'running')}. "
         f"Run time so far: {stage.get('cpu_seconds', 0) / 3600:.1f} h. Constant guess: "
         + (", ".join(f"{v:.3f} (seed {k})" for k, v in guess.items()) or "-")
         + ".",
