@@ -21,6 +21,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,18 @@ def command_of(data: dict[str, Any], script: str) -> str:
     if argv is not None:
         return " ".join(["python", "-m", f"bench.{script}", *map(str, argv)])
     return f"python -m bench.{script} (arguments not recorded in the JSON)"
+
+
+def stage_machines(stage: dict[str, Any]) -> str:
+    """The machine line of a study-2 stage: the environment of the process that wrote it last, and how many runs
+    each CPU ran (runs record their CPU since stage C's phase 1; the older ones say nothing)."""
+    line = f"Machine (the last process to write the stage): {machine(stage.get('environment'))}"
+    counts = Counter(str(r.get("cpu") or "not recorded") for r in (stage.get("runs") or {}).values())
+    if counts and set(counts) != {"not recorded"}:
+        per_cpu = sorted(counts.items(), key=lambda kv: (kv[0] == "not recorded", -kv[1], kv[0]))
+        line += ". Runs per CPU: " + ", ".join(f"{cpu} {n}" for cpu, n in per_cpu)
+        line += "; wall seconds compare only within one CPU (passes compare everywhere)"
+    return line
 
 
 def provenance(data: dict[str, Any], script: str, env: dict[str, Any] | None = None) -> str:
@@ -938,7 +951,7 @@ def quality_study_2_stage_a(stage: dict[str, Any]) -> str:
         )
     out += _defences_line(stage["runs"])
     out += ["", f"Pilot seeds {', '.join(seeds)}. Command: `{stage['command']}`.", ""]
-    out.append(f"Machine: {machine(stage.get('environment'))}")
+    out.append(stage_machines(stage))
     return "\n".join(out)
 
 
@@ -1014,7 +1027,7 @@ def quality_study_2_stage_b(stage: dict[str, Any]) -> str:
     )
     out += _defences_line(stage["runs"])
     out += ["", f"Selection seeds {', '.join(seeds)}. Command: `{stage['command']}`.", ""]
-    out.append(f"Machine: {machine(stage.get('environment'))}")
+    out.append(stage_machines(stage))
     return "\n".join(out)
 
 
@@ -1049,7 +1062,7 @@ def quality_study_2_stage_c(stage: dict[str, Any]) -> str:
         *stage_c_results(stage),
     ]
     out += _defences_line(stage["runs"])
-    out += ["", f"Command: `{stage['command']}`.", "", f"Machine: {machine(stage.get('environment'))}"]
+    out += ["", f"Command: `{stage['command']}`.", "", stage_machines(stage)]
     return "\n".join(out)
 
 

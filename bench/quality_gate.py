@@ -34,7 +34,7 @@ from prelort import config as config_mod
 from prelort.config import Config
 
 from ._common import environment, repo_relative, write_stage
-from .quality_study import accuracy, collect_run, ensure_run, run_inprocess, selection_score
+from .quality_study import accuracy, collect_run, ensure_run, run_cpu, run_inprocess, selection_score
 
 ROOT = Path(__file__).resolve().parents[1]
 # arm -> its settings; both FedIT, both at s = alpha / R = 1 (docs/quality-study-2.md, stage A)
@@ -200,7 +200,7 @@ def study_run(
     directory), ``ran``, or with record None ``not run`` (unfinished and not ``may_run``: --max-runs reached)
     or ``claimed`` (another live process is running it and not ``wait``). The record: ``fields`` (what the
     run is), its digest, commit, wall time, :func:`collect_run`'s per-example records, accuracy per tier and
-    ``defence_actions``."""
+    ``defence_actions``, and the CPU it ran on (``cpu``, when its done marker says)."""
     if not run_dir.exists() and earlier is not None and earlier.get("inputs_digest") == digest:
         return earlier, "recorded"
     if not (run_dir / DONE_FILE).is_file() and not may_run:
@@ -216,6 +216,9 @@ def study_run(
             "the cause, delete the run directory and run again"
         )
     rec = {**fields, "inputs_digest": digest, "commit": COMMIT, "wall_seconds": wall, **collect_run(run_dir)}
+    cpu = run_cpu(run_dir)
+    if cpu is not None:
+        rec["cpu"] = cpu
     rec["accuracy"] = {t: round(accuracy(v["correct"]), 6) for t, v in rec["tiers"].items()}
     rec["defence_actions"] = defence_actions(run_dir)
     return rec, "ran" if did_run else "finished"

@@ -143,6 +143,15 @@ CLAIM_POLL_SECONDS = 30.0  # how often a process waiting for another's run looks
 WAIT_REPORT_SECONDS = 600.0  # how often it says it is still waiting
 
 
+def run_cpu(run_dir: Path) -> str | None:
+    """The CPU a finished run ran on, as its done marker records it (None for runs from before it did)."""
+    try:
+        cpu = json.loads((run_dir / DONE).read_text()).get("cpu")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return cpu if isinstance(cpu, str) else None
+
+
 def ensure_run(
     cfg: Config, run_dir: Path, execute: Callable[[Config, Path], None], *, wait: bool = True
 ) -> tuple[bool, float] | None:
@@ -181,7 +190,8 @@ def ensure_run(
         t0 = time.perf_counter()
         execute(cfg, run_dir)
         wall = round(time.perf_counter() - t0, 1)
-        write_json(marker, {"wall_seconds": wall})
+        # the CPU too: wall seconds compare only on one machine, and a study's runs span sessions and machines
+        write_json(marker, {"wall_seconds": wall, "cpu": environment()["cpu"]})
         return True, wall
     finally:
         release_run(run_dir)

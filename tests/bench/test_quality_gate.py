@@ -16,6 +16,7 @@ from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 qg = load_bench("quality_gate")
+common = load_bench("_common")
 N_EXAMPLES = 300
 
 
@@ -203,6 +204,8 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert len(ceiling["tiers"]["16"]["correct"]) == 48
     assert payload["stage_a"]["constant_guess"]["2001"] > 0
     assert ceiling["defence_actions"] == 0 == floor["defence_actions"]  # honest clients: no defence acts
+    # each record names the CPU it ran on: wall seconds compare only within one machine
+    assert ceiling["cpu"] == common.environment()["cpu"] == floor["cpu"]
 
 
 def test_the_readme_section_shows_grids_gate_and_status(tmp_path):
@@ -218,6 +221,17 @@ def test_the_readme_section_shows_grids_gate_and_status(tmp_path):
     g = done["stage_a"]["steps"]["L0"]["gate"]
     assert f"gate **passed**: ceiling {g['ceiling_accuracy']:.3f}, floor {g['floor_accuracy']:.3f}" in text
     assert "0.0025: " in text and "*" in text and "16 of 16 planned runs done; gate L0 PASSED" in text
+    # every run names its CPU; the stage counts them (runs from before the field say nothing)
+    here = common.environment()["cpu"]
+    assert f"Runs per CPU: {here} 16; wall seconds compare only within one CPU" in text
+    for i, rec in enumerate(done["stage_a"]["runs"].values()):
+        if i < 6:
+            del rec["cpu"]
+        elif i < 9:
+            rec["cpu"] = "Other CPU"
+    text = tables.quality_study_2_section(done, tmp_path, ROOT)
+    assert "Machine (the last process to write the stage): " in text
+    assert f"Runs per CPU: {here} 7, Other CPU 3, not recorded 6;" in text
     # with no results file, the README names the script that writes it
     assert "`python -m bench.quality_gate --json results/quality_study_2.json`" in tables.render(tmp_path, ROOT)
 
