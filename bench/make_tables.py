@@ -1134,7 +1134,14 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
     ]
     out += [markdown(header, rows), ""]
     tiers = [str(c["tier"]) for c in a["decision_family"]]
-    header = ["arm", "lr", *(f"tier {t} accuracy (95% CI)" for t in tiers), "passes per run", "s per round"]
+    header = [
+        "arm",
+        "lr",
+        *(f"tier {t} accuracy (95% CI)" for t in tiers),
+        "passes per run",
+        "s per round",
+        "wall ÷ FedIT",
+    ]
     rows = []
     for name, e in a["arms"].items():
         best_at = {t for t in tiers if max(a["arms"], key=lambda x, t=t: a["arms"][x][t]["accuracy"]) == name}
@@ -1148,11 +1155,13 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
             f"{cost['wall_seconds'] / cost['rounds']:.0f}" if cost.get("wall_seconds") and cost.get("rounds") else "-"
         )
         passes = f"{cost['passes']:.0f}" if cost.get("passes") is not None else "-"
+        ratio = f"{cost['wall_vs_floor']:.2f}" if cost.get("wall_vs_floor") is not None else "-"
         lr = _lr_text(stage, name)
-        rows.append([f"`{name}`", lr, *cells, passes, per_round])
+        rows.append([f"`{name}`", lr, *cells, passes, per_round, ratio])
     out += [
         "Which arm is best at each tier (bold; the ceiling, every client at rank 16, is a reference no "
-        "heterogeneous federation has), at what lr and cost (mean over the reported seeds):",
+        "heterogeneous federation has), at what lr and cost (mean over the reported seeds; wall ÷ FedIT: the run's "
+        "wall time over FedIT's on the same seed, which compares across the machines the seeds ran on):",
         "",
         markdown(header, rows),
         "",

@@ -198,7 +198,7 @@ def analyse(
 ) -> dict[str, Any]:
     """Stage C's statistics from the reported runs (``reported[arm][seed]``: a run's record) on the seeds
     every arm has finished: per arm and tier the accuracy and log-likelihood (95% CIs) and the mean cost per
-    run (passes, wall seconds). ``own[seed][tier]``: :func:`own_examples`' split of that seed's examples (None: no
+    run (passes, wall seconds, wall time relative to FedIT's run of the same seed, the CPUs). ``own[seed][tier]``: :func:`own_examples`' split of that seed's examples (None: no
     own-vs-others endpoint)."""
     arms = [verdict_arm, *baselines, CEILING]
     seeds = sorted(set.intersection(*(set(reported.get(a, {})) for a in arms)))
@@ -233,9 +233,18 @@ def analyse(
         runs_of = [reported[arm][s] for s in seeds]
         costs = [r["cost"]["passes"] for r in runs_of if r.get("cost")]
         walls = [r["wall_seconds"] for r in runs_of if r.get("wall_seconds") is not None]
+        # wall seconds compare only on one CPU, and the seeds ran over sessions on different machines: the
+        # ratio to FedIT's run of the same seed (run beside it, seed by seed) compares; so do the passes
+        ratios = [
+            reported[arm][s]["wall_seconds"] / reported[FLOOR][s]["wall_seconds"]
+            for s in seeds
+            if reported[arm][s].get("wall_seconds") and reported[FLOOR][s].get("wall_seconds")
+        ]
         entry["cost"] = {
             "passes": round(float(np.mean(costs)), 1) if costs else None,
             "wall_seconds": round(float(np.mean(walls)), 1) if walls else None,
+            "wall_vs_floor": round(float(np.mean(ratios)), 3) if len(ratios) == len(seeds) else None,
+            "cpus": sorted({str(r.get("cpu") or "not recorded") for r in runs_of}),
             "rounds": runs_of[0].get("final_round"),
         }
         summary[arm] = entry

@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -353,6 +354,22 @@ def test_gap_recovered_and_own_vs_others():
     assert missing["verdict"] is None and missing["seeds_compared"] == []
 
 
+def test_wall_time_is_compared_to_fedits_run_of_the_same_seed_across_machines():
+    runs = synthetic(accuracies(0.3), seeds=(4001, 4002))
+    # seed 4001 ran on a machine twice as fast as seed 4002's; every arm took 1.5x FedIT's time on both
+    for arm, by_seed in runs.items():
+        for s, rec in by_seed.items():
+            fedit_wall = 100.0 if s == 4001 else 200.0
+            rec["wall_seconds"] = fedit_wall * (1.0 if arm == "fedit" else 1.5)
+            rec["cpu"] = "Fast CPU" if s == 4001 else "Slow CPU"
+    a = qc.analyse(runs, V_STAR, replicates=50)
+    assert a["arms"][V_STAR]["cost"]["wall_seconds"] == 225.0  # the plain mean mixes the machines
+    assert a["arms"][V_STAR]["cost"]["wall_vs_floor"] == 1.5 and a["arms"]["fedit"]["cost"]["wall_vs_floor"] == 1.0
+    assert a["arms"]["zeropad"]["cost"]["cpus"] == ["Fast CPU", "Slow CPU"]
+    del runs["fedit"][4002]["wall_seconds"]  # a seed without FedIT's wall time: no ratio rather than a biased one
+    assert qc.analyse(runs, V_STAR, replicates=50)["arms"][V_STAR]["cost"]["wall_vs_floor"] is None
+
+
 def test_own_examples_follow_the_partition_of_entity_groups():
     base = qc.config_mod.parse_yaml((ROOT / "examples" / "quality_study.yaml").read_text())
     cfg = qc.evaluated_once(*qc.run_inputs(base, {"method": "zeropad"}, 4001, 1e-3, "L0", []))
@@ -483,3 +500,6 @@ def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
     assert "| `V2-cycle` | 0.005 |" in page and "| `ceiling` | 0.0025 |" in page  # each arm's lr and cost
     assert "| `zeropad` | 0.0025, sqrt-scaled |" in page
     assert a["arms"]["flora"]["cost"]["passes"] == 240 and a["arms"]["flora"]["cost"]["rounds"] == 10
+    # the fake runs take ~0 s: their wall ratio means nothing (test_wall_time_is_compared_... checks its value)
+    assert "| passes per run | s per round | wall ÷ FedIT |" in page
+    assert re.search(r"\| `flora` \|[^\n]*\| 240 \| \d+ \| (\d+\.\d\d|-) \|\n", page)
