@@ -198,8 +198,8 @@ def analyse(
 ) -> dict[str, Any]:
     """Stage C's statistics from the reported runs (``reported[arm][seed]``: a run's record) on the seeds
     every arm has finished: per arm and tier the accuracy and log-likelihood (95% CIs) and the mean cost per
-    run (passes, wall seconds, wall time relative to FedIT's run of the same seed, the CPUs). ``own[seed][tier]``: :func:`own_examples`' split of that seed's examples (None: no
-    own-vs-others endpoint)."""
+    run (passes, wall seconds, wall time relative to FedIT's run of the same seed, the CPUs).
+    ``own[seed][tier]``: :func:`own_examples`' split of that seed's examples (None: no own-vs-others endpoint)."""
     arms = [verdict_arm, *baselines, CEILING]
     seeds = sorted(set.intersection(*(set(reported.get(a, {})) for a in arms)))
     out: dict[str, Any] = {"complete": complete, "replicates": replicates, "bootstrap_seed": bootstrap_seed}
@@ -221,6 +221,7 @@ def analyse(
 
     # per arm and tier: accuracy and answer log-likelihood with 95% CIs
     summary: dict[str, Any] = {}
+    floor_walls = [reported[FLOOR][s].get("wall_seconds") for s in seeds]
     for arm in arms:
         entry: dict[str, Any] = {}
         for t in tiers:
@@ -235,11 +236,7 @@ def analyse(
         walls = [r["wall_seconds"] for r in runs_of if r.get("wall_seconds") is not None]
         # wall seconds compare only on one CPU, and the seeds ran over sessions on different machines: the
         # ratio to FedIT's run of the same seed (run beside it, seed by seed) compares; so do the passes
-        ratios = [
-            reported[arm][s]["wall_seconds"] / reported[FLOOR][s]["wall_seconds"]
-            for s in seeds
-            if reported[arm][s].get("wall_seconds") and reported[FLOOR][s].get("wall_seconds")
-        ]
+        ratios = [r["wall_seconds"] / f for r, f in zip(runs_of, floor_walls) if r.get("wall_seconds") and f]
         entry["cost"] = {
             "passes": round(float(np.mean(costs)), 1) if costs else None,
             "wall_seconds": round(float(np.mean(walls)), 1) if walls else None,
