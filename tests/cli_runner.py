@@ -25,3 +25,15 @@ def prelort(
         env=full_env,
         timeout=timeout,
     )
+
+
+def prelort_here(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command run inside the test process (typer's runner): the same exit code, stdout and stderr as
+    :func:`prelort` without the ~12 s a fresh process spends importing torch, transformers and PEFT. For the
+    tests whose subject is not the process itself (imports, signals, locks held by another process)."""
+    from typer.testing import CliRunner
+
+    from prelort.apps.cli import app
+
+    res = CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    return subprocess.CompletedProcess(["prelort", *args], res.exit_code, res.stdout, res.stderr)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.cli_runner import prelort
+from tests.cli_runner import prelort, prelort_here
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
@@ -40,7 +40,7 @@ def sets(*overrides: str) -> list[str]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    res = prelort("run", TINY, "--out", str(out), "--quiet", *sets(*FAST))
+    res = prelort_here("run", TINY, "--out", str(out), "--quiet", *sets(*FAST))
     assert res.returncode == 0, res.stderr
     return out
 
@@ -66,6 +66,29 @@ def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path
     assert not (tmp_path / "r").exists()
 
 
+def test_a_refused_out_is_one_line_before_transformers_and_peft_are_imported(tmp_path):
+    """--out checks come before the model libraries (~12 s of imports): a refusal takes a second."""
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "notes.txt").write_text("my notes\n")
+    code = (
+        "import sys\nfrom prelort.apps.cli import app\n"
+        f"try:\n    app(['run', {TINY!r}, '--out', {str(own)!r}])\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, *(m in sys.modules for m in ('transformers', 'peft')))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        timeout=120,
+    )
+    assert res.stdout.split() == ["2", "False", "False"], res.stdout + res.stderr
+    assert "is not empty and is not a prelort run directory" in error_line(res)
+    assert [p.name for p in own.iterdir()] == ["notes.txt"]
+
+
 def test_debug_shows_the_traceback_and_the_same_line(tmp_path):
     res = prelort("--debug", "run", TINY, "--out", str(tmp_path / "r"), "--set", "train.lr_rate=0.1")
     assert res.returncode == 2
@@ -75,7 +98,7 @@ def test_debug_shows_the_traceback_and_the_same_line(tmp_path):
 
 def test_a_missing_data_file_is_one_line_and_leaves_no_run_directory(tmp_path):
     out = tmp_path / "r"
-    res = prelort("run", TINY, "--out", str(out), "--set", "data.source=no/train.jsonl")
+    res = prelort_here("run", TINY, "--out", str(out), "--set", "data.source=no/train.jsonl")
     assert res.returncode == 2
     assert error_line(res) == (
         "error: data.source 'no/train.jsonl': no such file or directory; check "
@@ -87,7 +110,7 @@ def test_a_missing_data_file_is_one_line_and_leaves_no_run_directory(tmp_path):
 
 def test_a_missing_model_path_leaves_no_run_directory(tmp_path):
     out = tmp_path / "r"
-    res = prelort("run", TINY, "--out", str(out), "--set", f"model.name={tmp_path / 'no-model'}")
+    res = prelort_here("run", TINY, "--out", str(out), "--set", f"model.name={tmp_path / 'no-model'}")
     assert res.returncode == 2
     assert re.fullmatch(r"error: model path '.*no-model' does not exist; check the path", error_line(res))
     assert not out.exists()
@@ -143,12 +166,14 @@ def test_version_and_positional_argument_help():
 def test_methods_are_listed_in_the_readmes_order():
     res = prelort("methods")
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
-    table = re.findall(r"^\| `(\w+)` \|", (ROOT / "README.md").read_text(), flags=re.M)
+    # the README's "## Methods" section only: generated result tables further down also start rows with `name`
+    methods = (ROOT / "README.md").read_text().split("\n## Methods\n", 1)[1].split("\n## ", 1)[0]
+    table = re.findall(r"^\| `(\w+)` \|", methods, flags=re.M)
     assert names == table == ["prelort", "fedit", "zeropad", "hetlora", "flexlora", "flora"]
 
 
 def test_check_accepts_a_run_and_lists_the_problems_of_a_damaged_one(finished_run, tmp_path):
-    res = prelort("check", str(finished_run))
+    res = prelort_here("check", str(finished_run))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "follows the run-directory contract" in res.stdout
     damaged = tmp_path / "damaged"
@@ -162,7 +187,7 @@ def test_check_accepts_a_run_and_lists_the_problems_of_a_damaged_one(finished_ru
             + [lines[-1], '{"round": 1, "rank": 2, "kind": "tier", "accuracy": 2.0, "rougeL": 0, "perplexity": 1.5}']
         )
     )
-    res = prelort("check", str(damaged))
+    res = prelort_here("check", str(damaged))
     assert res.returncode == 2
     problems = res.stdout.splitlines()
     assert "no plots/*.png" in problems
@@ -177,13 +202,13 @@ def test_eval_writes_nothing_into_the_run_folder(finished_run, tmp_path):
     half = tmp_path / "only-config"
     half.mkdir()
     (half / "config.yaml").write_bytes((finished_run / "config.yaml").read_bytes())
-    res = prelort("eval", str(half))
+    res = prelort_here("eval", str(half))
     assert res.returncode == 2
     assert error_line(res).startswith(f"error: {half} has no checkpoints/round-N yet: nothing to evaluate")
     assert sorted(p.name for p in half.iterdir()) == ["config.yaml"]
 
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
-    res = prelort("eval", str(finished_run), "--rank", "2")
+    res = prelort_here("eval", str(finished_run), "--rank", "2")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["rank"] == 2
     after = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
@@ -191,14 +216,14 @@ def test_eval_writes_nothing_into_the_run_folder(finished_run, tmp_path):
 
 
 def test_export_records_the_hub_id_and_says_when_it_truncates(finished_run, tmp_path):
-    res = prelort("export", str(finished_run), "--rank", "3", "--out", str(tmp_path / "r3"))
+    res = prelort_here("export", str(finished_run), "--rank", "3", "--out", str(tmp_path / "r3"))
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip() == (
         "note: rank 3 is not a client rank tier (1, 2, 4, 8): exporting the global adapter "
         "truncated to its first 3 dimensions"
     )
     assert json.loads((tmp_path / "r3" / "adapter_config.json").read_text())["r"] == 3
-    res = prelort("export", str(finished_run), "--rank", "4", "--out", str(tmp_path / "r4"))
+    res = prelort_here("export", str(finished_run), "--rank", "4", "--out", str(tmp_path / "r4"))
     assert res.returncode == 0 and res.stderr == ""
     # tiny-llama is random, not a hub model: its exports keep the alias
     assert json.loads((tmp_path / "r4" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
@@ -218,7 +243,7 @@ def test_load_base_model_loads_what_an_export_needs(finished_run, tmp_path):
 
     import prelort as prelort_pkg
 
-    res = prelort("export", str(finished_run), "--rank", "2", "--out", str(tmp_path / "r2"))
+    res = prelort_here("export", str(finished_run), "--rank", "2", "--out", str(tmp_path / "r2"))
     assert res.returncode == 0, res.stderr
     base, tokenizer = prelort_pkg.load_base_model("tiny-llama")
     model = PeftModel.from_pretrained(base, str(tmp_path / "r2"))

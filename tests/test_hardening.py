@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
+from tests.cli_runner import prelort_here
 from typer.testing import CliRunner
 
 from prelort import config as config_mod
@@ -539,7 +540,7 @@ def test_a_directory_of_user_files_is_refused_and_left_untouched(tmp_path):
     files = {"config.yaml": "my: own config\n", "summary.csv": "a,b\n1,2\n", "run.log": "my diary\n"}
     for name, text in files.items():
         (own / name).write_text(text)
-    res = _cli("run", str(TINY), "--out", str(own))
+    res = prelort_here("run", str(TINY), "--out", str(own))
     assert res.returncode != 0
     assert "is not empty and is not a prelort run directory" in res.stderr
     assert sorted(p.name for p in own.iterdir()) == sorted(files)  # no marker, no lock, nothing added
@@ -597,7 +598,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(rundir.RunDirError, match=f"in use by another prelort run \\(PID {holder.pid}"):
             rundir.RunDir(d).prepare(tiny_cfg(), resume=False)
-        res = _cli("run", str(TINY), "--out", str(d), "--set", "seed=1")
+        res = prelort_here("run", str(TINY), "--out", str(d), "--set", "seed=1")
         assert res.returncode != 0 and f"PID {holder.pid}" in res.stderr
         assert not (d / "config.yaml").exists()  # the refused run wrote nothing
     finally:
@@ -619,7 +620,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
 
 
 def test_the_lock_is_released_when_the_run_exits(tmp_path):
-    res = _cli(
+    res = prelort_here(
         "run", str(TINY), "--out", str(tmp_path / "run"), *[x for s in FAST + ["rounds=1"] for x in ("--set", s)]
     )
     assert res.returncode == 0, res.stderr
@@ -692,7 +693,7 @@ def test_resume_without_config_yaml_checks_the_config_against_the_checkpoint(mad
 @pytest.mark.parametrize("text", ["- just\n- a list\n", "seed: [unclosed\n", "train: {lr: -1}\n"])
 def test_resume_with_a_broken_config_yaml_is_one_line(made_run, text):
     (made_run / "config.yaml").write_text(text)
-    res = _cli("run", str(TINY), "--out", str(made_run), "--resume")
+    res = prelort_here("run", str(TINY), "--out", str(made_run), "--resume")
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert "the run's config.yaml is not a valid prelort config" in res.stderr
@@ -739,10 +740,10 @@ def test_resume_past_a_damaged_round_recomputes_it_identically(tmp_path):
     writes a round 2 bit-identical to the undamaged one."""
     sets = [x for s in FAST + ["rounds=2"] for x in ("--set", s)]
     out = tmp_path / "run"
-    assert _cli("run", str(TINY), "--out", str(out), *sets).returncode == 0
+    assert prelort_here("run", str(TINY), "--out", str(out), *sets).returncode == 0
     good = (out / "checkpoints/round-2/adapter.safetensors").read_bytes()
     _damage_edit_1024_floats(out / "checkpoints/round-2")
-    res = _cli("run", str(TINY), "--out", str(out), "--resume", *sets)
+    res = prelort_here("run", str(TINY), "--out", str(out), "--resume", *sets)
     assert res.returncode == 0, res.stderr
     assert "checkpoint of round 2 is damaged" in res.stderr and "resuming after round 1" in res.stderr
     assert (out / "checkpoints/round-2/adapter.safetensors").read_bytes() == good

@@ -1,13 +1,15 @@
 """`prelort probe`: the rank list and budget parsing, the largest rank under a budget, the table and the JSON
-of real training steps on tiny-llama (each rank in its own process), its one-line errors; SmolLM2 (slow)."""
+of real training steps on tiny-llama (each rank in its own process; the command itself runs in the test's), its one-line errors; SmolLM2 (slow)."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
-from tests.cli_runner import prelort
+from tests.cli_runner import prelort, prelort_here
 
 from prelort.probe import (
     ProbeError,
@@ -62,8 +64,18 @@ def test_the_largest_rank_under_the_budget():
     assert "no rank fits under 500 MB" in format_table(_report(gb // 2, *ms))
 
 
+def test_a_child_started_from_a_large_process_reports_its_own_peak():
+    """ru_maxrss carries the parent's peak across fork and exec: a probe run from a notebook holding a model
+    (or from this test runner) would report the parent's memory as every rank's."""
+    big = b"\x01" * 10**9  # this process now peaks above 1 GB
+    code = "from prelort.probe import _peak_rss_bytes; print(_peak_rss_bytes())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert 0 < int(res.stdout) < 300 * 10**6 < len(big)
+
+
 def test_probe_measures_each_rank_on_tiny_llama():
-    res = prelort(
+    res = prelort_here(
         "probe", "--model", "tiny-llama", "--ranks", "4,2", "--batch-size", "2", "--max-length", "16",
         "--steps", "2", "--memory-budget", "100GB", "--json",
     )  # fmt: skip
@@ -89,7 +101,7 @@ def test_probe_measures_each_rank_on_tiny_llama():
 
 
 def test_probe_prints_the_table_and_says_when_no_rank_fits():
-    res = prelort(
+    res = prelort_here(
         "probe", "--model", "tiny-llama", "--ranks", "2", "--batch-size", "1", "--max-length", "8", "--steps", "1",
         "--memory-budget", "1MB",
     )  # fmt: skip
@@ -113,13 +125,13 @@ def test_probe_prints_the_table_and_says_when_no_rank_fits():
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
-    res = prelort("probe", "--model", "tiny-llama", *args)
+    res = prelort_here("probe", "--model", "tiny-llama", *args)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.startswith(message) and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_an_unknown_model_is_one_line_and_exit_2():
-    res = prelort("probe", "--model", "tiny-lama", env={"HF_HUB_OFFLINE": "1"})
+    res = prelort_here("probe", "--model", "tiny-lama", env={"HF_HUB_OFFLINE": "1"})
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "'tiny-lama' is not an alias" in res.stderr and "did you mean 'tiny-llama'?" in res.stderr
 

@@ -10,8 +10,8 @@ The batch is ``batch_size`` examples of exactly ``max_length`` tokens whose ever
 (the loss covers all of them): the largest a batch can be at that token limit, so the measured peak bounds what
 real records of up to ``max_length`` tokens need.
 
-Memory: on CPU the peak resident set size of the process (``getrusage``: libraries, model, activations,
-optimizer state: what the operating system must give it); on CUDA ``torch.cuda.max_memory_allocated``
+Memory: on CPU the peak resident set size of the process (VmHWM on Linux, else ``getrusage``: libraries, model,
+activations, optimizer state: what the operating system must give it); on CUDA ``torch.cuda.max_memory_allocated``
 (tensors only, the CUDA context and the allocator's cache come on top).
 
 A client of a federation holds the rank-R factors of the global adapter, masked to its rank r
@@ -188,6 +188,16 @@ def format_table(report: ProbeReport) -> str:
 # measuring (in a child process per rank)
 # ---------------------------------------------------------------------------------------------
 def _peak_rss_bytes() -> int:
+    """This process's peak RSS since it started. On Linux the high-water mark of its own memory map (VmHWM):
+    ``getrusage``'s ru_maxrss carries the parent's peak across fork and exec, so a probe started from a large
+    process (a notebook holding a model, a test runner) would report that process's peak instead."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 

@@ -529,7 +529,8 @@ class RunDir:
     # -- writing: the lock, --resume, prepare -------------------------------------------------------------
     def acquire_lock(self) -> Path:
         """Take the lock for this process (again, if it holds it already); raises :class:`RunDirError` while
-        another live process holds it. Released when the process exits."""
+        another live process holds it. Released when the run ends (:func:`prelort.runner.run`) or the process
+        exits."""
         return _acquire_lock(self.path)
 
     def release_lock(self) -> None:

@@ -59,6 +59,16 @@ def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
     logger.propagate = False
 
 
+def close_run_log() -> None:
+    """Detach and close run.log's handler: the run is over, so what this process logs next (another run, an
+    evaluation in the same Python session) must not be appended to this run's log."""
+    logger = logging.getLogger("prelort")
+    for h in list(logger.handlers):
+        if getattr(h, "_prelort", False) and isinstance(h, logging.FileHandler):
+            logger.removeHandler(h)
+            h.close()
+
+
 class _TqdmHandler(logging.StreamHandler):
     """Console lines written through tqdm, so a progress bar on the terminal is not printed a second time
     below each line."""
@@ -499,15 +509,20 @@ def open_federation(run_dir: str | Path) -> tuple[Config, Federation]:
 
 def run(cfg: Config, out: str | Path, *, resume: bool = False, verbose: bool = True) -> Path:
     """Run a whole federation with the engine named in the config (``resume`` on a finished run: nothing to do;
-    on one whose rounds are done but not its adapters or report: :func:`finish_from_disk`)."""
-    if resume and RunDir(out).rounds_complete(cfg):
-        if RunDir(out).missing_outputs(cfg):
-            return finish_from_disk(cfg, out, verbose=verbose)
-        return Path(out)
-    from . import engines
+    on one whose rounds are done but not its adapters or report: :func:`finish_from_disk`). When it returns or
+    raises, run.log is closed and the run directory's lock released (another process may resume it at once)."""
+    try:
+        if resume and RunDir(out).rounds_complete(cfg):
+            if RunDir(out).missing_outputs(cfg):
+                return finish_from_disk(cfg, out, verbose=verbose)
+            return Path(out)
+        from . import engines
 
-    spec = engines.get(cfg.engine)  # the one place a config's engine is chosen (the table in prelort.engines)
-    if spec.in_process:
-        session = Session(cfg, out, resume=resume, verbose=verbose)
-        return session.run(spec.builder()(session, progress=verbose))
-    return spec.launcher()(cfg, Path(out), resume=resume, verbose=verbose)  # e.g. Flower: the ServerApp runs it
+        spec = engines.get(cfg.engine)  # the one place a config's engine is chosen (the table in prelort.engines)
+        if spec.in_process:
+            session = Session(cfg, out, resume=resume, verbose=verbose)
+            return session.run(spec.builder()(session, progress=verbose))
+        return spec.launcher()(cfg, Path(out), resume=resume, verbose=verbose)  # e.g. Flower: the ServerApp runs it
+    finally:  # the run is over: what this process does next is no longer part of it
+        close_run_log()
+        RunDir(out).release_lock()

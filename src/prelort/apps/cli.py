@@ -178,15 +178,17 @@ def run_cmd(
     )
     with _expected_failures("run"):
         from ..rundir import RunDir, check_out
-        from ..runner import RunInterrupted, run
 
-        # read-only checks of --out (and of what --resume may change) before the model loads: fail in seconds
+        # read-only checks of --out (and of what --resume may change) before the model libraries are imported
+        # (~12 s) and the model loads: a refusal takes a second
         check_out(out, resume)
         if resume:
             RunDir(out).check_resume_config(cfg)
         if resume and RunDir(out).is_complete(cfg):
             typer.echo(f"{out} is a finished run ({cfg.rounds} rounds, every record written): nothing to do")
             return
+        from ..runner import RunInterrupted, run
+
         try:
             run(cfg, out, resume=resume, verbose=not quiet)
         except RunInterrupted as e:
