@@ -45,12 +45,16 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path):
+MODEL_LIBRARIES = ("torch", "transformers", "peft")
+
+
+def run_and_list_imports(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``prelort *args`` in a fresh Python; also which of :data:`MODEL_LIBRARIES` it had imported on exit."""
     code = (
         "import sys\nfrom prelort.apps.cli import app\n"
-        f"try:\n    app(['run', {TINY!r}, '--out', {str(tmp_path / 'r')!r}, '--set', 'train.lr_rate=0.1'])\n"
+        f"try:\n    app({list(args)!r})\n"
         "except SystemExit as e:\n"
-        "    print(e.code, *(m in sys.modules for m in ('torch', 'transformers', 'peft')))\n"
+        f"    print(e.code, *(m for m in {MODEL_LIBRARIES!r} if m in sys.modules))\n"
     )
     res = subprocess.run(
         [sys.executable, "-c", code],
@@ -59,7 +63,12 @@ def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path
         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
         timeout=120,
     )
-    assert res.stdout.split() == ["2", "False", "False", "False"], res.stdout + res.stderr
+    return res, res.stdout.split()
+
+
+def test_an_invalid_set_is_one_line_exit_2_and_imports_no_model_library(tmp_path):
+    res, printed = run_and_list_imports("run", TINY, "--out", str(tmp_path / "r"), "--set", "train.lr_rate=0.1")
+    assert printed == ["2"], res.stdout + res.stderr  # exit 2, none of the model libraries imported
     assert res.stderr.strip().splitlines() == [
         "error: invalid config: train.lr_rate: unknown key; fix the key in the config file or in --set"
     ]
@@ -71,20 +80,8 @@ def test_a_refused_out_is_one_line_before_transformers_and_peft_are_imported(tmp
     own = tmp_path / "mine"
     own.mkdir()
     (own / "notes.txt").write_text("my notes\n")
-    code = (
-        "import sys\nfrom prelort.apps.cli import app\n"
-        f"try:\n    app(['run', {TINY!r}, '--out', {str(own)!r}])\n"
-        "except SystemExit as e:\n"
-        "    print(e.code, *(m in sys.modules for m in ('transformers', 'peft')))\n"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-        timeout=120,
-    )
-    assert res.stdout.split() == ["2", "False", "False"], res.stdout + res.stderr
+    res, printed = run_and_list_imports("run", TINY, "--out", str(own))
+    assert printed[0] == "2" and "transformers" not in printed and "peft" not in printed, res.stdout + res.stderr
     assert "is not empty and is not a prelort run directory" in error_line(res)
     assert [p.name for p in own.iterdir()] == ["notes.txt"]
 
