@@ -1,5 +1,6 @@
 """`prelort probe`: the rank list and budget parsing, the largest rank under a budget, the table and the JSON
-of real training steps on tiny-llama (each rank in its own process; the command itself runs in the test's), its one-line errors; SmolLM2 (slow)."""
+of real training steps on tiny-llama (each rank in its own process; the command itself runs in the test's), its
+one-line errors; SmolLM2 (slow)."""
 
 from __future__ import annotations
 
