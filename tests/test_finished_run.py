@@ -5,6 +5,7 @@ never overwrite a user's files or the run's own."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -43,8 +44,20 @@ def finished(tmp_path_factory) -> Path:
 
 
 def copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:
-    # without the lock: this process holds the original's, and would find its copy held by a live process
+    # never with a lock file (run() removes its own; a copied one would name this live process as the holder)
     return Path(shutil.copytree(finished, tmp_path / name, ignore=shutil.ignore_patterns(LOCK)))
+
+
+def test_a_finished_run_lets_go_of_its_log_and_its_lock(finished):
+    """In a notebook or a test, the process goes on after run(): what it logs next belongs to no run, and
+    another process may resume the directory at once."""
+    log_file = RunDir(finished).log_file
+    before = log_file.read_text()
+    assert before.strip(), "the run wrote nothing to run.log"
+    logging.getLogger("prelort").warning("something this process does after the run")
+    assert log_file.read_text() == before
+    assert not (finished / LOCK).exists()
+    assert not [h for h in logging.getLogger("prelort").handlers if isinstance(h, logging.FileHandler)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,10 +42,7 @@ def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
     ``run_dir`` None: the console only (before the run directory may be created)."""
     logger = logging.getLogger("prelort")
     logger.setLevel(logging.INFO)
-    for h in list(logger.handlers):
-        if getattr(h, "_prelort", False):
-            logger.removeHandler(h)
-            h.close()
+    _detach_handlers(logging.Handler)
     if run_dir is not None:
         fh = logging.FileHandler(RunDir(run_dir).log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -62,9 +59,14 @@ def setup_logging(run_dir: Path | None, verbose: bool = True) -> None:
 def close_run_log() -> None:
     """Detach and close run.log's handler: the run is over, so what this process logs next (another run, an
     evaluation in the same Python session) must not be appended to this run's log."""
+    _detach_handlers(logging.FileHandler)
+
+
+def _detach_handlers(kind: type[logging.Handler]) -> None:
+    """Remove and close the handlers of type ``kind`` that prelort attached (never a user's own)."""
     logger = logging.getLogger("prelort")
     for h in list(logger.handlers):
-        if getattr(h, "_prelort", False) and isinstance(h, logging.FileHandler):
+        if getattr(h, "_prelort", False) and isinstance(h, kind):
             logger.removeHandler(h)
             h.close()
 
