@@ -447,6 +447,9 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
 
         torch.set_num_threads(args.threads)
     earlier = earlier_runs(args.json, "stage_c")
+    # what phase 1 chose stays in the file until this process has chosen again (after its phase-1 runs): a
+    # reader, or a commit, in between must not find the selection gone
+    chosen = {k: v for k, v in (results.get("stage_c") or {}).items() if k in ("selection", "lrs", "run_names")}
     stage: dict[str, Any] = {
         "command": "python -m bench.quality_confirm "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -473,6 +476,7 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
         "config": args.base,
         "environment": environment(),
         "selection": {},
+        **chosen,
         "runs": {},
     }
     payload: dict[str, Any] = {**HEADER, "stage_c": stage}

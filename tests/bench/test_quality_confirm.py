@@ -228,6 +228,24 @@ def test_the_two_phases_their_layout_and_the_stages_kept(tmp_path, capsys):
     assert "64 of 64 runs done" in capsys.readouterr().out
 
 
+def test_a_restarted_process_keeps_phase_1s_choice_in_the_file_while_it_runs(tmp_path):
+    pass_stages_a_and_b(tmp_path)
+    args = confirm_args(tmp_path, "--seeds", "4001,4002")
+    first = qc.main([*args, "--max-runs", "44"], execute=FakeConfirm(SELECTION))["stage_c"]  # phase 1 + 4 runs
+    seen: list[dict] = []
+
+    class ReadsTheFile(FakeConfirm):
+        def __call__(self, cfg, run_dir: Path) -> None:
+            seen.append(json.loads((tmp_path / "s2.json").read_text())["stage_c"])
+            super().__call__(cfg, run_dir)
+
+    qc.main(args, execute=ReadsTheFile(SELECTION))
+    assert len(seen) == 12
+    for stage in seen:
+        assert stage["selection"] == first["selection"] and set(stage["selection"]) == set(qc.SELECTED)
+        assert (stage["lrs"], stage["run_names"]) == (first["lrs"], first["run_names"])
+
+
 def test_partial_says_k_of_m_and_overrides_are_recorded(tmp_path):
     payload = qc.main(
         confirm_args(
