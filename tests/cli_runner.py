@@ -10,19 +10,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def checkout_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with this checkout's src/ on the path (not whatever prelort is installed),
+    plus ``extra``: for a child Python a test starts."""
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(extra or {}))
+
+
 def prelort(
     *args: str, env: dict[str, str] | None = None, timeout: float = 600, stdin: int | None = None
 ) -> subprocess.CompletedProcess:
     """The command as a user runs it: a fresh process (so imports and exit codes are real), from the repository
     root, with this checkout's src/ on the path; ``env`` adds variables."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "prelort", *args],
         stdin=stdin,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=full_env,
+        env=checkout_env(env),
         timeout=timeout,
     )
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.cli_runner import prelort, prelort_here
+from tests.cli_runner import checkout_env, prelort, prelort_here
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
@@ -60,7 +60,7 @@ def run_and_list_imports(*args: str) -> tuple[subprocess.CompletedProcess, list[
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=checkout_env(),
         timeout=120,
     )
     return res, res.stdout.split()

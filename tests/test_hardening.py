@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
-from tests.cli_runner import prelort_here
+from tests.cli_runner import checkout_env, prelort, prelort_here
 from typer.testing import CliRunner
 
 from prelort import config as config_mod
@@ -522,18 +522,6 @@ def test_verify_update_bounds_the_change_from_what_the_client_received(hostile_r
 # ----------------------------------------------------------------------------------------------
 # items 7-9: which directory, and one run at a time
 # ----------------------------------------------------------------------------------------------
-def _cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run(
-        [sys.executable, "-m", "prelort", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd or ROOT,
-        timeout=timeout,
-    )
-
-
 def test_a_directory_of_user_files_is_refused_and_left_untouched(tmp_path):
     own = tmp_path / "mine"
     own.mkdir()
@@ -592,7 +580,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(tmp_path):
         ],
         stdout=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=checkout_env(),
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -764,7 +752,7 @@ BOMB = (
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     (tmp_path / "bomb.yaml").write_text(BOMB)
     t0 = time.monotonic()
-    res = _cli("run", str(tmp_path / "bomb.yaml"), "--out", str(tmp_path / "run"), timeout=60)
+    res = prelort("run", str(tmp_path / "bomb.yaml"), "--out", str(tmp_path / "run"), timeout=60)
     assert time.monotonic() - t0 < 30
     assert res.returncode != 0 and "alias" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
@@ -786,7 +774,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     ],
 )
 def test_out_of_range_values_are_refused_before_the_run_directory_exists(tmp_path, override, needle):
-    res = _cli("run", str(TINY), "--out", str(tmp_path / "run"), "--set", override)
+    res = prelort("run", str(TINY), "--out", str(tmp_path / "run"), "--set", override)
     assert res.returncode != 0 and needle in res.stderr, res.stderr
     assert not (tmp_path / "run").exists()
 

@@ -5,13 +5,12 @@ one-line errors; SmolLM2 (slow)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
-from tests.cli_runner import ROOT, prelort, prelort_here
+from tests.cli_runner import checkout_env, prelort, prelort_here
 
 from prelort.probe import (
     ProbeError,
@@ -71,8 +70,7 @@ def test_a_child_started_from_a_large_process_reports_its_own_peak():
     (or from this test runner) would report the parent's memory as every rank's."""
     big = b"\x01" * 10**9  # this process now peaks above 1 GB
     code = "from prelort.probe import _peak_rss_bytes; print(_peak_rss_bytes())"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # this checkout, not whatever is installed
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=checkout_env())
     assert res.returncode == 0, res.stderr
     assert 0 < int(res.stdout) < 300 * 10**6 < len(big)
 

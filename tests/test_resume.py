@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.cli_runner import checkout_env
 
 from prelort import config as config_mod
 from prelort import runner
@@ -151,7 +152,7 @@ def test_resume_of_a_finished_run_says_so_and_does_nothing(reference, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        env=checkout_env(),
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
@@ -164,7 +165,7 @@ def test_ctrl_c_stops_after_the_round_with_one_line_and_the_printed_command_resu
     d = tmp_path / "run"
     # the reference ran in this process: the runs below use its thread count, since another count splits float
     # reductions differently and the records would differ in the last bits for a reason that is not the resume
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = checkout_env({"OMP_NUM_THREADS": str(torch.get_num_threads())})
     cmd = [
         sys.executable,
         "-m",
