@@ -1143,8 +1143,9 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
         "wall ÷ FedIT",
     ]
     rows = []
+    runnable = [x for x in a["arms"] if x != "ceiling"]  # the ceiling is a reference no federation of these ranks has
     for name, e in a["arms"].items():
-        best_at = {t for t in tiers if max(a["arms"], key=lambda x, t=t: a["arms"][x][t]["accuracy"]) == name}
+        best_at = {t for t in tiers if max(runnable, key=lambda x, t=t: a["arms"][x][t]["accuracy"]) == name}
         cells = [
             ("**{}**" if t in best_at else "{}").format(f"{e[t]['accuracy']:.3f}") + f" [{e[t]['ci95'][0]:.3f}, "
             f"{e[t]['ci95'][1]:.3f}]"
@@ -1159,8 +1160,8 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
         lr = _lr_text(stage, name)
         rows.append([f"`{name}`", lr, *cells, passes, per_round, ratio])
     out += [
-        "Which arm is best at each tier (bold; the ceiling, every client at rank 16, is a reference no "
-        "heterogeneous federation has), at what lr and cost (mean over the reported seeds; wall ÷ FedIT: the run's "
+        "Which arm is best at each tier (bold; of the arms a heterogeneous federation can run: the ceiling, every "
+        "client at rank 16, is a reference), at what lr and cost (mean over the reported seeds; wall ÷ FedIT: the run's "
         "wall time over FedIT's on the same seed, which compares across the machines the seeds ran on):",
         "",
         markdown(header, rows),
@@ -1297,10 +1298,14 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 def choosing_summary(results_dir: Path) -> str | None:
     """The README's short answer: the recommendation and the study-2 status of docs/choosing-a-method.md."""
     page = choosing_a_method(results_dir)
+    # once study 2 has its answer, that answer and PreLort's verdict; before, study 1's answer and study 2's state
+    done = "(study 2, stage C, " in page
     paragraphs = [
         p.strip()
         for p in page.split("\n\n")
-        if p.startswith(("**Use", "Best baseline", "Stage A", "Stage B", "Stage C", "Study 2"))
+        if p.startswith(
+            ("**Use", "PreLort (") if done else ("**Use", "Best baseline", "Stage A", "Stage B", "Stage C", "Study 2")
+        )
     ]
     if not paragraphs:
         return None
@@ -1335,8 +1340,11 @@ def choosing_a_method(results_dir: Path) -> str:
     verdict = dict(a.get("verdict") or {})
     if verdict.get("partial"):
         verdict["verdict"] = f"{verdict.get('verdict', 'n/a')} (PARTIAL: not every run is done)"
+    # once study 2's stage C is done its answer leads the page, and study 1's follows as the earlier setting
+    recommendation = study_2_recommendation((study2 or {}).get("stage_c"))
     out += [
-        "## What the evidence says today",
+        *(recommendation or []),
+        "## Study 1: the earlier setting" if recommendation else "## What the evidence says today",
         "",
         "**Setting measured (study 1, [docs/quality-study.md](quality-study.md)):** SmolLM2-135M-Instruct on the "
         "`facts` task (fictional facts, one entity group per client), 8 clients of ranks 2/4/8/16, 4 per round "
@@ -1356,14 +1364,15 @@ def choosing_a_method(results_dir: Path) -> str:
     if len(baselines) == 1 and not above:
         b = baselines[0]
         out.append(
-            f"**Use `{b}`** in a setting like study 1's (SmolLM2-135M, fictional facts, 8 clients of ranks 2/4/8/16, "
+            ("Study 1's answer: use" if recommendation else "**Use")
+            + f" `{b}`{'' if recommendation else '**'} in a setting like study 1's (SmolLM2-135M, fictional facts, 8 clients of ranks 2/4/8/16, "
             f"{a['arms'][arms[0]]['cost']['optimizer_steps']:.0f} optimizer steps): it was the best baseline at every tier, and no PreLort "
             "variant was significantly above it at any tier. PreLort's pre-registered verdict: "
             f"**{str(verdict.get('verdict', 'n/a')).upper()}** ({verdict.get('reason', '')})."
         )
     else:
         out.append(
-            "Best baseline per tier: "
+            ("Study 1's best baseline per tier: " if recommendation else "Best baseline per tier: ")
             + "; ".join(
                 f"tier {t}: `{x}`" for t, x in sorted(a.get("best_baseline", {}).items(), key=lambda kv: int(kv[0]))
             )
@@ -1405,7 +1414,7 @@ def choosing_a_method(results_dir: Path) -> str:
     mdd = a.get("mdd", {}).get("best_baseline_per_tier", {})
     out += [
         "",
-        "## Where the evidence is weak",
+        "## Where study 1's evidence is weak" if recommendation else "## Where the evidence is weak",
         "",
         f"- Study 1 could detect differences of about {min(mdd.values()):.2f}-{max(mdd.values()):.2f} accuracy "
         "(80% power, a = 0.05): smaller advantages would not have been seen."
@@ -1465,6 +1474,137 @@ def choosing_a_method(results_dir: Path) -> str:
         if (study2.get("stage_c") or {}).get("analysis", {}).get("verdict"):
             out += ["", "## Stage C: the confirmatory study", "", *stage_c_results(study2["stage_c"])]
     return "\n".join(out) + "\n"
+
+
+def _lr_per_rank_text(stage: dict[str, Any], arm: str) -> str:
+    """``rank 2: 0.0141, rank 4: 0.01, ...``: the lr each client rank of ``arm`` trains at."""
+    per_rank = (stage.get("lr_per_rank") or {}).get(arm) or {}
+    return ", ".join(f"rank {r}: {lr:.3g}" for r, lr in sorted(per_rank.items(), key=lambda kv: int(kv[0]))) or "-"
+
+
+def study_2_recommendation(stage: dict[str, Any] | None) -> list[str] | None:
+    """docs/choosing-a-method.md's answer from stage C once every run is done (None before): the setting, which
+    arm to run (per tier: the leader if its lead is significant, else the cheapest arm the evidence cannot tell
+    from it; :func:`bench.quality_confirm.recommend`), at what lr per client rank, what it costs, PreLort's
+    verdict, and where the evidence is weak."""
+    a = (stage or {}).get("analysis") or {}
+    verdict, rec = a.get("verdict"), a.get("recommendation")
+    if not verdict or verdict.get("partial") or not rec:
+        return None
+    settings, cfg, arms = stage["settings"], stage.get("config") or {}, a["arms"]
+    clients, train = cfg.get("clients") or {}, cfg.get("train") or {}
+    tiers = sorted(rec, key=int)
+
+    def acc(arm: str, t: str) -> str:
+        e = arms[arm][t]
+        return f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
+
+    uses = list(dict.fromkeys(rec[t]["use"] for t in tiers))
+    setting = (
+        f"`{(cfg.get('model') or {}).get('name', 'the model')}` on the `facts` task (fictional facts, one entity "
+        f"group per client), {clients.get('num')} clients of ranks {'/'.join(map(str, clients.get('ranks', [])))}, "
+        f"{clients.get('per_round')} per round (sampling: {clients.get('sampling', 'uniform')}), {cfg.get('rounds')} "
+        f"rounds x {train.get('local_steps')} local steps at ladder step {settings['step']} "
+        f"({', '.join(f'`{o}`' for o in settings.get('step_overrides') or []) or 'no change'}), "
+        f"{len(a['seeds_compared'])} reported seeds x {(cfg.get('eval') or {}).get('max_examples')} held-out queries"
+    )
+    significant = [t for t in tiers if rec[t]["significant_lead"]]
+    cheapest = [t for t in tiers if not rec[t]["significant_lead"]]
+    reasons = []
+    if significant:
+        reasons.append(f"significantly above every other arm at tier(s) {', '.join(significant)}")
+    if cheapest:
+        reasons.append(
+            f"at tier(s) {', '.join(cheapest)} no arm's lead is significant, and it is the cheapest of the arms the "
+            "evidence cannot tell from the leader"
+        )
+    head = (
+        f"**Use `{uses[0]}`** in a setting like study 2's: " + "; ".join(reasons) + "."
+        if len(uses) == 1
+        else "**Use** "
+        + ", ".join(f"`{rec[t]['use']}` at tier {t}" for t in tiers)
+        + " in a setting like study 2's: no one arm is the answer at every tier (below)."
+    )
+
+    def others(t: str) -> str:
+        r = rec[t]
+        return "; ".join(f"`{x}` {c['diff']:+.3f} {_interval(c['ci95'])}" for x, c in r["against"].items())
+
+    out = [
+        "## What the evidence says today",
+        "",
+        f"**Setting measured (study 2, stage C, [docs/quality-study-2.md](quality-study-2.md)):** {setting}; each "
+        "arm at the lr (and lr scaling) it chose on the selection seeds. Tier t: the global adapter served at rank t.",
+        "",
+        head,
+        "",
+        "Per tier, the arm with the highest mean accuracy (the ceiling left out: no heterogeneous federation has it) "
+        "against every other arm, paired 95% CIs; its lead is significant when all of them exclude 0. Where it is "
+        "not, the cheapest arm the evidence cannot tell from it (wall time ÷ FedIT's) is the one to use. "
+        "Exploratory: the pre-registered test is PreLort's verdict below.",
+        "",
+        markdown(
+            ["tier", "use", "highest mean (95% CI)", "it minus each other arm (95% CI)", "lead significant"],
+            [
+                [
+                    t,
+                    f"`{rec[t]['use']}`",
+                    f"`{rec[t]['leader']}` {acc(rec[t]['leader'], t)}",
+                    others(t),
+                    "yes" if rec[t]["significant_lead"] else "no",
+                ]
+                for t in tiers
+            ],
+        ),
+        "",
+        markdown(
+            ["recommended", "lr per client rank", "passes per run", "s per round", "wall ÷ FedIT"],
+            [
+                [
+                    f"`{arm}`",
+                    _lr_per_rank_text(stage, arm),
+                    f"{arms[arm]['cost']['passes']:.0f}" if arms[arm]["cost"].get("passes") is not None else "-",
+                    f"{arms[arm]['cost']['wall_seconds'] / arms[arm]['cost']['rounds']:.0f}"
+                    if arms[arm]["cost"].get("wall_seconds") and arms[arm]["cost"].get("rounds")
+                    else "-",
+                    f"{arms[arm]['cost']['wall_vs_floor']:.2f}"
+                    if arms[arm]["cost"].get("wall_vs_floor") is not None
+                    else "-",
+                ]
+                for arm in uses
+            ],
+        ),
+        "",
+        f"PreLort (`{verdict['verdict_arm']}`) against the best baseline per tier, pre-registered: "
+        f"**{verdict['verdict'].upper()}** ({verdict['reason']}).",
+        "",
+        "Where the evidence is weak:",
+        "",
+    ]
+    weak = [
+        f"{c['tier']} ({abs(c['diff']):.3f} < {c['mdd']:.3f})"
+        for c in a["decision_family"]
+        if abs(c["diff"]) < c["mdd"]
+    ]
+    mdd = [c["mdd"] for c in a["decision_family"]]
+    out.append(
+        f"- The study could detect differences of {min(mdd):.3f}-{max(mdd):.3f} accuracy (80% power, a = 0.05)"
+        + (
+            f"; PreLort's differences from the best baseline are below that at tier(s) {', '.join(weak)}"
+            if weak
+            else ""
+        )
+        + "."
+    )
+    sec = a.get("secondary") or {}
+    if "floor_accuracy" in sec:
+        out.append(
+            f"- Every client at rank 16 (the ceiling, which no heterogeneous federation has) reached "
+            f"{sec['ceiling_accuracy']:.3f}, FedIT (every client at rank 2) {sec['floor_accuracy']:.3f}: the gap "
+            "recovered per arm is in the stage C section below."
+        )
+    out += ["- One model, one task family, one budget.", ""]
+    return out
 
 
 def stage_b_summary(stage: dict[str, Any] | None) -> str:

@@ -16,7 +16,8 @@ every client at rank 16) at lr_C.
 - Analysis (:func:`analyse`, pure): per tier the best baseline; V* minus it at each tier (the decision family,
   Holm over the 4, Holm-adjusted and plain 95% intervals, the MDD at a = 0.05 and 0.05 / 4); V* minus every
   baseline at every tier (Holm over the 24); the verdict by study 1's rule without its equivalence branch; the
-  secondary endpoints (answer log-likelihood, own-vs-others accuracy, gap recovered).
+  secondary endpoints (answer log-likelihood, own-vs-others accuracy, gap recovered); per tier the arm to
+  recommend (:func:`recommend`, exploratory).
 
 One run directory per run under ``--runs-dir`` (``STEP/ARM/lr-X/seed-S``), never redone once finished; the
 ``stage_c`` key of ``--json`` (results/quality_study_2.json, beside stages A and B) is rewritten after every run
@@ -39,6 +40,7 @@ import numpy as np
 
 from prelort import config as config_mod
 from prelort.config import Config
+from prelort.train import rank_lr
 
 from . import study_stats as st
 from ._common import environment, repo_relative, write_stage
@@ -288,6 +290,48 @@ def analyse(
         f"a = {ALPHA}/{len(family)} (mdd_strictest)",
     }
     out["secondary"] = secondary(reported, verdict_arm, baselines, tiers, seeds, best, own, means)
+    out["recommendation"] = recommend(acc, means, summary, [verdict_arm, *baselines], tiers)
+    return out
+
+
+def recommend(
+    acc: Callable[[str, str], list[np.ndarray]],
+    means: Callable[[list[np.ndarray]], np.ndarray],
+    summary: Mapping[str, Any],
+    arms: Sequence[str],
+    tiers: Sequence[str],
+) -> dict[str, Any]:
+    """Per tier, what docs/choosing-a-method.md tells a user to run (the protocol's "What users get": the best
+    arm and whether its lead is significant). Of the ``arms`` a heterogeneous federation can run (V* and the
+    baselines; the ceiling is not one), the leader has the highest mean accuracy (ties: the earlier arm); its
+    paired difference from every other arm gets a 95% bootstrap CI. Its lead is significant when every lower
+    bound is above 0 (an intersection-union test, which needs no multiplicity correction); it is then the
+    recommendation. Otherwise the arms it is not significantly above are tied with it, and the recommendation
+    is the cheapest of the tied and the leader: the lowest wall time relative to FedIT's (ties: fewer passes,
+    then the earlier arm), since the evidence cannot tell them apart. Exploratory, not in the decision."""
+    arms = list(arms)
+
+    def cost(arm: str) -> tuple[float, float, int]:
+        c = summary[arm].get("cost") or {}
+        ratio, passes = c.get("wall_vs_floor"), c.get("passes")
+        return (ratio if ratio is not None else np.inf, passes if passes is not None else np.inf, arms.index(arm))
+
+    out: dict[str, Any] = {}
+    for t in tiers:
+        leader = max(arms, key=lambda a: (summary[a][t]["accuracy"], -arms.index(a)))
+        against = {}
+        for other in arms:
+            if other != leader:
+                diff = st.paired_differences(acc(leader, t), acc(other, t))
+                against[other] = {"diff": round(st.pooled_mean(diff), 5), "ci95": _ci(means(diff))}
+        tied = [a for a, c in against.items() if c["ci95"][0] <= 0]
+        out[t] = {
+            "leader": leader,
+            "against": against,
+            "significant_lead": not tied,
+            "tied": tied,
+            "use": leader if not tied else min([leader, *tied], key=cost),
+        }
     return out
 
 
@@ -449,7 +493,9 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     earlier = earlier_runs(args.json, "stage_c")
     # what phase 1 chose stays in the file until this process has chosen again (after its phase-1 runs): a
     # reader, or a commit, in between must not find the selection gone
-    chosen = {k: v for k, v in (results.get("stage_c") or {}).items() if k in ("selection", "lrs", "run_names")}
+    chosen = {
+        k: v for k, v in (results.get("stage_c") or {}).items() if k in ("selection", "lrs", "run_names", "lr_per_rank")
+    }
     stage: dict[str, Any] = {
         "command": "python -m bench.quality_confirm "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -550,6 +596,15 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
             lrs[arm], run_name[arm] = entry["lr"], candidate(arm, entry["scaling"])
     stage["lrs"] = {arm: lrs.get(arm) for arm in arms}
     stage["run_names"] = {arm: run_name[arm] for arm in arms if arm in lrs}
+    stage["lr_per_rank"] = {
+        arm: lr_per_rank(
+            evaluated_once(
+                *run_inputs(args.base, settings_of[run_name[arm]], args.seeds[0], lrs[arm], step, args.overrides)
+            )
+        )
+        for arm in arms
+        if arm in lrs
+    }
     # phase 2: the 8 arms on the reported seeds, each at its lr and scaling (once phase 1 has chosen them)
     if all(arm in lrs for arm in arms):
         for seed in args.seeds:
@@ -572,6 +627,11 @@ def main(argv: Sequence[str] | None = None, execute: Callable[[Config, Path], No
     save()
     print(f"{stage['progress']['text']}; {stage['outcome']}; wrote {args.json}", flush=True)
     return payload
+
+
+def lr_per_rank(cfg: Config) -> dict[str, float]:
+    """The lr each client rank of a run trains at (:func:`prelort.train.rank_lr`): what a user sets per rank."""
+    return {str(r): rank_lr(cfg.train, r) for r in sorted(set(cfg.clients.ranks))}
 
 
 def own_of(args, arms, step, lrs, seed, rec) -> dict[str, str] | None:

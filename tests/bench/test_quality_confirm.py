@@ -388,6 +388,30 @@ def test_wall_time_is_compared_to_fedits_run_of_the_same_seed_across_machines():
     assert qc.analyse(runs, V_STAR, replicates=50)["arms"][V_STAR]["cost"]["wall_vs_floor"] is None
 
 
+def test_the_recommendation_is_the_significant_leader_or_else_the_cheapest_arm_tied_with_it():
+    ahead = qc.analyse(synthetic(accuracies(0.45)), V_STAR, replicates=300)["recommendation"]
+    assert set(ahead) == set(TIERS)
+    for r in ahead.values():
+        assert r["leader"] == r["use"] == V_STAR and r["significant_lead"] and r["tied"] == []
+        assert set(r["against"]) == set(qc.BASELINES) and all(c["ci95"][0] > 0 for c in r["against"].values())
+        assert r["against"]["fedit"]["diff"] == pytest.approx(0.25, abs=0.03)
+    # V* and the five selected baselines alike (the same answers), FedIT below: no lead is significant, and the
+    # cheapest of the tied is the one to use, whoever leads
+    runs = synthetic(accuracies(0.3), seeds=(4001, 4002))
+    for arm, by_seed in runs.items():
+        for rec in by_seed.values():
+            rec["wall_seconds"] = {"fedit": 100.0, "hetlora": 110.0}.get(arm, 150.0)
+    rec = qc.analyse(runs, V_STAR, replicates=300)["recommendation"]
+    for r in rec.values():
+        assert r["leader"] == V_STAR and not r["significant_lead"]  # a tie in the mean goes to the earlier arm
+        assert r["tied"] == list(qc.SELECTED) and r["against"]["fedit"]["ci95"][0] > 0
+        assert r["use"] == "hetlora"  # 1.1x FedIT's wall time; FedIT is cheaper but significantly worse
+    for by_seed in runs.values():
+        for r in by_seed.values():
+            del r["wall_seconds"]  # no wall ratio: fewer passes, then the arms' order decide
+    assert {r["use"] for r in qc.analyse(runs, V_STAR, replicates=50)["recommendation"].values()} == {V_STAR}
+
+
 def test_own_examples_follow_the_partition_of_entity_groups():
     base = qc.config_mod.parse_yaml((ROOT / "examples" / "quality_study.yaml").read_text())
     cfg = qc.evaluated_once(*qc.run_inputs(base, {"method": "zeropad"}, 4001, 1e-3, "L0", []))
@@ -494,6 +518,7 @@ def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
     verdict = half["stage_c"]["analysis"]["verdict"]
     text = tables.quality_study_2_section(half, results, ROOT)
     assert verdict["partial"] and "(PARTIAL: 28 of 36 runs done)" in text
+    assert "(study 2, stage C," not in tables.choosing_a_method(results)  # no answer from a partial study
     # phase 1's table: every candidate, the chosen one starred; the lrs say which arm is scaled
     assert (
         "| arm | none scaling, lr 0.0025 | none scaling, lr 0.005 | sqrt scaling, lr 0.0025 | sqrt scaling, lr 0.005 |"
@@ -510,11 +535,29 @@ def test_the_readme_and_recommendation_page_show_stage_c(tmp_path):
     assert "Own vs others' facts, `V2-cycle`: tier 2 " in text and "Gap recovered g = (A - F) / (C - F)" in text
     page = tables.choosing_a_method(results)
     assert "## Stage C: the confirmatory study" in page and f"**Verdict: {verdict}**" in page
+    # study 2's answer leads the page and the README's three lines once every run is done; study 1 follows
+    rec = a["recommendation"]
+    uses = {r["use"] for r in rec.values()}
+    assert page.index("**Setting measured (study 2, stage C,") < page.index("## Study 1: the earlier setting")
+    assert "Study 1's answer: use `fedit` in a setting like study 1's" in page
+    for t, r in rec.items():
+        assert f"| {t} | `{r['use']}` | `{r['leader']}` {a['arms'][r['leader']][t]['accuracy']:.3f} [" in page
     summary = tables.choosing_summary(results)
-    assert (
-        f"Stage C (the confirmatory study, 36 of 36 runs done): `V2-cycle` against the best baseline per tier is "
-        f"**{verdict}**" in summary
+    assert summary.startswith(f"**Use `{uses.pop()}`** in a setting like study 2's" if len(uses) == 1 else "**Use** ")
+    assert f"PreLort (`V2-cycle`) against the best baseline per tier, pre-registered: **{verdict}**" in summary
+    assert "Stage A" not in summary and "study 1's" not in summary
+    # what each rank trains at: zeropad chose the sqrt scaling (reference rank 16), V2-cycle none
+    assert done["stage_c"]["lr_per_rank"]["zeropad"] == pytest.approx(
+        {"2": 0.0025 * 8**0.5, "4": 0.005, "8": 0.0025 * 2**0.5, "16": 0.0025}
     )
+    assert done["stage_c"]["lr_per_rank"]["V2-cycle"] == dict.fromkeys(TIERS, 0.005)
+    assert done["stage_c"]["lr_per_rank"]["fedit"] == {"2": LR_F}
+    assert tables._lr_per_rank_text(done["stage_c"], "zeropad") == (
+        "rank 2: 0.00707, rank 4: 0.005, rank 8: 0.00354, rank 16: 0.0025"
+    )
+    for arm in {r["use"] for r in rec.values()}:  # each recommended arm's lr per rank and cost
+        cost = a["arms"][arm]["cost"]
+        assert f"| `{arm}` | {tables._lr_per_rank_text(done['stage_c'], arm)} | {cost['passes']:.0f} |" in page
     assert "| `V2-cycle` | 0.005 |" in page and "| `ceiling` | 0.0025 |" in page  # each arm's lr and cost
     assert "| `zeropad` | 0.0025, sqrt-scaled |" in page
     assert a["arms"]["flora"]["cost"]["passes"] == 240 and a["arms"]["flora"]["cost"]["rounds"] == 10
