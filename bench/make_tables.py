@@ -1151,14 +1151,7 @@ def stage_c_results(stage: dict[str, Any]) -> list[str]:
             f"{e[t]['ci95'][1]:.3f}]"
             for t in tiers
         ]
-        cost = e.get("cost") or {}
-        per_round = (
-            f"{cost['wall_seconds'] / cost['rounds']:.0f}" if cost.get("wall_seconds") and cost.get("rounds") else "-"
-        )
-        passes = f"{cost['passes']:.0f}" if cost.get("passes") is not None else "-"
-        ratio = f"{cost['wall_vs_floor']:.2f}" if cost.get("wall_vs_floor") is not None else "-"
-        lr = _lr_text(stage, name)
-        rows.append([f"`{name}`", lr, *cells, passes, per_round, ratio])
+        rows.append([f"`{name}`", _lr_text(stage, name), *cells, *_cost_cells(e.get("cost") or {})])
     out += [
         "Which arm is best at each tier (bold; of the arms a heterogeneous federation can run: the ceiling, every "
         "client at rank 16, is a reference), at what lr and cost (mean over the reported seeds; wall ÷ FedIT: the run's "
@@ -1476,6 +1469,15 @@ def choosing_a_method(results_dir: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def _cost_cells(cost: dict[str, Any]) -> list[str]:
+    """A stage-C arm's cost as table cells: passes per run, seconds per round, wall time ÷ FedIT's ("-" unknown)."""
+    return [
+        f"{cost['passes']:.0f}" if cost.get("passes") is not None else "-",
+        f"{cost['wall_seconds'] / cost['rounds']:.0f}" if cost.get("wall_seconds") and cost.get("rounds") else "-",
+        f"{cost['wall_vs_floor']:.2f}" if cost.get("wall_vs_floor") is not None else "-",
+    ]
+
+
 def _lr_per_rank_text(stage: dict[str, Any], arm: str) -> str:
     """``rank 2: 0.0141, rank 4: 0.01, ...``: the lr each client rank of ``arm`` trains at."""
     per_rank = (stage.get("lr_per_rank") or {}).get(arm) or {}
@@ -1559,20 +1561,7 @@ def study_2_recommendation(stage: dict[str, Any] | None) -> list[str] | None:
         "",
         markdown(
             ["recommended", "lr per client rank", "passes per run", "s per round", "wall ÷ FedIT"],
-            [
-                [
-                    f"`{arm}`",
-                    _lr_per_rank_text(stage, arm),
-                    f"{arms[arm]['cost']['passes']:.0f}" if arms[arm]["cost"].get("passes") is not None else "-",
-                    f"{arms[arm]['cost']['wall_seconds'] / arms[arm]['cost']['rounds']:.0f}"
-                    if arms[arm]["cost"].get("wall_seconds") and arms[arm]["cost"].get("rounds")
-                    else "-",
-                    f"{arms[arm]['cost']['wall_vs_floor']:.2f}"
-                    if arms[arm]["cost"].get("wall_vs_floor") is not None
-                    else "-",
-                ]
-                for arm in uses
-            ],
+            [[f"`{arm}`", _lr_per_rank_text(stage, arm), *_cost_cells(arms[arm].get("cost") or {})] for arm in uses],
         ),
         "",
         f"PreLort (`{verdict['verdict_arm']}`) against the best baseline per tier, pre-registered: "
